@@ -1,0 +1,250 @@
+// The Python module gally._core: thin bindings over the C++ engine. Bad input surfaces as
+// ValueError (std::invalid_argument, std::length_error) or RuntimeError with a full sentence.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include <chrono>
+#include <cstring>
+
+#include "isa.h"
+#include "model.h"
+#include "safetensors.h"
+#include "session.h"
+
+namespace py = pybind11;
+using namespace gally;
+
+namespace {
+
+template <class T>
+using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+const Kernels& kernels_named(const std::string& isa) {
+  if (isa == "generic") return kernels_generic;
+#if defined(GALLY_X86)
+  auto have = available_isas();
+  if (std::find(have.begin(), have.end(), isa) != have.end()) {
+    if (isa == "avx2") return kernels_avx2;
+    if (isa == "avx512") return kernels_avx512;
+  }
+#endif
+  throw std::invalid_argument("instruction set '" + isa + "' is not available on this CPU");
+}
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+// Reads memory in parallel and returns GB/s: the machine's read bandwidth, for the benchmark.
+double read_bandwidth(size_t bytes, int threads, int repeats) {
+  std::vector<float> buf(bytes / 4, 1.0f);
+  const long n = long(buf.size());
+  double best = 0;
+  volatile float sink = 0;
+  for (int r = 0; r < repeats; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    float total = 0;
+#pragma omp parallel for num_threads(threads) reduction(+ : total) schedule(static)
+    for (long i = 0; i < n; i += 16) {
+      float s = 0;
+      for (int j = 0; j < 16 && i + j < n; ++j) s += buf[i + j];
+      total += s;
+    }
+    sink = sink + total;
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, double(bytes) / s / 1e9);
+  }
+  return best;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "gally's C++ engine";
+
+  m.def("available_isas", &available_isas);
+  m.def("selected_isa", []() { return selected_isa(); });
+  m.def("select_isa", &select_isa, py::arg("name"));
+  m.def("has_avx512bf16", &cpu_has_avx512bf16);
+  m.def("openmp", []() {
+#if defined(_OPENMP)
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("read_bandwidth", &read_bandwidth, py::arg("bytes"), py::arg("threads"), py::arg("repeats") = 5,
+        py::call_guard<py::gil_scoped_release>());
+
+  py::class_<MappedFile, std::shared_ptr<MappedFile>>(m, "MappedFile")
+      .def(py::init<const std::string&>(), py::arg("path"))
+      .def_property_readonly("path", &MappedFile::path)
+      .def_property_readonly("size", &MappedFile::size)
+      .def("header", [](const MappedFile& f) { return py::bytes(f.header()); });
+
+  py::class_<Tensor>(m, "Tensor")
+      .def_readonly("name", &Tensor::name)
+      .def_readonly("dtype", &Tensor::dtype)
+      .def_readonly("shape", &Tensor::shape)
+      .def_property_readonly("is_view", [](const Tensor& t) { return bool(t.file); })
+      .def("numpy", [](py::object self) {
+        // A read-only NumPy view that keeps the mapping alive; 16-bit floats come back as uint16.
+        const Tensor& t = self.cast<const Tensor&>();
+        std::string fmt;
+        size_t es = safetensors_dtype_size(t.dtype);
+        if (t.dtype == "F32") fmt = py::format_descriptor<float>::format();
+        else if (t.dtype == "F64") fmt = py::format_descriptor<double>::format();
+        else if (t.dtype == "F16" || t.dtype == "BF16" || t.dtype == "U16") fmt = py::format_descriptor<uint16_t>::format();
+        else if (t.dtype == "I8") fmt = py::format_descriptor<int8_t>::format();
+        else if (t.dtype == "U8" || t.dtype == "BOOL") fmt = py::format_descriptor<uint8_t>::format();
+        else if (t.dtype == "I16") fmt = py::format_descriptor<int16_t>::format();
+        else if (t.dtype == "I32") fmt = py::format_descriptor<int32_t>::format();
+        else if (t.dtype == "U32") fmt = py::format_descriptor<uint32_t>::format();
+        else if (t.dtype == "I64") fmt = py::format_descriptor<int64_t>::format();
+        else if (t.dtype == "U64") fmt = py::format_descriptor<uint64_t>::format();
+        else throw std::invalid_argument("tensor '" + t.name + "': no NumPy type for dtype " + t.dtype);
+        std::vector<py::ssize_t> shape(t.shape.begin(), t.shape.end()), strides(shape.size());
+        py::ssize_t s = es;
+        for (size_t i = shape.size(); i-- > 0;) { strides[i] = s; s *= shape[i]; }
+        py::array a(py::dtype(fmt), shape, strides, t.data, self);
+        py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+        return a;
+      });
+
+  py::class_<TensorEntry>(m, "TensorEntry")
+      .def(py::init([](std::string name, std::string dtype, std::vector<int64_t> shape, int64_t begin, int64_t end) {
+             return TensorEntry{std::move(name), std::move(dtype), std::move(shape), begin, end};
+           }),
+           py::arg("name"), py::arg("dtype"), py::arg("shape"), py::arg("begin"), py::arg("end"));
+
+  m.def("tensor_views", &tensor_views, py::arg("file"), py::arg("entries"));
+
+  py::class_<ModelConfig>(m, "ModelConfig")
+      .def(py::init<>())
+      .def_readwrite("hidden_size", &ModelConfig::hidden_size)
+      .def_readwrite("intermediate_size", &ModelConfig::intermediate_size)
+      .def_readwrite("num_hidden_layers", &ModelConfig::num_hidden_layers)
+      .def_readwrite("num_attention_heads", &ModelConfig::num_attention_heads)
+      .def_readwrite("num_key_value_heads", &ModelConfig::num_key_value_heads)
+      .def_readwrite("head_dim", &ModelConfig::head_dim)
+      .def_readwrite("vocab_size", &ModelConfig::vocab_size)
+      .def_readwrite("rms_norm_eps", &ModelConfig::rms_norm_eps)
+      .def_readwrite("tie_word_embeddings", &ModelConfig::tie_word_embeddings)
+      .def_readwrite("qkv_bias", &ModelConfig::qkv_bias)
+      .def_readwrite("o_bias", &ModelConfig::o_bias)
+      .def_readwrite("mlp_bias", &ModelConfig::mlp_bias)
+      .def_readwrite("inv_freq", &ModelConfig::inv_freq)
+      .def_readwrite("attention_scale", &ModelConfig::attention_scale)
+      .def_readwrite("sliding_window", &ModelConfig::sliding_window);
+
+  py::class_<Model, std::shared_ptr<Model>>(m, "Model")
+      .def(py::init(&build_model), py::arg("config"), py::arg("tensors"), py::arg("dtype"), py::arg("threads"),
+           py::call_guard<py::gil_scoped_release>())
+      .def_readonly("threads", &Model::threads)
+      .def_readonly("weight_bytes", &Model::weight_bytes)
+      .def_readonly("copied_bytes", &Model::copied_bytes)
+      .def_property_readonly("dtypes", [](const Model& m) {
+        std::map<std::string, int> counts;  // matrices per compute dtype
+        auto add = [&](const Matrix& w) { counts[dtype_name(w.dtype)] += 1; };
+        add(m.embed_tokens);
+        for (const auto& L : m.layers)
+          for (const Matrix* w : {&L.q_proj, &L.k_proj, &L.v_proj, &L.o_proj, &L.gate_proj, &L.up_proj, &L.down_proj})
+            add(*w);
+        if (!m.config.tie_word_embeddings) add(m.lm_head);
+        return counts;
+      });
+
+  py::class_<Session>(m, "Session")
+      .def(py::init([](std::shared_ptr<Model> model, int max_context) {
+             return new Session(std::move(model), max_context);
+           }),
+           py::arg("model"), py::arg("max_context"))
+      .def_property_readonly("position", &Session::position)
+      .def_property_readonly("max_context", &Session::max_context)
+      .def("truncate", &Session::truncate, py::arg("position"))
+      .def(
+          "forward",
+          [](Session& s, Array<int32_t> tokens, py::array_t<float, py::array::c_style> logits, bool all_logits,
+             py::object hidden, py::object attention) {
+            const ModelConfig& c = s.model().config;
+            require(tokens.ndim() == 1, "token_ids must be one-dimensional");
+            const int n = int(tokens.shape(0));
+            const size_t want = size_t(all_logits ? n : 1) * c.vocab_size;
+            require(size_t(logits.size()) == want, "logits buffer must hold " + std::to_string(want) + " floats");
+            Record rec;
+            const size_t ctx = size_t(s.position()) + n;
+            py::array_t<float, py::array::c_style> h, a;
+            if (!hidden.is_none()) {
+              h = hidden.cast<py::array_t<float, py::array::c_style>>();
+              require(size_t(h.size()) == size_t(c.num_hidden_layers + 1) * n * c.hidden_size,
+                      "hidden_states buffer must have shape [layers + 1, n, hidden]");
+              rec.hidden = h.mutable_data();
+            }
+            if (!attention.is_none()) {
+              a = attention.cast<py::array_t<float, py::array::c_style>>();
+              require(size_t(a.size()) == size_t(c.num_hidden_layers) * c.num_attention_heads * n * ctx,
+                      "attentions buffer must have shape [layers, heads, n, position + n]");
+              rec.attention = a.mutable_data();
+            }
+            float* out = logits.mutable_data();
+            const int32_t* ids = tokens.data();
+            py::gil_scoped_release release;
+            s.forward(ids, n, out, all_logits, rec);
+          },
+          py::arg("tokens"), py::arg("logits"), py::arg("all_logits") = false, py::arg("hidden_states") = py::none(),
+          py::arg("attentions") = py::none());
+
+  // Single kernels, for the tests that hold each SIMD kernel against its scalar twin.
+  m.def("kernel_matmul", [](const std::string& isa, Array<float> x, py::array W, const std::string& wtype,
+                            py::object bias, Array<float> y, bool accumulate, int r0, int r1) {
+    const Kernels& k = kernels_named(isa);
+    DType t = parse_dtype(wtype);
+    require(W.ndim() == 2 && x.ndim() == 2 && y.ndim() == 2, "x, W, y must be 2-D");
+    require(W.itemsize() == py::ssize_t(dtype_size(t)) && (W.flags() & py::array::c_style), "W has the wrong element size or layout");
+    const int n_out = int(W.shape(0)), n_in = int(W.shape(1)), n_tok = int(x.shape(0));
+    require(x.shape(1) == n_in && y.shape(0) == n_tok && y.shape(1) == n_out, "shapes disagree");
+    require(0 <= r0 && r0 <= r1 && r1 <= n_out, "bad row range");
+    Array<float> b;
+    if (!bias.is_none()) {
+      b = bias.cast<Array<float>>();
+      require(b.size() == n_out, "bias must have n_out elements");
+    }
+    auto yv = y.mutable_data();
+    k.matmul(x.data(), W.data(), t, bias.is_none() ? nullptr : b.data(), yv, n_tok, n_in, n_out, r0, r1, accumulate);
+    return y;
+  });
+  m.def("kernel_rmsnorm", [](const std::string& isa, Array<float> x, Array<float> w, float eps) {
+    require(x.size() == w.size(), "x and w differ in size");
+    Array<float> out(x.size());
+    kernels_named(isa).rmsnorm(out.mutable_data(), x.data(), w.data(), int(x.size()), eps);
+    return out;
+  });
+  m.def("kernel_rope", [](const std::string& isa, Array<float> v, Array<float> cos, Array<float> sin) {
+    require(v.size() % 2 == 0 && cos.size() == v.size() / 2 && sin.size() == cos.size(), "rope sizes disagree");
+    Array<float> out(v.size());
+    std::memcpy(out.mutable_data(), v.data(), v.size() * 4);
+    kernels_named(isa).rope(out.mutable_data(), cos.data(), sin.data(), int(v.size()));
+    return out;
+  });
+  m.def("kernel_attention", [](const std::string& isa, Array<float> q, Array<float> K, Array<float> V, float scale) {
+    require(K.ndim() == 2 && V.ndim() == 2 && K.shape(0) == V.shape(0) && K.shape(1) == q.size() &&
+                V.shape(1) == q.size() && K.shape(0) > 0,
+            "attention shapes disagree");
+    const int n = int(K.shape(0)), d = int(q.size());
+    Array<float> out(d), probs(n);
+    kernels_named(isa).attention(q.data(), K.data(), V.data(), n, d, d, scale, probs.mutable_data(), out.mutable_data());
+    return py::make_tuple(out, probs);
+  });
+  m.def("kernel_silu_mul", [](const std::string& isa, Array<float> g, Array<float> u) {
+    require(g.size() == u.size(), "g and u differ in size");
+    Array<float> out(g.size());
+    std::memcpy(out.mutable_data(), g.data(), g.size() * 4);
+    kernels_named(isa).silu_mul(out.mutable_data(), u.data(), int(g.size()));
+    return out;
+  });
+}

@@ -1,0 +1,23 @@
+// Which instruction sets this CPU offers, and which kernel set gally runs.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "kernels/kernels.h"
+
+namespace gally {
+
+// Kernel sets this CPU can run, best last: "generic", then "avx2", "avx512" where supported.
+std::vector<std::string> available_isas();
+
+// True when the CPU (and OS) support AVX512-BF16 dot products.
+bool cpu_has_avx512bf16();
+
+// The kernels in use: the best available, or the one forced by GALLY_ISA (read once).
+const Kernels& kernels();
+const std::string& selected_isa();
+
+// Switches the kernel set (for tests); throws std::invalid_argument if the CPU lacks it.
+void select_isa(const std::string& name);
+
+}  // namespace gally

@@ -1,0 +1,53 @@
+// AVX2 + FMA + F16C kernels: 8 f32 lanes. Compiled with those flags, run only where isa.cpp
+// found the CPU and OS support them.
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "kernels/kernels.h"
+
+namespace gally {
+namespace avx2 {
+
+struct S {
+  static constexpr int N = 8;
+  static constexpr int ROWS = 3, TOKENS = 4;  // 12 accumulators + 3 weights + 1 activation of 16 ymm
+  using V = __m256;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float f) { return _mm256_set1_ps(f); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V round(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V ldexp(V v, V n) {
+    __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(v), e));
+  }
+  static float sum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static V load_bf16(const uint16_t* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static V load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+};
+using V = S::V;
+
+#include "kernels/simd_kernels.inl"
+
+}  // namespace avx2
+
+const Kernels kernels_avx2 = {"avx2", avx2::matmul, avx2::rmsnorm, avx2::rope, avx2::attention,
+                              avx2::silu_mul};
+
+}  // namespace gally

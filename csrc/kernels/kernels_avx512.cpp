@@ -1,0 +1,48 @@
+// AVX-512 (F/BW/DQ/VL) kernels: 16 f32 lanes. Compiled with AVX-512 flags, run only where
+// isa.cpp found the CPU and OS support them.
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "kernels/kernels.h"
+
+namespace gally {
+namespace avx512 {
+
+struct S {
+  static constexpr int N = 16;
+  static constexpr int ROWS = 4, TOKENS = 6;  // 24 accumulators + 4 weights + 1 activation of 32 zmm
+  using V = __m512;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float f) { return _mm512_set1_ps(f); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V ldexp(V v, V n) {
+    __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(v), e));
+  }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+  static V load_bf16(const uint16_t* p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static V load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+};
+using V = S::V;
+
+#include "kernels/simd_kernels.inl"
+
+}  // namespace avx512
+
+const Kernels kernels_avx512 = {"avx512", avx512::matmul, avx512::rmsnorm, avx512::rope,
+                                avx512::attention, avx512::silu_mul};
+
+}  // namespace gally

@@ -1,0 +1,89 @@
+// Portable scalar kernels: the fallback on every CPU and the oracle the SIMD kernels are tested
+// against. Plain C++ (no intrinsics) so that it builds anywhere, aarch64 and clang included.
+#include <cmath>
+
+#include "kernels/kernels.h"
+
+namespace gally {
+namespace {
+
+inline float load(const float* p, int i) { return p[i]; }
+inline float load(const uint16_t* p, int i, DType t) {
+  return t == DType::BF16 ? bf16_to_f32(p[i]) : f16_to_f32(p[i]);
+}
+
+// Σ_k x[k] · w[k] in 8 independent lanes, which compilers vectorise without reassociating.
+template <class WLoad>
+float dot(const float* x, int n, WLoad w) {
+  float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int l = 0; l < 8; ++l) lane[l] += x[k + l] * w(k + l);
+  float s = 0;
+  for (; k < n; ++k) s += x[k] * w(k);
+  return s + ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+void matmul(const float* x, const void* W, DType wtype, const float* b, float* y, int n_tok,
+            int n_in, int ldy, int r0, int r1, bool accumulate) {
+  for (int t = 0; t < n_tok; ++t) {
+    const float* xt = x + (long)t * n_in;
+    for (int r = r0; r < r1; ++r) {
+      float s;
+      if (wtype == DType::F32) {
+        const float* w = (const float*)W + (long)r * n_in;
+        s = dot(xt, n_in, [w](int k) { return load(w, k); });
+      } else {
+        const uint16_t* w = (const uint16_t*)W + (long)r * n_in;
+        s = dot(xt, n_in, [w, wtype](int k) { return load(w, k, wtype); });
+      }
+      if (b) s += b[r];
+      float& out = y[(long)t * ldy + r];
+      out = accumulate ? out + s : s;
+    }
+  }
+}
+
+void rmsnorm(float* out, const float* x, const float* w, int n, float eps) {
+  float ss = dot(x, n, [x](int k) { return x[k]; });
+  float inv = 1.0f / std::sqrt(ss / n + eps);
+  for (int i = 0; i < n; ++i) out[i] = x[i] * inv * w[i];
+}
+
+void rope(float* v, const float* cos, const float* sin, int d) {
+  int h = d / 2;
+  for (int i = 0; i < h; ++i) {
+    float a = v[i], b = v[i + h];
+    v[i] = a * cos[i] - b * sin[i];
+    v[i + h] = b * cos[i] + a * sin[i];
+  }
+}
+
+void attention(const float* q, const float* K, const float* V, int n, int d, int stride,
+               float scale, float* probs, float* out) {
+  float mx = -INFINITY;
+  for (int j = 0; j < n; ++j) {
+    const float* k = K + (long)j * stride;
+    probs[j] = scale * dot(q, d, [k](int i) { return k[i]; });
+    mx = std::fmax(mx, probs[j]);
+  }
+  float sum = 0;
+  for (int j = 0; j < n; ++j) sum += (probs[j] = std::exp(probs[j] - mx));
+  float inv = 1.0f / sum;
+  for (int i = 0; i < d; ++i) out[i] = 0;
+  for (int j = 0; j < n; ++j) {
+    probs[j] *= inv;
+    const float* v = V + (long)j * stride;
+    for (int i = 0; i < d; ++i) out[i] += probs[j] * v[i];
+  }
+}
+
+void silu_mul(float* g, const float* u, int n) {
+  for (int i = 0; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+}  // namespace
+
+const Kernels kernels_generic = {"generic", matmul, rmsnorm, rope, attention, silu_mul};
+
+}  // namespace gally

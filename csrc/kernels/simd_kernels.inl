@@ -1,0 +1,211 @@
+// The SIMD kernels, written once over a vector type S and compiled once per instruction set:
+// kernels_avx2.cpp and kernels_avx512.cpp each define S for their registers, then include this
+// file inside their own namespace. The math matches the scalar twins in kernels_generic.cpp.
+//
+// S provides: N (lanes), V (register), zero(), set1(f), load(p), store(p, v), fma(a, b, c) = a·b + c,
+// add, sub, mul, div, min, max, round, ldexp(v, n) = v·2^n, sum(v), load_bf16(p), load_f16(p)
+// (N halves → f32), and ROWS × TOKENS, the matmul register tile.
+
+// e^x = 2^n · e^r with n = round(x / ln 2), |r| ≤ ln2 / 2, e^r by its Taylor series to r^7
+// (relative error below 2e-7 over the range); inputs clamped to where f32 e^x is finite.
+inline V exp_impl(V x) {
+  x = S::min(S::max(x, S::set1(-87.33654f)), S::set1(88.72283f));
+  V n = S::round(S::mul(x, S::set1(1.44269504088896341f)));
+  V r = S::fma(n, S::set1(-0.693145751953125f), x);
+  r = S::fma(n, S::set1(-1.428606765330187045e-06f), r);
+  V p = S::set1(1.0f / 5040);
+  p = S::fma(p, r, S::set1(1.0f / 720));
+  p = S::fma(p, r, S::set1(1.0f / 120));
+  p = S::fma(p, r, S::set1(1.0f / 24));
+  p = S::fma(p, r, S::set1(1.0f / 6));
+  p = S::fma(p, r, S::set1(0.5f));
+  p = S::fma(p, r, S::set1(1.0f));
+  p = S::fma(p, r, S::set1(1.0f));
+  return S::ldexp(p, n);
+}
+
+// Weight element loaders, so one matmul template serves f32, bf16 and f16 weights.
+struct WeightF32 {
+  using T = float;
+  static V load(const T* p) { return S::load(p); }
+  static float scalar(const T* p) { return *p; }
+};
+struct WeightBF16 {
+  using T = uint16_t;
+  static V load(const T* p) { return S::load_bf16(p); }
+  static float scalar(const T* p) { return bf16_to_f32(*p); }
+};
+struct WeightF16 {
+  using T = uint16_t;
+  static V load(const T* p) { return S::load_f16(p); }
+  static float scalar(const T* p) { return f16_to_f32(*p); }
+};
+
+// out[i][j] = Σ_k W[r+i, k] · x[t+j, k] for an RB × TB tile: RB·TB accumulators stay in registers,
+// each weight vector is loaded once and used TB times, each activation vector RB times.
+template <class WL, int RB, int TB>
+inline void dot_tile(const float* x, const typename WL::T* W, int n_in, float out[RB][TB]) {
+  V acc[RB][TB];
+  for (int i = 0; i < RB; ++i)
+    for (int j = 0; j < TB; ++j) acc[i][j] = S::zero();
+  int k = 0;
+  for (; k + S::N <= n_in; k += S::N) {
+    V w[RB];
+    for (int i = 0; i < RB; ++i) w[i] = WL::load(W + (long)i * n_in + k);
+    for (int j = 0; j < TB; ++j) {
+      V xv = S::load(x + (long)j * n_in + k);
+      for (int i = 0; i < RB; ++i) acc[i][j] = S::fma(w[i], xv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int j = 0; j < TB; ++j) {
+      float s = 0;
+      for (int kk = k; kk < n_in; ++kk) s += x[(long)j * n_in + kk] * WL::scalar(W + (long)i * n_in + kk);
+      out[i][j] = S::sum(acc[i][j]) + s;
+    }
+}
+
+template <class WL, int RB, int TB>
+inline void matmul_tile(const float* x, const typename WL::T* W, const float* b, float* y, int n_in,
+                        int ldy, int r, int t, bool accumulate) {
+  float out[RB][TB];
+  dot_tile<WL, RB, TB>(x + (long)t * n_in, W + (long)r * n_in, n_in, out);
+  for (int j = 0; j < TB; ++j)
+    for (int i = 0; i < RB; ++i) {
+      float s = out[i][j] + (b ? b[r + i] : 0.0f);
+      float& o = y[(long)(t + j) * ldy + r + i];
+      o = accumulate ? o + s : s;
+    }
+}
+
+// Tokens are taken in blocks that stay in L2 while a thread's rows stream through L1.
+template <class WL>
+void matmul_typed(const float* x, const typename WL::T* W, const float* b, float* y, int n_tok,
+                  int n_in, int ldy, int r0, int r1, bool accumulate) {
+  constexpr int RB = S::ROWS, TB = S::TOKENS;
+  const int t_block = TB * (n_in > 2048 ? 4 : 8);
+  for (int t0 = 0; t0 < n_tok; t0 += t_block) {
+    const int t1 = t0 + t_block < n_tok ? t0 + t_block : n_tok;
+    int r = r0;
+    for (; r + RB <= r1; r += RB) {
+      int t = t0;
+      if (n_tok > 1)
+        for (; t + TB <= t1; t += TB) matmul_tile<WL, RB, TB>(x, W, b, y, n_in, ldy, r, t, accumulate);
+      for (; t < t1; ++t) matmul_tile<WL, RB, 1>(x, W, b, y, n_in, ldy, r, t, accumulate);
+    }
+    for (; r < r1; ++r) {
+      int t = t0;
+      for (; t + TB <= t1; t += TB) matmul_tile<WL, 1, TB>(x, W, b, y, n_in, ldy, r, t, accumulate);
+      for (; t < t1; ++t) matmul_tile<WL, 1, 1>(x, W, b, y, n_in, ldy, r, t, accumulate);
+    }
+  }
+}
+
+void matmul(const float* x, const void* W, DType wtype, const float* b, float* y, int n_tok,
+            int n_in, int ldy, int r0, int r1, bool accumulate) {
+  switch (wtype) {
+    case DType::F32:
+      return matmul_typed<WeightF32>(x, (const float*)W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+    case DType::BF16:
+      return matmul_typed<WeightBF16>(x, (const uint16_t*)W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+    case DType::F16:
+      return matmul_typed<WeightF16>(x, (const uint16_t*)W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  }
+}
+
+inline float dot(const float* a, const float* b, int n) {
+  V acc0 = S::zero(), acc1 = S::zero();
+  int k = 0;
+  for (; k + 2 * S::N <= n; k += 2 * S::N) {
+    acc0 = S::fma(S::load(a + k), S::load(b + k), acc0);
+    acc1 = S::fma(S::load(a + k + S::N), S::load(b + k + S::N), acc1);
+  }
+  for (; k + S::N <= n; k += S::N) acc0 = S::fma(S::load(a + k), S::load(b + k), acc0);
+  float s = S::sum(S::add(acc0, acc1));
+  for (; k < n; ++k) s += a[k] * b[k];
+  return s;
+}
+
+void rmsnorm(float* out, const float* x, const float* w, int n, float eps) {
+  const float inv = 1.0f / std::sqrt(dot(x, x, n) / n + eps);
+  const V vinv = S::set1(inv);
+  int i = 0;
+  for (; i + S::N <= n; i += S::N) S::store(out + i, S::mul(S::mul(S::load(x + i), vinv), S::load(w + i)));
+  for (; i < n; ++i) out[i] = x[i] * inv * w[i];
+}
+
+void rope(float* v, const float* cos, const float* sin, int d) {
+  const int h = d / 2;
+  int i = 0;
+  for (; i + S::N <= h; i += S::N) {
+    V a = S::load(v + i), b = S::load(v + h + i), c = S::load(cos + i), s = S::load(sin + i);
+    S::store(v + i, S::sub(S::mul(a, c), S::mul(b, s)));
+    S::store(v + h + i, S::fma(a, s, S::mul(b, c)));
+  }
+  for (; i < h; ++i) {
+    float a = v[i], b = v[i + h];
+    v[i] = a * cos[i] - b * sin[i];
+    v[i + h] = b * cos[i] + a * sin[i];
+  }
+}
+
+void attention(const float* q, const float* K, const float* V_, int n, int d, int stride,
+               float scale, float* probs, float* out) {
+  // scores, then a numerically safe softmax: subtract the max before exponentiating.
+  float mx = -INFINITY;
+  for (int j = 0; j < n; ++j) {
+    probs[j] = scale * dot(q, K + (long)j * stride, d);
+    mx = probs[j] > mx ? probs[j] : mx;
+  }
+  const V vmx = S::set1(mx);
+  V vsum = S::zero();
+  int j = 0;
+  for (; j + S::N <= n; j += S::N) {
+    V e = exp_impl(S::sub(S::load(probs + j), vmx));
+    S::store(probs + j, e);
+    vsum = S::add(vsum, e);
+  }
+  float sum = S::sum(vsum);
+  for (; j < n; ++j) sum += (probs[j] = std::exp(probs[j] - mx));
+  const float inv = 1.0f / sum;
+  for (j = 0; j < n; ++j) probs[j] *= inv;
+  // out = Σ_j p_j · V[j], a head at a time in registers when it fits.
+  int i = 0;
+  for (; i + 4 * S::N <= d; i += 4 * S::N) {
+    V o0 = S::zero(), o1 = S::zero(), o2 = S::zero(), o3 = S::zero();
+    for (j = 0; j < n; ++j) {
+      const float* v = V_ + (long)j * stride + i;
+      const V p = S::set1(probs[j]);
+      o0 = S::fma(p, S::load(v), o0);
+      o1 = S::fma(p, S::load(v + S::N), o1);
+      o2 = S::fma(p, S::load(v + 2 * S::N), o2);
+      o3 = S::fma(p, S::load(v + 3 * S::N), o3);
+    }
+    S::store(out + i, o0);
+    S::store(out + i + S::N, o1);
+    S::store(out + i + 2 * S::N, o2);
+    S::store(out + i + 3 * S::N, o3);
+  }
+  for (; i + S::N <= d; i += S::N) {
+    V o = S::zero();
+    for (j = 0; j < n; ++j) o = S::fma(S::set1(probs[j]), S::load(V_ + (long)j * stride + i), o);
+    S::store(out + i, o);
+  }
+  for (; i < d; ++i) {
+    float o = 0;
+    for (j = 0; j < n; ++j) o += probs[j] * V_[(long)j * stride + i];
+    out[i] = o;
+  }
+}
+
+void silu_mul(float* g, const float* u, int n) {
+  const V one = S::set1(1.0f), zero = S::zero();
+  int i = 0;
+  for (; i + S::N <= n; i += S::N) {
+    V x = S::load(g + i);
+    V e = exp_impl(S::sub(zero, x));
+    S::store(g + i, S::mul(S::div(x, S::add(one, e)), S::load(u + i)));
+  }
+  for (; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+

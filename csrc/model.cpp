@@ -1,0 +1,190 @@
+#include "model.h"
+
+#include <stdexcept>
+
+namespace gally {
+namespace {
+
+bool as_compute_dtype(const std::string& st, DType* out) {
+  if (st == "F32") *out = DType::F32;
+  else if (st == "BF16") *out = DType::BF16;
+  else if (st == "F16") *out = DType::F16;
+  else return false;
+  return true;
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+float element(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::F32: return ((const float*)p)[i];
+    case DType::BF16: return bf16_to_f32(((const uint16_t*)p)[i]);
+    case DType::F16: return f16_to_f32(((const uint16_t*)p)[i]);
+  }
+  return 0;
+}
+
+class Builder {
+ public:
+  Builder(Model& m, const std::map<std::string, Tensor>& tensors, const std::string& dtype)
+      : m_(m), tensors_(tensors), keep_dtype_(dtype.empty()) {
+    if (!keep_dtype_) want_ = parse_dtype(dtype);
+  }
+
+  bool has(const std::string& name) const { return tensors_.count(name) > 0; }
+
+  const Tensor& find(const std::string& name, const std::vector<int64_t>& shape) {
+    auto it = tensors_.find(name);
+    if (it == tensors_.end()) throw std::invalid_argument("missing tensor '" + name + "'");
+    const Tensor& t = it->second;
+    if (t.shape != shape)
+      throw std::invalid_argument("tensor '" + name + "' has shape " + shape_str(t.shape) +
+                                  " but the config implies " + shape_str(shape));
+    DType d;
+    if (!as_compute_dtype(t.dtype, &d))
+      throw std::invalid_argument("tensor '" + name + "' has dtype " + t.dtype +
+                                  "; supported weight dtypes are F32, BF16 and F16");
+    return t;
+  }
+
+  // A matrix in the compute dtype: a view when the stored dtype matches and is aligned, else a copy.
+  Matrix matrix(const std::string& name, int rows, int cols) {
+    const Tensor& t = find(name, {rows, cols});
+    DType from;
+    as_compute_dtype(t.dtype, &from);
+    DType to = keep_dtype_ ? from : want_;
+    Matrix mat{t.data, to, rows, cols};
+    if (to != from || uintptr_t(t.data) % dtype_size(from) != 0) mat.data = convert(t, from, to);
+    else m_.storage.push_back(t);
+    m_.weight_bytes += size_t(rows) * cols * dtype_size(to);
+    return mat;
+  }
+
+  // Norm weights and biases are small and always kept in f32.
+  const float* vector(const std::string& name, int n) {
+    const Tensor& t = find(name, {n});
+    DType from;
+    as_compute_dtype(t.dtype, &from);
+    m_.weight_bytes += size_t(n) * 4;
+    if (from == DType::F32 && uintptr_t(t.data) % 4 == 0) {
+      m_.storage.push_back(t);
+      return (const float*)t.data;
+    }
+    return (const float*)convert(t, from, DType::F32);
+  }
+
+  const float* optional_vector(const std::string& name, int n, bool expected) {
+    if (!expected && !has(name)) return nullptr;
+    return vector(name, n);
+  }
+
+ private:
+  const void* convert(const Tensor& t, DType from, DType to) {
+    const int64_t n = t.numel();
+    auto buf = std::make_shared<std::vector<uint8_t>>(size_t(n) * dtype_size(to));
+    void* dst = buf->data();
+    // Copy first: the source may be unaligned for its element type.
+    std::vector<uint8_t> src((const uint8_t*)t.data, (const uint8_t*)t.data + n * dtype_size(from));
+    const void* s = src.data();
+#pragma omp parallel for schedule(static) if (n > (1 << 20))
+    for (int64_t i = 0; i < n; ++i) {
+      float f = element(s, from, i);
+      switch (to) {
+        case DType::F32: ((float*)dst)[i] = f; break;
+        case DType::BF16: ((uint16_t*)dst)[i] = from == DType::BF16 ? ((const uint16_t*)s)[i] : f32_to_bf16(f); break;
+        case DType::F16: ((uint16_t*)dst)[i] = from == DType::F16 ? ((const uint16_t*)s)[i] : f32_to_f16(f); break;
+      }
+    }
+    Tensor owned;
+    owned.name = t.name;
+    owned.shape = t.shape;
+    owned.data = dst;
+    owned.owned = buf;
+    m_.storage.push_back(owned);
+    m_.copied_bytes += buf->size();
+    return dst;
+  }
+
+  Model& m_;
+  const std::map<std::string, Tensor>& tensors_;
+  bool keep_dtype_;
+  DType want_ = DType::F32;
+};
+
+void check_config(const ModelConfig& c) {
+  auto positive = [](int v, const char* name) {
+    if (v <= 0) throw std::invalid_argument(std::string("config: ") + name + " must be positive, got " + std::to_string(v));
+  };
+  positive(c.hidden_size, "hidden_size");
+  positive(c.intermediate_size, "intermediate_size");
+  positive(c.num_hidden_layers, "num_hidden_layers");
+  positive(c.num_attention_heads, "num_attention_heads");
+  positive(c.num_key_value_heads, "num_key_value_heads");
+  positive(c.head_dim, "head_dim");
+  positive(c.vocab_size, "vocab_size");
+  if (c.num_attention_heads % c.num_key_value_heads != 0)
+    throw std::invalid_argument("config: num_attention_heads (" + std::to_string(c.num_attention_heads) +
+                                ") is not a multiple of num_key_value_heads (" +
+                                std::to_string(c.num_key_value_heads) + ")");
+  if (c.head_dim % 2 != 0)
+    throw std::invalid_argument("config: head_dim must be even for RoPE, got " + std::to_string(c.head_dim));
+  if (int(c.inv_freq.size()) != c.head_dim / 2)
+    throw std::invalid_argument("config: inv_freq must hold head_dim/2 = " + std::to_string(c.head_dim / 2) + " values");
+  if (!(c.rms_norm_eps >= 0)) throw std::invalid_argument("config: rms_norm_eps must be non-negative");
+}
+
+}  // namespace
+
+DType parse_dtype(const std::string& name) {
+  if (name == "f32" || name == "float32") return DType::F32;
+  if (name == "bf16" || name == "bfloat16") return DType::BF16;
+  if (name == "f16" || name == "float16") return DType::F16;
+  throw std::invalid_argument("dtype must be one of 'f32', 'bf16', 'f16', got '" + name + "'");
+}
+
+std::shared_ptr<Model> build_model(const ModelConfig& c, const std::map<std::string, Tensor>& tensors,
+                                   const std::string& dtype, int threads) {
+  check_config(c);
+  if (threads <= 0) throw std::invalid_argument("threads must be positive, got " + std::to_string(threads));
+  auto m = std::make_shared<Model>();
+  m->config = c;
+  m->threads = threads;
+  Builder b(*m, tensors, dtype);
+  const int D = c.hidden_size, F = c.intermediate_size, QD = c.num_attention_heads * c.head_dim,
+            KVD = c.num_key_value_heads * c.head_dim;
+  m->embed_tokens = b.matrix("model.embed_tokens.weight", c.vocab_size, D);
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    LayerWeights L;
+    L.input_layernorm = b.vector(p + "input_layernorm.weight", D);
+    L.q_proj = b.matrix(p + "self_attn.q_proj.weight", QD, D);
+    L.k_proj = b.matrix(p + "self_attn.k_proj.weight", KVD, D);
+    L.v_proj = b.matrix(p + "self_attn.v_proj.weight", KVD, D);
+    L.o_proj = b.matrix(p + "self_attn.o_proj.weight", D, QD);
+    L.q_bias = b.optional_vector(p + "self_attn.q_proj.bias", QD, c.qkv_bias);
+    L.k_bias = b.optional_vector(p + "self_attn.k_proj.bias", KVD, c.qkv_bias);
+    L.v_bias = b.optional_vector(p + "self_attn.v_proj.bias", KVD, c.qkv_bias);
+    L.o_bias = b.optional_vector(p + "self_attn.o_proj.bias", D, c.o_bias);
+    L.post_attention_layernorm = b.vector(p + "post_attention_layernorm.weight", D);
+    L.gate_proj = b.matrix(p + "mlp.gate_proj.weight", F, D);
+    L.up_proj = b.matrix(p + "mlp.up_proj.weight", F, D);
+    L.down_proj = b.matrix(p + "mlp.down_proj.weight", D, F);
+    L.gate_bias = b.optional_vector(p + "mlp.gate_proj.bias", F, c.mlp_bias);
+    L.up_bias = b.optional_vector(p + "mlp.up_proj.bias", F, c.mlp_bias);
+    L.down_bias = b.optional_vector(p + "mlp.down_proj.bias", D, c.mlp_bias);
+    m->layers.push_back(L);
+  }
+  m->norm = b.vector("model.norm.weight", D);
+  if (c.tie_word_embeddings) m->lm_head = m->embed_tokens;
+  else m->lm_head = b.matrix("lm_head.weight", c.vocab_size, D);
+  // A token reads one row of the embedding but all of lm_head (the same matrix when tied).
+  const size_t embed_bytes = size_t(c.vocab_size) * D * dtype_size(m->embed_tokens.dtype);
+  if (!c.tie_word_embeddings) m->weight_bytes -= embed_bytes;
+  return m;
+}
+
+}  // namespace gally

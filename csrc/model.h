@@ -1,0 +1,70 @@
+// A Llama-family model: its hyper-parameters (HF config names) and its weights, which are views
+// into the mapped safetensors files or, where the compute dtype differs, converted copies.
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dtype.h"
+#include "safetensors.h"
+
+namespace gally {
+
+struct ModelConfig {
+  int hidden_size = 0;
+  int intermediate_size = 0;
+  int num_hidden_layers = 0;
+  int num_attention_heads = 0;
+  int num_key_value_heads = 0;
+  int head_dim = 0;
+  int vocab_size = 0;
+  float rms_norm_eps = 1e-5f;
+  bool tie_word_embeddings = false;
+  bool qkv_bias = false;  // q/k/v projections carry biases (Qwen2; Llama with attention_bias)
+  bool o_bias = false;    // o_proj carries a bias (Llama with attention_bias)
+  bool mlp_bias = false;  // gate/up/down carry biases (Llama with mlp_bias)
+  std::vector<float> inv_freq;  // [head_dim/2] RoPE frequencies θ_i, scaling already applied
+  float attention_scale = 0;    // applied to q·k (head_dim^-0.5 for these models)
+  int sliding_window = 0;       // 0: full attention
+};
+
+// W [rows, cols] row-major in `dtype`.
+struct Matrix {
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  int rows = 0, cols = 0;
+};
+
+struct LayerWeights {
+  const float* input_layernorm;  // [hidden]
+  Matrix q_proj;                 // [heads·head_dim, hidden]
+  Matrix k_proj, v_proj;         // [kv_heads·head_dim, hidden]
+  Matrix o_proj;                 // [hidden, heads·head_dim]
+  const float *q_bias, *k_bias, *v_bias, *o_bias;  // [rows] or null
+  const float* post_attention_layernorm;            // [hidden]
+  Matrix gate_proj, up_proj;                        // [intermediate, hidden]
+  Matrix down_proj;                                 // [hidden, intermediate]
+  const float *gate_bias, *up_bias, *down_bias;     // [rows] or null
+};
+
+struct Model {
+  ModelConfig config;
+  int threads = 1;
+  Matrix embed_tokens;  // [vocab, hidden]
+  std::vector<LayerWeights> layers;
+  const float* norm = nullptr;  // [hidden]
+  Matrix lm_head;               // [vocab, hidden]; the embedding matrix when tied
+  std::vector<Tensor> storage;  // keeps mapped files and converted copies alive
+  size_t weight_bytes = 0;      // bytes of weights one token's forward pass reads
+  size_t copied_bytes = 0;      // bytes converted or copied at load (0: all zero-copy)
+};
+
+// Checks the config, looks up every tensor under its HF name, checks its shape, and converts it
+// when `dtype` ("f32", "bf16", "f16"; "" keeps the stored dtype) differs from the stored one.
+std::shared_ptr<Model> build_model(const ModelConfig& config, const std::map<std::string, Tensor>& tensors,
+                                   const std::string& dtype, int threads);
+
+DType parse_dtype(const std::string& name);  // "f32" | "bf16" | "f16"
+
+}  // namespace gally

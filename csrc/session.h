@@ -1,0 +1,53 @@
+// A session: one sequence's KV cache and the scratch buffers of the forward pass, all allocated
+// once at creation. forward() runs a batch of tokens through the model and appends to the cache.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "model.h"
+
+namespace gally {
+
+// Optional caller-provided buffers that a forward pass fills for inspection (null: not recorded).
+struct Record {
+  float* hidden = nullptr;     // [layers + 1, n, hidden]: the embeddings, then each layer's output
+  float* attention = nullptr;  // [layers, heads, n, position + n]: softmax weights, 0 where masked
+};
+
+class Session {
+ public:
+  Session(std::shared_ptr<const Model> model, int max_context);
+
+  // Runs tokens [n] at positions position() … position()+n-1 and appends their keys and values.
+  // logits: [vocab] for the last token, or [n, vocab] when all_logits. Throws (leaving the session
+  // unchanged) on an out-of-vocabulary id or a sequence past max_context.
+  void forward(const int32_t* tokens, int n, float* logits, bool all_logits, const Record& record);
+
+  int position() const { return pos_; }
+  int max_context() const { return max_ctx_; }
+  void truncate(int position);  // forget the cache beyond `position`
+  const Model& model() const { return *m_; }
+
+ private:
+  void forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits, const Record& rec,
+                     int rec_offset, int rec_n, int rec_ctx);
+  float* k_cache(int layer, int kv_head) { return kv_.data() + ((size_t(layer) * 2 * nkv_ + kv_head) * max_ctx_) * hd_; }
+  float* v_cache(int layer, int kv_head) { return k_cache(layer, kv_head) + size_t(nkv_) * max_ctx_ * hd_; }
+
+  std::shared_ptr<const Model> m_;
+  int max_ctx_, max_batch_, pos_ = 0;
+  int nkv_, hd_;
+  // The KV cache [layers][k|v][kv_heads][max_context][head_dim]: a head's keys are contiguous.
+  std::vector<float> kv_;
+  std::vector<float> cos_, sin_;  // [max_context, head_dim/2] RoPE rotations per position
+  // Activations for a chunk of up to max_batch tokens:
+  std::vector<float> x_;      // [B, hidden]   the residual stream
+  std::vector<float> xb_;     // [B, hidden]   normalised input of a block
+  std::vector<float> q_;      // [B, heads·head_dim]
+  std::vector<float> k_, v_;  // [B, kv_heads·head_dim]
+  std::vector<float> att_;    // [B, heads·head_dim] attention output
+  std::vector<float> gate_, up_;  // [B, intermediate]
+  std::vector<float> probs_;  // [threads, max_context] softmax scratch
+};
+
+}  // namespace gally

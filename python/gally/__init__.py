@@ -1,0 +1,28 @@
+"""gally: CPU inference for Llama-family language models.
+
+    model = gally.load("path/to/hf-folder")      # or a .gguf file, or an alias
+    logits = model.logits([1, 2, 3])              # float32 [3, vocab_size]
+    s = model.session(); s.append(ids)            # KV-cached, one call per batch of tokens
+"""
+
+from __future__ import annotations
+
+from . import _core
+from .config import Config
+from .model import Model, Session, load, physical_cores
+
+__version__ = "0.1.0"
+__all__ = ["load", "info", "Model", "Session", "Config", "__version__"]
+
+
+def info() -> dict:
+    """The build and the CPU: version, selected kernel set (isa), those this CPU can run (isas),
+    default threads, whether OpenMP is compiled in."""
+    return {
+        "version": __version__,
+        "isa": _core.selected_isa(),
+        "isas": list(_core.available_isas()),
+        "avx512bf16": bool(_core.has_avx512bf16()),
+        "threads": physical_cores(),
+        "openmp": bool(_core.openmp()),
+    }

@@ -74,7 +74,7 @@ class Builder {
       m_.storage.push_back(t);
       return (const float*)t.data;
     }
-    return (const float*)convert(t, from, DType::F32);
+    return (const float*)convert(t, from, DType::F32, /*count=*/false);
   }
 
   const float* optional_vector(const std::string& name, int n, bool expected) {
@@ -83,7 +83,7 @@ class Builder {
   }
 
  private:
-  const void* convert(const Tensor& t, DType from, DType to) {
+  const void* convert(const Tensor& t, DType from, DType to, bool count = true) {
     const int64_t n = t.numel();
     auto buf = std::make_shared<std::vector<uint8_t>>(size_t(n) * dtype_size(to));
     void* dst = buf->data();
@@ -105,7 +105,7 @@ class Builder {
     owned.data = dst;
     owned.owned = buf;
     m_.storage.push_back(owned);
-    m_.copied_bytes += buf->size();
+    if (count) m_.copied_bytes += buf->size();
     return dst;
   }
 

@@ -57,7 +57,8 @@ struct Model {
   Matrix lm_head;               // [vocab, hidden]; the embedding matrix when tied
   std::vector<Tensor> storage;  // keeps mapped files and converted copies alive
   size_t weight_bytes = 0;      // bytes of weights one token's forward pass reads
-  size_t copied_bytes = 0;      // bytes converted or copied at load (0: all zero-copy)
+  size_t copied_bytes = 0;      // matrix bytes converted or copied at load (0: all zero-copy;
+                                // 16-bit norm and bias vectors, kilobytes, are always widened)
 };
 
 // Checks the config, looks up every tensor under its HF name, checks its shape, and converts it

@@ -12,6 +12,8 @@ from .config import Config
 from .model import Model, Session, load, physical_cores
 
 __version__ = "0.1.0"
+
+_core.selected_isa()  # reads GALLY_ISA now: a variant this CPU lacks is an error at import
 __all__ = ["load", "info", "Model", "Session", "Config", "__version__"]
 
 

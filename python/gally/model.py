@@ -156,7 +156,9 @@ class Model:
     def logits(self, token_ids) -> np.ndarray:
         """float32 logits [len(token_ids), vocab_size], computed in a fresh context."""
         ids = _token_array(token_ids, self.config.vocab_size)
-        return self.session(max(len(ids), 1)).forward(ids, all_logits=True)
+        if len(ids) > self.max_context:
+            raise ValueError(f"sequence of {len(ids)} tokens exceeds max_context {self.max_context}")
+        return self.session(len(ids)).forward(ids, all_logits=True)
 
     def generate(self, prompt, **kwargs):
         from .generate import generate

@@ -57,16 +57,19 @@ def open_checkpoint(folder: str) -> dict[str, "_core.Tensor"]:
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: weight_map must be an object")
         tensors: dict[str, _core.Tensor] = {}
+        shard_of: dict[str, str] = {}
         for shard in sorted(set(weight_map.values())):
-            if os.path.basename(shard) != shard:
+            if not isinstance(shard, str) or os.path.basename(shard) != shard:
                 raise ValueError(f"{index}: shard name {shard!r} must be a file in the model folder")
             for name, t in open_file(os.path.join(folder, shard)).items():
                 if name in tensors:
                     raise ValueError(f"{index}: tensor {name!r} appears in more than one shard")
-                tensors[name] = t
+                tensors[name], shard_of[name] = t, shard
         for name, shard in weight_map.items():
-            if name not in tensors:
+            if shard_of.get(name) != shard:
                 raise ValueError(f"{index}: tensor {name!r} is not in its shard {shard!r}")
         return tensors
     if os.path.isfile(single):

@@ -1,0 +1,123 @@
+"""Shared test helpers: small random checkpoints written the way Hugging Face lays them out."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+
+import gally
+from gally import _core
+
+ISAS = list(_core.available_isas())
+
+
+def round_bf16(a: np.ndarray) -> np.ndarray:
+    """f32 → nearest-even bf16, returned as f32 values."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint32) << 16
+    return u.view(np.float32)
+
+
+def to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    return (round_bf16(a).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str = "F32") -> None:
+    """Writes a .safetensors file by hand (the library's NumPy API has no bf16)."""
+    header, blobs, offset = {}, [], 0
+    for name, a in tensors.items():
+        if dtype == "F32":
+            data = np.ascontiguousarray(a, dtype=np.float32).tobytes()
+        elif dtype == "F16":
+            data = np.ascontiguousarray(a, dtype=np.float16).tobytes()
+        elif dtype == "BF16":
+            data = to_bf16_bits(a).tobytes()
+        else:
+            raise ValueError(dtype)
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for b in blobs:
+            f.write(b)
+
+
+def stored(a: np.ndarray, dtype: str) -> np.ndarray:
+    """The values a tensor has once stored in `dtype`, as float64."""
+    if dtype == "BF16":
+        return round_bf16(a).astype(np.float64)
+    if dtype == "F16":
+        return a.astype(np.float16).astype(np.float64)
+    return a.astype(np.float32).astype(np.float64)
+
+
+DEFAULT_CONFIG = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=96,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+    max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=2,
+)
+
+
+def random_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    D, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    H = cfg["num_attention_heads"]
+    KV = cfg.get("num_key_value_heads") or H
+    hd = cfg.get("head_dim") or D // H
+    qwen2 = cfg["architectures"][0] == "Qwen2ForCausalLM"
+
+    def mat(rows, cols):
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+    def vec(n, center=0.0, scale=0.1):
+        return (center + scale * rng.standard_normal(n)).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": rng.standard_normal((V, D)).astype(np.float32)}
+    for l in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        w[p + "input_layernorm.weight"] = vec(D, 1.0)
+        w[p + "post_attention_layernorm.weight"] = vec(D, 1.0)
+        for name, rows, cols in (("q", H * hd, D), ("k", KV * hd, D), ("v", KV * hd, D), ("o", D, H * hd)):
+            w[p + f"self_attn.{name}_proj.weight"] = mat(rows, cols)
+            if (qwen2 and name != "o") or cfg.get("attention_bias"):
+                w[p + f"self_attn.{name}_proj.bias"] = vec(rows)
+        for name, rows, cols in (("gate", F, D), ("up", F, D), ("down", D, F)):
+            w[p + f"mlp.{name}_proj.weight"] = mat(rows, cols)
+            if cfg.get("mlp_bias"):
+                w[p + f"mlp.{name}_proj.bias"] = vec(rows)
+    w["model.norm.weight"] = vec(D, 1.0)
+    if not cfg.get("tie_word_embeddings"):
+        w["lm_head.weight"] = mat(V, D)
+    return w
+
+
+def make_checkpoint(folder, dtype: str = "F32", seed: int = 0, **overrides):
+    """Writes config.json + model.safetensors with random weights into `folder`.
+    Returns (folder, weights as stored, float64) for the NumPy reference."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    cfg = {**DEFAULT_CONFIG, **overrides}
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    w = random_weights(cfg, seed)
+    write_safetensors(os.path.join(folder, "model.safetensors"), w, dtype)
+    return folder, {k: stored(v, dtype) for k, v in w.items()}
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Runs a test once per kernel set this CPU supports."""
+    before = _core.selected_isa()
+    _core.select_isa(request.param)
+    yield request.param
+    _core.select_isa(before)

@@ -1,0 +1,139 @@
+"""Each SIMD kernel against its scalar twin (the "generic" set), over sizes 1 … 2×16+3 and odd
+shapes, for every instruction set this CPU runs; and the scalar twins against NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gally import _core
+from conftest import ISAS, to_bf16_bits
+
+SIZES = list(range(1, 36))  # 1 … 2 × 16 lanes + 3
+SIMD = [isa for isa in ISAS if isa != "generic"] or ["generic"]
+
+
+def weights(rng, rows, cols, wtype):
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    if wtype == "f32":
+        return w, w.astype(np.float64)
+    if wtype == "bf16":
+        bits = to_bf16_bits(w)
+        return bits, (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    half = w.astype(np.float16)
+    return half.view(np.uint16), half.astype(np.float64)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("wtype", ["f32", "bf16", "f16"])
+def test_matmul_shapes(isa, wtype):
+    rng = np.random.default_rng(0)
+    for n_in in SIZES + [64, 100, 576]:
+        for n_tok, n_out in ((1, 7), (3, 13), (7, 5), (13, 17)):
+            W, Wf = weights(rng, n_out, n_in, wtype)
+            x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+            b = rng.standard_normal(n_out).astype(np.float32)
+            want = x.astype(np.float64) @ Wf.T + b
+            y = np.full((n_tok, n_out), np.nan, np.float32)
+            _core.kernel_matmul(isa, x, W, wtype, b, y, False, 0, n_out)
+            scale = np.abs(x).astype(np.float64) @ np.abs(Wf).T + 1
+            assert (np.abs(y - want) <= 1e-5 * scale).all(), (n_in, n_tok, n_out)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_matmul_row_range_and_accumulate(isa):
+    rng = np.random.default_rng(1)
+    n_tok, n_in, n_out = 9, 37, 29
+    W, Wf = weights(rng, n_out, n_in, "f32")
+    x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+    y0 = rng.standard_normal((n_tok, n_out)).astype(np.float32)
+    y = y0.copy()
+    _core.kernel_matmul(isa, x, W, "f32", None, y, True, 5, 22)
+    want = y0.astype(np.float64).copy()
+    want[:, 5:22] += x.astype(np.float64) @ Wf[5:22].T
+    assert np.abs(y - want).max() <= 1e-4
+    assert np.array_equal(y[:, :5], y0[:, :5]) and np.array_equal(y[:, 22:], y0[:, 22:])
+
+
+@pytest.mark.parametrize("isa", SIMD)
+@pytest.mark.parametrize("wtype", ["f32", "bf16", "f16"])
+def test_matmul_simd_equals_scalar_twin(isa, wtype):
+    rng = np.random.default_rng(2)
+    for n_in in SIZES:
+        for n_tok in (1, 2, 5, 6, 7, 13):
+            W, _ = weights(rng, 11, n_in, wtype)
+            x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+            ys = [_core.kernel_matmul(k, x, W, wtype, None, np.zeros((n_tok, 11), np.float32), False, 0, 11)
+                  for k in ("generic", isa)]
+            assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.sqrt(n_in))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_rmsnorm(isa):
+    rng = np.random.default_rng(3)
+    for n in SIZES + [576, 4099]:
+        x = rng.standard_normal(n).astype(np.float32) * 3
+        w = rng.standard_normal(n).astype(np.float32)
+        got = _core.kernel_rmsnorm(isa, x, w, 1e-5)
+        x64 = x.astype(np.float64)
+        want = x64 / np.sqrt(np.mean(x64 * x64) + 1e-5) * w
+        assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_rope_pairs_i_with_i_plus_half(isa):
+    rng = np.random.default_rng(4)
+    for d in [2 * h for h in SIZES] + [64, 128]:
+        v = rng.standard_normal(d).astype(np.float32)
+        theta = rng.uniform(-10, 10, d // 2)
+        got = _core.kernel_rope(isa, v, np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32))
+        a, b = v[: d // 2].astype(np.float64), v[d // 2:].astype(np.float64)
+        want = np.concatenate([a * np.cos(theta) - b * np.sin(theta), b * np.cos(theta) + a * np.sin(theta)])
+        assert np.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_attention(isa):
+    rng = np.random.default_rng(5)
+    for n in SIZES + [100, 1000]:
+        for d in (1, 8, 17, 64, 80, 128):
+            q = rng.standard_normal(d).astype(np.float32)
+            K = rng.standard_normal((n, d)).astype(np.float32)
+            V = rng.standard_normal((n, d)).astype(np.float32)
+            out, probs = _core.kernel_attention(isa, q, K, V, 0.7)
+            s = 0.7 * K.astype(np.float64) @ q
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            assert np.allclose(probs, p, rtol=1e-5, atol=1e-7)
+            assert np.allclose(out, p @ V, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_attention_softmax_is_numerically_safe(isa):
+    d = 16
+    q = np.full(d, 100.0, np.float32)
+    K = np.stack([np.full(d, 10.0), np.full(d, 9.0), np.full(d, -10.0)]).astype(np.float32)
+    V = np.eye(3, d, dtype=np.float32)
+    out, probs = _core.kernel_attention(isa, q, K, V, 1.0)  # scores 16000, 14400, -16000
+    assert np.isfinite(out).all() and np.allclose(probs, [1, 0, 0]) and np.allclose(out[:3], [1, 0, 0])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_silu_mul(isa):
+    rng = np.random.default_rng(6)
+    for n in SIZES + [1536]:
+        g = (rng.standard_normal(n) * 8).astype(np.float32)
+        u = rng.standard_normal(n).astype(np.float32)
+        got = _core.kernel_silu_mul(isa, g, u)
+        g64 = g.astype(np.float64)
+        want = g64 / (1 + np.exp(-g64)) * u
+        assert np.allclose(got, want, rtol=2e-6, atol=1e-6)
+    extreme = np.array([-200, -90, -88, 0, 88, 90, 200] + [1.0] * 9, np.float32)
+    got = _core.kernel_silu_mul(isa, extreme, np.ones_like(extreme))
+    assert np.isfinite(got).all() and np.allclose(got[:7], [0, 0, 0, 0, 88, 90, 200], atol=1e-30, rtol=1e-6)
+
+
+def test_kernel_sets():
+    assert ISAS[0] == "generic" and _core.selected_isa() in ISAS
+    with pytest.raises(ValueError, match="not available"):
+        _core.select_isa("sse9")

@@ -1,0 +1,157 @@
+"""The engine's logits against the independent NumPy forward pass, on small random checkpoints."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import gally
+from conftest import make_checkpoint
+from reference_numpy import forward
+
+TOKENS = [5, 17, 3, 88, 42, 0, 96, 11, 23, 64, 7, 7, 31, 50, 2, 77, 19]
+
+VARIANTS = {
+    "mha": dict(num_key_value_heads=4),
+    "gqa": dict(),
+    "mqa_tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
+    "head_dim_ne_hidden_over_heads": dict(head_dim=24, num_attention_heads=6, num_key_value_heads=3),
+    "llama3_rope": dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                               high_freq_factor=4.0, original_max_position_embeddings=8)),
+    "linear_rope": dict(rope_scaling=dict(type="linear", factor=4.0)),
+    "rope_parameters": dict(rope_theta=None, rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=5000.0)),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True,
+                  sliding_window=4096, use_sliding_window=False),
+    "llama_biases": dict(attention_bias=True, mlp_bias=True),
+    "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None),
+    "wide_odd": dict(hidden_size=72, intermediate_size=200, vocab_size=301, num_attention_heads=3,
+                     num_key_value_heads=3),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_match_reference(tmp_path, isa, variant):
+    folder, w = make_checkpoint(tmp_path, **VARIANTS[variant])
+    model = gally.load(folder, threads=2)
+    got = model.logits(TOKENS)
+    want = forward(folder, TOKENS, w)
+    assert got.shape == (len(TOKENS), model.config.vocab_size) and got.dtype == np.float32
+    assert np.abs(got - want).max() <= 1e-3
+
+
+@pytest.mark.parametrize("stored", ["F32", "BF16", "F16"])
+@pytest.mark.parametrize("dtype", [None, "f32", "bf16", "f16"])
+def test_storage_and_compute_dtypes(tmp_path, isa, stored, dtype):
+    folder, w = make_checkpoint(tmp_path, dtype=stored)
+    model = gally.load(folder, dtype=dtype, threads=2)
+    compute = dtype or {"F32": "f32", "BF16": "bf16", "F16": "f16"}[stored]
+    assert model.dtype == compute
+    assert (model.copied_bytes == 0) == (dtype is None or compute == stored.lower())
+    got = model.logits(TOKENS)
+    if compute == stored.lower():  # exact weights: the reference sees the same values
+        assert np.abs(got - forward(folder, TOKENS, w)).max() <= 1e-3
+    else:  # a conversion rounds the weights: compare with the reference on rounded weights
+        from conftest import stored as round_to
+        rounded = {k: round_to(v.astype(np.float32), compute.upper()) if not k.endswith("norm.weight") else v
+                   for k, v in w.items()}
+        assert np.abs(got - forward(folder, TOKENS, rounded)).max() <= 1e-3
+
+
+def test_prompt_at_once_equals_one_by_one(tmp_path, isa):
+    folder, _ = make_checkpoint(tmp_path)
+    model = gally.load(folder, threads=2)
+    whole = model.session().forward(TOKENS, all_logits=True)
+    s = model.session()
+    steps = np.stack([s.append([t]) for t in TOKENS])
+    assert s.position == len(TOKENS)
+    assert np.abs(whole - steps).max() <= 1e-4
+    s2 = model.session()  # mixed chunks
+    s2.append(TOKENS[:5])
+    s2.append(TOKENS[5:6])
+    last = s2.append(TOKENS[6:])
+    assert np.abs(last - whole[-1]).max() <= 1e-4
+
+
+def test_truncate_and_continue(tmp_path):
+    folder, w = make_checkpoint(tmp_path)
+    model = gally.load(folder, threads=2)
+    s = model.session()
+    s.append(TOKENS)
+    s.truncate(6)
+    assert s.position == 6
+    got = s.append([9, 8, 7])
+    want = forward(folder, TOKENS[:6] + [9, 8, 7], w)[-1]
+    assert np.abs(got - want).max() <= 1e-3
+    s.reset()
+    assert s.position == 0
+    assert np.abs(s.append(TOKENS[:3]) - forward(folder, TOKENS[:3], w)[-1]).max() <= 1e-3
+
+
+def test_long_prompt_in_chunks(tmp_path):
+    """Prompts longer than a prefill chunk (512 tokens) run in pieces."""
+    folder, w = make_checkpoint(tmp_path, max_position_embeddings=1200, vocab_size=64)
+    model = gally.load(folder, threads=2)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 64, 1100).tolist()
+    got = model.logits(ids)
+    want = forward(folder, ids, w)
+    assert np.abs(got - want).max() <= 1e-3
+
+
+def test_two_sessions_in_two_threads(tmp_path):
+    folder, w = make_checkpoint(tmp_path)
+    model = gally.load(folder, threads=1)
+    prompts = [TOKENS, TOKENS[::-1]]
+    want = [forward(folder, p, w)[-1] for p in prompts]
+    results = [None, None]
+
+    def run(i):
+        s = model.session()
+        for _ in range(20):
+            s.reset()
+            out = s.append(prompts[i][:4])
+            for t in prompts[i][4:]:
+                out = s.append([t])
+        results[i] = out
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, ref in zip(results, want):
+        assert np.abs(got - ref).max() <= 1e-3
+
+
+def test_threads_give_same_logits(tmp_path):
+    folder, _ = make_checkpoint(tmp_path, hidden_size=128, intermediate_size=256)
+    one = gally.load(folder, threads=1).logits(TOKENS)
+    many = gally.load(folder, threads=3).logits(TOKENS)
+    assert np.abs(one - many).max() <= 1e-5
+
+
+def test_recorded_hidden_states_and_attention(tmp_path):
+    folder, w = make_checkpoint(tmp_path)
+    model = gally.load(folder, threads=2)
+    c = model.config
+    s = model.session()
+    s.append(TOKENS[:4])
+    n = len(TOKENS) - 4
+    hidden = np.zeros((c.num_hidden_layers + 1, n, c.hidden_size), np.float32)
+    att = np.zeros((c.num_hidden_layers, c.num_attention_heads, n, len(TOKENS)), np.float32)
+    logits = s.forward(TOKENS[4:], hidden_states=hidden, attentions=att)
+    # Embeddings of the new tokens, and each attention row a distribution over the causal prefix.
+    assert np.allclose(hidden[0], w["model.embed_tokens.weight"][TOKENS[4:]], atol=1e-6)
+    assert np.allclose(att.sum(-1), 1, atol=1e-5)
+    for t in range(n):
+        assert (att[:, :, t, 4 + t + 1:] == 0).all() and (att[:, :, t, : 4 + t + 1] > 0).all()
+    # The last layer's output, normalised and projected, gives the logits.
+    x = hidden[-1, -1].astype(np.float64)
+    x = x / np.sqrt(np.mean(x * x) + c.rms_norm_eps) * w["model.norm.weight"]
+    assert np.abs(x @ w["lm_head.weight"].T - logits).max() <= 1e-3
+    # Recording changes nothing.
+    s2 = model.session()
+    s2.append(TOKENS[:4])
+    assert np.array_equal(s2.append(TOKENS[4:]), logits)

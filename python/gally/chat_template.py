@@ -1,0 +1,78 @@
+"""Chat templates: the model's Jinja template rendered in a sandbox, with the environment
+transformers gives it (trim_blocks, lstrip_blocks, loop controls, raise_exception, strftime_now,
+a tojson that keeps non-ASCII text), so that a conversation renders to the same text in both."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+from typing import Any
+
+
+class ChatTemplateError(ValueError):
+    """The template refused the conversation (raise_exception) or failed to render it."""
+
+
+def _raise_exception(message: str):
+    raise ChatTemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+@functools.lru_cache(maxsize=16)
+def compile_template(source: str):
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # {% generation %} marks assistant text for training masks; rendering just keeps its body.
+    class _Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+
+
+def render(source: str, messages: list[dict], add_generation_prompt: bool = True, **variables: Any) -> str:
+    """The conversation `messages` ([{"role": ..., "content": ...}, ...]) as the template writes it;
+    `variables` (bos_token, eos_token, tools, ...) are visible to the template."""
+    import jinja2
+
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"messages[{i}] must be a dict with a 'role' (and usually 'content'), got {m!r}")
+    # Keys whose value is None are dropped, as transformers does: templates test for presence.
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    template = compile_template(source)
+    variables.setdefault("tools", None)  # templates test `tools is not none`, which undefined fails
+    variables.setdefault("documents", None)
+    try:
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+    except ChatTemplateError:
+        raise
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"the chat template failed on this conversation: {e}") from None

@@ -1,0 +1,365 @@
+"""GGUF → Hugging Face folder (config.json, model.safetensors, tokenizer files), so that one loader
+serves both formats. `gally convert MODEL.gguf OUT_DIR` on the command line.
+
+What llama.cpp's converter changed, undone here:
+- names: blk.N.attn_q.weight is model.layers.N.self_attn.q_proj.weight, and so on (hf_name);
+- blocks: quantized weights (Q8_0, Q4_1, Q4_K, ...) are dequantized with the gguf package to
+  float32, then stored in the requested dtype; GGUF lists dims fastest first, so a GGUF shape
+  [in, out] is numpy's (out, in), HF's [out, in];
+- rows: for Llama-family files, each head's q_proj/k_proj rows were permuted so that RoPE rotates
+  adjacent pairs (x[2i], x[2i+1]); HF rotates (x[i], x[i + head_dim/2]) (unpermute_rows);
+- config: llama.cpp's metadata keys map onto HF field names (hf_config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from typing import Any, Optional
+
+import numpy as np
+
+from . import cache, gguf_tokenizer
+
+# GGUF general.architecture → the HF architecture gally runs it as.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# Architectures whose q/k rows llama.cpp permuted (those it runs with interleaved "normal" RoPE).
+PERMUTED_QK = ("llama",)
+
+# Output dtype → (safetensors dtype name, config torch_dtype, bytes per value).
+DTYPES = {"f32": ("float32", "float32", 4), "bf16": ("bfloat16", "bfloat16", 2), "f16": ("float16", "float16", 2)}
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1",
+                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+
+# Shards bound the memory a conversion holds (one shard of converted arrays at a time).
+SHARD_BYTES = 2 << 30
+
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight", "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_REQUIRED_LAYER = ("attn_norm.weight", "ffn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+                   "attn_output.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+# Tensors llama.cpp writes that carry no weights of their own (rope_freqs becomes rope_scaling).
+_NOT_WEIGHTS = ("rope_freqs.weight",)
+
+
+def hf_name(name: str) -> Optional[str]:
+    """HF tensor name for GGUF tensor `name`, or None when it has none."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's permute. Within each head of d rows, GGUF row 2j + s holds HF row
+    s·d/2 + j (s ∈ {0, 1}, j < d/2): w [n_head·d, ...] → [n_head, d/2, 2, ...] → swap → HF order."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"{rows} rows do not split into {n_head} heads of an even size")
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def open_gguf(path: str):
+    """A gguf.GGUFReader on `path`, or a ValueError that says what is wrong with the file."""
+    import gguf
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, TypeError) as e:
+        if "GGMLQuantizationType" in str(e):
+            raise ValueError(f"{path}: a tensor has a type unknown to gguf {_gguf_version()} ({e}); "
+                             f"upgrading the gguf package may help") from None
+        raise ValueError(f"{path}: unreadable GGUF file, truncated or corrupt ({type(e).__name__}: {e}); "
+                         f"download or copy it again") from None
+    size = os.path.getsize(path)
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ValueError(f"{path}: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes} of a "
+                             f"{size}-byte file: the file is truncated; download or copy it again")
+    return reader
+
+
+def metadata(reader) -> dict[str, Any]:
+    """Every key-value field of the file as Python values (strings, numbers, lists)."""
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def hf_config(meta: dict[str, Any], tensors: dict[str, Any], path: str, dtype: str = "f32") -> dict[str, Any]:
+    """config.json for a GGUF file: llama.cpp's `<arch>.*` keys under HF field names."""
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{path}: architecture {arch!r} is not supported; gally converts GGUF files of "
+                         f"architecture {', '.join(ARCHITECTURES)}")
+
+    def number(key: str, kind=int, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"{path}: metadata key {arch}.{key} is missing")
+        if isinstance(value, list):
+            if not value or any(v != value[0] for v in value):
+                raise ValueError(f"{path}: {arch}.{key} varies per layer ({value}); gally needs one value")
+            value = value[0]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise ValueError(f"{path}: metadata key {arch}.{key} must be a number, got {value!r}")
+        return kind(value)
+
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path}: tensor 'token_embd.weight' is missing")
+    hidden = number("embedding_length")
+    heads = number("attention.head_count")
+    head_dim = number("attention.key_length", default=hidden // heads if heads else 0)
+    if number("attention.value_length", default=head_dim) != head_dim:
+        raise ValueError(f"{path}: attention.value_length differs from attention.key_length; gally needs them equal")
+    if number("rope.dimension_count", default=head_dim) != head_dim:
+        raise ValueError(f"{path}: RoPE covers {number('rope.dimension_count')} of {head_dim} head dimensions; "
+                         f"gally supports RoPE over the whole head only")
+    config = {
+        "architectures": [ARCHITECTURES[arch]],
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": number("feed_forward_length"),
+        "num_hidden_layers": number("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": number("attention.head_count_kv", default=heads),
+        "head_dim": head_dim,
+        "vocab_size": int(tensors["token_embd.weight"].shape[1]),
+        "max_position_embeddings": number("context_length", default=2048),
+        # float32 in the file: 1e-5 reads back as 9.999999747e-06, which is written here as 1e-05
+        "rms_norm_eps": float(str(np.float32(number("attention.layer_norm_rms_epsilon", float)))),
+        "rope_theta": float(str(np.float32(number("rope.freq_base", float, default=10000.0)))),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": arch != "qwen2" and "blk.0.attn_q.bias" in tensors,
+        "mlp_bias": False,
+        "torch_dtype": DTYPES[dtype][1],
+    }
+    if arch == "qwen2":
+        config["use_sliding_window"] = False
+    for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                      ("padding_token_id", "pad_token_id")):
+        if meta.get(f"tokenizer.ggml.{key}") is not None:
+            config[name] = int(meta[f"tokenizer.ggml.{key}"])
+    scaling = rope_scaling(meta, tensors, arch, config, path)
+    if scaling is not None:
+        config["rope_scaling"] = scaling
+    return config
+
+
+def rope_scaling(meta: dict[str, Any], tensors: dict[str, Any], arch: str, config: dict, path: str) -> Optional[dict]:
+    """rope_scaling from `<arch>.rope.scaling.*`, or, for Llama 3.1/3.2 files, recovered from the
+    per-frequency divisors llama.cpp stores in rope_freqs.weight."""
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if "rope_freqs.weight" in tensors:
+        return _llama3_scaling(np.asarray(dequantize(tensors["rope_freqs.weight"], path)).reshape(-1), config, path)
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+    raise ValueError(f"{path}: RoPE scaling {kind!r} is not supported; gally supports linear and llama3 scaling")
+
+
+def _llama3_scaling(divisors: np.ndarray, config: dict, path: str) -> dict:
+    from .config import Config
+
+    factor = float(divisors.max())
+    for original in (8192, 4096, 2048, 16384, 32768, 65536, 131072):
+        for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0)):
+            scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                       "original_max_position_embeddings": original}
+            cfg = Config.from_dict({**config, "rope_scaling": scaling})
+            plain = Config.from_dict({k: v for k, v in config.items() if k != "rope_scaling"}).inv_freq()
+            if divisors.shape == plain.shape and np.allclose(plain / cfg.inv_freq(), divisors, rtol=1e-4):
+                return scaling
+    raise ValueError(f"{path}: rope_freqs.weight matches no Llama 3 RoPE scaling gally knows")
+
+
+def dequantize(t, path: str) -> np.ndarray:
+    """float32 array of GGUF tensor `t` in HF layout: shape reversed, [out, in] for a matrix."""
+    import gguf
+
+    kind = t.tensor_type.name
+    if kind not in SUPPORTED_TYPES:
+        raise ValueError(f"{path}: tensor {t.name!r} has type {kind}, which gally cannot convert "
+                         f"(supported: {', '.join(SUPPORTED_TYPES)})")
+    w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+    return np.ascontiguousarray(w, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
+
+
+def to_dtype(w: np.ndarray, dtype: str, name: str) -> np.ndarray:
+    """float32 → the stored dtype; bf16 as uint16 bit patterns, rounded to nearest even."""
+    if dtype == "f32":
+        return w
+    if dtype == "f16":
+        out = w.astype(np.float16)
+        if np.isinf(out).any() and not np.isinf(w).any():
+            raise ValueError(f"tensor {name!r} has values beyond float16's range (±65504); convert with dtype bf16 or f32")
+        return out
+    bits = w.view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    return np.where(np.isnan(w), np.uint16(0x7FC0), rounded)
+
+
+class _Plan:
+    """What convert() will write: tensors in file order with their HF names, and the config."""
+
+    def __init__(self, path: str, dtype: str):
+        self.reader = open_gguf(path)
+        self.meta = metadata(self.reader)
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.config = hf_config(self.meta, self.tensors, path, dtype)
+        self.tokenizer, self.tokenizer_config, self.eos_ids = gguf_tokenizer.build(self.meta, path)
+        self.tokenizer_config["model_max_length"] = self.config["max_position_embeddings"]
+        self.names: list[tuple[str, Any]] = []
+        for t in self.reader.tensors:
+            if t.name in _NOT_WEIGHTS:
+                continue
+            name = hf_name(t.name)
+            if name is None:
+                raise ValueError(f"{path}: tensor {t.name!r} has no place in a {self.config['architectures'][0]} "
+                                 f"(a variant gally does not run, e.g. mixture of experts)")
+            if t.tensor_type.name not in SUPPORTED_TYPES:
+                dequantize(t, path)  # raises the unsupported-type error
+            self.names.append((name, t))
+        missing = [f"blk.{i}.{n}" for i in range(self.config["num_hidden_layers"]) for n in _REQUIRED_LAYER
+                   if f"blk.{i}.{n}" not in self.tensors]
+        missing += [n for n in ("output_norm.weight",) if n not in self.tensors]
+        if missing:
+            raise ValueError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+        self.out_bytes = sum(int(t.n_elements) * (DTYPES[dtype][2] if len(t.shape) > 1 else 4) for _, t in self.names)
+
+
+def convert(path: str, out_dir: str, dtype: str = "f32", progress: Optional[bool] = None) -> str:
+    """Writes the Hugging Face folder for GGUF file `path` at `out_dir` (which must not exist, or be
+    empty) in weights of `dtype` ("f32", "bf16" or "f16"; norms and biases stay float32). The
+    folder appears whole or not at all. progress: a bar on stderr (default: when it is a terminal)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    path, out_dir = os.fspath(path), os.fspath(out_dir)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise ValueError(f"{out_dir}: already exists; choose a new output folder")
+    plan = _Plan(path, dtype)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    cache.check_free_space(parent, plan.out_bytes + (1 << 20), f"converting {os.path.basename(path)}")
+    if os.path.isdir(out_dir):
+        os.rmdir(out_dir)
+    with cache.building(out_dir) as tmp:
+        write_folder(plan, path, tmp, dtype, progress)
+    return out_dir
+
+
+def write_folder(plan: _Plan, path: str, folder: str, dtype: str, progress: Optional[bool] = None) -> None:
+    """Writes config, tokenizer and weights of `plan` into the existing empty `folder`."""
+    _write_json(os.path.join(folder, "config.json"), plan.config)
+    plan.tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    _write_json(os.path.join(folder, "tokenizer_config.json"), plan.tokenizer_config)
+    generation = {k: plan.config[k] for k in ("bos_token_id", "pad_token_id") if k in plan.config}
+    if plan.eos_ids:
+        generation["eos_token_id"] = plan.eos_ids if len(plan.eos_ids) > 1 else plan.eos_ids[0]
+    _write_json(os.path.join(folder, "generation_config.json"), generation)
+    _write_weights(plan, path, folder, dtype, progress)
+
+
+def _write_weights(plan: _Plan, path: str, folder: str, dtype: str, progress: Optional[bool]) -> None:
+    from tqdm import tqdm
+
+    heads = {"q_proj": plan.config["num_attention_heads"], "k_proj": plan.config["num_key_value_heads"]}
+    permuted = plan.meta["general.architecture"] in PERMUTED_QK
+    shard: dict[str, np.ndarray] = {}
+    shard_bytes = 0
+    shards: list[list[str]] = []  # tensor names of each shard written
+    bar = tqdm(total=plan.out_bytes, unit="B", unit_scale=True, desc=f"converting {os.path.basename(path)}",
+               disable=None if progress is None else not progress, leave=False)
+    with bar:
+        for name, t in plan.names:
+            w = dequantize(t, path)
+            proj = name.split(".")[-2]
+            if permuted and proj in heads:
+                w = unpermute_rows(w, heads[proj])
+            w = np.ascontiguousarray(to_dtype(w, dtype, name) if w.ndim > 1 else w)
+            if shard and shard_bytes + w.nbytes > SHARD_BYTES:
+                shards.append(_write_shard(folder, len(shards), shard))
+                shard, shard_bytes = {}, 0
+            shard[name] = w
+            shard_bytes += w.nbytes
+            bar.update(w.nbytes)
+        shards.append(_write_shard(folder, len(shards), shard))
+    if len(shards) == 1:
+        os.rename(os.path.join(folder, "shard-0.safetensors"), os.path.join(folder, "model.safetensors"))
+        return
+    weight_map = {}
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.rename(os.path.join(folder, f"shard-{i}.safetensors"), os.path.join(folder, file))
+        weight_map.update(dict.fromkeys(names, file))
+    _write_json(os.path.join(folder, "model.safetensors.index.json"),
+                {"metadata": {"total_size": plan.out_bytes}, "weight_map": weight_map})
+
+
+def _write_shard(folder: str, index: int, tensors: dict[str, np.ndarray]) -> list[str]:
+    """Writes shard-<index>.safetensors; returns the names it holds."""
+    import safetensors
+
+    specs = {}
+    for key, w in tensors.items():
+        st_dtype = "bfloat16" if w.dtype == np.uint16 else w.dtype.name
+        if hasattr(safetensors, "TensorSpec"):  # safetensors >= 0.7 reads straight from the arrays
+            specs[key] = safetensors.TensorSpec(dtype=st_dtype, shape=list(w.shape), data_ptr=w.ctypes.data,
+                                                data_len=w.nbytes)
+        else:
+            specs[key] = {"dtype": st_dtype, "shape": list(w.shape), "data": w.tobytes()}
+    safetensors.serialize_file(specs, os.path.join(folder, f"shard-{index}.safetensors"), metadata={"format": "pt"})
+    return list(tensors)
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _gguf_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("gguf")
+    except Exception:
+        return "(unknown version)"
+
+
+def add_parser(subparsers) -> None:
+    """Registers `gally convert MODEL.gguf OUT_DIR [--dtype ...]`."""
+    p = subparsers.add_parser("convert", help="convert a GGUF file into a Hugging Face folder gally loads",
+                              description="Dequantize a GGUF model (llama, qwen2) into a Hugging Face folder: "
+                                          "config.json, model.safetensors, tokenizer.json, tokenizer_config.json.")
+    p.add_argument("gguf", metavar="MODEL.gguf", help="the GGUF file")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to create (must not exist or be empty)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="f32",
+                   help="dtype of the weight matrices (default f32; norms and biases stay f32)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = convert(args.gguf, args.out_dir, args.dtype)
+    print(out)
+    return 0

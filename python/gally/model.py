@@ -189,7 +189,7 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
     threads = physical_cores() if threads is None else _check_positive_int(threads, "threads")
-    folder = sources.resolve(source)
+    folder = sources.resolve(source, dtype)
     cfg = config_mod.read(folder)
     if max_context is None:
         max_context = min(cfg.max_position_embeddings, MAX_CONTEXT_CAP)

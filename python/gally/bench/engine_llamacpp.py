@@ -1,0 +1,60 @@
+"""llama.cpp through llama-cpp-python, timed as llama-bench times it: pp = the prompt evaluated in
+batches of 512, tg = single-token evaluations; flash attention on, as llama-bench's "auto" picks on CPU."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+
+class LlamaCppEngine:
+    name = "llama.cpp"
+
+    def __init__(self, gguf, gguf_type, threads, max_context, **_):
+        self.gguf, self.gguf_type, self.threads, self.max_context = gguf, gguf_type, threads, max_context
+        self.llm = None
+
+    def load(self) -> float:
+        from llama_cpp import Llama
+
+        self.llm = None
+        t0 = time.perf_counter()
+        self.llm = Llama(model_path=self.gguf, n_threads=self.threads, n_threads_batch=self.threads,
+                         n_ctx=self.max_context, n_batch=512, n_ubatch=512, logits_all=False,
+                         flash_attn=True, verbose=False)
+        return time.perf_counter() - t0
+
+    def info(self) -> dict:
+        import llama_cpp
+
+        return {"weights": self.gguf_type, "path": self.gguf, "file_bytes": os.path.getsize(self.gguf),
+                "version": getattr(llama_cpp, "__version__", "?"), "vocab_size": self.llm.n_vocab()}
+
+    def _fresh(self, depth_ids):
+        self.llm.reset()  # eval() then drops the KV cache past position 0
+        if len(depth_ids):
+            self.llm.eval(list(depth_ids))
+
+    def prefill(self, depth_ids, prompt_ids) -> dict:
+        prompt = [int(i) for i in prompt_ids]
+        t0 = time.perf_counter()
+        self._fresh(depth_ids)
+        t1 = time.perf_counter()
+        self.llm.eval(prompt)
+        t2 = time.perf_counter()
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
+        int(np.argmax(logits))
+        t3 = time.perf_counter()
+        return {"seconds": t2 - t1, "ttft": t3 - t0 if not len(depth_ids) else None}
+
+    def decode(self, depth_ids, gen_ids) -> dict:
+        self._fresh(depth_ids)
+        ids = [[int(i)] for i in gen_ids]
+        evaluate = self.llm.eval
+        t0 = time.perf_counter()
+        for one in ids:
+            evaluate(one)
+        return {"seconds": time.perf_counter() - t0}
+

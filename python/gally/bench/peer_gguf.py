@@ -1,0 +1,190 @@
+"""GGUF files for the llama.cpp peers, holding exactly the weights gally runs.
+
+F32, BF16 and F16 come from llama.cpp's own converter (convert_hf_to_gguf.py) run on the model
+folder gally loads, so llama.cpp reads the same numbers: f32 bit for bit, bf16 rounded to nearest
+even as gally rounds at load. Each is checked tensor by tensor against the folder before use.
+Q8_0 and Q4_0 are made from that F32 file by llama-quantize with its default choices, the way
+llama.cpp users make them. Files are cached under GALLY_HOME/bench/ by model folder and contents.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+# gally dtype → llama.cpp type of the peer's weights
+LLAMA_TYPES = {"f32": "F32", "bf16": "BF16", "f16": "F16", "int8": "Q8_0", "int4": "Q4_0"}
+
+
+class PeerUnavailable(Exception):
+    """A peer cannot run in this configuration; the message says why and how to fix it."""
+
+
+def gally_home() -> str:
+    try:
+        from ..cache import home
+    except ImportError:  # a gally without the model cache module
+        return os.path.abspath(os.environ.get("GALLY_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "gally"))
+    return home()
+
+
+def cached_path(folder: str, dtype: str, cache_dir: str | None = None) -> str:
+    """Where the peer GGUF of `folder` at `dtype` lives: keyed by the folder's path, sizes and times."""
+    h = hashlib.sha1(os.path.realpath(folder).encode())
+    for f in sorted(glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, "config.json"))):
+        st = os.stat(f)
+        h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.normpath(folder)))
+    return os.path.join(cache_dir or os.path.join(gally_home(), "bench"), f"{name}-{h.hexdigest()[:12]}",
+                        f"{name}-{LLAMA_TYPES[dtype]}.gguf")
+
+
+def peer_gguf(folder: str, dtype: str, llama_cpp: str | None, llama_cpp_bin: str | None,
+              cache_dir: str | None = None, log=None) -> str:
+    """The cached GGUF for `dtype`, made first if missing (needs llama.cpp's sources or binaries)."""
+    if dtype not in LLAMA_TYPES:
+        raise PeerUnavailable(f"llama.cpp has no weight type matching gally's {dtype!r}")
+    out = cached_path(folder, dtype, cache_dir)
+    if os.path.isfile(out):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    kind = LLAMA_TYPES[dtype]
+    tmp = out + ".part"
+    if kind in ("F32", "BF16", "F16"):
+        script = os.path.join(llama_cpp or "", "convert_hf_to_gguf.py")
+        if not llama_cpp or not os.path.isfile(script):
+            raise PeerUnavailable(f"no {kind} GGUF cached at {out}; pass --llama-cpp DIR (llama.cpp sources "
+                                  "with convert_hf_to_gguf.py) to make one")
+        if log:
+            log(f"making {out} with convert_hf_to_gguf.py")
+        _run([sys.executable, script, folder, "--outtype", kind.lower(), "--outfile", tmp], "convert_hf_to_gguf.py")
+        check_same_weights(folder, tmp, dtype)
+    else:
+        tool = find_tool("llama-quantize", llama_cpp_bin, llama_cpp)
+        if not tool:
+            raise PeerUnavailable(f"no {kind} GGUF cached at {out}; pass --llama-cpp-bin DIR holding llama-quantize")
+        source = peer_gguf(folder, "f32", llama_cpp, llama_cpp_bin, cache_dir, log)
+        if log:
+            log(f"making {out} with llama-quantize")
+        _run([tool, source, tmp, kind], "llama-quantize")
+    os.replace(tmp, out)
+    return out
+
+
+def find_tool(name: str, *dirs: str | None) -> str | None:
+    """A llama.cpp binary in the given folders (or their bin/, build/bin/), else on PATH."""
+    for d in dirs:
+        if d:
+            for sub in ("", "bin", os.path.join("build", "bin")):
+                path = os.path.join(d, sub, name)
+                if os.path.isfile(path) and os.access(path, os.X_OK):
+                    return path
+    return shutil.which(name)
+
+
+def _run(cmd: list, what: str) -> None:
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if p.returncode != 0:
+        tail = "\n".join(p.stdout.splitlines()[-15:])
+        raise PeerUnavailable(f"{what} failed (exit {p.returncode}):\n{tail}")
+
+
+# Hugging Face tensor name → llama.cpp's (convert_hf_to_gguf.py's Llama mapping)
+_GGUF_NAMES = [
+    (r"model\.embed_tokens\.weight", "token_embd.weight"),
+    (r"model\.norm\.weight", "output_norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blk.\1.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blk.\1.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"blk.\1.attn_q.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"blk.\1.attn_k.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"blk.\1.attn_v.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", r"blk.\1.attn_output.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.(weight|bias)", r"blk.\1.ffn_gate.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.(weight|bias)", r"blk.\1.ffn_up.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.(weight|bias)", r"blk.\1.ffn_down.\2"),
+]
+
+
+def gguf_name(hf_name: str) -> str:
+    for pattern, repl in _GGUF_NAMES:
+        if re.fullmatch(pattern, hf_name):
+            return re.sub(pattern, repl, hf_name)
+    raise ValueError(f"tensor {hf_name!r} has no llama.cpp name")
+
+
+def _rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order: each head's two rotary halves interleaved (convert_hf_to_gguf's permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _bf16_bits(a: np.ndarray) -> np.ndarray:
+    """f32 → bf16 bits, nearest even (what gally does at load)."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def read_safetensors(folder: str) -> dict:
+    """name → (safetensors dtype, raw array view: float32, uint16 for BF16, float16) of every shard."""
+    kinds = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16}
+    out = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        for name, e in header.items():
+            if e["dtype"] not in kinds:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {e['dtype']}, not F32/BF16/F16")
+            a, b = e["data_offsets"]
+            out[name] = (e["dtype"], raw[8 + n + a:8 + n + b].view(kinds[e["dtype"]]).reshape(e["shape"]))
+    return out
+
+
+def check_same_weights(folder: str, gguf_path: str, dtype: str) -> None:
+    """Raises PeerUnavailable unless every matrix of the GGUF equals the folder's tensor as gally
+    runs it at `dtype` (f32: the stored values; bf16: rounded to nearest even) and every vector equals
+    the stored f32 values. Tied embeddings: the GGUF then has no output.weight, as in the folder."""
+    from gguf import GGUFReader
+
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    theirs = {t.name: t for t in GGUFReader(gguf_path).tensors}
+    for name, (stored, w) in read_safetensors(folder).items():
+        if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue
+        g = theirs.pop(gguf_name(name), None)
+        if g is None:
+            raise PeerUnavailable(f"{gguf_path}: tensor for {name} is missing")
+        if stored == "F32":
+            w = np.asarray(w)
+        elif stored == "BF16":
+            w = (np.asarray(w).astype(np.uint32) << 16).view(np.float32)
+        else:
+            w = np.asarray(w).astype(np.float32)
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = _rope_permute(w, n_head)
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = _rope_permute(w, n_kv)
+        if w.ndim == 2 and dtype == "bf16":
+            want, got = _bf16_bits(w), np.asarray(g.data).view(np.uint16)
+        elif w.ndim == 2 and dtype == "f16":
+            want, got = w.astype(np.float16).view(np.uint16), np.asarray(g.data).view(np.uint16)
+        else:
+            want, got = w.view(np.uint32), np.asarray(g.data).view(np.uint32)
+        if got.size != want.size or not np.array_equal(got.reshape(want.shape), want):
+            raise PeerUnavailable(f"{gguf_path}: {g.name} ({g.tensor_type.name}) differs from {name} as gally "
+                                  f"runs it at {dtype}")
+    extra = [n for n in theirs if n != "rope_freqs.weight"]
+    if extra:
+        raise PeerUnavailable(f"{gguf_path}: tensors {extra[:3]} have no counterpart in {folder}")

@@ -1,0 +1,135 @@
+"""Results as markdown (a header on the machine and run, then throughput, ratios, start-up) or JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from .run import Results, Test
+from .stats import Stat
+
+PEER_ORDER = ("llama.cpp", "llama-bench", "transformers")
+
+
+def _stat(s, digits=2, scale=1.0) -> str:
+    return s.scaled(scale).format(digits) if s is not None else "—"
+
+
+def _table(header: list, rows: list) -> list:
+    right = [i for i, h in enumerate(header) if h not in ("engine", "weights", "test", "gally", "note")]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return lines
+
+
+def machine_lines(res: Results) -> list:
+    m, cpu, g = res.machine, res.machine["cpu"], res.machine["gally"]
+    bw = ", ".join(f"{t} thread{'s' * (t > 1)}: {v:.1f} GB/s" for t, v in sorted(res.bandwidth.items()))
+    weights = sorted({(s.weights, s.info["weight_bytes"]) for s in res.setups
+                      if s.engine == "gally" and "weight_bytes" in s.info})
+    peers = []
+    for peer, by_dtype in res.peers.items():
+        for dtype, status in by_dtype.items():
+            peers.append(f"{peer} at {dtype}: {status}")
+    versions = sorted({f"{s.engine}: {s.info['version']}" for s in res.setups if s.info.get("version")})
+    ggufs = sorted({f"{s.info['weights']} = {s.info['path']}" for s in res.setups if s.engine == "llama.cpp" and s.info})
+    lines = ["| | |", "|---|---|",
+             f"| date | {res.date} |",
+             f"| gally commit | {m['commit']} (gally {g['version']}) |",
+             f"| command | `{res.command}` |",
+             f"| CPU | {cpu['model']}{' (' + cpu['family_model'] + ')' if cpu.get('family_model') else ''}, "
+             f"{g['threads']} physical cores, {cpu['logical_cpus']} logical CPUs, {m['memory_gib']} GiB |",
+             f"| ISA | {' '.join(cpu['flags']) or '?'}; gally kernels: {g['isa']} (of {', '.join(g['isas'])}) |",
+             f"| read bandwidth | {bw} (gally._core.read_bandwidth, best of 5 passes) |",
+             f"| model | {res.model} |"]
+    if weights:
+        lines.append("| weights read per token | " + ", ".join(f"{w}: {b / 1e6:.1f} MB" for w, b in weights) + " |")
+    if versions:
+        lines.append("| peers | " + "; ".join(versions) + " |")
+    if ggufs:
+        lines.append("| peer GGUFs | " + "; ".join(ggufs) + " |")
+    for p in peers:
+        lines.append(f"| peer status | {p} |")
+    return lines
+
+
+def throughput_lines(res: Results) -> list:
+    rows = []
+    for r in res.rows:
+        label = r.test.label + (" (Model.generate)" if r.engine == "gally generate" else "")
+        if r.tok_s is None:
+            rows.append([r.engine, r.weights, r.threads, label, "—", "—", "—", r.note])
+            continue
+        rows.append([r.engine, r.weights, r.threads, label, _stat(r.tok_s), _stat(r.gb_s),
+                     _stat(r.bw_fraction, 0, 100.0) + ("%" if r.bw_fraction else ""), r.note])
+    return _table(["engine", "weights", "threads", "test", "tok/s", "GB/s", "of read bw", "note"], rows)
+
+
+def ratio_lines(res: Results) -> list:
+    peers = [p for p in PEER_ORDER if any(r.engine == p and r.tok_s for r in res.rows)]
+    if not peers:
+        return []
+    by_key = {(r.engine, r.dtype, r.threads, r.test): r for r in res.rows if r.tok_s is not None}
+    header = ["gally", "threads", "test", "gally tok/s"]
+    for p in peers:
+        header += [f"{p} tok/s", f"gally/{p}"]
+    rows = []
+    for r in res.rows:
+        if r.engine != "gally" or r.tok_s is None:
+            continue
+        row = [r.weights, r.threads, r.test.label, f"{r.tok_s.mean:.1f}"]
+        for p in peers:
+            other = by_key.get((p, r.dtype, r.threads, r.test))
+            row += [f"{other.tok_s.mean:.1f}", f"**{r.tok_s.mean / other.tok_s.mean:.2f}×**"] if other else ["—", "—"]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def setup_lines(res: Results) -> list:
+    prompts = sorted({p for s in res.setups for p in s.ttft_s})
+    header = ["engine", "weights", "threads", "load s"] + [f"TTFT ms (p{p})" for p in prompts] + ["peak RSS MB", "note"]
+    rows = []
+    for s in res.setups:
+        rss = f"{s.peak_rss / 2**20:.0f}" if s.peak_rss else "—"
+        rows.append([s.engine, s.weights, s.threads, _stat(s.load_s, 3)]
+                    + [_stat(s.ttft_s.get(p), 1, 1000.0) for p in prompts] + [rss, s.error])
+    return _table(header, rows)
+
+
+def markdown(res: Results, title: str = "gally bench") -> str:
+    o = res.options
+    out = [f"# {title}", ""] + machine_lines(res) + [""]
+    out += [f"Mean ± sample standard deviation over {o.reps} repetitions after one warm-up. Token ids are random; "
+            "tokenization and sampling are excluded (gally: Session.append; llama.cpp: Llama.eval; transformers: "
+            "model forward with KV cache, last-position logits), except in the Model.generate row. "
+            "ppN: an N-token prompt at once; tgN: N single-token steps; @ dD: after D tokens already in the context. "
+            "GB/s: weight bytes per token × decode rate. Peak RSS is each engine's own process, interpreter included.",
+            "", "## Throughput", ""] + throughput_lines(res)
+    ratios = ratio_lines(res)
+    if ratios:
+        out += ["", "## gally / peers (same run)", ""] + ratios
+    out += ["", "## Start-up and memory", "", "Load: the engine's load call on a cached model, page cache warm. "
+            "TTFT: a fresh context, the prompt, and the argmax of its last logits.", ""] + setup_lines(res)
+    return "\n".join(out) + "\n"
+
+
+def to_json(res: Results) -> dict:
+    def conv(x):
+        if isinstance(x, Stat):
+            return x.to_json()
+        if isinstance(x, Test):
+            return {"kind": x.kind, "tokens": x.tokens, "depth": x.depth, "label": x.label}
+        if dataclasses.is_dataclass(x):
+            return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, dict):
+            return {str(k): conv(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [conv(v) for v in x]
+        return x
+
+    return conv(res)
+
+
+def dumps(res: Results) -> str:
+    return json.dumps(to_json(res), indent=1)

@@ -1,0 +1,307 @@
+"""The benchmark's plan and its run: for each weight type and thread count, gally and its peers are
+loaded side by side (one process each), warmed up once, then timed test by test in turn, the
+order rotating each repetition, so that all of them meet the same background load."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import llama_bench, machine, peer_gguf
+from .stats import Stat, rates
+from .worker import Worker, WorkerError
+
+DTYPES = ("f32", "bf16", "f16", "int8", "int4")
+PEERS = ("llama.cpp", "transformers", "llama-bench")
+INSTALL = {
+    "llama.cpp": 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36',
+    "transformers": "pip install torch==2.13.0 transformers",
+}
+
+
+@dataclass
+class Options:
+    model: Optional[str] = None
+    dtypes: list = field(default_factory=lambda: ["f32", "bf16"])
+    prompts: list = field(default_factory=lambda: [512])
+    gens: list = field(default_factory=lambda: [128])
+    threads: Optional[list] = None  # default: gally's default, the physical cores
+    depths: list = field(default_factory=lambda: [0])
+    reps: int = 5
+    peers: list = field(default_factory=list)
+    llama_cpp: Optional[str] = None  # llama.cpp sources (convert_hf_to_gguf.py)
+    llama_cpp_bin: Optional[str] = None  # llama.cpp binaries (llama-quantize, llama-bench)
+    ggufs: dict = field(default_factory=dict)  # dtype → a peer GGUF to use as is
+    generate: bool = True
+    seed: int = 0
+    bandwidth_bytes: int = 1 << 30
+
+    def validate(self) -> None:
+        def ints(name, values, low):
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
+                raise ValueError(f"{name} must be a non-empty list of integers >= {low}, got {values!r}")
+
+        ints("prompts (-p)", self.prompts, 0)
+        ints("gens (-n)", self.gens, 0)
+        ints("depths (-d)", self.depths, 0)
+        if self.threads is not None:
+            ints("threads (-t)", self.threads, 1)
+        ints("reps (-r)", [self.reps], 1)
+        ints("bandwidth_bytes", [self.bandwidth_bytes], 1 << 20)
+        if not any(self.prompts) and not any(self.gens):
+            raise ValueError("nothing to measure: every prompt length (-p) and generation length (-n) is 0")
+        bad = [d for d in self.dtypes if d not in DTYPES] or ([] if self.dtypes else ["(none)"])
+        if bad:
+            raise ValueError(f"dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
+        bad = [p for p in self.peers if p not in PEERS]
+        if bad:
+            raise ValueError(f"peer {bad[0]!r} is not one of {', '.join(PEERS)}")
+        for d, path in self.ggufs.items():
+            if d not in DTYPES:
+                raise ValueError(f"--gguf: {d!r} is not one of {', '.join(DTYPES)}")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--gguf {d}={path}: no such file")
+
+
+@dataclass(frozen=True)
+class Test:
+    kind: str  # "pp": a prompt of `tokens` at once; "tg": `tokens` single-token steps
+    tokens: int
+    depth: int = 0  # tokens already in the context, not timed
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}{self.tokens}" + (f" @ d{self.depth}" if self.depth else "")
+
+
+@dataclass
+class Row:
+    """One engine's rate on one test."""
+
+    engine: str
+    dtype: str
+    weights: str
+    threads: int
+    test: Test
+    tok_s: Optional[Stat]
+    gb_s: Optional[Stat] = None  # weight bytes per token × rate (gally only)
+    bw_fraction: Optional[Stat] = None  # gb_s / the machine's read bandwidth at this thread count
+    note: str = ""
+
+
+@dataclass
+class Setup:
+    """One engine at one dtype and thread count: load time, time to first token, peak RSS, errors."""
+
+    engine: str
+    dtype: str
+    threads: int
+    weights: str = "?"
+    load_s: Optional[Stat] = None
+    ttft_s: dict = field(default_factory=dict)  # prompt length → Stat
+    peak_rss: Optional[int] = None
+    info: dict = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass
+class Results:
+    options: Options
+    command: str
+    date: str
+    machine: dict
+    model: str
+    bandwidth: dict  # threads → GB/s
+    peers: dict  # peer → dtype → status
+    rows: list
+    setups: list
+
+
+def tests_of(opts: Options) -> list:
+    return ([Test("pp", p, d) for d in opts.depths for p in opts.prompts if p]
+            + [Test("tg", n, d) for d in opts.depths for n in opts.gens if n])
+
+
+def installed(peer: str) -> str:
+    """'' when the peer can be imported/run, else why not."""
+    if peer == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+        return f"not installed ({INSTALL['llama.cpp']})"
+    if peer == "transformers":
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"not installed: no {' and '.join(missing)} ({INSTALL['transformers']})"
+    return ""
+
+
+def run(opts: Options, command: str = "", log: Callable[[str], None] = lambda s: None) -> Results:
+    import gally
+    from gally import _core, config, sources
+
+    opts.validate()
+    threads = opts.threads or [gally.physical_cores()]
+    folder = sources.resolve(opts.model)
+    vocab = config.read(folder).vocab_size
+    tests = tests_of(opts)
+    rng = np.random.default_rng(opts.seed)
+    inputs = {t: (rng.integers(0, vocab, t.depth).tolist(), rng.integers(0, vocab, t.tokens).tolist()) for t in tests}
+    gen_prompt = rng.integers(0, vocab, 16).tolist()  # for Model.generate when the model has no tokenizer
+
+    log(f"probing read bandwidth ({opts.bandwidth_bytes >> 20} MiB, best of 5)")
+    bandwidth = {t: _core.read_bandwidth(opts.bandwidth_bytes, t, 5) for t in threads}
+    results = Results(opts, command, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                      machine.describe(), folder, bandwidth, {p: {} for p in opts.peers}, [], [])
+
+    for dtype in opts.dtypes:
+        specs = _peer_specs(opts, dtype, folder, results.peers, log)
+        for t in threads:
+            _block(opts, dtype, t, tests, inputs, gen_prompt, specs, results, log)
+    return results
+
+
+def _peer_specs(opts, dtype, folder, status, log) -> dict:
+    """engine → the spec its worker starts from (threads filled in later); status[peer][dtype] says why a peer is absent."""
+    specs = {"gally": {"model": opts.model, "dtype": dtype}}
+    gguf = None
+    for peer in opts.peers:
+        why = installed(peer)
+        if not why and peer in ("llama.cpp", "llama-bench"):
+            if peer == "llama-bench" and not peer_gguf.find_tool("llama-bench", opts.llama_cpp_bin, opts.llama_cpp):
+                why = "no llama-bench binary (pass --llama-cpp-bin DIR)"
+            elif gguf is None:
+                try:
+                    gguf = opts.ggufs.get(dtype) or peer_gguf.peer_gguf(folder, dtype, opts.llama_cpp,
+                                                                       opts.llama_cpp_bin, log=log)
+                except peer_gguf.PeerUnavailable as e:
+                    gguf = e
+            if isinstance(gguf, Exception):
+                why = str(gguf)
+        if not why and peer == "transformers" and dtype not in ("f32", "bf16", "f16"):
+            why = f"no transformers weight type matches {dtype}"
+        if why:
+            status[peer][dtype] = why
+            log(f"{peer} at {dtype}: {why}")
+            continue
+        status[peer][dtype] = "measured"
+        if peer == "llama.cpp":
+            specs[peer] = {"gguf": gguf, "gguf_type": peer_gguf.LLAMA_TYPES.get(dtype, "?")}
+        elif peer == "transformers":
+            specs[peer] = {"folder": folder, "dtype": dtype}
+        else:
+            specs[peer] = {"gguf": gguf, "tool": peer_gguf.find_tool("llama-bench", opts.llama_cpp_bin, opts.llama_cpp)}
+    return specs
+
+
+def _block(opts, dtype, threads, tests, inputs, gen_prompt, specs, results: Results, log) -> None:
+    """gally and the peers at one dtype and thread count, interleaved."""
+    context = max([t.depth + t.tokens for t in tests] + [len(gen_prompt) + max(opts.gens) + 1])
+    workers, setups = {}, {}
+    for name, spec in specs.items():
+        if name == "llama-bench":
+            continue
+        setup = setups[name] = Setup(name, dtype, threads)
+        results.setups.append(setup)
+        log(f"[{dtype} t{threads}] loading {name}")
+        try:
+            w = Worker(name, {**spec, "threads": threads, "max_context": -(-context // 256) * 256})
+            workers[name] = w
+            setup.load_s = Stat.of(w.call("load", times=opts.reps + 1)["seconds"][1:])
+            setup.info = w.call("info")
+            setup.weights = setup.info.get("weights", "?")
+        except WorkerError as e:
+            setup.error = str(e)
+            log(f"[{dtype} t{threads}] {name} failed: {e}")
+            workers.pop(name, None)
+
+    seconds = {(name, t): [] for name in workers for t in tests}
+    ttft = {name: {} for name in workers}
+
+    def measure(name, test, keep):
+        depth_ids, ids = inputs[test]
+        try:
+            if test.kind == "pp":
+                r = workers[name].call("prefill", depth_ids=depth_ids, prompt_ids=ids)
+            else:
+                r = workers[name].call("decode", depth_ids=depth_ids, gen_ids=ids)
+        except WorkerError as e:
+            setups[name].error = str(e)
+            log(f"[{dtype} t{threads}] {name} failed: {e}")
+            workers.pop(name).close()
+            return
+        if keep:
+            seconds[name, test].append(r["seconds"])
+            if r.get("ttft") is not None:
+                ttft[name].setdefault(test.tokens, []).append(r["ttft"])
+
+    log(f"[{dtype} t{threads}] warm-up")
+    for name in list(workers):
+        for test in tests:
+            if name in workers:
+                measure(name, test, keep=False)
+    for rep in range(opts.reps):
+        log(f"[{dtype} t{threads}] repetition {rep + 1}/{opts.reps}")
+        for test in tests:
+            names = list(workers)
+            for name in names[rep % len(names):] + names[:rep % len(names)] if names else []:
+                if name in workers:
+                    measure(name, test, keep=True)
+
+    for name, setup in setups.items():
+        setup.ttft_s = {p: Stat.of(v) for p, v in ttft.get(name, {}).items()}
+        for test in tests:
+            s = seconds.get((name, test), [])
+            if len(s) != opts.reps:
+                continue
+            row = Row(name, dtype, setup.weights, threads, test, rates(test.tokens, s))
+            if name == "gally" and test.kind == "tg":
+                row.gb_s = row.tok_s.scaled(setup.info["weight_bytes"] / 1e9)
+                row.bw_fraction = row.gb_s.scaled(1 / results.bandwidth[threads])
+            results.rows.append(row)
+
+    if opts.generate and "gally" in workers and any(opts.gens):
+        results.rows.append(_generate_row(opts, dtype, threads, workers["gally"], setups["gally"], gen_prompt, log))
+    for name, w in workers.items():
+        try:
+            setups[name].peak_rss = w.call("peak_rss")["bytes"]
+        except WorkerError as e:
+            setups[name].error = str(e)
+        w.close()
+
+    if "llama-bench" in specs:
+        _llama_bench_rows(opts, dtype, threads, specs["llama-bench"], results, log)
+
+
+def _generate_row(opts, dtype, threads, worker, setup, prompt, log) -> Row:
+    """End to end: Model.generate's decode rate, sampling and detokenization included."""
+    n = max(opts.gens)
+    log(f"[{dtype} t{threads}] Model.generate")
+    try:
+        runs = [worker.call("generate", max_new_tokens=n, prompt_ids=prompt) for _ in range(opts.reps + 1)][1:]
+    except WorkerError as e:
+        return Row("gally generate", dtype, setup.weights, threads, Test("tg", n), None, note=str(e).split(": ", 1)[-1])
+    r = runs[0]
+    note = f"{r['tokens']} steps after a {r['prompt_tokens']}-token prompt, greedy, finish: {r['finish_reason']}"
+    own = [x["own_decode_tok_s"] for x in runs if x.get("own_decode_tok_s")]
+    if own:
+        note += f"; generate's own timing: {sum(own) / len(own):.1f} tok/s"
+    return Row("gally generate", dtype, setup.weights, threads, Test("tg", r["tokens"]),
+               Stat.of([x["tokens"] / x["seconds"] for x in runs]), note=note)
+
+
+def _llama_bench_rows(opts, dtype, threads, spec, results, log) -> None:
+    log(f"[{dtype} t{threads}] llama-bench")
+    try:
+        stats = llama_bench.run_llama_bench(spec["tool"], spec["gguf"], [p for p in opts.prompts if p],
+                                            [n for n in opts.gens if n], opts.depths, threads, opts.reps)
+    except (RuntimeError, ValueError, KeyError) as e:
+        results.peers["llama-bench"][dtype] = f"failed: {e}"
+        return
+    weights = peer_gguf.LLAMA_TYPES.get(dtype, "?")
+    for test in tests_of(opts):
+        stat = stats.get((test.kind, test.tokens, test.depth))
+        if stat is not None:
+            results.rows.append(Row("llama-bench", dtype, weights, threads, test, stat))

@@ -1,0 +1,272 @@
+"""gally bench: its statistics, its tables and JSON, its peers' bookkeeping, on a small random checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+
+import gally
+from conftest import make_checkpoint, round_bf16
+from gally import cli
+from gally.bench import peer_gguf, report
+from gally.bench.llama_bench import parse as parse_llama_bench
+from gally.bench.run import Options, Test as BenchTest, run
+from gally.bench.stats import Stat, rates
+from gally.bench.worker import Worker, WorkerError
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("bench_model"), **SMALL)[0]
+
+
+@pytest.fixture(scope="module")
+def result(folder):
+    """One small run without peers: 2 dtypes × (pp8, tg4, each also at depth 5), 3 repetitions."""
+    opts = Options(model=folder, dtypes=["f32", "bf16"], prompts=[8], gens=[4], threads=[1], depths=[0, 5],
+                   reps=3, bandwidth_bytes=16 << 20)
+    return run(opts, command="gally bench (test)")
+
+
+def test_stat_is_mean_and_sample_std():
+    s = Stat.of([1, 2, 3, 4])
+    assert s.mean == 2.5
+    assert math.isclose(s.std, math.sqrt(5 / 3))  # (1.5² + 0.5² + 0.5² + 1.5²) / (4 - 1)
+    assert Stat.of([7.0]).std == 0.0
+    assert s.format(1) == "2.5 ± 1.3"
+    assert s.scaled(-2).mean == -5 and math.isclose(s.scaled(-2).std, 2 * s.std)
+
+
+def test_rates_average_per_repetition_rates_like_llama_bench():
+    # 100 tokens in 1 s and in 4 s: rates 100 and 25, mean 62.5 (not 200 tokens / 5 s = 40)
+    r = rates(100, [1.0, 4.0])
+    assert r.samples == (100.0, 25.0)
+    assert r.mean == 62.5
+    assert math.isclose(r.std, math.sqrt(2 * 37.5 ** 2))
+
+
+@pytest.mark.parametrize("bad", [[], [0.0, 1.0], [-1.0]])
+def test_stats_reject_empty_or_non_positive_timings(bad):
+    with pytest.raises(ValueError, match="sample|positive"):
+        rates(10, bad) if bad else Stat.of(bad)
+
+
+def test_rows_cover_every_test_and_dtype(result):
+    gally_rows = [r for r in result.rows if r.engine == "gally"]
+    got = {(r.dtype, r.test.label) for r in gally_rows}
+    assert got == {(d, t) for d in ("f32", "bf16") for t in ("pp8", "tg4", "pp8 @ d5", "tg4 @ d5")}
+    for r in gally_rows:
+        assert len(r.tok_s.samples) == 3 and all(x > 0 for x in r.tok_s.samples)
+        assert math.isclose(r.tok_s.mean, sum(r.tok_s.samples) / 3)
+
+
+def test_decode_bandwidth_is_weight_bytes_times_rate(result, folder):
+    for dtype in ("f32", "bf16"):
+        weight_bytes = gally.load(folder, dtype=dtype, threads=1).weight_bytes
+        setup = next(s for s in result.setups if s.engine == "gally" and s.dtype == dtype)
+        assert setup.info["weight_bytes"] == weight_bytes and setup.weights == dtype
+        for r in result.rows:
+            if r.engine == "gally" and r.dtype == dtype:
+                if r.test.kind == "tg":
+                    assert np.allclose(r.gb_s.samples, np.array(r.tok_s.samples) * weight_bytes / 1e9)
+                    assert np.allclose(r.bw_fraction.samples, np.array(r.gb_s.samples) / result.bandwidth[1])
+                else:
+                    assert r.gb_s is None
+
+
+def test_setup_has_load_ttft_and_own_peak_rss(result):
+    for s in result.setups:
+        assert s.error == ""
+        assert len(s.load_s.samples) == 3 and s.load_s.mean > 0
+        assert set(s.ttft_s) == {8} and s.ttft_s[8].mean > 0  # TTFT at depth 0 only
+        # the worker's own peak: a Python process with NumPy, not the parent's bandwidth buffer
+        assert 10 << 20 < s.peak_rss < 400 << 20
+
+
+def _table(md: str, heading: str) -> list:
+    lines = md.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0].strip().splitlines()
+    return [line for line in lines if line.startswith("|")]
+
+
+def test_markdown_tables_are_well_formed(result):
+    md = report.markdown(result)
+    assert md.startswith("# gally bench\n")
+    assert "| command | `gally bench (test)` |" in md
+    assert "| ISA |" in md and "| read bandwidth | 1 thread: " in md
+    rows = _table(md, "Throughput")
+    assert rows[0].startswith("| engine | weights | threads | test | tok/s |")
+    assert all(line.count("|") == rows[0].count("|") for line in rows)
+    body = [line.split(" | ") for line in rows[2:]]
+    gally_body = [c for c in body if c[0] == "| gally"]
+    assert len(gally_body) == 8
+    for cells in gally_body:
+        mean, std = cells[4].split(" ± ")
+        row = next(r for r in result.rows if r.engine == "gally" and r.weights == cells[1] and r.test.label == cells[3])
+        assert float(mean) == pytest.approx(row.tok_s.mean, abs=0.006) and float(std) >= 0
+        assert (cells[5] == "—") == (row.test.kind == "pp")
+    assert "## gally / peers" not in md  # no peer measured, no ratio table
+    setup = _table(md, "Start-up and memory")
+    assert setup[0].startswith("| engine | weights | threads | load s | TTFT ms (p8) | peak RSS MB |")
+    assert len(setup) == 2 + 2
+
+
+def test_json_round_trips_every_figure(result):
+    data = json.loads(report.dumps(result))
+    assert data["options"]["reps"] == 3 and data["bandwidth"]["1"] > 0
+    assert data["machine"]["gally"]["isa"] == gally.info()["isa"]
+    rows = [r for r in data["rows"] if r["engine"] == "gally"]
+    assert len(rows) == 8
+    for r, orig in zip(rows, [r for r in result.rows if r.engine == "gally"]):
+        assert r["test"]["label"] == orig.test.label
+        assert r["tok_s"]["samples"] == list(orig.tok_s.samples)
+        assert r["tok_s"]["mean"] == orig.tok_s.mean and r["tok_s"]["std"] == orig.tok_s.std
+
+
+def test_ratio_table_divides_gally_by_the_peer(result):
+    peer = [type(r)(**{**r.__dict__, "engine": "llama.cpp", "tok_s": r.tok_s.scaled(0.5)})
+            for r in result.rows if r.engine == "gally"]
+    res = type(result)(**{**result.__dict__, "rows": result.rows + peer})
+    rows = _table(report.markdown(res), "gally / peers (same run)")
+    assert rows[0] == "| gally | threads | test | gally tok/s | llama.cpp tok/s | gally/llama.cpp |"
+    assert len(rows) == 2 + 8 and all(line.endswith("| **2.00×** |") for line in rows[2:])
+
+
+def test_absent_peers_are_reported_not_measured(folder, monkeypatch, tmp_path, capsys):
+    real = importlib.util.find_spec
+    # llama_cpp "installed" but no GGUF can be made; torch absent
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else (object() if name == "llama_cpp" else real(name, *a)))
+    monkeypatch.setenv("GALLY_HOME", str(tmp_path))
+    monkeypatch.delenv("GALLY_LLAMA_CPP", raising=False)
+    monkeypatch.delenv("GALLY_LLAMA_CPP_BIN", raising=False)
+    code = cli.main(["bench", "-m", folder, "--dtype", "bf16", "-p", "4", "-n", "2", "-r", "1", "-t", "1",
+                     "--peers", "llama.cpp,transformers", "--bandwidth-mib", "8", "--json", "-q",
+                     "--out", str(tmp_path / "r.md")])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["peers"]["transformers"]["bf16"].startswith("not installed: no torch (pip install torch==2.13.0")
+    assert "no BF16 GGUF cached" in data["peers"]["llama.cpp"]["bf16"]
+    assert "--llama-cpp DIR" in data["peers"]["llama.cpp"]["bf16"]
+    assert {r["engine"] for r in data["rows"]} <= {"gally", "gally generate"}
+    assert {s["engine"] for s in data["setups"]} == {"gally"}
+    md = (tmp_path / "r.md").read_text()
+    assert "| peer status | transformers at bf16: not installed: no torch" in md
+
+
+def test_cli_lists_accept_commas_and_repeats():
+    from gally.bench.cli import command_of, options
+
+    args = cli.build_parser().parse_args(["bench", "-p", "16,32", "-p", "64", "-t", "1", "-t", "2,4",
+                                          "--dtype", "bf16", "--peers", "llama.cpp", "--gguf", "bf16=/x.gguf"])
+    opts = options(args)
+    assert opts.prompts == [16, 32, 64] and opts.threads == [1, 2, 4] and opts.gens == [128]
+    assert opts.dtypes == ["bf16"] and opts.peers == ["llama.cpp"] and opts.ggufs == {"bf16": "/x.gguf"}
+    assert opts.reps == 5 and opts.depths == [0] and opts.model is None
+    again = options(cli.build_parser().parse_args(command_of(opts).split()[1:]))
+    assert again == opts
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-p", "-3"], "prompts \\(-p\\)"),
+    (["-t", "0"], "threads \\(-t\\)"),
+    (["-r", "0"], "reps \\(-r\\)"),
+    (["-p", "0", "-n", "0"], "nothing to measure"),
+    (["--dtype", "f64"], "dtype 'f64'"),
+    (["--peers", "vllm"], "peer 'vllm'"),
+    (["--gguf", "bf16=/no/such.gguf"], "no such file"),
+])
+def test_bad_arguments_are_named(folder, argv, message, capsys):
+    assert cli.main(["bench", "-m", folder, "-q", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("gally: error: ")
+    assert __import__("re").search(message, err), err
+
+
+def test_bad_model_is_an_error_not_a_crash(tmp_path, capsys):
+    assert cli.main(["bench", "-m", str(tmp_path / "missing"), "-q"]) == 1
+    assert "missing" in capsys.readouterr().err
+
+
+def test_non_integer_list_is_an_argparse_error():
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "-p", "512,abc"])
+    assert e.value.code == 2
+
+
+def test_worker_reports_a_failing_engine():
+    with pytest.raises(WorkerError, match="unknown engine 'nonesuch'"):
+        Worker("nonesuch", {})
+
+
+def test_llama_bench_json_is_read_per_test():
+    text = json.dumps([
+        {"n_prompt": 512, "n_gen": 0, "n_depth": 0, "avg_ts": 500.0, "stddev_ts": 10.0, "samples_ts": [490.0, 510.0]},
+        {"n_prompt": 0, "n_gen": 128, "n_depth": 2048, "avg_ts": 60.0, "stddev_ts": 1.0},
+    ])
+    got = parse_llama_bench(text)
+    assert got[("pp", 512, 0)] == Stat.of([490.0, 510.0])
+    assert got[("tg", 128, 2048)].mean == 60.0 and got[("tg", 128, 2048)].std == 1.0
+    assert BenchTest("tg", 128, 2048).label == "tg128 @ d2048"
+
+
+def _write_peer_gguf(path, weights, cfg, dtype, tamper=None, permute=True):
+    """A GGUF laid out as convert_hf_to_gguf.py writes a Llama: llama.cpp names, q/k rows permuted."""
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, a in weights.items():
+        a = np.asarray(a, dtype=np.float32)
+        if "q_proj" in name and permute:
+            a = peer_gguf._rope_permute(a, cfg["num_attention_heads"])
+        elif "k_proj" in name and permute:
+            a = peer_gguf._rope_permute(a, cfg["num_key_value_heads"])
+        if name == tamper:
+            a = a.copy()
+            a.flat[5] = np.nextafter(a.flat[5], np.float32(np.inf))
+        if a.ndim == 2 and dtype == "bf16":
+            bits = (round_bf16(a).view(np.uint32) >> 16).astype(np.uint16)
+            w.add_tensor(peer_gguf.gguf_name(name), bits, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            w.add_tensor(peer_gguf.gguf_name(name), a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_peer_gguf_check_accepts_the_same_weights_only(tmp_path, dtype):
+    folder, stored = make_checkpoint(tmp_path / "m", **SMALL)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    _write_peer_gguf(tmp_path / "good.gguf", stored, cfg, dtype)
+    peer_gguf.check_same_weights(folder, str(tmp_path / "good.gguf"), dtype)
+    # one value one ulp off (f32), or off in a row the q permutation moves
+    tamper = "model.layers.1.self_attn.q_proj.weight" if dtype == "bf16" else "model.layers.0.mlp.up_proj.weight"
+    _write_peer_gguf(tmp_path / "bad.gguf", {**stored, tamper: stored[tamper] * (1.01 if dtype == "bf16" else 1)},
+                     cfg, dtype, tamper=None if dtype == "bf16" else tamper)
+    with pytest.raises(peer_gguf.PeerUnavailable, match="differs from " + tamper.replace(".", r"\.")):
+        peer_gguf.check_same_weights(folder, str(tmp_path / "bad.gguf"), dtype)
+    # q/k rows left in Hugging Face order: the check sees that llama.cpp would compute something else
+    _write_peer_gguf(tmp_path / "order.gguf", stored, cfg, dtype, permute=False)
+    with pytest.raises(peer_gguf.PeerUnavailable, match="q_proj"):
+        peer_gguf.check_same_weights(folder, str(tmp_path / "order.gguf"), dtype)
+
+
+def test_peer_gguf_names_and_cache_key(tmp_path):
+    assert peer_gguf.gguf_name("model.layers.12.mlp.down_proj.weight") == "blk.12.ffn_down.weight"
+    assert peer_gguf.gguf_name("model.layers.0.self_attn.o_proj.weight") == "blk.0.attn_output.weight"
+    with pytest.raises(ValueError, match="no llama.cpp name"):
+        peer_gguf.gguf_name("model.vision_tower.weight")
+    folder = make_checkpoint(tmp_path / "m", **SMALL)[0]
+    a = peer_gguf.cached_path(folder, "bf16", str(tmp_path / "c"))
+    assert a.endswith("-BF16.gguf") and a == peer_gguf.cached_path(folder, "bf16", str(tmp_path / "c"))
+    make_checkpoint(tmp_path / "m", seed=1, **{**SMALL, "vocab_size": 301})  # new contents, new key
+    assert peer_gguf.cached_path(folder, "bf16", str(tmp_path / "c")) != a
+    with pytest.raises(peer_gguf.PeerUnavailable, match="no weight type matching"):
+        peer_gguf.peer_gguf(folder, "f64", None, None, str(tmp_path / "c"))

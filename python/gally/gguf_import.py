@@ -211,7 +211,8 @@ def to_dtype(w: np.ndarray, dtype: str, name: str) -> np.ndarray:
     if dtype == "f32":
         return w
     if dtype == "f16":
-        out = w.astype(np.float16)
+        with np.errstate(over="ignore"):
+            out = w.astype(np.float16)
         if np.isinf(out).any() and not np.isinf(w).any():
             raise ValueError(f"tensor {name!r} has values beyond float16's range (±65504); convert with dtype bf16 or f32")
         return out

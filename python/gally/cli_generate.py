@@ -1,0 +1,167 @@
+"""`gally run` and `gally chat`: generation from the terminal, with llama-cli's and mlx_lm's options.
+
+    gally run "What is the capital of France?" --temp 0     # chat template applied; --raw for plain text
+    echo "Once upon a time" | gally run --raw -n 64
+    gally chat --system "You are terse."                     # /reset, /exit, Ctrl-C stops a reply, Ctrl-D leaves
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D leaves, Ctrl-C stops a reply"
+
+
+def add_parsers(subparsers) -> None:
+    run = subparsers.add_parser("run", help="generate from a prompt, streaming the text to stdout",
+                                description="Generate from PROMPT (or stdin) and stream the text to stdout. The "
+                                            "prompt goes through the model's chat template unless --raw.")
+    run.add_argument("prompt", nargs="?", default=None, metavar="PROMPT", help='the prompt; "-" or absent: read stdin')
+    run.add_argument("--raw", action="store_true", help="continue the prompt text as is, without the chat template")
+    _add_common(run)
+    run.set_defaults(func=run_command)
+
+    chat = subparsers.add_parser("chat", help="talk with the model in the terminal",
+                                 description=f"An interactive conversation that keeps its KV cache between turns; "
+                                             f"{CHAT_HELP}.")
+    _add_common(chat)
+    chat.set_defaults(func=chat_command)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None, help="model folder, .gguf file or alias (default: smollm2-135m-instruct)")
+    p.add_argument("-n", "--max-tokens", type=int, default=None, dest="max_new_tokens",
+                   help="most tokens to generate (default: generation_config.json, else 256)")
+    p.add_argument("--temp", type=float, default=None, dest="temperature", help="temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest tokens; 0 disables (default 40)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass; 1 disables (default 0.95)")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p × the top probability (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=None, dest="repetition_penalty",
+                   help="penalty for tokens already in the context; 1 disables (default 1.0)")
+    p.add_argument("--presence-penalty", type=float, default=None, help="OpenAI presence penalty (default 0)")
+    p.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI frequency penalty (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    p.add_argument("--stop", action="append", default=None, help="stop at this string (repeatable)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("--dtype", choices=("f32", "bf16", "f16"), default=None, help="convert the weights at load")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, dest="max_context",
+                   help="context length in tokens (default: the model's, at most 4096)")
+    p.add_argument("--verbose", action="store_true", help="print prefill and decode speed to stderr")
+
+
+def _load(args):
+    import gally
+
+    return gally.load(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context)
+
+
+def _sampling_args(args) -> dict:
+    keys = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty", "seed", "stop")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def _check_chat_template(model) -> None:
+    if model.tokenizer is None:
+        raise ValueError(f"{model.path}: the model has no tokenizer.json, so it cannot take a text prompt")
+    if model.tokenizer.chat_template is None:
+        raise ValueError(f"{model.path}: the model has no chat template; use `gally run --raw` for plain text")
+
+
+def _stream_out(chunks, out) -> Optional[object]:
+    """Writes each chunk's text as it comes; returns the last chunk (finish reason, usage, timings)."""
+    last = None
+    for chunk in chunks:
+        if chunk.text:
+            out.write(chunk.text)
+            out.flush()
+        last = chunk
+    return last
+
+
+def _report(last, err) -> None:
+    u, t = last.usage, last.timings
+    print(f"prompt: {u['prompt_tokens']} tokens ({u['cached_tokens']} cached), {t['prefill_tok_s']:.1f} tok/s | "
+          f"generated: {u['completion_tokens']} tokens, {t['decode_tok_s']:.1f} tok/s | "
+          f"time to first token: {t['ttft_s']:.3f} s | finish: {last.finish_reason}", file=err)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.raw and args.system is not None:
+        raise ValueError("--system needs the chat template; drop --raw")
+    if args.prompt in (None, "-"):
+        if sys.stdin.isatty():
+            print("gally: reading the prompt from stdin; end it with Ctrl-D", file=sys.stderr)
+        prompt = sys.stdin.read()
+    else:
+        prompt = args.prompt
+    model = _load(args)
+    kwargs = _sampling_args(args)
+    if args.raw:
+        chunks = model.generate(prompt, stream=True, **kwargs)
+    else:
+        _check_chat_template(model)
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+        chunks = model.chat(messages + [{"role": "user", "content": prompt}], stream=True, **kwargs)
+    last = _stream_out(chunks, sys.stdout)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.verbose:
+        _report(last, sys.stderr)
+    return 0
+
+
+def chat_command(args: argparse.Namespace) -> int:
+    from .generate import resolve_options
+
+    try:
+        import readline  # noqa: F401  (gives input() line editing and history)
+    except ImportError:
+        pass
+    model = _load(args)
+    _check_chat_template(model)
+    kwargs = _sampling_args(args)
+    resolve_options(model, **kwargs)  # bad values fail now, not at the first message
+    conv = model.start_chat(system=args.system)
+    print(f"gally chat: {model.path}\n{CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:  # Ctrl-D
+            print()
+            return 0
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, as in a shell
+            print()
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            conv.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if text in ("/help", "/?"):
+            print(CHAT_HELP, file=sys.stderr)
+            continue
+        try:
+            chunks = conv.send(text, stream=True, **kwargs)
+        except ValueError as e:  # a message longer than the context: say so and carry on
+            print(f"gally: error: {e}", file=sys.stderr)
+            continue
+        last = None
+        try:
+            last = _stream_out(chunks, sys.stdout)
+        except KeyboardInterrupt:
+            chunks.close()  # the partial reply stays in the conversation
+            sys.stdout.write("\n")
+            print("(stopped)", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if args.verbose and last is not None:
+            _report(last, sys.stderr)

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .gguf_import import add_parser as add_convert
 
     add_convert(sub)
+    from .cli_generate import add_parsers as add_run_and_chat
+
+    add_run_and_chat(sub)
     return parser
 
 

@@ -128,13 +128,13 @@ def test_context_end_stops_with_length(tok):
 def test_defaults_come_from_generation_config(tok):
     model, ids = scripted(tok, "The quick brown fox jumps over the lazy dog.",
                           generation_config={"do_sample": False, "max_new_tokens": 5, "top_k": 7, "repetition_penalty": 1.1})
-    opts = gen._options(model)
+    opts = gen.resolve_options(model)
     assert opts.max_new_tokens == 5 and opts.params.greedy and opts.params.top_k == 7
     assert opts.params.repetition_penalty == 1.1 and opts.params.top_p == gen.DEFAULTS["top_p"]
     assert gen.generate(model, [5, 6, 7]).token_ids == ids[:5]
-    assert gen._options(model, max_new_tokens=9, temperature=0.5).params.temperature == 0.5
+    assert gen.resolve_options(model, max_new_tokens=9, temperature=0.5).params.temperature == 0.5
     plain = ScriptedModel(tok, ids, 3)
-    assert gen._options(plain).params == gen.SamplingParams(**{k: v for k, v in gen.DEFAULTS.items()
+    assert gen.resolve_options(plain).params == gen.SamplingParams(**{k: v for k, v in gen.DEFAULTS.items()
                                                                if k != "max_new_tokens"})
 
 

@@ -69,7 +69,7 @@ class _Options:
     logprobs: Optional[int]
 
 
-def _options(model, max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
+def resolve_options(model, max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
              repetition_penalty=None, presence_penalty=None, frequency_penalty=None, seed=None, stop=None,
              logprobs=None) -> _Options:
     """Arguments given, else the model's generation_config.json, else DEFAULTS; all checked."""
@@ -271,7 +271,7 @@ def generate(model, prompt: Union[str, Sequence[int]], max_new_tokens: Optional[
     token's log-probability and the N likeliest alternatives under the model's own distribution.
     stream=True returns an iterator of Chunk; the last carries finish_reason, usage and timings.
     """
-    opts = _options(model, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+    opts = resolve_options(model, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                     presence_penalty, frequency_penalty, seed, stop, logprobs)
     ids = _prompt_ids(model, prompt)
     _check_fits(ids, model.max_context)
@@ -290,7 +290,7 @@ def _render_chat(model, messages) -> list[int]:
 def chat(model, messages: Sequence[dict], stream: bool = False, **kwargs) -> Union[Completion, Iterator[Chunk]]:
     """Renders `messages` with the model's chat template (adding the assistant header) and
     generates the reply, which ends at the end-of-turn token. Takes generate()'s arguments."""
-    opts = _options(model, **kwargs)
+    opts = resolve_options(model, **kwargs)
     ids = _render_chat(model, messages)
     _check_fits(ids, model.max_context)
     session = model.session(min(model.max_context, len(ids) + opts.max_new_tokens))
@@ -322,7 +322,7 @@ class Conversation:
         enters the history when the reply ends; a stream closed early keeps the text it gave."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a string, got {type(text).__name__}")
-        opts = _options(self.model, **kwargs)
+        opts = resolve_options(self.model, **kwargs)
         turn = self.messages + [{"role": "user", "content": text}]
         ids = _render_chat(self.model, turn)
         if self._session is None:

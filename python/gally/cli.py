@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_generate import add_parsers as add_run_and_chat
 
     add_run_and_chat(sub)
+    from .perplexity import add_parser as add_perplexity
+
+    add_perplexity(sub)
     return parser
 
 

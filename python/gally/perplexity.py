@@ -1,0 +1,158 @@
+"""Perplexity with llama.cpp's protocol (`llama-perplexity -c 512`), also `gally perplexity`.
+
+The text's tokens (no BOS, no special tokens) are cut into non-overlapping windows of `ctx`
+tokens; the incomplete tail window is dropped. Each window runs in a fresh context and scores its
+second half only, so every scored token sees at least ctx/2 tokens of context:
+
+    window w = t[0 .. ctx-1];  scored tokens t[ctx/2 .. ctx-1], each predicted from positions < it
+    NLL_i = logsumexp(logits[i-1]) - logits[i-1][t_i]
+    ppl = exp(mean NLL);  stderr = ppl · sqrt(var(NLL) / (N - 1))   (llama.cpp's error propagation)
+
+That is ctx/2 scored tokens per window (256 of 512: transformers' count, 3584 on gpl-3.0.txt);
+llama.cpp scores one fewer per window and puts BOS over the first token when the model asks for it.
+
+    gally perplexity -f text.txt --ctx 512 [-m MODEL] [--dtype bf16] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+
+
+def windows(token_ids: np.ndarray, ctx: int) -> np.ndarray:
+    """The complete windows of ctx tokens, [n_windows, ctx]; the tail shorter than ctx is dropped."""
+    n = len(token_ids) // ctx
+    return token_ids[: n * ctx].reshape(n, ctx)
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of each target under its row of logits [n, vocab] → float64 [n]."""
+    peak = logits.max(axis=1, keepdims=True)
+    sum_exp = np.exp(logits - peak).sum(axis=1, dtype=np.float64)
+    target_logit = np.take_along_axis(logits, targets[:, None].astype(np.int64), axis=1)[:, 0]
+    return np.log(sum_exp) + peak[:, 0].astype(np.float64) - target_logit.astype(np.float64)
+
+
+def summarize(nll: np.ndarray) -> dict:
+    """ppl = exp(mean NLL) and its standard error, as llama.cpp's perplexity tool computes them."""
+    n = len(nll)
+    mean = float(nll.mean())
+    ppl = math.exp(mean)
+    var = float((nll * nll).mean()) - mean * mean
+    stderr = ppl * math.sqrt(var / (n - 1)) if n > 1 and var > 0 else 0.0
+    return {"ppl": ppl, "stderr": stderr, "tokens_scored": n}
+
+
+def _check_ctx(ctx, model) -> int:
+    if isinstance(ctx, bool) or not isinstance(ctx, (int, np.integer)) or ctx < 2 or ctx % 2:
+        raise ValueError(f"ctx must be an even integer >= 2, got {ctx!r}")
+    if ctx > model.max_context:
+        raise ValueError(f"ctx {ctx} exceeds the model's max_context {model.max_context}")
+    return int(ctx)
+
+
+def perplexity(model, text_or_token_ids: Union[str, Sequence[int], np.ndarray], ctx: int = 512,
+               progress: Optional[Callable[[int, int, float], None]] = None) -> dict:
+    """Perplexity of `model` (a gally.Model) on a text or its token ids, with the protocol above.
+    Returns {"ppl", "stderr", "tokens_scored", "windows", "ctx"}. progress(done, total, ppl_so_far)
+    is called after each window."""
+    ctx = _check_ctx(ctx, model)
+    if isinstance(text_or_token_ids, str):
+        if model.tokenizer is None:
+            raise ValueError(f"{model.path}: the model has no tokenizer.json; pass token ids instead of text")
+        ids = np.asarray(model.tokenizer.encode(text_or_token_ids, add_special_tokens=False), dtype=np.int64)
+    else:
+        ids = np.asarray(text_or_token_ids)
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise ValueError(f"text_or_token_ids must be a string or a flat sequence of token ids, "
+                             f"got an array of shape {ids.shape} and dtype {ids.dtype}")
+    batches = windows(ids, ctx)
+    if len(batches) == 0:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of ctx={ctx}")
+    half = ctx // 2
+    session = model.session(ctx)
+    nll = []
+    for done, w in enumerate(batches, 1):
+        session.reset()
+        # Logits are needed only at positions half-1 … ctx-2: run the first half-1 tokens without
+        # the lm_head's [n, vocab] product, then the rest with all logits.
+        if half > 1:
+            session.forward(w[: half - 1])
+        logits = session.forward(w[half - 1:], all_logits=True)
+        nll.append(token_nll(logits[:-1], w[half:]))
+        if progress is not None:
+            progress(done, len(batches), math.exp(float(np.concatenate(nll).mean())))
+    result = summarize(np.concatenate(nll))
+    return {**result, "windows": len(batches), "ctx": ctx}
+
+
+class ProgressBar:
+    """A one-line bar on a terminal: [#####-----] 7/14 windows, ppl so far, time left."""
+
+    def __init__(self, stream=sys.stderr, width: int = 30):
+        self.stream, self.width, self.start = stream, width, time.perf_counter()
+
+    def __call__(self, done: int, total: int, ppl: float) -> None:
+        filled = self.width * done // total
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / done * (total - done)
+        self.stream.write(f"\r[{'#' * filled}{'-' * (self.width - filled)}] {done}/{total} windows  "
+                          f"ppl {ppl:.4f}  {eta:.0f} s left ")
+        if done == total:
+            self.stream.write("\r" + " " * (self.width + 60) + "\r")
+        self.stream.flush()
+
+
+def add_parser(subparsers) -> None:
+    from .model import DTYPES
+
+    p = subparsers.add_parser("perplexity", help="perplexity of a model on a text file (llama.cpp's protocol)",
+                              description="Perplexity on FILE: non-overlapping windows of --ctx tokens (no BOS), "
+                                          "each scoring its second half, as llama-perplexity does.")
+    p.add_argument("-m", "--model", default=None, help="model folder, .gguf file or alias (default: smollm2-135m-instruct)")
+    p.add_argument("-f", "--file", required=True, help='text file (UTF-8); "-" reads stdin')
+    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="convert the weights at load")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: ppl, stderr, tokens_scored, ...")
+    p.set_defaults(func=perplexity_command)
+
+
+def _read_text(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such text file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def perplexity_command(args: argparse.Namespace) -> int:
+    import gally
+
+    text = _read_text(args.file)
+    if isinstance(args.ctx, int) and args.ctx >= 2:
+        max_context = args.ctx
+    else:
+        max_context = None  # perplexity() names the bad --ctx
+    model = gally.load(args.model, dtype=args.dtype, threads=args.threads, max_context=max_context)
+    bar = ProgressBar() if sys.stderr.isatty() and not args.json else None
+    start = time.perf_counter()
+    result = perplexity(model, text, ctx=args.ctx, progress=bar)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({**result, "model": model.path, "dtype": model.dtype, "seconds": round(seconds, 3)}))
+    else:
+        print(f"perplexity {result['ppl']:.4f} ± {result['stderr']:.4f}  ({result['tokens_scored']} tokens scored "
+              f"in {result['windows']} windows of {result['ctx']}, {model.dtype}, {seconds:.1f} s)")
+    return 0

@@ -58,6 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--bandwidth-mib", type=int, default=1024, help="buffer of the read-bandwidth probe (default: 1024)")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     p.add_argument("--out", help="also write the result here: markdown, or JSON when the name ends in .json")
+    p.add_argument("--title", default="gally bench", help="the markdown's heading")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=main)
     return p
@@ -101,7 +102,7 @@ def main(args) -> int:
     command = command_of(opts)
     log = (lambda s: None) if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr, flush=True))
     res = run(opts, command=command, log=log)
-    md = report.markdown(res)
+    md = report.markdown(res, title=args.title)
     text = report.dumps(res) if args.json else md
     print(text, end="" if text.endswith("\n") else "\n")
     if args.out:

@@ -42,7 +42,8 @@ def machine_lines(res: Results) -> list:
              f"{g['threads']} physical cores, {cpu['logical_cpus']} logical CPUs, {m['memory_gib']} GiB |",
              f"| ISA | {' '.join(cpu['flags']) or '?'}; gally kernels: {g['isa']} (of {', '.join(g['isas'])}) |",
              f"| read bandwidth | {bw} (gally._core.read_bandwidth, best of 5 passes) |",
-             f"| model | {res.model} |"]
+             f"| model | {res.options.model or 'default model'}: "
+             + "; ".join(f"{d}: {f}" for d, f in res.model.items()) + " |"]
     if weights:
         lines.append("| weights read per token | " + ", ".join(f"{w}: {b / 1e6:.1f} MB" for w, b in weights) + " |")
     if versions:
@@ -86,6 +87,24 @@ def ratio_lines(res: Results) -> list:
     return _table(header, rows)
 
 
+def scaling_lines(res: Results) -> list:
+    """gally by thread count, each figure also as a multiple of the fewest threads' figure."""
+    rows = [r for r in res.rows if r.engine == "gally" and r.tok_s is not None]
+    threads = sorted({r.threads for r in rows})
+    if len(threads) < 2:
+        return []
+    by_key = {(r.dtype, r.test, r.threads): r for r in rows}
+    out_rows = []
+    for r in rows:
+        base = by_key.get((r.dtype, r.test, threads[0]))
+        speedup = f"{r.tok_s.mean / base.tok_s.mean:.2f}×" if base else "—"
+        bw = f"{r.bw_fraction.mean * 100:.0f}%" if r.bw_fraction else "—"
+        out_rows.append([r.weights, r.test.label, r.threads, f"{r.tok_s.mean:.1f}", speedup, bw])
+    out_rows.sort(key=lambda c: (c[0], c[1], c[2]))
+    return _table(["weights", "test", "threads", "tok/s", f"vs {threads[0]} thread{'s' * (threads[0] > 1)}",
+                   "of read bw"], out_rows)
+
+
 def setup_lines(res: Results) -> list:
     prompts = sorted({p for s in res.setups for p in s.ttft_s})
     header = ["engine", "weights", "threads", "load s"] + [f"TTFT ms (p{p})" for p in prompts] + ["peak RSS MB", "note"]
@@ -109,6 +128,9 @@ def markdown(res: Results, title: str = "gally bench") -> str:
     ratios = ratio_lines(res)
     if ratios:
         out += ["", "## gally / peers (same run)", ""] + ratios
+    scaling = scaling_lines(res)
+    if scaling:
+        out += ["", "## Thread scaling (gally)", ""] + scaling
     out += ["", "## Start-up and memory", "", "Load: the engine's load call on a cached model, page cache warm. "
             "TTFT: a fresh context, the prompt, and the argmax of its last logits.", ""] + setup_lines(res)
     return "\n".join(out) + "\n"

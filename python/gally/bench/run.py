@@ -115,7 +115,7 @@ class Results:
     command: str
     date: str
     machine: dict
-    model: str
+    model: dict  # dtype → the model folder gally and the peers loaded
     bandwidth: dict  # threads → GB/s
     peers: dict  # peer → dtype → status
     rows: list
@@ -144,8 +144,11 @@ def run(opts: Options, command: str = "", log: Callable[[str], None] = lambda s:
 
     opts.validate()
     threads = opts.threads or [gally.physical_cores()]
-    folder = sources.resolve(opts.model)
-    vocab = config.read(folder).vocab_size
+    # A GGUF source or alias has one cached conversion per dtype, which gally loads zero-copy;
+    # the peers get the same folder
+    log("resolving the model (a GGUF source is converted once per dtype)")
+    folders = {d: sources.resolve(opts.model, d if d in ("f32", "bf16", "f16") else None) for d in opts.dtypes}
+    vocab = config.read(folders[opts.dtypes[0]]).vocab_size
     tests = tests_of(opts)
     rng = np.random.default_rng(opts.seed)
     inputs = {t: (rng.integers(0, vocab, t.depth).tolist(), rng.integers(0, vocab, t.tokens).tolist()) for t in tests}
@@ -154,10 +157,10 @@ def run(opts: Options, command: str = "", log: Callable[[str], None] = lambda s:
     log(f"probing read bandwidth ({opts.bandwidth_bytes >> 20} MiB, best of 5)")
     bandwidth = {t: _core.read_bandwidth(opts.bandwidth_bytes, t, 5) for t in threads}
     results = Results(opts, command, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                      machine.describe(), folder, bandwidth, {p: {} for p in opts.peers}, [], [])
+                      machine.describe(), folders, bandwidth, {p: {} for p in opts.peers}, [], [])
 
     for dtype in opts.dtypes:
-        specs = _peer_specs(opts, dtype, folder, results.peers, log)
+        specs = _peer_specs(opts, dtype, folders[dtype], results.peers, log)
         for t in threads:
             _block(opts, dtype, t, tests, inputs, gen_prompt, specs, results, log)
     return results

@@ -25,15 +25,9 @@ template <class T>
 using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
 const Kernels& kernels_named(const std::string& isa) {
-  if (isa == "generic") return kernels_generic;
-#if defined(GALLY_X86)
-  auto have = available_isas();
-  if (std::find(have.begin(), have.end(), isa) != have.end()) {
-    if (isa == "avx2") return kernels_avx2;
-    if (isa == "avx512") return kernels_avx512;
-  }
-#endif
-  throw std::invalid_argument("instruction set '" + isa + "' is not available on this CPU");
+  const Kernels* k = kernels_for(isa);
+  if (!k) throw std::invalid_argument("instruction set '" + isa + "' is not available on this CPU");
+  return *k;
 }
 
 void require(bool ok, const std::string& what) {

@@ -37,29 +37,19 @@ int thread_count() {
 #endif
 }
 
-// One matrix product of a fused group: y [n, ldy] = x [n, cols] · Wᵀ (+ b) (+ y).
-struct Product {
-  const Matrix& W;
-  const float* bias;
-  float* y;
-  bool accumulate;
-};
+// This thread's share [r0, r1) of n rows, split in blocks of `block` rows.
+void thread_rows(int n, int block, int* r0, int* r1) {
+  const int blocks = (n + block - 1) / block, nt = thread_count(), id = thread_id();
+  *r0 = std::min(n, int(long(blocks) * id / nt) * block);
+  *r1 = std::min(n, int(long(blocks) * (id + 1) / nt) * block);
+}
 
-// Runs several products that read the same input as one parallel step: the threads split the
-// concatenated output rows (q|k|v, gate|up) in blocks of 48, so no fork/join per matrix.
-template <size_t N>
-void matmul_group(const Kernels& k, const float* x, int n, const Product (&ps)[N]) {
-  int total = 0;
-  for (const Product& p : ps) total += p.W.rows;
-  const int blocks = (total + 47) / 48, nt = thread_count(), id = thread_id();
-  const int r0 = std::min(total, (int)((long)blocks * id / nt) * 48);
-  const int r1 = std::min(total, (int)((long)blocks * (id + 1) / nt) * 48);
-  int base = 0;
-  for (const Product& p : ps) {
-    const int a = std::max(r0 - base, 0), b = std::min(r1 - base, p.W.rows);
-    if (a < b) k.matmul(x, p.W.data, p.W.dtype, p.bias, p.y, n, p.W.cols, p.W.rows, a, b, p.accumulate);
-    base += p.W.rows;
-  }
+// y [n, W.rows] (+)= x [n, W.cols] · Wᵀ (+ b), the rows split over the threads; ends at a barrier.
+void matmul_parallel(const Kernels& k, const Matrix& W, const float* x, int n, const float* bias, float* y,
+                     bool accumulate) {
+  int r0, r1;
+  thread_rows(W.rows, 48, &r0, &r1);
+  if (r0 < r1) k.matmul(x, W.data, W.dtype, bias, y, n, W.cols, W.rows, r0, r1, accumulate);
 #pragma omp barrier
 }
 
@@ -96,6 +86,7 @@ Session::Session(std::shared_ptr<const Model> model, int max_context)
   gate_.resize(B * c.intermediate_size);
   up_.resize(B * c.intermediate_size);
   probs_.resize(size_t(m_->threads) * max_ctx_);
+  xb_local_.resize(size_t(m_->threads) * c.hidden_size);
   // θ = position · inv_freq in f32, as the reference computes it.
   const int half = hd_ / 2;
   cos_.resize(size_t(max_ctx_) * half);
@@ -153,6 +144,19 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
       std::memcpy(rec.hidden + (size_t(slot) * rec_n + rec_offset + t) * D, x + size_t(t) * D, size_t(D) * 4);
   };
 
+  // RMSNorm of the residual stream. A single token is normalised by every thread into its own
+  // buffer, which saves a barrier; a batch is split over the threads.
+  auto normalize = [&](const float* w) -> const float* {
+    if (n == 1) {
+      float* own = xb_local_.data() + size_t(thread_id()) * D;
+      k.rmsnorm(own, x, w, D, c.rms_norm_eps);
+      return own;
+    }
+#pragma omp for
+    for (int t = 0; t < n; ++t) k.rmsnorm(xb + size_t(t) * D, x + size_t(t) * D, w, D, c.rms_norm_eps);
+    return xb;
+  };
+
 #pragma omp parallel num_threads(m_->threads)
   {
 #pragma omp for
@@ -163,44 +167,58 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
       const LayerWeights& L = m_->layers[l];
       // Attention: each token asks its questions (q) of every earlier token's keys (k) and
       // takes their values (v) in proportion.
-#pragma omp for
-      for (int t = 0; t < n; ++t) k.rmsnorm(xb + size_t(t) * D, x + size_t(t) * D, L.input_layernorm, D, c.rms_norm_eps);
-      matmul_group(k, xb, n, {Product{L.q_proj, L.q_bias, q, false}, Product{L.k_proj, L.k_bias, kb, false},
-                              Product{L.v_proj, L.v_bias, vb, false}});
-      // Position enters here: RoPE turns q and k by angles that grow with the position.
-#pragma omp for
-      for (int t = 0; t < n; ++t) {
-        const float* cs = cos_.data() + size_t(p0 + t) * half;
-        const float* sn = sin_.data() + size_t(p0 + t) * half;
-        for (int h = 0; h < NH; ++h) k.rope(q + size_t(t) * QD + h * HD, cs, sn, HD);
-        for (int h = 0; h < nkv_; ++h) {
-          float* kt = kb + size_t(t) * KVD + h * HD;
-          k.rope(kt, cs, sn, HD);
-          std::memcpy(k_cache(l, h) + size_t(p0 + t) * HD, kt, size_t(HD) * 4);
-          std::memcpy(v_cache(l, h) + size_t(p0 + t) * HD, vb + size_t(t) * KVD + h * HD, size_t(HD) * 4);
+      const float* h = normalize(L.input_layernorm);
+      {  // q, k, v a head at a time; a thread turns its own q and k heads by RoPE (the position
+         // enters here) and files its k and v heads in the cache, with no barrier in between.
+        int h0, h1;
+        thread_rows(NH + 2 * nkv_, 1, &h0, &h1);
+        for (int head = h0; head < h1; ++head) {
+          const bool is_q = head < NH, is_k = !is_q && head < NH + nkv_;
+          const int j = is_q ? head : is_k ? head - NH : head - NH - nkv_;
+          const Matrix& W = is_q ? L.q_proj : is_k ? L.k_proj : L.v_proj;
+          const float* b = is_q ? L.q_bias : is_k ? L.k_bias : L.v_bias;
+          float* y = is_q ? q : is_k ? kb : vb;
+          const int ld = is_q ? QD : KVD;
+          k.matmul(h, W.data, W.dtype, b, y, n, D, ld, j * HD, (j + 1) * HD, false);
+          for (int t = 0; t < n; ++t) {
+            float* yt = y + size_t(t) * ld + j * HD;
+            if (!is_q && !is_k) {
+              std::memcpy(v_cache(l, j) + size_t(p0 + t) * HD, yt, size_t(HD) * 4);
+              continue;
+            }
+            k.rope(yt, cos_.data() + size_t(p0 + t) * half, sin_.data() + size_t(p0 + t) * half, HD);
+            if (is_k) std::memcpy(k_cache(l, j) + size_t(p0 + t) * HD, yt, size_t(HD) * 4);
+          }
         }
+#pragma omp barrier
       }
       float* probs = probs_.data() + size_t(thread_id()) * max_ctx_;
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, 2)
       for (int i = 0; i < n * NH; ++i) {
-        const int t = i / NH, h = i % NH, ctx = p0 + t + 1;  // causal: keys 0 … p0+t
-        k.attention(q + size_t(t) * QD + h * HD, k_cache(l, h / group), v_cache(l, h / group), ctx, HD, HD,
-                    c.attention_scale, probs, att + size_t(t) * QD + h * HD);
+        const int t = i / NH, head = i % NH, ctx = p0 + t + 1;  // causal: keys 0 … p0+t
+        k.attention(q + size_t(t) * QD + head * HD, k_cache(l, head / group), v_cache(l, head / group), ctx, HD,
+                    HD, c.attention_scale, probs, att + size_t(t) * QD + head * HD);
         if (rec.attention) {
-          float* dst = rec.attention + ((size_t(l) * NH + h) * rec_n + rec_offset + t) * rec_ctx;
+          float* dst = rec.attention + ((size_t(l) * NH + head) * rec_n + rec_offset + t) * rec_ctx;
           std::memcpy(dst, probs, size_t(ctx) * 4);
         }
       }
-      matmul_group(k, att, n, {Product{L.o_proj, L.o_bias, x, true}});  // x += o_proj(att)
+      matmul_parallel(k, L.o_proj, att, n, L.o_bias, x, true);  // x += o_proj(att)
 
-      // Feed-forward: x += down(silu(gate(x̂)) ⊙ up(x̂)).
-#pragma omp for
-      for (int t = 0; t < n; ++t)
-        k.rmsnorm(xb + size_t(t) * D, x + size_t(t) * D, L.post_attention_layernorm, D, c.rms_norm_eps);
-      matmul_group(k, xb, n, {Product{L.gate_proj, L.gate_bias, gate, false}, Product{L.up_proj, L.up_bias, up, false}});
-#pragma omp for
-      for (int t = 0; t < n; ++t) k.silu_mul(gate + size_t(t) * F, up + size_t(t) * F, F);
-      matmul_group(k, gate, n, {Product{L.down_proj, L.down_bias, x, true}});
+      // Feed-forward: x += down(silu(gate(x̂)) ⊙ up(x̂)); a thread owns the same rows of gate and
+      // up, so it applies the SwiGLU to them at once.
+      h = normalize(L.post_attention_layernorm);
+      {
+        int r0, r1;
+        thread_rows(F, 16, &r0, &r1);
+        if (r0 < r1) {
+          k.matmul(h, L.gate_proj.data, L.gate_proj.dtype, L.gate_bias, gate, n, D, F, r0, r1, false);
+          k.matmul(h, L.up_proj.data, L.up_proj.dtype, L.up_bias, up, n, D, F, r0, r1, false);
+          for (int t = 0; t < n; ++t) k.silu_mul(gate + size_t(t) * F + r0, up + size_t(t) * F + r0, r1 - r0);
+        }
+#pragma omp barrier
+      }
+      matmul_parallel(k, L.down_proj, gate, n, L.down_bias, x, true);
       record_hidden(l + 1);
     }
 
@@ -209,7 +227,7 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
       const int first = all_logits ? 0 : n - 1, count = n - first;
 #pragma omp for
       for (int t = first; t < n; ++t) k.rmsnorm(xb + size_t(t) * D, x + size_t(t) * D, m_->norm, D, c.rms_norm_eps);
-      matmul_group(k, xb + size_t(first) * D, count, {Product{m_->lm_head, nullptr, logits, false}});
+      matmul_parallel(k, m_->lm_head, xb + size_t(first) * D, count, nullptr, logits, false);
     }
   }
   pos_ += n;

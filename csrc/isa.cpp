@@ -1,5 +1,5 @@
 // Run-time choice of the kernel set: CPUID says what the processor implements, XGETBV (XCR0)
-// whether the OS saves the wider registers. GALLY_ISA=generic|avx2|avx512 forces one.
+// whether the OS saves the wider registers. GALLY_ISA=generic|avx2|avx512|avx512bf16 forces one.
 #include "isa.h"
 
 #include <cstdlib>
@@ -51,14 +51,29 @@ const CpuFeatures& cpu() {
   return f;
 }
 
-const Kernels* find(const std::string& name) {
+#if defined(GALLY_X86)
+Kernels with_bf16_dot() {
+  Kernels k = kernels_avx512;
+  k.name = "avx512bf16";
+  k.matmul = matmul_avx512bf16;
+  return k;
+}
+#endif
+
+}  // namespace
+
+const Kernels* kernels_for(const std::string& name) {
   if (name == "generic") return &kernels_generic;
 #if defined(GALLY_X86)
+  static const Kernels avx512bf16 = with_bf16_dot();
   if (name == "avx2" && cpu().avx2) return &kernels_avx2;
   if (name == "avx512" && cpu().avx512) return &kernels_avx512;
+  if (name == "avx512bf16" && cpu().avx512bf16) return &avx512bf16;
 #endif
   return nullptr;
 }
+
+namespace {
 
 struct Selection {
   const Kernels* k;
@@ -68,7 +83,7 @@ struct Selection {
 Selection initial() {
   const char* env = std::getenv("GALLY_ISA");
   std::string want = env && *env ? env : available_isas().back();
-  const Kernels* k = find(want);
+  const Kernels* k = kernels_for(want);
   if (!k) {
     std::string have;
     for (auto& s : available_isas()) have += (have.empty() ? "" : ", ") + s;
@@ -89,6 +104,7 @@ std::vector<std::string> available_isas() {
   std::vector<std::string> v = {"generic"};
   if (cpu().avx2) v.push_back("avx2");
   if (cpu().avx512) v.push_back("avx512");
+  if (cpu().avx512bf16) v.push_back("avx512bf16");
   return v;
 }
 
@@ -98,7 +114,7 @@ const Kernels& kernels() { return *selection().k; }
 const std::string& selected_isa() { return selection().name; }
 
 void select_isa(const std::string& name) {
-  const Kernels* k = find(name);
+  const Kernels* k = kernels_for(name);
   if (!k) throw std::invalid_argument("instruction set '" + name + "' is not available on this CPU");
   selection() = {k, name};
 }

@@ -48,6 +48,7 @@ class Session {
   std::vector<float> att_;    // [B, heads·head_dim] attention output
   std::vector<float> gate_, up_;  // [B, intermediate]
   std::vector<float> probs_;  // [threads, max_context] softmax scratch
+  std::vector<float> xb_local_;  // [threads, hidden] a single token's normalised input, per thread
 };
 
 }  // namespace gally

@@ -50,13 +50,16 @@ def test_storage_and_compute_dtypes(tmp_path, isa, stored, dtype):
     assert model.dtype == compute
     assert (model.copied_bytes == 0) == (dtype is None or compute == stored.lower())
     got = model.logits(TOKENS)
+    # avx512bf16 rounds a batch's activations to bf16 for bf16 weights (twice the arithmetic rate):
+    # an error of a few 1e-3 on these logits, which span ±5; every other kernel set is exact in f32.
+    tol = 3e-2 if (isa == "avx512bf16" and compute == "bf16") else 1e-3
     if compute == stored.lower():  # exact weights: the reference sees the same values
-        assert np.abs(got - forward(folder, TOKENS, w)).max() <= 1e-3
+        assert np.abs(got - forward(folder, TOKENS, w)).max() <= tol
     else:  # a conversion rounds the weights: compare with the reference on rounded weights
         from conftest import stored as round_to
         rounded = {k: round_to(v.astype(np.float32), compute.upper()) if not k.endswith("norm.weight") else v
                    for k, v in w.items()}
-        assert np.abs(got - forward(folder, TOKENS, rounded)).max() <= 1e-3
+        assert np.abs(got - forward(folder, TOKENS, rounded)).max() <= tol
 
 
 def test_prompt_at_once_equals_one_by_one(tmp_path, isa):

@@ -38,6 +38,11 @@ extern const Kernels kernels_generic;
 #if defined(GALLY_X86)
 extern const Kernels kernels_avx2;
 extern const Kernels kernels_avx512;
+// Kernels::matmul with vdpbf16ps for bf16 weights and batches of ≥ 4 tokens (activations rounded
+// to bf16); everything else goes to kernels_avx512.matmul. The "avx512bf16" set is kernels_avx512
+// with this matmul.
+void matmul_avx512bf16(const float* x, const void* W, DType wtype, const float* b, float* y, int n_tok,
+                       int n_in, int ldy, int r0, int r1, bool accumulate);
 #endif
 
 }  // namespace gally

@@ -41,10 +41,10 @@ class Tokenizer:
         from tokenizers import Tokenizer as Backend
 
         path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no tokenizer.json in the model folder")
         try:
             backend = Backend.from_file(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no tokenizer.json in the model folder") from None
         except Exception as e:  # tokenizers raises its own Exception type for bad JSON
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
         config = _read_json(os.path.join(folder, "tokenizer_config.json"))

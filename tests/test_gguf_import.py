@@ -211,7 +211,7 @@ def test_tokenizer_files(tmp_path):
 
 
 # Strings that exercise the pre-tokenizer regexes, added tokens and byte fallback.
-TEXTS = ["the cat sat on the mat", "Hello World", "  leading spaces", "trailing   ", "tabs\tand\nnewlines\r\n",
+TEXTS = ["the cat sat on the mat", "a b <think>x</think>", "Hello World", "  leading spaces", "trailing   ", "tabs\tand\nnewlines\r\n",
          "numbers 1234567 and 3.14159", "don't I'm we'll THEY'RE", "<|im_start|>user\nhi<|im_end|>",
          "x<|endoftext|>y", "<|im_", "héllo wörld ñ", "東京 タワー", "🐕🐕 emoji 👩‍👩‍👧", "a\u00a0b", "\n\n\n", "",
          "def f(x):\n    return x**2  # comment", "ÅÄÖ åäö", "٠١٢ مرحبا", "\u2581already marked", "  \n \t "]
@@ -242,6 +242,8 @@ def _sentencepiece_vocab() -> dict:
 def test_tokenizer_matches_transformers(tmp_path, vocab):
     """Both tokenizers are built from the same GGUF file; they must cut every text the same way."""
     spec = _sentencepiece_vocab() if vocab == "sentencepiece" else {**byte_level_vocab(), "pre": vocab}
+    if vocab == "llama-bpe":  # Llama 3 style: BOS added by the tokenizer, user-defined tokens
+        spec.update(add_bos=True, tokens=spec["tokens"] + ["<think>", "a b"], types=spec["types"] + [4, 4])
     cfg = tiny_config(vocab_size=len(spec["tokens"]))
     write_gguf(tmp_path / "t.gguf", cfg, {}, tokenizer=spec)
     ref = _transformers_tokenizer(tmp_path, "t.gguf")

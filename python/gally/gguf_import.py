@@ -194,14 +194,17 @@ def _llama3_scaling(divisors: np.ndarray, config: dict, path: str) -> dict:
     raise ValueError(f"{path}: rope_freqs.weight matches no Llama 3 RoPE scaling gally knows")
 
 
+def check_type(t, path: str) -> None:
+    if t.tensor_type.name not in SUPPORTED_TYPES:
+        raise ValueError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which gally cannot convert "
+                         f"(supported: {', '.join(SUPPORTED_TYPES)})")
+
+
 def dequantize(t, path: str) -> np.ndarray:
     """float32 array of GGUF tensor `t` in HF layout: shape reversed, [out, in] for a matrix."""
     import gguf
 
-    kind = t.tensor_type.name
-    if kind not in SUPPORTED_TYPES:
-        raise ValueError(f"{path}: tensor {t.name!r} has type {kind}, which gally cannot convert "
-                         f"(supported: {', '.join(SUPPORTED_TYPES)})")
+    check_type(t, path)
     w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
     return np.ascontiguousarray(w, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
 
@@ -239,8 +242,7 @@ class _Plan:
             if name is None:
                 raise ValueError(f"{path}: tensor {t.name!r} has no place in a {self.config['architectures'][0]} "
                                  f"(a variant gally does not run, e.g. mixture of experts)")
-            if t.tensor_type.name not in SUPPORTED_TYPES:
-                dequantize(t, path)  # raises the unsupported-type error
+            check_type(t, path)
             self.names.append((name, t))
         missing = [f"blk.{i}.{n}" for i in range(self.config["num_hidden_layers"]) for n in _REQUIRED_LAYER
                    if f"blk.{i}.{n}" not in self.tensors]

@@ -73,6 +73,11 @@ def perplexity(model, text_or_token_ids: Union[str, Sequence[int], np.ndarray], 
         if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
             raise ValueError(f"text_or_token_ids must be a string or a flat sequence of token ids, "
                              f"got an array of shape {ids.shape} and dtype {ids.dtype}")
+    vocab = model.config.vocab_size
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"token id {int(ids[i])} at index {i} is outside the vocabulary [0, {vocab})")
     batches = windows(ids, ctx)
     if len(batches) == 0:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of ctx={ctx}")

@@ -183,7 +183,9 @@ def hub_folder(repo_id: str) -> str:
                          f"huggingface_hub is not installed: `pip install huggingface_hub` to download it, or pass "
                          f"a local folder or .gguf file") from None
     try:
-        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])
+        # Mistral repositories also hold the weights again as consolidated.safetensors; skip that copy.
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"],
+                                 ignore_patterns=["consolidated*", "original/*"])
     except Exception as e:
         raise DownloadError(f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
                             f"check the id and the network, or pass a local folder") from None

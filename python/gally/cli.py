@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .perplexity import add_parser as add_perplexity
 
     add_perplexity(sub)
+    from .quantize import add_parser as add_quantize
+
+    add_quantize(sub)
     return parser
 
 

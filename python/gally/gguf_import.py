@@ -103,7 +103,28 @@ def open_gguf(path: str):
 
 def metadata(reader) -> dict[str, Any]:
     """Every key-value field of the file as Python values (strings, numbers, lists)."""
-    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    return {name: _value(field, reader) for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def _value(field, reader) -> Any:
+    """A field as Python data: numpy parts, strings as UTF-8 bytes (ReaderField.contents() of newer
+    gguf releases, written out for older ones)."""
+    from gguf import GGUFValueType
+
+    def text(part) -> str:
+        try:
+            return bytes(part).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{reader.data.filename}: metadata {field.name!r} is not valid UTF-8; "
+                             f"the file is corrupt") from None
+
+    if field.types[0] == GGUFValueType.ARRAY:
+        if field.types[-1] == GGUFValueType.STRING:
+            return [text(field.parts[i]) for i in field.data]
+        return [v for i in field.data for v in field.parts[i].tolist()]
+    if field.types[0] == GGUFValueType.STRING:
+        return text(field.parts[-1])
+    return field.parts[-1].tolist()[0]
 
 
 def hf_config(meta: dict[str, Any], tensors: dict[str, Any], path: str, dtype: str = "f32") -> dict[str, Any]:

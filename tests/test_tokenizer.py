@@ -55,6 +55,7 @@ def test_reference_tokenization(tok, name):
         prompt = tok.apply_chat_template(case["chat"])
         assert prompt == ref["prompt_text"]
         assert tok.encode_chat(case["chat"]) == ref["input_ids"]
+        assert tok.apply_chat_template(case["chat"], tokenize=True) == ref["input_ids"]
     else:
         assert ref["prompt_text"] == case["text"]
     assert tok.encode(ref["prompt_text"]) == ref["input_ids"]

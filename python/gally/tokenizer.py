@@ -97,16 +97,18 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            template_name: Optional[str] = None, **variables: Any) -> str:
+                            template_name: Optional[str] = None, tokenize: bool = False, **variables: Any):
         """The conversation rendered with the model's chat template, as transformers renders it;
         add_generation_prompt ends it with the header of an assistant turn. Encode the result with
-        encode(text) (no add_special_tokens): the template writes BOS itself where the model wants one."""
+        encode(text) (no add_special_tokens): the template writes BOS itself where the model wants
+        one. tokenize=True returns those ids instead of the text."""
         source = self._template(template_name or ("tool_use" if variables.get("tools") else None))
-        return chat_template.render(source, messages, add_generation_prompt, **{**self.special_tokens, **variables})
+        text = chat_template.render(source, messages, add_generation_prompt, **{**self.special_tokens, **variables})
+        return self.encode(text) if tokenize else text
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **variables: Any) -> list[int]:
         """apply_chat_template then encode, without a second BOS."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **variables))
+        return self.apply_chat_template(messages, add_generation_prompt, tokenize=True, **variables)
 
     def _template(self, name: Optional[str]) -> str:
         t = self.chat_template

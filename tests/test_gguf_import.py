@@ -211,7 +211,7 @@ def test_tokenizer_files(tmp_path):
 
 
 # Strings that exercise the pre-tokenizer regexes, added tokens and byte fallback.
-TEXTS = ["the cat sat on the mat", "a b <think>x</think>", "Hello World", "  leading spaces", "trailing   ", "tabs\tand\nnewlines\r\n",
+TEXTS = ["the cat sat on the mat", "a b <think>x</think>", "<unk> <s>x</s>", "Hello World", "  leading spaces", "trailing   ", "tabs\tand\nnewlines\r\n",
          "numbers 1234567 and 3.14159", "don't I'm we'll THEY'RE", "<|im_start|>user\nhi<|im_end|>",
          "x<|endoftext|>y", "<|im_", "héllo wörld ñ", "東京 タワー", "🐕🐕 emoji 👩‍👩‍👧", "a\u00a0b", "\n\n\n", "",
          "def f(x):\n    return x**2  # comment", "ÅÄÖ åäö", "٠١٢ مرحبا", "\u2581already marked", "  \n \t "]

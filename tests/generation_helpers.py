@@ -81,7 +81,7 @@ class ScriptedModel:
     """Model stand-in for the token loop's own logic (stop strings, EOS, streaming): generates
     `script` after a prompt of prompt_len tokens."""
 
-    def __init__(self, tokenizer, script, prompt_len, max_context=512, generation_config=None):
+    def __init__(self, tokenizer, script, prompt_len, max_context=512, generation_config=None, padded_vocab=0):
         from gally.config import Config
 
         self.tokenizer = tokenizer
@@ -92,7 +92,7 @@ class ScriptedModel:
         self.path = "<scripted>"
         self.rng = np.random.default_rng(0)
         self.config = Config.from_dict(dict(architectures=["LlamaForCausalLM"], hidden_size=8, intermediate_size=8,
-                                            num_hidden_layers=1, num_attention_heads=1, vocab_size=tokenizer.vocab_size,
+                                            num_hidden_layers=1, num_attention_heads=1, vocab_size=tokenizer.vocab_size + padded_vocab,
                                             eos_token_id=0))
         self.sessions: list[ScriptedSession] = []
 

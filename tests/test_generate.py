@@ -117,6 +117,14 @@ def test_stream_never_splits_emoji_or_cjk(tok):
     assert so_far == EMOJI_CJK
 
 
+def test_ids_past_the_tokenizer_vocabulary_have_no_text(tok):
+    """Models pad their embedding beyond the tokenizer (Qwen2: 151936 rows, 151665 tokens)."""
+    ids = tok.encode("Hello world")
+    model = ScriptedModel(tok, ids[:1] + [tok.vocab_size + 3] + ids[1:], 3, padded_vocab=8)
+    c = gen.generate(model, [5, 6, 7], **GREEDY)
+    assert c.text == "Hello world" and c.token_ids[1] == tok.vocab_size + 3
+
+
 def test_context_end_stops_with_length(tok):
     model, ids = scripted(tok, "The quick brown fox jumps over the lazy dog.", max_context=10, prompt_len=8)
     c = gen.generate(model, list(range(3, 11)), max_new_tokens=50, **GREEDY)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -106,9 +107,13 @@ def run_command(args: argparse.Namespace) -> int:
         _check_chat_template(model)
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
         chunks = model.chat(messages + [{"role": "user", "content": prompt}], stream=True, **kwargs)
-    last = _stream_out(chunks, sys.stdout)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    try:
+        last = _stream_out(chunks, sys.stdout)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `gally run ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     if args.verbose:
         _report(last, sys.stderr)
     return 0
@@ -150,8 +155,8 @@ def chat_command(args: argparse.Namespace) -> int:
             continue
         try:
             chunks = conv.send(text, stream=True, **kwargs)
-        except ValueError as e:  # a message longer than the context: say so and carry on
-            print(f"gally: error: {e}", file=sys.stderr)
+        except ValueError as e:  # the conversation outgrew the context: say so and carry on
+            print(f"gally: error: {e}; /reset starts a new conversation", file=sys.stderr)
             continue
         last = None
         try:

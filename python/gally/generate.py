@@ -185,6 +185,7 @@ def _steps(model, session, cache: list[int], prompt_ids: list[int], opts: _Optio
     eos = _eos_ids(model)
     sampler = Sampler(opts.params, model.config.vocab_size, opts.seed, prompt_ids)
     decoder = model.tokenizer.stream(skip_special_tokens=True) if model.tokenizer is not None else None
+    text_vocab = model.tokenizer.vocab_size if model.tokenizer is not None else 0
     stop = _StopText(opts.stop)
     generated: list[int] = []
     finish, hit_stop = "length", False
@@ -211,7 +212,9 @@ def _steps(model, session, cache: list[int], prompt_ids: list[int], opts: _Optio
                 finish = "stop"
                 yield Chunk("", [token], logprobs=lp)
                 break
-            text, hit_stop = stop.feed(decoder.step(token)) if decoder is not None else ("", False)
+            # ids past the tokenizer's vocabulary (padding rows of the embedding) have no text
+            piece = decoder.step(token) if decoder is not None and token < text_vocab else ""
+            text, hit_stop = stop.feed(piece)
             yield Chunk(text, [token], logprobs=lp)
             if hit_stop:
                 finish = "stop"

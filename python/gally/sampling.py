@@ -147,9 +147,9 @@ def top_p_filter(cands: Candidates, p: float) -> Candidates:
     top = logits.max()
     weights = np.exp(logits - top)
     target = p * float(weights.sum())
+    if n <= 2048:  # after top-k, usually: sorting all of them is cheapest
+        return _take(cands, _nucleus(logits, weights, np.arange(n), target))
     for size in (64, 512):
-        if 4 * size >= n:
-            break
         idx = _largest(logits, size)
         if float(weights[idx].sum()) >= target:
             return _take(cands, _nucleus(logits, weights, idx, target))

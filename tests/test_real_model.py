@@ -75,3 +75,22 @@ def test_bf16_weights(smollm_bf16):
         total += len(ref["input_ids"])
         agreed_prefix(got, ref["greedy_ids"][:BF16_STEPS], ref["greedy_margins"][:BF16_STEPS], BF16_NEAR_TIE)
     assert agree / total >= 0.99, f"argmax agrees with the f32 reference at {agree}/{total} positions"
+
+
+def test_transformers_reads_the_converted_folder(smollm):
+    """The cached checkpoint is a plain Hugging Face folder: transformers loads it and reproduces its
+    own GGUF-loaded reference, which checks the conversion apart from gally's engine."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import logging
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm.path, dtype=torch.float32,
+                                                              attn_implementation="eager")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm.path)
+    for name in ("gally_raw", "chat_system", "unicode"):
+        ref = reference(name)
+        assert tokenizer.encode(ref["prompt_text"], add_special_tokens=False) == ref["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ref["input_ids"]])).logits[0, -1].numpy()
+        np.testing.assert_allclose(logits[ref["last_top40_ids"]], ref["last_top40_logits"], rtol=0, atol=1e-4)

@@ -146,6 +146,13 @@ def test_defaults_come_from_generation_config(tok):
                                                                if k != "max_new_tokens"})
 
 
+def test_a_bad_generation_config_names_the_file(tok):
+    model = ScriptedModel(tok, [5], 3, generation_config={"top_p": 1.5})
+    with pytest.raises(ValueError, match="generation_config.json: top_p"):
+        gen.generate(model, [5, 6, 7])
+    assert gen.generate(model, [5, 6, 7], top_p=0.5, max_new_tokens=1).token_ids == [5]  # the argument wins
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"), (dict(min_p=2), "min_p"), (dict(repetition_penalty=0), "repetition_penalty"),

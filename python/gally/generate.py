@@ -17,6 +17,7 @@ repetition_penalty, max_new_tokens; do_sample false means greedy), field by fiel
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Iterator, Optional, Sequence, Union
 
@@ -70,8 +71,8 @@ class _Options:
 
 
 def resolve_options(model, max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
-             repetition_penalty=None, presence_penalty=None, frequency_penalty=None, seed=None, stop=None,
-             logprobs=None) -> _Options:
+                    repetition_penalty=None, presence_penalty=None, frequency_penalty=None, seed=None, stop=None,
+                    logprobs=None) -> _Options:
     """Arguments given, else the model's generation_config.json, else DEFAULTS; all checked."""
     given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                  repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
@@ -82,14 +83,21 @@ def resolve_options(model, max_new_tokens=None, temperature=None, top_k=None, to
         folder["temperature"] = 0.0
     value = {k: given[k] if given[k] is not None else folder.get(k, DEFAULTS[k]) for k in DEFAULTS}
     n = value.pop("max_new_tokens")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {n!r}")
+    try:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {n!r}")
+        params = SamplingParams(**value)
+    except ValueError as e:
+        field = str(e).split()[0]
+        if field in folder and given[field] is None:  # the bad value is the model folder's
+            raise ValueError(f"{os.path.join(model.path, 'generation_config.json')}: {e}") from None
+        raise
     if seed is not None:
         sampling.make_rng(seed)  # checks it
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, (int, np.integer))
                                  or not 0 <= logprobs <= model.config.vocab_size):
         raise ValueError(f"logprobs must be None or an integer in [0, vocab_size], got {logprobs!r}")
-    return _Options(SamplingParams(**value), int(n), seed, _stop_strings(stop), logprobs)
+    return _Options(params, int(n), seed, _stop_strings(stop), logprobs)
 
 
 def _stop_strings(stop) -> tuple[str, ...]:

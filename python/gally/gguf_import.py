@@ -14,6 +14,7 @@ What llama.cpp's converter changed, undone here:
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -296,7 +297,10 @@ def convert(path: str, out_dir: str, dtype: str = "f32", progress: Optional[bool
 def write_folder(plan: _Plan, path: str, folder: str, dtype: str, progress: Optional[bool] = None) -> None:
     """Writes config, tokenizer and weights of `plan` into the existing empty `folder`."""
     _write_json(os.path.join(folder, "config.json"), plan.config)
-    plan.tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    try:
+        plan.tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception on I/O errors
+        raise OSError(errno.EIO, f"writing {folder}/tokenizer.json failed ({e})") from None
     _write_json(os.path.join(folder, "tokenizer_config.json"), plan.tokenizer_config)
     generation = {k: plan.config[k] for k in ("bos_token_id", "pad_token_id") if k in plan.config}
     if plan.eos_ids:
@@ -353,8 +357,25 @@ def _write_shard(folder: str, index: int, tensors: dict[str, np.ndarray]) -> lis
                                                 data_len=w.nbytes)
         else:
             specs[key] = {"dtype": st_dtype, "shape": list(w.shape), "data": w.tobytes()}
-    safetensors.serialize_file(specs, os.path.join(folder, f"shard-{index}.safetensors"), metadata={"format": "pt"})
+    path = os.path.join(folder, f"shard-{index}.safetensors")
+    try:
+        safetensors.serialize_file(specs, path, metadata={"format": "pt"})
+    except Exception as e:  # SafetensorError is no OSError
+        full = any(s in str(e) for s in ("code: 28", "StorageFull", "No space left"))
+        raise OSError(errno.ENOSPC if full else errno.EIO, f"writing {path} failed ({e})") from None
+    _check_written(path, sum(w.nbytes for w in tensors.values()))
     return list(tensors)
+
+
+def _check_written(path: str, data_bytes: int) -> None:
+    """A full disk can end a buffered write without an error; the file's size tells."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+        header = int.from_bytes(f.read(8), "little")
+        size = os.fstat(f.fileno()).st_size
+    if size != 8 + header + data_bytes:
+        raise OSError(errno.ENOSPC, f"{path} holds {size} of its {8 + header + data_bytes} bytes: the disk is full "
+                                    f"or failing")
 
 
 def _write_json(path: str, data: dict) -> None:

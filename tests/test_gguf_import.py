@@ -360,3 +360,18 @@ def _safetensors_header(path) -> dict:
         n = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(n))
 
+
+
+def test_large_models_are_sharded(tmp_path, monkeypatch):
+    cfg = tiny_config()
+    weights = random_weights(cfg, seed=9)
+    held = write_gguf(tmp_path / "m.gguf", cfg, weights, dict.fromkeys(matrices(weights), "Q8_0"))
+    monkeypatch.setattr(gguf_import, "SHARD_BYTES", 40_000)
+    out = gguf_import.convert(tmp_path / "m.gguf", tmp_path / "c")
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and sorted(index["weight_map"]) == sorted(held)
+    assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == files
+    ids = token_ids(cfg["vocab_size"])
+    np.testing.assert_allclose(gally.load(out).logits(ids), gally.load(write_hf(tmp_path / "o", cfg, held)).logits(ids),
+                               rtol=0, atol=1e-5)

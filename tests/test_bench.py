@@ -206,11 +206,15 @@ def test_worker_reports_a_failing_engine():
 
 
 def test_llama_bench_json_is_read_per_test():
+    # the fields llama-bench -o json writes that the harness reads (build 0c1e570)
     text = json.dumps([
-        {"n_prompt": 512, "n_gen": 0, "n_depth": 0, "avg_ts": 500.0, "stddev_ts": 10.0, "samples_ts": [490.0, 510.0]},
-        {"n_prompt": 0, "n_gen": 128, "n_depth": 2048, "avg_ts": 60.0, "stddev_ts": 1.0},
+        {"build_commit": "0c1e570", "model_type": "llama 256M BF16", "n_prompt": 512, "n_gen": 0, "n_depth": 0,
+         "avg_ns": 1e9, "avg_ts": 500.0, "stddev_ts": 10.0, "samples_ts": [490.0, 510.0]},
+        {"build_commit": "0c1e570", "model_type": "llama 256M BF16", "n_prompt": 0, "n_gen": 128, "n_depth": 2048,
+         "avg_ts": 60.0, "stddev_ts": 1.0},
     ])
-    got = parse_llama_bench(text)
+    got, about = parse_llama_bench(text)
+    assert about == "build 0c1e570, llama 256M BF16"
     assert got[("pp", 512, 0)] == Stat.of([490.0, 510.0])
     assert got[("tg", 128, 2048)].mean == 60.0 and got[("tg", 128, 2048)].std == 1.0
     assert BenchTest("tg", 128, 2048).label == "tg128 @ d2048"

@@ -9,8 +9,8 @@ import subprocess
 from .stats import Stat
 
 
-def run_llama_bench(tool: str, gguf: str, prompts, gens, depths, threads: int, reps: int) -> dict:
-    """(kind, tokens, depth) → tokens/s Stat over llama-bench's repetitions."""
+def run_llama_bench(tool: str, gguf: str, prompts, gens, depths, threads: int, reps: int) -> tuple:
+    """({(kind, tokens, depth): tokens/s Stat over llama-bench's repetitions}, llama-bench's build and model type)."""
     cmd = [tool, "-m", gguf, "-t", str(threads), "-r", str(reps), "-o", "json",
            "-p", ",".join(map(str, prompts or [0])), "-n", ",".join(map(str, gens or [0])),
            "-d", ",".join(map(str, depths))]
@@ -20,13 +20,14 @@ def run_llama_bench(tool: str, gguf: str, prompts, gens, depths, threads: int, r
     return parse(p.stdout)
 
 
-def parse(text: str) -> dict:
-    out = {}
+def parse(text: str) -> tuple:
+    out, about = {}, ""
     for test in json.loads(text):
+        about = f"build {test.get('build_commit', '?')}, {test.get('model_type', '?')}"
         if test["n_prompt"] and test["n_gen"]:
             continue  # a combined pp+tg test; the harness asks for none
         kind, n = ("pp", test["n_prompt"]) if test["n_prompt"] else ("tg", test["n_gen"])
         samples = test.get("samples_ts")
         stat = Stat.of(samples) if samples else Stat(float(test["avg_ts"]), float(test["stddev_ts"]), ())
         out[(kind, int(n), int(test.get("n_depth", 0)))] = stat
-    return out
+    return out, about

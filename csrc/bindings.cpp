@@ -119,6 +119,23 @@ PYBIND11_MODULE(_core, m) {
            py::arg("name"), py::arg("dtype"), py::arg("shape"), py::arg("begin"), py::arg("end"));
 
   m.def("tensor_views", &tensor_views, py::arg("file"), py::arg("entries"));
+  m.def(
+      "tensor_from_numpy",
+      [](const std::string& name, const std::string& dtype, py::array a) {
+        // An owned copy, for tensors made in memory (quantized at load).
+        const size_t es = safetensors_dtype_size(dtype);
+        if (es == 0 || size_t(a.itemsize()) != es)
+          throw std::invalid_argument("tensor '" + name + "': dtype " + dtype + " does not match the array");
+        py::array c = py::array::ensure(a, py::array::c_style);
+        Tensor t;
+        t.name = name;
+        t.dtype = dtype;
+        t.shape.assign(c.shape(), c.shape() + c.ndim());
+        t.owned = std::make_shared<std::vector<uint8_t>>((const uint8_t*)c.data(), (const uint8_t*)c.data() + c.nbytes());
+        t.data = t.owned->data();
+        return t;
+      },
+      py::arg("name"), py::arg("dtype"), py::arg("array"));
 
   py::class_<ModelConfig>(m, "ModelConfig")
       .def(py::init<>())
@@ -145,13 +162,10 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("weight_bytes", &Model::weight_bytes)
       .def_readonly("copied_bytes", &Model::copied_bytes)
       .def_property_readonly("dtypes", [](const Model& m) {
-        std::map<std::string, int> counts;  // matrices per compute dtype
-        auto add = [&](const Matrix& w) { counts[dtype_name(w.dtype)] += 1; };
-        add(m.embed_tokens);
+        std::map<std::string, int> counts;  // the layers' matrices per format
         for (const auto& L : m.layers)
           for (const Matrix* w : {&L.q_proj, &L.k_proj, &L.v_proj, &L.o_proj, &L.gate_proj, &L.up_proj, &L.down_proj})
-            add(*w);
-        if (!m.config.tie_word_embeddings) add(m.lm_head);
+            counts[dtype_name(w->dtype)] += 1;
         return counts;
       });
 
@@ -212,6 +226,39 @@ PYBIND11_MODULE(_core, m) {
     }
     auto yv = y.mutable_data();
     k.matmul(x.data(), W.data(), t, bias.is_none() ? nullptr : b.data(), yv, n_tok, n_in, n_out, r0, r1, accumulate);
+    return y;
+  });
+  m.def("kernel_quantize_rows", [](const std::string& isa, Array<float> x) {
+    require(x.ndim() == 2 && x.shape(1) % QGROUP == 0, "x must be [n, a multiple of 32]");
+    const int n = int(x.shape(0)), n_in = int(x.shape(1));
+    Array<int16_t> q({n, n_in});
+    Array<float> s({n, n_in / QGROUP}), sum({n, n_in / QGROUP});
+    kernels_named(isa).quantize_rows(x.data(), n, n_in, q.mutable_data(), s.mutable_data(), sum.mutable_data());
+    return py::make_tuple(q, s, sum);
+  });
+  m.def("kernel_matmul_quantized", [](const std::string& isa, Array<int16_t> xq, Array<float> xs, Array<float> xsum,
+                                      py::array Wq, Array<uint16_t> Ws, py::object Wm, Array<float> y, int r0, int r1) {
+    // Wq int8 [n_out, n_in] (int8 weights) or uint8 [n_out, n_in/2] (int4, with Wm)
+    const Kernels& k = kernels_named(isa);
+    const int n_tok = int(xq.shape(0)), n_in = int(xq.shape(1)), n_out = int(Wq.shape(0));
+    const bool q4 = !Wm.is_none();
+    require(Wq.ndim() == 2 && Wq.itemsize() == 1 && (Wq.flags() & py::array::c_style) &&
+                Wq.shape(1) == (q4 ? n_in / 2 : n_in),
+            "Wq has the wrong shape or layout");
+    require(Ws.ndim() == 2 && Ws.shape(0) == n_out && Ws.shape(1) == n_in / QGROUP, "Ws must be [n_out, n_in/32]");
+    require(y.ndim() == 2 && y.shape(0) == n_tok && y.shape(1) == n_out && 0 <= r0 && r0 <= r1 && r1 <= n_out,
+            "y or the row range has the wrong shape");
+    require(xs.size() == n_tok * (n_in / QGROUP) && xsum.size() == xs.size(), "xs, xsum must be [n, n_in/32]");
+    float* out = y.mutable_data();
+    if (q4) {
+      Array<uint16_t> m = Wm.cast<Array<uint16_t>>();
+      require(m.size() == Ws.size(), "Wm must be [n_out, n_in/32]");
+      k.matmul_q4(xq.data(), xs.data(), xsum.data(), (const uint8_t*)Wq.data(), Ws.data(), m.data(), nullptr, out,
+                  n_tok, n_in, n_out, r0, r1, false);
+    } else {
+      k.matmul_q8(xq.data(), xs.data(), (const int8_t*)Wq.data(), Ws.data(), nullptr, out, n_tok, n_in, n_out, r0, r1,
+                  false);
+    }
     return y;
   });
   m.def("kernel_rmsnorm", [](const std::string& isa, Array<float> x, Array<float> w, float eps) {

@@ -6,11 +6,20 @@
 
 namespace gally {
 
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+// Weight formats: floats, and the grouped integer formats of kernels.h (int8, int4).
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, Q8 = 3, Q4 = 4 };
 
-inline size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+inline bool is_quantized(DType t) { return t == DType::Q8 || t == DType::Q4; }
+inline size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }  // float formats only
 inline const char* dtype_name(DType t) {
-  return t == DType::F32 ? "f32" : t == DType::BF16 ? "bf16" : "f16";
+  switch (t) {
+    case DType::F32: return "f32";
+    case DType::BF16: return "bf16";
+    case DType::F16: return "f16";
+    case DType::Q8: return "int8";
+    case DType::Q4: return "int4";
+  }
+  return "?";
 }
 
 // bf16 is the top half of an f32.

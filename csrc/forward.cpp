@@ -44,18 +44,53 @@ void thread_rows(int n, int block, int* r0, int* r1) {
   *r1 = std::min(n, int(long(blocks) * (id + 1) / nt) * block);
 }
 
-// y [n, W.rows] (+)= x [n, W.cols] · Wᵀ (+ b), the rows split over the threads; ends at a barrier.
-void matmul_parallel(const Kernels& k, const Matrix& W, const float* x, int n, const float* bias, float* y,
+// A matmul's input [n, cols]: f32, and int8-quantized (kernels.h) when the model has quantized weights.
+struct Input {
+  const float* x;
+  const int16_t* q = nullptr;
+  const float* scale = nullptr;
+  const float* sum = nullptr;
+};
+
+// y[t, r] (+)= b[r] + Σ_k in[t, k] · W[r, k] for rows [r0, r1): the kernel for W's format.
+void matmul(const Kernels& k, const Matrix& W, const Input& in, int n, const float* bias, float* y, int ldy, int r0,
+            int r1, bool accumulate) {
+  switch (W.dtype) {
+    case DType::Q8:
+      return k.matmul_q8(in.q, in.scale, (const int8_t*)W.data, W.scales, bias, y, n, W.cols, ldy, r0, r1, accumulate);
+    case DType::Q4:
+      return k.matmul_q4(in.q, in.scale, in.sum, (const uint8_t*)W.data, W.scales, W.mins, bias, y, n, W.cols, ldy, r0,
+                         r1, accumulate);
+    default:
+      return k.matmul(in.x, W.data, W.dtype, bias, y, n, W.cols, ldy, r0, r1, accumulate);
+  }
+}
+
+// y [n, W.rows] (+)= in [n, W.cols] · Wᵀ (+ b), the rows split over the threads; ends at a barrier.
+void matmul_parallel(const Kernels& k, const Matrix& W, const Input& in, int n, const float* bias, float* y,
                      bool accumulate) {
   int r0, r1;
   thread_rows(W.rows, 48, &r0, &r1);
-  if (r0 < r1) k.matmul(x, W.data, W.dtype, bias, y, n, W.cols, W.rows, r0, r1, accumulate);
+  if (r0 < r1) matmul(k, W, in, n, bias, y, W.rows, r0, r1, accumulate);
 #pragma omp barrier
 }
 
 void embed_row(const Matrix& E, int id, float* out) {
   const size_t off = size_t(id) * E.cols;
+  const int groups = E.cols / QGROUP;
   switch (E.dtype) {
+    case DType::Q8:
+      for (int i = 0; i < E.cols; ++i)
+        out[i] = ((const int8_t*)E.data)[off + i] * f16_to_f32(E.scales[size_t(id) * groups + i / QGROUP]);
+      break;
+    case DType::Q4:
+      for (int i = 0; i < E.cols; ++i) {
+        const uint8_t* group = (const uint8_t*)E.data + off / 2 + (i / QGROUP) * (QGROUP / 2);
+        const int j = i % QGROUP, q = j < QGROUP / 2 ? group[j] & 0xf : group[j - QGROUP / 2] >> 4;
+        const size_t g = size_t(id) * groups + i / QGROUP;
+        out[i] = q * f16_to_f32(E.scales[g]) + f16_to_f32(E.mins[g]);
+      }
+      break;
     case DType::F32: std::memcpy(out, (const float*)E.data + off, size_t(E.cols) * 4); break;
     case DType::BF16:
       for (int i = 0; i < E.cols; ++i) out[i] = bf16_to_f32(((const uint16_t*)E.data)[off + i]);
@@ -87,6 +122,14 @@ Session::Session(std::shared_ptr<const Model> model, int max_context)
   up_.resize(B * c.intermediate_size);
   probs_.resize(size_t(m_->threads) * max_ctx_);
   xb_local_.resize(size_t(m_->threads) * c.hidden_size);
+  if (m_->quantized) {  // int8 copies of a matmul's input: the widest is the FFN's
+    qdim_ = std::max({c.hidden_size, int(QD), c.intermediate_size});
+    xq_.resize(B * qdim_);
+    xs_.resize(B * qdim_ / QGROUP);
+    xsum_.resize(B * qdim_ / QGROUP);
+    xq_local_.resize(size_t(m_->threads) * qdim_);
+    xs_local_.resize(size_t(m_->threads) * 2 * (qdim_ / QGROUP));
+  }
   // θ = position · inv_freq in f32, as the reference computes it.
   const int half = hd_ / 2;
   cos_.resize(size_t(max_ctx_) * half);
@@ -157,6 +200,26 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
     return xb;
   };
 
+  // Quantized weights multiply int16 activations: an input is quantized once per step, by every
+  // thread into its own buffer for a single token, split over the threads for a batch.
+  auto prepare = [&](const float* in, int rows, int n_in) -> Input {
+    Input a{in};
+    if (!m_->quantized || n_in % QGROUP != 0) return a;
+    const int groups = n_in / QGROUP;
+    if (rows == 1) {
+      const size_t id = thread_id();
+      int16_t* q = xq_local_.data() + id * qdim_;
+      float* s = xs_local_.data() + 2 * id * (qdim_ / QGROUP);
+      k.quantize_rows(in, 1, n_in, q, s, s + qdim_ / QGROUP);
+      return Input{in, q, s, s + qdim_ / QGROUP};
+    }
+#pragma omp for
+    for (int t = 0; t < rows; ++t)
+      k.quantize_rows(in + size_t(t) * n_in, 1, n_in, xq_.data() + size_t(t) * n_in, xs_.data() + size_t(t) * groups,
+                      xsum_.data() + size_t(t) * groups);
+    return Input{in, xq_.data(), xs_.data(), xsum_.data()};
+  };
+
 #pragma omp parallel num_threads(m_->threads)
   {
 #pragma omp for
@@ -167,7 +230,7 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
       const LayerWeights& L = m_->layers[l];
       // Attention: each token asks its questions (q) of every earlier token's keys (k) and
       // takes their values (v) in proportion.
-      const float* h = normalize(L.input_layernorm);
+      const Input h = prepare(normalize(L.input_layernorm), n, D);
       {  // q, k, v a head at a time; a thread turns its own q and k heads by RoPE (the position
          // enters here) and files its k and v heads in the cache, with no barrier in between.
         int h0, h1;
@@ -179,7 +242,7 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
           const float* b = is_q ? L.q_bias : is_k ? L.k_bias : L.v_bias;
           float* y = is_q ? q : is_k ? kb : vb;
           const int ld = is_q ? QD : KVD;
-          k.matmul(h, W.data, W.dtype, b, y, n, D, ld, j * HD, (j + 1) * HD, false);
+          matmul(k, W, h, n, b, y, ld, j * HD, (j + 1) * HD, false);
           for (int t = 0; t < n; ++t) {
             float* yt = y + size_t(t) * ld + j * HD;
             if (!is_q && !is_k) {
@@ -203,22 +266,22 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
           std::memcpy(dst, probs, size_t(ctx) * 4);
         }
       }
-      matmul_parallel(k, L.o_proj, att, n, L.o_bias, x, true);  // x += o_proj(att)
+      matmul_parallel(k, L.o_proj, prepare(att, n, QD), n, L.o_bias, x, true);  // x += o_proj(att)
 
       // Feed-forward: x += down(silu(gate(x̂)) ⊙ up(x̂)); a thread owns the same rows of gate and
       // up, so it applies the SwiGLU to them at once.
-      h = normalize(L.post_attention_layernorm);
+      const Input h2 = prepare(normalize(L.post_attention_layernorm), n, D);
       {
         int r0, r1;
         thread_rows(F, 16, &r0, &r1);
         if (r0 < r1) {
-          k.matmul(h, L.gate_proj.data, L.gate_proj.dtype, L.gate_bias, gate, n, D, F, r0, r1, false);
-          k.matmul(h, L.up_proj.data, L.up_proj.dtype, L.up_bias, up, n, D, F, r0, r1, false);
+          matmul(k, L.gate_proj, h2, n, L.gate_bias, gate, F, r0, r1, false);
+          matmul(k, L.up_proj, h2, n, L.up_bias, up, F, r0, r1, false);
           for (int t = 0; t < n; ++t) k.silu_mul(gate + size_t(t) * F + r0, up + size_t(t) * F + r0, r1 - r0);
         }
 #pragma omp barrier
       }
-      matmul_parallel(k, L.down_proj, gate, n, L.down_bias, x, true);
+      matmul_parallel(k, L.down_proj, prepare(gate, n, F), n, L.down_bias, x, true);
       record_hidden(l + 1);
     }
 
@@ -227,7 +290,7 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
       const int first = all_logits ? 0 : n - 1, count = n - first;
 #pragma omp for
       for (int t = first; t < n; ++t) k.rmsnorm(xb + size_t(t) * D, x + size_t(t) * D, m_->norm, D, c.rms_norm_eps);
-      matmul_parallel(k, m_->lm_head, xb + size_t(first) * D, count, nullptr, logits, false);
+      matmul_parallel(k, m_->lm_head, prepare(xb + size_t(first) * D, count, D), count, nullptr, logits, false);
     }
   }
   pos_ += n;

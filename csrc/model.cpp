@@ -2,6 +2,8 @@
 
 #include <stdexcept>
 
+#include "kernels/kernels.h"
+
 namespace gally {
 namespace {
 
@@ -24,8 +26,17 @@ float element(const void* p, DType t, int64_t i) {
     case DType::F32: return ((const float*)p)[i];
     case DType::BF16: return bf16_to_f32(((const uint16_t*)p)[i]);
     case DType::F16: return f16_to_f32(((const uint16_t*)p)[i]);
+    default: return 0;  // quantized matrices are never converted
   }
-  return 0;
+}
+
+size_t matrix_bytes(const Matrix& w) {
+  const size_t n = size_t(w.rows) * w.cols, groups = n / QGROUP;
+  switch (w.dtype) {
+    case DType::Q8: return n + groups * 2;
+    case DType::Q4: return n / 2 + groups * 4;
+    default: return n * dtype_size(w.dtype);
+  }
 }
 
 class Builder {
@@ -52,7 +63,10 @@ class Builder {
   }
 
   // A matrix in the compute dtype: a view when the stored dtype matches and is aligned, else a copy.
+  // `name` ends in ".weight"; a quantized checkpoint stores ".qweight", ".scales" (and ".mins").
   Matrix matrix(const std::string& name, int rows, int cols) {
+    const std::string base = name.substr(0, name.size() - 7);
+    if (!has(name) && has(base + ".qweight")) return quantized(base, rows, cols);
     const Tensor& t = find(name, {rows, cols});
     DType from;
     as_compute_dtype(t.dtype, &from);
@@ -77,6 +91,41 @@ class Builder {
     return (const float*)convert(t, from, DType::F32, /*count=*/false);
   }
 
+  Matrix quantized(const std::string& base, int rows, int cols) {
+    const Tensor& q = tensors_.at(base + ".qweight");
+    if (cols % QGROUP != 0)
+      throw std::invalid_argument("tensor '" + base + ".qweight': " + std::to_string(cols) +
+                                  " columns is not a multiple of the group size " + std::to_string(QGROUP));
+    const bool q4 = q.dtype == "U8";
+    if (!q4 && q.dtype != "I8")
+      throw std::invalid_argument("tensor '" + base + ".qweight' has dtype " + q.dtype +
+                                  "; quantized weights are I8 (int8) or U8 (packed int4)");
+    const std::vector<int64_t> qshape = {rows, q4 ? cols / 2 : cols}, sshape = {rows, cols / QGROUP};
+    if (q.shape != qshape)
+      throw std::invalid_argument("tensor '" + base + ".qweight' has shape " + shape_str(q.shape) +
+                                  " but the config implies " + shape_str(qshape));
+    Matrix mat{q.data, q4 ? DType::Q4 : DType::Q8, rows, cols};
+    auto f16 = [&](const std::string& name) {
+      auto it = tensors_.find(name);
+      if (it == tensors_.end())
+        throw std::invalid_argument("missing tensor '" + name + "' for the quantized weight '" + base + ".qweight'");
+      const Tensor& t = it->second;
+      if (t.dtype != "F16" || t.shape != sshape)
+        throw std::invalid_argument("tensor '" + name + "' must be F16 " + shape_str(sshape) + " (groups of " +
+                                    std::to_string(QGROUP) + "), got " + t.dtype + " " + shape_str(t.shape));
+      if (uintptr_t(t.data) % 2) throw std::invalid_argument("tensor '" + name + "' is not 2-byte aligned");
+      m_.storage.push_back(t);
+      m_.weight_bytes += size_t(t.numel()) * 2;
+      return (const uint16_t*)t.data;
+    };
+    mat.scales = f16(base + ".scales");
+    if (q4) mat.mins = f16(base + ".mins");
+    m_.storage.push_back(q);
+    m_.weight_bytes += size_t(q.numel());
+    m_.quantized = true;
+    return mat;
+  }
+
   const float* optional_vector(const std::string& name, int n, bool expected) {
     if (!expected && !has(name)) return nullptr;
     return vector(name, n);
@@ -97,6 +146,7 @@ class Builder {
         case DType::F32: ((float*)dst)[i] = f; break;
         case DType::BF16: ((uint16_t*)dst)[i] = from == DType::BF16 ? ((const uint16_t*)s)[i] : f32_to_bf16(f); break;
         case DType::F16: ((uint16_t*)dst)[i] = from == DType::F16 ? ((const uint16_t*)s)[i] : f32_to_f16(f); break;
+        default: break;
       }
     }
     Tensor owned;
@@ -182,8 +232,7 @@ std::shared_ptr<Model> build_model(const ModelConfig& c, const std::map<std::str
   if (c.tie_word_embeddings) m->lm_head = m->embed_tokens;
   else m->lm_head = b.matrix("lm_head.weight", c.vocab_size, D);
   // A token reads one row of the embedding but all of lm_head (the same matrix when tied).
-  const size_t embed_bytes = size_t(c.vocab_size) * D * dtype_size(m->embed_tokens.dtype);
-  if (!c.tie_word_embeddings) m->weight_bytes -= embed_bytes;
+  if (!c.tie_word_embeddings) m->weight_bytes -= matrix_bytes(m->embed_tokens);
   return m;
 }
 

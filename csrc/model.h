@@ -29,11 +29,15 @@ struct ModelConfig {
   int sliding_window = 0;       // 0: full attention
 };
 
-// W [rows, cols] row-major in `dtype`.
+// W [rows, cols] row-major in `dtype`. For int8/int4, data holds the quantized values (int8
+// [rows, cols], or two int4 per byte [rows, cols/2]) and scales/mins their float16 groups
+// [rows, cols/32] (kernels.h).
 struct Matrix {
   const void* data = nullptr;
   DType dtype = DType::F32;
   int rows = 0, cols = 0;
+  const uint16_t* scales = nullptr;
+  const uint16_t* mins = nullptr;
 };
 
 struct LayerWeights {
@@ -57,6 +61,7 @@ struct Model {
   Matrix lm_head;               // [vocab, hidden]; the embedding matrix when tied
   std::vector<Tensor> storage;  // keeps mapped files and converted copies alive
   size_t weight_bytes = 0;      // bytes of weights one token's forward pass reads
+  bool quantized = false;       // some matrix multiplies int16-quantized activations
   size_t copied_bytes = 0;      // matrix bytes converted or copied at load (0: all zero-copy;
                                 // 16-bit norm and bias vectors, kilobytes, are always widened)
 };

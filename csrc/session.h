@@ -49,6 +49,11 @@ class Session {
   std::vector<float> gate_, up_;  // [B, intermediate]
   std::vector<float> probs_;  // [threads, max_context] softmax scratch
   std::vector<float> xb_local_;  // [threads, hidden] a single token's normalised input, per thread
+  // Quantized models: a matmul input in int16 with its group scales and sums (kernels.h), for a
+  // batch [B, qdim] and, for a single token, per thread.
+  int qdim_ = 0;
+  std::vector<int16_t> xq_, xq_local_;
+  std::vector<float> xs_, xsum_, xs_local_;
 };
 
 }  // namespace gally

@@ -45,9 +45,12 @@ using V = S::V;
 
 #include "kernels/simd_kernels.inl"
 
+constexpr int QROWS = 2, QTOKENS = 4;
+#include "kernels/quant_kernels.inl"
+
 }  // namespace avx2
 
 const Kernels kernels_avx2 = {"avx2", avx2::matmul, avx2::rmsnorm, avx2::rope, avx2::attention,
-                              avx2::silu_mul};
+                              avx2::silu_mul, avx2::quantize_rows, avx2::matmul_q8, avx2::matmul_q4};
 
 }  // namespace gally

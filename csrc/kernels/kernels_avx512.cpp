@@ -40,9 +40,12 @@ using V = S::V;
 
 #include "kernels/simd_kernels.inl"
 
+constexpr int QROWS = 4, QTOKENS = 4;
+#include "kernels/quant_kernels.inl"
+
 }  // namespace avx512
 
-const Kernels kernels_avx512 = {"avx512", avx512::matmul, avx512::rmsnorm, avx512::rope,
-                                avx512::attention, avx512::silu_mul};
+const Kernels kernels_avx512 = {"avx512", avx512::matmul, avx512::rmsnorm, avx512::rope, avx512::attention,
+                              avx512::silu_mul, avx512::quantize_rows, avx512::matmul_q8, avx512::matmul_q4};
 
 }  // namespace gally

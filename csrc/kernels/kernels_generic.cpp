@@ -9,7 +9,7 @@ namespace {
 
 inline float load(const float* p, int i) { return p[i]; }
 inline float load(const uint16_t* p, int i, DType t) {
-  return t == DType::BF16 ? bf16_to_f32(p[i]) : f16_to_f32(p[i]);
+  return t == DType::BF16 ? bf16_to_f32(p[i]) : f16_to_f32(p[i]);  // float formats only
 }
 
 // Σ_k x[k] · w[k] in 8 independent lanes, which compilers vectorise without reassociating.
@@ -82,8 +82,67 @@ void silu_mul(float* g, const float* u, int n) {
   for (int i = 0; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+void quantize_rows(const float* x, int n, int n_in, int16_t* xq, float* xs, float* xsum) {
+  const int groups = n_in / QGROUP;
+  for (long g = 0; g < long(n) * groups; ++g) {
+    const float* v = x + g * QGROUP;
+    float amax = 0, sum = 0;
+    for (int i = 0; i < QGROUP; ++i) amax = std::fmax(amax, std::fabs(v[i]));
+    for (int i = 0; i < QGROUP; ++i) sum += v[i];
+    const float inv = amax > 0 ? 32767.0f / amax : 0.0f;
+    for (int i = 0; i < QGROUP; ++i) xq[g * QGROUP + i] = int16_t(std::nearbyint(v[i] * inv));
+    xs[g] = amax / 32767.0f;
+    xsum[g] = sum;
+  }
+}
+
+// The int4 value i (0 … 31) of a packed group.
+inline int nibble(const uint8_t* group, int i) {
+  return i < QGROUP / 2 ? group[i] & 0xf : group[i - QGROUP / 2] >> 4;
+}
+
+template <bool Q4>
+void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
+              const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+              bool accumulate) {
+  const int groups = n_in / QGROUP;
+  for (int t = 0; t < n_tok; ++t)
+    for (int r = r0; r < r1; ++r) {
+      float s = 0;
+      for (int g = 0; g < groups; ++g) {
+        const int16_t* xg = xq + (long(t) * groups + g) * QGROUP;
+        int32_t dot = 0;
+        if (Q4) {
+          const uint8_t* wg = (const uint8_t*)Wq + (long(r) * groups + g) * (QGROUP / 2);
+          for (int i = 0; i < QGROUP; ++i) dot += int32_t(xg[i]) * nibble(wg, i);
+        } else {
+          const int8_t* wg = (const int8_t*)Wq + (long(r) * groups + g) * QGROUP;
+          for (int i = 0; i < QGROUP; ++i) dot += int32_t(xg[i]) * wg[i];
+        }
+        const long tg = long(t) * groups + g, rg = long(r) * groups + g;
+        s += float(dot) * (xs[tg] * f16_to_f32(Ws[rg]));
+        if (Q4) s += xsum[tg] * f16_to_f32(Wm[rg]);
+      }
+      if (b) s += b[r];
+      float& o = y[long(t) * ldy + r];
+      o = accumulate ? o + s : s;
+    }
+}
+
+void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
+               int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
+  matmul_q<false>(xq, xs, nullptr, Wq, Ws, nullptr, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+}
+
+void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
+               const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+               bool accumulate) {
+  matmul_q<true>(xq, xs, xsum, Wq, Ws, Wm, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+}
+
 }  // namespace
 
-const Kernels kernels_generic = {"generic", matmul, rmsnorm, rope, attention, silu_mul};
+const Kernels kernels_generic = {"generic", matmul,    rmsnorm,   rope,     attention,
+                                 silu_mul,  quantize_rows, matmul_q8, matmul_q4};
 
 }  // namespace gally

@@ -110,6 +110,8 @@ void matmul(const float* x, const void* W, DType wtype, const float* b, float* y
       return matmul_typed<WeightBF16>(x, (const uint16_t*)W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
     case DType::F16:
       return matmul_typed<WeightF16>(x, (const uint16_t*)W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+    default:
+      return;  // quantized weights have their own kernels
   }
 }
 

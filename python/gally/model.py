@@ -16,7 +16,8 @@ from .config import Config
 # 4096 tokens cost 46 MB of f32 cache for SmolLM2-135M and 2 GB for Llama-3-8B.
 MAX_CONTEXT_CAP = 4096
 
-DTYPES = ("f32", "bf16", "f16")
+DTYPES = ("f32", "bf16", "f16", "int8", "int4")
+QUANTIZED = ("int8", "int4")
 
 
 def physical_cores() -> int:
@@ -182,14 +183,15 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
          max_context: Optional[int] = None) -> Model:
     """Loads a model: a Hugging Face folder, a .gguf file, or an alias (default: smollm2-135m-instruct).
 
-    dtype: None keeps the stored dtype; "f32", "bf16" or "f16" converts once at load.
+    dtype: None keeps the stored dtype; "f32", "bf16" or "f16" converts once at load; "int8" or
+    "int4" quantizes a float checkpoint at load (`gally quantize` stores one, loaded zero-copy).
     threads: default, the physical cores. max_context: default, the config's
     max_position_embeddings capped at 4096 tokens (the KV cache is allocated per session).
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
     threads = physical_cores() if threads is None else _check_positive_int(threads, "threads")
-    folder = sources.resolve(source, dtype)
+    folder = sources.resolve(source, None if dtype in QUANTIZED else dtype)
     cfg = config_mod.read(folder)
     if max_context is None:
         max_context = min(cfg.max_position_embeddings, MAX_CONTEXT_CAP)
@@ -198,6 +200,7 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     else:
         max_context = _check_positive_int(max_context, "max_context")
     tensors = safetensors_file.open_checkpoint(folder)
+    tensors, dtype = _quantization(folder, tensors, dtype)
     cc = _core.ModelConfig()
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "tie_word_embeddings",
@@ -212,6 +215,25 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
         raise ValueError(f"{folder}: {e}") from None
     return Model(folder, cfg, core, max_context, tokenizer=_load_tokenizer(folder),
                  generation_config=_load_generation_config(folder))
+
+
+def _quantization(folder: str, tensors: dict, dtype: Optional[str]) -> tuple[dict, Optional[str]]:
+    """Checks a quantized checkpoint's format (tag, scales, group sizes), or quantizes a float
+    one when dtype asks for int8/int4. Returns the tensors and the dtype for the float ones."""
+    from . import quantize
+
+    stored = quantize.read_checkpoint(folder)
+    if stored is not None:
+        if dtype not in (None, stored.quant_type):
+            raise ValueError(f"{folder}: the checkpoint is quantized to {stored.quant_type}; "
+                             f"load it with dtype=None or {stored.quant_type!r}, not {dtype!r}")
+        return tensors, None
+    if dtype not in QUANTIZED:
+        return tensors, dtype
+    arrays = {name: (t.dtype, t.numpy()) for name, t in tensors.items()}
+    out, _ = quantize.quantize_tensors(arrays, dtype)
+    return {name: tensors[name] if name in tensors and out[name][1] is arrays[name][1]
+            else _core.tensor_from_numpy(name, dt, a) for name, (dt, a) in out.items()}, None
 
 
 def _load_tokenizer(folder: str):

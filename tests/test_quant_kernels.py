@@ -1,0 +1,99 @@
+"""The int8/int4 kernels: int16 activation quantization and the integer matmuls against NumPy, and each
+SIMD set against its scalar twin, for every instruction set this CPU runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gally import _core
+from conftest import ISAS
+
+G = 32
+
+
+def quantize_acts(x):
+    """NumPy statement of the kernels' activation quantization (per group of 32)."""
+    g = x.reshape(x.shape[0], -1, G).astype(np.float32)
+    amax = np.abs(g).max(-1)
+    inv = np.where(amax > 0, np.float32(32767) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(g * inv[..., None]).astype(np.int16)
+    return q.reshape(x.shape), (amax / np.float32(32767)).astype(np.float32), g.sum(-1)
+
+
+def random_q8(rng, rows, cols):
+    q = rng.integers(-127, 128, (rows, cols)).astype(np.int8)
+    s = (rng.uniform(0.001, 0.02, (rows, cols // G))).astype(np.float16)
+    w = q.reshape(rows, -1, G) * s.astype(np.float64)[..., None]
+    return q, s, w.reshape(rows, cols)
+
+
+def random_q4(rng, rows, cols):
+    q = rng.integers(0, 16, (rows, cols)).astype(np.uint8)
+    s = rng.uniform(0.001, 0.02, (rows, cols // G)).astype(np.float16)
+    m = rng.uniform(-0.1, 0.0, (rows, cols // G)).astype(np.float16)
+    w = q.reshape(rows, -1, G) * s.astype(np.float64)[..., None] + m.astype(np.float64)[..., None]
+    g = q.reshape(rows, -1, 2, G // 2)
+    packed = (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(rows, cols // 2)
+    return packed, s, m, w.reshape(rows, cols)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_quantize_rows(isa):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((7, 96)) * rng.uniform(0.1, 10, (7, 1))).astype(np.float32)
+    x[2, :32] = 0  # an all-zero group
+    q, s, total = _core.kernel_quantize_rows(isa, x)
+    wq, ws, wsum = quantize_acts(x)
+    assert np.array_equal(q, wq) and np.allclose(s, ws, rtol=1e-7) and np.allclose(total, wsum, rtol=1e-5, atol=1e-5)
+    assert (s[2, 0] == 0) and (q[2, :32] == 0).all()
+    assert np.abs(q.astype(np.float32) * np.repeat(s, G, axis=1) - x).max() <= np.repeat(s, G, axis=1).max() / 2 + 1e-6
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_matmul_against_numpy(isa, kind):
+    rng = np.random.default_rng(1)
+    for n_tok, rows, cols in ((1, 7, 32), (1, 13, 96), (3, 9, 64), (5, 17, 160), (9, 6, 576)):
+        x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+        xq, xs, xsum = _core.kernel_quantize_rows("generic", x)
+        xhat = xq.reshape(n_tok, -1, G) * xs[..., None].astype(np.float64)
+        if kind == "int8":
+            q, s, w = random_q8(rng, rows, cols)
+            args = (q, s.view(np.uint16), None)
+            want = xhat.reshape(n_tok, cols) @ w.T
+        else:
+            q, s, m, w = random_q4(rng, rows, cols)
+            args = (q, s.view(np.uint16), m.view(np.uint16))
+            # the min term uses the exact Σx of each group
+            wq = w - np.repeat(m.astype(np.float64), G, axis=1)
+            want = xhat.reshape(n_tok, cols) @ wq.T + xsum.astype(np.float64) @ m.astype(np.float64).T
+        y = np.full((n_tok, rows), np.nan, np.float32)
+        _core.kernel_matmul_quantized(isa, xq, xs, xsum, *args, y, 0, rows)
+        assert np.allclose(y, want, rtol=1e-5, atol=1e-5), (kind, n_tok, rows, cols)
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"] or ["generic"])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_simd_equals_scalar_twin(isa, kind):
+    rng = np.random.default_rng(2)
+    for n_tok in (1, 2, 4, 5, 8, 13):
+        for rows in (1, 3, 4, 5, 9):
+            cols = 32 * int(rng.integers(1, 6))
+            x = (rng.standard_normal((n_tok, cols)) * 3).astype(np.float32)
+            xq, xs, xsum = _core.kernel_quantize_rows(isa, x)
+            if kind == "int8":
+                q, s, _ = random_q8(rng, rows, cols)
+                args = (q, s.view(np.uint16), None)
+            else:
+                q, s, m, _ = random_q4(rng, rows, cols)
+                args = (q, s.view(np.uint16), m.view(np.uint16))
+            ys = [_core.kernel_matmul_quantized(k, xq, xs, xsum, *args, np.zeros((n_tok, rows), np.float32), 0, rows)
+                  for k in ("generic", isa)]
+            assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5)
+    # a row range leaves the other rows alone
+    y = np.full((3, 9), 7.0, np.float32)
+    q, s, _ = random_q8(rng, 9, 64)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    _core.kernel_matmul_quantized(isa, *_core.kernel_quantize_rows(isa, x), q, s.view(np.uint16), None, y, 2, 5)
+    assert (y[:, :2] == 7).all() and (y[:, 5:] == 7).all() and not (y[:, 2:5] == 7).all()

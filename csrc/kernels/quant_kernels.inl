@@ -46,10 +46,59 @@ inline Half16 load_q8(const int8_t* p) {
           _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(p + 16)))};
 }
 
-// Byte i of a packed int4 group holds element i (low nibble) and element i + 16 (high nibble).
+// Byte i of a packed int4 group holds element i (low nibble) and element i + 16 (high nibble);
+// widened to 16 bits first, the high nibble is a plain shift.
 inline Half16 load_q4(const uint8_t* p) {
-  const __m128i v = _mm_loadu_si128((const __m128i*)p), mask = _mm_set1_epi8(0x0f);
-  return {_mm256_cvtepu8_epi16(_mm_and_si128(v, mask)), _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask))};
+  const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p));
+  return {_mm256_and_si256(v, _mm256_set1_epi16(0x0f)), _mm256_srli_epi16(v, 4)};
+}
+
+// The exact integer dot product of one weight group with one activation group, in 8 int32 lanes.
+inline __m256i group_dot(const Half16& w, const int16_t* x) {
+  return _mm256_add_epi32(_mm256_madd_epi16(w.lo, _mm256_loadu_si256((const __m256i*)x)),
+                          _mm256_madd_epi16(w.hi, _mm256_loadu_si256((const __m256i*)(x + 16))));
+}
+
+// [Σ d0, Σ d1, …, Σ d7]: eight groups' lane sums in one register, so that their scales apply
+// as one vector multiply instead of eight broadcasts.
+inline __m256i sum_lanes8(const __m256i d[8]) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// One token (decode): a row's groups eight at a time, the scales and int4 mins as vectors.
+template <bool Q4>
+inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
+                   const uint16_t* Wm, int groups, int r) {
+  const long rg0 = long(r) * groups;
+  __m256 acc = _mm256_setzero_ps();
+  int g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    __m256i d[8];
+    for (int u = 0; u < 8; ++u) {
+      const long rg = rg0 + g + u;
+      const Half16 w = Q4 ? load_q4((const uint8_t*)Wq + rg * (QGROUP / 2)) : load_q8((const int8_t*)Wq + rg * QGROUP);
+      d[u] = group_dot(w, xq + long(g + u) * QGROUP);
+    }
+    const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(Ws + rg0 + g)));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(d)), _mm256_mul_ps(ws, _mm256_loadu_ps(xs + g)), acc);
+    if (Q4)
+      acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(Wm + rg0 + g))), _mm256_loadu_ps(xsum + g),
+                            acc);
+  }
+  float s = sum8(acc);
+  for (; g < groups; ++g) {
+    const long rg = rg0 + g;
+    const Half16 w = Q4 ? load_q4((const uint8_t*)Wq + rg * (QGROUP / 2)) : load_q8((const int8_t*)Wq + rg * QGROUP);
+    __m256i d = group_dot(w, xq + long(g) * QGROUP);
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
+    h = _mm_hadd_epi32(h, h);
+    h = _mm_hadd_epi32(h, h);
+    s += float(_mm_cvtsi128_si32(h)) * (xs[g] * _cvtsh_ss(Ws[rg]));
+    if (Q4) s += xsum[g] * _cvtsh_ss(Wm[rg]);
+  }
+  return s;
 }
 
 // An RB × TB tile of y: per group and (row, token), the exact integer dot product, scaled by
@@ -104,6 +153,13 @@ void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const void*
               bool accumulate) {
   constexpr int RB = QROWS, TB = QTOKENS;
   const int groups = n_in / QGROUP;
+  if (n_tok == 1) {
+    for (int r = r0; r < r1; ++r) {
+      const float s = q_row<Q4>(xq, xs, xsum, Wq, Ws, Wm, groups, r) + (b ? b[r] : 0.0f);
+      y[r] = accumulate ? y[r] + s : s;
+    }
+    return;
+  }
   const int t_block = TB * 8;
   for (int t0 = 0; t0 < n_tok; t0 += t_block) {
     const int t1 = t0 + t_block < n_tok ? t0 + t_block : n_tok;

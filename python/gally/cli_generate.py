@@ -33,22 +33,22 @@ def add_parsers(subparsers) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None, help="model folder, .gguf file or alias (default: smollm2-135m-instruct)")
-    p.add_argument("-n", "--max-tokens", type=int, default=None, dest="max_new_tokens",
+    p.add_argument("-n", "--max-tokens", type=int, default=None, dest="max_new_tokens", metavar="N",
                    help="most tokens to generate (default: generation_config.json, else 256)")
-    p.add_argument("--temp", type=float, default=None, dest="temperature", help="temperature; 0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest tokens; 0 disables (default 40)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus mass; 1 disables (default 0.95)")
-    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p × the top probability (default 0.05)")
-    p.add_argument("--repeat-penalty", type=float, default=None, dest="repetition_penalty",
+    p.add_argument("--temp", type=float, default=None, dest="temperature", metavar="T", help="temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the k likeliest tokens; 0 disables (default 40)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus mass; 1 disables (default 0.95)")
+    p.add_argument("--min-p", type=float, default=None, metavar="P", help="drop tokens below min_p × the top probability (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=None, dest="repetition_penalty", metavar="X",
                    help="penalty for tokens already in the context; 1 disables (default 1.0)")
-    p.add_argument("--presence-penalty", type=float, default=None, help="OpenAI presence penalty (default 0)")
-    p.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI frequency penalty (default 0)")
+    p.add_argument("--presence-penalty", type=float, default=None, metavar="X", help="OpenAI presence penalty (default 0)")
+    p.add_argument("--frequency-penalty", type=float, default=None, metavar="X", help="OpenAI frequency penalty (default 0)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
-    p.add_argument("--stop", action="append", default=None, help="stop at this string (repeatable)")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop at this string (repeatable)")
+    p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
+    p.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="threads (default: physical cores)")
     p.add_argument("--dtype", choices=("f32", "bf16", "f16"), default=None, help="convert the weights at load")
-    p.add_argument("-c", "--ctx-size", type=int, default=None, dest="max_context",
+    p.add_argument("-c", "--ctx-size", type=int, default=None, dest="max_context", metavar="N",
                    help="context length in tokens (default: the model's, at most 4096)")
     p.add_argument("--verbose", action="store_true", help="print prefill and decode speed to stderr")
 

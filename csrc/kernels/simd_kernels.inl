@@ -155,7 +155,25 @@ void attention(const float* q, const float* K, const float* V_, int n, int d, in
                float scale, float* probs, float* out) {
   // scores, then a numerically safe softmax: subtract the max before exponentiating.
   float mx = -INFINITY;
-  for (int j = 0; j < n; ++j) {
+  int j0 = 0;
+  if (d % S::N == 0)  // four keys at a time: four independent FMA chains
+    for (; j0 + 4 <= n; j0 += 4) {
+      const float *k0 = K + (long)j0 * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
+      V a0 = S::zero(), a1 = S::zero(), a2 = S::zero(), a3 = S::zero();
+      for (int i = 0; i < d; i += S::N) {
+        const V qv = S::load(q + i);
+        a0 = S::fma(qv, S::load(k0 + i), a0);
+        a1 = S::fma(qv, S::load(k1 + i), a1);
+        a2 = S::fma(qv, S::load(k2 + i), a2);
+        a3 = S::fma(qv, S::load(k3 + i), a3);
+      }
+      probs[j0] = scale * S::sum(a0);
+      probs[j0 + 1] = scale * S::sum(a1);
+      probs[j0 + 2] = scale * S::sum(a2);
+      probs[j0 + 3] = scale * S::sum(a3);
+      for (int u = 0; u < 4; ++u) mx = probs[j0 + u] > mx ? probs[j0 + u] : mx;
+    }
+  for (int j = j0; j < n; ++j) {
     probs[j] = scale * dot(q, K + (long)j * stride, d);
     mx = probs[j] > mx ? probs[j] : mx;
   }

@@ -100,6 +100,7 @@ def test_markdown_tables_are_well_formed(result):
     assert md.startswith("# gally bench\n")
     assert "| command | `gally bench (test)` |" in md
     assert "| ISA |" in md and "| read bandwidth | 1 thread: " in md
+    assert "| system load | 1-min load average before → after each block: f32 t1: " in md
     rows = _table(md, "Throughput")
     assert rows[0].startswith("| engine | weights | threads | test | tok/s |")
     assert all(line.count("|") == rows[0].count("|") for line in rows)

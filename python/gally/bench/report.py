@@ -41,6 +41,9 @@ def machine_lines(res: Results) -> list:
              f"| CPU | {cpu['model']}{' (' + cpu['family_model'] + ')' if cpu.get('family_model') else ''}, "
              f"{g['threads']} physical cores, {cpu['logical_cpus']} logical CPUs, {m['memory_gib']} GiB |",
              f"| ISA | {' '.join(cpu['flags']) or '?'}; gally kernels: {g['isa']} (of {', '.join(g['isas'])}) |",
+             f"| system load | 1-min load average before → after each block: "
+             + "; ".join(f"{k}: {a} → {b}" for k, (a, b) in res.load.items())
+             + f" ({cpu['logical_cpus']} logical CPUs; above 0 means other work shared the CPUs) |",
              f"| read bandwidth | {bw} (gally._core.read_bandwidth: the best of 5 passes, probed before each block, best probe kept) |",
              f"| model | {res.options.model or 'default model'}: "
              + "; ".join(f"{d}: {f}" for d, f in res.model.items()) + " |"]

@@ -120,6 +120,7 @@ class Results:
     peers: dict  # peer → dtype → status
     rows: list
     setups: list
+    load: dict = field(default_factory=dict)  # "dtype tN" → 1-min load average (before, after) the block
 
 
 def tests_of(opts: Options) -> list:
@@ -165,9 +166,19 @@ def run(opts: Options, command: str = "", log: Callable[[str], None] = lambda s:
             log(f"[{dtype} t{t}] probing read bandwidth ({opts.bandwidth_bytes >> 20} MiB, best of 5)")
             bw = _core.read_bandwidth(opts.bandwidth_bytes, t, 5)
             results.bandwidth[t] = max(bw, results.bandwidth.get(t, 0.0))
+            before = _load_average()
             _block(opts, dtype, t, tests, inputs, gen_prompt, specs, results, log)
+            results.load[f"{dtype} t{t}"] = (before, _load_average())
     _fill_bandwidth_fractions(results)
     return results
+
+
+def _load_average():
+    """The 1-minute load average: other work on the machine, which skews absolute figures."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _fill_bandwidth_fractions(results: Results) -> None:

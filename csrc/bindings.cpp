@@ -44,11 +44,13 @@ double read_bandwidth(size_t bytes, int threads, int repeats) {
   for (int r = 0; r < repeats; ++r) {
     auto t0 = std::chrono::steady_clock::now();
     float total = 0;
-#pragma omp parallel for num_threads(threads) reduction(+ : total) schedule(static)
-    for (long i = 0; i < n; i += 64) {
-      float lane[16] = {0};  // independent lanes: the compiler vectorises without reassociating
-      for (int j = 0; j < 64; j += 16)
-        for (int l = 0; l < 16; ++l) lane[l] += buf[i + j + l];
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+      float lane[16] = {0};  // independent lanes across the whole pass: no dependency chain
+#pragma omp for schedule(static)
+      for (long i = 0; i < n; i += 64)
+        for (int j = 0; j < 64; j += 16)
+          for (int l = 0; l < 16; ++l) lane[l] += buf[i + j + l];
       for (int l = 0; l < 16; ++l) total += lane[l];
     }
     sink = sink + total;

@@ -198,7 +198,8 @@ def module_name(weight_name: str) -> str:
 
 def quantize_tensors(tensors: dict, to: str) -> tuple[dict[str, tuple[str, np.ndarray]], dict[str, str]]:
     """Quantizes a checkpoint held as {name: (safetensors dtype, array)} (bf16 as uint16 bits).
-    Returns the tensors of the quantized file in the same form, and its __metadata__."""
+    Returns the tensors of the quantized file in the same form (kept tensors pass through as the
+    same (dtype, array) objects, not copies), and its __metadata__."""
     if to not in KINDS:
         raise ValueError(f"to must be one of {', '.join(KINDS)}, got {to!r}")
     out: dict[str, tuple[str, np.ndarray]] = {}

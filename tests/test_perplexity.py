@@ -151,3 +151,17 @@ def test_protocol_matches_transformers_on_gpl(smollm):
     assert result["tokens_scored"] == 3584 and result["windows"] == 14
     assert result["ppl"] == pytest.approx(18.155, rel=1e-3)
     assert 0.5 < result["stderr"] < 1.5
+
+
+def test_progress_bar_draws_and_clears_its_line():
+    import io
+
+    from gally.perplexity import ProgressBar
+
+    out = io.StringIO()
+    bar = ProgressBar(out, width=10)
+    bar(1, 4, 20.5)
+    assert out.getvalue().startswith("\r[##--------] 1/4 windows  ppl 20.5000")
+    bar(4, 4, 18.25)
+    assert "[##########] 4/4 windows  ppl 18.2500" in out.getvalue()
+    assert out.getvalue().endswith(" " * 70 + "\r")

@@ -231,27 +231,26 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
       // Attention: each token asks its questions (q) of every earlier token's keys (k) and
       // takes their values (v) in proportion.
       const Input h = prepare(normalize(L.input_layernorm), n, D);
-      {  // q, k, v a head at a time; a thread turns its own q and k heads by RoPE (the position
-         // enters here) and files its k and v heads in the cache, with no barrier in between.
+      {  // A thread takes a run of heads of q|k|v (one matmul per matrix), turns its q and k heads
+         // by RoPE (the position enters here) and files its k and v heads in the cache, with no
+         // barrier in between.
         int h0, h1;
         thread_rows(NH + 2 * nkv_, 1, &h0, &h1);
-        for (int head = h0; head < h1; ++head) {
-          const bool is_q = head < NH, is_k = !is_q && head < NH + nkv_;
-          const int j = is_q ? head : is_k ? head - NH : head - NH - nkv_;
-          const Matrix& W = is_q ? L.q_proj : is_k ? L.k_proj : L.v_proj;
-          const float* b = is_q ? L.q_bias : is_k ? L.k_bias : L.v_bias;
-          float* y = is_q ? q : is_k ? kb : vb;
-          const int ld = is_q ? QD : KVD;
-          matmul(k, W, h, n, b, y, ld, j * HD, (j + 1) * HD, false);
-          for (int t = 0; t < n; ++t) {
-            float* yt = y + size_t(t) * ld + j * HD;
-            if (!is_q && !is_k) {
-              std::memcpy(v_cache(l, j) + size_t(p0 + t) * HD, yt, size_t(HD) * 4);
-              continue;
+        const int first[3] = {0, NH, NH + nkv_}, count[3] = {NH, nkv_, nkv_};
+        const Matrix* W[3] = {&L.q_proj, &L.k_proj, &L.v_proj};
+        const float* bias[3] = {L.q_bias, L.k_bias, L.v_bias};
+        float* out[3] = {q, kb, vb};
+        for (int m = 0; m < 3; ++m) {
+          const int a = std::max(h0 - first[m], 0), b = std::min(h1 - first[m], count[m]);
+          if (a >= b) continue;
+          const int ld = m == 0 ? QD : KVD;
+          matmul(k, *W[m], h, n, bias[m], out[m], ld, a * HD, b * HD, false);
+          for (int j = a; j < b; ++j)
+            for (int t = 0; t < n; ++t) {
+              float* yt = out[m] + size_t(t) * ld + j * HD;
+              if (m < 2) k.rope(yt, cos_.data() + size_t(p0 + t) * half, sin_.data() + size_t(p0 + t) * half, HD);
+              if (m > 0) std::memcpy((m == 1 ? k_cache(l, j) : v_cache(l, j)) + size_t(p0 + t) * HD, yt, size_t(HD) * 4);
             }
-            k.rope(yt, cos_.data() + size_t(p0 + t) * half, sin_.data() + size_t(p0 + t) * half, HD);
-            if (is_k) std::memcpy(k_cache(l, j) + size_t(p0 + t) * HD, yt, size_t(HD) * 4);
-          }
         }
 #pragma omp barrier
       }

@@ -201,6 +201,21 @@ def test_non_integer_list_is_an_argparse_error():
     assert e.value.code == 2
 
 
+def test_peers_get_the_launch_environment_not_gallys_import_settings(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # a process whose environment gally's import may change (GOMP_SPINCOUNT) reports what a peer would get
+    code = ("import os, json; os.environ['GALLY_BENCH_TEST_ADDED'] = '1'; "
+            "from gally.bench.worker import launch_environment as l; e = l(); "
+            "print(json.dumps([e.get('GALLY_BENCH_TEST_ADDED'), e.get('GALLY_BENCH_TEST_KEPT'), 'GOMP_SPINCOUNT' in e]))")
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    env["GALLY_BENCH_TEST_KEPT"] = "yes"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == [None, "yes", False]
+
+
 def test_worker_reports_a_failing_engine():
     with pytest.raises(WorkerError, match="unknown engine 'nonesuch'"):
         Worker("nonesuch", {})

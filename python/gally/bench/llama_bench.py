@@ -7,6 +7,7 @@ import json
 import subprocess
 
 from .stats import Stat
+from .worker import launch_environment
 
 
 def run_llama_bench(tool: str, gguf: str, prompts, gens, depths, threads: int, reps: int) -> tuple:
@@ -14,7 +15,7 @@ def run_llama_bench(tool: str, gguf: str, prompts, gens, depths, threads: int, r
     cmd = [tool, "-m", gguf, "-t", str(threads), "-r", str(reps), "-o", "json",
            "-p", ",".join(map(str, prompts or [0])), "-n", ",".join(map(str, gens or [0])),
            "-d", ",".join(map(str, depths))]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_environment())
     if p.returncode != 0:
         raise RuntimeError(f"llama-bench failed (exit {p.returncode}): {p.stderr.strip()[-800:]}")
     return parse(p.stdout)

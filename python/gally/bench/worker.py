@@ -69,6 +69,22 @@ def serve() -> None:
         proto.write(json.dumps(reply) + "\n")
 
 
+def launch_environment() -> dict:
+    """The environment this process was started with, before any import changed os.environ
+    (Linux: /proc/self/environ; elsewhere os.environ as it is now)."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            items = f.read().split(b"\0")
+    except OSError:
+        return dict(os.environ)
+    env = {}
+    for item in items:
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[os.fsdecode(key)] = os.fsdecode(value)
+    return env
+
+
 class WorkerError(RuntimeError):
     pass
 
@@ -80,7 +96,9 @@ class Worker:
         import gally
 
         self.engine = engine
-        env = dict(os.environ)
+        # A peer runs in the environment the benchmark was started with: settings gally makes for
+        # itself at import (GOMP_SPINCOUNT) must not change how llama.cpp or torch behave
+        env = dict(os.environ) if engine == "gally" else launch_environment()
         root = os.path.dirname(os.path.dirname(os.path.abspath(gally.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self._stderr = tempfile.TemporaryFile(mode="w+")

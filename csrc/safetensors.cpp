@@ -32,7 +32,7 @@ MappedFile::MappedFile(const std::string& path) : path_(path) {
   if (size_ < 8) {
     ::close(fd);
     throw std::invalid_argument(path + ": not a safetensors file (" + std::to_string(size_) +
-                                " bytes, shorter than the 8-byte header length)");
+                                " bytes, shorter than 8 bytes: the 8-byte header length)");
   }
   void* p = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd, 0);
   int e = errno;

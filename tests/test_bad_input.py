@@ -31,7 +31,7 @@ T = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
 
 
 @pytest.mark.parametrize("case, kwargs, message", [
-    ("short file", None, "shorter than the 8-byte header length"),
+    ("short file", None, "shorter than 8 bytes"),
     ("header past end", dict(header={}, raw_header=None), "header length"),
     ("not json", dict(header={}, raw_header=b"{not json"), "not valid JSON"),
     ("not an object", dict(header={}, raw_header=b"[1, 2]"), "expected a JSON object"),

@@ -59,7 +59,6 @@ import json
 import os
 import re
 import shutil
-import struct
 from typing import Optional
 
 import numpy as np
@@ -257,26 +256,9 @@ _QWEIGHT_KIND = {"I8": "int8", "U8": "int4"}
 
 def read_header(path: str) -> tuple[dict, dict]:
     """(tensor entries, __metadata__) of a .safetensors file; reads only the header."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > os.path.getsize(path) - 8:
-                raise ValueError(f"{path}: corrupt safetensors header: length {n} exceeds the file")
-            text = f.read(n)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    try:
-        header = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt safetensors header: not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: corrupt safetensors header: expected a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise ValueError(f"{path}: __metadata__ must be an object of strings")
+    from . import safetensors_file
+
+    header, metadata = safetensors_file.read_header(path)
     for name, info in header.items():
         if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or not isinstance(info.get("shape"), list):
             raise ValueError(f"{path}: tensor {name!r}: header entry needs a dtype and a shape")

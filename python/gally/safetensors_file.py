@@ -12,14 +12,13 @@ import os
 from . import _core
 
 
-def open_file(path: str) -> dict[str, "_core.Tensor"]:
-    """name → zero-copy tensor view of one .safetensors file. Raises ValueError naming the file
-    and tensor when the header or data is corrupt."""
+def read_header(path: str) -> tuple[dict, dict]:
+    """(tensor entries, __metadata__) of a .safetensors file, its JSON parsed; the C++ map checks
+    the length prefix against the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        f = _core.MappedFile(path)
-        text = f.header()
+        text = _core.MappedFile(path).header()
     except RuntimeError as e:
         raise OSError(str(e)) from None
     try:
@@ -28,7 +27,17 @@ def open_file(path: str) -> dict[str, "_core.Tensor"]:
         raise ValueError(f"{path}: corrupt safetensors header: not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header: expected a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: __metadata__ must be an object of strings")
+    return header, metadata
+
+
+def open_file(path: str) -> dict[str, "_core.Tensor"]:
+    """name → zero-copy tensor view of one .safetensors file. Raises ValueError naming the file
+    and tensor when the header or data is corrupt."""
+    header, _ = read_header(path)
+    f = _core.MappedFile(path)
     entries = []
     for name, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():

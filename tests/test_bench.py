@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -81,9 +82,12 @@ def test_decode_bandwidth_is_weight_bytes_times_rate(result, folder):
                     assert r.gb_s is None
 
 
-def test_setup_has_load_ttft_and_own_peak_rss(result):
+def test_setup_has_load_ttft_and_own_peak_rss(result, folder):
     for s in result.setups:
         assert s.error == ""
+        assert s.info["file_bytes"] == os.path.getsize(os.path.join(folder, "model.safetensors"))
+        # f32 keys and values: layers × (k, v) × KV heads × head_dim × context (pp8 @ d5 → 256) × 4 bytes
+        assert s.info["max_context"] == 256 and s.info["kv_bytes"] == 2 * 2 * 2 * 16 * 256 * 4
         assert len(s.load_s.samples) == 3 and s.load_s.mean > 0
         assert set(s.ttft_s) == {8} and s.ttft_s[8].mean > 0  # TTFT at depth 0 only
         # the worker's own peak: a Python process with NumPy, not the parent's bandwidth buffer
@@ -114,8 +118,15 @@ def test_markdown_tables_are_well_formed(result):
         assert (cells[5] == "—") == (row.test.kind == "pp")
     assert "## gally / peers" not in md  # no peer measured, no ratio table
     setup = _table(md, "Start-up and memory")
-    assert setup[0].startswith("| engine | weights | threads | load s | TTFT ms (p8) | peak RSS MB |")
+    assert setup[0] == ("| engine | weights | threads | load s | TTFT ms (p8) | file MB | KV cache MB | peak RSS MB "
+                        "| RSS − file − KV MB | note |")
     assert len(setup) == 2 + 2
+    for line, s in zip(setup[2:], result.setups):
+        cells = [c.strip() for c in line.strip()[1:-1].split("|")]
+        assert cells[5] == f"{s.info['file_bytes'] / 2**20:.0f}" and cells[6] == f"{s.info['kv_bytes'] / 2**20:.0f}"
+        # f32 maps the file; bf16 converts it at load, so its RSS says nothing about the file
+        beyond = (s.peak_rss - s.info["file_bytes"] - s.info["kv_bytes"]) / 2**20
+        assert cells[8] == (f"{beyond:.0f}" if s.dtype == "f32" else "—")
 
 
 def test_json_round_trips_every_figure(result):

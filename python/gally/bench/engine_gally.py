@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import os
 import time
 
 import numpy as np
@@ -27,9 +29,15 @@ class GallyEngine:
         return time.perf_counter() - t0
 
     def info(self) -> dict:
-        m = self.model
+        """Also the memory a session should cost: the mapped weight files (file_bytes; all of it when
+        copied_bytes is 0) and the KV cache of one benchmark session (kv_bytes)."""
+        m, c = self.model, self.model.config
+        # Session's KV cache: f32 keys and values of every layer and KV head, max_context positions
+        kv_bytes = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * self.max_context * 4
         return {"weights": m.dtype, "weight_bytes": m.weight_bytes, "copied_bytes": m.copied_bytes,
-                "path": m.path, "vocab_size": m.config.vocab_size}
+                "path": m.path, "vocab_size": m.config.vocab_size,
+                "file_bytes": sum(os.path.getsize(f) for f in glob.glob(os.path.join(m.path, "*.safetensors"))),
+                "kv_bytes": kv_bytes, "max_context": self.max_context}
 
     def _session(self, depth_ids):
         s = self.model.session(self.max_context)

@@ -4,47 +4,30 @@ F32, BF16 and F16 come from llama.cpp's own converter (convert_hf_to_gguf.py) ru
 folder gally loads, so llama.cpp reads the same numbers: f32 bit for bit, bf16 rounded to nearest
 even as gally rounds at load. Each is checked tensor by tensor against the folder before use.
 Q8_0 and Q4_0 are made from that F32 file by llama-quantize with its default choices, the way
-llama.cpp users make them. Files are cached under GALLY_HOME/bench/ by model folder and contents.
+llama.cpp users make them. Files are cached under GALLY_HOME/bench/ by model folder and contents
+(derived.folder_for).
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
+
+from .derived import PeerUnavailable, folder_for, run_tool, source_name
 
 # gally dtype → llama.cpp type of the peer's weights
 LLAMA_TYPES = {"f32": "F32", "bf16": "BF16", "f16": "F16", "int8": "Q8_0", "int4": "Q4_0"}
 
 
-class PeerUnavailable(Exception):
-    """A peer cannot run in this configuration; the message says why and how to fix it."""
-
-
-def gally_home() -> str:
-    try:
-        from ..cache import home
-    except ImportError:  # a gally without the model cache module
-        return os.path.abspath(os.environ.get("GALLY_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "gally"))
-    return home()
-
-
 def cached_path(folder: str, dtype: str, cache_dir: str | None = None) -> str:
-    """Where the peer GGUF of `folder` at `dtype` lives: keyed by the folder's path, sizes and times."""
-    h = hashlib.sha1(os.path.realpath(folder).encode())
-    for f in sorted(glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, "config.json"))):
-        st = os.stat(f)
-        h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.normpath(folder)))
-    return os.path.join(cache_dir or os.path.join(gally_home(), "bench"), f"{name}-{h.hexdigest()[:12]}",
-                        f"{name}-{LLAMA_TYPES[dtype]}.gguf")
+    """Where the peer GGUF of `folder` at `dtype` lives (see derived.folder_for)."""
+    return os.path.join(folder_for(folder, cache_dir), f"{source_name(folder)}-{LLAMA_TYPES[dtype]}.gguf")
 
 
 def peer_gguf(folder: str, dtype: str, llama_cpp: str | None, llama_cpp_bin: str | None,
@@ -65,7 +48,7 @@ def peer_gguf(folder: str, dtype: str, llama_cpp: str | None, llama_cpp_bin: str
                                   "with convert_hf_to_gguf.py) to make one")
         if log:
             log(f"making {out} with convert_hf_to_gguf.py")
-        _run([sys.executable, script, folder, "--outtype", kind.lower(), "--outfile", tmp], "convert_hf_to_gguf.py")
+        run_tool([sys.executable, script, folder, "--outtype", kind.lower(), "--outfile", tmp], "convert_hf_to_gguf.py")
         check_same_weights(folder, tmp, dtype)
     else:
         tool = find_tool("llama-quantize", llama_cpp_bin, llama_cpp)
@@ -74,7 +57,7 @@ def peer_gguf(folder: str, dtype: str, llama_cpp: str | None, llama_cpp_bin: str
         source = peer_gguf(folder, "f32", llama_cpp, llama_cpp_bin, cache_dir, log)
         if log:
             log(f"making {out} with llama-quantize")
-        _run([tool, source, tmp, kind], "llama-quantize")
+        run_tool([tool, source, tmp, kind], "llama-quantize")
     os.replace(tmp, out)
     return out
 
@@ -88,13 +71,6 @@ def find_tool(name: str, *dirs: str | None) -> str | None:
                 if os.path.isfile(path) and os.access(path, os.X_OK):
                     return path
     return shutil.which(name)
-
-
-def _run(cmd: list, what: str) -> None:
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if p.returncode != 0:
-        tail = "\n".join(p.stdout.splitlines()[-15:])
-        raise PeerUnavailable(f"{what} failed (exit {p.returncode}):\n{tail}")
 
 
 # Hugging Face tensor name → llama.cpp's (convert_hf_to_gguf.py's Llama mapping)

@@ -9,6 +9,8 @@ from .run import Results, Test
 from .stats import Stat
 
 PEER_ORDER = ("llama.cpp", "llama-bench", "transformers")
+# Target for quantized weights, read off the start-up table: peak RSS ≤ weight file + KV cache + this
+RSS_OVERHEAD_TARGET = 60 << 20
 
 
 def _stat(s, digits=2, scale=1.0) -> str:
@@ -47,6 +49,9 @@ def machine_lines(res: Results) -> list:
              f"| read bandwidth | {bw} (gally._core.read_bandwidth: the best of 5 passes, probed before each block, best probe kept) |",
              f"| model | {res.options.model or 'default model'}: "
              + "; ".join(f"{d}: {f}" for d, f in res.model.items()) + " |"]
+    if res.quantized:
+        lines.append("| gally int8/int4 | " + "; ".join(f"{d}: {f}" for d, f in res.quantized.items())
+                     + " (`gally quantize` of the folder above, made once; loaded zero-copy) |")
     if weights:
         lines.append("| weights read per token | " + ", ".join(f"{w}: {b / 1e6:.1f} MB" for w, b in weights) + " |")
     if versions:
@@ -108,14 +113,29 @@ def scaling_lines(res: Results) -> list:
                    "of read bw"], out_rows)
 
 
+def rss_beyond_weights(s) -> int | None:
+    """Peak RSS less the weight file and the KV cache: what the engine costs beyond them. Known
+    where both are and every weight is a view into the file (nothing copied at load)."""
+    i = s.info
+    if not s.peak_rss or "file_bytes" not in i or "kv_bytes" not in i or i.get("copied_bytes", 0):
+        return None
+    return s.peak_rss - i["file_bytes"] - i["kv_bytes"]
+
+
+def _mb(b) -> str:
+    return f"{b / 2**20:.0f}" if b is not None else "—"
+
+
 def setup_lines(res: Results) -> list:
     prompts = sorted({p for s in res.setups for p in s.ttft_s})
-    header = ["engine", "weights", "threads", "load s"] + [f"TTFT ms (p{p})" for p in prompts] + ["peak RSS MB", "note"]
+    header = (["engine", "weights", "threads", "load s"] + [f"TTFT ms (p{p})" for p in prompts]
+              + ["file MB", "KV cache MB", "peak RSS MB", "RSS − file − KV MB", "note"])
     rows = []
     for s in res.setups:
-        rss = f"{s.peak_rss / 2**20:.0f}" if s.peak_rss else "—"
         rows.append([s.engine, s.weights, s.threads, _stat(s.load_s, 3)]
-                    + [_stat(s.ttft_s.get(p), 1, 1000.0) for p in prompts] + [rss, s.error])
+                    + [_stat(s.ttft_s.get(p), 1, 1000.0) for p in prompts]
+                    + [_mb(s.info.get("file_bytes")), _mb(s.info.get("kv_bytes")), _mb(s.peak_rss or None),
+                       _mb(rss_beyond_weights(s)), s.error])
     return _table(header, rows)
 
 
@@ -134,8 +154,13 @@ def markdown(res: Results, title: str = "gally bench") -> str:
     scaling = scaling_lines(res)
     if scaling:
         out += ["", "## Thread scaling (gally)", ""] + scaling
-    out += ["", "## Start-up and memory", "", "Load: the engine's load call on a cached model, page cache warm. "
-            "TTFT: a fresh context, the prompt, and the argmax of its last logits.", ""] + setup_lines(res)
+    out += ["", "## Start-up and memory", "", "Load: the engine's load call on a cached model, page cache warm, timed "
+            "in a process of its own; peak RSS is the measured process's, which loaded once. TTFT: a fresh context, "
+            "the prompt, and the argmax of its last logits. File: the weight file(s) the engine maps or reads. "
+            "KV cache: what one benchmark session allocates (gally: f32, at the run's context). RSS − file − KV: "
+            "what the process holds beyond them, where every weight is a view into the file; the target for "
+            f"int8/int4 is ≤ {RSS_OVERHEAD_TARGET >> 20} MB. MB: 2^20 bytes.", ""]
+    out += setup_lines(res)
     return "\n".join(out) + "\n"
 
 

@@ -12,12 +12,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import llama_bench, machine, peer_gguf
+from . import derived, llama_bench, machine, peer_gguf
 from .stats import Stat, rates
 from .worker import Worker, WorkerError
 
 DTYPES = ("f32", "bf16", "f16", "int8", "int4")
 PEERS = ("llama.cpp", "transformers", "llama-bench")
+QUANTIZED = ("int8", "int4")
 INSTALL = {
     "llama.cpp": 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36',
     "transformers": "pip install torch==2.13.0 transformers",
@@ -115,12 +116,13 @@ class Results:
     command: str
     date: str
     machine: dict
-    model: dict  # dtype → the model folder gally and the peers loaded
+    model: dict  # dtype → the model folder gally and the peers loaded (for int8/int4: quantized from)
     bandwidth: dict  # threads → GB/s, the best probe of the run
     peers: dict  # peer → dtype → status
     rows: list
     setups: list
     load: dict = field(default_factory=dict)  # "dtype tN" → 1-min load average (before, after) the block
+    quantized: dict = field(default_factory=dict)  # int8/int4 → the `gally quantize` folder gally loaded
 
 
 def tests_of(opts: Options) -> list:
@@ -160,6 +162,8 @@ def run(opts: Options, command: str = "", log: Callable[[str], None] = lambda s:
 
     for dtype in opts.dtypes:
         specs = _peer_specs(opts, dtype, folders[dtype], results.peers, log)
+        if dtype in QUANTIZED:
+            results.quantized[dtype] = specs["gally"]["model"]
         for t in threads:
             # probed before every block, the best kept: a probe that met background load would
             # otherwise understate the machine and overstate the fraction reached
@@ -188,8 +192,10 @@ def _fill_bandwidth_fractions(results: Results) -> None:
 
 
 def _peer_specs(opts, dtype, folder, status, log) -> dict:
-    """engine → the spec its worker starts from (threads filled in later); status[peer][dtype] says why a peer is absent."""
-    specs = {"gally": {"model": opts.model, "dtype": dtype}}
+    """engine → the spec its worker starts from (threads filled in later); status[peer][dtype] says why a peer is
+    absent. gally loads int8/int4 from a stored `gally quantize` folder (zero-copy), not quantizing at load."""
+    model = derived.quantized_folder(folder, dtype, log=log) if dtype in QUANTIZED else opts.model
+    specs = {"gally": {"model": model, "dtype": dtype}}
     gguf = None
     for peer in opts.peers:
         why = installed(peer)
@@ -251,14 +257,22 @@ def _block(opts, dtype, threads, tests, inputs, gen_prompt, specs, results: Resu
 
 
 def _start(opts, specs, setups, threads, max_context, tag, log) -> dict:
-    """A loaded worker per engine (its load timed reps times after one untimed load); failures go to its Setup."""
+    """A loaded worker per engine; failures go to its Setup. The load is timed reps times after one
+    untimed load in a process of its own, so that the worker that is measured has loaded once and its
+    peak RSS is what one load and the runs cost, not what repeated loads leave on the heap."""
     workers = {}
     for name, setup in setups.items():
         log(f"{tag} loading {name}")
         w = None
         try:
-            w = Worker(name, {**specs[name], "threads": threads, "max_context": max_context})
-            setup.load_s = Stat.of(w.call("load", times=opts.reps + 1)["seconds"][1:])
+            spec = {**specs[name], "threads": threads, "max_context": max_context}
+            w = Worker(name, spec)
+            try:
+                setup.load_s = Stat.of(w.call("load", times=opts.reps + 1)["seconds"][1:])
+            finally:
+                w.close()
+            w = Worker(name, spec)
+            w.call("load", times=1)
             setup.info = w.call("info")
             setup.weights = setup.info.get("weights", "?")
             workers[name] = w

@@ -1,0 +1,70 @@
+"""Models the benchmark derives from the model folder, made once and cached: the llama.cpp peers'
+GGUFs (peer_gguf) and gally's own int8/int4 folder, written by `gally quantize` so that gally loads
+it zero-copy, as a user who quantized once would.
+
+All of them live in one folder per source, GALLY_HOME/bench/<name>-<key>/, keyed by the source
+folder's path and the sizes and times of its weights and config: a changed source gets new files.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import subprocess
+
+
+class PeerUnavailable(Exception):
+    """A peer cannot run in this configuration; the message says why and how to fix it."""
+
+
+def gally_home() -> str:
+    try:
+        from ..cache import home
+    except ImportError:  # a gally without the model cache module
+        return os.path.abspath(os.environ.get("GALLY_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "gally"))
+    return home()
+
+
+def source_name(folder: str) -> str:
+    """The folder's base name, safe as a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.normpath(folder)))
+
+
+def folder_for(source: str, cache_dir: str | None = None) -> str:
+    """The cache folder of everything derived from `source` (not created here)."""
+    h = hashlib.sha1(os.path.realpath(source).encode())
+    for f in sorted(glob.glob(os.path.join(source, "*.safetensors")) + glob.glob(os.path.join(source, "config.json"))):
+        st = os.stat(f)
+        h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return os.path.join(cache_dir or os.path.join(gally_home(), "bench"), f"{source_name(source)}-{h.hexdigest()[:12]}")
+
+
+def quantized_folder(source: str, dtype: str, cache_dir: str | None = None, log=None) -> str:
+    """The folder `gally quantize SOURCE OUT --to dtype` writes, made once; `source` itself when it
+    is already quantized to `dtype`."""
+    from .. import cache, quantize
+
+    stored = quantize.read_checkpoint(source)
+    if stored is not None:
+        if stored.quant_type != dtype:
+            raise ValueError(f"{source} is quantized to {stored.quant_type}; it cannot be benchmarked as {dtype}")
+        return source
+    out = os.path.join(folder_for(source, cache_dir), f"{source_name(source)}-gally-{dtype}")
+    if os.path.isfile(os.path.join(out, "model.safetensors")):
+        return out
+    with cache.locked(f"bench-{os.path.basename(out)}"):
+        if not os.path.isfile(os.path.join(out, "model.safetensors")):  # another run may have made it meanwhile
+            if log:
+                log(f"making {out} with gally quantize --to {dtype}")
+            quantize.quantize_folder(source, out, dtype)  # appears whole or not at all
+    return out
+
+
+def run_tool(cmd: list, what: str, env: dict | None = None) -> None:
+    """Runs a converter; PeerUnavailable with the end of its output when it fails."""
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    if p.returncode != 0:
+        tail = "\n".join(p.stdout.splitlines()[-15:])
+        raise PeerUnavailable(f"{what} failed (exit {p.returncode}):\n{tail}")

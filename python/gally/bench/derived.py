@@ -1,6 +1,6 @@
 """Models the benchmark derives from the model folder, made once and cached: the llama.cpp peers'
-GGUFs (peer_gguf) and gally's own int8/int4 folder, written by `gally quantize` so that gally loads
-it zero-copy, as a user who quantized once would.
+GGUFs (peer_gguf), CTranslate2's conversion (peer_ct2), and gally's own int8/int4 folder, written
+by `gally quantize` so that gally loads it zero-copy, as a user who quantized once would.
 
 All of them live in one folder per source, GALLY_HOME/bench/<name>-<key>/, keyed by the source
 folder's path and the sizes and times of its weights and config: a changed source gets new files.

@@ -8,7 +8,7 @@ import json
 from .run import Results, Test
 from .stats import Stat
 
-PEER_ORDER = ("llama.cpp", "llama-bench", "transformers")
+PEER_ORDER = ("llama.cpp", "llama-bench", "ctranslate2", "transformers")
 # Target for quantized weights, read off the start-up table: peak RSS ≤ weight file + KV cache + this
 RSS_OVERHEAD_TARGET = 60 << 20
 
@@ -36,6 +36,7 @@ def machine_lines(res: Results) -> list:
             peers.append(f"{peer} at {dtype}: {status}")
     versions = sorted({f"{s.engine}: {s.info['version']}" for s in res.setups if s.info.get("version")})
     ggufs = sorted({f"{s.info['weights']} = {s.info['path']}" for s in res.setups if s.engine == "llama.cpp" and s.info})
+    ct2 = sorted({f"{s.info['weights']} = {s.info['path']}" for s in res.setups if s.engine == "ctranslate2" and s.info})
     lines = ["| | |", "|---|---|",
              f"| date | {res.date} |",
              f"| gally commit | {m['commit']} (gally {g['version']}) |",
@@ -58,6 +59,8 @@ def machine_lines(res: Results) -> list:
         lines.append("| peers | " + "; ".join(versions) + " |")
     if ggufs:
         lines.append("| peer GGUFs | " + "; ".join(ggufs) + " |")
+    if ct2:
+        lines.append("| CTranslate2 models | " + "; ".join(ct2) + " |")
     for p in peers:
         lines.append(f"| peer status | {p} |")
     return lines
@@ -144,7 +147,8 @@ def markdown(res: Results, title: str = "gally bench") -> str:
     out = [f"# {title}", ""] + machine_lines(res) + [""]
     out += [f"Mean ± sample standard deviation over {o.reps} repetitions after one warm-up. Token ids are random; "
             "tokenization and sampling are excluded (gally: Session.append; llama.cpp: Llama.eval; transformers: "
-            "model forward with KV cache, last-position logits), except in the Model.generate row. "
+            "model forward with KV cache, last-position logits; ctranslate2: Generator.generate_batch, greedy, its "
+            "argmax included), except in the Model.generate row. "
             "ppN: an N-token prompt at once; tgN: N single-token steps; @ dD: after D tokens already in the context. "
             "GB/s: weight bytes per token × decode rate. Peak RSS is each engine's own process, interpreter included.",
             "", "## Throughput", ""] + throughput_lines(res)

@@ -12,16 +12,17 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import derived, llama_bench, machine, peer_gguf
+from . import derived, llama_bench, machine, peer_ct2, peer_gguf
 from .stats import Stat, rates
 from .worker import Worker, WorkerError
 
 DTYPES = ("f32", "bf16", "f16", "int8", "int4")
-PEERS = ("llama.cpp", "transformers", "llama-bench")
+PEERS = ("llama.cpp", "transformers", "llama-bench", "ctranslate2")
 QUANTIZED = ("int8", "int4")
 INSTALL = {
     "llama.cpp": 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36',
     "transformers": "pip install torch==2.13.0 transformers",
+    "ctranslate2": peer_ct2.INSTALL,
 }
 
 
@@ -138,6 +139,8 @@ def installed(peer: str) -> str:
         missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
         if missing:
             return f"not installed: no {' and '.join(missing)} ({INSTALL['transformers']})"
+    if peer == "ctranslate2" and importlib.util.find_spec("ctranslate2") is None:
+        return f"not installed ({INSTALL['ctranslate2']})"
     return ""
 
 
@@ -196,7 +199,7 @@ def _peer_specs(opts, dtype, folder, status, log) -> dict:
     absent. gally loads int8/int4 from a stored `gally quantize` folder (zero-copy), not quantizing at load."""
     model = derived.quantized_folder(folder, dtype, log=log) if dtype in QUANTIZED else opts.model
     specs = {"gally": {"model": model, "dtype": dtype}}
-    gguf = None
+    gguf = ct2 = None
     for peer in opts.peers:
         why = installed(peer)
         if not why and peer in ("llama.cpp", "llama-bench"):
@@ -210,6 +213,11 @@ def _peer_specs(opts, dtype, folder, status, log) -> dict:
                     gguf = e
             if isinstance(gguf, Exception):
                 why = str(gguf)
+        if not why and peer == "ctranslate2":
+            try:
+                ct2 = peer_ct2.ct2_folder(folder, dtype, log=log)
+            except derived.PeerUnavailable as e:
+                why = str(e)
         if not why and peer == "transformers" and dtype not in ("f32", "bf16", "f16"):
             why = f"no transformers weight type matches {dtype}"
         if why:
@@ -221,6 +229,8 @@ def _peer_specs(opts, dtype, folder, status, log) -> dict:
             specs[peer] = {"gguf": gguf, "gguf_type": peer_gguf.LLAMA_TYPES.get(dtype, "?")}
         elif peer == "transformers":
             specs[peer] = {"folder": folder, "dtype": dtype}
+        elif peer == "ctranslate2":
+            specs[peer] = {"folder": ct2, "compute_type": peer_ct2.CT2_TYPES[dtype]}
         else:
             specs[peer] = {"gguf": gguf, "tool": peer_gguf.find_tool("llama-bench", opts.llama_cpp_bin, opts.llama_cpp)}
     return specs

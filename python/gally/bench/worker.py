@@ -23,6 +23,8 @@ def _engine(name: str, spec: dict):
         from .engine_llamacpp import LlamaCppEngine as cls
     elif name == "transformers":
         from .engine_transformers import TransformersEngine as cls
+    elif name == "ctranslate2":
+        from .engine_ctranslate2 import CTranslate2Engine as cls
     else:
         raise ValueError(f"unknown engine {name!r}")
     return cls(**spec)

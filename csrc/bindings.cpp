@@ -212,24 +212,48 @@ PYBIND11_MODULE(_core, m) {
           py::arg("attentions") = py::none());
 
   // Single kernels, for the tests that hold each SIMD kernel against its scalar twin.
-  m.def("kernel_matmul", [](const std::string& isa, Array<float> x, py::array W, const std::string& wtype,
-                            py::object bias, Array<float> y, bool accumulate, int r0, int r1) {
-    const Kernels& k = kernels_named(isa);
-    DType t = parse_dtype(wtype);
-    require(W.ndim() == 2 && x.ndim() == 2 && y.ndim() == 2, "x, W, y must be 2-D");
-    require(W.itemsize() == py::ssize_t(dtype_size(t)) && (W.flags() & py::array::c_style), "W has the wrong element size or layout");
-    const int n_out = int(W.shape(0)), n_in = int(W.shape(1)), n_tok = int(x.shape(0));
-    require(x.shape(1) == n_in && y.shape(0) == n_tok && y.shape(1) == n_out, "shapes disagree");
-    require(0 <= r0 && r0 <= r1 && r1 <= n_out, "bad row range");
-    Array<float> b;
-    if (!bias.is_none()) {
-      b = bias.cast<Array<float>>();
-      require(b.size() == n_out, "bias must have n_out elements");
-    }
-    auto yv = y.mutable_data();
-    k.matmul(x.data(), W.data(), t, bias.is_none() ? nullptr : b.data(), yv, n_tok, n_in, n_out, r0, r1, accumulate);
-    return y;
-  });
+  m.def(
+      "kernel_matmul",
+      [](const std::string& isa, Array<float> x, py::array W, const std::string& wtype, py::object bias, Array<float> y,
+         bool accumulate, int r0, int r1, py::object scales, py::object mins) {
+        // W [n_out, n_in] in wtype; for int8 int8 [n_out, n_in] and for int4 uint8 [n_out, n_in/2], with float16
+        // scales (and int4 mins) [n_out, n_in/32] given as uint16.
+        const Kernels& k = kernels_named(isa);
+        const DType t = wtype == "int8" ? DType::Q8 : wtype == "int4" ? DType::Q4 : parse_dtype(wtype);
+        const bool quantized = t == DType::Q8 || t == DType::Q4;
+        require(W.ndim() == 2 && x.ndim() == 2 && y.ndim() == 2, "x, W, y must be 2-D");
+        const int n_out = int(W.shape(0)), n_in = int(x.shape(1)), n_tok = int(x.shape(0));
+        require(W.itemsize() == (quantized ? 1 : py::ssize_t(dtype_size(t))) && (W.flags() & py::array::c_style),
+                "W has the wrong element size or layout");
+        require(W.shape(1) == (t == DType::Q4 ? n_in / 2 : n_in) && y.shape(0) == n_tok && y.shape(1) == n_out,
+                "shapes disagree");
+        require(0 <= r0 && r0 <= r1 && r1 <= n_out, "bad row range");
+        WeightsRef w{W.data(), t};
+        Array<uint16_t> s, m;
+        if (quantized) {
+          require(n_in % QGROUP == 0 && !scales.is_none() && (t == DType::Q8 || !mins.is_none()),
+                  "quantized W needs n_in % 32 == 0 and its scales (and mins for int4)");
+          s = scales.cast<Array<uint16_t>>();
+          require(s.size() == n_out * (n_in / QGROUP), "scales must be [n_out, n_in/32]");
+          w.scales = s.data();
+          if (t == DType::Q4) {
+            m = mins.cast<Array<uint16_t>>();
+            require(m.size() == s.size(), "mins must be [n_out, n_in/32]");
+            w.mins = m.data();
+          }
+        }
+        Array<float> b;
+        if (!bias.is_none()) {
+          b = bias.cast<Array<float>>();
+          require(b.size() == n_out, "bias must have n_out elements");
+        }
+        auto yv = y.mutable_data();
+        k.matmul(x.data(), w, bias.is_none() ? nullptr : b.data(), yv, n_tok, n_in, n_out, r0, r1, accumulate);
+        return y;
+      },
+      py::arg("isa"), py::arg("x"), py::arg("W"), py::arg("wtype"), py::arg("bias"), py::arg("y"),
+      py::arg("accumulate"), py::arg("r0"), py::arg("r1"), py::arg("scales") = py::none(),
+      py::arg("mins") = py::none());
   m.def("kernel_quantize_rows", [](const std::string& isa, Array<float> x) {
     require(x.ndim() == 2 && x.shape(1) % QGROUP == 0, "x must be [n, a multiple of 32]");
     const int n = int(x.shape(0)), n_in = int(x.shape(1));
@@ -283,6 +307,19 @@ PYBIND11_MODULE(_core, m) {
     const int n = int(K.shape(0)), d = int(q.size());
     Array<float> out(d), probs(n);
     kernels_named(isa).attention(q.data(), K.data(), V.data(), n, d, d, scale, probs.mutable_data(), out.mutable_data());
+    return py::make_tuple(out, probs);
+  });
+  m.def("kernel_attention_causal", [](const std::string& isa, Array<float> Q, Array<float> K, Array<float> V,
+                                      int ctx0, float scale) {
+    // Q [nq, d]: query i sees keys [0, ctx0 + i) of K, V [ctx0 + nq − 1, d]
+    require(Q.ndim() == 2 && K.ndim() == 2 && V.ndim() == 2 && Q.shape(0) > 0 && ctx0 > 0, "bad shapes");
+    const int nq = int(Q.shape(0)), d = int(Q.shape(1)), n = ctx0 + nq - 1;
+    require(K.shape(0) == n && V.shape(0) == n && K.shape(1) == d && V.shape(1) == d, "attention shapes disagree");
+    Array<float> out({nq, d}), probs({nq, n});
+    std::fill(probs.mutable_data(), probs.mutable_data() + probs.size(), -1.0f);  // untouched past each row's keys
+    std::vector<float> scratch(ATTENTION_SCRATCH(n, d));
+    kernels_named(isa).attention_causal(Q.data(), d, nq, ctx0, K.data(), V.data(), d, d, scale, scratch.data(),
+                                        out.mutable_data(), d, probs.mutable_data(), n);
     return py::make_tuple(out, probs);
   });
   m.def("kernel_silu_mul", [](const std::string& isa, Array<float> g, Array<float> u) {

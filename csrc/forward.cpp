@@ -44,7 +44,8 @@ void thread_rows(int n, int block, int* r0, int* r1) {
   *r1 = std::min(n, int(long(blocks) * (id + 1) / nt) * block);
 }
 
-// A matmul's input [n, cols]: f32, and int8-quantized (kernels.h) when the model has quantized weights.
+// A matmul's input [n, cols]: f32, and for a few tokens (< GEMM_MIN_TOKENS) into a model with
+// quantized weights also int16-quantized (kernels.h), for the integer GEMV kernels.
 struct Input {
   const float* x;
   const int16_t* q = nullptr;
@@ -55,22 +56,19 @@ struct Input {
 // y[t, r] (+)= b[r] + Σ_k in[t, k] · W[r, k] for rows [r0, r1): the kernel for W's format.
 void matmul(const Kernels& k, const Matrix& W, const Input& in, int n, const float* bias, float* y, int ldy, int r0,
             int r1, bool accumulate) {
-  switch (W.dtype) {
-    case DType::Q8:
-      return k.matmul_q8(in.q, in.scale, (const int8_t*)W.data, W.scales, bias, y, n, W.cols, ldy, r0, r1, accumulate);
-    case DType::Q4:
-      return k.matmul_q4(in.q, in.scale, in.sum, (const uint8_t*)W.data, W.scales, W.mins, bias, y, n, W.cols, ldy, r0,
-                         r1, accumulate);
-    default:
-      return k.matmul(in.x, W.data, W.dtype, bias, y, n, W.cols, ldy, r0, r1, accumulate);
-  }
+  if (in.q && W.dtype == DType::Q8)
+    return k.matmul_q8(in.q, in.scale, (const int8_t*)W.data, W.scales, bias, y, n, W.cols, ldy, r0, r1, accumulate);
+  if (in.q && W.dtype == DType::Q4)
+    return k.matmul_q4(in.q, in.scale, in.sum, (const uint8_t*)W.data, W.scales, W.mins, bias, y, n, W.cols, ldy, r0,
+                       r1, accumulate);
+  k.matmul(in.x, WeightsRef{W.data, W.dtype, W.scales, W.mins}, bias, y, n, W.cols, ldy, r0, r1, accumulate);
 }
 
 // y [n, W.rows] (+)= in [n, W.cols] · Wᵀ (+ b), the rows split over the threads; ends at a barrier.
 void matmul_parallel(const Kernels& k, const Matrix& W, const Input& in, int n, const float* bias, float* y,
                      bool accumulate) {
   int r0, r1;
-  thread_rows(W.rows, 48, &r0, &r1);
+  thread_rows(W.rows, n < GEMM_MIN_TOKENS ? 48 : 32, &r0, &r1);
   if (r0 < r1) matmul(k, W, in, n, bias, y, W.rows, r0, r1, accumulate);
 #pragma omp barrier
 }
@@ -120,7 +118,8 @@ Session::Session(std::shared_ptr<const Model> model, int max_context)
   att_.resize(B * QD);
   gate_.resize(B * c.intermediate_size);
   up_.resize(B * c.intermediate_size);
-  probs_.resize(size_t(m_->threads) * max_ctx_);
+  scratch_ = std::max<long>(max_ctx_, ATTENTION_SCRATCH(max_ctx_, hd_));
+  probs_.resize(size_t(m_->threads) * scratch_);
   xb_local_.resize(size_t(m_->threads) * c.hidden_size);
   if (m_->quantized) {  // int8 copies of a matmul's input: the widest is the FFN's
     qdim_ = std::max({c.hidden_size, int(QD), c.intermediate_size});
@@ -200,11 +199,12 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
     return xb;
   };
 
-  // Quantized weights multiply int16 activations: an input is quantized once per step, by every
-  // thread into its own buffer for a single token, split over the threads for a batch.
+  // Quantized weights multiply int16 activations in steps of a few tokens: an input is quantized
+  // once per step, by every thread into its own buffer for a single token, split over the
+  // threads otherwise. Larger batches take the GEMM, which multiplies f32 activations.
   auto prepare = [&](const float* in, int rows, int n_in) -> Input {
     Input a{in};
-    if (!m_->quantized || n_in % QGROUP != 0) return a;
+    if (!m_->quantized || n_in % QGROUP != 0 || rows >= GEMM_MIN_TOKENS) return a;
     const int groups = n_in / QGROUP;
     if (rows == 1) {
       const size_t id = thread_id();
@@ -254,15 +254,29 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
         }
 #pragma omp barrier
       }
-      float* probs = probs_.data() + size_t(thread_id()) * max_ctx_;
+      float* probs = probs_.data() + size_t(thread_id()) * scratch_;
+      if (n >= ATTENTION_BLOCK / 4) {  // blocks of positions, queries in the lanes
+        const int blocks = (n + ATTENTION_BLOCK - 1) / ATTENTION_BLOCK;
+#pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < blocks * NH; ++i) {
+          const int t0 = (blocks - 1 - i / NH) * ATTENTION_BLOCK, head = i % NH;  // longest first
+          const int nq = std::min(ATTENTION_BLOCK, n - t0);
+          float* rec_probs =
+              rec.attention ? rec.attention + ((size_t(l) * NH + head) * rec_n + rec_offset + t0) * rec_ctx : nullptr;
+          k.attention_causal(q + size_t(t0) * QD + head * HD, QD, nq, p0 + t0 + 1, k_cache(l, head / group),
+                             v_cache(l, head / group), HD, HD, c.attention_scale, probs,
+                             att + size_t(t0) * QD + head * HD, QD, rec_probs, rec_ctx);
+        }
+      } else {  // a few positions, one query at a time
 #pragma omp for schedule(dynamic, 2)
-      for (int i = 0; i < n * NH; ++i) {
-        const int t = i / NH, head = i % NH, ctx = p0 + t + 1;  // causal: keys 0 … p0+t
-        k.attention(q + size_t(t) * QD + head * HD, k_cache(l, head / group), v_cache(l, head / group), ctx, HD,
-                    HD, c.attention_scale, probs, att + size_t(t) * QD + head * HD);
-        if (rec.attention) {
-          float* dst = rec.attention + ((size_t(l) * NH + head) * rec_n + rec_offset + t) * rec_ctx;
-          std::memcpy(dst, probs, size_t(ctx) * 4);
+        for (int i = 0; i < n * NH; ++i) {
+          const int t = i / NH, head = i % NH, ctx = p0 + t + 1;  // causal: keys 0 … p0+t
+          k.attention(q + size_t(t) * QD + head * HD, k_cache(l, head / group), v_cache(l, head / group), ctx, HD,
+                      HD, c.attention_scale, probs, att + size_t(t) * QD + head * HD);
+          if (rec.attention) {
+            float* dst = rec.attention + ((size_t(l) * NH + head) * rec_n + rec_offset + t) * rec_ctx;
+            std::memcpy(dst, probs, size_t(ctx) * 4);
+          }
         }
       }
       matmul_parallel(k, L.o_proj, prepare(att, n, QD), n, L.o_bias, x, true);  // x += o_proj(att)
@@ -272,7 +286,7 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
       const Input h2 = prepare(normalize(L.post_attention_layernorm), n, D);
       {
         int r0, r1;
-        thread_rows(F, 16, &r0, &r1);
+        thread_rows(F, n < GEMM_MIN_TOKENS ? 16 : 32, &r0, &r1);
         if (r0 < r1) {
           matmul(k, L.gate_proj, h2, n, L.gate_bias, gate, F, r0, r1, false);
           matmul(k, L.up_proj, h2, n, L.up_bias, up, F, r0, r1, false);

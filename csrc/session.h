@@ -8,6 +8,8 @@
 
 namespace gally {
 
+constexpr int ATTENTION_BLOCK = 16;  // positions per attention work item in a batch
+
 // Optional caller-provided buffers that a forward pass fills for inspection (null: not recorded).
 struct Record {
   float* hidden = nullptr;     // [layers + 1, n, hidden]: the embeddings, then each layer's output
@@ -47,7 +49,8 @@ class Session {
   std::vector<float> k_, v_;  // [B, kv_heads·head_dim]
   std::vector<float> att_;    // [B, heads·head_dim] attention output
   std::vector<float> gate_, up_;  // [B, intermediate]
-  std::vector<float> probs_;  // [threads, max_context] softmax scratch
+  long scratch_ = 0;          // attention scratch per thread (kernels.h)
+  std::vector<float> probs_;  // [threads, scratch_] softmax scratch
   std::vector<float> xb_local_;  // [threads, hidden] a single token's normalised input, per thread
   // Quantized models: a matmul input in int16 with its group scales and sums (kernels.h), for a
   // batch [B, qdim] and, for a single token, per thread.

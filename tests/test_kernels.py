@@ -14,14 +14,11 @@ SIMD = [isa for isa in ISAS if isa != "generic"] or ["generic"]
 
 
 def effective_x(isa, x, wtype):
-    """avx512bf16 rounds the activations of a batch (≥ 4 tokens) with bf16 weights to bf16, in
-    whole blocks of 32; the tail of each row stays f32."""
-    if isa != "avx512bf16" or wtype != "bf16" or x.shape[0] < 4:
+    """avx512bf16 rounds the activations of a batch (≥ 4 tokens) with bf16, int8 or int4 weights
+    to bf16 for vdpbf16ps."""
+    if isa != "avx512bf16" or wtype not in ("bf16", "int8", "int4") or x.shape[0] < 4:
         return x
-    n32 = x.shape[1] // 32 * 32
-    out = x.copy()
-    out[:, :n32] = round_bf16(x[:, :n32])
-    return out
+    return round_bf16(x)
 
 
 def weights(rng, rows, cols, wtype):
@@ -118,6 +115,39 @@ def test_attention(isa):
             p /= p.sum()
             assert np.allclose(probs, p, rtol=1e-5, atol=1e-7)
             assert np.allclose(out, p @ V, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_attention_causal_block(isa):
+    """A block of consecutive positions (queries in the lanes) equals causal attention query by
+    query: query i sees keys 0 … ctx0+i−1, and its recorded weights stop there."""
+    rng = np.random.default_rng(7)
+    for nq in (1, 2, 7, 8, 9, 16, 17, 35):
+        for ctx0 in (1, 3, 40):
+            for d in (1, 8, 17, 64, 80):
+                n = ctx0 + nq - 1
+                Q = rng.standard_normal((nq, d)).astype(np.float32)
+                K = rng.standard_normal((n, d)).astype(np.float32)
+                V = rng.standard_normal((n, d)).astype(np.float32)
+                out, probs = _core.kernel_attention_causal(isa, Q, K, V, ctx0, 0.3)
+                for i in range(nq):
+                    c = ctx0 + i
+                    s = 0.3 * K[:c].astype(np.float64) @ Q[i]
+                    p = np.exp(s - s.max())
+                    p /= p.sum()
+                    assert np.allclose(probs[i, :c], p, rtol=1e-5, atol=1e-7), (nq, ctx0, d, i)
+                    assert (probs[i, c:] == -1).all()
+                    assert np.allclose(out[i], p @ V[:c], atol=1e-5), (nq, ctx0, d, i)
+
+
+@pytest.mark.parametrize("isa", SIMD)
+def test_attention_causal_simd_equals_scalar_twin(isa):
+    rng = np.random.default_rng(8)
+    for nq, ctx0, d in ((16, 1, 64), (5, 100, 64), (33, 7, 128), (3, 2, 24)):
+        n = ctx0 + nq - 1
+        Q, K, V = (rng.standard_normal((m, d)).astype(np.float32) * 2 for m in (nq, n, n))
+        a, b = (_core.kernel_attention_causal(k, Q, K, V, ctx0, 0.125) for k in ("generic", isa))
+        assert np.allclose(a[0], b[0], rtol=1e-5, atol=5e-5) and np.allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("isa", ISAS)

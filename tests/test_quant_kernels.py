@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gally import _core
-from conftest import ISAS
+from conftest import ISAS, round_bf16
 
 G = 32
 
@@ -97,3 +97,34 @@ def test_quantized_simd_equals_scalar_twin(isa, kind):
     x = rng.standard_normal((3, 64)).astype(np.float32)
     _core.kernel_matmul_quantized(isa, *_core.kernel_quantize_rows(isa, x), q, s.view(np.uint16), None, y, 2, 5)
     assert (y[:, :2] == 7).all() and (y[:, 5:] == 7).all() and not (y[:, 2:5] == 7).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_weights_with_float_activations(isa, kind):
+    """The prefill GEMM multiplies f32 activations by the dequantized weights: exactly (to f32
+    rounding) except on avx512bf16, which rounds both to bf16 for vdpbf16ps from 4 tokens on."""
+    rng = np.random.default_rng(3)
+    for n_tok in (1, 3, 4, 5, 16, 49, 50):
+        for rows, cols in ((1, 32), (7, 64), (9, 96), (17, 160)):
+            x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+            b = rng.standard_normal(rows).astype(np.float32)
+            if kind == "int8":
+                q, s, w = random_q8(rng, rows, cols)
+                extra = dict(scales=s.view(np.uint16))
+            else:
+                q, s, m, w = random_q4(rng, rows, cols)
+                extra = dict(scales=s.view(np.uint16), mins=m.view(np.uint16))
+            xw, ww, tol = x.astype(np.float64), w, 1e-5
+            if isa == "avx512bf16" and n_tok >= 4:
+                xw, ww, tol = round_bf16(x).astype(np.float64), round_bf16(w.astype(np.float32)), 1e-4
+            want = xw @ np.asarray(ww, np.float64).T + b
+            y = np.full((n_tok, rows), np.nan, np.float32)
+            _core.kernel_matmul(isa, x, q, kind, b, y, False, 0, rows, **extra)
+            assert np.allclose(y, want, rtol=tol, atol=tol * np.sqrt(cols)), (kind, n_tok, rows, cols)
+            # accumulate over a row range, leaving the other rows alone
+            y2 = np.full((n_tok, rows), 2.0, np.float32)
+            _core.kernel_matmul(isa, x, q, kind, None, y2, True, rows // 3, rows, **extra)
+            assert (y2[:, : rows // 3] == 2).all()
+            assert np.allclose(y2[:, rows // 3:], 2 + want[:, rows // 3:] - b[rows // 3:], rtol=tol,
+                               atol=tol * np.sqrt(cols))

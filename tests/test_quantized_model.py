@@ -31,12 +31,14 @@ def test_quantized_checkpoint_matches_its_dequantized_weights(tmp_path, isa, kin
     assert model.dtype == kind and model.copied_bytes == 0
     got = model.logits(TOKENS)
     want = forward(out, TOKENS, dequantized(out))
-    assert np.abs(got - want).max() <= 2e-3
-    # one token at a time goes through the decode path of the same kernels; float sums in another
-    # order can flip an activation's int16 rounding, so the two agree to ~1e-4, not bit for bit
+    # a prompt multiplies the dequantized weights: exactly in f32, or on avx512bf16 with weights
+    # and activations rounded to bf16 for vdpbf16ps (as for bf16 models)
+    tol = 3e-2 if isa == "avx512bf16" else 1e-3
+    assert np.abs(got - want).max() <= tol
+    # one token at a time goes through the integer decode kernels (int16 activations)
     s = model.session()
     steps = np.stack([s.append([t]) for t in TOKENS])
-    assert np.abs(steps - got).max() <= 1e-3
+    assert np.abs(steps - want).max() <= 2e-3
     # quantizing at load gives the stored checkpoint's logits exactly
     assert np.array_equal(gally.load(src, dtype=kind, threads=2).logits(TOKENS), got)
 

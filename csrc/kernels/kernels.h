@@ -17,15 +17,31 @@ namespace gally {
 // int16 activations nothing measurable; decode is bound by the weights' bytes either way.
 constexpr int QGROUP = 32;
 
+// A weight matrix [n_out, n_in] as the kernels see it: row-major `data` in `dtype`; for Q8 and Q4
+// the float16 group scales [n_out, n_in/QGROUP], and for Q4 the group minimums, alike.
+struct WeightsRef {
+  const void* data;
+  DType dtype;
+  const uint16_t* scales = nullptr;
+  const uint16_t* mins = nullptr;
+};
+
+// Batches of at least this many tokens take the prefill GEMM (gemm.inl), which dequantizes
+// quantized weights and multiplies the f32 activations; smaller ones multiply row by row.
+constexpr int GEMM_MIN_TOKENS = 4;
+
+// Floats of scratch attention_causal needs for n keys of dimension d.
+inline long ATTENTION_SCRATCH(long n, long d) { return 16 * (n + d); }
+
 struct Kernels {
   const char* name;
 
   // y[t, r] = b[r] + Σ_k x[t, k] · W[r, k]    (+ y[t, r] when accumulate)
   // for rows r in [r0, r1) and tokens t in [0, n_tok).
-  // x [n_tok, n_in] f32 row-major; W [n_out, n_in] in `wtype`, row-major; b [n_out] f32 or null;
-  // y [n_tok, ldy] f32 (ldy ≥ r1).
-  void (*matmul)(const float* x, const void* W, DType wtype, const float* b, float* y, int n_tok,
-                 int n_in, int ldy, int r0, int r1, bool accumulate);
+  // x [n_tok, n_in] f32 row-major; W [n_out, n_in] in any DType (Q8/Q4 dequantized, exact in f32);
+  // b [n_out] f32 or null; y [n_tok, ldy] f32 (ldy ≥ r1).
+  void (*matmul)(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
+                 int r0, int r1, bool accumulate);
 
   // out[i] = x[i] / sqrt(mean(x²) + eps) · w[i]    x, w, out [n]; out may alias x.
   void (*rmsnorm)(float* out, const float* x, const float* w, int n, float eps);
@@ -38,6 +54,14 @@ struct Kernels {
   // q [d]; K, V [n, d] with rows `stride` floats apart.
   void (*attention)(const float* q, const float* K, const float* V, int n, int d, int stride,
                     float scale, float* probs, float* out);
+
+  // Causal attention for nq consecutive positions of one head: query i (row i of Q, ldq apart)
+  // sees keys 0 … ctx0+i−1 and its output goes to row i of out (ldo apart); K, V as above.
+  // scratch: ATTENTION_SCRATCH(ctx0 + nq, d) floats. The same sums as `attention` query by query,
+  // with the queries in the vector lanes, so that each key and value row serves a lane-full.
+  // probs, when not null, receives query i's softmax weights in row i (ldp apart, ctx0+i each).
+  void (*attention_causal)(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V, int d,
+                           int stride, float scale, float* scratch, float* out, int ldo, float* probs, long ldp);
 
   // g[i] = silu(g[i]) · u[i] = g / (1 + e^-g) · u    g, u [n]
   void (*silu_mul)(float* g, const float* u, int n);
@@ -61,15 +85,11 @@ extern const Kernels kernels_generic;
 #if defined(GALLY_X86)
 extern const Kernels kernels_avx2;
 extern const Kernels kernels_avx512;
-// The "avx512bf16" set is kernels_avx512 with this matmul: vdpbf16ps for bf16 weights and
-// batches of ≥ 4 tokens (activations rounded to bf16); all else goes to kernels_avx512.matmul.
-void matmul_avx512bf16(const float* x, const void* W, DType wtype, const float* b, float* y, int n_tok,
-                       int n_in, int ldy, int r0, int r1, bool accumulate);
-void matmul_q8_avx512vnni(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b,
-                          float* y, int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
-void matmul_q4_avx512vnni(const int8_t* xq, const float* xs, const float* xsum, const uint8_t* Wq,
-                          const uint16_t* Ws, const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in,
-                          int ldy, int r0, int r1, bool accumulate);
+// The "avx512bf16" set is kernels_avx512 with this matmul: vdpbf16ps for bf16, int8 and int4
+// weights and batches of ≥ GEMM_MIN_TOKENS (weights and activations rounded to bf16); all else
+// goes to kernels_avx512.matmul.
+void matmul_avx512bf16(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
+                       int r0, int r1, bool accumulate);
 #endif
 
 }  // namespace gally

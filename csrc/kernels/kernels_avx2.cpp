@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <vector>
 
 #include "kernels/kernels.h"
 
@@ -12,6 +13,7 @@ namespace avx2 {
 struct S {
   static constexpr int N = 8;
   static constexpr int ROWS = 3, TOKENS = 4;  // 12 accumulators + 3 weights + 1 activation of 16 ymm
+  static constexpr int GEMM_ROWS = 4, GEMM_VECS = 3;  // 12 accumulators + 3 activations + 1 weight of 16 ymm
   using V = __m256;
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float f) { return _mm256_set1_ps(f); }
@@ -50,7 +52,7 @@ constexpr int QROWS = 2, QTOKENS = 4;
 
 }  // namespace avx2
 
-const Kernels kernels_avx2 = {"avx2", avx2::matmul, avx2::rmsnorm, avx2::rope, avx2::attention,
+const Kernels kernels_avx2 = {"avx2", avx2::matmul, avx2::rmsnorm, avx2::rope, avx2::attention, avx2::attention_causal,
                               avx2::silu_mul, avx2::quantize_rows, avx2::matmul_q8, avx2::matmul_q4};
 
 }  // namespace gally

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <vector>
 
 #include "kernels/kernels.h"
 
@@ -12,6 +13,7 @@ namespace avx512 {
 struct S {
   static constexpr int N = 16;
   static constexpr int ROWS = 4, TOKENS = 6;  // 24 accumulators + 4 weights + 1 activation of 32 zmm
+  static constexpr int GEMM_ROWS = 8, GEMM_VECS = 3;  // 24 accumulators + 3 activations + 1 weight of 32 zmm
   using V = __m512;
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float f) { return _mm512_set1_ps(f); }
@@ -45,7 +47,7 @@ constexpr int QROWS = 4, QTOKENS = 4;
 
 }  // namespace avx512
 
-const Kernels kernels_avx512 = {"avx512", avx512::matmul, avx512::rmsnorm, avx512::rope, avx512::attention,
+const Kernels kernels_avx512 = {"avx512", avx512::matmul, avx512::rmsnorm, avx512::rope, avx512::attention, avx512::attention_causal,
                               avx512::silu_mul, avx512::quantize_rows, avx512::matmul_q8, avx512::matmul_q4};
 
 }  // namespace gally

@@ -1,10 +1,12 @@
-// Prefill matmul for bf16 weights with AVX512-BF16's vdpbf16ps: each instruction multiplies 32
-// bf16 pairs into 16 f32 sums, twice the work of an f32 FMA. The activations are rounded to bf16
-// for it (as llama.cpp does for BF16 weights); accumulation stays f32. Decode steps and other
-// weight types take the exact AVX-512 path: with one token the product is bound by memory, not
-// arithmetic, and rounding would only cost accuracy.
+// Prefill GEMM with AVX512-BF16's vdpbf16ps: each instruction multiplies 16 lanes of bf16 pairs
+// (two consecutive k) into f32 sums, twice the work of an f32 FMA. It serves bf16 weights, read
+// in place, and int8/int4 weights, dequantized a chunk of rows at a time and rounded to bf16.
+// The activations are rounded to bf16 too (as llama.cpp does for BF16 weights); sums stay f32.
+// The layout is gemm.inl's, tokens in the lanes, with a pair of k per 32-bit lane. Decode steps,
+// f32 and f16 weights take the exact AVX-512 path.
 #include <immintrin.h>
 
+#include <cstring>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -12,45 +14,10 @@
 namespace gally {
 namespace {
 
-constexpr int ROWS = 4, TOKENS = 6;  // 24 accumulators + 4 weight registers of 32 zmm
+constexpr int RB = 8, TV = 3, TW = TV * 16;  // 24 accumulators + 3 activations + 1 weight of 32 zmm
+constexpr int CHUNK = 64;                    // rows dequantized at a time
 
-// out[i][j] = Σ_k W[i, k] · x[j, k] with bf16 W and x; k < n32 in vdpbf16ps, the tail exactly.
-template <int RB, int TB>
-inline void dot_tile(const uint16_t* xb, const float* xf, const uint16_t* W, int n_in, float out[RB][TB]) {
-  __m512 acc[RB][TB];
-  for (int i = 0; i < RB; ++i)
-    for (int j = 0; j < TB; ++j) acc[i][j] = _mm512_setzero_ps();
-  int k = 0;
-  for (; k + 32 <= n_in; k += 32) {
-    __m512bh w[RB];
-    for (int i = 0; i < RB; ++i) w[i] = (__m512bh)_mm512_loadu_si512(W + (long)i * n_in + k);
-    for (int j = 0; j < TB; ++j) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + (long)j * n_in + k);
-      for (int i = 0; i < RB; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[i], xv);
-    }
-  }
-  for (int i = 0; i < RB; ++i)
-    for (int j = 0; j < TB; ++j) {
-      float s = 0;
-      for (int kk = k; kk < n_in; ++kk) s += xf[(long)j * n_in + kk] * bf16_to_f32(W[(long)i * n_in + kk]);
-      out[i][j] = _mm512_reduce_add_ps(acc[i][j]) + s;
-    }
-}
-
-template <int RB, int TB>
-inline void tile(const uint16_t* xb, const float* x, const uint16_t* W, const float* b, float* y, int n_in, int ldy,
-                 int r, int t, int t_first, bool accumulate) {
-  float out[RB][TB];
-  dot_tile<RB, TB>(xb + (long)(t - t_first) * n_in, x + (long)t * n_in, W + (long)r * n_in, n_in, out);
-  for (int j = 0; j < TB; ++j)
-    for (int i = 0; i < RB; ++i) {
-      const float s = out[i][j] + (b ? b[r + i] : 0.0f);
-      float& o = y[(long)(t + j) * ldy + r + i];
-      o = accumulate ? o + s : s;
-    }
-}
-
-// x [n, n_in] f32 → bf16, rounding to nearest even.
+// x [n] f32 → bf16, rounding to nearest even.
 void to_bf16(const float* x, uint16_t* out, long n) {
   long i = 0;
   for (; i + 32 <= n; i += 32) {
@@ -60,29 +27,124 @@ void to_bf16(const float* x, uint16_t* out, long n) {
   for (; i < n; ++i) out[i] = f32_to_bf16(x[i]);
 }
 
+// xt[(tile · pairs + p) · TW + j] = the bf16 pair (x[t, 2p], x[t, 2p+1]) of token t = tile·TW + j,
+// zero past n_tok and past n_in.
+void pack_tokens(const float* x, int n_tok, int n_in, int pairs, uint32_t* xt) {
+  const int tiles = (n_tok + TW - 1) / TW;
+  std::vector<uint32_t> row(pairs);
+  for (int tile = 0; tile < tiles; ++tile) {
+    uint32_t* dst = xt + (long)tile * pairs * TW;
+    for (int j = 0; j < TW; ++j) {
+      const int t = tile * TW + j;
+      row[pairs - 1] = 0;
+      if (t < n_tok) to_bf16(x + (long)t * n_in, (uint16_t*)row.data(), n_in);
+      for (int p = 0; p < pairs; ++p) dst[(long)p * TW + j] = t < n_tok ? row[p] : 0;
+    }
+  }
+}
+
+// out[i][j] = Σ_p W[i, 2p..2p+1] · xt[p][j] for R rows (ldw bf16 apart) and V vectors of a tile.
+template <int R, int V>
+inline void tile(const uint32_t* xt, const uint16_t* W, long ldw, int pairs, float* out) {
+  __m512 acc[R][V];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int p = 0; p < pairs; ++p) {
+    __m512bh xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = (__m512bh)_mm512_loadu_si512(xt + (long)p * TW + v * 16);
+    for (int i = 0; i < R; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, W + i * ldw + 2 * p, 4);
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], w, xv[v]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + i * TW + v * 16, acc[i][v]);
+}
+
+template <int R = RB, int V = TV>
+inline void tile_any(int rows, int vecs, const uint32_t* xt, const uint16_t* W, long ldw, int pairs, float* out) {
+  if constexpr (R > 1)
+    if (rows < R) return tile_any<R - 1, V>(rows, vecs, xt, W, ldw, pairs, out);
+  if constexpr (V > 1)
+    if (vecs < V) return tile_any<R, V - 1>(rows, vecs, xt, W, ldw, pairs, out);
+  tile<R, V>(xt, W, ldw, pairs, out);
+}
+
+// y[j, i] (+)= out[i][j] + b[i] for a tile's rows i and tokens j, token by token so that each
+// token's rows land in one cache line.
+inline void store_tile(const float* out, int rows, int nt, const float* b, float* y, long ldy, bool accumulate) {
+  for (int j = 0; j < nt; ++j) {
+    float* yj = y + j * ldy;
+    for (int i = 0; i < rows; ++i) {
+      const float s = out[i * TW + j] + (b ? b[i] : 0.0f);
+      yj[i] = accumulate ? yj[i] + s : s;
+    }
+  }
+}
+
+// Rows [r0, r1) of a bf16, int8 or int4 matrix as bf16 rows of ldw (even, ≥ n_in) elements.
+void rows_to_bf16(const WeightsRef& W, int n_in, int r0, int r1, long ldw, uint16_t* out) {
+  const long groups = n_in / QGROUP;
+  std::vector<float> row(n_in);
+  for (long r = r0; r < r1; ++r, out += ldw) {
+    out[ldw - 1] = 0;
+    if (W.dtype == DType::BF16) {
+      std::memcpy(out, (const uint16_t*)W.data + r * n_in, size_t(n_in) * 2);
+      continue;
+    }
+    for (long g = 0; g < groups; ++g) {
+      const float s = f16_to_f32(W.scales[r * groups + g]);
+      float* dst = row.data() + g * QGROUP;
+      if (W.dtype == DType::Q8) {
+        const int8_t* q = (const int8_t*)W.data + r * n_in + g * QGROUP;
+        for (int i = 0; i < QGROUP; ++i) dst[i] = q[i] * s;
+      } else {
+        const float m = f16_to_f32(W.mins[r * groups + g]);
+        const uint8_t* q = (const uint8_t*)W.data + r * n_in / 2 + g * (QGROUP / 2);
+        for (int i = 0; i < QGROUP / 2; ++i) {
+          dst[i] = (q[i] & 0xf) * s + m;
+          dst[i + QGROUP / 2] = (q[i] >> 4) * s + m;
+        }
+      }
+    }
+    to_bf16(row.data(), out, n_in);
+  }
+}
+
 }  // namespace
 
-void matmul_avx512bf16(const float* x, const void* Wv, DType wtype, const float* b, float* y, int n_tok, int n_in, int ldy,
-            int r0, int r1, bool accumulate) {
-  if (wtype != DType::BF16 || n_tok < 4)
-    return kernels_avx512.matmul(x, Wv, wtype, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
-  const uint16_t* W = (const uint16_t*)Wv;
-  const int t_block = TOKENS * (n_in > 2048 ? 4 : 8);
-  static thread_local std::vector<uint16_t> xb;  // the block's activations in bf16, grown once
-  if (xb.size() < size_t(t_block) * n_in) xb.resize(size_t(t_block) * n_in);
-  for (int t0 = 0; t0 < n_tok; t0 += t_block) {
-    const int t1 = t0 + t_block < n_tok ? t0 + t_block : n_tok;
-    to_bf16(x + (long)t0 * n_in, xb.data(), long(t1 - t0) * n_in);
-    int r = r0;
-    for (; r + ROWS <= r1; r += ROWS) {
-      int t = t0;
-      for (; t + TOKENS <= t1; t += TOKENS) tile<ROWS, TOKENS>(xb.data(), x, W, b, y, n_in, ldy, r, t, t0, accumulate);
-      for (; t < t1; ++t) tile<ROWS, 1>(xb.data(), x, W, b, y, n_in, ldy, r, t, t0, accumulate);
+void matmul_avx512bf16(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
+                       int r0, int r1, bool accumulate) {
+  const bool dot_bf16 = W.dtype == DType::BF16 || W.dtype == DType::Q8 || W.dtype == DType::Q4;
+  if (!dot_bf16 || n_tok < GEMM_MIN_TOKENS)
+    return kernels_avx512.matmul(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  static thread_local std::vector<uint32_t> xt;
+  static thread_local std::vector<uint16_t> wbuf;
+  const int pairs = (n_in + 1) / 2, tiles = (n_tok + TW - 1) / TW;
+  xt.resize(size_t(tiles) * pairs * TW);
+  pack_tokens(x, n_tok, n_in, pairs, xt.data());
+  const bool in_place = W.dtype == DType::BF16 && n_in % 2 == 0;
+  const long ldw = 2L * pairs;
+  float out[RB * TW];
+  for (int c0 = r0; c0 < r1; c0 += CHUNK) {
+    const int c1 = c0 + CHUNK < r1 ? c0 + CHUNK : r1;
+    const uint16_t* Wc;
+    if (in_place) {
+      Wc = (const uint16_t*)W.data + (long)c0 * n_in;
+    } else {
+      wbuf.resize(size_t(CHUNK) * ldw);
+      rows_to_bf16(W, n_in, c0, c1, ldw, wbuf.data());
+      Wc = wbuf.data();
     }
-    for (; r < r1; ++r) {
-      int t = t0;
-      for (; t + TOKENS <= t1; t += TOKENS) tile<1, TOKENS>(xb.data(), x, W, b, y, n_in, ldy, r, t, t0, accumulate);
-      for (; t < t1; ++t) tile<1, 1>(xb.data(), x, W, b, y, n_in, ldy, r, t, t0, accumulate);
+    for (int tl = 0; tl < tiles; ++tl) {
+      const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW, vecs = (nt + 15) / 16;
+      for (int r = c0; r < c1; r += RB) {
+        const int rows = c1 - r < RB ? c1 - r : RB;
+        tile_any(rows, vecs, xt.data() + (long)tl * pairs * TW, Wc + (r - c0) * ldw, ldw, pairs, out);
+        store_tile(out, rows, nt, b ? b + r : nullptr, y + (long)t0 * ldy + r, ldy, accumulate);
+      }
     }
   }
 }

@@ -1,16 +1,12 @@
 // Portable scalar kernels: the fallback on every CPU and the oracle the SIMD kernels are tested
 // against. Plain C++ (no intrinsics) so that it builds anywhere, aarch64 and clang included.
 #include <cmath>
+#include <vector>
 
 #include "kernels/kernels.h"
 
 namespace gally {
 namespace {
-
-inline float load(const float* p, int i) { return p[i]; }
-inline float load(const uint16_t* p, int i, DType t) {
-  return t == DType::BF16 ? bf16_to_f32(p[i]) : f16_to_f32(p[i]);  // float formats only
-}
 
 // Σ_k x[k] · w[k] in 8 independent lanes, which compilers vectorise without reassociating.
 template <class WLoad>
@@ -24,19 +20,40 @@ float dot(const float* x, int n, WLoad w) {
   return s + ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
-void matmul(const float* x, const void* W, DType wtype, const float* b, float* y, int n_tok,
-            int n_in, int ldy, int r0, int r1, bool accumulate) {
-  for (int t = 0; t < n_tok; ++t) {
-    const float* xt = x + (long)t * n_in;
-    for (int r = r0; r < r1; ++r) {
-      float s;
-      if (wtype == DType::F32) {
-        const float* w = (const float*)W + (long)r * n_in;
-        s = dot(xt, n_in, [w](int k) { return load(w, k); });
-      } else {
-        const uint16_t* w = (const uint16_t*)W + (long)r * n_in;
-        s = dot(xt, n_in, [w, wtype](int k) { return load(w, k, wtype); });
+// The int4 value i (0 … 31) of a packed group.
+inline int nibble(const uint8_t* group, int i) {
+  return i < QGROUP / 2 ? group[i] & 0xf : group[i - QGROUP / 2] >> 4;
+}
+
+// Row r of W as f32 (quantized rows dequantized: int8 s·q, int4 s·q + m, both exact in f32).
+void dequantize_row(const WeightsRef& W, int n_in, long r, float* out) {
+  const long groups = n_in / QGROUP;
+  for (int k = 0; k < n_in; ++k) {
+    switch (W.dtype) {
+      case DType::F32: out[k] = ((const float*)W.data)[r * n_in + k]; break;
+      case DType::BF16: out[k] = bf16_to_f32(((const uint16_t*)W.data)[r * n_in + k]); break;
+      case DType::F16: out[k] = f16_to_f32(((const uint16_t*)W.data)[r * n_in + k]); break;
+      case DType::Q8:
+        out[k] = ((const int8_t*)W.data)[r * n_in + k] * f16_to_f32(W.scales[r * groups + k / QGROUP]);
+        break;
+      case DType::Q4: {
+        const long g = r * groups + k / QGROUP;
+        const int q = nibble((const uint8_t*)W.data + g * (QGROUP / 2), k % QGROUP);
+        out[k] = q * f16_to_f32(W.scales[g]) + f16_to_f32(W.mins[g]);
+        break;
       }
+    }
+  }
+}
+
+void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
+            int r1, bool accumulate) {
+  std::vector<float> w(n_in);
+  for (int r = r0; r < r1; ++r) {
+    dequantize_row(W, n_in, r, w.data());
+    for (int t = 0; t < n_tok; ++t) {
+      const float* xt = x + (long)t * n_in;
+      float s = dot(xt, n_in, [&w](int k) { return w[k]; });
       if (b) s += b[r];
       float& out = y[(long)t * ldy + r];
       out = accumulate ? out + s : s;
@@ -78,6 +95,15 @@ void attention(const float* q, const float* K, const float* V, int n, int d, int
   }
 }
 
+void attention_causal(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V, int d, int stride,
+                      float scale, float* scratch, float* out, int ldo, float* probs, long ldp) {
+  for (int i = 0; i < nq; ++i) {
+    attention(Q + (long)i * ldq, K, V, ctx0 + i, d, stride, scale, scratch, out + (long)i * ldo);
+    if (probs)
+      for (int j = 0; j < ctx0 + i; ++j) probs[i * ldp + j] = scratch[j];
+  }
+}
+
 void silu_mul(float* g, const float* u, int n) {
   for (int i = 0; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
@@ -94,11 +120,6 @@ void quantize_rows(const float* x, int n, int n_in, int16_t* xq, float* xs, floa
     xs[g] = amax / 32767.0f;
     xsum[g] = sum;
   }
-}
-
-// The int4 value i (0 … 31) of a packed group.
-inline int nibble(const uint8_t* group, int i) {
-  return i < QGROUP / 2 ? group[i] & 0xf : group[i - QGROUP / 2] >> 4;
 }
 
 template <bool Q4>
@@ -142,7 +163,7 @@ void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint
 
 }  // namespace
 
-const Kernels kernels_generic = {"generic", matmul,    rmsnorm,   rope,     attention,
+const Kernels kernels_generic = {"generic", matmul,    rmsnorm,   rope,     attention, attention_causal,
                                  silu_mul,  quantize_rows, matmul_q8, matmul_q4};
 
 }  // namespace gally

@@ -126,17 +126,19 @@ void matmul_typed(const float* x, const typename WL::T* W, const float* b, float
   }
 }
 
-void matmul(const float* x, const void* W, DType wtype, const float* b, float* y, int n_tok,
-            int n_in, int ldy, int r0, int r1, bool accumulate) {
-  switch (wtype) {
+#include "kernels/gemm.inl"
+
+void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
+            int r1, bool accumulate) {
+  if (n_tok >= GEMM_MIN_TOKENS || W.dtype == DType::Q8 || W.dtype == DType::Q4)
+    return matmul_gemm(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  switch (W.dtype) {
     case DType::F32:
-      return matmul_typed<WeightF32>(x, (const float*)W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+      return matmul_typed<WeightF32>(x, (const float*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
     case DType::BF16:
-      return matmul_typed<WeightBF16>(x, (const uint16_t*)W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
-    case DType::F16:
-      return matmul_typed<WeightF16>(x, (const uint16_t*)W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+      return matmul_typed<WeightBF16>(x, (const uint16_t*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
     default:
-      return;  // quantized weights have their own kernels
+      return matmul_typed<WeightF16>(x, (const uint16_t*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
   }
 }
 
@@ -240,6 +242,80 @@ void attention(const float* q, const float* K, const float* V_, int n, int d, in
     float o = 0;
     for (j = 0; j < n; ++j) o += probs[j] * V_[(long)j * stride + i];
     out[i] = o;
+  }
+}
+
+// Causal attention with the queries in the lanes: scoresᵀ[j] = K[j] · Qᵀ (a key row broadcast
+// against N queries at once), a softmax down each lane, then outᵀ[i] = Σ_j V[j, i] · pᵀ[j].
+namespace att {
+
+constexpr int AR = S::N == 16 ? 16 : 8;  // rows (keys or output dims) per register tile
+
+// acc[r] = Σ_k A[r·lda + k·ka] · B[k] for R rows: A's elements broadcast, B [kn][N] vectors.
+template <int R>
+inline void rows_tile(const float* A, long lda, long ka, const float* B, int kn, V* acc) {
+  V a[R];
+  for (int r = 0; r < R; ++r) a[r] = S::zero();
+  for (int k = 0; k < kn; ++k) {
+    const V b = S::load(B + (long)k * S::N);
+    for (int r = 0; r < R; ++r) a[r] = S::fma(S::set1(A[r * lda + k * ka]), b, a[r]);
+  }
+  for (int r = 0; r < R; ++r) acc[r] = a[r];
+}
+
+template <int R = AR>
+inline void rows_any(int rows, const float* A, long lda, long ka, const float* B, int kn, V* acc) {
+  if constexpr (R > 1)
+    if (rows < R) return rows_any<R - 1>(rows, A, lda, ka, B, kn, acc);
+  rows_tile<R>(A, lda, ka, B, kn, acc);
+}
+
+}  // namespace att
+
+void attention_causal(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V_, int d, int stride,
+                      float scale, float* scratch, float* out, int ldo, float* probs, long ldp) {
+  using namespace att;
+  for (int q0 = 0; q0 < nq; q0 += S::N) {
+    const int lanes = nq - q0 < S::N ? nq - q0 : S::N, first = ctx0 + q0, n = first + lanes - 1;
+    float* st = scratch;                      // [n][N] scores, then probabilities
+    float* qt = scratch + (long)n * S::N;     // [d][N] the queries, scaled, transposed
+    for (int i = 0; i < d; ++i)
+      for (int l = 0; l < S::N; ++l) qt[i * S::N + l] = l < lanes ? scale * Q[(long)(q0 + l) * ldq + i] : 0.0f;
+    V acc[AR];
+    for (int j = 0; j < n; j += AR) {
+      const int rows = n - j < AR ? n - j : AR;
+      rows_any(rows, K + (long)j * stride, stride, 1, qt, d, acc);
+      for (int r = 0; r < rows; ++r) S::store(st + (long)(j + r) * S::N, acc[r]);
+    }
+    // Lane l sees keys [0, first + l): the keys past it, among the last lanes − 1, are masked.
+    for (int j = first; j < n; ++j)
+      for (int l = 0; l < j - first + 1; ++l) st[(long)j * S::N + l] = -INFINITY;
+    V mx = S::set1(-INFINITY), sum = S::zero();
+    for (int j = 0; j < n; ++j) mx = S::max(mx, S::load(st + (long)j * S::N));
+    for (int j = 0; j < n; ++j) {
+      const V e = exp_impl(S::sub(S::load(st + (long)j * S::N), mx));
+      S::store(st + (long)j * S::N, e);
+    }
+    for (int j = first; j < n; ++j)  // exp_impl clamps: make the masked weights exactly 0
+      for (int l = 0; l < j - first + 1; ++l) st[(long)j * S::N + l] = 0.0f;
+    for (int j = 0; j < n; ++j) sum = S::add(sum, S::load(st + (long)j * S::N));
+    const V inv = S::div(S::set1(1.0f), sum);
+    if (probs) {
+      alignas(64) float w[S::N];
+      for (int j = 0; j < n; ++j) {
+        S::store(w, S::mul(S::load(st + (long)j * S::N), inv));
+        for (int l = 0; l < lanes; ++l)
+          if (j < first + l) probs[(q0 + l) * ldp + j] = w[l];
+      }
+    }
+    alignas(64) float o[AR * S::N];
+    for (int i = 0; i < d; i += AR) {
+      const int rows = d - i < AR ? d - i : AR;
+      rows_any(rows, V_ + i, 1, stride, st, n, acc);
+      for (int r = 0; r < rows; ++r) S::store(o + r * S::N, S::mul(acc[r], inv));
+      for (int l = 0; l < lanes; ++l)
+        for (int r = 0; r < rows; ++r) out[(long)(q0 + l) * ldo + i + r] = o[r * S::N + l];
+    }
   }
 }
 

@@ -1,0 +1,150 @@
+// The prefill GEMM, written once over the vector type S like simd_kernels.inl: y = x · Wᵀ for a
+// batch of tokens, with the tokens in the lanes.
+//
+// The activations are transposed once per call into tiles of TW = GEMM_VECS·N tokens,
+// xt[tile][k][TW] (padded with zeros). A register tile then holds GEMM_ROWS rows × TW tokens:
+// for each k it loads GEMM_VECS activation vectors and broadcasts one weight per row, so every
+// load feeds several FMAs and no horizontal sum is ever needed. f32 weights are read in place;
+// other formats are dequantized (exactly, to f32) one chunk of rows at a time into a buffer that
+// stays in cache while every token tile passes over it.
+//
+// S provides GEMM_ROWS and GEMM_VECS besides the members simd_kernels.inl uses; the including
+// file includes <vector>.
+
+namespace gemm {
+
+constexpr int RB = S::GEMM_ROWS, TV = S::GEMM_VECS, TW = TV * S::N;
+constexpr int CHUNK = 64;  // rows dequantized at a time: 64 × n_in floats stay in L2
+
+// xt[(tile · n_in + k) · TW + j] = x[tile · TW + j, k], zero past n_tok.
+inline void pack_tokens(const float* x, int n_tok, int n_in, float* xt) {
+  const int tiles = (n_tok + TW - 1) / TW;
+  for (int tile = 0; tile < tiles; ++tile) {
+    float* dst = xt + (long)tile * n_in * TW;
+    for (int j = 0; j < TW; ++j) {
+      const int t = tile * TW + j;
+      if (t < n_tok) {
+        const float* src = x + (long)t * n_in;
+        for (int k = 0; k < n_in; ++k) dst[(long)k * TW + j] = src[k];
+      } else {
+        for (int k = 0; k < n_in; ++k) dst[(long)k * TW + j] = 0.0f;
+      }
+    }
+  }
+}
+
+// out[i][j] = Σ_k W[i, k] · xt[k][j] for R rows (ldw apart) and the first V vectors of a tile.
+template <int R, int V_>
+inline void tile(const float* xt, const float* W, long ldw, int n_in, float* out) {
+  V acc[R][V_];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V_; ++v) acc[i][v] = S::zero();
+  for (int k = 0; k < n_in; ++k) {
+    V xv[V_];
+    for (int v = 0; v < V_; ++v) xv[v] = S::load(xt + (long)k * TW + v * S::N);
+    for (int i = 0; i < R; ++i) {
+      const V w = S::set1(W[i * ldw + k]);
+      for (int v = 0; v < V_; ++v) acc[i][v] = S::fma(w, xv[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V_; ++v) S::store(out + i * TW + v * S::N, acc[i][v]);
+}
+
+// tile<rows, vecs> for rows ≤ RB and vecs ≤ TV, chosen at run time for the edges.
+template <int R = RB, int V_ = TV>
+inline void tile_any(int rows, int vecs, const float* xt, const float* W, long ldw, int n_in, float* out) {
+  if constexpr (R > 1)
+    if (rows < R) return tile_any<R - 1, V_>(rows, vecs, xt, W, ldw, n_in, out);
+  if constexpr (V_ > 1)
+    if (vecs < V_) return tile_any<R, V_ - 1>(rows, vecs, xt, W, ldw, n_in, out);
+  tile<R, V_>(xt, W, ldw, n_in, out);
+}
+
+// y[j, i] (+)= out[i][j] + b[i] for a tile's rows i and tokens j, token by token so that each
+// token's rows land in one cache line.
+inline void store_tile(const float* out, int rows, int nt, const float* b, float* y, long ldy, bool accumulate) {
+  for (int j = 0; j < nt; ++j) {
+    float* yj = y + j * ldy;
+    for (int i = 0; i < rows; ++i) {
+      const float s = out[i * TW + j] + (b ? b[i] : 0.0f);
+      yj[i] = accumulate ? yj[i] + s : s;
+    }
+  }
+}
+
+// Rows [r0, r1) of W as f32, row-major into out.
+inline void dequantize_rows(const WeightsRef& W, int n_in, int r0, int r1, float* out) {
+  const long groups = n_in / QGROUP;
+  for (long r = r0; r < r1; ++r, out += n_in) {
+    int k = 0;
+    switch (W.dtype) {
+      case DType::F32:
+        for (; k < n_in; ++k) out[k] = ((const float*)W.data)[r * n_in + k];
+        break;
+      case DType::BF16: {
+        const uint16_t* w = (const uint16_t*)W.data + r * n_in;
+        for (; k + S::N <= n_in; k += S::N) S::store(out + k, S::load_bf16(w + k));
+        for (; k < n_in; ++k) out[k] = bf16_to_f32(w[k]);
+        break;
+      }
+      case DType::F16: {
+        const uint16_t* w = (const uint16_t*)W.data + r * n_in;
+        for (; k + S::N <= n_in; k += S::N) S::store(out + k, S::load_f16(w + k));
+        for (; k < n_in; ++k) out[k] = f16_to_f32(w[k]);
+        break;
+      }
+      case DType::Q8: {
+        const int8_t* q = (const int8_t*)W.data + r * n_in;
+        for (long g = 0; g < groups; ++g) {
+          const float s = f16_to_f32(W.scales[r * groups + g]);
+          for (int i = 0; i < QGROUP; ++i) out[g * QGROUP + i] = q[g * QGROUP + i] * s;
+        }
+        break;
+      }
+      case DType::Q4: {
+        const uint8_t* q = (const uint8_t*)W.data + r * n_in / 2;
+        for (long g = 0; g < groups; ++g) {
+          const float s = f16_to_f32(W.scales[r * groups + g]), m = f16_to_f32(W.mins[r * groups + g]);
+          const uint8_t* qg = q + g * (QGROUP / 2);
+          for (int i = 0; i < QGROUP / 2; ++i) {
+            out[g * QGROUP + i] = (qg[i] & 0xf) * s + m;
+            out[g * QGROUP + i + QGROUP / 2] = (qg[i] >> 4) * s + m;
+          }
+        }
+        break;
+      }
+    }
+  }
+}
+
+}  // namespace gemm
+
+void matmul_gemm(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
+                 int r1, bool accumulate) {
+  using namespace gemm;
+  static thread_local std::vector<float> xt, wbuf;
+  const int tiles = (n_tok + TW - 1) / TW;
+  xt.resize(size_t(tiles) * n_in * TW);
+  pack_tokens(x, n_tok, n_in, xt.data());
+  float out[RB * TW];
+  for (int c0 = r0; c0 < r1; c0 += CHUNK) {
+    const int c1 = c0 + CHUNK < r1 ? c0 + CHUNK : r1;
+    const float* Wc;
+    if (W.dtype == DType::F32) {
+      Wc = (const float*)W.data + (long)c0 * n_in;
+    } else {
+      wbuf.resize(size_t(CHUNK) * n_in);
+      dequantize_rows(W, n_in, c0, c1, wbuf.data());
+      Wc = wbuf.data();
+    }
+    for (int tl = 0; tl < tiles; ++tl) {
+      const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW, vecs = (nt + S::N - 1) / S::N;
+      for (int r = c0; r < c1; r += RB) {
+        const int rows = c1 - r < RB ? c1 - r : RB;
+        tile_any(rows, vecs, xt.data() + (long)tl * n_in * TW, Wc + (long)(r - c0) * n_in, n_in, n_in, out);
+        store_tile(out, rows, nt, b ? b + r : nullptr, y + (long)t0 * ldy + r, ldy, accumulate);
+      }
+    }
+  }
+}

@@ -91,6 +91,20 @@ def test_quantized_simd_equals_scalar_twin(isa, kind):
             ys = [_core.kernel_matmul_quantized(k, xq, xs, xsum, *args, np.zeros((n_tok, rows), np.float32), 0, rows)
                   for k in ("generic", isa)]
             assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5)
+    # decode rows long enough for the blocked paths (blocks of 16 groups, pairs, an odd group)
+    for groups in (15, 16, 17, 18, 19, 33, 48):
+        cols, rows = 32 * groups, 5
+        x = (rng.standard_normal((1, cols)) * 3).astype(np.float32)
+        xq, xs, xsum = _core.kernel_quantize_rows(isa, x)
+        if kind == "int8":
+            q, s, _ = random_q8(rng, rows, cols)
+            args = (q, s.view(np.uint16), None)
+        else:
+            q, s, m, _ = random_q4(rng, rows, cols)
+            args = (q, s.view(np.uint16), m.view(np.uint16))
+        ys = [_core.kernel_matmul_quantized(k, xq, xs, xsum, *args, np.zeros((1, rows), np.float32), 0, rows)
+              for k in ("generic", isa)]
+        assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5), groups
     # a row range leaves the other rows alone
     y = np.full((3, 9), 7.0, np.float32)
     q, s, _ = random_q8(rng, 9, 64)

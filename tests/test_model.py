@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -158,3 +159,18 @@ def test_recorded_hidden_states_and_attention(tmp_path):
     s2 = model.session()
     s2.append(TOKENS[:4])
     assert np.array_equal(s2.append(TOKENS[4:]), logits)
+
+
+def test_tokenizer_loads_on_first_use(tmp_path):
+    """gally.load leaves tokenizer.json alone until model.tokenizer is asked for: a model driven by
+    token ids never holds it in memory."""
+    from tokenizers import Tokenizer as HFTokenizer, models
+    folder, _ = make_checkpoint(tmp_path)
+    HFTokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>")).save(
+        os.path.join(folder, "tokenizer.json"))
+    model = gally.load(folder)
+    assert model._tokenizer is gally.model._NOT_LOADED
+    tok = model.tokenizer
+    assert tok is not None and model.tokenizer is tok and tok.encode("b", add_special_tokens=False) == [1]
+    os.remove(os.path.join(folder, "tokenizer.json"))
+    assert gally.load(folder).tokenizer is None

@@ -119,17 +119,34 @@ class Session:
         self._core.truncate(0)
 
 
+_NOT_LOADED = object()
+
+
 class Model:
     """A loaded model. Weights are views into the mapped files unless a dtype conversion was asked for."""
 
     def __init__(self, path: str, config: Config, core, max_context: int, tokenizer=None,
-                 generation_config: Optional[dict] = None):
+                 generation_config: Optional[dict] = None, tokenizer_folder: Optional[str] = None):
         self.path = path
         self.config = config
         self._core = core
         self.max_context = max_context
-        self.tokenizer = tokenizer
+        # tokenizer_folder: loaded on first use instead, so that a model driven by token ids
+        # never holds it (~27 MB of heap for SmolLM2's 49k-entry tokenizer.json)
+        self._tokenizer = _NOT_LOADED if tokenizer is None and tokenizer_folder else tokenizer
+        self._tokenizer_folder = tokenizer_folder
         self.generation_config = generation_config or {}
+
+    @property
+    def tokenizer(self):
+        """The model's Tokenizer (gally.tokenizer), or None without a tokenizer.json."""
+        if self._tokenizer is _NOT_LOADED:
+            self._tokenizer = _load_tokenizer(self._tokenizer_folder)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self._tokenizer = value
 
     @property
     def threads(self) -> int:
@@ -213,7 +230,7 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
         core = _core.Model(cc, tensors, dtype or "", threads)
     except ValueError as e:
         raise ValueError(f"{folder}: {e}") from None
-    return Model(folder, cfg, core, max_context, tokenizer=_load_tokenizer(folder),
+    return Model(folder, cfg, core, max_context, tokenizer_folder=folder,
                  generation_config=_load_generation_config(folder))
 
 

@@ -254,13 +254,15 @@ def _block(opts, dtype, threads, tests, inputs, gen_prompt, specs, results: Resu
             if name == "gally" and test.kind == "tg":
                 row.gb_s = row.tok_s.scaled(setup.info["weight_bytes"] / 1e9)
             results.rows.append(row)
-    if opts.generate and "gally" in workers and any(opts.gens):
-        results.rows.append(_generate_row(opts, dtype, threads, workers["gally"], setups["gally"], gen_prompt, log))
+    # Peak RSS while prefilling and decoding token ids, before Model.generate brings in the tokenizer.
     for name, w in workers.items():
         try:
             setups[name].peak_rss = w.call("peak_rss")["bytes"]
         except WorkerError as e:
             setups[name].error = str(e)
+    if opts.generate and "gally" in workers and any(opts.gens):
+        results.rows.append(_generate_row(opts, dtype, threads, workers["gally"], setups["gally"], gen_prompt, log))
+    for w in workers.values():
         w.close()
     if "llama-bench" in specs:
         _llama_bench_rows(opts, dtype, threads, specs["llama-bench"], results, log)

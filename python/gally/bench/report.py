@@ -28,6 +28,8 @@ def _table(header: list, rows: list) -> list:
 def machine_lines(res: Results) -> list:
     m, cpu, g = res.machine, res.machine["cpu"], res.machine["gally"]
     bw = ", ".join(f"{t} thread{'s' * (t > 1)}: {v:.1f} GB/s" for t, v in sorted(res.bandwidth.items()))
+    if res.block_bandwidth:
+        bw += "; per block: " + ", ".join(f"{k}: {v:.1f}" for k, v in res.block_bandwidth.items())
     weights = sorted({(s.weights, s.info["weight_bytes"]) for s in res.setups
                       if s.engine == "gally" and "weight_bytes" in s.info})
     peers = []
@@ -47,7 +49,7 @@ def machine_lines(res: Results) -> list:
              f"| system load | 1-min load average before → after each block: "
              + "; ".join(f"{k}: {a} → {b}" for k, (a, b) in res.load.items())
              + f" ({cpu['logical_cpus']} logical CPUs; above 0 means other work shared the CPUs) |",
-             f"| read bandwidth | {bw} (gally._core.read_bandwidth: the best of 5 passes, probed before each block, best probe kept) |",
+             f"| read bandwidth | {bw} (gally._core.read_bandwidth: the best of 5 passes, probed before each block; \"of read bw\" divides a block's decode GB/s by its own probe, the header's figure is the best of the run) |",
              f"| model | {res.options.model or 'default model'}: "
              + "; ".join(f"{d}: {f}" for d, f in res.model.items()) + " |"]
     if res.quantized:

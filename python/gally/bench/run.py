@@ -92,7 +92,7 @@ class Row:
     test: Test
     tok_s: Optional[Stat]
     gb_s: Optional[Stat] = None  # weight bytes per token × rate (gally only)
-    bw_fraction: Optional[Stat] = None  # gb_s / the machine's read bandwidth at this thread count
+    bw_fraction: Optional[Stat] = None  # gb_s / the read bandwidth probed just before this block
     note: str = ""
 
 
@@ -123,6 +123,7 @@ class Results:
     rows: list
     setups: list
     load: dict = field(default_factory=dict)  # "dtype tN" → 1-min load average (before, after) the block
+    block_bandwidth: dict = field(default_factory=dict)  # "dtype tN" → GB/s, the probe just before the block
     quantized: dict = field(default_factory=dict)  # int8/int4 → the `gally quantize` folder gally loaded
 
 
@@ -168,11 +169,13 @@ def run(opts: Options, command: str = "", log: Callable[[str], None] = lambda s:
         if dtype in QUANTIZED:
             results.quantized[dtype] = specs["gally"]["model"]
         for t in threads:
-            # probed before every block, the best kept: a probe that met background load would
-            # otherwise understate the machine and overstate the fraction reached
+            # probed before every block: a block's decode rates are compared with its own probe,
+            # taken minutes apart at most (on a shared host the bandwidth moves by tens of percent
+            # over a run); the header shows the best probe of the run
             log(f"[{dtype} t{t}] probing read bandwidth ({opts.bandwidth_bytes >> 20} MiB, best of 5)")
             bw = _core.read_bandwidth(opts.bandwidth_bytes, t, 5)
             results.bandwidth[t] = max(bw, results.bandwidth.get(t, 0.0))
+            results.block_bandwidth[f"{dtype} t{t}"] = bw
             before = _load_average()
             _block(opts, dtype, t, tests, inputs, gen_prompt, specs, results, log)
             results.load[f"{dtype} t{t}"] = (before, _load_average())
@@ -191,7 +194,8 @@ def _load_average():
 def _fill_bandwidth_fractions(results: Results) -> None:
     for row in results.rows:
         if row.gb_s is not None:
-            row.bw_fraction = row.gb_s.scaled(1 / results.bandwidth[row.threads])
+            bw = results.block_bandwidth.get(f"{row.dtype} t{row.threads}", results.bandwidth[row.threads])
+            row.bw_fraction = row.gb_s.scaled(1 / bw)
 
 
 def _peer_specs(opts, dtype, folder, status, log) -> dict:

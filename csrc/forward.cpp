@@ -109,36 +109,41 @@ Session::Session(std::shared_ptr<const Model> model, int max_context)
   hd_ = c.head_dim;
   max_batch_ = std::min(max_context, 512);
   const size_t B = max_batch_, QD = size_t(c.num_attention_heads) * hd_, KVD = size_t(nkv_) * hd_;
-  kv_.assign(size_t(c.num_hidden_layers) * 2 * KVD * max_ctx_, 0.0f);
-  x_.resize(B * c.hidden_size);
-  xb_.resize(B * c.hidden_size);
-  q_.resize(B * QD);
-  k_.resize(B * KVD);
-  v_.resize(B * KVD);
-  att_.resize(B * QD);
-  gate_.resize(B * c.intermediate_size);
-  up_.resize(B * c.intermediate_size);
+  kv_.reset(size_t(c.num_hidden_layers) * 2 * KVD * max_ctx_);
+  x_.reset(B * c.hidden_size);
+  xb_.reset(B * c.hidden_size);
+  q_.reset(B * QD);
+  k_.reset(B * KVD);
+  v_.reset(B * KVD);
+  att_.reset(B * QD);
+  gate_.reset(B * c.intermediate_size);
+  up_.reset(B * c.intermediate_size);
   scratch_ = std::max<long>(max_ctx_, ATTENTION_SCRATCH(max_ctx_, hd_));
-  probs_.resize(size_t(m_->threads) * scratch_);
-  xb_local_.resize(size_t(m_->threads) * c.hidden_size);
-  if (m_->quantized) {  // int8 copies of a matmul's input: the widest is the FFN's
+  probs_.reset(size_t(m_->threads) * scratch_);
+  xb_local_.reset(size_t(m_->threads) * c.hidden_size);
+  if (m_->quantized) {  // int16 copies of a matmul's input: the widest is the FFN's
     qdim_ = std::max({c.hidden_size, int(QD), c.intermediate_size});
-    xq_.resize(B * qdim_);
-    xs_.resize(B * qdim_ / QGROUP);
-    xsum_.resize(B * qdim_ / QGROUP);
-    xq_local_.resize(size_t(m_->threads) * qdim_);
-    xs_local_.resize(size_t(m_->threads) * 2 * (qdim_ / QGROUP));
+    xq_.reset(B * qdim_);
+    xs_.reset(B * qdim_ / QGROUP);
+    xsum_.reset(B * qdim_ / QGROUP);
+    xq_local_.reset(size_t(m_->threads) * qdim_);
+    xs_local_.reset(size_t(m_->threads) * 2 * (qdim_ / QGROUP));
   }
-  // θ = position · inv_freq in f32, as the reference computes it.
+  cos_.reset(size_t(max_ctx_) * hd_ / 2);
+  sin_.reset(size_t(max_ctx_) * hd_ / 2);
+}
+
+// The RoPE rotations of positions [0, end), computed as positions are first reached:
+// θ = position · inv_freq in f32, as the reference computes it.
+void Session::extend_rope(int end) {
   const int half = hd_ / 2;
-  cos_.resize(size_t(max_ctx_) * half);
-  sin_.resize(size_t(max_ctx_) * half);
-  for (int p = 0; p < max_ctx_; ++p)
+  for (int p = rope_end_; p < end; ++p)
     for (int i = 0; i < half; ++i) {
-      const float theta = float(p) * c.inv_freq[i];
-      cos_[size_t(p) * half + i] = std::cos(theta);
-      sin_[size_t(p) * half + i] = std::sin(theta);
+      const float theta = float(p) * m_->config.inv_freq[i];
+      cos_.data()[size_t(p) * half + i] = std::cos(theta);
+      sin_.data()[size_t(p) * half + i] = std::sin(theta);
     }
+  rope_end_ = std::max(rope_end_, end);
 }
 
 void Session::truncate(int position) {
@@ -162,6 +167,7 @@ void Session::forward(const int32_t* tokens, int n, float* logits, bool all_logi
   if (c.sliding_window > 0 && pos_ + n > c.sliding_window)
     throw std::length_error("sequence of " + std::to_string(pos_ + n) + " tokens exceeds the model's sliding_window " +
                             std::to_string(c.sliding_window) + ", which gally does not implement");
+  extend_rope(pos_ + n);
   const int rec_ctx = pos_ + n;
   for (int done = 0; done < n; done += max_batch_) {
     const int chunk = std::min(max_batch_, n - done);

@@ -16,6 +16,24 @@ struct Record {
   float* attention = nullptr;  // [layers, heads, n, position + n]: softmax weights, 0 where masked
 };
 
+// n elements left uninitialised: a large buffer's pages are mapped only when first written, so
+// a session costs the memory of the context it uses, not of max_context.
+template <class T>
+class Buffer {
+ public:
+  void reset(size_t n) {
+    p_.reset(new T[n]);
+    n_ = n;
+  }
+  T* data() { return p_.get(); }
+  const T* data() const { return p_.get(); }
+  size_t size() const { return n_; }
+
+ private:
+  std::unique_ptr<T[]> p_;
+  size_t n_ = 0;
+};
+
 class Session {
  public:
   Session(std::shared_ptr<const Model> model, int max_context);
@@ -40,23 +58,25 @@ class Session {
   int max_ctx_, max_batch_, pos_ = 0;
   int nkv_, hd_;
   // The KV cache [layers][k|v][kv_heads][max_context][head_dim]: a head's keys are contiguous.
-  std::vector<float> kv_;
-  std::vector<float> cos_, sin_;  // [max_context, head_dim/2] RoPE rotations per position
+  Buffer<float> kv_;
+  void extend_rope(int end);
+  Buffer<float> cos_, sin_;  // [max_context, head_dim/2] RoPE rotations per position, [0, rope_end_) filled
+  int rope_end_ = 0;
   // Activations for a chunk of up to max_batch tokens:
-  std::vector<float> x_;      // [B, hidden]   the residual stream
-  std::vector<float> xb_;     // [B, hidden]   normalised input of a block
-  std::vector<float> q_;      // [B, heads·head_dim]
-  std::vector<float> k_, v_;  // [B, kv_heads·head_dim]
-  std::vector<float> att_;    // [B, heads·head_dim] attention output
-  std::vector<float> gate_, up_;  // [B, intermediate]
+  Buffer<float> x_;      // [B, hidden]   the residual stream
+  Buffer<float> xb_;     // [B, hidden]   normalised input of a block
+  Buffer<float> q_;      // [B, heads·head_dim]
+  Buffer<float> k_, v_;  // [B, kv_heads·head_dim]
+  Buffer<float> att_;    // [B, heads·head_dim] attention output
+  Buffer<float> gate_, up_;  // [B, intermediate]
   long scratch_ = 0;          // attention scratch per thread (kernels.h)
-  std::vector<float> probs_;  // [threads, scratch_] softmax scratch
-  std::vector<float> xb_local_;  // [threads, hidden] a single token's normalised input, per thread
+  Buffer<float> probs_;  // [threads, scratch_] softmax scratch
+  Buffer<float> xb_local_;  // [threads, hidden] a single token's normalised input, per thread
   // Quantized models: a matmul input in int16 with its group scales and sums (kernels.h), for a
   // batch [B, qdim] and, for a single token, per thread.
   int qdim_ = 0;
-  std::vector<int16_t> xq_, xq_local_;
-  std::vector<float> xs_, xsum_, xs_local_;
+  Buffer<int16_t> xq_, xq_local_;
+  Buffer<float> xs_, xsum_, xs_local_;
 };
 
 }  // namespace gally

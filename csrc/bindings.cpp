@@ -254,6 +254,31 @@ PYBIND11_MODULE(_core, m) {
       py::arg("isa"), py::arg("x"), py::arg("W"), py::arg("wtype"), py::arg("bias"), py::arg("y"),
       py::arg("accumulate"), py::arg("r0"), py::arg("r1"), py::arg("scales") = py::none(),
       py::arg("mins") = py::none());
+  m.def("kernel_matmul_many", [](const std::string& isa, Array<float> x, py::list jobs) {
+    // jobs: (W, wtype, y, r0, r1, accumulate) with float weights; each y [n_tok, W.rows] updated in place
+    const Kernels& k = kernels_named(isa);
+    require(x.ndim() == 2, "x must be 2-D");
+    const int n_tok = int(x.shape(0)), n_in = int(x.shape(1));
+    std::vector<MatmulOut> outs;
+    std::vector<py::array> keep;
+    for (const py::handle& job : jobs) {
+      auto t = job.cast<py::tuple>();
+      py::array W = t[0].cast<py::array>();
+      const DType dt = parse_dtype(t[1].cast<std::string>());
+      Array<float> y = t[2].cast<Array<float>>();
+      const int r0 = t[3].cast<int>(), r1 = t[4].cast<int>();
+      require(W.ndim() == 2 && W.shape(1) == n_in && W.itemsize() == py::ssize_t(dtype_size(dt)) &&
+                  (W.flags() & py::array::c_style),
+              "W must be [rows, n_in] in wtype");
+      require(y.ndim() == 2 && y.shape(0) == n_tok && y.shape(1) == W.shape(0) && 0 <= r0 && r0 <= r1 &&
+                  r1 <= W.shape(0),
+              "y or the row range has the wrong shape");
+      outs.push_back({WeightsRef{W.data(), dt}, nullptr, y.mutable_data(), int(W.shape(0)), r0, r1, t[5].cast<bool>()});
+      keep.push_back(W);
+      keep.push_back(y);
+    }
+    k.matmul_many(x.data(), n_tok, n_in, outs.data(), int(outs.size()));
+  });
   m.def("kernel_quantize_rows", [](const std::string& isa, Array<float> x) {
     require(x.ndim() == 2 && x.shape(1) % QGROUP == 0, "x must be [n, a multiple of 32]");
     const int n = int(x.shape(0)), n_in = int(x.shape(1));

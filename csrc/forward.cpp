@@ -53,23 +53,32 @@ struct Input {
   const float* sum = nullptr;
 };
 
-// y[t, r] (+)= b[r] + Σ_k in[t, k] · W[r, k] for rows [r0, r1): the kernel for W's format.
-void matmul(const Kernels& k, const Matrix& W, const Input& in, int n, const float* bias, float* y, int ldy, int r0,
-            int r1, bool accumulate) {
-  if (in.q && W.dtype == DType::Q8)
-    return k.matmul_q8(in.q, in.scale, (const int8_t*)W.data, W.scales, bias, y, n, W.cols, ldy, r0, r1, accumulate);
-  if (in.q && W.dtype == DType::Q4)
-    return k.matmul_q4(in.q, in.scale, in.sum, (const uint8_t*)W.data, W.scales, W.mins, bias, y, n, W.cols, ldy, r0,
-                       r1, accumulate);
-  k.matmul(in.x, WeightsRef{W.data, W.dtype, W.scales, W.mins}, bias, y, n, W.cols, ldy, r0, r1, accumulate);
+// Products of one input [n, n_in], each with the kernel for its weights' format: the integer GEMV
+// for int16-quantized input, else matmul_many (one layout of the input for all).
+void matmul_outs(const Kernels& k, const Input& in, int n, int n_in, const MatmulOut* outs, int count) {
+  if (!in.q) return k.matmul_many(in.x, n, n_in, outs, count);
+  for (int i = 0; i < count; ++i) {
+    const MatmulOut& o = outs[i];
+    if (o.W.dtype == DType::Q8)
+      k.matmul_q8(in.q, in.scale, (const int8_t*)o.W.data, o.W.scales, o.b, o.y, n, n_in, o.ldy, o.r0, o.r1,
+                  o.accumulate);
+    else if (o.W.dtype == DType::Q4)
+      k.matmul_q4(in.q, in.scale, in.sum, (const uint8_t*)o.W.data, o.W.scales, o.W.mins, o.b, o.y, n, n_in, o.ldy,
+                  o.r0, o.r1, o.accumulate);
+    else
+      k.matmul(in.x, o.W, o.b, o.y, n, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+  }
 }
+
+WeightsRef ref(const Matrix& W) { return WeightsRef{W.data, W.dtype, W.scales, W.mins}; }
 
 // y [n, W.rows] (+)= in [n, W.cols] · Wᵀ (+ b), the rows split over the threads; ends at a barrier.
 void matmul_parallel(const Kernels& k, const Matrix& W, const Input& in, int n, const float* bias, float* y,
                      bool accumulate) {
   int r0, r1;
   thread_rows(W.rows, n < GEMM_MIN_TOKENS ? 48 : 32, &r0, &r1);
-  if (r0 < r1) matmul(k, W, in, n, bias, y, W.rows, r0, r1, accumulate);
+  const MatmulOut out{ref(W), bias, y, W.rows, r0, r1, accumulate};
+  if (r0 < r1) matmul_outs(k, in, n, W.cols, &out, 1);
 #pragma omp barrier
 }
 
@@ -237,7 +246,7 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
       // Attention: each token asks its questions (q) of every earlier token's keys (k) and
       // takes their values (v) in proportion.
       const Input h = prepare(normalize(L.input_layernorm), n, D);
-      {  // A thread takes a run of heads of q|k|v (one matmul per matrix), turns its q and k heads
+      {  // A thread takes a run of heads of q|k|v (one matmul_many over its matrices), turns its q and k heads
          // by RoPE (the position enters here) and files its k and v heads in the cache, with no
          // barrier in between.
         int h0, h1;
@@ -246,11 +255,17 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
         const Matrix* W[3] = {&L.q_proj, &L.k_proj, &L.v_proj};
         const float* bias[3] = {L.q_bias, L.k_bias, L.v_bias};
         float* out[3] = {q, kb, vb};
+        MatmulOut outs[3];
+        int count_outs = 0;
+        for (int m = 0; m < 3; ++m) {
+          const int a = std::max(h0 - first[m], 0), b = std::min(h1 - first[m], count[m]);
+          if (a < b) outs[count_outs++] = {ref(*W[m]), bias[m], out[m], m == 0 ? QD : KVD, a * HD, b * HD, false};
+        }
+        matmul_outs(k, h, n, D, outs, count_outs);
         for (int m = 0; m < 3; ++m) {
           const int a = std::max(h0 - first[m], 0), b = std::min(h1 - first[m], count[m]);
           if (a >= b) continue;
           const int ld = m == 0 ? QD : KVD;
-          matmul(k, *W[m], h, n, bias[m], out[m], ld, a * HD, b * HD, false);
           for (int j = a; j < b; ++j)
             for (int t = 0; t < n; ++t) {
               float* yt = out[m] + size_t(t) * ld + j * HD;
@@ -294,8 +309,9 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
         int r0, r1;
         thread_rows(F, n < GEMM_MIN_TOKENS ? 16 : 32, &r0, &r1);
         if (r0 < r1) {
-          matmul(k, L.gate_proj, h2, n, L.gate_bias, gate, F, r0, r1, false);
-          matmul(k, L.up_proj, h2, n, L.up_bias, up, F, r0, r1, false);
+          const MatmulOut outs[2] = {{ref(L.gate_proj), L.gate_bias, gate, F, r0, r1, false},
+                                     {ref(L.up_proj), L.up_bias, up, F, r0, r1, false}};
+          matmul_outs(k, h2, n, D, outs, 2);
           for (int t = 0; t < n; ++t) k.silu_mul(gate + size_t(t) * F + r0, up + size_t(t) * F + r0, r1 - r0);
         }
 #pragma omp barrier

@@ -56,6 +56,7 @@ Kernels with_bf16_dot() {
   Kernels k = kernels_avx512;
   k.name = "avx512bf16";
   k.matmul = matmul_avx512bf16;
+  k.matmul_many = matmul_many_avx512bf16;
   return k;
 }
 #endif

@@ -78,6 +78,25 @@ def test_matmul_simd_equals_scalar_twin(isa, wtype):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_matmul_many_equals_one_by_one(isa):
+    """Several matrices over one input (q/k/v, gate/up) give what matmul gives for each, in one
+    call or one at a time, mixed weight types included."""
+    rng = np.random.default_rng(9)
+    for n_tok in (1, 3, 4, 50):
+        x = rng.standard_normal((n_tok, 40)).astype(np.float32)
+        mats = [weights(rng, rows, 40, wtype)[0] for rows, wtype in ((7, "bf16"), (33, "f32"), (16, "bf16"), (5, "f16"))]
+        types = ["bf16", "f32", "bf16", "f16"]
+        ranges = [(0, 7), (3, 30), (8, 16), (0, 5)]
+        want = [np.full((n_tok, W.shape[0]), 1.5, np.float32) for W in mats]
+        for W, t, (r0, r1), y in zip(mats, types, ranges, want):
+            _core.kernel_matmul(isa, x, W, t, None, y, True, r0, r1)
+        got = [np.full((n_tok, W.shape[0]), 1.5, np.float32) for W in mats]
+        _core.kernel_matmul_many(isa, x, [(W, t, y, r0, r1, True) for W, t, (r0, r1), y in zip(mats, types, ranges, got)])
+        for a, b in zip(got, want):
+            assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_rmsnorm(isa):
     rng = np.random.default_rng(3)
     for n in SIZES + [576, 4099]:

@@ -8,28 +8,31 @@
 // other formats are dequantized (exactly, to f32) one chunk of rows at a time into a buffer that
 // stays in cache while every token tile passes over it.
 //
-// S provides GEMM_ROWS and GEMM_VECS besides the members simd_kernels.inl uses; the including
-// file includes <vector>.
+// S provides GEMM_ROWS, GEMM_VECS and transpose besides the members simd_kernels.inl uses; the
+// including file includes <algorithm>, <cstring> and <vector>.
 
 namespace gemm {
 
 constexpr int RB = S::GEMM_ROWS, TV = S::GEMM_VECS, TW = TV * S::N;
 constexpr int CHUNK = 64;  // rows dequantized at a time: 64 × n_in floats stay in L2
 
-// xt[(tile · n_in + k) · TW + j] = x[tile · TW + j, k], zero past n_tok.
+// xt[(tile · n_in + k) · TW + j] = x[tile · TW + j, k], zero past n_tok: a tile's rows copied
+// into a zero-padded block, then transposed N × N at a time.
 inline void pack_tokens(const float* x, int n_tok, int n_in, float* xt) {
-  const int tiles = (n_tok + TW - 1) / TW;
+  const int tiles = (n_tok + TW - 1) / TW, padded = (n_in + S::N - 1) / S::N * S::N;
+  static thread_local std::vector<float> rows;
+  rows.assign(size_t(TW) * padded, 0.0f);
   for (int tile = 0; tile < tiles; ++tile) {
+    const int t0 = tile * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW;
+    for (int j = 0; j < nt; ++j) std::memcpy(rows.data() + (long)j * padded, x + (long)(t0 + j) * n_in, size_t(n_in) * 4);
+    if (nt < TW) std::fill(rows.begin() + (long)nt * padded, rows.end(), 0.0f);
     float* dst = xt + (long)tile * n_in * TW;
-    for (int j = 0; j < TW; ++j) {
-      const int t = tile * TW + j;
-      if (t < n_tok) {
-        const float* src = x + (long)t * n_in;
-        for (int k = 0; k < n_in; ++k) dst[(long)k * TW + j] = src[k];
-      } else {
-        for (int k = 0; k < n_in; ++k) dst[(long)k * TW + j] = 0.0f;
+    V col[S::N];
+    for (int k0 = 0; k0 < n_in; k0 += S::N)
+      for (int j0 = 0; j0 < TW; j0 += S::N) {
+        S::transpose(rows.data() + (long)j0 * padded + k0, padded, col);
+        for (int c = 0; c < S::N && k0 + c < n_in; ++c) S::store(dst + (long)(k0 + c) * TW + j0, col[c]);
       }
-    }
   }
 }
 
@@ -120,13 +123,20 @@ inline void dequantize_rows(const WeightsRef& W, int n_in, int r0, int r1, float
 
 }  // namespace gemm
 
-void matmul_gemm(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
+// The activations laid out for gemm_packed: this thread's buffer, valid until its next call.
+const float* gemm_pack(const float* x, int n_tok, int n_in) {
+  using namespace gemm;
+  static thread_local std::vector<float> xt;
+  xt.resize(size_t((n_tok + TW - 1) / TW) * n_in * TW);
+  pack_tokens(x, n_tok, n_in, xt.data());
+  return xt.data();
+}
+
+void gemm_packed(const float* xt, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
                  int r1, bool accumulate) {
   using namespace gemm;
-  static thread_local std::vector<float> xt, wbuf;
+  static thread_local std::vector<float> wbuf;
   const int tiles = (n_tok + TW - 1) / TW;
-  xt.resize(size_t(tiles) * n_in * TW);
-  pack_tokens(x, n_tok, n_in, xt.data());
   float out[RB * TW];
   for (int c0 = r0; c0 < r1; c0 += CHUNK) {
     const int c1 = c0 + CHUNK < r1 ? c0 + CHUNK : r1;
@@ -142,7 +152,7 @@ void matmul_gemm(const float* x, const WeightsRef& W, const float* b, float* y, 
       const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW, vecs = (nt + S::N - 1) / S::N;
       for (int r = c0; r < c1; r += RB) {
         const int rows = c1 - r < RB ? c1 - r : RB;
-        tile_any(rows, vecs, xt.data() + (long)tl * n_in * TW, Wc + (long)(r - c0) * n_in, n_in, n_in, out);
+        tile_any(rows, vecs, xt + (long)tl * n_in * TW, Wc + (long)(r - c0) * n_in, n_in, n_in, out);
         store_tile(out, rows, nt, b ? b + r : nullptr, y + (long)t0 * ldy + r, ldy, accumulate);
       }
     }

@@ -26,6 +26,15 @@ struct WeightsRef {
   const uint16_t* mins = nullptr;
 };
 
+// One product of matmul_many: y[t, r] (+)= b[r] + Σ_k x[t, k] · W[r, k] for rows [r0, r1).
+struct MatmulOut {
+  WeightsRef W;
+  const float* b;
+  float* y;
+  int ldy, r0, r1;
+  bool accumulate;
+};
+
 // Batches of at least this many tokens take the prefill GEMM (gemm.inl), which dequantizes
 // quantized weights and multiplies the f32 activations; smaller ones multiply row by row.
 constexpr int GEMM_MIN_TOKENS = 4;
@@ -42,6 +51,10 @@ struct Kernels {
   // b [n_out] f32 or null; y [n_tok, ldy] f32 (ldy ≥ r1).
   void (*matmul)(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
                  int r0, int r1, bool accumulate);
+
+  // matmul for several matrices over one input x [n_tok, n_in] (q/k/v, gate/up): the prefill GEMM
+  // lays the input out once for all of them.
+  void (*matmul_many)(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count);
 
   // out[i] = x[i] / sqrt(mean(x²) + eps) · w[i]    x, w, out [n]; out may alias x.
   void (*rmsnorm)(float* out, const float* x, const float* w, int n, float eps);
@@ -90,6 +103,7 @@ extern const Kernels kernels_avx512;
 // goes to kernels_avx512.matmul.
 void matmul_avx512bf16(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
                        int r0, int r1, bool accumulate);
+void matmul_many_avx512bf16(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count);
 #endif
 
 }  // namespace gally

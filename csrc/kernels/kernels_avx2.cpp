@@ -2,7 +2,9 @@
 // found the CPU and OS support them.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -42,6 +44,24 @@ struct S {
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
   }
   static V load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+  // out[c] = column c of the 8 × 8 block at in (rows ld floats apart)
+  static void transpose(const float* in, long ld, V out[8]) {
+    V t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(_mm256_loadu_ps(in + i * ld), _mm256_loadu_ps(in + (i + 1) * ld));
+      t[i + 1] = _mm256_unpackhi_ps(_mm256_loadu_ps(in + i * ld), _mm256_loadu_ps(in + (i + 1) * ld));
+    }
+    for (int i = 0; i < 8; i += 4) {  // u[i + c]: rows i … i+3 of columns c (low half) and c + 4 (high)
+      u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int c = 0; c < 4; ++c) {
+      out[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+      out[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+    }
+  }
 };
 using V = S::V;
 
@@ -52,7 +72,7 @@ constexpr int QROWS = 2, QTOKENS = 4;
 
 }  // namespace avx2
 
-const Kernels kernels_avx2 = {"avx2", avx2::matmul, avx2::rmsnorm, avx2::rope, avx2::attention, avx2::attention_causal,
+const Kernels kernels_avx2 = {"avx2", avx2::matmul, avx2::matmul_many, avx2::rmsnorm, avx2::rope, avx2::attention, avx2::attention_causal,
                               avx2::silu_mul, avx2::quantize_rows, avx2::matmul_q8, avx2::matmul_q4};
 
 }  // namespace gally

@@ -2,7 +2,9 @@
 // isa.cpp found the CPU and OS support them.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -37,6 +39,32 @@ struct S {
     return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
   }
   static V load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  // out[c] = column c of the 16 × 16 block at in (rows ld floats apart)
+  static void transpose(const float* in, long ld, V out[16]) {
+    __m512i a[16], b[16];
+    for (int i = 0; i < 16; i += 2) {  // 32-bit interleave within 128-bit lanes
+      const __m512i r0 = _mm512_castps_si512(_mm512_loadu_ps(in + i * ld));
+      const __m512i r1 = _mm512_castps_si512(_mm512_loadu_ps(in + (i + 1) * ld));
+      a[i] = _mm512_unpacklo_epi32(r0, r1);
+      a[i + 1] = _mm512_unpackhi_epi32(r0, r1);
+    }
+    for (int i = 0; i < 16; i += 4) {  // 64-bit: b[i + c] lane L = rows i … i+3 of column 4L + c
+      b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+      b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+      b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+      b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {  // 128-bit lanes: out[4L + c] = lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
+      const __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], _MM_SHUFFLE(1, 0, 1, 0));
+      const __m512i e1 = _mm512_shuffle_i32x4(b[c], b[4 + c], _MM_SHUFFLE(3, 2, 3, 2));
+      const __m512i e2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], _MM_SHUFFLE(1, 0, 1, 0));
+      const __m512i e3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], _MM_SHUFFLE(3, 2, 3, 2));
+      out[c] = _mm512_castsi512_ps(_mm512_shuffle_i32x4(e0, e2, _MM_SHUFFLE(2, 0, 2, 0)));
+      out[4 + c] = _mm512_castsi512_ps(_mm512_shuffle_i32x4(e0, e2, _MM_SHUFFLE(3, 1, 3, 1)));
+      out[8 + c] = _mm512_castsi512_ps(_mm512_shuffle_i32x4(e1, e3, _MM_SHUFFLE(2, 0, 2, 0)));
+      out[12 + c] = _mm512_castsi512_ps(_mm512_shuffle_i32x4(e1, e3, _MM_SHUFFLE(3, 1, 3, 1)));
+    }
+  }
 };
 using V = S::V;
 
@@ -47,7 +75,7 @@ constexpr int QROWS = 4, QTOKENS = 4;
 
 }  // namespace avx512
 
-const Kernels kernels_avx512 = {"avx512", avx512::matmul, avx512::rmsnorm, avx512::rope, avx512::attention, avx512::attention_causal,
+const Kernels kernels_avx512 = {"avx512", avx512::matmul, avx512::matmul_many, avx512::rmsnorm, avx512::rope, avx512::attention, avx512::attention_causal,
                               avx512::silu_mul, avx512::quantize_rows, avx512::matmul_q8, avx512::matmul_q4};
 
 }  // namespace gally

@@ -6,6 +6,7 @@
 // f32 and f16 weights take the exact AVX-512 path.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -27,19 +28,49 @@ void to_bf16(const float* x, uint16_t* out, long n) {
   for (; i < n; ++i) out[i] = f32_to_bf16(x[i]);
 }
 
+// Transposes a 16 × 16 block of 32-bit elements: out[c][r] = in[r][c] (rows ld apart).
+inline void transpose16(const uint32_t* in, long ld, __m512i out[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {  // 32-bit interleave within 128-bit lanes
+    const __m512i r0 = _mm512_loadu_si512(in + i * ld), r1 = _mm512_loadu_si512(in + (i + 1) * ld);
+    a[i] = _mm512_unpacklo_epi32(r0, r1);
+    a[i + 1] = _mm512_unpackhi_epi32(r0, r1);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 64-bit: b[i + c] lane L = rows i … i+3 of column 4L + c
+    b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+    b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+    b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+    b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // 128-bit lanes: out[4L + c] = lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
+    const __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i e1 = _mm512_shuffle_i32x4(b[c], b[4 + c], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i e2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i e3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], _MM_SHUFFLE(3, 2, 3, 2));
+    out[c] = _mm512_shuffle_i32x4(e0, e2, _MM_SHUFFLE(2, 0, 2, 0));
+    out[4 + c] = _mm512_shuffle_i32x4(e0, e2, _MM_SHUFFLE(3, 1, 3, 1));
+    out[8 + c] = _mm512_shuffle_i32x4(e1, e3, _MM_SHUFFLE(2, 0, 2, 0));
+    out[12 + c] = _mm512_shuffle_i32x4(e1, e3, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
 // xt[(tile · pairs + p) · TW + j] = the bf16 pair (x[t, 2p], x[t, 2p+1]) of token t = tile·TW + j,
-// zero past n_tok and past n_in.
+// zero past n_tok and past n_in: a tile's rows in bf16, then transposed 16 × 16 at a time.
 void pack_tokens(const float* x, int n_tok, int n_in, int pairs, uint32_t* xt) {
-  const int tiles = (n_tok + TW - 1) / TW;
-  std::vector<uint32_t> row(pairs);
+  const int tiles = (n_tok + TW - 1) / TW, padded = (pairs + 15) / 16 * 16;
+  static thread_local std::vector<uint32_t> rows;
+  rows.assign(size_t(TW) * padded, 0);
   for (int tile = 0; tile < tiles; ++tile) {
+    const int t0 = tile * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW;
+    for (int j = 0; j < nt; ++j) to_bf16(x + (long)(t0 + j) * n_in, (uint16_t*)(rows.data() + (long)j * padded), n_in);
+    if (nt < TW) std::fill(rows.begin() + (long)nt * padded, rows.end(), 0u);
     uint32_t* dst = xt + (long)tile * pairs * TW;
-    for (int j = 0; j < TW; ++j) {
-      const int t = tile * TW + j;
-      row[pairs - 1] = 0;
-      if (t < n_tok) to_bf16(x + (long)t * n_in, (uint16_t*)row.data(), n_in);
-      for (int p = 0; p < pairs; ++p) dst[(long)p * TW + j] = t < n_tok ? row[p] : 0;
-    }
+    __m512i col[16];
+    for (int p0 = 0; p0 < pairs; p0 += 16)
+      for (int j0 = 0; j0 < TW; j0 += 16) {
+        transpose16(rows.data() + (long)j0 * padded + p0, padded, col);
+        for (int i = 0; i < 16 && p0 + i < pairs; ++i) _mm512_storeu_si512(dst + (long)(p0 + i) * TW + j0, col[i]);
+      }
   }
 }
 
@@ -115,16 +146,25 @@ void rows_to_bf16(const WeightsRef& W, int n_in, int r0, int r1, long ldw, uint1
 
 }  // namespace
 
-void matmul_avx512bf16(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
-                       int r0, int r1, bool accumulate) {
-  const bool dot_bf16 = W.dtype == DType::BF16 || W.dtype == DType::Q8 || W.dtype == DType::Q4;
-  if (!dot_bf16 || n_tok < GEMM_MIN_TOKENS)
-    return kernels_avx512.matmul(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+namespace {
+
+bool dot_bf16(const WeightsRef& W, int n_tok) {
+  return n_tok >= GEMM_MIN_TOKENS && (W.dtype == DType::BF16 || W.dtype == DType::Q8 || W.dtype == DType::Q4);
+}
+
+// This thread's activations laid out in bf16 pairs, valid until its next call.
+const uint32_t* pack(const float* x, int n_tok, int n_in) {
   static thread_local std::vector<uint32_t> xt;
+  const int pairs = (n_in + 1) / 2;
+  xt.resize(size_t((n_tok + TW - 1) / TW) * pairs * TW);
+  pack_tokens(x, n_tok, n_in, pairs, xt.data());
+  return xt.data();
+}
+
+void gemm_packed(const uint32_t* xt, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
+                 int r0, int r1, bool accumulate) {
   static thread_local std::vector<uint16_t> wbuf;
   const int pairs = (n_in + 1) / 2, tiles = (n_tok + TW - 1) / TW;
-  xt.resize(size_t(tiles) * pairs * TW);
-  pack_tokens(x, n_tok, n_in, pairs, xt.data());
   const bool in_place = W.dtype == DType::BF16 && n_in % 2 == 0;
   const long ldw = 2L * pairs;
   float out[RB * TW];
@@ -142,9 +182,30 @@ void matmul_avx512bf16(const float* x, const WeightsRef& W, const float* b, floa
       const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW, vecs = (nt + 15) / 16;
       for (int r = c0; r < c1; r += RB) {
         const int rows = c1 - r < RB ? c1 - r : RB;
-        tile_any(rows, vecs, xt.data() + (long)tl * pairs * TW, Wc + (r - c0) * ldw, ldw, pairs, out);
+        tile_any(rows, vecs, xt + (long)tl * pairs * TW, Wc + (r - c0) * ldw, ldw, pairs, out);
         store_tile(out, rows, nt, b ? b + r : nullptr, y + (long)t0 * ldy + r, ldy, accumulate);
       }
+    }
+  }
+}
+
+}  // namespace
+
+void matmul_avx512bf16(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
+                       int r0, int r1, bool accumulate) {
+  if (!dot_bf16(W, n_tok)) return kernels_avx512.matmul(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  gemm_packed(pack(x, n_tok, n_in), W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+}
+
+void matmul_many_avx512bf16(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count) {
+  const uint32_t* xt = nullptr;  // laid out on the first matrix that takes vdpbf16ps
+  for (int i = 0; i < count; ++i) {
+    const MatmulOut& o = outs[i];
+    if (dot_bf16(o.W, n_tok)) {
+      if (!xt) xt = pack(x, n_tok, n_in);
+      gemm_packed(xt, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+    } else {
+      kernels_avx512.matmul(x, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
     }
   }
 }

@@ -61,6 +61,13 @@ void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n
   }
 }
 
+void matmul_many(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count) {
+  for (int i = 0; i < count; ++i) {
+    const MatmulOut& o = outs[i];
+    matmul(x, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+  }
+}
+
 void rmsnorm(float* out, const float* x, const float* w, int n, float eps) {
   float ss = dot(x, n, [x](int k) { return x[k]; });
   float inv = 1.0f / std::sqrt(ss / n + eps);
@@ -163,7 +170,7 @@ void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint
 
 }  // namespace
 
-const Kernels kernels_generic = {"generic", matmul,    rmsnorm,   rope,     attention, attention_causal,
+const Kernels kernels_generic = {"generic", matmul,    matmul_many, rmsnorm,   rope,     attention, attention_causal,
                                  silu_mul,  quantize_rows, matmul_q8, matmul_q4};
 
 }  // namespace gally

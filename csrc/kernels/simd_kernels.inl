@@ -131,7 +131,7 @@ void matmul_typed(const float* x, const typename WL::T* W, const float* b, float
 void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
             int r1, bool accumulate) {
   if (n_tok >= GEMM_MIN_TOKENS || W.dtype == DType::Q8 || W.dtype == DType::Q4)
-    return matmul_gemm(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+    return gemm_packed(gemm_pack(x, n_tok, n_in), W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
   switch (W.dtype) {
     case DType::F32:
       return matmul_typed<WeightF32>(x, (const float*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
@@ -139,6 +139,19 @@ void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n
       return matmul_typed<WeightBF16>(x, (const uint16_t*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
     default:
       return matmul_typed<WeightF16>(x, (const uint16_t*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  }
+}
+
+void matmul_many(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count) {
+  const float* xt = nullptr;  // laid out on the first matrix that takes the GEMM
+  for (int i = 0; i < count; ++i) {
+    const MatmulOut& o = outs[i];
+    if (n_tok >= GEMM_MIN_TOKENS || o.W.dtype == DType::Q8 || o.W.dtype == DType::Q4) {
+      if (!xt) xt = gemm_pack(x, n_tok, n_in);
+      gemm_packed(xt, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+    } else {
+      matmul(x, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+    }
   }
 }
 

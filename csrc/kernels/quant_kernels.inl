@@ -67,6 +67,8 @@ inline __m256i sum_lanes8(const __m256i d[8]) {
   return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
+constexpr int Q4_PREFETCH = 4096;
+
 // One token (decode): a row's groups eight at a time, the scales and int4 mins as vectors.
 template <bool Q4>
 inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
@@ -75,6 +77,12 @@ inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const 
   __m256 acc = _mm256_setzero_ps();
   int g = 0;
   for (; g + 8 <= groups; g += 8) {
+    if (Q4) {  // int4 weights: their 128 bytes 4 KiB ahead (measured: +6% at 2 threads, +20% at 1; the
+               // hardware prefetcher alone falls behind this slower loop; f32/bf16/int8 gain nothing)
+      const char* ahead = (const char*)Wq + (rg0 + g) * (QGROUP / 2) + Q4_PREFETCH;
+      _mm_prefetch(ahead, _MM_HINT_T0);
+      _mm_prefetch(ahead + 64, _MM_HINT_T0);
+    }
     __m256i d[8];
     for (int u = 0; u < 8; ++u) {
       const long rg = rg0 + g + u;

@@ -311,3 +311,14 @@ def test_silently_short_write_is_caught(home, tiny_gguf, monkeypatch):
     with pytest.raises(OSError, match="disk is full"):
         gally.load(tiny_gguf)
     assert entries(home) == []
+
+
+def test_release_page_cache_keeps_the_file(tmp_path):
+    """Dropping a written weight file from the page cache (so that its first load maps it in huge
+    pages) leaves its bytes as they were."""
+    from gally import safetensors_file
+    path = tmp_path / "w.bin"
+    data = os.urandom(3 << 20)
+    path.write_bytes(data)
+    safetensors_file.release_page_cache(str(path))
+    assert path.read_bytes() == data

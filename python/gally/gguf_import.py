@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import cache, gguf_tokenizer
+from . import cache, gguf_tokenizer, safetensors_file
 
 # GGUF general.architecture → the HF architecture gally runs it as.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -364,6 +364,7 @@ def _write_shard(folder: str, index: int, tensors: dict[str, np.ndarray]) -> lis
         full = any(s in str(e) for s in ("code: 28", "StorageFull", "No space left"))
         raise OSError(errno.ENOSPC if full else errno.EIO, f"writing {path} failed ({e})") from None
     _check_written(path, sum(w.nbytes for w in tensors.values()))
+    safetensors_file.release_page_cache(path)  # so that its first load maps it in huge pages
     return list(tensors)
 
 

@@ -391,6 +391,8 @@ def write_file(path: str, tensors: dict[str, tuple[str, np.ndarray]], metadata: 
     """Writes {name: (safetensors dtype, array)} and __metadata__ to one .safetensors file."""
     import safetensors
 
+    from . import safetensors_file
+
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8"}
     specs = {}
     arrays = []  # keeps the contiguous copies alive until the file is written
@@ -403,6 +405,7 @@ def write_file(path: str, tensors: dict[str, tuple[str, np.ndarray]], metadata: 
         else:
             specs[name] = {"dtype": names[dtype], "shape": list(a.shape), "data": a.tobytes()}
     safetensors.serialize_file(specs, path, metadata=metadata)
+    safetensors_file.release_page_cache(path)  # so that its first load maps it in huge pages
 
 
 def quantize_folder(source: str, out_dir: str, to: str) -> QuantizedCheckpoint:

@@ -12,6 +12,25 @@ import os
 from . import _core
 
 
+def release_page_cache(path: str) -> None:
+    """Writes a weight file gally has just made through to disk and drops it from the page cache.
+
+    The pages a process writes stay in the page cache as 4 KiB pages, and every later mapping of
+    the file gets those. Dropped, the file is read anew on its first load, which maps it with
+    MADV_HUGEPAGE: on filesystems with large folios (ext4, xfs; Linux 6.x) the kernel then reads it
+    into 2 MiB pages, and decode streams the weights faster. Measured on SmolLM2-135M bf16 here:
+    one-thread decode 75 -> 92 tok/s, a one-thread GEMV over the mapped embedding matrix 24 -> 29
+    GB/s. Elsewhere (no posix_fadvise, other filesystems) it costs one read from disk."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)  # dirty pages cannot be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def read_header(path: str) -> tuple[dict, dict]:
     """(tensor entries, __metadata__) of a .safetensors file, its JSON parsed; the C++ map checks
     the length prefix against the file."""

@@ -77,24 +77,9 @@ def test_quantized_matmul_against_numpy(isa, kind):
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_quantized_simd_equals_scalar_twin(isa, kind):
     rng = np.random.default_rng(2)
-    for n_tok in (1, 2, 4, 5, 8, 13):
-        for rows in (1, 3, 4, 5, 9):
-            cols = 32 * int(rng.integers(1, 6))
-            x = (rng.standard_normal((n_tok, cols)) * 3).astype(np.float32)
-            xq, xs, xsum = _core.kernel_quantize_rows(isa, x)
-            if kind == "int8":
-                q, s, _ = random_q8(rng, rows, cols)
-                args = (q, s.view(np.uint16), None)
-            else:
-                q, s, m, _ = random_q4(rng, rows, cols)
-                args = (q, s.view(np.uint16), m.view(np.uint16))
-            ys = [_core.kernel_matmul_quantized(k, xq, xs, xsum, *args, np.zeros((n_tok, rows), np.float32), 0, rows)
-                  for k in ("generic", isa)]
-            assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5)
-    # decode rows long enough for the blocked paths (blocks of 16 groups, pairs, an odd group)
-    for groups in (15, 16, 17, 18, 19, 33, 48):
-        cols, rows = 32 * groups, 5
-        x = (rng.standard_normal((1, cols)) * 3).astype(np.float32)
+
+    def check(n_tok, rows, cols):
+        x = (rng.standard_normal((n_tok, cols)) * 3).astype(np.float32)
         xq, xs, xsum = _core.kernel_quantize_rows(isa, x)
         if kind == "int8":
             q, s, _ = random_q8(rng, rows, cols)
@@ -102,9 +87,15 @@ def test_quantized_simd_equals_scalar_twin(isa, kind):
         else:
             q, s, m, _ = random_q4(rng, rows, cols)
             args = (q, s.view(np.uint16), m.view(np.uint16))
-        ys = [_core.kernel_matmul_quantized(k, xq, xs, xsum, *args, np.zeros((1, rows), np.float32), 0, rows)
+        ys = [_core.kernel_matmul_quantized(k, xq, xs, xsum, *args, np.zeros((n_tok, rows), np.float32), 0, rows)
               for k in ("generic", isa)]
-        assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5), groups
+        assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5), (n_tok, rows, cols)
+
+    for n_tok in (1, 2, 4, 5, 8, 13):
+        for rows in (1, 3, 4, 5, 9):
+            check(n_tok, rows, 32 * int(rng.integers(1, 6)))
+    for groups in (15, 16, 17, 18, 19, 33, 48):  # decode rows past the kernels' blocks of 8 groups
+        check(1, 5, 32 * groups)
     # a row range leaves the other rows alone
     y = np.full((3, 9), 7.0, np.float32)
     q, s, _ = random_q8(rng, 9, 64)

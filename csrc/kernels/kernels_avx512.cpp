@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/kernels.h"
+#include "kernels/transpose_avx512.h"
 
 namespace gally {
 namespace avx512 {
@@ -41,29 +42,9 @@ struct S {
   static V load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
   // out[c] = column c of the 16 × 16 block at in (rows ld floats apart)
   static void transpose(const float* in, long ld, V out[16]) {
-    __m512i a[16], b[16];
-    for (int i = 0; i < 16; i += 2) {  // 32-bit interleave within 128-bit lanes
-      const __m512i r0 = _mm512_castps_si512(_mm512_loadu_ps(in + i * ld));
-      const __m512i r1 = _mm512_castps_si512(_mm512_loadu_ps(in + (i + 1) * ld));
-      a[i] = _mm512_unpacklo_epi32(r0, r1);
-      a[i + 1] = _mm512_unpackhi_epi32(r0, r1);
-    }
-    for (int i = 0; i < 16; i += 4) {  // 64-bit: b[i + c] lane L = rows i … i+3 of column 4L + c
-      b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
-      b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
-      b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
-      b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
-    }
-    for (int c = 0; c < 4; ++c) {  // 128-bit lanes: out[4L + c] = lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
-      const __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], _MM_SHUFFLE(1, 0, 1, 0));
-      const __m512i e1 = _mm512_shuffle_i32x4(b[c], b[4 + c], _MM_SHUFFLE(3, 2, 3, 2));
-      const __m512i e2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], _MM_SHUFFLE(1, 0, 1, 0));
-      const __m512i e3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], _MM_SHUFFLE(3, 2, 3, 2));
-      out[c] = _mm512_castsi512_ps(_mm512_shuffle_i32x4(e0, e2, _MM_SHUFFLE(2, 0, 2, 0)));
-      out[4 + c] = _mm512_castsi512_ps(_mm512_shuffle_i32x4(e0, e2, _MM_SHUFFLE(3, 1, 3, 1)));
-      out[8 + c] = _mm512_castsi512_ps(_mm512_shuffle_i32x4(e1, e3, _MM_SHUFFLE(2, 0, 2, 0)));
-      out[12 + c] = _mm512_castsi512_ps(_mm512_shuffle_i32x4(e1, e3, _MM_SHUFFLE(3, 1, 3, 1)));
-    }
+    __m512i t[16];
+    transpose16x16(in, ld, t);
+    for (int c = 0; c < 16; ++c) out[c] = _mm512_castsi512_ps(t[c]);
   }
 };
 using V = S::V;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kernels/kernels.h"
+#include "kernels/transpose_avx512.h"
 
 namespace gally {
 namespace {
@@ -28,32 +29,6 @@ void to_bf16(const float* x, uint16_t* out, long n) {
   for (; i < n; ++i) out[i] = f32_to_bf16(x[i]);
 }
 
-// Transposes a 16 × 16 block of 32-bit elements: out[c][r] = in[r][c] (rows ld apart).
-inline void transpose16(const uint32_t* in, long ld, __m512i out[16]) {
-  __m512i a[16], b[16];
-  for (int i = 0; i < 16; i += 2) {  // 32-bit interleave within 128-bit lanes
-    const __m512i r0 = _mm512_loadu_si512(in + i * ld), r1 = _mm512_loadu_si512(in + (i + 1) * ld);
-    a[i] = _mm512_unpacklo_epi32(r0, r1);
-    a[i + 1] = _mm512_unpackhi_epi32(r0, r1);
-  }
-  for (int i = 0; i < 16; i += 4) {  // 64-bit: b[i + c] lane L = rows i … i+3 of column 4L + c
-    b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
-    b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
-    b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
-    b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {  // 128-bit lanes: out[4L + c] = lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
-    const __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i e1 = _mm512_shuffle_i32x4(b[c], b[4 + c], _MM_SHUFFLE(3, 2, 3, 2));
-    const __m512i e2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i e3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], _MM_SHUFFLE(3, 2, 3, 2));
-    out[c] = _mm512_shuffle_i32x4(e0, e2, _MM_SHUFFLE(2, 0, 2, 0));
-    out[4 + c] = _mm512_shuffle_i32x4(e0, e2, _MM_SHUFFLE(3, 1, 3, 1));
-    out[8 + c] = _mm512_shuffle_i32x4(e1, e3, _MM_SHUFFLE(2, 0, 2, 0));
-    out[12 + c] = _mm512_shuffle_i32x4(e1, e3, _MM_SHUFFLE(3, 1, 3, 1));
-  }
-}
-
 // xt[(tile · pairs + p) · TW + j] = the bf16 pair (x[t, 2p], x[t, 2p+1]) of token t = tile·TW + j,
 // zero past n_tok and past n_in: a tile's rows in bf16, then transposed 16 × 16 at a time.
 void pack_tokens(const float* x, int n_tok, int n_in, int pairs, uint32_t* xt) {
@@ -68,7 +43,7 @@ void pack_tokens(const float* x, int n_tok, int n_in, int pairs, uint32_t* xt) {
     __m512i col[16];
     for (int p0 = 0; p0 < pairs; p0 += 16)
       for (int j0 = 0; j0 < TW; j0 += 16) {
-        transpose16(rows.data() + (long)j0 * padded + p0, padded, col);
+        transpose16x16(rows.data() + (long)j0 * padded + p0, padded, col);
         for (int i = 0; i < 16 && p0 + i < pairs; ++i) _mm512_storeu_si512(dst + (long)(p0 + i) * TW + j0, col[i]);
       }
   }

@@ -73,7 +73,7 @@ class Builder {
     DType to = keep_dtype_ ? from : want_;
     Matrix mat{t.data, to, rows, cols};
     if (to != from || uintptr_t(t.data) % dtype_size(from) != 0) mat.data = convert(t, from, to);
-    else m_.storage.push_back(t);
+    else keep(t);
     m_.weight_bytes += size_t(rows) * cols * dtype_size(to);
     return mat;
   }
@@ -114,13 +114,13 @@ class Builder {
         throw std::invalid_argument("tensor '" + name + "' must be F16 " + shape_str(sshape) + " (groups of " +
                                     std::to_string(QGROUP) + "), got " + t.dtype + " " + shape_str(t.shape));
       if (uintptr_t(t.data) % 2) throw std::invalid_argument("tensor '" + name + "' is not 2-byte aligned");
-      m_.storage.push_back(t);
+      keep(t);
       m_.weight_bytes += size_t(t.numel()) * 2;
       return (const uint16_t*)t.data;
     };
     mat.scales = f16(base + ".scales");
     if (q4) mat.mins = f16(base + ".mins");
-    m_.storage.push_back(q);
+    keep(q);
     m_.weight_bytes += size_t(q.numel());
     m_.quantized = true;
     return mat;
@@ -132,6 +132,13 @@ class Builder {
   }
 
  private:
+  // Keeps a matrix the model uses as it is; one made in memory at load (quantized from a float
+  // checkpoint) counts as copied.
+  void keep(const Tensor& t) {
+    m_.storage.push_back(t);
+    if (t.owned) m_.copied_bytes += t.owned->size();
+  }
+
   const void* convert(const Tensor& t, DType from, DType to, bool count = true) {
     const int64_t n = t.numel();
     auto buf = std::make_shared<std::vector<uint8_t>>(size_t(n) * dtype_size(to));

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gally
-from gally import quantize
+from gally import quantize, safetensors_file
 from conftest import make_checkpoint, write_safetensors
 from reference_numpy import forward
 
@@ -48,6 +48,21 @@ def test_quantized_weight_bytes(tmp_path):
     sizes = {kind: gally.load(src, dtype=kind).weight_bytes for kind in ("int8", "int4")}
     f32 = gally.load(src).weight_bytes
     assert sizes["int4"] < sizes["int8"] < f32 / 3
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantizing_at_load_counts_as_copied(tmp_path, kind):
+    """Quantized at load, every matrix is memory gally made (copied_bytes: its bytes); the stored
+    quantized checkpoint maps the same matrices from its file (copied_bytes 0)."""
+    src, _ = make_checkpoint(tmp_path / "src", **SHAPES)
+    out = str(tmp_path / kind)
+    quantize.quantize_folder(src, out, kind)
+    at_load, stored = gally.load(src, dtype=kind), gally.load(out)
+    assert stored.copied_bytes == 0
+    views = safetensors_file.open_checkpoint(out)
+    matrix_bytes = sum(t.numpy().nbytes for name, t in views.items() if name.rsplit(".", 1)[-1] in
+                       ("qweight", "scales", "mins"))
+    assert at_load.copied_bytes == matrix_bytes
 
 
 def test_bad_quantized_files(tmp_path):

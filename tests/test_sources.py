@@ -322,3 +322,27 @@ def test_release_page_cache_keeps_the_file(tmp_path):
     path.write_bytes(data)
     safetensors_file.release_page_cache(str(path))
     assert path.read_bytes() == data
+
+
+def test_prefer_huge_pages_drops_a_large_file_once_per_version(tmp_path, monkeypatch):
+    """A large weight file leaves the page cache before its first mapping (to come back in huge
+    pages), and not again until it changes; small files and GALLY_HUGEPAGES=0 are left alone."""
+    from gally import safetensors_file
+    monkeypatch.setenv("GALLY_HOME", str(tmp_path / "home"))
+    dropped = []
+    monkeypatch.setattr(safetensors_file, "release_page_cache", dropped.append)
+    monkeypatch.setattr(safetensors_file, "HUGE_PAGES_MIN_BYTES", 1 << 20)
+    big, small = tmp_path / "big.safetensors", tmp_path / "small.safetensors"
+    big.write_bytes(b"\0" * (2 << 20))
+    small.write_bytes(b"\0" * 1000)
+    for _ in range(3):
+        safetensors_file.prefer_huge_pages(str(big))
+        safetensors_file.prefer_huge_pages(str(small))
+    assert dropped == [str(big)]
+    os.utime(big, ns=(1, 2))  # a new version
+    safetensors_file.prefer_huge_pages(str(big))
+    assert dropped == [str(big)] * 2
+    monkeypatch.setenv("GALLY_HUGEPAGES", "0")
+    os.utime(big, ns=(3, 4))
+    safetensors_file.prefer_huge_pages(str(big))
+    assert len(dropped) == 2

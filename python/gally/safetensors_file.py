@@ -12,6 +12,54 @@ import os
 from . import _core
 
 
+HUGE_PAGES_MIN_BYTES = 32 << 20  # smaller files are not worth a second read
+
+
+def prefer_huge_pages(path: str) -> None:
+    """Before a large weight file is mapped: once per version of the file (size, mtime, inode,
+    remembered in GALLY_HOME/pagecache.json), drops it from the page cache, so that the mapping,
+    which asks for MADV_HUGEPAGE, reads it anew into 2 MiB pages where the filesystem can (see
+    release_page_cache). A file another program wrote or read first is otherwise cached in 4 KiB
+    pages for good. Costs one read of the file from disk, once. GALLY_HUGEPAGES=0 turns it off."""
+    if os.environ.get("GALLY_HUGEPAGES") == "0" or not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if st.st_size < HUGE_PAGES_MIN_BYTES:
+        return
+    from . import cache
+
+    memo_path = os.path.join(cache.home(), "pagecache.json")
+    key, version = os.path.realpath(path), [st.st_size, st.st_mtime_ns, st.st_ino]
+    try:
+        with open(memo_path, encoding="utf-8") as f:
+            memo = json.load(f)
+        if not isinstance(memo, dict):
+            memo = {}
+    except (OSError, ValueError):
+        memo = {}
+    if memo.get(key) == version:
+        return
+    try:
+        release_page_cache(path)
+    except OSError:
+        return
+    memo.pop(key, None)
+    memo[key] = version
+    if len(memo) > 256:  # the most recent half
+        memo = dict(list(memo.items())[-128:])
+    try:
+        os.makedirs(os.path.dirname(memo_path), exist_ok=True)
+        tmp = f"{memo_path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(memo, f)
+        os.replace(tmp, memo_path)
+    except OSError:
+        pass  # a read-only GALLY_HOME: the next load drops the file again, no harm beyond a read
+
+
 def release_page_cache(path: str) -> None:
     """Writes a weight file gally has just made through to disk and drops it from the page cache.
 
@@ -25,7 +73,10 @@ def release_page_cache(path: str) -> None:
         return
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fdatasync(fd)  # dirty pages cannot be dropped
+        try:
+            os.fdatasync(fd)  # dirty pages cannot be dropped
+        except OSError:
+            pass  # e.g. a read-only filesystem, whose pages are never dirty
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
@@ -55,6 +106,7 @@ def read_header(path: str) -> tuple[dict, dict]:
 def open_file(path: str) -> dict[str, "_core.Tensor"]:
     """name → zero-copy tensor view of one .safetensors file. Raises ValueError naming the file
     and tensor when the header or data is corrupt."""
+    prefer_huge_pages(path)
     header, _ = read_header(path)
     f = _core.MappedFile(path)
     entries = []

@@ -14,7 +14,6 @@ namespace avx2 {
 
 struct S {
   static constexpr int N = 8;
-  static constexpr int ROWS = 3, TOKENS = 4;  // 12 accumulators + 3 weights + 1 activation of 16 ymm
   static constexpr int GEMM_ROWS = 4, GEMM_VECS = 3;  // 12 accumulators + 3 activations + 1 weight of 16 ymm
   using V = __m256;
   static V zero() { return _mm256_setzero_ps(); }
@@ -67,7 +66,6 @@ using V = S::V;
 
 #include "kernels/simd_kernels.inl"
 
-constexpr int QROWS = 2, QTOKENS = 4;
 #include "kernels/quant_kernels.inl"
 
 }  // namespace avx2

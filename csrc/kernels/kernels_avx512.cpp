@@ -15,7 +15,6 @@ namespace avx512 {
 
 struct S {
   static constexpr int N = 16;
-  static constexpr int ROWS = 4, TOKENS = 6;  // 24 accumulators + 4 weights + 1 activation of 32 zmm
   static constexpr int GEMM_ROWS = 8, GEMM_VECS = 3;  // 24 accumulators + 3 activations + 1 weight of 32 zmm
   using V = __m512;
   static V zero() { return _mm512_setzero_ps(); }
@@ -51,7 +50,6 @@ using V = S::V;
 
 #include "kernels/simd_kernels.inl"
 
-constexpr int QROWS = 4, QTOKENS = 4;
 #include "kernels/quant_kernels.inl"
 
 }  // namespace avx512

@@ -1,7 +1,7 @@
 // Kernels for int8 and int4 weights times int16 activations (kernels.h), over 256-bit integer
 // registers: a group of 32 is two halves of 16 int16, multiplied and summed in pairs by vpmaddwd,
-// exact in int32. Compiled per instruction set; the including file sets the register tile
-// QROWS × QTOKENS. The math matches the scalar twins in kernels_generic.cpp.
+// exact in int32. Compiled per instruction set. The math matches the scalar twins in
+// kernels_generic.cpp.
 
 inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -109,77 +109,21 @@ inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const 
   return s;
 }
 
-// An RB × TB tile of y: per group and (row, token), the exact integer dot product, scaled by
-// xs·ws into an f32 accumulator; int4 adds its min term Σx·wm.
-template <bool Q4, int RB, int TB>
-inline void q_tile(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
-                   const uint16_t* Wm, int groups, int r, int t, float out[RB][TB]) {
-  __m256 acc[RB][TB];
-  float mins[RB][TB];
-  for (int i = 0; i < RB; ++i)
-    for (int j = 0; j < TB; ++j) acc[i][j] = _mm256_setzero_ps(), mins[i][j] = 0;
-  for (int g = 0; g < groups; ++g) {
-    Half16 w[RB];
-    float ws[RB], wm[RB];
-    for (int i = 0; i < RB; ++i) {
-      const long rg = long(r + i) * groups + g;
-      w[i] = Q4 ? load_q4((const uint8_t*)Wq + rg * (QGROUP / 2)) : load_q8((const int8_t*)Wq + rg * QGROUP);
-      ws[i] = _cvtsh_ss(Ws[rg]);
-      if (Q4) wm[i] = _cvtsh_ss(Wm[rg]);
-    }
-    for (int j = 0; j < TB; ++j) {
-      const long tg = long(t + j) * groups + g;
-      const __m256i xlo = _mm256_loadu_si256((const __m256i*)(xq + tg * QGROUP));
-      const __m256i xhi = _mm256_loadu_si256((const __m256i*)(xq + tg * QGROUP + 16));
-      for (int i = 0; i < RB; ++i) {
-        const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(w[i].lo, xlo), _mm256_madd_epi16(w[i].hi, xhi));
-        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[tg] * ws[i]), acc[i][j]);
-        if (Q4) mins[i][j] += xsum[tg] * wm[i];
-      }
-    }
-  }
-  for (int i = 0; i < RB; ++i)
-    for (int j = 0; j < TB; ++j) out[i][j] = sum8(acc[i][j]) + mins[i][j];
-}
-
-template <bool Q4, int RB, int TB>
-inline void q_store(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
-                    const uint16_t* Wm, const float* b, float* y, int groups, int ldy, int r, int t, bool accumulate) {
-  float out[RB][TB];
-  q_tile<Q4, RB, TB>(xq, xs, xsum, Wq, Ws, Wm, groups, r, t, out);
-  for (int j = 0; j < TB; ++j)
-    for (int i = 0; i < RB; ++i) {
-      const float s = out[i][j] + (b ? b[r + i] : 0.0f);
-      float& o = y[long(t + j) * ldy + r + i];
-      o = accumulate ? o + s : s;
-    }
-}
-
+// A few tokens (decode steps; batches of GEMM_MIN_TOKENS or more take the GEMM): row by row, each
+// row multiplied by every token while it is in L1.
 template <bool Q4>
 void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
               const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
               bool accumulate) {
-  constexpr int RB = QROWS, TB = QTOKENS;
   const int groups = n_in / QGROUP;
-  if (n_tok == 1) {
-    for (int r = r0; r < r1; ++r) {
-      const float s = q_row<Q4>(xq, xs, xsum, Wq, Ws, Wm, groups, r) + (b ? b[r] : 0.0f);
-      y[r] = accumulate ? y[r] + s : s;
+  for (int r = r0; r < r1; ++r)
+    for (int t = 0; t < n_tok; ++t) {
+      const long tg = long(t) * groups;
+      const float s = q_row<Q4>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, Wq, Ws, Wm, groups, r) +
+                      (b ? b[r] : 0.0f);
+      float& o = y[long(t) * ldy + r];
+      o = accumulate ? o + s : s;
     }
-    return;
-  }
-  const int t_block = TB * 8;
-  for (int t0 = 0; t0 < n_tok; t0 += t_block) {
-    const int t1 = t0 + t_block < n_tok ? t0 + t_block : n_tok;
-    int r = r0;
-    for (; r + RB <= r1; r += RB) {
-      int t = t0;
-      for (; t + TB <= t1; t += TB) q_store<Q4, RB, TB>(xq, xs, xsum, Wq, Ws, Wm, b, y, groups, ldy, r, t, accumulate);
-      for (; t < t1; ++t) q_store<Q4, RB, 1>(xq, xs, xsum, Wq, Ws, Wm, b, y, groups, ldy, r, t, accumulate);
-    }
-    for (; r < r1; ++r)
-      for (int t = t0; t < t1; ++t) q_store<Q4, 1, 1>(xq, xs, xsum, Wq, Ws, Wm, b, y, groups, ldy, r, t, accumulate);
-  }
 }
 
 void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,

@@ -4,7 +4,7 @@
 //
 // S provides: N (lanes), V (register), zero(), set1(f), load(p), store(p, v), fma(a, b, c) = a·b + c,
 // add, sub, mul, div, min, max, round, ldexp(v, n) = v·2^n, sum(v), load_bf16(p), load_f16(p)
-// (N halves → f32), and ROWS × TOKENS, the matmul register tile.
+// (N halves → f32); gemm.inl adds its own (GEMM_ROWS, GEMM_VECS, transpose).
 
 // e^x = 2^n · e^r with n = round(x / ln 2), |r| ≤ ln2 / 2, e^r by its Taylor series to r^7
 // (relative error below 2e-7 over the range); inputs clamped to where f32 e^x is finite.
@@ -41,43 +41,6 @@ struct WeightF16 {
   static float scalar(const T* p) { return f16_to_f32(*p); }
 };
 
-// out[i][j] = Σ_k W[r+i, k] · x[t+j, k] for an RB × TB tile: RB·TB accumulators stay in registers,
-// each weight vector is loaded once and used TB times, each activation vector RB times.
-template <class WL, int RB, int TB>
-inline void dot_tile(const float* x, const typename WL::T* W, int n_in, float out[RB][TB]) {
-  V acc[RB][TB];
-  for (int i = 0; i < RB; ++i)
-    for (int j = 0; j < TB; ++j) acc[i][j] = S::zero();
-  int k = 0;
-  for (; k + S::N <= n_in; k += S::N) {
-    V w[RB];
-    for (int i = 0; i < RB; ++i) w[i] = WL::load(W + (long)i * n_in + k);
-    for (int j = 0; j < TB; ++j) {
-      V xv = S::load(x + (long)j * n_in + k);
-      for (int i = 0; i < RB; ++i) acc[i][j] = S::fma(w[i], xv, acc[i][j]);
-    }
-  }
-  for (int i = 0; i < RB; ++i)
-    for (int j = 0; j < TB; ++j) {
-      float s = 0;
-      for (int kk = k; kk < n_in; ++kk) s += x[(long)j * n_in + kk] * WL::scalar(W + (long)i * n_in + kk);
-      out[i][j] = S::sum(acc[i][j]) + s;
-    }
-}
-
-template <class WL, int RB, int TB>
-inline void matmul_tile(const float* x, const typename WL::T* W, const float* b, float* y, int n_in,
-                        int ldy, int r, int t, bool accumulate) {
-  float out[RB][TB];
-  dot_tile<WL, RB, TB>(x + (long)t * n_in, W + (long)r * n_in, n_in, out);
-  for (int j = 0; j < TB; ++j)
-    for (int i = 0; i < RB; ++i) {
-      float s = out[i][j] + (b ? b[r + i] : 0.0f);
-      float& o = y[(long)(t + j) * ldy + r + i];
-      o = accumulate ? o + s : s;
-    }
-}
-
 // One row · x with four accumulators: a decode step streams the weights one row after another,
 // which the hardware prefetchers follow best (measured: 2× the bandwidth of four rows at a time).
 template <class WL>
@@ -96,34 +59,17 @@ inline float row_dot(const float* x, const typename WL::T* w, int n) {
   return s;
 }
 
-// Tokens are taken in blocks that stay in L2 while a thread's rows stream through L1.
+// A few tokens (decode steps; batches of GEMM_MIN_TOKENS or more take the GEMM): row by row, each
+// row multiplied by every token while it is in L1.
 template <class WL>
-void matmul_typed(const float* x, const typename WL::T* W, const float* b, float* y, int n_tok,
-                  int n_in, int ldy, int r0, int r1, bool accumulate) {
-  if (n_tok == 1) {
-    for (int r = r0; r < r1; ++r) {
-      const float s = row_dot<WL>(x, W + (long)r * n_in, n_in) + (b ? b[r] : 0.0f);
-      y[r] = accumulate ? y[r] + s : s;
+void matmul_rows(const float* x, const typename WL::T* W, const float* b, float* y, int n_tok, int n_in, int ldy,
+                 int r0, int r1, bool accumulate) {
+  for (int r = r0; r < r1; ++r)
+    for (int t = 0; t < n_tok; ++t) {
+      const float s = row_dot<WL>(x + (long)t * n_in, W + (long)r * n_in, n_in) + (b ? b[r] : 0.0f);
+      float& o = y[(long)t * ldy + r];
+      o = accumulate ? o + s : s;
     }
-    return;
-  }
-  constexpr int RB = S::ROWS, TB = S::TOKENS;
-  const int t_block = TB * (n_in > 2048 ? 4 : 8);
-  for (int t0 = 0; t0 < n_tok; t0 += t_block) {
-    const int t1 = t0 + t_block < n_tok ? t0 + t_block : n_tok;
-    int r = r0;
-    for (; r + RB <= r1; r += RB) {
-      int t = t0;
-      if (n_tok > 1)
-        for (; t + TB <= t1; t += TB) matmul_tile<WL, RB, TB>(x, W, b, y, n_in, ldy, r, t, accumulate);
-      for (; t < t1; ++t) matmul_tile<WL, RB, 1>(x, W, b, y, n_in, ldy, r, t, accumulate);
-    }
-    for (; r < r1; ++r) {
-      int t = t0;
-      for (; t + TB <= t1; t += TB) matmul_tile<WL, 1, TB>(x, W, b, y, n_in, ldy, r, t, accumulate);
-      for (; t < t1; ++t) matmul_tile<WL, 1, 1>(x, W, b, y, n_in, ldy, r, t, accumulate);
-    }
-  }
 }
 
 #include "kernels/gemm.inl"
@@ -134,11 +80,11 @@ void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n
     return gemm_packed(gemm_pack(x, n_tok, n_in), W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
   switch (W.dtype) {
     case DType::F32:
-      return matmul_typed<WeightF32>(x, (const float*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+      return matmul_rows<WeightF32>(x, (const float*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
     case DType::BF16:
-      return matmul_typed<WeightBF16>(x, (const uint16_t*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+      return matmul_rows<WeightBF16>(x, (const uint16_t*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
     default:
-      return matmul_typed<WeightF16>(x, (const uint16_t*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+      return matmul_rows<WeightF16>(x, (const uint16_t*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
   }
 }
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import make_checkpoint
-from gally import cli, quantize as qz
+from gally import cli, quantize as qz, safetensors_file
 
 
 def f16(a) -> np.ndarray:
@@ -216,7 +216,7 @@ def broken(tmp_path, edit, to="int4") -> str:
     tensors, metadata = good_file(tmp_path, to)
     edit(tensors, metadata)
     path = str(tmp_path / "model.safetensors")
-    qz.write_file(path, tensors, metadata)
+    safetensors_file.write_file(path, tensors, metadata)
     return path
 
 
@@ -276,7 +276,7 @@ def test_reader_on_plain_and_damaged_files(tmp_path):
 
 def test_a_sharded_quantized_checkpoint_is_refused(tmp_path):
     tensors, metadata = good_file(tmp_path)
-    qz.write_file(str(tmp_path / "model-00001-of-00001.safetensors"), tensors, metadata)
+    safetensors_file.write_file(str(tmp_path / "model-00001-of-00001.safetensors"), tensors, metadata)
     with open(tmp_path / "model.safetensors.index.json", "w") as f:
         json.dump({"weight_map": {n: "model-00001-of-00001.safetensors" for n in tensors}}, f)
     with pytest.raises(ValueError, match="must be one model.safetensors, not shards"):

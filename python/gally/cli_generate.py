@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Optional
 
+from .model import DTYPES
+
 CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D leaves, Ctrl-C stops a reply"
 
 
@@ -47,7 +49,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop at this string (repeatable)")
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
     p.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="threads (default: physical cores)")
-    p.add_argument("--dtype", choices=("f32", "bf16", "f16"), default=None, help="convert the weights at load")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="convert the weights at load (int8/int4: quantize them; `gally quantize` stores that)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, dest="max_context", metavar="N",
                    help="context length in tokens (default: the model's, at most 4096)")
     p.add_argument("--verbose", action="store_true", help="print prefill and decode speed to stderr")

@@ -347,36 +347,10 @@ def _write_weights(plan: _Plan, path: str, folder: str, dtype: str, progress: Op
 
 def _write_shard(folder: str, index: int, tensors: dict[str, np.ndarray]) -> list[str]:
     """Writes shard-<index>.safetensors; returns the names it holds."""
-    import safetensors
-
-    specs = {}
-    for key, w in tensors.items():
-        st_dtype = "bfloat16" if w.dtype == np.uint16 else w.dtype.name
-        if hasattr(safetensors, "TensorSpec"):  # safetensors >= 0.7 reads straight from the arrays
-            specs[key] = safetensors.TensorSpec(dtype=st_dtype, shape=list(w.shape), data_ptr=w.ctypes.data,
-                                                data_len=w.nbytes)
-        else:
-            specs[key] = {"dtype": st_dtype, "shape": list(w.shape), "data": w.tobytes()}
-    path = os.path.join(folder, f"shard-{index}.safetensors")
-    try:
-        safetensors.serialize_file(specs, path, metadata={"format": "pt"})
-    except Exception as e:  # SafetensorError is no OSError
-        full = any(s in str(e) for s in ("code: 28", "StorageFull", "No space left"))
-        raise OSError(errno.ENOSPC if full else errno.EIO, f"writing {path} failed ({e})") from None
-    _check_written(path, sum(w.nbytes for w in tensors.values()))
-    safetensors_file.release_page_cache(path)  # so that its first load maps it in huge pages
+    names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint16): "BF16"}
+    safetensors_file.write_file(os.path.join(folder, f"shard-{index}.safetensors"),
+                                {key: (names[w.dtype], w) for key, w in tensors.items()}, {"format": "pt"})
     return list(tensors)
-
-
-def _check_written(path: str, data_bytes: int) -> None:
-    """A full disk can end a buffered write without an error; the file's size tells."""
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-        header = int.from_bytes(f.read(8), "little")
-        size = os.fstat(f.fileno()).st_size
-    if size != 8 + header + data_bytes:
-        raise OSError(errno.ENOSPC, f"{path} holds {size} of its {8 + header + data_bytes} bytes: the disk is full "
-                                    f"or failing")
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -24,7 +24,7 @@ place, row-major and contiguous, groups of G = 32 consecutive columns of one row
            column 32g+i in its low nibble and column 32g+16+i in its high nibble (llama.cpp Q4_1):
            w[r, 32g + j] = scales[r, g] · q_j + mins[r, g]                  (asymmetric, mins = group minimum)
 
-Which tensors (decided by perplexity, see /work/notes/quant_format.md and below):
+Which tensors (decided by perplexity, see below):
 - --to int8: the seven matrices of every layer (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj)
   and model.embed_tokens (and lm_head when untied) in int8;
 - --to int4: the seven layer matrices in int4; model.embed_tokens and lm_head in int8;
@@ -387,27 +387,6 @@ def dequantize_checkpoint(folder: str) -> dict[str, np.ndarray]:
 _COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 
 
-def write_file(path: str, tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) -> None:
-    """Writes {name: (safetensors dtype, array)} and __metadata__ to one .safetensors file."""
-    import safetensors
-
-    from . import safetensors_file
-
-    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8"}
-    specs = {}
-    arrays = []  # keeps the contiguous copies alive until the file is written
-    for name, (dtype, array) in tensors.items():
-        a = np.ascontiguousarray(array)
-        arrays.append(a)
-        if hasattr(safetensors, "TensorSpec"):  # safetensors >= 0.7 reads straight from the arrays
-            specs[name] = safetensors.TensorSpec(dtype=names[dtype], shape=list(a.shape), data_ptr=a.ctypes.data,
-                                                 data_len=a.nbytes)
-        else:
-            specs[name] = {"dtype": names[dtype], "shape": list(a.shape), "data": a.tobytes()}
-    safetensors.serialize_file(specs, path, metadata=metadata)
-    safetensors_file.release_page_cache(path)  # so that its first load maps it in huge pages
-
-
 def quantize_folder(source: str, out_dir: str, to: str) -> QuantizedCheckpoint:
     """Writes the model folder `out_dir` (which must not exist, or be empty): `source`'s config and
     tokenizer files, and model.safetensors quantized to `to` ("int8" or "int4"). source: a model
@@ -433,7 +412,7 @@ def quantize_folder(source: str, out_dir: str, to: str) -> QuantizedCheckpoint:
         for f in sorted(os.listdir(folder)):
             if f.endswith(_COPIED_SUFFIXES) and f != "model.safetensors.index.json" and os.path.isfile(os.path.join(folder, f)):
                 shutil.copyfile(os.path.join(folder, f), os.path.join(tmp, f))
-        write_file(os.path.join(tmp, "model.safetensors"), tensors, metadata)
+        safetensors_file.write_file(os.path.join(tmp, "model.safetensors"), tensors, metadata)
     return read_checkpoint(out_dir)
 
 

@@ -6,10 +6,47 @@ JSON header (with Python's json module) and walks the shard index.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
+import numpy as np
+
 from . import _core
+
+
+_WRITE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8"}
+
+
+def write_file(path: str, tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) -> None:
+    """Writes {name: (safetensors dtype, array)} and __metadata__ to one .safetensors file (bf16
+    arrays as uint16). A full disk raises OSError(ENOSPC), also when a buffered write stopped early
+    without an error: the file's size must match its header."""
+    import safetensors
+
+    specs = {}
+    arrays = []  # keeps the contiguous copies alive until the file is written
+    for name, (dtype, array) in tensors.items():
+        a = np.ascontiguousarray(array)
+        arrays.append(a)
+        if hasattr(safetensors, "TensorSpec"):  # safetensors >= 0.7 reads straight from the arrays
+            specs[name] = safetensors.TensorSpec(dtype=_WRITE_DTYPES[dtype], shape=list(a.shape),
+                                                 data_ptr=a.ctypes.data, data_len=a.nbytes)
+        else:
+            specs[name] = {"dtype": _WRITE_DTYPES[dtype], "shape": list(a.shape), "data": a.tobytes()}
+    try:
+        safetensors.serialize_file(specs, path, metadata=metadata)
+    except Exception as e:  # SafetensorError is no OSError
+        full = any(s in str(e) for s in ("code: 28", "StorageFull", "No space left"))
+        raise OSError(errno.ENOSPC if full else errno.EIO, f"writing {path} failed ({e})") from None
+    data_bytes = sum(a.nbytes for a in arrays)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+        header = int.from_bytes(f.read(8), "little")
+        size = os.fstat(f.fileno()).st_size
+    if size != 8 + header + data_bytes:
+        raise OSError(errno.ENOSPC, f"{path} holds {size} of its {8 + header + data_bytes} bytes: the disk is full "
+                                    f"or failing")
 
 
 HUGE_PAGES_MIN_BYTES = 32 << 20  # smaller files are not worth a second read
@@ -61,14 +98,15 @@ def prefer_huge_pages(path: str) -> None:
 
 
 def release_page_cache(path: str) -> None:
-    """Writes a weight file gally has just made through to disk and drops it from the page cache.
+    """Writes a weight file's dirty pages through to disk and drops it from the page cache.
 
-    The pages a process writes stay in the page cache as 4 KiB pages, and every later mapping of
-    the file gets those. Dropped, the file is read anew on its first load, which maps it with
-    MADV_HUGEPAGE: on filesystems with large folios (ext4, xfs; Linux 6.x) the kernel then reads it
-    into 2 MiB pages, and decode streams the weights faster. Measured on SmolLM2-135M bf16 here:
-    one-thread decode 75 -> 92 tok/s, a one-thread GEMV over the mapped embedding matrix 24 -> 29
-    GB/s. Elsewhere (no posix_fadvise, other filesystems) it costs one read from disk."""
+    The pages a process writes or reads stay cached in whatever size they were made (4 KiB for
+    the safetensors writer), and every later mapping of the file gets those. Dropped, the file is
+    read anew on its next load, which maps it with MADV_HUGEPAGE: on filesystems with large folios
+    (ext4, xfs; Linux 6.x) the kernel then reads it into 2 MiB pages, and decode streams the
+    weights faster. Measured on SmolLM2-135M bf16 here: one-thread decode 75 -> 92 tok/s, a
+    one-thread GEMV over the mapped embedding matrix 24 -> 29 GB/s. Elsewhere (no posix_fadvise,
+    other filesystems) it costs one read from disk."""
     if not hasattr(os, "posix_fadvise"):
         return
     fd = os.open(path, os.O_RDONLY)

@@ -54,7 +54,7 @@ double read_bandwidth(size_t bytes, int threads, int repeats) {
 #endif
   float* buf = owner.get();
   std::fill(buf, buf + count, 1.0f);
-  const long n = long(count) / 64 * 64;
+  const long n = long(count);  // a multiple of the 64 floats a step of the loop below reads
   double best = 0;
   volatile float sink = 0;
   for (int r = 0; r < repeats; ++r) {
@@ -236,7 +236,7 @@ PYBIND11_MODULE(_core, m) {
         // scales (and int4 mins) [n_out, n_in/32] given as uint16.
         const Kernels& k = kernels_named(isa);
         const DType t = wtype == "int8" ? DType::Q8 : wtype == "int4" ? DType::Q4 : parse_dtype(wtype);
-        const bool quantized = t == DType::Q8 || t == DType::Q4;
+        const bool quantized = is_quantized(t);
         require(W.ndim() == 2 && x.ndim() == 2 && y.ndim() == 2, "x, W, y must be 2-D");
         const int n_out = int(W.shape(0)), n_in = int(x.shape(1)), n_tok = int(x.shape(0));
         require(W.itemsize() == (quantized ? 1 : py::ssize_t(dtype_size(t))) && (W.flags() & py::array::c_style),
@@ -307,6 +307,7 @@ PYBIND11_MODULE(_core, m) {
                                       py::array Wq, Array<uint16_t> Ws, py::object Wm, Array<float> y, int r0, int r1) {
     // Wq int8 [n_out, n_in] (int8 weights) or uint8 [n_out, n_in/2] (int4, with Wm)
     const Kernels& k = kernels_named(isa);
+    require(xq.ndim() == 2, "xq must be [n_tok, n_in]");
     const int n_tok = int(xq.shape(0)), n_in = int(xq.shape(1)), n_out = int(Wq.shape(0));
     const bool q4 = !Wm.is_none();
     require(Wq.ndim() == 2 && Wq.itemsize() == 1 && (Wq.flags() & py::array::c_style) &&
@@ -358,7 +359,7 @@ PYBIND11_MODULE(_core, m) {
     require(K.shape(0) == n && V.shape(0) == n && K.shape(1) == d && V.shape(1) == d, "attention shapes disagree");
     Array<float> out({nq, d}), probs({nq, n});
     std::fill(probs.mutable_data(), probs.mutable_data() + probs.size(), -1.0f);  // untouched past each row's keys
-    std::vector<float> scratch(ATTENTION_SCRATCH(n, d));
+    std::vector<float> scratch(attention_scratch_floats(n, d));
     kernels_named(isa).attention_causal(Q.data(), d, nq, ctx0, K.data(), V.data(), d, d, scale, scratch.data(),
                                         out.mutable_data(), d, probs.mutable_data(), n);
     return py::make_tuple(out, probs);

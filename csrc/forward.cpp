@@ -12,6 +12,7 @@
 #include <string>
 
 #include "isa.h"
+#include "kernels/common.h"
 #include "session.h"
 
 #if defined(_OPENMP)
@@ -82,32 +83,6 @@ void matmul_parallel(const Kernels& k, const Matrix& W, const Input& in, int n, 
 #pragma omp barrier
 }
 
-void embed_row(const Matrix& E, int id, float* out) {
-  const size_t off = size_t(id) * E.cols;
-  const int groups = E.cols / QGROUP;
-  switch (E.dtype) {
-    case DType::Q8:
-      for (int i = 0; i < E.cols; ++i)
-        out[i] = ((const int8_t*)E.data)[off + i] * f16_to_f32(E.scales[size_t(id) * groups + i / QGROUP]);
-      break;
-    case DType::Q4:
-      for (int i = 0; i < E.cols; ++i) {
-        const uint8_t* group = (const uint8_t*)E.data + off / 2 + (i / QGROUP) * (QGROUP / 2);
-        const int j = i % QGROUP, q = j < QGROUP / 2 ? group[j] & 0xf : group[j - QGROUP / 2] >> 4;
-        const size_t g = size_t(id) * groups + i / QGROUP;
-        out[i] = q * f16_to_f32(E.scales[g]) + f16_to_f32(E.mins[g]);
-      }
-      break;
-    case DType::F32: std::memcpy(out, (const float*)E.data + off, size_t(E.cols) * 4); break;
-    case DType::BF16:
-      for (int i = 0; i < E.cols; ++i) out[i] = bf16_to_f32(((const uint16_t*)E.data)[off + i]);
-      break;
-    case DType::F16:
-      for (int i = 0; i < E.cols; ++i) out[i] = f16_to_f32(((const uint16_t*)E.data)[off + i]);
-      break;
-  }
-}
-
 }  // namespace
 
 Session::Session(std::shared_ptr<const Model> model, int max_context)
@@ -127,14 +102,15 @@ Session::Session(std::shared_ptr<const Model> model, int max_context)
   att_.reset(B * QD);
   gate_.reset(B * c.intermediate_size);
   up_.reset(B * c.intermediate_size);
-  scratch_ = std::max<long>(max_ctx_, ATTENTION_SCRATCH(max_ctx_, hd_));
+  scratch_ = attention_scratch_floats(max_ctx_, hd_);  // also ≥ max_ctx_, the per-query kernel's probs
   probs_.reset(size_t(m_->threads) * scratch_);
   xb_local_.reset(size_t(m_->threads) * c.hidden_size);
   if (m_->quantized) {  // int16 copies of a matmul's input: the widest is the FFN's
     qdim_ = std::max({c.hidden_size, int(QD), c.intermediate_size});
-    xq_.reset(B * qdim_);
-    xs_.reset(B * qdim_ / QGROUP);
-    xsum_.reset(B * qdim_ / QGROUP);
+    const size_t few = GEMM_MIN_TOKENS - 1;  // batches of more take the GEMM with f32 activations
+    xq_.reset(few * qdim_);
+    xs_.reset(few * qdim_ / QGROUP);
+    xsum_.reset(few * qdim_ / QGROUP);
     xq_local_.reset(size_t(m_->threads) * qdim_);
     xs_local_.reset(size_t(m_->threads) * 2 * (qdim_ / QGROUP));
   }
@@ -238,7 +214,7 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
 #pragma omp parallel num_threads(m_->threads)
   {
 #pragma omp for
-    for (int t = 0; t < n; ++t) embed_row(m_->embed_tokens, tokens[t], x + size_t(t) * D);
+    for (int t = 0; t < n; ++t) dequantize_row(ref(m_->embed_tokens), D, tokens[t], x + size_t(t) * D);
     record_hidden(0);
 
     for (int l = 0; l < c.num_hidden_layers; ++l) {
@@ -255,20 +231,18 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
         const Matrix* W[3] = {&L.q_proj, &L.k_proj, &L.v_proj};
         const float* bias[3] = {L.q_bias, L.k_bias, L.v_bias};
         float* out[3] = {q, kb, vb};
+        int a[3], b[3], ld[3];  // this thread's heads [a, b) of q, k and v
         MatmulOut outs[3];
         int count_outs = 0;
         for (int m = 0; m < 3; ++m) {
-          const int a = std::max(h0 - first[m], 0), b = std::min(h1 - first[m], count[m]);
-          if (a < b) outs[count_outs++] = {ref(*W[m]), bias[m], out[m], m == 0 ? QD : KVD, a * HD, b * HD, false};
+          a[m] = std::max(h0 - first[m], 0), b[m] = std::min(h1 - first[m], count[m]), ld[m] = m == 0 ? QD : KVD;
+          if (a[m] < b[m]) outs[count_outs++] = {ref(*W[m]), bias[m], out[m], ld[m], a[m] * HD, b[m] * HD, false};
         }
         matmul_outs(k, h, n, D, outs, count_outs);
         for (int m = 0; m < 3; ++m) {
-          const int a = std::max(h0 - first[m], 0), b = std::min(h1 - first[m], count[m]);
-          if (a >= b) continue;
-          const int ld = m == 0 ? QD : KVD;
-          for (int j = a; j < b; ++j)
+          for (int j = a[m]; j < b[m]; ++j)
             for (int t = 0; t < n; ++t) {
-              float* yt = out[m] + size_t(t) * ld + j * HD;
+              float* yt = out[m] + size_t(t) * ld[m] + j * HD;
               if (m < 2) k.rope(yt, cos_.data() + size_t(p0 + t) * half, sin_.data() + size_t(p0 + t) * half, HD);
               if (m > 0) std::memcpy((m == 1 ? k_cache(l, j) : v_cache(l, j)) + size_t(p0 + t) * HD, yt, size_t(HD) * 4);
             }
@@ -276,7 +250,7 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
 #pragma omp barrier
       }
       float* probs = probs_.data() + size_t(thread_id()) * scratch_;
-      if (n >= ATTENTION_BLOCK / 4) {  // blocks of positions, queries in the lanes
+      if (n >= ATTENTION_BLOCK_MIN) {  // blocks of positions, queries in the lanes
         const int blocks = (n + ATTENTION_BLOCK - 1) / ATTENTION_BLOCK;
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < blocks * NH; ++i) {

@@ -8,7 +8,7 @@
 namespace gally {
 
 // Kernel sets this CPU can run, best last: "generic", then "avx2", "avx512", "avx512bf16"
-// (AVX-512 with bf16 dot products for bf16 prefill) where supported.
+// (AVX-512 with bf16 dot products for the prefill of bf16, int8 and int4 weights) where supported.
 std::vector<std::string> available_isas();
 
 // True when the CPU (and OS) support AVX512-BF16 dot products.

@@ -74,7 +74,7 @@ class Builder {
     Matrix mat{t.data, to, rows, cols};
     if (to != from || uintptr_t(t.data) % dtype_size(from) != 0) mat.data = convert(t, from, to);
     else keep(t);
-    m_.weight_bytes += size_t(rows) * cols * dtype_size(to);
+    m_.weight_bytes += matrix_bytes(mat);
     return mat;
   }
 
@@ -115,13 +115,12 @@ class Builder {
                                     std::to_string(QGROUP) + "), got " + t.dtype + " " + shape_str(t.shape));
       if (uintptr_t(t.data) % 2) throw std::invalid_argument("tensor '" + name + "' is not 2-byte aligned");
       keep(t);
-      m_.weight_bytes += size_t(t.numel()) * 2;
       return (const uint16_t*)t.data;
     };
     mat.scales = f16(base + ".scales");
     if (q4) mat.mins = f16(base + ".mins");
     keep(q);
-    m_.weight_bytes += size_t(q.numel());
+    m_.weight_bytes += matrix_bytes(mat);
     m_.quantized = true;
     return mat;
   }

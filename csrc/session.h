@@ -8,7 +8,8 @@
 
 namespace gally {
 
-constexpr int ATTENTION_BLOCK = 16;  // positions per attention work item in a batch
+constexpr int ATTENTION_BLOCK = 16;     // positions per attention work item in a batch
+constexpr int ATTENTION_BLOCK_MIN = 4;  // fewer positions go query by query (mostly empty lanes)
 
 // Optional caller-provided buffers that a forward pass fills for inspection (null: not recorded).
 struct Record {
@@ -51,6 +52,7 @@ class Session {
  private:
   void forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits, const Record& rec,
                      int rec_offset, int rec_n, int rec_ctx);
+  void extend_rope(int end);  // fills cos_/sin_ up to position end
   float* k_cache(int layer, int kv_head) { return kv_.data() + ((size_t(layer) * 2 * nkv_ + kv_head) * max_ctx_) * hd_; }
   float* v_cache(int layer, int kv_head) { return k_cache(layer, kv_head) + size_t(nkv_) * max_ctx_ * hd_; }
 
@@ -59,7 +61,6 @@ class Session {
   int nkv_, hd_;
   // The KV cache [layers][k|v][kv_heads][max_context][head_dim]: a head's keys are contiguous.
   Buffer<float> kv_;
-  void extend_rope(int end);
   Buffer<float> cos_, sin_;  // [max_context, head_dim/2] RoPE rotations per position, [0, rope_end_) filled
   int rope_end_ = 0;
   // Activations for a chunk of up to max_batch tokens:

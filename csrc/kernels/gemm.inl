@@ -9,7 +9,7 @@
 // stays in cache while every token tile passes over it.
 //
 // S provides GEMM_ROWS, GEMM_VECS and transpose besides the members simd_kernels.inl uses; the
-// including file includes <algorithm>, <cstring> and <vector>.
+// including file includes <algorithm>, <cstring>, <vector> and kernels/common.h.
 
 namespace gemm {
 
@@ -64,59 +64,19 @@ inline void tile_any(int rows, int vecs, const float* xt, const float* W, long l
   tile<R, V_>(xt, W, ldw, n_in, out);
 }
 
-// y[j, i] (+)= out[i][j] + b[i] for a tile's rows i and tokens j, token by token so that each
-// token's rows land in one cache line.
-inline void store_tile(const float* out, int rows, int nt, const float* b, float* y, long ldy, bool accumulate) {
-  for (int j = 0; j < nt; ++j) {
-    float* yj = y + j * ldy;
-    for (int i = 0; i < rows; ++i) {
-      const float s = out[i * TW + j] + (b ? b[i] : 0.0f);
-      yj[i] = accumulate ? yj[i] + s : s;
-    }
-  }
-}
-
-// Rows [r0, r1) of W as f32, row-major into out.
+// Rows [r0, r1) of a bf16, f16, int8 or int4 matrix as f32, row-major into out.
 inline void dequantize_rows(const WeightsRef& W, int n_in, int r0, int r1, float* out) {
-  const long groups = n_in / QGROUP;
   for (long r = r0; r < r1; ++r, out += n_in) {
+    const uint16_t* w = (const uint16_t*)W.data + r * n_in;
     int k = 0;
-    switch (W.dtype) {
-      case DType::F32:
-        for (; k < n_in; ++k) out[k] = ((const float*)W.data)[r * n_in + k];
-        break;
-      case DType::BF16: {
-        const uint16_t* w = (const uint16_t*)W.data + r * n_in;
-        for (; k + S::N <= n_in; k += S::N) S::store(out + k, S::load_bf16(w + k));
-        for (; k < n_in; ++k) out[k] = bf16_to_f32(w[k]);
-        break;
-      }
-      case DType::F16: {
-        const uint16_t* w = (const uint16_t*)W.data + r * n_in;
-        for (; k + S::N <= n_in; k += S::N) S::store(out + k, S::load_f16(w + k));
-        for (; k < n_in; ++k) out[k] = f16_to_f32(w[k]);
-        break;
-      }
-      case DType::Q8: {
-        const int8_t* q = (const int8_t*)W.data + r * n_in;
-        for (long g = 0; g < groups; ++g) {
-          const float s = f16_to_f32(W.scales[r * groups + g]);
-          for (int i = 0; i < QGROUP; ++i) out[g * QGROUP + i] = q[g * QGROUP + i] * s;
-        }
-        break;
-      }
-      case DType::Q4: {
-        const uint8_t* q = (const uint8_t*)W.data + r * n_in / 2;
-        for (long g = 0; g < groups; ++g) {
-          const float s = f16_to_f32(W.scales[r * groups + g]), m = f16_to_f32(W.mins[r * groups + g]);
-          const uint8_t* qg = q + g * (QGROUP / 2);
-          for (int i = 0; i < QGROUP / 2; ++i) {
-            out[g * QGROUP + i] = (qg[i] & 0xf) * s + m;
-            out[g * QGROUP + i + QGROUP / 2] = (qg[i] >> 4) * s + m;
-          }
-        }
-        break;
-      }
+    if (W.dtype == DType::BF16) {
+      for (; k + S::N <= n_in; k += S::N) S::store(out + k, S::load_bf16(w + k));
+      for (; k < n_in; ++k) out[k] = bf16_to_f32(w[k]);
+    } else if (W.dtype == DType::F16) {
+      for (; k + S::N <= n_in; k += S::N) S::store(out + k, S::load_f16(w + k));
+      for (; k < n_in; ++k) out[k] = f16_to_f32(w[k]);
+    } else {
+      dequantize_row(W, n_in, r, out);
     }
   }
 }
@@ -153,7 +113,7 @@ void gemm_packed(const float* xt, const WeightsRef& W, const float* b, float* y,
       for (int r = c0; r < c1; r += RB) {
         const int rows = c1 - r < RB ? c1 - r : RB;
         tile_any(rows, vecs, xt + (long)tl * n_in * TW, Wc + (long)(r - c0) * n_in, n_in, n_in, out);
-        store_tile(out, rows, nt, b ? b + r : nullptr, y + (long)t0 * ldy + r, ldy, accumulate);
+        store_tile(out, TW, rows, nt, b ? b + r : nullptr, y + (long)t0 * ldy + r, ldy, accumulate);
       }
     }
   }

@@ -39,8 +39,9 @@ struct MatmulOut {
 // quantized weights and multiplies the f32 activations; smaller ones multiply row by row.
 constexpr int GEMM_MIN_TOKENS = 4;
 
-// Floats of scratch attention_causal needs for n keys of dimension d.
-inline long ATTENTION_SCRATCH(long n, long d) { return 16 * (n + d); }
+// Floats of scratch attention_causal needs for n keys of dimension d: scores [n] and the queries
+// [d] for each of up to 16 lanes (the widest vector set).
+inline long attention_scratch_floats(long n, long d) { return 16 * (n + d); }
 
 struct Kernels {
   const char* name;
@@ -70,7 +71,7 @@ struct Kernels {
 
   // Causal attention for nq consecutive positions of one head: query i (row i of Q, ldq apart)
   // sees keys 0 … ctx0+i−1 and its output goes to row i of out (ldo apart); K, V as above.
-  // scratch: ATTENTION_SCRATCH(ctx0 + nq, d) floats. The same sums as `attention` query by query,
+  // scratch: attention_scratch_floats(ctx0 + nq − 1, d), the keys of the last query. The same sums as `attention` query by query,
   // with the queries in the vector lanes, so that each key and value row serves a lane-full.
   // probs, when not null, receives query i's softmax weights in row i (ldp apart, ctx0+i each).
   void (*attention_causal)(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V, int d,

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels/common.h"
 #include "kernels/kernels.h"
 #include "kernels/transpose_avx512.h"
 
@@ -78,53 +79,26 @@ inline void tile_any(int rows, int vecs, const uint32_t* xt, const uint16_t* W, 
   tile<R, V>(xt, W, ldw, pairs, out);
 }
 
-// y[j, i] (+)= out[i][j] + b[i] for a tile's rows i and tokens j, token by token so that each
-// token's rows land in one cache line.
-inline void store_tile(const float* out, int rows, int nt, const float* b, float* y, long ldy, bool accumulate) {
-  for (int j = 0; j < nt; ++j) {
-    float* yj = y + j * ldy;
-    for (int i = 0; i < rows; ++i) {
-      const float s = out[i * TW + j] + (b ? b[i] : 0.0f);
-      yj[i] = accumulate ? yj[i] + s : s;
-    }
-  }
-}
-
 // Rows [r0, r1) of a bf16, int8 or int4 matrix as bf16 rows of ldw (even, ≥ n_in) elements.
 void rows_to_bf16(const WeightsRef& W, int n_in, int r0, int r1, long ldw, uint16_t* out) {
   const long groups = n_in / QGROUP;
-  std::vector<float> row(n_in);
   for (long r = r0; r < r1; ++r, out += ldw) {
     out[ldw - 1] = 0;
     if (W.dtype == DType::BF16) {
       std::memcpy(out, (const uint16_t*)W.data + r * n_in, size_t(n_in) * 2);
       continue;
     }
+    float group[QGROUP];
     for (long g = 0; g < groups; ++g) {
-      const float s = f16_to_f32(W.scales[r * groups + g]);
-      float* dst = row.data() + g * QGROUP;
-      if (W.dtype == DType::Q8) {
-        const int8_t* q = (const int8_t*)W.data + r * n_in + g * QGROUP;
-        for (int i = 0; i < QGROUP; ++i) dst[i] = q[i] * s;
-      } else {
-        const float m = f16_to_f32(W.mins[r * groups + g]);
-        const uint8_t* q = (const uint8_t*)W.data + r * n_in / 2 + g * (QGROUP / 2);
-        for (int i = 0; i < QGROUP / 2; ++i) {
-          dst[i] = (q[i] & 0xf) * s + m;
-          dst[i + QGROUP / 2] = (q[i] >> 4) * s + m;
-        }
-      }
+      dequantize_group(W, r * groups + g, group);
+      to_bf16(group, out + g * QGROUP, QGROUP);
     }
-    to_bf16(row.data(), out, n_in);
   }
 }
 
-}  // namespace
 
-namespace {
-
-bool dot_bf16(const WeightsRef& W, int n_tok) {
-  return n_tok >= GEMM_MIN_TOKENS && (W.dtype == DType::BF16 || W.dtype == DType::Q8 || W.dtype == DType::Q4);
+bool takes_bf16_gemm(const WeightsRef& W, int n_tok) {
+  return n_tok >= GEMM_MIN_TOKENS && (W.dtype == DType::BF16 || is_quantized(W.dtype));
 }
 
 // This thread's activations laid out in bf16 pairs, valid until its next call.
@@ -158,7 +132,7 @@ void gemm_packed(const uint32_t* xt, const WeightsRef& W, const float* b, float*
       for (int r = c0; r < c1; r += RB) {
         const int rows = c1 - r < RB ? c1 - r : RB;
         tile_any(rows, vecs, xt + (long)tl * pairs * TW, Wc + (r - c0) * ldw, ldw, pairs, out);
-        store_tile(out, rows, nt, b ? b + r : nullptr, y + (long)t0 * ldy + r, ldy, accumulate);
+        store_tile(out, TW, rows, nt, b ? b + r : nullptr, y + (long)t0 * ldy + r, ldy, accumulate);
       }
     }
   }
@@ -168,7 +142,7 @@ void gemm_packed(const uint32_t* xt, const WeightsRef& W, const float* b, float*
 
 void matmul_avx512bf16(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
                        int r0, int r1, bool accumulate) {
-  if (!dot_bf16(W, n_tok)) return kernels_avx512.matmul(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  if (!takes_bf16_gemm(W, n_tok)) return kernels_avx512.matmul(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
   gemm_packed(pack(x, n_tok, n_in), W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }
 
@@ -176,7 +150,7 @@ void matmul_many_avx512bf16(const float* x, int n_tok, int n_in, const MatmulOut
   const uint32_t* xt = nullptr;  // laid out on the first matrix that takes vdpbf16ps
   for (int i = 0; i < count; ++i) {
     const MatmulOut& o = outs[i];
-    if (dot_bf16(o.W, n_tok)) {
+    if (takes_bf16_gemm(o.W, n_tok)) {
       if (!xt) xt = pack(x, n_tok, n_in);
       gemm_packed(xt, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
     } else {

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/common.h"
 #include "kernels/kernels.h"
 
 namespace gally {
@@ -20,40 +21,16 @@ float dot(const float* x, int n, WLoad w) {
   return s + ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
-// The int4 value i (0 … 31) of a packed group.
-inline int nibble(const uint8_t* group, int i) {
-  return i < QGROUP / 2 ? group[i] & 0xf : group[i - QGROUP / 2] >> 4;
-}
-
-// Row r of W as f32 (quantized rows dequantized: int8 s·q, int4 s·q + m, both exact in f32).
-void dequantize_row(const WeightsRef& W, int n_in, long r, float* out) {
-  const long groups = n_in / QGROUP;
-  for (int k = 0; k < n_in; ++k) {
-    switch (W.dtype) {
-      case DType::F32: out[k] = ((const float*)W.data)[r * n_in + k]; break;
-      case DType::BF16: out[k] = bf16_to_f32(((const uint16_t*)W.data)[r * n_in + k]); break;
-      case DType::F16: out[k] = f16_to_f32(((const uint16_t*)W.data)[r * n_in + k]); break;
-      case DType::Q8:
-        out[k] = ((const int8_t*)W.data)[r * n_in + k] * f16_to_f32(W.scales[r * groups + k / QGROUP]);
-        break;
-      case DType::Q4: {
-        const long g = r * groups + k / QGROUP;
-        const int q = nibble((const uint8_t*)W.data + g * (QGROUP / 2), k % QGROUP);
-        out[k] = q * f16_to_f32(W.scales[g]) + f16_to_f32(W.mins[g]);
-        break;
-      }
-    }
-  }
-}
-
 void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
             int r1, bool accumulate) {
-  std::vector<float> w(n_in);
+  static thread_local std::vector<float> row;
+  row.resize(n_in);
+  const float* w = row.data();
   for (int r = r0; r < r1; ++r) {
-    dequantize_row(W, n_in, r, w.data());
+    dequantize_row(W, n_in, r, row.data());
     for (int t = 0; t < n_tok; ++t) {
       const float* xt = x + (long)t * n_in;
-      float s = dot(xt, n_in, [&w](int k) { return w[k]; });
+      float s = dot(xt, n_in, [w](int k) { return w[k]; });
       if (b) s += b[r];
       float& out = y[(long)t * ldy + r];
       out = accumulate ? out + s : s;

@@ -69,7 +69,8 @@ inline __m256i sum_lanes8(const __m256i d[8]) {
 
 constexpr int Q4_PREFETCH = 4096;
 
-// One token (decode): a row's groups eight at a time, the scales and int4 mins as vectors.
+// One row against one token's activations: its groups eight at a time, the scales and int4 mins
+// as vectors.
 template <bool Q4>
 inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
                    const uint16_t* Wm, int groups, int r) {

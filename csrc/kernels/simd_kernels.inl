@@ -74,9 +74,15 @@ void matmul_rows(const float* x, const typename WL::T* W, const float* b, float*
 
 #include "kernels/gemm.inl"
 
+// Batches take the GEMM; int8/int4 weights with f32 activations do too (a few tokens of a
+// quantized model come with int16 activations, to matmul_q8/q4, instead).
+inline bool takes_gemm(const WeightsRef& W, int n_tok) {
+  return n_tok >= GEMM_MIN_TOKENS || is_quantized(W.dtype);
+}
+
 void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
             int r1, bool accumulate) {
-  if (n_tok >= GEMM_MIN_TOKENS || W.dtype == DType::Q8 || W.dtype == DType::Q4)
+  if (takes_gemm(W, n_tok))
     return gemm_packed(gemm_pack(x, n_tok, n_in), W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
   switch (W.dtype) {
     case DType::F32:
@@ -92,7 +98,7 @@ void matmul_many(const float* x, int n_tok, int n_in, const MatmulOut* outs, int
   const float* xt = nullptr;  // laid out on the first matrix that takes the GEMM
   for (int i = 0; i < count; ++i) {
     const MatmulOut& o = outs[i];
-    if (n_tok >= GEMM_MIN_TOKENS || o.W.dtype == DType::Q8 || o.W.dtype == DType::Q4) {
+    if (takes_gemm(o.W, n_tok)) {
       if (!xt) xt = gemm_pack(x, n_tok, n_in);
       gemm_packed(xt, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
     } else {

@@ -1,0 +1,63 @@
+// Plain C++ shared by the kernel files (and the embedding lookup): weight rows as f32 (int8 s·q
+// and int4 s·q + m, both exact in f32; bf16 and f16 widened), which the scalar kernels use and the
+// prefill GEMMs use for int8/int4 a chunk of rows at a time; and the GEMMs' tile store.
+#pragma once
+#include <cstring>
+
+#include "kernels/kernels.h"
+
+namespace gally {
+
+// The int4 value i (0 … 31) of a packed group: byte i holds i (low nibble) and i + 16 (high).
+inline int nibble(const uint8_t* group, int i) {
+  return i < QGROUP / 2 ? group[i] & 0xf : group[i - QGROUP / 2] >> 4;
+}
+
+// The QGROUP weights of group rg (= row · n_in/QGROUP + group) of an int8 or int4 matrix.
+inline void dequantize_group(const WeightsRef& W, long rg, float* out) {
+  const float s = f16_to_f32(W.scales[rg]);
+  if (W.dtype == DType::Q8) {
+    const int8_t* q = (const int8_t*)W.data + rg * QGROUP;
+    for (int i = 0; i < QGROUP; ++i) out[i] = q[i] * s;
+    return;
+  }
+  const float m = f16_to_f32(W.mins[rg]);
+  const uint8_t* q = (const uint8_t*)W.data + rg * (QGROUP / 2);
+  for (int i = 0; i < QGROUP / 2; ++i) {
+    out[i] = (q[i] & 0xf) * s + m;
+    out[i + QGROUP / 2] = (q[i] >> 4) * s + m;
+  }
+}
+
+// Row r of W [rows, n_in] as f32.
+inline void dequantize_row(const WeightsRef& W, int n_in, long r, float* out) {
+  const long at = r * n_in;
+  switch (W.dtype) {
+    case DType::F32: std::memcpy(out, (const float*)W.data + at, size_t(n_in) * 4); break;
+    case DType::BF16:
+      for (int k = 0; k < n_in; ++k) out[k] = bf16_to_f32(((const uint16_t*)W.data)[at + k]);
+      break;
+    case DType::F16:
+      for (int k = 0; k < n_in; ++k) out[k] = f16_to_f32(((const uint16_t*)W.data)[at + k]);
+      break;
+    case DType::Q8:
+    case DType::Q4:
+      for (int g = 0; g < n_in / QGROUP; ++g) dequantize_group(W, r * (n_in / QGROUP) + g, out + g * QGROUP);
+      break;
+  }
+}
+
+// y[j, i] (+)= out[i · tw + j] + b[i] for a GEMM tile's rows i and tokens j, token by token so
+// that each token's rows land in one cache line.
+inline void store_tile(const float* out, int tw, int rows, int nt, const float* b, float* y, long ldy,
+                       bool accumulate) {
+  for (int j = 0; j < nt; ++j) {
+    float* yj = y + j * ldy;
+    for (int i = 0; i < rows; ++i) {
+      const float s = out[i * tw + j] + (b ? b[i] : 0.0f);
+      yj[i] = accumulate ? yj[i] + s : s;
+    }
+  }
+}
+
+}  // namespace gally

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -36,6 +37,31 @@ def folder(*parts: str) -> str:
         raise OSError(e.errno, f"cannot create the cache folder {path} ({e.strerror}); "
                                f"set GALLY_HOME to a writable folder") from None
     return path
+
+
+def read_memo(name: str) -> dict:
+    """GALLY_HOME/<name>: a JSON object that remembers work per file (path → stamp and result);
+    {} when it is missing or unreadable, which only costs doing the work again."""
+    try:
+        with open(os.path.join(home(), name), encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_memo(name: str, memo: dict, keep: int = 256) -> None:
+    """Replaces GALLY_HOME/<name> whole (a concurrent reader sees the old or the new), keeping the
+    `keep` most recent entries; a read-only GALLY_HOME is no error."""
+    if len(memo) > keep:
+        memo = dict(list(memo.items())[-keep:])
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", dir=folder())
+        with os.fdopen(fd, "w") as f:
+            json.dump(memo, f)
+        os.replace(tmp, os.path.join(home(), name))
+    except OSError:
+        pass
 
 
 @contextlib.contextmanager

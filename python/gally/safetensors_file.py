@@ -68,15 +68,8 @@ def prefer_huge_pages(path: str) -> None:
         return
     from . import cache
 
-    memo_path = os.path.join(cache.home(), "pagecache.json")
     key, version = os.path.realpath(path), [st.st_size, st.st_mtime_ns, st.st_ino]
-    try:
-        with open(memo_path, encoding="utf-8") as f:
-            memo = json.load(f)
-        if not isinstance(memo, dict):
-            memo = {}
-    except (OSError, ValueError):
-        memo = {}
+    memo = cache.read_memo("pagecache.json")
     if memo.get(key) == version:
         return
     try:
@@ -85,16 +78,7 @@ def prefer_huge_pages(path: str) -> None:
         return
     memo.pop(key, None)
     memo[key] = version
-    if len(memo) > 256:  # the most recent half
-        memo = dict(list(memo.items())[-128:])
-    try:
-        os.makedirs(os.path.dirname(memo_path), exist_ok=True)
-        tmp = f"{memo_path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(memo, f)
-        os.replace(tmp, memo_path)
-    except OSError:
-        pass  # a read-only GALLY_HOME: the next load drops the file again, no harm beyond a read
+    cache.write_memo("pagecache.json", memo)  # read-only GALLY_HOME: the next load drops it again
 
 
 def release_page_cache(path: str) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -214,34 +213,18 @@ def file_sha256(path: str) -> str:
     real = os.path.realpath(path)
     st = os.stat(real)
     stamp = [st.st_size, st.st_mtime_ns]
-    memo_path = os.path.join(cache.folder(), "hashes.json")
-    memo = _read_memo(memo_path)
-    entry = memo.get(real)
+    entry = cache.read_memo("hashes.json").get(real)
     if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
     digest = hashlib.sha256()
     with open(real, "rb") as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
-    memo = _read_memo(memo_path)
+    memo = cache.read_memo("hashes.json")  # again: another process may have added to it meanwhile
+    memo.pop(real, None)
     memo[real] = {"stamp": stamp, "sha256": digest.hexdigest()}
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".hashes-", dir=os.path.dirname(memo_path))
-        with os.fdopen(fd, "w") as f:
-            json.dump(memo, f)
-        os.replace(tmp, memo_path)
-    except OSError:
-        pass  # a memo that cannot be written only costs hashing again next time
+    cache.write_memo("hashes.json", memo)
     return digest.hexdigest()
-
-
-def _read_memo(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def _is_gguf(path: str) -> bool:

@@ -20,10 +20,7 @@ class PeerUnavailable(Exception):
 
 
 def gally_home() -> str:
-    try:
-        from ..cache import home
-    except ImportError:  # a gally without the model cache module
-        return os.path.abspath(os.environ.get("GALLY_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "gally"))
+    from ..cache import home
     return home()
 
 

@@ -71,10 +71,6 @@ class GallyEngine:
         """Model.generate, greedy and streamed, timed from outside: from the first token's chunk to the
         end, so the decode steps with their sampling and detokenization. The prompt is GENERATE_PROMPT
         when the model has a tokenizer, else prompt_ids."""
-        try:
-            from .. import generate as _  # noqa: F401  (Model.generate's module)
-        except ImportError:
-            raise RuntimeError("Model.generate is not available in this gally (no gally.generate)") from None
         prompt = self.model.tokenizer.encode(GENERATE_PROMPT) if self.model.tokenizer is not None else list(prompt_ids)
         tokens, first, t_first, last = 0, 0, None, None
         for chunk in self.model.generate(prompt, max_new_tokens=max_new_tokens, temperature=0, stream=True):
@@ -85,6 +81,5 @@ class GallyEngine:
         t_end = time.perf_counter()
         if tokens - first < 1:
             raise RuntimeError(f"Model.generate stopped after {tokens} token(s); no decode step to time")
-        own = (getattr(last, "timings", None) or {}).get("decode_tok_s")
         return {"seconds": t_end - t_first, "tokens": tokens - first, "prompt_tokens": len(prompt),
-                "finish_reason": getattr(last, "finish_reason", "?"), "own_decode_tok_s": own}
+                "finish_reason": last.finish_reason, "own_decode_tok_s": last.timings["decode_tok_s"]}

@@ -12,13 +12,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..model import DTYPES, QUANTIZED
 from . import derived, llama_bench, machine, peer_ct2, peer_gguf
 from .stats import Stat, rates
 from .worker import Worker, WorkerError
 
-DTYPES = ("f32", "bf16", "f16", "int8", "int4")
 PEERS = ("llama.cpp", "transformers", "llama-bench", "ctranslate2")
-QUANTIZED = ("int8", "int4")
 INSTALL = {
     "llama.cpp": 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36',
     "transformers": "pip install torch==2.13.0 transformers",
@@ -194,8 +193,7 @@ def _load_average():
 def _fill_bandwidth_fractions(results: Results) -> None:
     for row in results.rows:
         if row.gb_s is not None:
-            bw = results.block_bandwidth.get(f"{row.dtype} t{row.threads}", results.bandwidth[row.threads])
-            row.bw_fraction = row.gb_s.scaled(1 / bw)
+            row.bw_fraction = row.gb_s.scaled(1 / results.block_bandwidth[f"{row.dtype} t{row.threads}"])
 
 
 def _peer_specs(opts, dtype, folder, status, log) -> dict:

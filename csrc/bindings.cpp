@@ -352,18 +352,27 @@ PYBIND11_MODULE(_core, m) {
     return py::make_tuple(out, probs);
   });
   m.def("kernel_attention_causal", [](const std::string& isa, Array<float> Q, Array<float> K, Array<float> V,
-                                      int ctx0, float scale) {
+                                      int ctx0, float scale, bool bf16) {
     // Q [nq, d]: query i sees keys [0, ctx0 + i) of K, V [ctx0 + nq − 1, d]
     require(Q.ndim() == 2 && K.ndim() == 2 && V.ndim() == 2 && Q.shape(0) > 0 && ctx0 > 0, "bad shapes");
     const int nq = int(Q.shape(0)), d = int(Q.shape(1)), n = ctx0 + nq - 1;
     require(K.shape(0) == n && V.shape(0) == n && K.shape(1) == d && V.shape(1) == d, "attention shapes disagree");
     Array<float> out({nq, d}), probs({nq, n});
     std::fill(probs.mutable_data(), probs.mutable_data() + probs.size(), -1.0f);  // untouched past each row's keys
+    const Kernels& k = kernels_named(isa);
+    if (bf16) {  // the avx512bf16 set's variant for bf16 models
+      require(k.attention_causal_bf16 != nullptr, std::string(k.name) + " has no bf16 attention");
+      require(d % 32 == 0, "the bf16 attention needs d a multiple of 32");
+      std::vector<float> scratch(attention_bf16_scratch_floats(n, d));
+      k.attention_causal_bf16(Q.data(), d, nq, ctx0, K.data(), V.data(), d, d, scale, scratch.data(),
+                              out.mutable_data(), d, probs.mutable_data(), n);
+      return py::make_tuple(out, probs);
+    }
     std::vector<float> scratch(attention_scratch_floats(n, d));
-    kernels_named(isa).attention_causal(Q.data(), d, nq, ctx0, K.data(), V.data(), d, d, scale, scratch.data(),
-                                        out.mutable_data(), d, probs.mutable_data(), n);
+    k.attention_causal(Q.data(), d, nq, ctx0, K.data(), V.data(), d, d, scale, scratch.data(), out.mutable_data(), d,
+                       probs.mutable_data(), n);
     return py::make_tuple(out, probs);
-  });
+  }, py::arg("isa"), py::arg("Q"), py::arg("K"), py::arg("V"), py::arg("ctx0"), py::arg("scale"), py::arg("bf16") = false);
   m.def("kernel_silu_mul", [](const std::string& isa, Array<float> g, Array<float> u) {
     require(g.size() == u.size(), "g and u differ in size");
     Array<float> out(g.size());

@@ -52,11 +52,13 @@ struct Input {
   const int16_t* q = nullptr;
   const float* scale = nullptr;
   const float* sum = nullptr;
+  const uint32_t* packed = nullptr;  // x in Kernels::pack's layout
 };
 
 // Products of one input [n, n_in], each with the kernel for its weights' format: the integer GEMV
 // for int16-quantized input, else matmul_many (one layout of the input for all).
 void matmul_outs(const Kernels& k, const Input& in, int n, int n_in, const MatmulOut* outs, int count) {
+  if (in.packed) return k.matmul_many_packed(in.packed, in.x, n, n_in, outs, count);
   if (!in.q) return k.matmul_many(in.x, n, n_in, outs, count);
   for (int i = 0; i < count; ++i) {
     const MatmulOut& o = outs[i];
@@ -73,13 +75,45 @@ void matmul_outs(const Kernels& k, const Input& in, int n, int n_in, const Matmu
 
 WeightsRef ref(const Matrix& W) { return WeightsRef{W.data, W.dtype, W.scales, W.mins}; }
 
-// y [n, W.rows] (+)= in [n, W.cols] · Wᵀ (+ b), the rows split over the threads; ends at a barrier.
+// This thread's share of a batch's matmul, rows [r0, r1) × tokens [t0, t1): the threads form a
+// grid of row parts × token parts, rows in blocks of 32 and tokens in GEMM_SPLIT_TOKENS, the grid
+// whose busiest thread has the least work (on many threads, rows alone split unevenly: 18 blocks
+// of 576 rows over 16 threads).
+void thread_tiles(int rows, int n, int* r0, int* r1, int* t0, int* t1) {
+  const int nt = thread_count(), id = thread_id();
+  const int rb = (rows + 31) / 32, tb = (n + GEMM_SPLIT_TOKENS - 1) / GEMM_SPLIT_TOKENS;
+  int pt = 1;
+  long best = -1;
+  for (int p = 1; p <= nt; ++p)
+    if (nt % p == 0) {
+      const long cost = long((rb + nt / p - 1) / (nt / p)) * ((tb + p - 1) / p);
+      if (best < 0 || cost < best) best = cost, pt = p;
+    }
+  const int pr = nt / pt, ir = id / pt, it = id % pt;
+  *r0 = std::min(rows, int(long(rb) * ir / pr) * 32);
+  *r1 = std::min(rows, int(long(rb) * (ir + 1) / pr) * 32);
+  *t0 = std::min(n, int(long(tb) * it / pt) * GEMM_SPLIT_TOKENS);
+  *t1 = std::min(n, int(long(tb) * (it + 1) / pt) * GEMM_SPLIT_TOKENS);
+}
+
+// Tokens [t0, …) of a batch's input (t0 a multiple of GEMM_SPLIT_TOKENS when packed).
+Input tokens_from(const Kernels& k, const Input& in, int t0, int n_in) {
+  Input a = in;
+  a.x += size_t(t0) * n_in;
+  if (in.packed) a.packed += k.packed_size(t0, n_in);
+  return a;
+}
+
+// y [n, W.rows] (+)= in [n, W.cols] · Wᵀ (+ b), split over the threads; ends at a barrier.
 void matmul_parallel(const Kernels& k, const Matrix& W, const Input& in, int n, const float* bias, float* y,
                      bool accumulate) {
-  int r0, r1;
-  thread_rows(W.rows, n < GEMM_MIN_TOKENS ? 48 : 32, &r0, &r1);
-  const MatmulOut out{ref(W), bias, y, W.rows, r0, r1, accumulate};
-  if (r0 < r1) matmul_outs(k, in, n, W.cols, &out, 1);
+  int r0, r1, t0 = 0, t1 = n;
+  if (n < GEMM_MIN_TOKENS)
+    thread_rows(W.rows, 48, &r0, &r1);
+  else
+    thread_tiles(W.rows, n, &r0, &r1, &t0, &t1);
+  const MatmulOut out{ref(W), bias, y + size_t(t0) * W.rows, W.rows, r0, r1, accumulate};
+  if (r0 < r1 && t0 < t1) matmul_outs(k, tokens_from(k, in, t0, W.cols), t1 - t0, W.cols, &out, 1);
 #pragma omp barrier
 }
 
@@ -103,6 +137,7 @@ Session::Session(std::shared_ptr<const Model> model, int max_context)
   gate_.reset(B * c.intermediate_size);
   up_.reset(B * c.intermediate_size);
   scratch_ = attention_scratch_floats(max_ctx_, hd_);  // also ≥ max_ctx_, the per-query kernel's probs
+  bf16_model_ = !m_->layers.empty() && m_->layers[0].q_proj.dtype == DType::BF16;
   probs_.reset(size_t(m_->threads) * scratch_);
   xb_local_.reset(size_t(m_->threads) * c.hidden_size);
   if (m_->quantized) {  // int16 copies of a matmul's input: the widest is the FFN's
@@ -153,6 +188,22 @@ void Session::forward(const int32_t* tokens, int n, float* logits, bool all_logi
     throw std::length_error("sequence of " + std::to_string(pos_ + n) + " tokens exceeds the model's sliding_window " +
                             std::to_string(c.sliding_window) + ", which gally does not implement");
   extend_rope(pos_ + n);
+  if (bf16_attention() && n >= ATTENTION_BLOCK_MIN) {
+    const long need = attention_bf16_scratch_floats(pos_ + n, hd_);
+    if (need > bf16_scratch_) {  // grown with the context, in steps, so a long chat reallocates seldom
+      bf16_scratch_ = std::max(need, attention_bf16_scratch_floats(std::min(max_ctx_, 2 * (pos_ + n)), hd_));
+      bf16_att_.reset(size_t(m_->threads) * bf16_scratch_);
+    }
+  }
+  const Kernels& k = kernels();
+  if (k.pack && (bf16_model_ || m_->quantized) && n >= GEMM_MIN_TOKENS) {
+    const ModelConfig& c = m_->config;
+    const long need = k.packed_size(max_batch_, std::max({c.hidden_size, c.num_attention_heads * hd_, c.intermediate_size}));
+    if (need > packed_words_) {
+      packed_.reset(size_t(need));
+      packed_words_ = need;
+    }
+  }
   const int rec_ctx = pos_ + n;
   for (int done = 0; done < n; done += max_batch_) {
     const int chunk = std::min(max_batch_, n - done);
@@ -195,6 +246,13 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
   // threads otherwise. Larger batches take the GEMM, which multiplies f32 activations.
   auto prepare = [&](const float* in, int rows, int n_in) -> Input {
     Input a{in};
+    if (rows >= GEMM_MIN_TOKENS && packed_words_ > 0 && k.pack) {  // laid out once, by all threads
+      const int tiles = k.packed_tiles(rows);
+#pragma omp for
+      for (int t = 0; t < tiles; ++t) k.pack(in, rows, n_in, t, t + 1, packed_.data());
+      a.packed = packed_.data();
+      return a;
+    }
     if (!m_->quantized || n_in % QGROUP != 0 || rows >= GEMM_MIN_TOKENS) return a;
     const int groups = n_in / QGROUP;
     if (rows == 1) {
@@ -251,16 +309,19 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
       }
       float* probs = probs_.data() + size_t(thread_id()) * scratch_;
       if (n >= ATTENTION_BLOCK_MIN) {  // blocks of positions, queries in the lanes
-        const int blocks = (n + ATTENTION_BLOCK - 1) / ATTENTION_BLOCK;
+        // bf16 models on CPUs with vdpbf16ps: larger blocks, whose keys and values are rounded once
+        const bool bf16 = bf16_attention();
+        const int B = bf16 ? ATTENTION_BLOCK_BF16 : ATTENTION_BLOCK, blocks = (n + B - 1) / B;
+        float* scratch = bf16 ? bf16_att_.data() + size_t(thread_id()) * bf16_scratch_ : probs;
+        const auto attend = bf16 ? k.attention_causal_bf16 : k.attention_causal;
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < blocks * NH; ++i) {
-          const int t0 = (blocks - 1 - i / NH) * ATTENTION_BLOCK, head = i % NH;  // longest first
-          const int nq = std::min(ATTENTION_BLOCK, n - t0);
+          const int t0 = (blocks - 1 - i / NH) * B, head = i % NH;  // longest first
+          const int nq = std::min(B, n - t0);
           float* rec_probs =
               rec.attention ? rec.attention + ((size_t(l) * NH + head) * rec_n + rec_offset + t0) * rec_ctx : nullptr;
-          k.attention_causal(q + size_t(t0) * QD + head * HD, QD, nq, p0 + t0 + 1, k_cache(l, head / group),
-                             v_cache(l, head / group), HD, HD, c.attention_scale, probs,
-                             att + size_t(t0) * QD + head * HD, QD, rec_probs, rec_ctx);
+          attend(q + size_t(t0) * QD + head * HD, QD, nq, p0 + t0 + 1, k_cache(l, head / group), v_cache(l, head / group),
+                 HD, HD, c.attention_scale, scratch, att + size_t(t0) * QD + head * HD, QD, rec_probs, rec_ctx);
         }
       } else {  // a few positions, one query at a time
 #pragma omp for schedule(dynamic, 2)
@@ -280,13 +341,17 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
       // up, so it applies the SwiGLU to them at once.
       const Input h2 = prepare(normalize(L.post_attention_layernorm), n, D);
       {
-        int r0, r1;
-        thread_rows(F, n < GEMM_MIN_TOKENS ? 16 : 32, &r0, &r1);
-        if (r0 < r1) {
-          const MatmulOut outs[2] = {{ref(L.gate_proj), L.gate_bias, gate, F, r0, r1, false},
-                                     {ref(L.up_proj), L.up_bias, up, F, r0, r1, false}};
-          matmul_outs(k, h2, n, D, outs, 2);
-          for (int t = 0; t < n; ++t) k.silu_mul(gate + size_t(t) * F + r0, up + size_t(t) * F + r0, r1 - r0);
+        int r0, r1, t0 = 0, t1 = n;
+        if (n < GEMM_MIN_TOKENS)
+          thread_rows(F, 16, &r0, &r1);
+        else
+          thread_tiles(F, n, &r0, &r1, &t0, &t1);
+        if (r0 < r1 && t0 < t1) {
+          float *g = gate + size_t(t0) * F, *u = up + size_t(t0) * F;
+          const MatmulOut outs[2] = {{ref(L.gate_proj), L.gate_bias, g, F, r0, r1, false},
+                                     {ref(L.up_proj), L.up_bias, u, F, r0, r1, false}};
+          matmul_outs(k, tokens_from(k, h2, t0, D), t1 - t0, D, outs, 2);
+          for (int t = 0; t < t1 - t0; ++t) k.silu_mul(g + size_t(t) * F + r0, u + size_t(t) * F + r0, r1 - r0);
         }
 #pragma omp barrier
       }

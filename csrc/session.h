@@ -9,6 +9,7 @@
 namespace gally {
 
 constexpr int ATTENTION_BLOCK = 16;     // positions per attention work item in a batch
+constexpr int ATTENTION_BLOCK_BF16 = 64;  // attention_causal_bf16 rounds its keys and values once per item
 constexpr int ATTENTION_BLOCK_MIN = 4;  // fewer positions go query by query (mostly empty lanes)
 
 // Optional caller-provided buffers that a forward pass fills for inspection (null: not recorded).
@@ -72,6 +73,12 @@ class Session {
   Buffer<float> gate_, up_;  // [B, intermediate]
   long scratch_ = 0;          // attention scratch per thread (kernels.h)
   Buffer<float> probs_;  // [threads, scratch_] softmax scratch
+  bool bf16_model_ = false;    // bf16 weights: prompts may take attention_causal_bf16
+  bool bf16_attention() const { return bf16_model_ && hd_ % 32 == 0 && kernels().attention_causal_bf16; }
+  long bf16_scratch_ = 0;      // its scratch per thread, grown to the context reached
+  Buffer<float> bf16_att_;     // [threads, bf16_scratch_]
+  Buffer<uint32_t> packed_;    // a batch's matmul input in Kernels::pack's layout, shared by the threads
+  long packed_words_ = 0;
   Buffer<float> xb_local_;  // [threads, hidden] a single token's normalised input, per thread
   // Quantized models: a matmul input in int16 with its group scales and sums (kernels.h), for a
   // batch [B, qdim] and, for a single token, per thread.

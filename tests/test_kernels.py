@@ -169,6 +169,29 @@ def test_attention_causal_simd_equals_scalar_twin(isa):
         assert np.allclose(a[0], b[0], rtol=1e-5, atol=5e-5) and np.allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif("avx512bf16" not in ISAS, reason="this CPU has no AVX512-BF16")
+def test_attention_causal_bf16():
+    """The bf16 models' prompt attention equals causal attention on the bf16-rounded scaled queries,
+    keys, values and (unnormalised) weights, summed exactly; its recorded weights are the f32 ones."""
+    rng = np.random.default_rng(9)
+    for nq, ctx0, d in ((1, 1, 32), (16, 1, 64), (7, 5, 64), (64, 1, 64), (33, 40, 128), (70, 300, 64)):
+        n = ctx0 + nq - 1
+        Q, K, V = (rng.standard_normal((m, d)).astype(np.float32) * 2 for m in (nq, n, n))
+        out, probs = _core.kernel_attention_causal("avx512bf16", Q, K, V, ctx0, 0.125, bf16=True)
+        s = round_bf16(np.float32(0.125) * Q).astype(np.float64) @ round_bf16(K).astype(np.float64).T
+        for i in range(nq):
+            c = ctx0 + i
+            e = np.exp(s[i, :c] - s[i, :c].max())
+            assert np.allclose(probs[i, :c], e / e.sum(), rtol=1e-5, atol=1e-7), (nq, ctx0, d, i)
+            assert (probs[i, c:] == -1).all()
+            want = round_bf16(e.astype(np.float32)).astype(np.float64) @ round_bf16(V[:c]).astype(np.float64) / e.sum()
+            assert np.allclose(out[i], want, rtol=1e-4, atol=1e-4), (nq, ctx0, d, i)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _core.kernel_attention_causal("avx512bf16", Q[:, :24], K[:, :24], V[:, :24], ctx0, 0.125, bf16=True)
+    with pytest.raises(ValueError, match="no bf16 attention"):
+        _core.kernel_attention_causal("generic", Q, K, V, ctx0, 0.125, bf16=True)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_attention_softmax_is_numerically_safe(isa):
     d = 16

@@ -136,6 +136,18 @@ def test_threads_give_same_logits(tmp_path):
     assert np.abs(one - many).max() <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "int8", "int4"])
+def test_batch_split_over_rows_and_tokens(tmp_path, dtype):
+    # 130 tokens and matrices of 64 to 96 rows: on 6 and 8 threads the matmuls split the batch's
+    # tokens as well as the rows (forward.cpp, thread_tiles), which must not change a logit
+    folder, _ = make_checkpoint(tmp_path, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=200)
+    tokens = np.random.default_rng(1).integers(0, 200, 130)
+    one = gally.load(folder, dtype=dtype, threads=1).logits(tokens)
+    for threads in (6, 8):
+        assert np.array_equal(gally.load(folder, dtype=dtype, threads=threads).logits(tokens), one), threads
+
+
 def test_recorded_hidden_states_and_attention(tmp_path):
     folder, w = make_checkpoint(tmp_path)
     model = gally.load(folder, threads=2)

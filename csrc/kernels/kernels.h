@@ -38,6 +38,9 @@ struct MatmulOut {
 // Batches of at least this many tokens take the prefill GEMM (gemm.inl), which dequantizes
 // quantized weights and multiplies the f32 activations; smaller ones multiply row by row.
 constexpr int GEMM_MIN_TOKENS = 4;
+// A batch split between threads is split at multiples of GEMM_SPLIT_TOKENS tokens, which every
+// GEMM's token tile divides (24 or 48 tokens) and Kernels::pack's tile equals.
+constexpr int GEMM_SPLIT_TOKENS = 48;
 
 // Floats of scratch attention_causal needs for n keys of dimension d: scores [n] and the queries
 // [d] for each of up to 16 lanes (the widest vector set).
@@ -93,6 +96,22 @@ struct Kernels {
   void (*matmul_q4)(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
                     const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                     bool accumulate);
+
+  // attention_causal in bf16 for bf16 models (attention_causal_bf16 below), or null where the set
+  // has no bf16 dot product.
+  void (*attention_causal_bf16)(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V, int d,
+                                int stride, float scale, float* scratch, float* out, int ldo, float* probs, long ldp) =
+      nullptr;
+
+  // Where matmul_many lays a batch's activations out before multiplying (avx512bf16, for bf16 and
+  // quantized weights), the layout made once and shared by all threads instead: packed_size(n_tok,
+  // n_in) 32-bit words in packed_tiles(n_tok) tiles, any range of which pack fills; then
+  // matmul_many_packed multiplies (x itself for the matrices that take the f32 path). Else null.
+  int (*packed_tiles)(int n_tok) = nullptr;
+  long (*packed_size)(int n_tok, int n_in) = nullptr;
+  void (*pack)(const float* x, int n_tok, int n_in, int tile0, int tile1, uint32_t* xt) = nullptr;
+  void (*matmul_many_packed)(const uint32_t* xt, const float* x, int n_tok, int n_in, const MatmulOut* outs,
+                             int count) = nullptr;
 };
 
 extern const Kernels kernels_generic;
@@ -105,6 +124,22 @@ extern const Kernels kernels_avx512;
 void matmul_avx512bf16(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
                        int r0, int r1, bool accumulate);
 void matmul_many_avx512bf16(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count);
+// attention_causal for bf16 models' prompts: vdpbf16ps for the scores and the weighted sum of the
+// values (queries, keys, probabilities and values rounded to bf16, sums in f32); d a multiple of 32.
+// scratch: attention_bf16_scratch_floats(ctx0 + nq − 1, d).
+void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V, int d,
+                           int stride, float scale, float* scratch, float* out, int ldo, float* probs, long ldp);
+long attention_bf16_scratch_floats(long n, long d);
+int bf16_packed_tiles(int n_tok);
+long bf16_packed_size(int n_tok, int n_in);
+void pack_bf16(const float* x, int n_tok, int n_in, int tile0, int tile1, uint32_t* xt);
+void matmul_many_packed_bf16(const uint32_t* xt, const float* x, int n_tok, int n_in, const MatmulOut* outs,
+                             int count);
+namespace avx512 {
+// The AVX-512 attention's softmax down 16 lanes of scores st [n][16] (simd_kernels.inl, att::softmax_lanes);
+// inv [16] receives each lane's 1 / Σ weights.
+void softmax_lanes16(float* st, int n, int first, int lanes, float* probs, long ldp, float* inv);
+}  // namespace avx512
 #endif
 
 }  // namespace gally

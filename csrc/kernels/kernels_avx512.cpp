@@ -53,6 +53,10 @@ using V = S::V;
 
 #include "kernels/quant_kernels.inl"
 
+void softmax_lanes16(float* st, int n, int first, int lanes, float* probs, long ldp, float* inv) {
+  _mm512_storeu_ps(inv, att::softmax_lanes(st, n, first, lanes, probs, ldp));
+}
+
 }  // namespace avx512
 
 const Kernels kernels_avx512 = {"avx512", avx512::matmul, avx512::matmul_many, avx512::rmsnorm, avx512::rope, avx512::attention, avx512::attention_causal,

@@ -19,6 +19,7 @@ namespace {
 
 constexpr int RB = 8, TV = 3, TW = TV * 16;  // 24 accumulators + 3 activations + 1 weight of 32 zmm
 constexpr int CHUNK = 64;                    // rows dequantized at a time
+static_assert(TW == GEMM_SPLIT_TOKENS, "forward.cpp splits packed batches at tile boundaries");
 
 // x [n] f32 → bf16, rounding to nearest even.
 void to_bf16(const float* x, uint16_t* out, long n) {
@@ -31,12 +32,13 @@ void to_bf16(const float* x, uint16_t* out, long n) {
 }
 
 // xt[(tile · pairs + p) · TW + j] = the bf16 pair (x[t, 2p], x[t, 2p+1]) of token t = tile·TW + j,
-// zero past n_tok and past n_in: a tile's rows in bf16, then transposed 16 × 16 at a time.
-void pack_tokens(const float* x, int n_tok, int n_in, int pairs, uint32_t* xt) {
-  const int tiles = (n_tok + TW - 1) / TW, padded = (pairs + 15) / 16 * 16;
+// zero past n_tok and past n_in, for tiles [tile0, tile1): a tile's rows in bf16, then transposed
+// 16 × 16 at a time.
+void pack_tokens(const float* x, int n_tok, int n_in, int pairs, uint32_t* xt, int tile0, int tile1) {
+  const int padded = (pairs + 15) / 16 * 16;
   static thread_local std::vector<uint32_t> rows;
   rows.assign(size_t(TW) * padded, 0);
-  for (int tile = 0; tile < tiles; ++tile) {
+  for (int tile = tile0; tile < tile1; ++tile) {
     const int t0 = tile * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW;
     for (int j = 0; j < nt; ++j) to_bf16(x + (long)(t0 + j) * n_in, (uint16_t*)(rows.data() + (long)j * padded), n_in);
     if (nt < TW) std::fill(rows.begin() + (long)nt * padded, rows.end(), 0u);
@@ -106,7 +108,7 @@ const uint32_t* pack(const float* x, int n_tok, int n_in) {
   static thread_local std::vector<uint32_t> xt;
   const int pairs = (n_in + 1) / 2;
   xt.resize(size_t((n_tok + TW - 1) / TW) * pairs * TW);
-  pack_tokens(x, n_tok, n_in, pairs, xt.data());
+  pack_tokens(x, n_tok, n_in, pairs, xt.data(), 0, (n_tok + TW - 1) / TW);
   return xt.data();
 }
 
@@ -140,6 +142,25 @@ void gemm_packed(const uint32_t* xt, const WeightsRef& W, const float* b, float*
 
 }  // namespace
 
+int bf16_packed_tiles(int n_tok) { return (n_tok + TW - 1) / TW; }
+
+long bf16_packed_size(int n_tok, int n_in) { return long(bf16_packed_tiles(n_tok)) * ((n_in + 1) / 2) * TW; }
+
+void pack_bf16(const float* x, int n_tok, int n_in, int tile0, int tile1, uint32_t* xt) {
+  pack_tokens(x, n_tok, n_in, (n_in + 1) / 2, xt, tile0, tile1);
+}
+
+void matmul_many_packed_bf16(const uint32_t* xt, const float* x, int n_tok, int n_in, const MatmulOut* outs,
+                             int count) {
+  for (int i = 0; i < count; ++i) {
+    const MatmulOut& o = outs[i];
+    if (takes_bf16_gemm(o.W, n_tok))
+      gemm_packed(xt, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+    else
+      kernels_avx512.matmul(x, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+  }
+}
+
 void matmul_avx512bf16(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
                        int r0, int r1, bool accumulate) {
   if (!takes_bf16_gemm(W, n_tok)) return kernels_avx512.matmul(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
@@ -155,6 +176,115 @@ void matmul_many_avx512bf16(const float* x, int n_tok, int n_in, const MatmulOut
       gemm_packed(xt, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
     } else {
       kernels_avx512.matmul(x, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+    }
+  }
+}
+
+
+// Causal attention for bf16 models' prompts: the scores and the weighted sum of the values by
+// vdpbf16ps, with queries, keys, probabilities and values rounded to bf16 and every sum in f32 (the
+// prompt's activations already pass through bf16 in such a model's matmuls). The layout is
+// attention_causal's (kernels.h): queries in the lanes, 16 per tile. The keys and values are
+// rounded once per call: keys as bf16 rows, whose consecutive pairs a broadcast feeds to a dot;
+// values as pairs of consecutive positions per dimension, as the probabilities are.
+namespace {
+
+constexpr int AR = 16;  // keys, or output dimensions, per register tile
+
+// acc[r] = Σ_p A[r·lda + p·ka] (a bf16 pair, broadcast) · B[p] (16 lanes of pairs) for R rows.
+template <int R>
+inline void dot_rows(const uint32_t* A, long lda, long ka, const uint32_t* B, int pairs, __m512* acc) {
+  __m512 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  for (int p = 0; p < pairs; ++p) {
+    const __m512bh b = (__m512bh)_mm512_loadu_si512(B + (long)p * 16);
+    for (int r = 0; r < R; ++r)
+      a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32(int(A[r * lda + p * ka])), b);
+  }
+  for (int r = 0; r < R; ++r) acc[r] = a[r];
+}
+
+template <int R = AR>
+inline void dot_rows_any(int rows, const uint32_t* A, long lda, long ka, const uint32_t* B, int pairs, __m512* acc) {
+  if constexpr (R > 1)
+    if (rows < R) return dot_rows_any<R - 1>(rows, A, lda, ka, B, pairs, acc);
+  dot_rows<R>(A, lda, ka, B, pairs, acc);
+}
+
+// 16 pairs (lo[i], hi[i]) of two rows of 16 floats, rounded to bf16: lo in the low half of each lane.
+inline __m512i pair_rows(__m512 lo, __m512 hi) {
+  const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
+  const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
+  return _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
+}
+
+}  // namespace
+
+long attention_bf16_scratch_floats(long n, long d) {
+  // kb, vp, st, qp and pt below; pt holds at least the 16 × d/2 of the queries' rows too
+  return n * (d / 2) + (n / 2 + 1) * d + 16 * (n + 2) + 8 * d + std::max(16 * (n / 2 + 1), 8 * d);
+}
+
+void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V, int d,
+                           int stride, float scale, float* scratch, float* out, int ldo, float* probs, long ldp) {
+  const int n_all = ctx0 + nq - 1, dp = d / 2;  // keys of the last query; d is a multiple of 32
+  // Scratch: kb [n_all][d] bf16 | vp [n_all/2 + 1][d] pairs | st [n][16] | qp [d/2][16] | pt [n/2 + 1][16]
+  uint32_t* kb = (uint32_t*)scratch;
+  uint32_t* vp = kb + (long)n_all * dp;
+  float* st = (float*)(vp + (long)(n_all / 2 + 1) * d);
+  uint32_t* qp = (uint32_t*)(st + 16L * (n_all + 2));
+  uint32_t* pt = qp + 8L * d;
+  for (long j = 0; j < n_all; ++j)
+    for (int i = 0; i < d; i += 32)  // d multiple of 32: whole pairs of vectors
+      _mm512_storeu_si512(kb + j * dp + i / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(K + j * stride + i + 16),
+                                                                         _mm512_loadu_ps(K + j * stride + i)));
+  for (long jp = 0; jp < (n_all + 1) / 2; ++jp) {
+    const float* v0 = V + 2 * jp * stride;
+    for (int i = 0; i < d; i += 16) {
+      const __m512 hi = 2 * jp + 1 < n_all ? _mm512_loadu_ps(v0 + stride + i) : _mm512_setzero_ps();
+      _mm512_storeu_si512(vp + jp * d + i, pair_rows(_mm512_loadu_ps(v0 + i), hi));
+    }
+  }
+  for (int q0 = 0; q0 < nq; q0 += 16) {
+    const int lanes = nq - q0 < 16 ? nq - q0 : 16, first = ctx0 + q0, n = first + lanes - 1;
+    // qp [pair][lane]: the tile's queries, scaled, as bf16 rows [lane][pair], then transposed
+    uint32_t* qrows = pt;  // free until the probabilities are paired
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int l = 0; l < 16; ++l)
+      for (int i = 0; i < d; i += 32) {
+        const float* q = Q + (long)(q0 + l) * ldq + i;
+        const __m512i v = l < lanes ? (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(q + 16), sv),
+                                                                   _mm512_mul_ps(_mm512_loadu_ps(q), sv))
+                                    : _mm512_setzero_si512();
+        _mm512_storeu_si512(qrows + (long)l * dp + i / 2, v);
+      }
+    for (int p0 = 0; p0 < dp; p0 += 16) {
+      __m512i col[16];
+      transpose16x16(qrows + p0, dp, col);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(qp + (long)(p0 + i) * 16, col[i]);
+    }
+    __m512 acc[AR];
+    for (int j = 0; j < n; j += AR) {
+      const int rows = n - j < AR ? n - j : AR;
+      dot_rows_any(rows, kb + (long)j * dp, dp, 1, qp, dp, acc);
+      for (int r = 0; r < rows; ++r) _mm512_storeu_ps(st + (long)(j + r) * 16, acc[r]);
+    }
+    alignas(64) float inv_lanes[16];
+    avx512::softmax_lanes16(st, n, first, lanes, probs ? probs + (long)q0 * ldp : nullptr, ldp, inv_lanes);
+    const __m512 inv = _mm512_load_ps(inv_lanes);
+    const int np = (n + 1) / 2;
+    for (int jp = 0; jp < np; ++jp) {
+      const __m512 hi = 2 * jp + 1 < n ? _mm512_loadu_ps(st + (2L * jp + 1) * 16) : _mm512_setzero_ps();
+      _mm512_storeu_si512(pt + (long)jp * 16, pair_rows(_mm512_loadu_ps(st + 2L * jp * 16), hi));
+    }
+    alignas(64) float o[AR * 16];
+    for (int i = 0; i < d; i += AR) {
+      const int rows = d - i < AR ? d - i : AR;
+      // out[l][i + r] = Σ_jp vp[jp][i + r] · pt[jp][l]
+      dot_rows_any(rows, vp + i, 1, d, pt, np, acc);
+      for (int r = 0; r < rows; ++r) _mm512_store_ps(o + r * 16, _mm512_mul_ps(acc[r], inv));
+      for (int l = 0; l < lanes; ++l)
+        for (int r = 0; r < rows; ++r) out[(long)(q0 + l) * ldo + i + r] = o[r * 16 + l];
     }
   }
 }

@@ -235,6 +235,33 @@ inline void rows_any(int rows, const float* A, long lda, long ka, const float* B
   rows_tile<R>(A, lda, ka, B, kn, acc);
 }
 
+// The scores st [n][N] of N queries in the lanes, lane l seeing keys [0, first + l) → their
+// softmax weights, not yet normalised (the later keys of each lane exactly 0); returns each lane's
+// 1 / Σ weights. probs, when not null, receives lane l's normalised weights in row l (ldp apart).
+inline V softmax_lanes(float* st, int n, int first, int lanes, float* probs, long ldp) {
+  for (int j = first; j < n; ++j)  // the keys past each lane, among the last lanes − 1
+    for (int l = 0; l < j - first + 1; ++l) st[(long)j * S::N + l] = -INFINITY;
+  V mx = S::set1(-INFINITY), sum = S::zero();
+  for (int j = 0; j < n; ++j) mx = S::max(mx, S::load(st + (long)j * S::N));
+  for (int j = 0; j < n; ++j) {
+    const V e = exp_impl(S::sub(S::load(st + (long)j * S::N), mx));
+    S::store(st + (long)j * S::N, e);
+  }
+  for (int j = first; j < n; ++j)  // exp_impl clamps: make the masked weights exactly 0
+    for (int l = 0; l < j - first + 1; ++l) st[(long)j * S::N + l] = 0.0f;
+  for (int j = 0; j < n; ++j) sum = S::add(sum, S::load(st + (long)j * S::N));
+  const V inv = S::div(S::set1(1.0f), sum);
+  if (probs) {
+    alignas(64) float w[S::N];
+    for (int j = 0; j < n; ++j) {
+      S::store(w, S::mul(S::load(st + (long)j * S::N), inv));
+      for (int l = 0; l < lanes; ++l)
+        if (j < first + l) probs[l * ldp + j] = w[l];
+    }
+  }
+  return inv;
+}
+
 }  // namespace att
 
 void attention_causal(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V_, int d, int stride,
@@ -252,27 +279,7 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const float* K,
       rows_any(rows, K + (long)j * stride, stride, 1, qt, d, acc);
       for (int r = 0; r < rows; ++r) S::store(st + (long)(j + r) * S::N, acc[r]);
     }
-    // Lane l sees keys [0, first + l): the keys past it, among the last lanes − 1, are masked.
-    for (int j = first; j < n; ++j)
-      for (int l = 0; l < j - first + 1; ++l) st[(long)j * S::N + l] = -INFINITY;
-    V mx = S::set1(-INFINITY), sum = S::zero();
-    for (int j = 0; j < n; ++j) mx = S::max(mx, S::load(st + (long)j * S::N));
-    for (int j = 0; j < n; ++j) {
-      const V e = exp_impl(S::sub(S::load(st + (long)j * S::N), mx));
-      S::store(st + (long)j * S::N, e);
-    }
-    for (int j = first; j < n; ++j)  // exp_impl clamps: make the masked weights exactly 0
-      for (int l = 0; l < j - first + 1; ++l) st[(long)j * S::N + l] = 0.0f;
-    for (int j = 0; j < n; ++j) sum = S::add(sum, S::load(st + (long)j * S::N));
-    const V inv = S::div(S::set1(1.0f), sum);
-    if (probs) {
-      alignas(64) float w[S::N];
-      for (int j = 0; j < n; ++j) {
-        S::store(w, S::mul(S::load(st + (long)j * S::N), inv));
-        for (int l = 0; l < lanes; ++l)
-          if (j < first + l) probs[(q0 + l) * ldp + j] = w[l];
-      }
-    }
+    const V inv = att::softmax_lanes(st, n, first, lanes, probs ? probs + (long)q0 * ldp : nullptr, ldp);
     alignas(64) float o[AR * S::N];
     for (int i = 0; i < d; i += AR) {
       const int rows = d - i < AR ? d - i : AR;

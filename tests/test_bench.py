@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import os
 
 import numpy as np
@@ -66,6 +67,17 @@ def test_rows_cover_every_test_and_dtype(result):
     for r in gally_rows:
         assert len(r.tok_s.samples) == 3 and all(x > 0 for x in r.tok_s.samples)
         assert math.isclose(r.tok_s.mean, sum(r.tok_s.samples) / 3)
+
+
+def test_generate_row_is_paired_with_raw_decode(result):
+    # Model.generate's row carries the raw decode rate measured alternately with it and their ratio
+    rows = [r for r in result.rows if r.engine == "gally generate"]
+    assert {r.dtype for r in rows} == {"f32", "bf16"}
+    for r in rows:
+        assert len(r.tok_s.samples) == 3
+        m = re.search(r"raw Session.append decode alternated with it: ([0-9.]+) tok/s, generate / raw ([0-9.]+)", r.note)
+        assert m, r.note
+        assert float(m.group(1)) > 0 and math.isclose(float(m.group(2)), r.tok_s.mean / float(m.group(1)), rel_tol=0.01)
 
 
 def test_decode_bandwidth_is_weight_bytes_times_rate(result, folder):

@@ -340,20 +340,31 @@ def _interleave(opts, tests, inputs, workers, setups, tag, log) -> dict:
 
 
 def _generate_row(opts, dtype, threads, worker, setup, prompt, log) -> Row:
-    """End to end: Model.generate's decode rate, sampling and detokenization included."""
+    """End to end: Model.generate's decode rate, sampling and detokenization included. Each run
+    alternates with a raw Session.append decode of as many steps after as long a prompt, so that
+    the note's generate / raw ratio compares the two under the same machine noise."""
     n = max(opts.gens)
-    log(f"[{dtype} t{threads}] Model.generate")
+    log(f"[{dtype} t{threads}] Model.generate, alternating with raw decode")
+    runs, raw = [], []
     try:
-        runs = [worker.call("generate", max_new_tokens=n, prompt_ids=prompt) for _ in range(opts.reps + 1)][1:]
+        for _ in range(opts.reps + 1):  # the first pair warms up
+            runs.append(worker.call("generate", max_new_tokens=n, prompt_ids=prompt))
+            r = runs[-1]
+            ids = [prompt[i % len(prompt)] for i in range(r["prompt_tokens"] + r["tokens"])]  # ids of any model
+            raw.append(r["tokens"] / worker.call("decode", depth_ids=ids[:r["prompt_tokens"]],
+                                                 gen_ids=ids[r["prompt_tokens"]:])["seconds"])
     except WorkerError as e:
         return Row("gally generate", dtype, setup.weights, threads, Test("tg", n), None, note=str(e).split(": ", 1)[-1])
+    runs, raw = runs[1:], raw[1:]
     r = runs[0]
+    rates = [x["tokens"] / x["seconds"] for x in runs]
     note = f"{r['tokens']} steps after a {r['prompt_tokens']}-token prompt, greedy, finish: {r['finish_reason']}"
     own = [x["own_decode_tok_s"] for x in runs if x.get("own_decode_tok_s")]
     if own:
         note += f"; generate's own timing: {sum(own) / len(own):.1f} tok/s"
-    return Row("gally generate", dtype, setup.weights, threads, Test("tg", r["tokens"]),
-               Stat.of([x["tokens"] / x["seconds"] for x in runs]), note=note)
+    note += (f"; raw Session.append decode alternated with it: {sum(raw) / len(raw):.1f} tok/s, "
+             f"generate / raw {sum(rates) / sum(raw):.3f}")
+    return Row("gally generate", dtype, setup.weights, threads, Test("tg", r["tokens"]), Stat.of(rates), note=note)
 
 
 def _llama_bench_rows(opts, dtype, threads, spec, results, log) -> None:

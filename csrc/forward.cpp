@@ -137,7 +137,9 @@ Session::Session(std::shared_ptr<const Model> model, int max_context)
   gate_.reset(B * c.intermediate_size);
   up_.reset(B * c.intermediate_size);
   scratch_ = attention_scratch_floats(max_ctx_, hd_);  // also ≥ max_ctx_, the per-query kernel's probs
-  bf16_model_ = !m_->layers.empty() && m_->layers[0].q_proj.dtype == DType::BF16;
+  // bf16 and quantized weights: on AVX512-BF16 their prompts' matmuls round the activations to bf16
+  bf16_prompt_ = !m_->layers.empty() &&
+                 (m_->layers[0].q_proj.dtype == DType::BF16 || is_quantized(m_->layers[0].q_proj.dtype));
   probs_.reset(size_t(m_->threads) * scratch_);
   xb_local_.reset(size_t(m_->threads) * c.hidden_size);
   if (m_->quantized) {  // int16 copies of a matmul's input: the widest is the FFN's
@@ -196,7 +198,7 @@ void Session::forward(const int32_t* tokens, int n, float* logits, bool all_logi
     }
   }
   const Kernels& k = kernels();
-  if (k.pack && (bf16_model_ || m_->quantized) && n >= GEMM_MIN_TOKENS) {
+  if (k.pack && (bf16_prompt_ || m_->quantized) && n >= GEMM_MIN_TOKENS) {
     const ModelConfig& c = m_->config;
     const long need = k.packed_size(max_batch_, std::max({c.hidden_size, c.num_attention_heads * hd_, c.intermediate_size}));
     if (need > packed_words_) {

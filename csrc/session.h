@@ -73,8 +73,8 @@ class Session {
   Buffer<float> gate_, up_;  // [B, intermediate]
   long scratch_ = 0;          // attention scratch per thread (kernels.h)
   Buffer<float> probs_;  // [threads, scratch_] softmax scratch
-  bool bf16_model_ = false;    // bf16 weights: prompts may take attention_causal_bf16
-  bool bf16_attention() const { return bf16_model_ && hd_ % 32 == 0 && kernels().attention_causal_bf16; }
+  bool bf16_prompt_ = false;  // bf16 or quantized weights, whose prompts may take the bf16 kernels
+  bool bf16_attention() const { return bf16_prompt_ && hd_ % 32 == 0 && kernels().attention_causal_bf16; }
   long bf16_scratch_ = 0;      // its scratch per thread, grown to the context reached
   Buffer<float> bf16_att_;     // [threads, bf16_scratch_]
   Buffer<uint32_t> packed_;    // a batch's matmul input in Kernels::pack's layout, shared by the threads

@@ -92,8 +92,14 @@ void thread_tiles(int rows, int n, int* r0, int* r1, int* t0, int* t1) {
   const int pr = nt / pt, ir = id / pt, it = id % pt;
   *r0 = std::min(rows, int(long(rb) * ir / pr) * 32);
   *r1 = std::min(rows, int(long(rb) * (ir + 1) / pr) * 32);
-  *t0 = std::min(n, int(long(tb) * it / pt) * GEMM_SPLIT_TOKENS);
-  *t1 = std::min(n, int(long(tb) * (it + 1) / pt) * GEMM_SPLIT_TOKENS);
+  // Token part boundaries; one that would leave a last part of fewer than GEMM_MIN_TOKENS moves to
+  // n, so that no part takes the few-token kernels, which sum in another order than the GEMM.
+  auto boundary = [&](int i) {
+    const int b = std::min(n, int(long(tb) * i / pt) * GEMM_SPLIT_TOKENS);
+    return n - b < GEMM_MIN_TOKENS ? n : b;
+  };
+  *t0 = it == 0 ? 0 : boundary(it);
+  *t1 = boundary(it + 1);
 }
 
 // Tokens [t0, …) of a batch's input (t0 a multiple of GEMM_SPLIT_TOKENS when packed).
@@ -101,6 +107,11 @@ Input tokens_from(const Kernels& k, const Input& in, int t0, int n_in) {
   Input a = in;
   a.x += size_t(t0) * n_in;
   if (in.packed) a.packed += k.packed_size(t0, n_in);
+  if (in.q) {  // int16 copies: a few tokens only, so t0 is 0 today; kept right regardless
+    a.q += size_t(t0) * n_in;
+    a.scale += size_t(t0) * (n_in / QGROUP);
+    a.sum += size_t(t0) * (n_in / QGROUP);
+  }
   return a;
 }
 
@@ -190,14 +201,14 @@ void Session::forward(const int32_t* tokens, int n, float* logits, bool all_logi
     throw std::length_error("sequence of " + std::to_string(pos_ + n) + " tokens exceeds the model's sliding_window " +
                             std::to_string(c.sliding_window) + ", which gally does not implement");
   extend_rope(pos_ + n);
-  if (bf16_attention() && n >= ATTENTION_BLOCK_MIN) {
+  const Kernels& k = kernels();  // one set for the whole call, whatever another thread selects meanwhile
+  if (bf16_attention(k) && n >= ATTENTION_BLOCK_MIN) {
     const long need = attention_bf16_scratch_floats(pos_ + n, hd_);
     if (need > bf16_scratch_) {  // grown with the context, in steps, so a long chat reallocates seldom
       bf16_scratch_ = std::max(need, attention_bf16_scratch_floats(std::min(max_ctx_, 2 * (pos_ + n)), hd_));
       bf16_att_.reset(size_t(m_->threads) * bf16_scratch_);
     }
   }
-  const Kernels& k = kernels();
   if (k.pack && (bf16_prompt_ || m_->quantized) && n >= GEMM_MIN_TOKENS) {
     const ModelConfig& c = m_->config;
     const long need = k.packed_size(max_batch_, std::max({c.hidden_size, c.num_attention_heads * hd_, c.intermediate_size}));
@@ -211,14 +222,13 @@ void Session::forward(const int32_t* tokens, int n, float* logits, bool all_logi
     const int chunk = std::min(max_batch_, n - done);
     const bool last = done + chunk == n;
     float* out = all_logits ? logits + size_t(done) * c.vocab_size : (last ? logits : nullptr);
-    forward_chunk(tokens + done, chunk, out, all_logits, rec, done, n, rec_ctx);
+    forward_chunk(k, tokens + done, chunk, out, all_logits, rec, done, n, rec_ctx);
   }
 }
 
-void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits, const Record& rec,
-                            int rec_offset, int rec_n, int rec_ctx) {
+void Session::forward_chunk(const Kernels& k, const int32_t* tokens, int n, float* logits, bool all_logits,
+                            const Record& rec, int rec_offset, int rec_n, int rec_ctx) {
   const ModelConfig& c = m_->config;
-  const Kernels& k = kernels();
   const int D = c.hidden_size, F = c.intermediate_size, NH = c.num_attention_heads, HD = hd_,
             QD = NH * HD, KVD = nkv_ * HD, group = NH / nkv_, half = HD / 2, p0 = pos_;
   float *x = x_.data(), *xb = xb_.data(), *q = q_.data(), *kb = k_.data(), *vb = v_.data(),
@@ -312,7 +322,7 @@ void Session::forward_chunk(const int32_t* tokens, int n, float* logits, bool al
       float* probs = probs_.data() + size_t(thread_id()) * scratch_;
       if (n >= ATTENTION_BLOCK_MIN) {  // blocks of positions, queries in the lanes
         // bf16 models on CPUs with vdpbf16ps: larger blocks, whose keys and values are rounded once
-        const bool bf16 = bf16_attention();
+        const bool bf16 = bf16_attention(k);
         const int B = bf16 ? ATTENTION_BLOCK_BF16 : ATTENTION_BLOCK, blocks = (n + B - 1) / B;
         float* scratch = bf16 ? bf16_att_.data() + size_t(thread_id()) * bf16_scratch_ : probs;
         const auto attend = bf16 ? k.attention_causal_bf16 : k.attention_causal;

@@ -51,7 +51,7 @@ class Session {
   const Model& model() const { return *m_; }
 
  private:
-  void forward_chunk(const int32_t* tokens, int n, float* logits, bool all_logits, const Record& rec,
+  void forward_chunk(const Kernels& k, const int32_t* tokens, int n, float* logits, bool all_logits, const Record& rec,
                      int rec_offset, int rec_n, int rec_ctx);
   void extend_rope(int end);  // fills cos_/sin_ up to position end
   float* k_cache(int layer, int kv_head) { return kv_.data() + ((size_t(layer) * 2 * nkv_ + kv_head) * max_ctx_) * hd_; }
@@ -74,7 +74,7 @@ class Session {
   long scratch_ = 0;          // attention scratch per thread (kernels.h)
   Buffer<float> probs_;  // [threads, scratch_] softmax scratch
   bool bf16_prompt_ = false;  // bf16 or quantized weights, whose prompts may take the bf16 kernels
-  bool bf16_attention() const { return bf16_prompt_ && hd_ % 32 == 0 && kernels().attention_causal_bf16; }
+  bool bf16_attention(const Kernels& k) const { return bf16_prompt_ && hd_ % 32 == 0 && k.attention_causal_bf16; }
   long bf16_scratch_ = 0;      // its scratch per thread, grown to the context reached
   Buffer<float> bf16_att_;     // [threads, bf16_scratch_]
   Buffer<uint32_t> packed_;    // a batch's matmul input in Kernels::pack's layout, shared by the threads

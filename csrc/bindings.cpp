@@ -363,17 +363,13 @@ PYBIND11_MODULE(_core, m) {
     Array<float> out({nq, d}), probs({nq, n});
     std::fill(probs.mutable_data(), probs.mutable_data() + probs.size(), -1.0f);  // untouched past each row's keys
     const Kernels& k = kernels_named(isa);
-    if (bf16) {  // the avx512bf16 set's variant for bf16 models
+    if (bf16) {  // the avx512bf16 set's variant for bf16 and quantized models
       require(k.attention_causal_bf16 != nullptr, std::string(k.name) + " has no bf16 attention");
       require(d % 32 == 0, "the bf16 attention needs d a multiple of 32");
-      std::vector<float> scratch(attention_bf16_scratch_floats(n, d));
-      k.attention_causal_bf16(Q.data(), d, nq, ctx0, K.data(), V.data(), d, d, scale, scratch.data(),
-                              out.mutable_data(), d, probs.mutable_data(), n);
-      return py::make_tuple(out, probs);
     }
-    std::vector<float> scratch(attention_scratch_floats(n, d));
-    k.attention_causal(Q.data(), d, nq, ctx0, K.data(), V.data(), d, d, scale, scratch.data(), out.mutable_data(), d,
-                       probs.mutable_data(), n);
+    std::vector<float> scratch(bf16 ? attention_bf16_scratch_floats(n, d) : attention_scratch_floats(n, d));
+    (bf16 ? k.attention_causal_bf16 : k.attention_causal)(Q.data(), d, nq, ctx0, K.data(), V.data(), d, d, scale,
+                                                          scratch.data(), out.mutable_data(), d, probs.mutable_data(), n);
     return py::make_tuple(out, probs);
   }, py::arg("isa"), py::arg("Q"), py::arg("K"), py::arg("V"), py::arg("ctx0"), py::arg("scale"), py::arg("bf16") = false);
   m.def("kernel_silu_mul", [](const std::string& isa, Array<float> g, Array<float> u) {

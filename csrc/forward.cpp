@@ -212,10 +212,7 @@ void Session::forward(const int32_t* tokens, int n, float* logits, bool all_logi
   if (k.pack && (bf16_prompt_ || m_->quantized) && n >= GEMM_MIN_TOKENS) {
     const ModelConfig& c = m_->config;
     const long need = k.packed_size(max_batch_, std::max({c.hidden_size, c.num_attention_heads * hd_, c.intermediate_size}));
-    if (need > packed_words_) {
-      packed_.reset(size_t(need));
-      packed_words_ = need;
-    }
+    if (size_t(need) > packed_.size()) packed_.reset(size_t(need));
   }
   const int rec_ctx = pos_ + n;
   for (int done = 0; done < n; done += max_batch_) {
@@ -258,8 +255,8 @@ void Session::forward_chunk(const Kernels& k, const int32_t* tokens, int n, floa
   // threads otherwise. Larger batches take the GEMM, which multiplies f32 activations.
   auto prepare = [&](const float* in, int rows, int n_in) -> Input {
     Input a{in};
-    if (rows >= GEMM_MIN_TOKENS && packed_words_ > 0 && k.pack) {  // laid out once, by all threads
-      const int tiles = k.packed_tiles(rows);
+    if (rows >= GEMM_MIN_TOKENS && packed_.size() > 0 && k.pack) {  // laid out once, by all threads
+      const int tiles = (rows + GEMM_SPLIT_TOKENS - 1) / GEMM_SPLIT_TOKENS;
 #pragma omp for
       for (int t = 0; t < tiles; ++t) k.pack(in, rows, n_in, t, t + 1, packed_.data());
       a.packed = packed_.data();

@@ -58,7 +58,6 @@ Kernels with_bf16_dot() {
   k.matmul = matmul_avx512bf16;
   k.matmul_many = matmul_many_avx512bf16;
   k.attention_causal_bf16 = attention_causal_bf16;
-  k.packed_tiles = bf16_packed_tiles;
   k.packed_size = bf16_packed_size;
   k.pack = pack_bf16;
   k.matmul_many_packed = matmul_many_packed_bf16;

@@ -78,7 +78,6 @@ class Session {
   long bf16_scratch_ = 0;      // its scratch per thread, grown to the context reached
   Buffer<float> bf16_att_;     // [threads, bf16_scratch_]
   Buffer<uint32_t> packed_;    // a batch's matmul input in Kernels::pack's layout, shared by the threads
-  long packed_words_ = 0;
   Buffer<float> xb_local_;  // [threads, hidden] a single token's normalised input, per thread
   // Quantized models: a matmul input in int16 with its group scales and sums (kernels.h), for a
   // batch [B, qdim] and, for a single token, per thread.

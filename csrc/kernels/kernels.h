@@ -74,8 +74,9 @@ struct Kernels {
 
   // Causal attention for nq consecutive positions of one head: query i (row i of Q, ldq apart)
   // sees keys 0 … ctx0+i−1 and its output goes to row i of out (ldo apart); K, V as above.
-  // scratch: attention_scratch_floats(ctx0 + nq − 1, d), the keys of the last query. The same sums as `attention` query by query,
-  // with the queries in the vector lanes, so that each key and value row serves a lane-full.
+  // scratch: attention_scratch_floats(ctx0 + nq − 1, d), for the keys of the last query. The same
+  // sums as `attention` query by query, with the queries in the vector lanes, so that each key and
+  // value row serves a lane-full.
   // probs, when not null, receives query i's softmax weights in row i (ldp apart, ctx0+i each).
   void (*attention_causal)(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V, int d,
                            int stride, float scale, float* scratch, float* out, int ldo, float* probs, long ldp);
@@ -97,17 +98,16 @@ struct Kernels {
                     const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                     bool accumulate);
 
-  // attention_causal in bf16 for bf16 models (attention_causal_bf16 below), or null where the set
-  // has no bf16 dot product.
+  // attention_causal in bf16 for the prompts of bf16 and quantized models (attention_causal_bf16
+  // below), or null where the set has no bf16 dot product.
   void (*attention_causal_bf16)(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V, int d,
                                 int stride, float scale, float* scratch, float* out, int ldo, float* probs, long ldp) =
       nullptr;
 
   // Where matmul_many lays a batch's activations out before multiplying (avx512bf16, for bf16 and
   // quantized weights), the layout made once and shared by all threads instead: packed_size(n_tok,
-  // n_in) 32-bit words in packed_tiles(n_tok) tiles, any range of which pack fills; then
+  // n_in) 32-bit words in tiles of GEMM_SPLIT_TOKENS tokens, any range of which pack fills; then
   // matmul_many_packed multiplies (x itself for the matrices that take the f32 path). Else null.
-  int (*packed_tiles)(int n_tok) = nullptr;
   long (*packed_size)(int n_tok, int n_in) = nullptr;
   void (*pack)(const float* x, int n_tok, int n_in, int tile0, int tile1, uint32_t* xt) = nullptr;
   void (*matmul_many_packed)(const uint32_t* xt, const float* x, int n_tok, int n_in, const MatmulOut* outs,
@@ -124,13 +124,12 @@ extern const Kernels kernels_avx512;
 void matmul_avx512bf16(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
                        int r0, int r1, bool accumulate);
 void matmul_many_avx512bf16(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count);
-// attention_causal for bf16 models' prompts: vdpbf16ps for the scores and the weighted sum of the
-// values (queries, keys, probabilities and values rounded to bf16, sums in f32); d a multiple of 32.
+// attention_causal for the prompts of bf16 and quantized models: vdpbf16ps for the scores and the
+// weighted sum of the values (queries, keys, probabilities and values rounded to bf16, sums in f32); d a multiple of 32.
 // scratch: attention_bf16_scratch_floats(ctx0 + nq − 1, d).
 void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V, int d,
                            int stride, float scale, float* scratch, float* out, int ldo, float* probs, long ldp);
 long attention_bf16_scratch_floats(long n, long d);
-int bf16_packed_tiles(int n_tok);
 long bf16_packed_size(int n_tok, int n_in);
 void pack_bf16(const float* x, int n_tok, int n_in, int tile0, int tile1, uint32_t* xt);
 void matmul_many_packed_bf16(const uint32_t* xt, const float* x, int n_tok, int n_in, const MatmulOut* outs,

@@ -37,11 +37,15 @@ void to_bf16(const float* x, uint16_t* out, long n) {
 void pack_tokens(const float* x, int n_tok, int n_in, int pairs, uint32_t* xt, int tile0, int tile1) {
   const int padded = (pairs + 15) / 16 * 16;
   static thread_local std::vector<uint32_t> rows;
-  rows.assign(size_t(TW) * padded, 0);
+  rows.resize(size_t(TW) * padded);
   for (int tile = tile0; tile < tile1; ++tile) {
     const int t0 = tile * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW;
-    for (int j = 0; j < nt; ++j) to_bf16(x + (long)(t0 + j) * n_in, (uint16_t*)(rows.data() + (long)j * padded), n_in);
-    if (nt < TW) std::fill(rows.begin() + (long)nt * padded, rows.end(), 0u);
+    for (int j = 0; j < nt; ++j) {  // a token's row in bf16, zero from element n_in to the padded end
+      uint16_t* row = (uint16_t*)(rows.data() + (long)j * padded);
+      to_bf16(x + (long)(t0 + j) * n_in, row, n_in);
+      std::fill(row + n_in, row + 2L * padded, uint16_t(0));
+    }
+    std::fill(rows.begin() + (long)nt * padded, rows.end(), 0u);  // the tokens past n_tok
     uint32_t* dst = xt + (long)tile * pairs * TW;
     __m512i col[16];
     for (int p0 = 0; p0 < pairs; p0 += 16)
@@ -98,13 +102,12 @@ void rows_to_bf16(const WeightsRef& W, int n_in, int r0, int r1, long ldw, uint1
   }
 }
 
-
 bool takes_bf16_gemm(const WeightsRef& W, int n_tok) {
   return n_tok >= GEMM_MIN_TOKENS && (W.dtype == DType::BF16 || is_quantized(W.dtype));
 }
 
 // This thread's activations laid out in bf16 pairs, valid until its next call.
-const uint32_t* pack(const float* x, int n_tok, int n_in) {
+const uint32_t* pack_for_this_thread(const float* x, int n_tok, int n_in) {
   static thread_local std::vector<uint32_t> xt;
   const int pairs = (n_in + 1) / 2;
   xt.resize(size_t((n_tok + TW - 1) / TW) * pairs * TW);
@@ -142,9 +145,7 @@ void gemm_packed(const uint32_t* xt, const WeightsRef& W, const float* b, float*
 
 }  // namespace
 
-int bf16_packed_tiles(int n_tok) { return (n_tok + TW - 1) / TW; }
-
-long bf16_packed_size(int n_tok, int n_in) { return long(bf16_packed_tiles(n_tok)) * ((n_in + 1) / 2) * TW; }
+long bf16_packed_size(int n_tok, int n_in) { return long((n_tok + TW - 1) / TW) * ((n_in + 1) / 2) * TW; }
 
 void pack_bf16(const float* x, int n_tok, int n_in, int tile0, int tile1, uint32_t* xt) {
   pack_tokens(x, n_tok, n_in, (n_in + 1) / 2, xt, tile0, tile1);
@@ -161,29 +162,21 @@ void matmul_many_packed_bf16(const uint32_t* xt, const float* x, int n_tok, int 
   }
 }
 
+void matmul_many_avx512bf16(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count) {
+  bool any = false;  // lay the input out only when some matrix takes vdpbf16ps
+  for (int i = 0; i < count; ++i) any = any || takes_bf16_gemm(outs[i].W, n_tok);
+  matmul_many_packed_bf16(any ? pack_for_this_thread(x, n_tok, n_in) : nullptr, x, n_tok, n_in, outs, count);
+}
+
 void matmul_avx512bf16(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
                        int r0, int r1, bool accumulate) {
-  if (!takes_bf16_gemm(W, n_tok)) return kernels_avx512.matmul(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
-  gemm_packed(pack(x, n_tok, n_in), W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  const MatmulOut out{W, b, y, ldy, r0, r1, accumulate};
+  matmul_many_avx512bf16(x, n_tok, n_in, &out, 1);
 }
 
-void matmul_many_avx512bf16(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count) {
-  const uint32_t* xt = nullptr;  // laid out on the first matrix that takes vdpbf16ps
-  for (int i = 0; i < count; ++i) {
-    const MatmulOut& o = outs[i];
-    if (takes_bf16_gemm(o.W, n_tok)) {
-      if (!xt) xt = pack(x, n_tok, n_in);
-      gemm_packed(xt, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
-    } else {
-      kernels_avx512.matmul(x, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
-    }
-  }
-}
-
-
-// Causal attention for bf16 models' prompts: the scores and the weighted sum of the values by
-// vdpbf16ps, with queries, keys, probabilities and values rounded to bf16 and every sum in f32 (the
-// prompt's activations already pass through bf16 in such a model's matmuls). The layout is
+// Causal attention for the prompts of bf16, int8 and int4 models: the scores and the weighted sum
+// of the values by vdpbf16ps, with queries, keys, probabilities and values rounded to bf16 and
+// every sum in f32 (such a model's prompt activations already pass through bf16 in its matmuls). The layout is
 // attention_causal's (kernels.h): queries in the lanes, 16 per tile. The keys and values are
 // rounded once per call: keys as bf16 rows, whose consecutive pairs a broadcast feeds to a dot;
 // values as pairs of consecutive positions per dimension, as the probabilities are.

@@ -279,7 +279,7 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const float* K,
       rows_any(rows, K + (long)j * stride, stride, 1, qt, d, acc);
       for (int r = 0; r < rows; ++r) S::store(st + (long)(j + r) * S::N, acc[r]);
     }
-    const V inv = att::softmax_lanes(st, n, first, lanes, probs ? probs + (long)q0 * ldp : nullptr, ldp);
+    const V inv = softmax_lanes(st, n, first, lanes, probs ? probs + (long)q0 * ldp : nullptr, ldp);
     alignas(64) float o[AR * S::N];
     for (int i = 0; i < d; i += AR) {
       const int rows = d - i < AR ? d - i : AR;

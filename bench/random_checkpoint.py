@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from gally.gguf_import import to_dtype
+
 # SmolLM2-135M-Instruct's config.json (the fields gally reads)
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
@@ -42,12 +44,6 @@ def shapes(c: dict) -> list:
     return out + [("model.norm.weight", (d,))]
 
 
-def _bf16(a: np.ndarray) -> np.ndarray:
-    """f32 → bf16 bits, rounded to nearest even (the values are finite)."""
-    bits = a.view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
 def write(folder: str, config: dict = CONFIG, seed: int = 0, dtype: str = "f32") -> None:
     if dtype not in ("f32", "bf16"):
         raise ValueError(f"dtype must be f32 or bf16, not {dtype!r}")
@@ -70,7 +66,7 @@ def write(folder: str, config: dict = CONFIG, seed: int = 0, dtype: str = "f32")
                 a = 1 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
             else:  # variance 1/fan_in keeps activations finite through 30 layers
                 a = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[1]))
-            f.write((a if dtype == "f32" else _bf16(a)).tobytes())
+            f.write(to_dtype(a, dtype, name).tobytes())  # bf16: rounded to nearest even, as gally converts
 
 
 if __name__ == "__main__":

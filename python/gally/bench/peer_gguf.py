@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 
+from ..gguf_import import to_dtype
 from .derived import PeerUnavailable, folder_for, run_tool, source_name
 
 # gally dtype → llama.cpp type of the peer's weights
@@ -102,12 +103,6 @@ def _rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _bf16_bits(a: np.ndarray) -> np.ndarray:
-    """f32 → bf16 bits, nearest even (what gally does at load)."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
 def read_safetensors(folder: str) -> dict:
     """name → (safetensors dtype, raw array view: float32, uint16 for BF16, float16) of every shard."""
     kinds = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16}
@@ -153,7 +148,8 @@ def check_same_weights(folder: str, gguf_path: str, dtype: str) -> None:
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
             w = _rope_permute(w, n_kv)
         if w.ndim == 2 and dtype == "bf16":
-            want, got = _bf16_bits(w), np.asarray(g.data).view(np.uint16)
+            want = to_dtype(np.ascontiguousarray(w, np.float32), "bf16", name)  # as gally converts at load
+            got = np.asarray(g.data).view(np.uint16)
         elif w.ndim == 2 and dtype == "f16":
             want, got = w.astype(np.float16).view(np.uint16), np.asarray(g.data).view(np.uint16)
         else:

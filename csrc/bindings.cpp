@@ -53,9 +53,10 @@ double read_bandwidth(size_t bytes, int threads, int repeats) {
   ::madvise(mem, count * 4, MADV_HUGEPAGE);
 #endif
   float* buf = owner.get();
-  // Distinct contents per page: a buffer of one repeated value lets a host that merges identical
-  // pages (KSM) back it with a few physical pages, which then read from cache (probes of 57-64
-  // GB/s seen against ~35 on this 2-core machine).
+  // Distinct contents per page, so that a host merging identical pages (KSM) cannot back the
+  // buffer with a few physical pages that then read from cache. (On the 2-core test machine an
+  // occasional probe still reads 57-64 GB/s against ~35; the cause is not established, so a block's
+  // bandwidth fraction is only as good as its probe.)
   for (size_t i = 0; i < count; ++i) buf[i] = float(uint32_t(i) * 2654435761u >> 8);
   const long n = long(count);  // a multiple of the 64 floats a step of the loop below reads
   double best = 0;

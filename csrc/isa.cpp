@@ -2,8 +2,8 @@
 // whether the OS saves the wider registers. GALLY_ISA=generic|avx2|avx512|avx512bf16 forces one.
 #include "isa.h"
 
+#include <atomic>
 #include <cstdlib>
-#include <mutex>
 #include <stdexcept>
 
 #if defined(GALLY_X86)
@@ -80,26 +80,22 @@ const Kernels* kernels_for(const std::string& name) {
 
 namespace {
 
-struct Selection {
-  const Kernels* k;
-  std::string name;
-};
-
-Selection initial() {
+const Kernels* initial() {
   const char* env = std::getenv("GALLY_ISA");
-  std::string want = env && *env ? env : available_isas().back();
+  const std::string want = env && *env ? env : available_isas().back();
   const Kernels* k = kernels_for(want);
   if (!k) {
     std::string have;
     for (auto& s : available_isas()) have += (have.empty() ? "" : ", ") + s;
-    throw std::invalid_argument("GALLY_ISA=" + want + " is not available on this CPU (available: " +
-                                have + ")");
+    throw std::invalid_argument("GALLY_ISA=" + want + " is not available on this CPU (available: " + have + ")");
   }
-  return {k, want};
+  return k;
 }
 
-Selection& selection() {
-  static Selection s = initial();
+// The kernel set in use. A forward pass reads it once, while another thread may select another
+// set (tests do): an atomic pointer to a table that lives for the whole program.
+std::atomic<const Kernels*>& selection() {
+  static std::atomic<const Kernels*> s{initial()};
   return s;
 }
 
@@ -115,13 +111,13 @@ std::vector<std::string> available_isas() {
 
 bool cpu_has_avx512bf16() { return cpu().avx512bf16; }
 
-const Kernels& kernels() { return *selection().k; }
-const std::string& selected_isa() { return selection().name; }
+const Kernels& kernels() { return *selection().load(std::memory_order_acquire); }
+std::string selected_isa() { return kernels().name; }
 
 void select_isa(const std::string& name) {
   const Kernels* k = kernels_for(name);
   if (!k) throw std::invalid_argument("instruction set '" + name + "' is not available on this CPU");
-  selection() = {k, name};
+  selection().store(k, std::memory_order_release);
 }
 
 }  // namespace gally

@@ -19,7 +19,7 @@ const Kernels* kernels_for(const std::string& name);
 
 // The kernels in use: the best available, or the one forced by GALLY_ISA (read once).
 const Kernels& kernels();
-const std::string& selected_isa();
+std::string selected_isa();
 
 // Switches the kernel set (for tests); throws std::invalid_argument if the CPU lacks it.
 void select_isa(const std::string& name);

@@ -71,7 +71,18 @@ using V = S::V;
 
 }  // namespace avx2
 
-const Kernels kernels_avx2 = {"avx2", avx2::matmul, avx2::matmul_many, avx2::rmsnorm, avx2::rope, avx2::attention, avx2::attention_causal,
-                              avx2::silu_mul, avx2::quantize_rows, avx2::matmul_q8, avx2::matmul_q4};
+const Kernels kernels_avx2 = {
+    .name = "avx2",
+    .matmul = avx2::matmul,
+    .matmul_many = avx2::matmul_many,
+    .rmsnorm = avx2::rmsnorm,
+    .rope = avx2::rope,
+    .attention = avx2::attention,
+    .attention_causal = avx2::attention_causal,
+    .silu_mul = avx2::silu_mul,
+    .quantize_rows = avx2::quantize_rows,
+    .matmul_q8 = avx2::matmul_q8,
+    .matmul_q4 = avx2::matmul_q4,
+};
 
 }  // namespace gally

@@ -59,7 +59,18 @@ void softmax_lanes16(float* st, int n, int first, int lanes, float* probs, long 
 
 }  // namespace avx512
 
-const Kernels kernels_avx512 = {"avx512", avx512::matmul, avx512::matmul_many, avx512::rmsnorm, avx512::rope, avx512::attention, avx512::attention_causal,
-                              avx512::silu_mul, avx512::quantize_rows, avx512::matmul_q8, avx512::matmul_q4};
+const Kernels kernels_avx512 = {
+    .name = "avx512",
+    .matmul = avx512::matmul,
+    .matmul_many = avx512::matmul_many,
+    .rmsnorm = avx512::rmsnorm,
+    .rope = avx512::rope,
+    .attention = avx512::attention,
+    .attention_causal = avx512::attention_causal,
+    .silu_mul = avx512::silu_mul,
+    .quantize_rows = avx512::quantize_rows,
+    .matmul_q8 = avx512::matmul_q8,
+    .matmul_q4 = avx512::matmul_q4,
+};
 
 }  // namespace gally

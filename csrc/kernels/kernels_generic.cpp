@@ -147,7 +147,18 @@ void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint
 
 }  // namespace
 
-const Kernels kernels_generic = {"generic", matmul,    matmul_many, rmsnorm,   rope,     attention, attention_causal,
-                                 silu_mul,  quantize_rows, matmul_q8, matmul_q4};
+const Kernels kernels_generic = {
+    .name = "generic",
+    .matmul = matmul,
+    .matmul_many = matmul_many,
+    .rmsnorm = rmsnorm,
+    .rope = rope,
+    .attention = attention,
+    .attention_causal = attention_causal,
+    .silu_mul = silu_mul,
+    .quantize_rows = quantize_rows,
+    .matmul_q8 = matmul_q8,
+    .matmul_q4 = matmul_q4,
+};
 
 }  // namespace gally

@@ -24,16 +24,12 @@
 namespace py = pybind11;
 using namespace gally;
 
+void add_testing_module(py::module_& m);  // bindings_testing.cpp
+
 namespace {
 
 template <class T>
 using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
-
-const Kernels& kernels_named(const std::string& isa) {
-  const Kernels* k = kernels_for(isa);
-  if (!k) throw std::invalid_argument("instruction set '" + isa + "' is not available on this CPU");
-  return *k;
-}
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument(what);
@@ -47,7 +43,7 @@ double read_bandwidth(size_t bytes, int threads, int repeats) {
   constexpr size_t kHuge = size_t(2) << 20;
   const size_t count = (bytes / 4 + kHuge / 4 - 1) / (kHuge / 4) * (kHuge / 4);
   void* mem = nullptr;
-  if (posix_memalign(&mem, kHuge, count * 4) != 0) throw std::bad_alloc();
+  if (posix_memalign(&mem, kHuge, count * sizeof(float)) != 0) throw std::bad_alloc();
   std::unique_ptr<float, decltype(&std::free)> owner((float*)mem, &std::free);
 #if defined(MADV_HUGEPAGE)
   ::madvise(mem, count * 4, MADV_HUGEPAGE);
@@ -202,7 +198,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "forward",
           [](Session& s, Array<int32_t> tokens, py::array_t<float, py::array::c_style> logits, bool all_logits,
-             py::object hidden, py::object attention) {
+             py::object hidden, py::object attention, py::object mlp) {
             const ModelConfig& c = s.model().config;
             require(tokens.ndim() == 1, "token_ids must be one-dimensional");
             const int n = int(tokens.shape(0));
@@ -210,7 +206,7 @@ PYBIND11_MODULE(_core, m) {
             require(size_t(logits.size()) == want, "logits buffer must hold " + std::to_string(want) + " floats");
             Record rec;
             const size_t ctx = size_t(s.position()) + n;
-            py::array_t<float, py::array::c_style> h, a;
+            py::array_t<float, py::array::c_style> h, a, f;
             if (!hidden.is_none()) {
               h = hidden.cast<py::array_t<float, py::array::c_style>>();
               require(size_t(h.size()) == size_t(c.num_hidden_layers + 1) * n * c.hidden_size,
@@ -223,161 +219,19 @@ PYBIND11_MODULE(_core, m) {
                       "attentions buffer must have shape [layers, heads, n, position + n]");
               rec.attention = a.mutable_data();
             }
+            if (!mlp.is_none()) {
+              f = mlp.cast<py::array_t<float, py::array::c_style>>();
+              require(size_t(f.size()) == size_t(c.num_hidden_layers) * n * c.intermediate_size,
+                      "mlp_activations buffer must have shape [layers, n, intermediate]");
+              rec.mlp = f.mutable_data();
+            }
             float* out = logits.mutable_data();
             const int32_t* ids = tokens.data();
             py::gil_scoped_release release;
             s.forward(ids, n, out, all_logits, rec);
           },
           py::arg("tokens"), py::arg("logits"), py::arg("all_logits") = false, py::arg("hidden_states") = py::none(),
-          py::arg("attentions") = py::none());
+          py::arg("attentions") = py::none(), py::arg("mlp_activations") = py::none());
 
-  // Single kernels, for the tests that hold each SIMD kernel against its scalar twin.
-  m.def(
-      "kernel_matmul",
-      [](const std::string& isa, Array<float> x, py::array W, const std::string& wtype, py::object bias, Array<float> y,
-         bool accumulate, int r0, int r1, py::object scales, py::object mins) {
-        // W [n_out, n_in] in wtype; for int8 int8 [n_out, n_in] and for int4 uint8 [n_out, n_in/2], with float16
-        // scales (and int4 mins) [n_out, n_in/32] given as uint16.
-        const Kernels& k = kernels_named(isa);
-        const DType t = wtype == "int8" ? DType::Q8 : wtype == "int4" ? DType::Q4 : parse_dtype(wtype);
-        const bool quantized = is_quantized(t);
-        require(W.ndim() == 2 && x.ndim() == 2 && y.ndim() == 2, "x, W, y must be 2-D");
-        const int n_out = int(W.shape(0)), n_in = int(x.shape(1)), n_tok = int(x.shape(0));
-        require(W.itemsize() == (quantized ? 1 : py::ssize_t(dtype_size(t))) && (W.flags() & py::array::c_style),
-                "W has the wrong element size or layout");
-        require(W.shape(1) == (t == DType::Q4 ? n_in / 2 : n_in) && y.shape(0) == n_tok && y.shape(1) == n_out,
-                "shapes disagree");
-        require(0 <= r0 && r0 <= r1 && r1 <= n_out, "bad row range");
-        WeightsRef w{W.data(), t};
-        Array<uint16_t> s, m;
-        if (quantized) {
-          require(n_in % QGROUP == 0 && !scales.is_none() && (t == DType::Q8 || !mins.is_none()),
-                  "quantized W needs n_in % 32 == 0 and its scales (and mins for int4)");
-          s = scales.cast<Array<uint16_t>>();
-          require(s.size() == n_out * (n_in / QGROUP), "scales must be [n_out, n_in/32]");
-          w.scales = s.data();
-          if (t == DType::Q4) {
-            m = mins.cast<Array<uint16_t>>();
-            require(m.size() == s.size(), "mins must be [n_out, n_in/32]");
-            w.mins = m.data();
-          }
-        }
-        Array<float> b;
-        if (!bias.is_none()) {
-          b = bias.cast<Array<float>>();
-          require(b.size() == n_out, "bias must have n_out elements");
-        }
-        auto yv = y.mutable_data();
-        k.matmul(x.data(), w, bias.is_none() ? nullptr : b.data(), yv, n_tok, n_in, n_out, r0, r1, accumulate);
-        return y;
-      },
-      py::arg("isa"), py::arg("x"), py::arg("W"), py::arg("wtype"), py::arg("bias"), py::arg("y"),
-      py::arg("accumulate"), py::arg("r0"), py::arg("r1"), py::arg("scales") = py::none(),
-      py::arg("mins") = py::none());
-  m.def("kernel_matmul_many", [](const std::string& isa, Array<float> x, py::list jobs) {
-    // jobs: (W, wtype, y, r0, r1, accumulate) with float weights; each y [n_tok, W.rows] updated in place
-    const Kernels& k = kernels_named(isa);
-    require(x.ndim() == 2, "x must be 2-D");
-    const int n_tok = int(x.shape(0)), n_in = int(x.shape(1));
-    std::vector<MatmulOut> outs;
-    std::vector<py::array> keep;
-    for (const py::handle& job : jobs) {
-      auto t = job.cast<py::tuple>();
-      py::array W = t[0].cast<py::array>();
-      const DType dt = parse_dtype(t[1].cast<std::string>());
-      Array<float> y = t[2].cast<Array<float>>();
-      const int r0 = t[3].cast<int>(), r1 = t[4].cast<int>();
-      require(W.ndim() == 2 && W.shape(1) == n_in && W.itemsize() == py::ssize_t(dtype_size(dt)) &&
-                  (W.flags() & py::array::c_style),
-              "W must be [rows, n_in] in wtype");
-      require(y.ndim() == 2 && y.shape(0) == n_tok && y.shape(1) == W.shape(0) && 0 <= r0 && r0 <= r1 &&
-                  r1 <= W.shape(0),
-              "y or the row range has the wrong shape");
-      outs.push_back({WeightsRef{W.data(), dt}, nullptr, y.mutable_data(), int(W.shape(0)), r0, r1, t[5].cast<bool>()});
-      keep.push_back(W);
-      keep.push_back(y);
-    }
-    k.matmul_many(x.data(), n_tok, n_in, outs.data(), int(outs.size()));
-  });
-  m.def("kernel_quantize_rows", [](const std::string& isa, Array<float> x) {
-    require(x.ndim() == 2 && x.shape(1) % QGROUP == 0, "x must be [n, a multiple of 32]");
-    const int n = int(x.shape(0)), n_in = int(x.shape(1));
-    Array<int16_t> q({n, n_in});
-    Array<float> s({n, n_in / QGROUP}), sum({n, n_in / QGROUP});
-    kernels_named(isa).quantize_rows(x.data(), n, n_in, q.mutable_data(), s.mutable_data(), sum.mutable_data());
-    return py::make_tuple(q, s, sum);
-  });
-  m.def("kernel_matmul_quantized", [](const std::string& isa, Array<int16_t> xq, Array<float> xs, Array<float> xsum,
-                                      py::array Wq, Array<uint16_t> Ws, py::object Wm, Array<float> y, int r0, int r1) {
-    // Wq int8 [n_out, n_in] (int8 weights) or uint8 [n_out, n_in/2] (int4, with Wm)
-    const Kernels& k = kernels_named(isa);
-    require(xq.ndim() == 2, "xq must be [n_tok, n_in]");
-    const int n_tok = int(xq.shape(0)), n_in = int(xq.shape(1)), n_out = int(Wq.shape(0));
-    const bool q4 = !Wm.is_none();
-    require(Wq.ndim() == 2 && Wq.itemsize() == 1 && (Wq.flags() & py::array::c_style) &&
-                Wq.shape(1) == (q4 ? n_in / 2 : n_in),
-            "Wq has the wrong shape or layout");
-    require(Ws.ndim() == 2 && Ws.shape(0) == n_out && Ws.shape(1) == n_in / QGROUP, "Ws must be [n_out, n_in/32]");
-    require(y.ndim() == 2 && y.shape(0) == n_tok && y.shape(1) == n_out && 0 <= r0 && r0 <= r1 && r1 <= n_out,
-            "y or the row range has the wrong shape");
-    require(xs.size() == n_tok * (n_in / QGROUP) && xsum.size() == xs.size(), "xs, xsum must be [n, n_in/32]");
-    float* out = y.mutable_data();
-    if (q4) {
-      Array<uint16_t> m = Wm.cast<Array<uint16_t>>();
-      require(m.size() == Ws.size(), "Wm must be [n_out, n_in/32]");
-      k.matmul_q4(xq.data(), xs.data(), xsum.data(), (const uint8_t*)Wq.data(), Ws.data(), m.data(), nullptr, out,
-                  n_tok, n_in, n_out, r0, r1, false);
-    } else {
-      k.matmul_q8(xq.data(), xs.data(), (const int8_t*)Wq.data(), Ws.data(), nullptr, out, n_tok, n_in, n_out, r0, r1,
-                  false);
-    }
-    return y;
-  });
-  m.def("kernel_rmsnorm", [](const std::string& isa, Array<float> x, Array<float> w, float eps) {
-    require(x.size() == w.size(), "x and w differ in size");
-    Array<float> out(x.size());
-    kernels_named(isa).rmsnorm(out.mutable_data(), x.data(), w.data(), int(x.size()), eps);
-    return out;
-  });
-  m.def("kernel_rope", [](const std::string& isa, Array<float> v, Array<float> cos, Array<float> sin) {
-    require(v.size() % 2 == 0 && cos.size() == v.size() / 2 && sin.size() == cos.size(), "rope sizes disagree");
-    Array<float> out(v.size());
-    std::memcpy(out.mutable_data(), v.data(), v.size() * 4);
-    kernels_named(isa).rope(out.mutable_data(), cos.data(), sin.data(), int(v.size()));
-    return out;
-  });
-  m.def("kernel_attention", [](const std::string& isa, Array<float> q, Array<float> K, Array<float> V, float scale) {
-    require(K.ndim() == 2 && V.ndim() == 2 && K.shape(0) == V.shape(0) && K.shape(1) == q.size() &&
-                V.shape(1) == q.size() && K.shape(0) > 0,
-            "attention shapes disagree");
-    const int n = int(K.shape(0)), d = int(q.size());
-    Array<float> out(d), probs(n);
-    kernels_named(isa).attention(q.data(), K.data(), V.data(), n, d, d, scale, probs.mutable_data(), out.mutable_data());
-    return py::make_tuple(out, probs);
-  });
-  m.def("kernel_attention_causal", [](const std::string& isa, Array<float> Q, Array<float> K, Array<float> V,
-                                      int ctx0, float scale, bool bf16) {
-    // Q [nq, d]: query i sees keys [0, ctx0 + i) of K, V [ctx0 + nq − 1, d]
-    require(Q.ndim() == 2 && K.ndim() == 2 && V.ndim() == 2 && Q.shape(0) > 0 && ctx0 > 0, "bad shapes");
-    const int nq = int(Q.shape(0)), d = int(Q.shape(1)), n = ctx0 + nq - 1;
-    require(K.shape(0) == n && V.shape(0) == n && K.shape(1) == d && V.shape(1) == d, "attention shapes disagree");
-    Array<float> out({nq, d}), probs({nq, n});
-    std::fill(probs.mutable_data(), probs.mutable_data() + probs.size(), -1.0f);  // untouched past each row's keys
-    const Kernels& k = kernels_named(isa);
-    if (bf16) {  // the avx512bf16 set's variant for bf16 and quantized models
-      require(k.attention_causal_bf16 != nullptr, std::string(k.name) + " has no bf16 attention");
-      require(d % 32 == 0, "the bf16 attention needs d a multiple of 32");
-    }
-    std::vector<float> scratch(bf16 ? attention_bf16_scratch_floats(n, d) : attention_scratch_floats(n, d));
-    (bf16 ? k.attention_causal_bf16 : k.attention_causal)(Q.data(), d, nq, ctx0, K.data(), V.data(), d, d, scale,
-                                                          scratch.data(), out.mutable_data(), d, probs.mutable_data(), n);
-    return py::make_tuple(out, probs);
-  }, py::arg("isa"), py::arg("Q"), py::arg("K"), py::arg("V"), py::arg("ctx0"), py::arg("scale"), py::arg("bf16") = false);
-  m.def("kernel_silu_mul", [](const std::string& isa, Array<float> g, Array<float> u) {
-    require(g.size() == u.size(), "g and u differ in size");
-    Array<float> out(g.size());
-    std::memcpy(out.mutable_data(), g.data(), g.size() * 4);
-    kernels_named(isa).silu_mul(out.mutable_data(), u.data(), int(g.size()));
-    return out;
-  });
+  add_testing_module(m);
 }

@@ -43,7 +43,7 @@ def test_matmul_shapes(isa, wtype):
             b = rng.standard_normal(n_out).astype(np.float32)
             want = effective_x(isa, x, wtype).astype(np.float64) @ Wf.T + b
             y = np.full((n_tok, n_out), np.nan, np.float32)
-            _core.kernel_matmul(isa, x, W, wtype, b, y, False, 0, n_out)
+            _core.testing.kernel_matmul(isa, x, W, wtype, b, y, False, 0, n_out)
             scale = np.abs(x).astype(np.float64) @ np.abs(Wf).T + 1
             assert (np.abs(y - want) <= 1e-5 * scale).all(), (n_in, n_tok, n_out)
 
@@ -56,7 +56,7 @@ def test_matmul_row_range_and_accumulate(isa):
     x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
     y0 = rng.standard_normal((n_tok, n_out)).astype(np.float32)
     y = y0.copy()
-    _core.kernel_matmul(isa, x, W, "f32", None, y, True, 5, 22)
+    _core.testing.kernel_matmul(isa, x, W, "f32", None, y, True, 5, 22)
     want = y0.astype(np.float64).copy()
     want[:, 5:22] += x.astype(np.float64) @ Wf[5:22].T
     assert np.abs(y - want).max() <= 1e-4
@@ -71,7 +71,7 @@ def test_matmul_simd_equals_scalar_twin(isa, wtype):
         for n_tok in (1, 2, 5, 6, 7, 13):
             W, _ = weights(rng, 11, n_in, wtype)
             x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
-            ys = [_core.kernel_matmul(k, effective_x(isa, x, wtype), W, wtype, None,
+            ys = [_core.testing.kernel_matmul(k, effective_x(isa, x, wtype), W, wtype, None,
                                       np.zeros((n_tok, 11), np.float32), False, 0, 11)
                   for k in ("generic", isa)]
             assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.sqrt(n_in))
@@ -89,9 +89,9 @@ def test_matmul_many_equals_one_by_one(isa):
         ranges = [(0, 7), (3, 30), (8, 16), (0, 5)]
         want = [np.full((n_tok, W.shape[0]), 1.5, np.float32) for W in mats]
         for W, t, (r0, r1), y in zip(mats, types, ranges, want):
-            _core.kernel_matmul(isa, x, W, t, None, y, True, r0, r1)
+            _core.testing.kernel_matmul(isa, x, W, t, None, y, True, r0, r1)
         got = [np.full((n_tok, W.shape[0]), 1.5, np.float32) for W in mats]
-        _core.kernel_matmul_many(isa, x, [(W, t, y, r0, r1, True) for W, t, (r0, r1), y in zip(mats, types, ranges, got)])
+        _core.testing.kernel_matmul_many(isa, x, [(W, t, y, r0, r1, True) for W, t, (r0, r1), y in zip(mats, types, ranges, got)])
         for a, b in zip(got, want):
             assert np.array_equal(a, b)
 
@@ -102,7 +102,7 @@ def test_rmsnorm(isa):
     for n in SIZES + [576, 4099]:
         x = rng.standard_normal(n).astype(np.float32) * 3
         w = rng.standard_normal(n).astype(np.float32)
-        got = _core.kernel_rmsnorm(isa, x, w, 1e-5)
+        got = _core.testing.kernel_rmsnorm(isa, x, w, 1e-5)
         x64 = x.astype(np.float64)
         want = x64 / np.sqrt(np.mean(x64 * x64) + 1e-5) * w
         assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -114,21 +114,23 @@ def test_rope_pairs_i_with_i_plus_half(isa):
     for d in [2 * h for h in SIZES] + [64, 128]:
         v = rng.standard_normal(d).astype(np.float32)
         theta = rng.uniform(-10, 10, d // 2)
-        got = _core.kernel_rope(isa, v, np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32))
+        got = _core.testing.kernel_rope(isa, v, np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32))
         a, b = v[: d // 2].astype(np.float64), v[d // 2:].astype(np.float64)
         want = np.concatenate([a * np.cos(theta) - b * np.sin(theta), b * np.cos(theta) + a * np.sin(theta)])
         assert np.allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_attention(isa):
+@pytest.mark.parametrize("block_rows", [16, 48, 1024])
+def test_attention(isa, block_rows):
+    """Keys and values in a paged cache (kernels.h KvHead): blocks of block_rows positions."""
     rng = np.random.default_rng(5)
     for n in SIZES + [100, 1000]:
         for d in (1, 8, 17, 64, 80, 128):
             q = rng.standard_normal(d).astype(np.float32)
             K = rng.standard_normal((n, d)).astype(np.float32)
             V = rng.standard_normal((n, d)).astype(np.float32)
-            out, probs = _core.kernel_attention(isa, q, K, V, 0.7)
+            out, probs = _core.testing.kernel_attention(isa, q, K, V, 0.7, block_rows)
             s = 0.7 * K.astype(np.float64) @ q
             p = np.exp(s - s.max())
             p /= p.sum()
@@ -137,7 +139,8 @@ def test_attention(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_attention_causal_block(isa):
+@pytest.mark.parametrize("block_rows", [16, 32, 1024])
+def test_attention_causal_block(isa, block_rows):
     """A block of consecutive positions (queries in the lanes) equals causal attention query by
     query: query i sees keys 0 … ctx0+i−1, and its recorded weights stop there."""
     rng = np.random.default_rng(7)
@@ -148,7 +151,7 @@ def test_attention_causal_block(isa):
                 Q = rng.standard_normal((nq, d)).astype(np.float32)
                 K = rng.standard_normal((n, d)).astype(np.float32)
                 V = rng.standard_normal((n, d)).astype(np.float32)
-                out, probs = _core.kernel_attention_causal(isa, Q, K, V, ctx0, 0.3)
+                out, probs = _core.testing.kernel_attention_causal(isa, Q, K, V, ctx0, 0.3, block_rows=block_rows)
                 for i in range(nq):
                     c = ctx0 + i
                     s = 0.3 * K[:c].astype(np.float64) @ Q[i]
@@ -165,19 +168,21 @@ def test_attention_causal_simd_equals_scalar_twin(isa):
     for nq, ctx0, d in ((16, 1, 64), (5, 100, 64), (33, 7, 128), (3, 2, 24)):
         n = ctx0 + nq - 1
         Q, K, V = (rng.standard_normal((m, d)).astype(np.float32) * 2 for m in (nq, n, n))
-        a, b = (_core.kernel_attention_causal(k, Q, K, V, ctx0, 0.125) for k in ("generic", isa))
+        a, b = (_core.testing.kernel_attention_causal(k, Q, K, V, ctx0, 0.125) for k in ("generic", isa))
         assert np.allclose(a[0], b[0], rtol=1e-5, atol=5e-5) and np.allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif("avx512bf16" not in ISAS, reason="this CPU has no AVX512-BF16")
-def test_attention_causal_bf16():
+@pytest.mark.parametrize("block_rows", [16, 1024])
+def test_attention_causal_bf16(block_rows):
     """The bf16 models' prompt attention equals causal attention on the bf16-rounded scaled queries,
     keys, values and (unnormalised) weights, summed exactly; its recorded weights are the f32 ones."""
     rng = np.random.default_rng(9)
     for nq, ctx0, d in ((1, 1, 32), (16, 1, 64), (7, 5, 64), (64, 1, 64), (33, 40, 128), (70, 300, 64)):
         n = ctx0 + nq - 1
         Q, K, V = (rng.standard_normal((m, d)).astype(np.float32) * 2 for m in (nq, n, n))
-        out, probs = _core.kernel_attention_causal("avx512bf16", Q, K, V, ctx0, 0.125, bf16=True)
+        out, probs = _core.testing.kernel_attention_causal("avx512bf16", Q, K, V, ctx0, 0.125, bf16=True,
+                                                           block_rows=block_rows)
         s = round_bf16(np.float32(0.125) * Q).astype(np.float64) @ round_bf16(K).astype(np.float64).T
         for i in range(nq):
             c = ctx0 + i
@@ -187,9 +192,9 @@ def test_attention_causal_bf16():
             want = round_bf16(e.astype(np.float32)).astype(np.float64) @ round_bf16(V[:c]).astype(np.float64) / e.sum()
             assert np.allclose(out[i], want, rtol=1e-4, atol=1e-4), (nq, ctx0, d, i)
     with pytest.raises(ValueError, match="multiple of 32"):
-        _core.kernel_attention_causal("avx512bf16", Q[:, :24], K[:, :24], V[:, :24], ctx0, 0.125, bf16=True)
+        _core.testing.kernel_attention_causal("avx512bf16", Q[:, :24], K[:, :24], V[:, :24], ctx0, 0.125, bf16=True)
     with pytest.raises(ValueError, match="no bf16 attention"):
-        _core.kernel_attention_causal("generic", Q, K, V, ctx0, 0.125, bf16=True)
+        _core.testing.kernel_attention_causal("generic", Q, K, V, ctx0, 0.125, bf16=True)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -198,7 +203,7 @@ def test_attention_softmax_is_numerically_safe(isa):
     q = np.full(d, 100.0, np.float32)
     K = np.stack([np.full(d, 10.0), np.full(d, 9.0), np.full(d, -10.0)]).astype(np.float32)
     V = np.eye(3, d, dtype=np.float32)
-    out, probs = _core.kernel_attention(isa, q, K, V, 1.0)  # scores 16000, 14400, -16000
+    out, probs = _core.testing.kernel_attention(isa, q, K, V, 1.0)  # scores 16000, 14400, -16000
     assert np.isfinite(out).all() and np.allclose(probs, [1, 0, 0]) and np.allclose(out[:3], [1, 0, 0])
 
 
@@ -208,12 +213,12 @@ def test_silu_mul(isa):
     for n in SIZES + [1536]:
         g = (rng.standard_normal(n) * 8).astype(np.float32)
         u = rng.standard_normal(n).astype(np.float32)
-        got = _core.kernel_silu_mul(isa, g, u)
+        got = _core.testing.kernel_silu_mul(isa, g, u)
         g64 = g.astype(np.float64)
         want = g64 / (1 + np.exp(-g64)) * u
         assert np.allclose(got, want, rtol=2e-6, atol=1e-6)
     extreme = np.array([-200, -90, -88, 0, 88, 90, 200] + [1.0] * 9, np.float32)
-    got = _core.kernel_silu_mul(isa, extreme, np.ones_like(extreme))
+    got = _core.testing.kernel_silu_mul(isa, extreme, np.ones_like(extreme))
     assert np.isfinite(got).all() and np.allclose(got[:7], [0, 0, 0, 0, 88, 90, 200], atol=1e-30, rtol=1e-6)
 
 
@@ -221,3 +226,80 @@ def test_kernel_sets():
     assert ISAS[0] == "generic" and _core.selected_isa() in ISAS
     with pytest.raises(ValueError, match="not available"):
         _core.select_isa("sse9")
+
+
+# ---- the avx512bf16 set against its scalar twin, "generic-bf16" ----
+
+BF16_SET = pytest.mark.skipif("avx512bf16" not in ISAS, reason="this CPU has no AVX512-BF16")
+
+
+def quantized_weights(rng, rows, cols, wtype):
+    """(W, scales, mins) in gally's int8/int4 layout (kernels.h), from test_quant_kernels."""
+    from test_quant_kernels import random_q4, random_q8
+    if wtype == "int8":
+        q, s, _ = random_q8(rng, rows, cols)
+        return q, s.view(np.uint16), None
+    packed, s, m, _ = random_q4(rng, rows, cols)
+    return packed, s.view(np.uint16), m.view(np.uint16)
+
+
+def twin_weights(rng, rows, cols, wtype):
+    if wtype in ("int8", "int4"):
+        return quantized_weights(rng, rows, cols, wtype)
+    return weights(rng, rows, cols, wtype)[0], None, None
+
+
+def test_bf16_twin_rounds_as_numpy():
+    """The twin itself: a batch with bf16 weights is the f64 product of bf16-rounded activations."""
+    rng = np.random.default_rng(20)
+    x = rng.standard_normal((6, 70)).astype(np.float32)
+    W, Wf = weights(rng, 9, 70, "bf16")
+    y = _core.testing.kernel_matmul("generic-bf16", x, W, "bf16", None, np.zeros((6, 9), np.float32), False, 0, 9)
+    assert np.allclose(y, round_bf16(x).astype(np.float64) @ Wf.T, rtol=1e-5, atol=1e-5)
+    y1 = _core.testing.kernel_matmul("generic-bf16", x[:3], W, "bf16", None, np.zeros((3, 9), np.float32), False, 0, 9)
+    assert np.allclose(y1, x[:3].astype(np.float64) @ Wf.T, rtol=1e-5, atol=1e-5)  # a few tokens stay f32
+
+
+@BF16_SET
+@pytest.mark.parametrize("wtype", ["bf16", "int8", "int4", "f32"])
+def test_bf16_matmul_equals_scalar_twin(wtype):
+    rng = np.random.default_rng(21)
+    for n_in in ((64, 96, 576) if wtype in ("int8", "int4") else (1, 2, 17, 33, 64, 100)):
+        for n_tok in (1, 3, 4, 5, 47, 48, 49, 100):
+            W, s, m = twin_weights(rng, 19, n_in, wtype)
+            x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+            ys = [_core.testing.kernel_matmul(k, x, W, wtype, None, np.zeros((n_tok, 19), np.float32), False, 0, 19,
+                                              s, m) for k in ("generic-bf16", "avx512bf16")]
+            assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.sqrt(n_in)), (n_in, n_tok)
+
+
+@BF16_SET
+def test_bf16_pack_equals_scalar_twin():
+    """The packed layout is data movement: bit for bit the same."""
+    rng = np.random.default_rng(22)
+    for n_tok, n_in in ((1, 1), (4, 33), (47, 64), (48, 576), (49, 17), (130, 100)):
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        assert np.array_equal(_core.testing.kernel_pack("generic-bf16", x), _core.testing.kernel_pack("avx512bf16", x))
+
+
+@BF16_SET
+@pytest.mark.parametrize("wtype", ["bf16", "int8", "int4", "f32"])
+def test_bf16_packed_matmul_equals_scalar_twin(wtype):
+    rng = np.random.default_rng(23)
+    for n_tok, n_in in ((4, 64), (49, 96), (100, 576)):
+        W, s, m = twin_weights(rng, 21, n_in, wtype)
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        a, b = (_core.testing.kernel_matmul_packed(k, x, W, wtype, s, m) for k in ("generic-bf16", "avx512bf16"))
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-5 * np.sqrt(n_in)), (n_tok, n_in)
+
+
+@BF16_SET
+@pytest.mark.parametrize("block_rows", [16, 1024])
+def test_bf16_attention_equals_scalar_twin(block_rows):
+    rng = np.random.default_rng(24)
+    for nq, ctx0, d in ((1, 1, 32), (16, 1, 64), (7, 5, 64), (64, 1, 64), (33, 40, 128)):
+        n = ctx0 + nq - 1
+        Q, K, V = (rng.standard_normal((m, d)).astype(np.float32) * 2 for m in (nq, n, n))
+        a, b = (_core.testing.kernel_attention_causal(k, Q, K, V, ctx0, 0.125, bf16=True, block_rows=block_rows)
+                for k in ("generic-bf16", "avx512bf16"))
+        assert np.allclose(a[0], b[0], rtol=1e-4, atol=1e-4) and np.allclose(a[1], b[1], rtol=1e-5, atol=1e-6)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import gally
-from conftest import make_checkpoint
+from gally import _core
+from conftest import ISAS, make_checkpoint
 from reference_numpy import forward
 
 TOKENS = [5, 17, 3, 88, 42, 0, 96, 11, 23, 64, 7, 7, 31, 50, 2, 77, 19]
@@ -160,12 +161,23 @@ def test_recorded_hidden_states_and_attention(tmp_path):
     n = len(TOKENS) - 4
     hidden = np.zeros((c.num_hidden_layers + 1, n, c.hidden_size), np.float32)
     att = np.zeros((c.num_hidden_layers, c.num_attention_heads, n, len(TOKENS)), np.float32)
-    logits = s.forward(TOKENS[4:], hidden_states=hidden, attentions=att)
+    mlp = np.zeros((c.num_hidden_layers, n, c.intermediate_size), np.float32)
+    logits = s.forward(TOKENS[4:], hidden_states=hidden, attentions=att, mlp_activations=mlp)
     # Embeddings of the new tokens, and each attention row a distribution over the causal prefix.
     assert np.allclose(hidden[0], w["model.embed_tokens.weight"][TOKENS[4:]], atol=1e-6)
     assert np.allclose(att.sum(-1), 1, atol=1e-5)
     for t in range(n):
         assert (att[:, :, t, 4 + t + 1:] == 0).all() and (att[:, :, t, : 4 + t + 1] > 0).all()
+    # Each layer's feed-forward expansion silu(gate(x̂)) ⊙ up(x̂), x̂ the normalised residual stream
+    # after that layer's attention: down(expansion) is what the layer adds to it.
+    for layer in range(c.num_hidden_layers):
+        p = f"model.layers.{layer}.mlp."
+        x_after = hidden[layer + 1].astype(np.float64)
+        x_mid = x_after - mlp[layer].astype(np.float64) @ w[p + "down_proj.weight"].T
+        h = x_mid / np.sqrt(np.mean(x_mid * x_mid, -1, keepdims=True) + c.rms_norm_eps)
+        h = h * w[f"model.layers.{layer}.post_attention_layernorm.weight"]
+        gate, up = h @ w[p + "gate_proj.weight"].T, h @ w[p + "up_proj.weight"].T
+        assert np.allclose(mlp[layer], gate / (1 + np.exp(-gate)) * up, atol=1e-4), layer
     # The last layer's output, normalised and projected, gives the logits.
     x = hidden[-1, -1].astype(np.float64)
     x = x / np.sqrt(np.mean(x * x) + c.rms_norm_eps) * w["model.norm.weight"]
@@ -189,3 +201,36 @@ def test_tokenizer_loads_on_first_use(tmp_path):
     assert tok is not None and model.tokenizer is tok and tok.encode("b", add_special_tokens=False) == [1]
     os.remove(os.path.join(folder, "tokenizer.json"))
     assert gally.load(folder).tokenizer is None
+
+
+def test_select_isa_while_another_thread_runs_forward(tmp_path):
+    """A pass reads the kernel table once: while one thread switches sets, every pass of another
+    gives exactly the logits of one whole set (never a mix, never a crash)."""
+    folder, _ = make_checkpoint(tmp_path, dtype="BF16")
+    model = gally.load(folder, threads=2)
+    tokens = TOKENS * 3
+    before = _core.selected_isa()
+    try:
+        per_set = {}
+        for isa in ISAS:
+            _core.select_isa(isa)
+            per_set[isa] = model.logits(tokens)
+        stop, results = threading.Event(), []
+
+        def switch():
+            while not stop.is_set():
+                for isa in ISAS:
+                    _core.select_isa(isa)
+
+        switcher = threading.Thread(target=switch)
+        switcher.start()
+        try:
+            for _ in range(200):
+                results.append(model.logits(tokens))
+        finally:
+            stop.set()
+            switcher.join()
+    finally:
+        _core.select_isa(before)
+    for got in results:
+        assert any(np.array_equal(got, want) for want in per_set.values())

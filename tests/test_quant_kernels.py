@@ -43,7 +43,7 @@ def test_quantize_rows(isa):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((7, 96)) * rng.uniform(0.1, 10, (7, 1))).astype(np.float32)
     x[2, :32] = 0  # an all-zero group
-    q, s, total = _core.kernel_quantize_rows(isa, x)
+    q, s, total = _core.testing.kernel_quantize_rows(isa, x)
     wq, ws, wsum = quantize_acts(x)
     assert np.array_equal(q, wq) and np.allclose(s, ws, rtol=1e-7) and np.allclose(total, wsum, rtol=1e-5, atol=1e-5)
     assert (s[2, 0] == 0) and (q[2, :32] == 0).all()
@@ -56,7 +56,7 @@ def test_quantized_matmul_against_numpy(isa, kind):
     rng = np.random.default_rng(1)
     for n_tok, rows, cols in ((1, 7, 32), (1, 13, 96), (3, 9, 64), (5, 17, 160), (9, 6, 576)):
         x = rng.standard_normal((n_tok, cols)).astype(np.float32)
-        xq, xs, xsum = _core.kernel_quantize_rows("generic", x)
+        xq, xs, xsum = _core.testing.kernel_quantize_rows("generic", x)
         xhat = xq.reshape(n_tok, -1, G) * xs[..., None].astype(np.float64)
         if kind == "int8":
             q, s, w = random_q8(rng, rows, cols)
@@ -69,7 +69,7 @@ def test_quantized_matmul_against_numpy(isa, kind):
             wq = w - np.repeat(m.astype(np.float64), G, axis=1)
             want = xhat.reshape(n_tok, cols) @ wq.T + xsum.astype(np.float64) @ m.astype(np.float64).T
         y = np.full((n_tok, rows), np.nan, np.float32)
-        _core.kernel_matmul_quantized(isa, xq, xs, xsum, *args, y, 0, rows)
+        _core.testing.kernel_matmul_quantized(isa, xq, xs, xsum, *args, y, 0, rows)
         assert np.allclose(y, want, rtol=1e-5, atol=1e-5), (kind, n_tok, rows, cols)
 
 
@@ -80,14 +80,14 @@ def test_quantized_simd_equals_scalar_twin(isa, kind):
 
     def check(n_tok, rows, cols):
         x = (rng.standard_normal((n_tok, cols)) * 3).astype(np.float32)
-        xq, xs, xsum = _core.kernel_quantize_rows(isa, x)
+        xq, xs, xsum = _core.testing.kernel_quantize_rows(isa, x)
         if kind == "int8":
             q, s, _ = random_q8(rng, rows, cols)
             args = (q, s.view(np.uint16), None)
         else:
             q, s, m, _ = random_q4(rng, rows, cols)
             args = (q, s.view(np.uint16), m.view(np.uint16))
-        ys = [_core.kernel_matmul_quantized(k, xq, xs, xsum, *args, np.zeros((n_tok, rows), np.float32), 0, rows)
+        ys = [_core.testing.kernel_matmul_quantized(k, xq, xs, xsum, *args, np.zeros((n_tok, rows), np.float32), 0, rows)
               for k in ("generic", isa)]
         assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5), (n_tok, rows, cols)
 
@@ -100,7 +100,7 @@ def test_quantized_simd_equals_scalar_twin(isa, kind):
     y = np.full((3, 9), 7.0, np.float32)
     q, s, _ = random_q8(rng, 9, 64)
     x = rng.standard_normal((3, 64)).astype(np.float32)
-    _core.kernel_matmul_quantized(isa, *_core.kernel_quantize_rows(isa, x), q, s.view(np.uint16), None, y, 2, 5)
+    _core.testing.kernel_matmul_quantized(isa, *_core.testing.kernel_quantize_rows(isa, x), q, s.view(np.uint16), None, y, 2, 5)
     assert (y[:, :2] == 7).all() and (y[:, 5:] == 7).all() and not (y[:, 2:5] == 7).all()
 
 
@@ -125,11 +125,11 @@ def test_quantized_weights_with_float_activations(isa, kind):
                 xw, ww, tol = round_bf16(x).astype(np.float64), round_bf16(w.astype(np.float32)), 1e-4
             want = xw @ np.asarray(ww, np.float64).T + b
             y = np.full((n_tok, rows), np.nan, np.float32)
-            _core.kernel_matmul(isa, x, q, kind, b, y, False, 0, rows, **extra)
+            _core.testing.kernel_matmul(isa, x, q, kind, b, y, False, 0, rows, **extra)
             assert np.allclose(y, want, rtol=tol, atol=tol * np.sqrt(cols)), (kind, n_tok, rows, cols)
             # accumulate over a row range, leaving the other rows alone
             y2 = np.full((n_tok, rows), 2.0, np.float32)
-            _core.kernel_matmul(isa, x, q, kind, None, y2, True, rows // 3, rows, **extra)
+            _core.testing.kernel_matmul(isa, x, q, kind, None, y2, True, rows // 3, rows, **extra)
             assert (y2[:, : rows // 3] == 2).all()
             assert np.allclose(y2[:, rows // 3:], 2 + want[:, rows // 3:] - b[rows // 3:], rtol=tol,
                                atol=tol * np.sqrt(cols))

@@ -33,7 +33,7 @@ inline void dequantize_group(const WeightsRef& W, long rg, float* out) {
 inline void dequantize_row(const WeightsRef& W, int n_in, long r, float* out) {
   const long at = r * n_in;
   switch (W.dtype) {
-    case DType::F32: std::memcpy(out, (const float*)W.data + at, size_t(n_in) * 4); break;
+    case DType::F32: std::memcpy(out, (const float*)W.data + at, sizeof(float) * n_in); break;
     case DType::BF16:
       for (int k = 0; k < n_in; ++k) out[k] = bf16_to_f32(((const uint16_t*)W.data)[at + k]);
       break;

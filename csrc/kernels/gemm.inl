@@ -24,7 +24,7 @@ inline void pack_tokens(const float* x, int n_tok, int n_in, float* xt) {
   rows.assign(size_t(TW) * padded, 0.0f);
   for (int tile = 0; tile < tiles; ++tile) {
     const int t0 = tile * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW;
-    for (int j = 0; j < nt; ++j) std::memcpy(rows.data() + (long)j * padded, x + (long)(t0 + j) * n_in, size_t(n_in) * 4);
+    for (int j = 0; j < nt; ++j) std::memcpy(rows.data() + (long)j * padded, x + (long)(t0 + j) * n_in, sizeof(float) * n_in);
     if (nt < TW) std::fill(rows.begin() + (long)nt * padded, rows.end(), 0.0f);
     float* dst = xt + (long)tile * n_in * TW;
     V col[S::N];

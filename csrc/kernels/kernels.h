@@ -16,6 +16,7 @@ namespace gally {
 // rather than int8 activations: measured on SmolLM2, int8 activations cost int4 1.8% perplexity,
 // int16 activations nothing measurable; decode is bound by the weights' bytes either way.
 constexpr int QGROUP = 32;
+constexpr float ACT_INT16_MAX = 32767.0f;  // int16 activations lie in [-32767, 32767]
 
 // A weight matrix [n_out, n_in] as the kernels see it: row-major `data` in `dtype`; for Q8 and Q4
 // the float16 group scales [n_out, n_in/QGROUP], and for Q4 the group minimums, alike.
@@ -42,6 +43,19 @@ constexpr int GEMM_MIN_TOKENS = 4;
 // GEMM's token tile divides (24 or 48 tokens) and Kernels::pack's tile equals.
 constexpr int GEMM_SPLIT_TOKENS = 48;
 
+// One KV head of a sequence's cache as the attention kernels read it. The cache is a list of
+// blocks of `block_rows` positions; within a block a head's keys are contiguous rows of d floats,
+// and so are its values: key j is at blocks[j / block_rows] + keys + (j % block_rows) · d.
+// block_rows is a multiple of KV_BLOCK_ALIGN, so that no register tile of keys crosses a block.
+constexpr int KV_BLOCK_ALIGN = 16;
+struct KvHead {
+  const float* const* blocks;
+  long keys, values;  // this head's offsets within a block, in floats
+  int block_rows;
+  const float* key(long j, int d) const { return blocks[j / block_rows] + keys + (j % block_rows) * d; }
+  const float* value(long j, int d) const { return blocks[j / block_rows] + values + (j % block_rows) * d; }
+};
+
 // Floats of scratch attention_causal needs for n keys of dimension d: scores [n] and the queries
 // [d] for each of up to 16 lanes (the widest vector set).
 inline long attention_scratch_floats(long n, long d) { return 16 * (n + d); }
@@ -66,20 +80,18 @@ struct Kernels {
   // Rotate-half RoPE on one head vector: pairs (i, i + d/2) turn by angle θ_i, given cos/sin [d/2].
   void (*rope)(float* v, const float* cos, const float* sin, int d);
 
-  // One query against n keys, causal masking done by the caller choosing n:
-  // p = softmax(scale · K q) written to probs [n]; out [d] = Σ_j p_j · V[j].
-  // q [d]; K, V [n, d] with rows `stride` floats apart.
-  void (*attention)(const float* q, const float* K, const float* V, int n, int d, int stride,
-                    float scale, float* probs, float* out);
+  // One query against keys 0 … n−1 of a head, causal masking done by the caller choosing n:
+  // p = softmax(scale · K q) written to probs [n]; out [d] = Σ_j p_j · V[j].    q [d]
+  void (*attention)(const float* q, const KvHead& kv, int n, int d, float scale, float* probs, float* out);
 
   // Causal attention for nq consecutive positions of one head: query i (row i of Q, ldq apart)
-  // sees keys 0 … ctx0+i−1 and its output goes to row i of out (ldo apart); K, V as above.
+  // sees keys 0 … ctx0+i−1 of kv and its output goes to row i of out (ldo apart).
   // scratch: attention_scratch_floats(ctx0 + nq − 1, d), for the keys of the last query. The same
   // sums as `attention` query by query, with the queries in the vector lanes, so that each key and
   // value row serves a lane-full.
   // probs, when not null, receives query i's softmax weights in row i (ldp apart, ctx0+i each).
-  void (*attention_causal)(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V, int d,
-                           int stride, float scale, float* scratch, float* out, int ldo, float* probs, long ldp);
+  void (*attention_causal)(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
+                           float* scratch, float* out, int ldo, float* probs, long ldp);
 
   // g[i] = silu(g[i]) · u[i] = g / (1 + e^-g) · u    g, u [n]
   void (*silu_mul)(float* g, const float* u, int n);
@@ -100,9 +112,8 @@ struct Kernels {
 
   // attention_causal in bf16 for the prompts of bf16 and quantized models (attention_causal_bf16
   // below), or null where the set has no bf16 dot product.
-  void (*attention_causal_bf16)(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V, int d,
-                                int stride, float scale, float* scratch, float* out, int ldo, float* probs, long ldp) =
-      nullptr;
+  void (*attention_causal_bf16)(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
+                                float* scratch, float* out, int ldo, float* probs, long ldp) = nullptr;
 
   // Where matmul_many lays a batch's activations out before multiplying (avx512bf16, for bf16 and
   // quantized weights), the layout made once and shared by all threads instead: packed_size(n_tok,
@@ -115,6 +126,9 @@ struct Kernels {
 };
 
 extern const Kernels kernels_generic;
+// The scalar twin of the "avx512bf16" set: kernels_generic with the bf16 prompt kernels
+// (activations, and int8/int4 weights, rounded to bf16; then f32 math). The tests' oracle.
+extern const Kernels kernels_generic_bf16;
 #if defined(GALLY_X86)
 extern const Kernels kernels_avx2;
 extern const Kernels kernels_avx512;
@@ -127,8 +141,8 @@ void matmul_many_avx512bf16(const float* x, int n_tok, int n_in, const MatmulOut
 // attention_causal for the prompts of bf16 and quantized models: vdpbf16ps for the scores and the
 // weighted sum of the values (queries, keys, probabilities and values rounded to bf16, sums in f32); d a multiple of 32.
 // scratch: attention_bf16_scratch_floats(ctx0 + nq − 1, d).
-void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V, int d,
-                           int stride, float scale, float* scratch, float* out, int ldo, float* probs, long ldp);
+void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
+                           float* scratch, float* out, int ldo, float* probs, long ldp);
 long attention_bf16_scratch_floats(long n, long d);
 long bf16_packed_size(int n_tok, int n_in);
 void pack_bf16(const float* x, int n_tok, int n_in, int tile0, int tile1, uint32_t* xt);

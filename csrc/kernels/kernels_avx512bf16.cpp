@@ -218,8 +218,8 @@ long attention_bf16_scratch_floats(long n, long d) {
   return n * (d / 2) + (n / 2 + 1) * d + 16 * (n + 2) + 8 * d + std::max(16 * (n / 2 + 1), 8 * d);
 }
 
-void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V, int d,
-                           int stride, float scale, float* scratch, float* out, int ldo, float* probs, long ldp) {
+void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
+                           float* scratch, float* out, int ldo, float* probs, long ldp) {
   const int n_all = ctx0 + nq - 1, dp = d / 2;  // keys of the last query; d is a multiple of 32
   // Scratch: kb [n_all][d] bf16 | vp [n_all/2 + 1][d] pairs | st [n][16] | qp [d/2][16] | pt [n/2 + 1][16]
   uint32_t* kb = (uint32_t*)scratch;
@@ -227,14 +227,16 @@ void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const floa
   float* st = (float*)(vp + (long)(n_all / 2 + 1) * d);
   uint32_t* qp = (uint32_t*)(st + 16L * (n_all + 2));
   uint32_t* pt = qp + 8L * d;
-  for (long j = 0; j < n_all; ++j)
+  for (long j = 0; j < n_all; ++j) {
+    const float* k = kv.key(j, d);
     for (int i = 0; i < d; i += 32)  // d multiple of 32: whole pairs of vectors
-      _mm512_storeu_si512(kb + j * dp + i / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(K + j * stride + i + 16),
-                                                                         _mm512_loadu_ps(K + j * stride + i)));
+      _mm512_storeu_si512(kb + j * dp + i / 2,
+                          (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(k + i + 16), _mm512_loadu_ps(k + i)));
+  }
   for (long jp = 0; jp < (n_all + 1) / 2; ++jp) {
-    const float* v0 = V + 2 * jp * stride;
+    const float *v0 = kv.value(2 * jp, d), *v1 = 2 * jp + 1 < n_all ? kv.value(2 * jp + 1, d) : nullptr;
     for (int i = 0; i < d; i += 16) {
-      const __m512 hi = 2 * jp + 1 < n_all ? _mm512_loadu_ps(v0 + stride + i) : _mm512_setzero_ps();
+      const __m512 hi = v1 ? _mm512_loadu_ps(v1 + i) : _mm512_setzero_ps();
       _mm512_storeu_si512(vp + jp * d + i, pair_rows(_mm512_loadu_ps(v0 + i), hi));
     }
   }

@@ -60,11 +60,10 @@ void rope(float* v, const float* cos, const float* sin, int d) {
   }
 }
 
-void attention(const float* q, const float* K, const float* V, int n, int d, int stride,
-               float scale, float* probs, float* out) {
+void attention(const float* q, const KvHead& kv, int n, int d, float scale, float* probs, float* out) {
   float mx = -INFINITY;
   for (int j = 0; j < n; ++j) {
-    const float* k = K + (long)j * stride;
+    const float* k = kv.key(j, d);
     probs[j] = scale * dot(q, d, [k](int i) { return k[i]; });
     mx = std::fmax(mx, probs[j]);
   }
@@ -74,15 +73,15 @@ void attention(const float* q, const float* K, const float* V, int n, int d, int
   for (int i = 0; i < d; ++i) out[i] = 0;
   for (int j = 0; j < n; ++j) {
     probs[j] *= inv;
-    const float* v = V + (long)j * stride;
+    const float* v = kv.value(j, d);
     for (int i = 0; i < d; ++i) out[i] += probs[j] * v[i];
   }
 }
 
-void attention_causal(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V, int d, int stride,
-                      float scale, float* scratch, float* out, int ldo, float* probs, long ldp) {
+void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale, float* scratch,
+                      float* out, int ldo, float* probs, long ldp) {
   for (int i = 0; i < nq; ++i) {
-    attention(Q + (long)i * ldq, K, V, ctx0 + i, d, stride, scale, scratch, out + (long)i * ldo);
+    attention(Q + (long)i * ldq, kv, ctx0 + i, d, scale, scratch, out + (long)i * ldo);
     if (probs)
       for (int j = 0; j < ctx0 + i; ++j) probs[i * ldp + j] = scratch[j];
   }
@@ -99,9 +98,9 @@ void quantize_rows(const float* x, int n, int n_in, int16_t* xq, float* xs, floa
     float amax = 0, sum = 0;
     for (int i = 0; i < QGROUP; ++i) amax = std::fmax(amax, std::fabs(v[i]));
     for (int i = 0; i < QGROUP; ++i) sum += v[i];
-    const float inv = amax > 0 ? 32767.0f / amax : 0.0f;
+    const float inv = amax > 0 ? ACT_INT16_MAX / amax : 0.0f;
     for (int i = 0; i < QGROUP; ++i) xq[g * QGROUP + i] = int16_t(std::nearbyint(v[i] * inv));
-    xs[g] = amax / 32767.0f;
+    xs[g] = amax / ACT_INT16_MAX;
     xsum[g] = sum;
   }
 }
@@ -145,6 +144,114 @@ void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint
   matmul_q<true>(xq, xs, xsum, Wq, Ws, Wm, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }
 
+// The scalar twins of the avx512bf16 set's kernels (kernels_avx512bf16.cpp): the same roundings
+// to bf16, then the f32 math above. Products of two bf16 values are exact in f32, so these differ
+// from vdpbf16ps only in the order of the sums.
+namespace bf16 {
+
+float round(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+
+bool takes_gemm(const WeightsRef& W, int n_tok) {
+  return n_tok >= GEMM_MIN_TOKENS && (W.dtype == DType::BF16 || is_quantized(W.dtype));
+}
+
+// Rows [r0, r1) of y for tokens whose bf16 activations xt(t, k) gives.
+template <class X>
+void gemm(X xt, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+          bool accumulate) {
+  std::vector<float> row(n_in), x(n_in);
+  for (int r = r0; r < r1; ++r) {
+    dequantize_row(W, n_in, r, row.data());
+    for (float& w : row) w = round(w);  // int8/int4 weights meet vdpbf16ps rounded to bf16
+    for (int t = 0; t < n_tok; ++t) {
+      for (int k = 0; k < n_in; ++k) x[k] = xt(t, k);
+      const float* w = row.data();
+      float s = dot(x.data(), n_in, [w](int k) { return w[k]; });
+      if (b) s += b[r];
+      float& out = y[(long)t * ldy + r];
+      out = accumulate ? out + s : s;
+    }
+  }
+}
+
+void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
+            int r1, bool accumulate) {
+  if (!takes_gemm(W, n_tok)) return gally::matmul(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  gemm([x, n_in](int t, int k) { return round(x[(long)t * n_in + k]); }, W, b, y, n_tok, n_in, ldy, r0, r1,
+       accumulate);
+}
+
+void matmul_many(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count) {
+  for (int i = 0; i < count; ++i) {
+    const MatmulOut& o = outs[i];
+    matmul(x, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+  }
+}
+
+// The packed layout of kernels.h: tiles of GEMM_SPLIT_TOKENS tokens, each [pairs][tokens] of
+// 32-bit words holding the bf16 pair (x[t, 2p] low, x[t, 2p + 1] high), zero past n_tok and n_in.
+long packed_size(int n_tok, int n_in) {
+  return long((n_tok + GEMM_SPLIT_TOKENS - 1) / GEMM_SPLIT_TOKENS) * ((n_in + 1) / 2) * GEMM_SPLIT_TOKENS;
+}
+
+void pack(const float* x, int n_tok, int n_in, int tile0, int tile1, uint32_t* xt) {
+  const int pairs = (n_in + 1) / 2, TW = GEMM_SPLIT_TOKENS;
+  auto half = [&](long t, int k) -> uint32_t { return t < n_tok && k < n_in ? f32_to_bf16(x[t * n_in + k]) : 0; };
+  for (int tile = tile0; tile < tile1; ++tile)
+    for (int p = 0; p < pairs; ++p)
+      for (int j = 0; j < TW; ++j) {
+        const long t = long(tile) * TW + j;
+        xt[(long(tile) * pairs + p) * TW + j] = half(t, 2 * p) | half(t, 2 * p + 1) << 16;
+      }
+}
+
+void matmul_many_packed(const uint32_t* xt, const float* x, int n_tok, int n_in, const MatmulOut* outs, int count) {
+  const int pairs = (n_in + 1) / 2, TW = GEMM_SPLIT_TOKENS;
+  auto activation = [&](int t, int k) {
+    const uint32_t word = xt[(long(t / TW) * pairs + k / 2) * TW + t % TW];
+    return bf16_to_f32(uint16_t(k % 2 ? word >> 16 : word & 0xffff));
+  };
+  for (int i = 0; i < count; ++i) {
+    const MatmulOut& o = outs[i];
+    if (takes_gemm(o.W, n_tok))
+      gemm(activation, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+    else
+      gally::matmul(x, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+  }
+}
+
+// Causal attention with the scaled queries, the keys, the unnormalised softmax weights and the
+// values rounded to bf16; sums, the softmax and its normalisation in f32.
+void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale, float* scratch,
+                      float* out, int ldo, float* probs, long ldp) {
+  std::vector<float> q(d), k(d);
+  for (int i = 0; i < nq; ++i) {
+    const int n = ctx0 + i;
+    for (int c = 0; c < d; ++c) q[c] = round(scale * Q[(long)i * ldq + c]);
+    float mx = -INFINITY;
+    for (int j = 0; j < n; ++j) {
+      const float* key = kv.key(j, d);
+      for (int c = 0; c < d; ++c) k[c] = round(key[c]);
+      const float* kr = k.data();
+      scratch[j] = dot(q.data(), d, [kr](int c) { return kr[c]; });
+      mx = std::fmax(mx, scratch[j]);
+    }
+    float sum = 0;
+    for (int j = 0; j < n; ++j) sum += (scratch[j] = std::exp(scratch[j] - mx));
+    const float inv = 1.0f / sum;
+    float* o = out + (long)i * ldo;
+    for (int c = 0; c < d; ++c) o[c] = 0;
+    for (int j = 0; j < n; ++j) {
+      const float p = round(scratch[j]), *v = kv.value(j, d);
+      for (int c = 0; c < d; ++c) o[c] += p * round(v[c]);
+      if (probs) probs[i * ldp + j] = scratch[j] * inv;
+    }
+    for (int c = 0; c < d; ++c) o[c] *= inv;
+  }
+}
+
+}  // namespace bf16
+
 }  // namespace
 
 const Kernels kernels_generic = {
@@ -159,6 +266,24 @@ const Kernels kernels_generic = {
     .quantize_rows = quantize_rows,
     .matmul_q8 = matmul_q8,
     .matmul_q4 = matmul_q4,
+};
+
+const Kernels kernels_generic_bf16 = {
+    .name = "generic-bf16",
+    .matmul = bf16::matmul,
+    .matmul_many = bf16::matmul_many,
+    .rmsnorm = rmsnorm,
+    .rope = rope,
+    .attention = attention,
+    .attention_causal = attention_causal,
+    .silu_mul = silu_mul,
+    .quantize_rows = quantize_rows,
+    .matmul_q8 = matmul_q8,
+    .matmul_q4 = matmul_q4,
+    .attention_causal_bf16 = bf16::attention_causal,
+    .packed_size = bf16::packed_size,
+    .pack = bf16::pack,
+    .matmul_many_packed = bf16::matmul_many_packed,
 };
 
 }  // namespace gally

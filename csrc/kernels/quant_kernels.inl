@@ -25,13 +25,13 @@ void quantize_rows(const float* x, int n, int n_in, int16_t* xq, float* xs, floa
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     m = _mm_max_ss(m, _mm_movehdup_ps(m));
     const float mx = _mm_cvtss_f32(m);
-    const __m256 inv = _mm256_set1_ps(mx > 0 ? 32767.0f / mx : 0.0f);
+    const __m256 inv = _mm256_set1_ps(mx > 0 ? ACT_INT16_MAX / mx : 0.0f);
     for (int h = 0; h < 2; ++h) {  // int32 → int16: packs interleave 128-bit lanes, the permute restores order
       __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(a[2 * h], inv)),
                                      _mm256_cvtps_epi32(_mm256_mul_ps(a[2 * h + 1], inv)));
       _mm256_storeu_si256((__m256i*)(xq + g * QGROUP + 16 * h), _mm256_permute4x64_epi64(p, 0xd8));
     }
-    xs[g] = mx / 32767.0f;
+    xs[g] = mx / ACT_INT16_MAX;
     xsum[g] = sum8(sum);
   }
 }

@@ -143,31 +143,35 @@ void rope(float* v, const float* cos, const float* sin, int d) {
   }
 }
 
-void attention(const float* q, const float* K, const float* V_, int n, int d, int stride,
-               float scale, float* probs, float* out) {
+void attention(const float* q, const KvHead& kv, int n, int d, float scale, float* probs, float* out) {
   // scores, then a numerically safe softmax: subtract the max before exponentiating.
   float mx = -INFINITY;
-  int j0 = 0;
-  if (d % S::N == 0)  // four keys at a time: four independent FMA chains
-    for (; j0 + 4 <= n; j0 += 4) {
-      const float *k0 = K + (long)j0 * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
-      V a0 = S::zero(), a1 = S::zero(), a2 = S::zero(), a3 = S::zero();
-      for (int i = 0; i < d; i += S::N) {
-        const V qv = S::load(q + i);
-        a0 = S::fma(qv, S::load(k0 + i), a0);
-        a1 = S::fma(qv, S::load(k1 + i), a1);
-        a2 = S::fma(qv, S::load(k2 + i), a2);
-        a3 = S::fma(qv, S::load(k3 + i), a3);
+  for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
+    const float* K = kv.key(b0, d);  // this block's keys, rows d apart
+    const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
+    float* pb = probs + b0;
+    int j0 = 0;
+    if (d % S::N == 0)  // four keys at a time: four independent FMA chains
+      for (; j0 + 4 <= nb; j0 += 4) {
+        const float *k0 = K + (long)j0 * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
+        V a0 = S::zero(), a1 = S::zero(), a2 = S::zero(), a3 = S::zero();
+        for (int i = 0; i < d; i += S::N) {
+          const V qv = S::load(q + i);
+          a0 = S::fma(qv, S::load(k0 + i), a0);
+          a1 = S::fma(qv, S::load(k1 + i), a1);
+          a2 = S::fma(qv, S::load(k2 + i), a2);
+          a3 = S::fma(qv, S::load(k3 + i), a3);
+        }
+        pb[j0] = scale * S::sum(a0);
+        pb[j0 + 1] = scale * S::sum(a1);
+        pb[j0 + 2] = scale * S::sum(a2);
+        pb[j0 + 3] = scale * S::sum(a3);
+        for (int u = 0; u < 4; ++u) mx = pb[j0 + u] > mx ? pb[j0 + u] : mx;
       }
-      probs[j0] = scale * S::sum(a0);
-      probs[j0 + 1] = scale * S::sum(a1);
-      probs[j0 + 2] = scale * S::sum(a2);
-      probs[j0 + 3] = scale * S::sum(a3);
-      for (int u = 0; u < 4; ++u) mx = probs[j0 + u] > mx ? probs[j0 + u] : mx;
+    for (int j = j0; j < nb; ++j) {
+      pb[j] = scale * dot(q, K + (long)j * d, d);
+      mx = pb[j] > mx ? pb[j] : mx;
     }
-  for (int j = j0; j < n; ++j) {
-    probs[j] = scale * dot(q, K + (long)j * stride, d);
-    mx = probs[j] > mx ? probs[j] : mx;
   }
   const V vmx = S::set1(mx);
   V vsum = S::zero();
@@ -185,13 +189,17 @@ void attention(const float* q, const float* K, const float* V_, int n, int d, in
   int i = 0;
   for (; i + 4 * S::N <= d; i += 4 * S::N) {
     V o0 = S::zero(), o1 = S::zero(), o2 = S::zero(), o3 = S::zero();
-    for (j = 0; j < n; ++j) {
-      const float* v = V_ + (long)j * stride + i;
-      const V p = S::set1(probs[j]);
-      o0 = S::fma(p, S::load(v), o0);
-      o1 = S::fma(p, S::load(v + S::N), o1);
-      o2 = S::fma(p, S::load(v + 2 * S::N), o2);
-      o3 = S::fma(p, S::load(v + 3 * S::N), o3);
+    for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
+      const float* Vb = kv.value(b0, d) + i;
+      const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
+      for (j = 0; j < nb; ++j) {
+        const float* v = Vb + (long)j * d;
+        const V p = S::set1(probs[b0 + j]);
+        o0 = S::fma(p, S::load(v), o0);
+        o1 = S::fma(p, S::load(v + S::N), o1);
+        o2 = S::fma(p, S::load(v + 2 * S::N), o2);
+        o3 = S::fma(p, S::load(v + 3 * S::N), o3);
+      }
     }
     S::store(out + i, o0);
     S::store(out + i + S::N, o1);
@@ -200,12 +208,12 @@ void attention(const float* q, const float* K, const float* V_, int n, int d, in
   }
   for (; i + S::N <= d; i += S::N) {
     V o = S::zero();
-    for (j = 0; j < n; ++j) o = S::fma(S::set1(probs[j]), S::load(V_ + (long)j * stride + i), o);
+    for (j = 0; j < n; ++j) o = S::fma(S::set1(probs[j]), S::load(kv.value(j, d) + i), o);
     S::store(out + i, o);
   }
   for (; i < d; ++i) {
     float o = 0;
-    for (j = 0; j < n; ++j) o += probs[j] * V_[(long)j * stride + i];
+    for (j = 0; j < n; ++j) o += probs[j] * kv.value(j, d)[i];
     out[i] = o;
   }
 }
@@ -216,11 +224,11 @@ namespace att {
 
 constexpr int AR = S::N == 16 ? 16 : 8;  // rows (keys or output dims) per register tile
 
-// acc[r] = Σ_k A[r·lda + k·ka] · B[k] for R rows: A's elements broadcast, B [kn][N] vectors.
+// acc[r] += Σ_k A[r·lda + k·ka] · B[k] for R rows: A's elements broadcast, B [kn][N] vectors.
 template <int R>
 inline void rows_tile(const float* A, long lda, long ka, const float* B, int kn, V* acc) {
   V a[R];
-  for (int r = 0; r < R; ++r) a[r] = S::zero();
+  for (int r = 0; r < R; ++r) a[r] = acc[r];
   for (int k = 0; k < kn; ++k) {
     const V b = S::load(B + (long)k * S::N);
     for (int r = 0; r < R; ++r) a[r] = S::fma(S::set1(A[r * lda + k * ka]), b, a[r]);
@@ -264,8 +272,8 @@ inline V softmax_lanes(float* st, int n, int first, int lanes, float* probs, lon
 
 }  // namespace att
 
-void attention_causal(const float* Q, int ldq, int nq, int ctx0, const float* K, const float* V_, int d, int stride,
-                      float scale, float* scratch, float* out, int ldo, float* probs, long ldp) {
+void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
+                      float* scratch, float* out, int ldo, float* probs, long ldp) {
   using namespace att;
   for (int q0 = 0; q0 < nq; q0 += S::N) {
     const int lanes = nq - q0 < S::N ? nq - q0 : S::N, first = ctx0 + q0, n = first + lanes - 1;
@@ -274,16 +282,21 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const float* K,
     for (int i = 0; i < d; ++i)
       for (int l = 0; l < S::N; ++l) qt[i * S::N + l] = l < lanes ? scale * Q[(long)(q0 + l) * ldq + i] : 0.0f;
     V acc[AR];
-    for (int j = 0; j < n; j += AR) {
+    for (int j = 0; j < n; j += AR) {  // AR divides block_rows: a tile's keys lie in one block
       const int rows = n - j < AR ? n - j : AR;
-      rows_any(rows, K + (long)j * stride, stride, 1, qt, d, acc);
+      for (int r = 0; r < rows; ++r) acc[r] = S::zero();
+      rows_any(rows, kv.key(j, d), d, 1, qt, d, acc);
       for (int r = 0; r < rows; ++r) S::store(st + (long)(j + r) * S::N, acc[r]);
     }
     const V inv = softmax_lanes(st, n, first, lanes, probs ? probs + (long)q0 * ldp : nullptr, ldp);
     alignas(64) float o[AR * S::N];
     for (int i = 0; i < d; i += AR) {
       const int rows = d - i < AR ? d - i : AR;
-      rows_any(rows, V_ + i, 1, stride, st, n, acc);
+      for (int r = 0; r < rows; ++r) acc[r] = S::zero();
+      for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
+        const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
+        rows_any(rows, kv.value(b0, d) + i, 1, d, st + (long)b0 * S::N, nb, acc);
+      }
       for (int r = 0; r < rows; ++r) S::store(o + r * S::N, S::mul(acc[r], inv));
       for (int l = 0; l < lanes; ++l)
         for (int r = 0; r < rows; ++r) out[(long)(q0 + l) * ldo + i + r] = o[r * S::N + l];

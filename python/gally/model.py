@@ -86,17 +86,19 @@ class Session:
         return self.forward(token_ids)
 
     def forward(self, token_ids, *, all_logits: bool = False, hidden_states: Optional[np.ndarray] = None,
-                attentions: Optional[np.ndarray] = None) -> np.ndarray:
+                attentions: Optional[np.ndarray] = None, mlp_activations: Optional[np.ndarray] = None) -> np.ndarray:
         """append() with options: all_logits returns [n, vocab_size]; hidden_states (float32
-        [layers + 1, n, hidden]) and attentions (float32 [layers, heads, n, position + n], zeroed)
-        are filled when given: the embeddings then each layer's output, and each head's softmax."""
+        [layers + 1, n, hidden]), attentions (float32 [layers, heads, n, position + n], zeroed) and
+        mlp_activations (float32 [layers, n, intermediate]) are filled when given: the embeddings
+        then each layer's output; each head's softmax; each layer's silu(gate) ⊙ up."""
         cfg = self.model.config
         ids = _token_array(token_ids, cfg.vocab_size)
         n = len(ids)
         if self.position + n > self.max_context:
             raise ValueError(f"sequence of {self.position + n} tokens ({self.position} cached + {n} new) "
                              f"exceeds max_context {self.max_context}")
-        for name, buf in (("hidden_states", hidden_states), ("attentions", attentions)):
+        for name, buf in (("hidden_states", hidden_states), ("attentions", attentions),
+                          ("mlp_activations", mlp_activations)):
             if buf is not None and (not isinstance(buf, np.ndarray) or buf.dtype != np.float32
                                     or not buf.flags.c_contiguous or not buf.flags.writeable):
                 raise ValueError(f"{name} must be a writable C-contiguous float32 numpy array")
@@ -104,7 +106,7 @@ class Session:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this session is already running in another thread; use one session per thread")
         try:
-            self._core.forward(ids, logits, all_logits, hidden_states, attentions)
+            self._core.forward(ids, logits, all_logits, hidden_states, attentions, mlp_activations)
         finally:
             self._lock.release()
         return logits

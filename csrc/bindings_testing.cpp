@@ -1,0 +1,266 @@
+// gally._core.testing: single kernels and other internals, for the tests that hold each SIMD
+// kernel against its scalar twin and NumPy. Not part of the library's interface.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "isa.h"
+#include "kernels/kernels.h"
+#include "model.h"
+
+namespace py = pybind11;
+using namespace gally;
+
+namespace {
+
+template <class T>
+using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+// A set this CPU runs, or "generic-bf16", the scalar twin of "avx512bf16".
+const Kernels& kernels_named(const std::string& isa) {
+  if (isa == "generic-bf16") return kernels_generic_bf16;
+  const Kernels* k = kernels_for(isa);
+  if (!k) throw std::invalid_argument("instruction set '" + isa + "' is not available on this CPU");
+  return *k;
+}
+
+// A weight matrix argument: W [n_out, n_in] in wtype ("f32", "bf16" or "f16" as uint16, "int8" as
+// int8, "int4" as uint8 [n_out, n_in/2]) with float16 scales (and int4 mins) [n_out, n_in/32].
+struct Weights {
+  WeightsRef ref;
+  int rows;
+  py::array W;
+  Array<uint16_t> scales, mins;
+
+  Weights(py::array W_, const std::string& wtype, int n_in, py::object s, py::object m) : W(W_) {
+    const DType t = wtype == "int8" ? DType::Q8 : wtype == "int4" ? DType::Q4 : parse_dtype(wtype);
+    const bool quantized = is_quantized(t);
+    require(W.ndim() == 2, "W must be 2-D");
+    rows = int(W.shape(0));
+    require(W.itemsize() == (quantized ? 1 : py::ssize_t(dtype_size(t))) && (W.flags() & py::array::c_style),
+            "W has the wrong element size or layout");
+    require(W.shape(1) == (t == DType::Q4 ? n_in / 2 : n_in), "W's columns disagree with x");
+    ref = WeightsRef{W.data(), t};
+    if (!quantized) return;
+    require(n_in % QGROUP == 0 && !s.is_none() && (t == DType::Q8 || !m.is_none()),
+            "quantized W needs n_in % 32 == 0 and its scales (and mins for int4)");
+    scales = s.cast<Array<uint16_t>>();
+    require(scales.size() == rows * (n_in / QGROUP), "scales must be [n_out, n_in/32]");
+    ref.scales = scales.data();
+    if (t == DType::Q4) {
+      mins = m.cast<Array<uint16_t>>();
+      require(mins.size() == scales.size(), "mins must be [n_out, n_in/32]");
+      ref.mins = mins.data();
+    }
+  }
+};
+
+// K, V [n, d] copied into a cache of blocks of block_rows positions, as a KvCache lays one head
+// out: each block [k | v][block_rows][d], the blocks in reverse order in memory so that a kernel
+// that assumed one contiguous run would read the wrong rows.
+struct PagedKv {
+  std::vector<std::vector<float>> storage;
+  std::vector<const float*> blocks;
+  KvHead head;
+
+  PagedKv(const Array<float>& K, const Array<float>& V, int block_rows) {
+    require(block_rows > 0 && block_rows % KV_BLOCK_ALIGN == 0, "block_rows must be a positive multiple of 16");
+    const long n = K.shape(0), d = K.shape(1), nb = (n + block_rows - 1) / block_rows;
+    storage.resize(nb);
+    for (long b = nb; b-- > 0;) storage[b].assign(size_t(2) * block_rows * d, std::nanf(""));
+    for (long j = 0; j < n; ++j) {
+      std::memcpy(storage[j / block_rows].data() + (j % block_rows) * d, K.data() + j * d, sizeof(float) * d);
+      std::memcpy(storage[j / block_rows].data() + (block_rows + j % block_rows) * d, V.data() + j * d,
+                  sizeof(float) * d);
+    }
+    for (auto& s : storage) blocks.push_back(s.data());
+    head = KvHead{blocks.data(), 0, long(block_rows) * d, block_rows};
+  }
+};
+
+}  // namespace
+
+void add_testing_module(py::module_& m) {
+  py::module_ t = m.def_submodule("testing", "gally's internals, for its tests");
+  t.def(
+      "kernel_matmul",
+      [](const std::string& isa, Array<float> x, py::array W, const std::string& wtype, py::object bias, Array<float> y,
+         bool accumulate, int r0, int r1, py::object scales, py::object mins) {
+        // W [n_out, n_in] in wtype; for int8 int8 [n_out, n_in] and for int4 uint8 [n_out, n_in/2], with float16
+        // scales (and int4 mins) [n_out, n_in/32] given as uint16.
+        const Kernels& k = kernels_named(isa);
+        require(x.ndim() == 2 && y.ndim() == 2, "x, y must be 2-D");
+        const int n_in = int(x.shape(1)), n_tok = int(x.shape(0));
+        const Weights w(W, wtype, n_in, scales, mins);
+        const int n_out = w.rows;
+        require(y.shape(0) == n_tok && y.shape(1) == n_out, "shapes disagree");
+        require(0 <= r0 && r0 <= r1 && r1 <= n_out, "bad row range");
+        Array<float> b;
+        if (!bias.is_none()) {
+          b = bias.cast<Array<float>>();
+          require(b.size() == n_out, "bias must have n_out elements");
+        }
+        auto yv = y.mutable_data();
+        k.matmul(x.data(), w.ref, bias.is_none() ? nullptr : b.data(), yv, n_tok, n_in, n_out, r0, r1, accumulate);
+        return y;
+      },
+      py::arg("isa"), py::arg("x"), py::arg("W"), py::arg("wtype"), py::arg("bias"), py::arg("y"),
+      py::arg("accumulate"), py::arg("r0"), py::arg("r1"), py::arg("scales") = py::none(),
+      py::arg("mins") = py::none());
+  t.def(
+      "kernel_pack",
+      [](const std::string& isa, Array<float> x) {
+        // x [n_tok, n_in] in the set's packed layout (Kernels::pack), as uint32 words
+        const Kernels& k = kernels_named(isa);
+        require(k.pack != nullptr, std::string(k.name) + " has no packed layout");
+        require(x.ndim() == 2, "x must be 2-D");
+        const int n_tok = int(x.shape(0)), n_in = int(x.shape(1));
+        py::array_t<uint32_t> xt(k.packed_size(n_tok, n_in));
+        k.pack(x.data(), n_tok, n_in, 0, (n_tok + GEMM_SPLIT_TOKENS - 1) / GEMM_SPLIT_TOKENS, xt.mutable_data());
+        return xt;
+      },
+      py::arg("isa"), py::arg("x"));
+  t.def(
+      "kernel_matmul_packed",
+      [](const std::string& isa, Array<float> x, py::array W, const std::string& wtype, py::object scales,
+         py::object mins) {
+        // y = x · Wᵀ through the set's packed layout: pack, then matmul_many_packed
+        const Kernels& k = kernels_named(isa);
+        require(k.pack != nullptr, std::string(k.name) + " has no packed layout");
+        require(x.ndim() == 2, "x must be 2-D");
+        const int n_tok = int(x.shape(0)), n_in = int(x.shape(1));
+        const Weights w(W, wtype, n_in, scales, mins);
+        std::vector<uint32_t> xt(k.packed_size(n_tok, n_in));
+        k.pack(x.data(), n_tok, n_in, 0, (n_tok + GEMM_SPLIT_TOKENS - 1) / GEMM_SPLIT_TOKENS, xt.data());
+        Array<float> y({n_tok, w.rows});
+        const MatmulOut out{w.ref, nullptr, y.mutable_data(), w.rows, 0, w.rows, false};
+        k.matmul_many_packed(xt.data(), x.data(), n_tok, n_in, &out, 1);
+        return y;
+      },
+      py::arg("isa"), py::arg("x"), py::arg("W"), py::arg("wtype"), py::arg("scales") = py::none(),
+      py::arg("mins") = py::none());
+  t.def("kernel_matmul_many", [](const std::string& isa, Array<float> x, py::list jobs) {
+    // jobs: (W, wtype, y, r0, r1, accumulate) with float weights; each y [n_tok, W.rows] updated in place
+    const Kernels& k = kernels_named(isa);
+    require(x.ndim() == 2, "x must be 2-D");
+    const int n_tok = int(x.shape(0)), n_in = int(x.shape(1));
+    std::vector<MatmulOut> outs;
+    std::vector<py::array> keep;
+    for (const py::handle& job : jobs) {
+      auto t = job.cast<py::tuple>();
+      py::array W = t[0].cast<py::array>();
+      const DType dt = parse_dtype(t[1].cast<std::string>());
+      Array<float> y = t[2].cast<Array<float>>();
+      const int r0 = t[3].cast<int>(), r1 = t[4].cast<int>();
+      require(W.ndim() == 2 && W.shape(1) == n_in && W.itemsize() == py::ssize_t(dtype_size(dt)) &&
+                  (W.flags() & py::array::c_style),
+              "W must be [rows, n_in] in wtype");
+      require(y.ndim() == 2 && y.shape(0) == n_tok && y.shape(1) == W.shape(0) && 0 <= r0 && r0 <= r1 &&
+                  r1 <= W.shape(0),
+              "y or the row range has the wrong shape");
+      outs.push_back({WeightsRef{W.data(), dt}, nullptr, y.mutable_data(), int(W.shape(0)), r0, r1, t[5].cast<bool>()});
+      keep.push_back(W);
+      keep.push_back(y);
+    }
+    k.matmul_many(x.data(), n_tok, n_in, outs.data(), int(outs.size()));
+  });
+  t.def("kernel_quantize_rows", [](const std::string& isa, Array<float> x) {
+    require(x.ndim() == 2 && x.shape(1) % QGROUP == 0, "x must be [n, a multiple of 32]");
+    const int n = int(x.shape(0)), n_in = int(x.shape(1));
+    Array<int16_t> q({n, n_in});
+    Array<float> s({n, n_in / QGROUP}), sum({n, n_in / QGROUP});
+    kernels_named(isa).quantize_rows(x.data(), n, n_in, q.mutable_data(), s.mutable_data(), sum.mutable_data());
+    return py::make_tuple(q, s, sum);
+  });
+  t.def("kernel_matmul_quantized", [](const std::string& isa, Array<int16_t> xq, Array<float> xs, Array<float> xsum,
+                                      py::array Wq, Array<uint16_t> Ws, py::object Wm, Array<float> y, int r0, int r1) {
+    // Wq int8 [n_out, n_in] (int8 weights) or uint8 [n_out, n_in/2] (int4, with Wm)
+    const Kernels& k = kernels_named(isa);
+    require(xq.ndim() == 2, "xq must be [n_tok, n_in]");
+    const int n_tok = int(xq.shape(0)), n_in = int(xq.shape(1)), n_out = int(Wq.shape(0));
+    const bool q4 = !Wm.is_none();
+    require(Wq.ndim() == 2 && Wq.itemsize() == 1 && (Wq.flags() & py::array::c_style) &&
+                Wq.shape(1) == (q4 ? n_in / 2 : n_in),
+            "Wq has the wrong shape or layout");
+    require(Ws.ndim() == 2 && Ws.shape(0) == n_out && Ws.shape(1) == n_in / QGROUP, "Ws must be [n_out, n_in/32]");
+    require(y.ndim() == 2 && y.shape(0) == n_tok && y.shape(1) == n_out && 0 <= r0 && r0 <= r1 && r1 <= n_out,
+            "y or the row range has the wrong shape");
+    require(xs.size() == n_tok * (n_in / QGROUP) && xsum.size() == xs.size(), "xs, xsum must be [n, n_in/32]");
+    float* out = y.mutable_data();
+    if (q4) {
+      Array<uint16_t> m = Wm.cast<Array<uint16_t>>();
+      require(m.size() == Ws.size(), "Wm must be [n_out, n_in/32]");
+      k.matmul_q4(xq.data(), xs.data(), xsum.data(), (const uint8_t*)Wq.data(), Ws.data(), m.data(), nullptr, out,
+                  n_tok, n_in, n_out, r0, r1, false);
+    } else {
+      k.matmul_q8(xq.data(), xs.data(), (const int8_t*)Wq.data(), Ws.data(), nullptr, out, n_tok, n_in, n_out, r0, r1,
+                  false);
+    }
+    return y;
+  });
+  t.def("kernel_rmsnorm", [](const std::string& isa, Array<float> x, Array<float> w, float eps) {
+    require(x.size() == w.size(), "x and w differ in size");
+    Array<float> out(x.size());
+    kernels_named(isa).rmsnorm(out.mutable_data(), x.data(), w.data(), int(x.size()), eps);
+    return out;
+  });
+  t.def("kernel_rope", [](const std::string& isa, Array<float> v, Array<float> cos, Array<float> sin) {
+    require(v.size() % 2 == 0 && cos.size() == v.size() / 2 && sin.size() == cos.size(), "rope sizes disagree");
+    Array<float> out(v.size());
+    std::memcpy(out.mutable_data(), v.data(), sizeof(float) * v.size());
+    kernels_named(isa).rope(out.mutable_data(), cos.data(), sin.data(), int(v.size()));
+    return out;
+  });
+  t.def(
+      "kernel_attention",
+      [](const std::string& isa, Array<float> q, Array<float> K, Array<float> V, float scale, int block_rows) {
+        require(K.ndim() == 2 && V.ndim() == 2 && K.shape(0) == V.shape(0) && K.shape(1) == q.size() &&
+                    V.shape(1) == q.size() && K.shape(0) > 0,
+                "attention shapes disagree");
+        const int n = int(K.shape(0)), d = int(q.size());
+        PagedKv kv(K, V, block_rows);
+        Array<float> out(d), probs(n);
+        kernels_named(isa).attention(q.data(), kv.head, n, d, scale, probs.mutable_data(), out.mutable_data());
+        return py::make_tuple(out, probs);
+      },
+      py::arg("isa"), py::arg("q"), py::arg("K"), py::arg("V"), py::arg("scale"), py::arg("block_rows") = 16);
+  t.def(
+      "kernel_attention_causal",
+      [](const std::string& isa, Array<float> Q, Array<float> K, Array<float> V, int ctx0, float scale, bool bf16,
+         int block_rows) {
+        // Q [nq, d]: query i sees keys [0, ctx0 + i) of K, V [ctx0 + nq − 1, d]
+        require(Q.ndim() == 2 && K.ndim() == 2 && V.ndim() == 2 && Q.shape(0) > 0 && ctx0 > 0, "bad shapes");
+        const int nq = int(Q.shape(0)), d = int(Q.shape(1)), n = ctx0 + nq - 1;
+        require(K.shape(0) == n && V.shape(0) == n && K.shape(1) == d && V.shape(1) == d, "attention shapes disagree");
+        PagedKv kv(K, V, block_rows);
+        Array<float> out({nq, d}), probs({nq, n});
+        std::fill(probs.mutable_data(), probs.mutable_data() + probs.size(), -1.0f);  // untouched past each row's keys
+        const Kernels& k = kernels_named(isa);
+        if (bf16) {  // the avx512bf16 set's variant for bf16 and quantized models
+          require(k.attention_causal_bf16 != nullptr, std::string(k.name) + " has no bf16 attention");
+          require(d % 32 == 0, "the bf16 attention needs d a multiple of 32");
+        }
+        std::vector<float> scratch(bf16 ? attention_bf16_scratch_floats(n, d) : attention_scratch_floats(n, d));
+        (bf16 ? k.attention_causal_bf16 : k.attention_causal)(Q.data(), d, nq, ctx0, kv.head, d, scale, scratch.data(),
+                                                              out.mutable_data(), d, probs.mutable_data(), n);
+        return py::make_tuple(out, probs);
+      },
+      py::arg("isa"), py::arg("Q"), py::arg("K"), py::arg("V"), py::arg("ctx0"), py::arg("scale"),
+      py::arg("bf16") = false, py::arg("block_rows") = 16);
+  t.def("kernel_silu_mul", [](const std::string& isa, Array<float> g, Array<float> u) {
+    require(g.size() == u.size(), "g and u differ in size");
+    Array<float> out(g.size());
+    std::memcpy(out.mutable_data(), g.data(), sizeof(float) * g.size());
+    kernels_named(isa).silu_mul(out.mutable_data(), u.data(), int(g.size()));
+    return out;
+  });
+}

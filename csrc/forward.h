@@ -1,0 +1,123 @@
+// The forward pass over a batch of tokens from one or more sequences, and the scratch it runs in.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kv_cache.h"
+#include "model.h"
+#include "parallel_matmul.h"
+
+namespace gally {
+
+// Longest run of tokens one pass takes; longer inputs go in several passes.
+constexpr int MAX_BATCH_TOKENS = 512;
+
+// One sequence's part of a batch: tokens [first, first + count) of the batch, which take positions
+// position … position + count − 1 of `cache` (positions before them are already there).
+struct SequenceSlice {
+  KvCache* cache;
+  int position;
+  int first, count;
+};
+
+struct Batch {
+  const int32_t* tokens = nullptr;  // [n] ids, checked against the vocabulary
+  int n = 0;
+  const SequenceSlice* seqs = nullptr;  // [n_seqs], covering tokens 0 … n−1 in order
+  int n_seqs = 0;
+  const int* logit_rows = nullptr;  // [n_logits] tokens whose next-token logits are wanted
+  int n_logits = 0;
+  float* logits = nullptr;          // [n_logits, vocab]
+};
+
+// Caller-provided buffers that a pass over a single sequence fills for inspection (null: not
+// recorded). A sequence longer than one pass is recorded `offset` tokens into arrays of `n` tokens
+// and `context` positions.
+struct Record {
+  float* hidden = nullptr;     // [layers + 1, n, hidden]: the embeddings, then each layer's output
+  float* attention = nullptr;  // [layers, heads, n, context]: softmax weights, 0 where masked
+  float* mlp = nullptr;        // [layers, n, intermediate]: silu(gate) ⊙ up, the feed-forward's expansion
+  int offset = 0, n = 0, context = 0;
+  bool any() const { return hidden || attention || mlp; }
+};
+
+// n elements left uninitialised: a large buffer's pages are mapped only when first written.
+template <class T>
+class Buffer {
+ public:
+  void reset(size_t n) {
+    p_.reset(new T[n]);
+    n_ = n;
+  }
+  void grow(size_t n) {
+    if (n > n_) reset(n);
+  }
+  T* data() { return p_.get(); }
+  const T* data() const { return p_.get(); }
+  size_t size() const { return n_; }
+
+ private:
+  std::unique_ptr<T[]> p_;
+  size_t n_ = 0;
+};
+
+// Positions per work item of a batch's attention: a block of a sequence's consecutive queries for
+// one head goes to attention_causal, queries in the lanes; fewer than ATTENTION_BLOCK_MIN go one
+// query at a time (mostly empty lanes otherwise).
+constexpr int ATTENTION_BLOCK = 16;
+constexpr int ATTENTION_BLOCK_BF16 = 64;  // attention_causal_bf16 rounds its keys and values once per item
+constexpr int ATTENTION_BLOCK_MIN = 4;
+
+// The scratch of forward passes: a batch's activations and the kernels' per-thread buffers,
+// allocated once and grown with the batches and contexts seen, so a decode step allocates nothing.
+struct Workspace {
+  Workspace(const Model& model, int max_tokens);
+
+  // Before a pass, outside its parallel region: grows the buffers it needs and plans its attention.
+  void prepare(const Kernels& ops, const Batch& batch, const Record& record);
+
+  // The matmul input for in [rows, n_in] (MatmulInput), made by every thread of the region.
+  MatmulInput matmul_input(const Kernels& ops, const float* in, int rows, int n_in);
+
+  const Model& model;
+  int max_tokens;
+  bool bf16_prompt;  // bf16 or quantized weights, whose prompts may take the bf16 kernels
+  bool use_bf16_attention = false;  // this pass
+
+  // Activations of the batch's tokens, [n, …]:
+  Buffer<float> x;           // [n, hidden] the residual stream
+  Buffer<float> xb;          // [n, hidden] a normalised copy of it, a block's input
+  Buffer<float> q;           // [n, heads · head_dim]
+  Buffer<float> k, v;        // [n, kv_heads · head_dim]
+  Buffer<float> att;         // [n, heads · head_dim] attention output
+  Buffer<float> gate, up;    // [n, intermediate]
+  Buffer<float> rope_cos, rope_sin;  // [n, head_dim/2] each token's RoPE rotation
+  Buffer<int> token_seq;     // [n] the slice each token belongs to
+  // Per thread:
+  Buffer<float> x_norm;      // [threads, hidden] a single token's normalised input
+  long attention_floats = 0; // attention scratch per thread (kernels.h)
+  Buffer<float> attention_scratch;  // [threads, attention_floats]
+  // Quantized weights take a few tokens' activations in int16 with group scales and sums
+  // (kernels.h): [GEMM_MIN_TOKENS − 1, qdim] for a few tokens, [threads, qdim] for one.
+  int qdim = 0;
+  Buffer<int16_t> xq, xq_thread;
+  Buffer<float> xq_scale, xq_sum, xq_scale_thread;
+  Buffer<uint32_t> packed;   // a batch's matmul input in Kernels::pack's layout, shared by the threads
+
+  // The pass's attention, each item done for every head, longest first: a slice of at least
+  // ATTENTION_BLOCK_MIN tokens in blocks of its consecutive queries for attention_causal (blocked),
+  // a shorter one whole, a query at a time.
+  struct AttentionItem {
+    int seq, first, count;  // slice, the item's first token in the batch, queries
+    bool blocked;
+  };
+  std::vector<AttentionItem> attention_items;
+};
+
+// Runs the batch's tokens through the model: appends each token's keys and values to its
+// sequence's cache and writes the logits of batch.logit_rows. Each slice's cache must hold its
+// positions (KvCache capacity); record only for a batch of one sequence.
+void forward(const Model& model, const Batch& batch, Workspace& ws, const Record& record);
+
+}  // namespace gally

@@ -1,0 +1,101 @@
+// The forward pass's scratch (forward.h): what is allocated once, what grows, and the attention plan.
+#include <algorithm>
+
+#include "forward.h"
+#include "parallel.h"
+
+namespace gally {
+
+Workspace::Workspace(const Model& m, int max_tokens_) : model(m), max_tokens(max_tokens_) {
+  const ModelConfig& c = m.config;
+  const size_t B = max_tokens, QD = size_t(c.num_attention_heads) * c.head_dim,
+               KVD = size_t(c.num_key_value_heads) * c.head_dim;
+  x.reset(B * c.hidden_size);
+  xb.reset(B * c.hidden_size);
+  q.reset(B * QD);
+  k.reset(B * KVD);
+  v.reset(B * KVD);
+  att.reset(B * QD);
+  gate.reset(B * c.intermediate_size);
+  up.reset(B * c.intermediate_size);
+  rope_cos.reset(B * c.head_dim / 2);
+  rope_sin.reset(B * c.head_dim / 2);
+  token_seq.reset(B);
+  x_norm.reset(size_t(m.threads) * c.hidden_size);
+  // bf16 and quantized weights: on AVX512-BF16 their prompts' matmuls round the activations to bf16
+  bf16_prompt = !m.layers.empty() &&
+                (m.layers[0].q_proj.dtype == DType::BF16 || is_quantized(m.layers[0].q_proj.dtype));
+  if (m.quantized) {  // int16 copies of a matmul's input: the widest is the FFN's
+    qdim = std::max({c.hidden_size, int(QD), c.intermediate_size});
+    const size_t few = GEMM_MIN_TOKENS - 1;  // batches of more take the GEMM with f32 activations
+    xq.reset(few * qdim);
+    xq_scale.reset(few * qdim / QGROUP);
+    xq_sum.reset(few * qdim / QGROUP);
+    xq_thread.reset(size_t(m.threads) * qdim);
+    xq_scale_thread.reset(size_t(m.threads) * 2 * (qdim / QGROUP));
+  }
+}
+
+void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record&) {
+  const ModelConfig& c = model.config;
+  const int HD = c.head_dim;
+  use_bf16_attention = bf16_prompt && HD % 32 == 0 && ops.attention_causal_bf16;
+  const int block = use_bf16_attention ? ATTENTION_BLOCK_BF16 : ATTENTION_BLOCK;
+  attention_items.clear();
+  long need = 0;  // attention scratch per thread
+  for (int s = 0; s < batch.n_seqs; ++s) {
+    const SequenceSlice& sl = batch.seqs[s];
+    for (int t = 0; t < sl.count; ++t) token_seq.data()[sl.first + t] = s;
+    const long context = sl.position + sl.count;  // keys the slice's last query sees
+    if (sl.count >= ATTENTION_BLOCK_MIN) {
+      for (int t0 = 0; t0 < sl.count; t0 += block)
+        attention_items.push_back({s, sl.first + t0, std::min(block, sl.count - t0), true});
+      need = std::max(need, use_bf16_attention ? attention_bf16_scratch_floats(context, HD)
+                                               : attention_scratch_floats(context, HD));
+    } else {
+      attention_items.push_back({s, sl.first, sl.count, false});
+      need = std::max(need, attention_scratch_floats(context, HD));
+    }
+  }
+  // Longest first, so that the dynamic schedule ends with short items.
+  auto cost = [&](const AttentionItem& it) {
+    return (long(batch.seqs[it.seq].position) + it.first - batch.seqs[it.seq].first + it.count) * it.count;
+  };
+  std::stable_sort(attention_items.begin(), attention_items.end(),
+                   [&](const AttentionItem& a, const AttentionItem& b) { return cost(a) > cost(b); });
+  if (need > attention_floats) {  // grown in steps, so that a long conversation reallocates seldom
+    attention_floats = 2 * need;
+    attention_scratch.reset(size_t(model.threads) * attention_floats);
+  }
+  if (ops.pack && bf16_prompt && batch.n >= GEMM_MIN_TOKENS)
+    packed.grow(size_t(ops.packed_size(max_tokens, std::max({c.hidden_size, c.num_attention_heads * HD,
+                                                               c.intermediate_size}))));
+}
+
+MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int rows, int n_in) {
+  MatmulInput a{in};
+  if (rows >= GEMM_MIN_TOKENS && bf16_prompt && ops.pack) {  // laid out once, by all threads
+    const int tiles = (rows + GEMM_SPLIT_TOKENS - 1) / GEMM_SPLIT_TOKENS;
+    par::for_static(tiles, [&](int t) { ops.pack(in, rows, n_in, t, t + 1, packed.data()); });
+    a.packed = packed.data();
+    return a;
+  }
+  if (!model.quantized || n_in % QGROUP != 0 || rows >= GEMM_MIN_TOKENS) return a;
+  // A few tokens into int8/int4 weights: int16 activations, quantized once per step (by every
+  // thread into its own buffer for a single token, split over the threads otherwise).
+  const int groups = n_in / QGROUP;
+  if (rows == 1) {
+    const size_t id = par::thread_id();
+    int16_t* xq1 = xq_thread.data() + id * qdim;
+    float* s = xq_scale_thread.data() + 2 * id * (qdim / QGROUP);
+    ops.quantize_rows(in, 1, n_in, xq1, s, s + qdim / QGROUP);
+    return MatmulInput{in, xq1, s, s + qdim / QGROUP};
+  }
+  par::for_static(rows, [&](int t) {
+    ops.quantize_rows(in + size_t(t) * n_in, 1, n_in, xq.data() + size_t(t) * n_in, xq_scale.data() + size_t(t) * groups,
+                      xq_sum.data() + size_t(t) * groups);
+  });
+  return MatmulInput{in, xq.data(), xq_scale.data(), xq_sum.data()};
+}
+
+}  // namespace gally

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 import gally
-from conftest import make_checkpoint, round_bf16
+from conftest import make_checkpoint
 from gally import cli
 from gally.bench import peer_gguf, report
 from gally.bench.llama_bench import parse as parse_llama_bench
 from gally.bench.run import Options, Test as BenchTest, run
 from gally.bench.stats import Stat, rates
 from gally.bench.worker import Worker, WorkerError
+from gally.dtypes import bf16_bits
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=300)
@@ -276,8 +277,7 @@ def _write_peer_gguf(path, weights, cfg, dtype, tamper=None, permute=True):
             a = a.copy()
             a.flat[5] = np.nextafter(a.flat[5], np.float32(np.inf))
         if a.ndim == 2 and dtype == "bf16":
-            bits = (round_bf16(a).view(np.uint32) >> 16).astype(np.uint16)
-            w.add_tensor(peer_gguf.gguf_name(name), bits, raw_dtype=gguf.GGMLQuantizationType.BF16)
+            w.add_tensor(peer_gguf.gguf_name(name), bf16_bits(a), raw_dtype=gguf.GGMLQuantizationType.BF16)
         else:
             w.add_tensor(peer_gguf.gguf_name(name), a)
     w.write_header_to_file()

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import ISAS
 from gally import _core
-from conftest import ISAS, round_bf16, to_bf16_bits
+from gally.dtypes import as_float32, bf16_bits, round_bf16
 
 SIZES = list(range(1, 36))  # 1 … 2 × 16 lanes + 3
 SIMD = [isa for isa in ISAS if isa != "generic"] or ["generic"]
@@ -26,8 +27,8 @@ def weights(rng, rows, cols, wtype):
     if wtype == "f32":
         return w, w.astype(np.float64)
     if wtype == "bf16":
-        bits = to_bf16_bits(w)
-        return bits, (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        bits = bf16_bits(w)
+        return bits, as_float32("BF16", bits).astype(np.float64)
     half = w.astype(np.float16)
     return half.view(np.uint16), half.astype(np.float64)
 

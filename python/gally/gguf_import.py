@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import cache, gguf_tokenizer, safetensors_file
+from .dtypes import to_dtype
 
 # GGUF general.architecture → the HF architecture gally runs it as.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -229,21 +230,6 @@ def dequantize(t, path: str) -> np.ndarray:
     check_type(t, path)
     w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
     return np.ascontiguousarray(w, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
-
-
-def to_dtype(w: np.ndarray, dtype: str, name: str) -> np.ndarray:
-    """float32 → the stored dtype; bf16 as uint16 bit patterns, rounded to nearest even."""
-    if dtype == "f32":
-        return w
-    if dtype == "f16":
-        with np.errstate(over="ignore"):
-            out = w.astype(np.float16)
-        if np.isinf(out).any() and not np.isinf(w).any():
-            raise ValueError(f"tensor {name!r} has values beyond float16's range (±65504); convert with dtype bf16 or f32")
-        return out
-    bits = w.view(np.uint32)
-    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
-    return np.where(np.isnan(w), np.uint16(0x7FC0), rounded)
 
 
 class _Plan:

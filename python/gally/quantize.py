@@ -63,6 +63,8 @@ from typing import Optional
 
 import numpy as np
 
+from .dtypes import as_float32
+
 FORMAT = "gally-quant"
 VERSION = "1"
 KINDS = ("int8", "int4")
@@ -162,17 +164,6 @@ def unpack_int4(packed: np.ndarray, group_size: int) -> np.ndarray:
     rows, half_cols = packed.shape
     g = packed.reshape(rows, 2 * half_cols // group_size, 1, group_size // 2)
     return np.concatenate([g & 0x0F, g >> 4], axis=2).reshape(rows, 2 * half_cols)
-
-
-def as_float32(dtype: str, array: np.ndarray) -> np.ndarray:
-    """A stored tensor's values as float32 (bf16 arrives as uint16 bit patterns)."""
-    if dtype == "F32":
-        return np.asarray(array, dtype=np.float32)
-    if dtype == "F16":
-        return np.asarray(array).view(np.float16).astype(np.float32)
-    if dtype == "BF16":
-        return (np.asarray(array).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    raise ValueError(f"dtype {dtype} is not a floating-point weight dtype (F32, F16, BF16)")
 
 
 # ---- which tensors are quantized ----

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from ..gguf_import import to_dtype
+from ..dtypes import as_float32, to_dtype
 from .derived import PeerUnavailable, folder_for, run_tool, source_name
 
 # gally dtype → llama.cpp type of the peer's weights
@@ -137,18 +137,13 @@ def check_same_weights(folder: str, gguf_path: str, dtype: str) -> None:
         g = theirs.pop(gguf_name(name), None)
         if g is None:
             raise PeerUnavailable(f"{gguf_path}: tensor for {name} is missing")
-        if stored == "F32":
-            w = np.asarray(w)
-        elif stored == "BF16":
-            w = (np.asarray(w).astype(np.uint32) << 16).view(np.float32)
-        else:
-            w = np.asarray(w).astype(np.float32)
+        w = as_float32(stored, w)
         if name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _rope_permute(w, n_head)
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
             w = _rope_permute(w, n_kv)
         if w.ndim == 2 and dtype == "bf16":
-            want = to_dtype(np.ascontiguousarray(w, np.float32), "bf16", name)  # as gally converts at load
+            want = to_dtype(w, "bf16", name)  # as gally converts at load
             got = np.asarray(g.data).view(np.uint16)
         elif w.ndim == 2 and dtype == "f16":
             want, got = w.astype(np.float16).view(np.uint16), np.asarray(g.data).view(np.uint16)

@@ -27,8 +27,10 @@ def gguf_name(hf: str) -> str:
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's converter: within each head, row s·d/2 + j moves to 2j + s (interleaved RoPE pairs)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """llama.cpp's converter: within each head of d rows, row s·d/2 + j moves to 2j + s (interleaved
+    RoPE pairs). Written as a row gather, apart from the library's reshape, so that each checks the other."""
+    d = w.shape[0] // n_head
+    return w[[h * d + s * d // 2 + j for h in range(n_head) for j in range(d // 2) for s in (0, 1)]]
 
 
 def _f16(x) -> np.ndarray:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import gally
-from conftest import make_checkpoint
+import gguf_helpers
+from conftest import make_checkpoint, write_safetensors
 from gally import cli
 from gally.bench import peer_gguf, report
 from gally.bench.llama_bench import parse as parse_llama_bench
@@ -264,22 +265,23 @@ def test_llama_bench_json_is_read_per_test():
 
 
 def _write_peer_gguf(path, weights, cfg, dtype, tamper=None, permute=True):
-    """A GGUF laid out as convert_hf_to_gguf.py writes a Llama: llama.cpp names, q/k rows permuted."""
+    """A GGUF laid out as convert_hf_to_gguf.py writes a Llama: llama.cpp names, q/k rows permuted
+    (by the tests' own name table and permutation, not the library's)."""
     gguf = pytest.importorskip("gguf")
     w = gguf.GGUFWriter(str(path), "llama")
     for name, a in weights.items():
         a = np.asarray(a, dtype=np.float32)
         if "q_proj" in name and permute:
-            a = peer_gguf._rope_permute(a, cfg["num_attention_heads"])
+            a = gguf_helpers.permute(a, cfg["num_attention_heads"])
         elif "k_proj" in name and permute:
-            a = peer_gguf._rope_permute(a, cfg["num_key_value_heads"])
+            a = gguf_helpers.permute(a, cfg["num_key_value_heads"])
         if name == tamper:
             a = a.copy()
             a.flat[5] = np.nextafter(a.flat[5], np.float32(np.inf))
         if a.ndim == 2 and dtype == "bf16":
-            w.add_tensor(peer_gguf.gguf_name(name), bf16_bits(a), raw_dtype=gguf.GGMLQuantizationType.BF16)
+            w.add_tensor(gguf_helpers.gguf_name(name), bf16_bits(a), raw_dtype=gguf.GGMLQuantizationType.BF16)
         else:
-            w.add_tensor(peer_gguf.gguf_name(name), a)
+            w.add_tensor(gguf_helpers.gguf_name(name), a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -304,11 +306,17 @@ def test_peer_gguf_check_accepts_the_same_weights_only(tmp_path, dtype):
         peer_gguf.check_same_weights(folder, str(tmp_path / "order.gguf"), dtype)
 
 
-def test_peer_gguf_names_and_cache_key(tmp_path):
-    assert peer_gguf.gguf_name("model.layers.12.mlp.down_proj.weight") == "blk.12.ffn_down.weight"
-    assert peer_gguf.gguf_name("model.layers.0.self_attn.o_proj.weight") == "blk.0.attn_output.weight"
-    with pytest.raises(ValueError, match="no llama.cpp name"):
-        peer_gguf.gguf_name("model.vision_tower.weight")
+def test_peer_gguf_check_names_a_tensor_llama_cpp_has_no_name_for(tmp_path):
+    folder, stored = make_checkpoint(tmp_path / "m", **SMALL)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    _write_peer_gguf(tmp_path / "good.gguf", stored, cfg, "f32")
+    write_safetensors(os.path.join(folder, "model.safetensors"),
+                      {**stored, "model.vision_tower.weight": np.ones((2, 2), np.float32)})
+    with pytest.raises(peer_gguf.PeerUnavailable, match="tensor 'model.vision_tower.weight' has no llama.cpp name"):
+        peer_gguf.check_same_weights(folder, str(tmp_path / "good.gguf"), "f32")
+
+
+def test_peer_gguf_cache_key(tmp_path):
     folder = make_checkpoint(tmp_path / "m", **SMALL)[0]
     a = peer_gguf.cached_path(folder, "bf16", str(tmp_path / "c"))
     assert a.endswith("-BF16.gguf") and a == peer_gguf.cached_path(folder, "bf16", str(tmp_path / "c"))

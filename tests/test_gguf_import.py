@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 
 import gally
-from gally import gguf_import
+from gally import gguf_import, gguf_names
 from gally.cli import main as cli_main
 from gguf_helpers import byte_level_vocab, write_gguf
 from conftest import DEFAULT_CONFIG, random_weights, write_safetensors
@@ -87,14 +87,14 @@ def test_q_k_rows_are_unpermuted(tmp_path):
     cfg = tiny_config()
     weights = random_weights(cfg, seed=4)
     write_gguf(tmp_path / "m.gguf", cfg, weights)
-    raw = gguf_import.unpermute_rows(weights["model.layers.0.self_attn.q_proj.weight"], cfg["num_attention_heads"])
+    raw = gguf_names.unpermute_rows(weights["model.layers.0.self_attn.q_proj.weight"], cfg["num_attention_heads"])
     assert not np.array_equal(raw, weights["model.layers.0.self_attn.q_proj.weight"])
     model = gally.load(gguf_import.convert(tmp_path / "m.gguf", tmp_path / "c"))
     wrong = dict(weights)
     for name, heads in (("q_proj", cfg["num_attention_heads"]), ("k_proj", cfg["num_key_value_heads"])):
         for layer in range(cfg["num_hidden_layers"]):
             key = f"model.layers.{layer}.self_attn.{name}.weight"
-            wrong[key] = gguf_import.unpermute_rows(weights[key], heads)
+            wrong[key] = gguf_names.unpermute_rows(weights[key], heads)
     ids = token_ids(cfg["vocab_size"])
     right = gally.load(write_hf(tmp_path / "right", cfg, weights)).logits(ids)
     permuted = gally.load(write_hf(tmp_path / "wrong", cfg, wrong)).logits(ids)
@@ -111,6 +111,24 @@ def test_k_quants(tmp_path):
     got = converted_tensors(out)
     for name, w in held.items():
         np.testing.assert_array_equal(got[name], w, err_msg=name)
+    ids = token_ids(cfg["vocab_size"])
+    np.testing.assert_allclose(gally.load(out).logits(ids),
+                               gally.load(write_hf(tmp_path / "o", cfg, held)).logits(ids), rtol=0, atol=1e-5)
+
+
+def test_llama_attention_and_mlp_biases(tmp_path):
+    """q/k biases are permuted like their rows; llama.cpp names the MLP's biases blk.N.ffn_*.bias."""
+    cfg = tiny_config(attention_bias=True, mlp_bias=True)
+    weights = random_weights(cfg, seed=7)
+    assert "model.layers.1.mlp.down_proj.bias" in weights and "model.layers.1.self_attn.k_proj.bias" in weights
+    held = write_gguf(tmp_path / "m.gguf", cfg, weights)
+    out = gguf_import.convert(tmp_path / "m.gguf", tmp_path / "c")
+    got = converted_tensors(out)
+    assert set(got) == set(held)
+    for name, w in held.items():
+        np.testing.assert_array_equal(got[name], w, err_msg=name)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["attention_bias"] is True and config["mlp_bias"] is True
     ids = token_ids(cfg["vocab_size"])
     np.testing.assert_allclose(gally.load(out).logits(ids),
                                gally.load(write_hf(tmp_path / "o", cfg, held)).logits(ids), rtol=0, atol=1e-5)

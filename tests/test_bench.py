@@ -316,6 +316,18 @@ def test_peer_gguf_check_names_a_tensor_llama_cpp_has_no_name_for(tmp_path):
         peer_gguf.check_same_weights(folder, str(tmp_path / "good.gguf"), "f32")
 
 
+def test_peer_gguf_check_refuses_a_quantized_folder(tmp_path):
+    from gally import quantize
+
+    folder, stored = make_checkpoint(tmp_path / "m", **SMALL)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    _write_peer_gguf(tmp_path / "good.gguf", stored, cfg, "f32")
+    out = str(tmp_path / "q")
+    quantize.quantize_folder(folder, out, "int8")
+    with pytest.raises(peer_gguf.PeerUnavailable, match=r"q: tensor '.*qweight' has dtype I8, not F32/BF16/F16"):
+        peer_gguf.check_same_weights(out, str(tmp_path / "good.gguf"), "f32")
+
+
 def test_peer_gguf_cache_key(tmp_path):
     folder = make_checkpoint(tmp_path / "m", **SMALL)[0]
     a = peer_gguf.cached_path(folder, "bf16", str(tmp_path / "c"))

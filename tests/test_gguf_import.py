@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 
 import gally
-from gally import gguf_import, gguf_names
+from gally import gguf_import, gguf_names, safetensors_file
 from gally.cli import main as cli_main
 from gguf_helpers import byte_level_vocab, write_gguf
 from conftest import DEFAULT_CONFIG, random_weights, write_safetensors
@@ -154,7 +154,7 @@ def test_dtype(tmp_path, dtype):
     out = gguf_import.convert(tmp_path / "m.gguf", tmp_path / "c", dtype=dtype)
     with safe_open(os.path.join(out, "model.safetensors"), "np") as f:
         names = list(f.keys())
-    header = _safetensors_header(os.path.join(out, "model.safetensors"))
+    header, _ = safetensors_file.read_header(os.path.join(out, "model.safetensors"))
     for name in names:
         want = ("BF16" if dtype == "bf16" else "F16") if held[name].ndim == 2 else "F32"
         assert header[name]["dtype"] == want, name
@@ -359,12 +359,6 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         gguf_import.convert(tmp_path / "m.gguf", tmp_path / "out")
     assert _leftovers(tmp_path) == []
-
-
-def _safetensors_header(path) -> dict:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n))
 
 
 

@@ -10,7 +10,6 @@ llama.cpp users make them. Files are cached under GALLY_HOME/bench/ by model fol
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import sys
 
 import numpy as np
 
+from .. import safetensors_file
 from ..dtypes import as_float32, to_dtype
 from ..gguf_names import gguf_name, permute_rows, permuted_heads
 from .derived import PeerUnavailable, folder_for, run_tool, source_name
@@ -74,24 +74,6 @@ def find_tool(name: str, *dirs: str | None) -> str | None:
     return shutil.which(name)
 
 
-def read_safetensors(folder: str) -> dict:
-    """name → (safetensors dtype, raw array view: float32, uint16 for BF16, float16) of every shard."""
-    kinds = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16}
-    out = {}
-    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
-        for name, e in header.items():
-            if e["dtype"] not in kinds:
-                raise ValueError(f"{path}: tensor {name!r} has dtype {e['dtype']}, not F32/BF16/F16")
-            a, b = e["data_offsets"]
-            out[name] = (e["dtype"], raw[8 + n + a:8 + n + b].view(kinds[e["dtype"]]).reshape(e["shape"]))
-    return out
-
-
 def check_same_weights(folder: str, gguf_path: str, dtype: str) -> None:
     """Raises PeerUnavailable unless every matrix of the GGUF equals the folder's tensor as gally
     runs it at `dtype` (f32: the stored values; bf16: rounded to nearest even) and every vector equals
@@ -103,7 +85,12 @@ def check_same_weights(folder: str, gguf_path: str, dtype: str) -> None:
     reader = open_gguf(gguf_path)
     architecture = metadata(reader).get("general.architecture")
     theirs = {t.name: t for t in reader.tensors}
-    for name, (stored, w) in read_safetensors(folder).items():
+    tensors = safetensors_file.open_checkpoint(folder)
+    not_float = [name for name, t in tensors.items() if t.dtype not in ("F32", "BF16", "F16")]
+    if not_float:
+        raise PeerUnavailable(f"{folder}: tensor {not_float[0]!r} has dtype {tensors[not_float[0]].dtype}, "
+                              f"not F32/BF16/F16")
+    for name, tensor in tensors.items():
         if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
             continue
         their_name = gguf_name(name)
@@ -112,7 +99,7 @@ def check_same_weights(folder: str, gguf_path: str, dtype: str) -> None:
         g = theirs.pop(their_name, None)
         if g is None:
             raise PeerUnavailable(f"{gguf_path}: tensor for {name} is missing")
-        w = as_float32(stored, w)
+        w = as_float32(tensor.dtype, tensor.numpy())
         heads = permuted_heads(architecture, name, cfg)
         if heads:
             w = permute_rows(w, heads)

@@ -156,7 +156,7 @@ def test_protocol_matches_transformers_on_gpl(smollm):
 def test_progress_bar_draws_and_clears_its_line():
     import io
 
-    from gally.perplexity import ProgressBar
+    from gally.cli.perplexity import ProgressBar
 
     out = io.StringIO()
     bar = ProgressBar(out, width=10)

@@ -1,5 +1,5 @@
 """GGUF → Hugging Face folder (config.json, model.safetensors, tokenizer files), so that one loader
-serves both formats. `gally convert MODEL.gguf OUT_DIR` on the command line.
+serves both formats. `gally convert MODEL.gguf OUT_DIR` on the command line (cli/convert.py).
 
 What llama.cpp's converter changed, undone here:
 - names: blk.N.attn_q.weight is model.layers.N.self_attn.q_proj.weight, and so on (gguf_names);
@@ -13,7 +13,6 @@ What llama.cpp's converter changed, undone here:
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
@@ -313,21 +312,3 @@ def _gguf_version() -> str:
         return version("gguf")
     except Exception:
         return "(unknown version)"
-
-
-def add_parser(subparsers) -> None:
-    """Registers `gally convert MODEL.gguf OUT_DIR [--dtype ...]`."""
-    p = subparsers.add_parser("convert", help="convert a GGUF file into a Hugging Face folder gally loads",
-                              description="Dequantize a GGUF model (llama, qwen2) into a Hugging Face folder: "
-                                          "config.json, model.safetensors, tokenizer.json, tokenizer_config.json.")
-    p.add_argument("gguf", metavar="MODEL.gguf", help="the GGUF file")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to create (must not exist or be empty)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="f32",
-                   help="dtype of the weight matrices (default f32; norms and biases stay f32)")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    out = convert(args.gguf, args.out_dir, args.dtype)
-    print(out)
-    return 0

@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from .tokenizer import END_OF_TURN_TOKENS
+
 # llama.cpp's token types (tokenizer.ggml.token_type).
 CONTROL = 3
 USER_DEFINED = 4
@@ -49,11 +51,6 @@ PRE_TOKENIZER_SPLITS = {
 }
 
 TOKENIZER_MODELS = ("gpt2", "llama")
-
-# Texts of tokens that end a turn in the chat templates of common models; llama.cpp stops on them too.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-                      "<|end_of_text|>", "<EOT>", "<|return|>", "<|call|>", "<end_of_utterance>")
-
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte alphabet: each byte maps to a printable character; printable ASCII and most of

@@ -1,6 +1,5 @@
-"""int8 and int4 weights: the format, NumPy quantize/dequantize, the reader, `gally quantize`.
-
-    gally quantize SRC OUT --to int8|int4      # SRC: a model folder, a .gguf file or an alias
+"""int8 and int4 weights: the format, NumPy quantize/dequantize, the reader and the writer of a
+quantized folder (`gally quantize SRC OUT --to int8|int4`, cli/quantize.py).
 
 Format "gally-quant", version 1
 -------------------------------
@@ -53,7 +52,6 @@ normal range (max|w| < 7.8e-3 for int8) get subnormal scales with fewer signific
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -405,25 +403,3 @@ def quantize_folder(source: str, out_dir: str, to: str) -> QuantizedCheckpoint:
                 shutil.copyfile(os.path.join(folder, f), os.path.join(tmp, f))
         safetensors_file.write_file(os.path.join(tmp, "model.safetensors"), tensors, metadata)
     return read_checkpoint(out_dir)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("quantize", help="write an int8 or int4 copy of a model",
-                              description="Quantize a model's weight matrices to int8 or int4 (groups of 32, "
-                                          "float16 scales) into a new model folder that gally loads.")
-    p.add_argument("source", metavar="SRC", help="model folder, .gguf file or alias")
-    p.add_argument("out_dir", metavar="OUT", help="the folder to create (must not exist or be empty)")
-    p.add_argument("--to", required=True, choices=KINDS, help="int8 or int4")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    import time
-
-    start = time.perf_counter()
-    layout = quantize_folder(args.source, args.out_dir, args.to)
-    size = os.path.getsize(layout.path)
-    weights = sum(m.shape[0] * m.shape[1] for m in layout.matrices.values())
-    print(f"{args.out_dir}: {len(layout.matrices)} matrices ({weights / 1e6:.1f} M weights) in {args.to}, "
-          f"model.safetensors {size / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s")
-    return 0

@@ -15,9 +15,11 @@ import os
 from typing import Any, Iterable, Optional, Sequence
 
 from . import chat_template
-from .gguf_tokenizer import END_OF_TURN_TOKENS
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+# Texts of tokens that end a turn in the chat templates of common models; llama.cpp stops on them too.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+                      "<|end_of_text|>", "<EOT>", "<|return|>", "<|call|>", "<end_of_utterance>")
 
 
 class Tokenizer:

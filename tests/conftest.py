@@ -72,8 +72,8 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
         return (center + scale * rng.standard_normal(n)).astype(np.float32)
 
     w = {"model.embed_tokens.weight": rng.standard_normal((V, D)).astype(np.float32)}
-    for l in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{l}."
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
         w[p + "input_layernorm.weight"] = vec(D, 1.0)
         w[p + "post_attention_layernorm.weight"] = vec(D, 1.0)
         for name, rows, cols in (("q", H * hd, D), ("k", KV * hd, D), ("v", KV * hd, D), ("o", D, H * hd)):
@@ -111,3 +111,14 @@ def isa(request):
     _core.select_isa(request.param)
     yield request.param
     _core.select_isa(before)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real default model (real_model_helpers), fetched and converted once per machine."""
+    return gally.load()
+
+
+@pytest.fixture(scope="session")
+def smollm_bf16():
+    return gally.load(dtype="bf16")

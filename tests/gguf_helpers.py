@@ -7,9 +7,8 @@ weights the converted checkpoint must reproduce."""
 
 from __future__ import annotations
 
-import numpy as np
-
 import gguf
+import numpy as np
 
 GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
           "lm_head.weight": "output.weight"}
@@ -146,9 +145,10 @@ def write_gguf(path, cfg: dict, weights: dict[str, np.ndarray], types: dict[str,
         w.add_token_merges(tokenizer["merges"])
     if tokenizer.get("scores") is not None:
         w.add_token_scores(tokenizer["scores"])
-    for key in ("bos", "eos", "unk", "pad"):
+    for key, field in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
+                       ("pad", "padding_token_id")):
         if tokenizer.get(key) is not None:
-            w.add_uint32(f"tokenizer.ggml.{ {'bos': 'bos_token_id', 'eos': 'eos_token_id', 'unk': 'unknown_token_id', 'pad': 'padding_token_id'}[key]}", tokenizer[key])
+            w.add_uint32(f"tokenizer.ggml.{field}", tokenizer[key])
     if tokenizer.get("add_bos") is not None:
         w.add_add_bos_token(tokenizer["add_bos"])
     if tokenizer.get("chat_template"):

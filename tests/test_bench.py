@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import re
 import os
+import re
 
 import numpy as np
 import pytest
@@ -77,7 +77,8 @@ def test_generate_row_is_paired_with_raw_decode(result):
     assert {r.dtype for r in rows} == {"f32", "bf16"}
     for r in rows:
         assert len(r.tok_s.samples) == 3
-        m = re.search(r"raw Session.append decode alternated with it: ([0-9.]+) tok/s, generate / raw ([0-9.]+)", r.note)
+        m = re.search(r"raw Session.append decode alternated with it: ([0-9.]+) tok/s, generate / raw ([0-9.]+)",
+                      r.note)
         assert m, r.note
         assert float(m.group(1)) > 0 and math.isclose(float(m.group(2)), r.tok_s.mean / float(m.group(1)), rel_tol=0.01)
 
@@ -170,8 +171,8 @@ def test_ratio_table_divides_gally_by_the_peer(result):
 def test_absent_peers_are_reported_not_measured(folder, monkeypatch, tmp_path, capsys):
     real = importlib.util.find_spec
     # llama_cpp "installed" but no GGUF can be made; torch absent
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "torch" else (object() if name == "llama_cpp" else real(name, *a)))
+    fake = {"torch": None, "llama_cpp": object()}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake[name] if name in fake else real(name, *a))
     monkeypatch.setenv("GALLY_HOME", str(tmp_path))
     monkeypatch.delenv("GALLY_LLAMA_CPP", raising=False)
     monkeypatch.delenv("GALLY_LLAMA_CPP_BIN", raising=False)
@@ -237,7 +238,8 @@ def test_peers_get_the_launch_environment_not_gallys_import_settings(tmp_path):
     # a process whose environment gally's import may change (GOMP_SPINCOUNT) reports what a peer would get
     code = ("import os, json; os.environ['GALLY_BENCH_TEST_ADDED'] = '1'; "
             "from gally.bench.worker import launch_environment as l; e = l(); "
-            "print(json.dumps([e.get('GALLY_BENCH_TEST_ADDED'), e.get('GALLY_BENCH_TEST_KEPT'), 'GOMP_SPINCOUNT' in e]))")
+            "print(json.dumps([e.get('GALLY_BENCH_TEST_ADDED'), e.get('GALLY_BENCH_TEST_KEPT'), "
+            "'GOMP_SPINCOUNT' in e]))")
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     env["GALLY_BENCH_TEST_KEPT"] = "yes"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout

@@ -46,7 +46,8 @@ def test_bf16_bits_takes_any_float_layout():
 def test_f16_rounds_and_refuses_overflow():
     w = np.array([[1.0, 65504.0, 1e-8, -np.inf]], np.float32)
     np.testing.assert_array_equal(to_dtype(w, "f16", "x"), w.astype(np.float16))
-    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.up_proj.weight' has values beyond float16's range"):
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.up_proj.weight' has values "
+                                         r"beyond float16's range"):
         to_dtype(np.array([[1e6]], np.float32), "f16", "model.layers.0.mlp.up_proj.weight")
 
 

@@ -12,10 +12,10 @@ import pytest
 from safetensors import safe_open
 
 import gally
+from conftest import DEFAULT_CONFIG, random_weights, write_safetensors
 from gally import gguf_import, gguf_names, safetensors_file
 from gally.cli import main as cli_main
 from gguf_helpers import byte_level_vocab, write_gguf
-from conftest import DEFAULT_CONFIG, random_weights, write_safetensors
 
 VOCAB = byte_level_vocab()
 
@@ -161,13 +161,14 @@ def test_dtype(tmp_path, dtype):
     if dtype == "f16":
         got = converted_tensors(out)
         for name, w in held.items():
-            np.testing.assert_array_equal(got[name].astype(np.float32), w.astype(np.float16).astype(np.float32) if w.ndim == 2 else w)
+            want = w.astype(np.float16).astype(np.float32) if w.ndim == 2 else w
+            np.testing.assert_array_equal(got[name].astype(np.float32), want)
     model = gally.load(out, dtype=dtype)
     assert model.dtype == dtype and model.copied_bytes == 0
     # the engine's own f32 → dtype conversion at load gives the same weights
     ids = token_ids(cfg["vocab_size"])
-    np.testing.assert_allclose(model.logits(ids), gally.load(write_hf(tmp_path / "o", cfg, held), dtype=dtype).logits(ids),
-                               rtol=0, atol=1e-5)
+    converted_at_load = gally.load(write_hf(tmp_path / "o", cfg, held), dtype=dtype)
+    np.testing.assert_allclose(model.logits(ids), converted_at_load.logits(ids), rtol=0, atol=1e-5)
 
 
 def test_rope_scaling(tmp_path):
@@ -217,7 +218,8 @@ def test_tokenizer_files(tmp_path):
 
 
 # Strings that exercise the pre-tokenizer regexes, added tokens and byte fallback.
-TEXTS = ["the cat sat on the mat", "a b <think>x</think>", "<unk> <s>x</s>", "Hello World", "  leading spaces", "trailing   ", "tabs\tand\nnewlines\r\n",
+TEXTS = ["the cat sat on the mat", "a b <think>x</think>", "<unk> <s>x</s>", "Hello World", "  leading spaces",
+         "trailing   ", "tabs\tand\nnewlines\r\n",
          "numbers 1234567 and 3.14159", "don't I'm we'll THEY'RE", "<|im_start|>user\nhi<|im_end|>",
          "x<|endoftext|>y", "<|im_", "héllo wörld ñ", "東京 タワー", "🐕🐕 emoji 👩‍👩‍👧", "a\u00a0b", "\n\n\n", "",
          "def f(x):\n    return x**2  # comment", "ÅÄÖ åäö", "٠١٢ مرحبا", "\u2581already marked", "  \n \t "]

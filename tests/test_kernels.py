@@ -85,14 +85,15 @@ def test_matmul_many_equals_one_by_one(isa):
     rng = np.random.default_rng(9)
     for n_tok in (1, 3, 4, 50):
         x = rng.standard_normal((n_tok, 40)).astype(np.float32)
-        mats = [weights(rng, rows, 40, wtype)[0] for rows, wtype in ((7, "bf16"), (33, "f32"), (16, "bf16"), (5, "f16"))]
         types = ["bf16", "f32", "bf16", "f16"]
+        mats = [weights(rng, rows, 40, wtype)[0] for rows, wtype in zip((7, 33, 16, 5), types)]
         ranges = [(0, 7), (3, 30), (8, 16), (0, 5)]
         want = [np.full((n_tok, W.shape[0]), 1.5, np.float32) for W in mats]
         for W, t, (r0, r1), y in zip(mats, types, ranges, want):
             _core.kernel_matmul(isa, x, W, t, None, y, True, r0, r1)
         got = [np.full((n_tok, W.shape[0]), 1.5, np.float32) for W in mats]
-        _core.kernel_matmul_many(isa, x, [(W, t, y, r0, r1, True) for W, t, (r0, r1), y in zip(mats, types, ranges, got)])
+        outs = [(W, t, y, r0, r1, True) for W, t, (r0, r1), y in zip(mats, types, ranges, got)]
+        _core.kernel_matmul_many(isa, x, outs)
         for a, b in zip(got, want):
             assert np.array_equal(a, b)
 

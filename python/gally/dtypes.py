@@ -38,7 +38,8 @@ def to_dtype(w: np.ndarray, dtype: str, name: str) -> np.ndarray:
         with np.errstate(over="ignore"):
             out = w.astype(np.float16)
         if np.isinf(out).any() and not np.isinf(w).any():
-            raise ValueError(f"tensor {name!r} has values beyond float16's range (±65504); convert with dtype bf16 or f32")
+            raise ValueError(f"tensor {name!r} has values beyond float16's range (±65504); "
+                             f"convert with dtype bf16 or f32")
         return out
     if dtype == "bf16":
         return bf16_bits(w)

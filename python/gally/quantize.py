@@ -53,7 +53,6 @@ normal range (max|w| < 7.8e-3 for int8) get subnormal scales with fewer signific
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -249,7 +248,8 @@ def read_header(path: str) -> tuple[dict, dict]:
 
     header, metadata = safetensors_file.read_header(path)
     for name, info in header.items():
-        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or not isinstance(info.get("shape"), list):
+        if (not isinstance(info, dict) or not isinstance(info.get("dtype"), str)
+                or not isinstance(info.get("shape"), list)):
             raise ValueError(f"{path}: tensor {name!r}: header entry needs a dtype and a shape")
     return header, metadata
 
@@ -285,7 +285,8 @@ def read_file(path: str) -> Optional[QuantizedCheckpoint]:
         raise ValueError(f"{path}: {FORMAT} version {version!r}; this gally reads version {VERSION!r}")
     quant_type = metadata.get(METADATA_TYPE)
     if quant_type not in KINDS:
-        raise ValueError(f"{path}: __metadata__ {METADATA_TYPE!r} is {quant_type!r}, expected one of {', '.join(KINDS)}")
+        raise ValueError(f"{path}: __metadata__ {METADATA_TYPE!r} is {quant_type!r}, "
+                         f"expected one of {', '.join(KINDS)}")
 
     matrices: dict[str, QuantizedMatrix] = {}
     used: set[str] = set()
@@ -301,7 +302,8 @@ def read_file(path: str) -> Optional[QuantizedCheckpoint]:
         group = _group_size(path, metadata, kind)
         rows, cols = shape[0], shape[1] * (2 if kind == "int4" else 1)
         if cols % group:
-            raise ValueError(f"{path}: tensor {qname!r}: {cols} columns is not a multiple of the {kind} group size {group}")
+            raise ValueError(f"{path}: tensor {qname!r}: {cols} columns is not a multiple of the {kind} "
+                             f"group size {group}")
         expected = [rows, cols // group]
         parts = {"scales": base + ".scales", "mins": base + ".mins" if kind == "int4" else None}
         for part, pname in parts.items():
@@ -399,7 +401,8 @@ def quantize_folder(source: str, out_dir: str, to: str) -> QuantizedCheckpoint:
         os.rmdir(out_dir)
     with cache.building(out_dir) as tmp:
         for f in sorted(os.listdir(folder)):
-            if f.endswith(_COPIED_SUFFIXES) and f != "model.safetensors.index.json" and os.path.isfile(os.path.join(folder, f)):
+            copied = f.endswith(_COPIED_SUFFIXES) and f != "model.safetensors.index.json"
+            if copied and os.path.isfile(os.path.join(folder, f)):
                 shutil.copyfile(os.path.join(folder, f), os.path.join(tmp, f))
         safetensors_file.write_file(os.path.join(tmp, "model.safetensors"), tensors, metadata)
     return read_checkpoint(out_dir)

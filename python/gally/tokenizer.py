@@ -34,7 +34,8 @@ class Tokenizer:
         self.chat_template = chat_template
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self.bos_token_id = self.token_to_id(self.special_tokens["bos_token"]) if "bos_token" in self.special_tokens else None
+        bos = self.special_tokens.get("bos_token")
+        self.bos_token_id = self.token_to_id(bos) if bos is not None else None
 
     @classmethod
     def from_folder(cls, folder: str) -> "Tokenizer":

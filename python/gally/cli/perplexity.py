@@ -33,7 +33,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("perplexity", help="perplexity of a model on a text file (llama.cpp's protocol)",
                               description="Perplexity on FILE: non-overlapping windows of --ctx tokens (no BOS), "
                                           "each scoring its second half, as llama-perplexity does.")
-    p.add_argument("-m", "--model", default=None, help="model folder, .gguf file or alias (default: smollm2-135m-instruct)")
+    p.add_argument("-m", "--model", default=None,
+                   help="model folder, .gguf file or alias (default: smollm2-135m-instruct)")
     p.add_argument("-f", "--file", required=True, help='text file (UTF-8); "-" reads stdin')
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="convert the weights at load")

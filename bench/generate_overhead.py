@@ -50,7 +50,8 @@ def sampling_on_model_logits(model, prompt_ids, steps: int = 64) -> None:
     print(f"\n| config, on this model's logits ({steps} steps) | µs per sampled token |\n|---|---:|")
     for name, kw in list(CONFIGS.items()) + [("temperature 1, no filter", dict(temperature=1.0, top_k=0, top_p=1.0,
                                                                               min_p=0.0))]:
-        sampler = sampling.Sampler(sampling.SamplingParams(**kw), model.config.vocab_size, seed=0, prompt_ids=prompt_ids)
+        params = sampling.SamplingParams(**kw)
+        sampler = sampling.Sampler(params, model.config.vocab_size, seed=0, prompt_ids=prompt_ids)
         t0 = time.perf_counter()
         for _ in range(5):
             for x in logits:

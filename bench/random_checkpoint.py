@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from gally.gguf_import import to_dtype
+from gally.dtypes import to_dtype
 
 # SmolLM2-135M-Instruct's config.json (the fields gally reads)
 CONFIG = {

@@ -11,19 +11,9 @@ import pytest
 
 import gally
 from gally import _core
+from gally.dtypes import bf16_bits, round_bf16
 
 ISAS = list(_core.available_isas())
-
-
-def round_bf16(a: np.ndarray) -> np.ndarray:
-    """f32 → nearest-even bf16, returned as f32 values."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint32) << 16
-    return u.view(np.float32)
-
-
-def to_bf16_bits(a: np.ndarray) -> np.ndarray:
-    return (round_bf16(a).view(np.uint32) >> 16).astype(np.uint16)
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str = "F32") -> None:
@@ -35,7 +25,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str = "F
         elif dtype == "F16":
             data = np.ascontiguousarray(a, dtype=np.float16).tobytes()
         elif dtype == "BF16":
-            data = to_bf16_bits(a).tobytes()
+            data = bf16_bits(a).tobytes()
         else:
             raise ValueError(dtype)
         header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + len(data)]}
@@ -82,8 +72,8 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
         return (center + scale * rng.standard_normal(n)).astype(np.float32)
 
     w = {"model.embed_tokens.weight": rng.standard_normal((V, D)).astype(np.float32)}
-    for l in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{l}."
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
         w[p + "input_layernorm.weight"] = vec(D, 1.0)
         w[p + "post_attention_layernorm.weight"] = vec(D, 1.0)
         for name, rows, cols in (("q", H * hd, D), ("k", KV * hd, D), ("v", KV * hd, D), ("o", D, H * hd)):
@@ -121,3 +111,14 @@ def isa(request):
     _core.select_isa(request.param)
     yield request.param
     _core.select_isa(before)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real default model (real_model_helpers), fetched and converted once per machine."""
+    return gally.load()
+
+
+@pytest.fixture(scope="session")
+def smollm_bf16():
+    return gally.load(dtype="bf16")

@@ -92,8 +92,8 @@ class ScriptedModel:
         self.path = "<scripted>"
         self.rng = np.random.default_rng(0)
         self.config = Config.from_dict(dict(architectures=["LlamaForCausalLM"], hidden_size=8, intermediate_size=8,
-                                            num_hidden_layers=1, num_attention_heads=1, vocab_size=tokenizer.vocab_size + padded_vocab,
-                                            eos_token_id=0))
+                                            num_hidden_layers=1, num_attention_heads=1,
+                                            vocab_size=tokenizer.vocab_size + padded_vocab, eos_token_id=0))
         self.sessions: list[ScriptedSession] = []
 
     def session(self, max_context=None):

@@ -7,9 +7,8 @@ weights the converted checkpoint must reproduce."""
 
 from __future__ import annotations
 
-import numpy as np
-
 import gguf
+import numpy as np
 
 GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
           "lm_head.weight": "output.weight"}
@@ -27,8 +26,10 @@ def gguf_name(hf: str) -> str:
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's converter: within each head, row s·d/2 + j moves to 2j + s (interleaved RoPE pairs)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """llama.cpp's converter: within each head of d rows, row s·d/2 + j moves to 2j + s (interleaved
+    RoPE pairs). Written as a row gather, apart from the library's reshape, so that each checks the other."""
+    d = w.shape[0] // n_head
+    return w[[h * d + s * d // 2 + j for h in range(n_head) for j in range(d // 2) for s in (0, 1)]]
 
 
 def _f16(x) -> np.ndarray:
@@ -144,9 +145,10 @@ def write_gguf(path, cfg: dict, weights: dict[str, np.ndarray], types: dict[str,
         w.add_token_merges(tokenizer["merges"])
     if tokenizer.get("scores") is not None:
         w.add_token_scores(tokenizer["scores"])
-    for key in ("bos", "eos", "unk", "pad"):
+    for key, field in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
+                       ("pad", "padding_token_id")):
         if tokenizer.get(key) is not None:
-            w.add_uint32(f"tokenizer.ggml.{ {'bos': 'bos_token_id', 'eos': 'eos_token_id', 'unk': 'unknown_token_id', 'pad': 'padding_token_id'}[key]}", tokenizer[key])
+            w.add_uint32(f"tokenizer.ggml.{field}", tokenizer[key])
     if tokenizer.get("add_bos") is not None:
         w.add_add_bos_token(tokenizer["add_bos"])
     if tokenizer.get("chat_template"):

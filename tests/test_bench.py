@@ -5,20 +5,22 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import re
 import os
+import re
 
 import numpy as np
 import pytest
 
 import gally
-from conftest import make_checkpoint, round_bf16
+import gguf_helpers
+from conftest import make_checkpoint, write_safetensors
 from gally import cli
 from gally.bench import peer_gguf, report
 from gally.bench.llama_bench import parse as parse_llama_bench
 from gally.bench.run import Options, Test as BenchTest, run
 from gally.bench.stats import Stat, rates
 from gally.bench.worker import Worker, WorkerError
+from gally.dtypes import bf16_bits
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=300)
@@ -75,7 +77,8 @@ def test_generate_row_is_paired_with_raw_decode(result):
     assert {r.dtype for r in rows} == {"f32", "bf16"}
     for r in rows:
         assert len(r.tok_s.samples) == 3
-        m = re.search(r"raw Session.append decode alternated with it: ([0-9.]+) tok/s, generate / raw ([0-9.]+)", r.note)
+        m = re.search(r"raw Session.append decode alternated with it: ([0-9.]+) tok/s, generate / raw ([0-9.]+)",
+                      r.note)
         assert m, r.note
         assert float(m.group(1)) > 0 and math.isclose(float(m.group(2)), r.tok_s.mean / float(m.group(1)), rel_tol=0.01)
 
@@ -168,8 +171,8 @@ def test_ratio_table_divides_gally_by_the_peer(result):
 def test_absent_peers_are_reported_not_measured(folder, monkeypatch, tmp_path, capsys):
     real = importlib.util.find_spec
     # llama_cpp "installed" but no GGUF can be made; torch absent
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "torch" else (object() if name == "llama_cpp" else real(name, *a)))
+    fake = {"torch": None, "llama_cpp": object()}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake[name] if name in fake else real(name, *a))
     monkeypatch.setenv("GALLY_HOME", str(tmp_path))
     monkeypatch.delenv("GALLY_LLAMA_CPP", raising=False)
     monkeypatch.delenv("GALLY_LLAMA_CPP_BIN", raising=False)
@@ -235,7 +238,8 @@ def test_peers_get_the_launch_environment_not_gallys_import_settings(tmp_path):
     # a process whose environment gally's import may change (GOMP_SPINCOUNT) reports what a peer would get
     code = ("import os, json; os.environ['GALLY_BENCH_TEST_ADDED'] = '1'; "
             "from gally.bench.worker import launch_environment as l; e = l(); "
-            "print(json.dumps([e.get('GALLY_BENCH_TEST_ADDED'), e.get('GALLY_BENCH_TEST_KEPT'), 'GOMP_SPINCOUNT' in e]))")
+            "print(json.dumps([e.get('GALLY_BENCH_TEST_ADDED'), e.get('GALLY_BENCH_TEST_KEPT'), "
+            "'GOMP_SPINCOUNT' in e]))")
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     env["GALLY_BENCH_TEST_KEPT"] = "yes"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
@@ -263,23 +267,23 @@ def test_llama_bench_json_is_read_per_test():
 
 
 def _write_peer_gguf(path, weights, cfg, dtype, tamper=None, permute=True):
-    """A GGUF laid out as convert_hf_to_gguf.py writes a Llama: llama.cpp names, q/k rows permuted."""
+    """A GGUF laid out as convert_hf_to_gguf.py writes a Llama: llama.cpp names, q/k rows permuted
+    (by the tests' own name table and permutation, not the library's)."""
     gguf = pytest.importorskip("gguf")
     w = gguf.GGUFWriter(str(path), "llama")
     for name, a in weights.items():
         a = np.asarray(a, dtype=np.float32)
         if "q_proj" in name and permute:
-            a = peer_gguf._rope_permute(a, cfg["num_attention_heads"])
+            a = gguf_helpers.permute(a, cfg["num_attention_heads"])
         elif "k_proj" in name and permute:
-            a = peer_gguf._rope_permute(a, cfg["num_key_value_heads"])
+            a = gguf_helpers.permute(a, cfg["num_key_value_heads"])
         if name == tamper:
             a = a.copy()
             a.flat[5] = np.nextafter(a.flat[5], np.float32(np.inf))
         if a.ndim == 2 and dtype == "bf16":
-            bits = (round_bf16(a).view(np.uint32) >> 16).astype(np.uint16)
-            w.add_tensor(peer_gguf.gguf_name(name), bits, raw_dtype=gguf.GGMLQuantizationType.BF16)
+            w.add_tensor(gguf_helpers.gguf_name(name), bf16_bits(a), raw_dtype=gguf.GGMLQuantizationType.BF16)
         else:
-            w.add_tensor(peer_gguf.gguf_name(name), a)
+            w.add_tensor(gguf_helpers.gguf_name(name), a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -304,11 +308,29 @@ def test_peer_gguf_check_accepts_the_same_weights_only(tmp_path, dtype):
         peer_gguf.check_same_weights(folder, str(tmp_path / "order.gguf"), dtype)
 
 
-def test_peer_gguf_names_and_cache_key(tmp_path):
-    assert peer_gguf.gguf_name("model.layers.12.mlp.down_proj.weight") == "blk.12.ffn_down.weight"
-    assert peer_gguf.gguf_name("model.layers.0.self_attn.o_proj.weight") == "blk.0.attn_output.weight"
-    with pytest.raises(ValueError, match="no llama.cpp name"):
-        peer_gguf.gguf_name("model.vision_tower.weight")
+def test_peer_gguf_check_names_a_tensor_llama_cpp_has_no_name_for(tmp_path):
+    folder, stored = make_checkpoint(tmp_path / "m", **SMALL)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    _write_peer_gguf(tmp_path / "good.gguf", stored, cfg, "f32")
+    write_safetensors(os.path.join(folder, "model.safetensors"),
+                      {**stored, "model.vision_tower.weight": np.ones((2, 2), np.float32)})
+    with pytest.raises(peer_gguf.PeerUnavailable, match="tensor 'model.vision_tower.weight' has no llama.cpp name"):
+        peer_gguf.check_same_weights(folder, str(tmp_path / "good.gguf"), "f32")
+
+
+def test_peer_gguf_check_refuses_a_quantized_folder(tmp_path):
+    from gally import quantize
+
+    folder, stored = make_checkpoint(tmp_path / "m", **SMALL)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    _write_peer_gguf(tmp_path / "good.gguf", stored, cfg, "f32")
+    out = str(tmp_path / "q")
+    quantize.quantize_folder(folder, out, "int8")
+    with pytest.raises(peer_gguf.PeerUnavailable, match=r"q: tensor '.*qweight' has dtype I8, not F32/BF16/F16"):
+        peer_gguf.check_same_weights(out, str(tmp_path / "good.gguf"), "f32")
+
+
+def test_peer_gguf_cache_key(tmp_path):
     folder = make_checkpoint(tmp_path / "m", **SMALL)[0]
     a = peer_gguf.cached_path(folder, "bf16", str(tmp_path / "c"))
     assert a.endswith("-BF16.gguf") and a == peer_gguf.cached_path(folder, "bf16", str(tmp_path / "c"))

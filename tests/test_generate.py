@@ -135,7 +135,8 @@ def test_context_end_stops_with_length(tok):
 
 def test_defaults_come_from_generation_config(tok):
     model, ids = scripted(tok, "The quick brown fox jumps over the lazy dog.",
-                          generation_config={"do_sample": False, "max_new_tokens": 5, "top_k": 7, "repetition_penalty": 1.1})
+                          generation_config={"do_sample": False, "max_new_tokens": 5, "top_k": 7,
+                                             "repetition_penalty": 1.1})
     opts = gen.resolve_options(model)
     assert opts.max_new_tokens == 5 and opts.params.greedy and opts.params.top_k == 7
     assert opts.params.repetition_penalty == 1.1 and opts.params.top_p == gen.DEFAULTS["top_p"]
@@ -215,7 +216,8 @@ def test_seeds_reproduce_and_differ(model):
 
 
 @pytest.mark.parametrize("kw", [
-    dict(), dict(stop=[" the", "e"], top_k=20), dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.5),
+    dict(), dict(stop=[" the", "e"], top_k=20),
+    dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.5),
     dict(logprobs=2, min_p=0.1),
 ])
 def test_streamed_equals_non_streamed(model, kw):

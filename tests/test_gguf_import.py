@@ -12,10 +12,10 @@ import pytest
 from safetensors import safe_open
 
 import gally
-from gally import gguf_import
+from conftest import DEFAULT_CONFIG, random_weights, write_safetensors
+from gally import gguf_import, gguf_names, safetensors_file
 from gally.cli import main as cli_main
 from gguf_helpers import byte_level_vocab, write_gguf
-from conftest import DEFAULT_CONFIG, random_weights, round_bf16, write_safetensors
 
 VOCAB = byte_level_vocab()
 
@@ -87,14 +87,14 @@ def test_q_k_rows_are_unpermuted(tmp_path):
     cfg = tiny_config()
     weights = random_weights(cfg, seed=4)
     write_gguf(tmp_path / "m.gguf", cfg, weights)
-    raw = gguf_import.unpermute_rows(weights["model.layers.0.self_attn.q_proj.weight"], cfg["num_attention_heads"])
+    raw = gguf_names.unpermute_rows(weights["model.layers.0.self_attn.q_proj.weight"], cfg["num_attention_heads"])
     assert not np.array_equal(raw, weights["model.layers.0.self_attn.q_proj.weight"])
     model = gally.load(gguf_import.convert(tmp_path / "m.gguf", tmp_path / "c"))
     wrong = dict(weights)
     for name, heads in (("q_proj", cfg["num_attention_heads"]), ("k_proj", cfg["num_key_value_heads"])):
         for layer in range(cfg["num_hidden_layers"]):
             key = f"model.layers.{layer}.self_attn.{name}.weight"
-            wrong[key] = gguf_import.unpermute_rows(weights[key], heads)
+            wrong[key] = gguf_names.unpermute_rows(weights[key], heads)
     ids = token_ids(cfg["vocab_size"])
     right = gally.load(write_hf(tmp_path / "right", cfg, weights)).logits(ids)
     permuted = gally.load(write_hf(tmp_path / "wrong", cfg, wrong)).logits(ids)
@@ -111,6 +111,24 @@ def test_k_quants(tmp_path):
     got = converted_tensors(out)
     for name, w in held.items():
         np.testing.assert_array_equal(got[name], w, err_msg=name)
+    ids = token_ids(cfg["vocab_size"])
+    np.testing.assert_allclose(gally.load(out).logits(ids),
+                               gally.load(write_hf(tmp_path / "o", cfg, held)).logits(ids), rtol=0, atol=1e-5)
+
+
+def test_llama_attention_and_mlp_biases(tmp_path):
+    """q/k biases are permuted like their rows; llama.cpp names the MLP's biases blk.N.ffn_*.bias."""
+    cfg = tiny_config(attention_bias=True, mlp_bias=True)
+    weights = random_weights(cfg, seed=7)
+    assert "model.layers.1.mlp.down_proj.bias" in weights and "model.layers.1.self_attn.k_proj.bias" in weights
+    held = write_gguf(tmp_path / "m.gguf", cfg, weights)
+    out = gguf_import.convert(tmp_path / "m.gguf", tmp_path / "c")
+    got = converted_tensors(out)
+    assert set(got) == set(held)
+    for name, w in held.items():
+        np.testing.assert_array_equal(got[name], w, err_msg=name)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["attention_bias"] is True and config["mlp_bias"] is True
     ids = token_ids(cfg["vocab_size"])
     np.testing.assert_allclose(gally.load(out).logits(ids),
                                gally.load(write_hf(tmp_path / "o", cfg, held)).logits(ids), rtol=0, atol=1e-5)
@@ -136,32 +154,21 @@ def test_dtype(tmp_path, dtype):
     out = gguf_import.convert(tmp_path / "m.gguf", tmp_path / "c", dtype=dtype)
     with safe_open(os.path.join(out, "model.safetensors"), "np") as f:
         names = list(f.keys())
-    header = _safetensors_header(os.path.join(out, "model.safetensors"))
+    header, _ = safetensors_file.read_header(os.path.join(out, "model.safetensors"))
     for name in names:
         want = ("BF16" if dtype == "bf16" else "F16") if held[name].ndim == 2 else "F32"
         assert header[name]["dtype"] == want, name
     if dtype == "f16":
         got = converted_tensors(out)
         for name, w in held.items():
-            np.testing.assert_array_equal(got[name].astype(np.float32), w.astype(np.float16).astype(np.float32) if w.ndim == 2 else w)
+            want = w.astype(np.float16).astype(np.float32) if w.ndim == 2 else w
+            np.testing.assert_array_equal(got[name].astype(np.float32), want)
     model = gally.load(out, dtype=dtype)
     assert model.dtype == dtype and model.copied_bytes == 0
     # the engine's own f32 → dtype conversion at load gives the same weights
     ids = token_ids(cfg["vocab_size"])
-    np.testing.assert_allclose(model.logits(ids), gally.load(write_hf(tmp_path / "o", cfg, held), dtype=dtype).logits(ids),
-                               rtol=0, atol=1e-5)
-
-
-def test_bf16_rounding_is_nearest_even():
-    x = np.array([1.0, 1.00390625, 1.01171875, -2.5, 3.4e38, 1e-40, np.inf, -np.inf], dtype=np.float32)
-    bits = gguf_import.to_dtype(x, "bf16", "x")
-    np.testing.assert_array_equal((bits.astype(np.uint32) << 16).view(np.float32), round_bf16(x))
-    assert np.isnan((gguf_import.to_dtype(np.array([np.nan], np.float32), "bf16", "x").astype(np.uint32) << 16).view(np.float32)).all()
-
-
-def test_f16_overflow_is_refused():
-    with pytest.raises(ValueError, match="float16"):
-        gguf_import.to_dtype(np.array([[1e6]], np.float32), "f16", "model.layers.0.mlp.up_proj.weight")
+    converted_at_load = gally.load(write_hf(tmp_path / "o", cfg, held), dtype=dtype)
+    np.testing.assert_allclose(model.logits(ids), converted_at_load.logits(ids), rtol=0, atol=1e-5)
 
 
 def test_rope_scaling(tmp_path):
@@ -211,7 +218,8 @@ def test_tokenizer_files(tmp_path):
 
 
 # Strings that exercise the pre-tokenizer regexes, added tokens and byte fallback.
-TEXTS = ["the cat sat on the mat", "a b <think>x</think>", "<unk> <s>x</s>", "Hello World", "  leading spaces", "trailing   ", "tabs\tand\nnewlines\r\n",
+TEXTS = ["the cat sat on the mat", "a b <think>x</think>", "<unk> <s>x</s>", "Hello World", "  leading spaces",
+         "trailing   ", "tabs\tand\nnewlines\r\n",
          "numbers 1234567 and 3.14159", "don't I'm we'll THEY'RE", "<|im_start|>user\nhi<|im_end|>",
          "x<|endoftext|>y", "<|im_", "héllo wörld ñ", "東京 タワー", "🐕🐕 emoji 👩‍👩‍👧", "a\u00a0b", "\n\n\n", "",
          "def f(x):\n    return x**2  # comment", "ÅÄÖ åäö", "٠١٢ مرحبا", "\u2581already marked", "  \n \t "]
@@ -353,12 +361,6 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         gguf_import.convert(tmp_path / "m.gguf", tmp_path / "out")
     assert _leftovers(tmp_path) == []
-
-
-def _safetensors_header(path) -> dict:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n))
 
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import ISAS
 from gally import _core
-from conftest import ISAS, round_bf16, to_bf16_bits
+from gally.dtypes import as_float32, bf16_bits, round_bf16
 
 SIZES = list(range(1, 36))  # 1 … 2 × 16 lanes + 3
 SIMD = [isa for isa in ISAS if isa != "generic"] or ["generic"]
@@ -26,8 +27,8 @@ def weights(rng, rows, cols, wtype):
     if wtype == "f32":
         return w, w.astype(np.float64)
     if wtype == "bf16":
-        bits = to_bf16_bits(w)
-        return bits, (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        bits = bf16_bits(w)
+        return bits, as_float32("BF16", bits).astype(np.float64)
     half = w.astype(np.float16)
     return half.view(np.uint16), half.astype(np.float64)
 
@@ -84,14 +85,15 @@ def test_matmul_many_equals_one_by_one(isa):
     rng = np.random.default_rng(9)
     for n_tok in (1, 3, 4, 50):
         x = rng.standard_normal((n_tok, 40)).astype(np.float32)
-        mats = [weights(rng, rows, 40, wtype)[0] for rows, wtype in ((7, "bf16"), (33, "f32"), (16, "bf16"), (5, "f16"))]
         types = ["bf16", "f32", "bf16", "f16"]
+        mats = [weights(rng, rows, 40, wtype)[0] for rows, wtype in zip((7, 33, 16, 5), types)]
         ranges = [(0, 7), (3, 30), (8, 16), (0, 5)]
         want = [np.full((n_tok, W.shape[0]), 1.5, np.float32) for W in mats]
         for W, t, (r0, r1), y in zip(mats, types, ranges, want):
             _core.testing.kernel_matmul(isa, x, W, t, None, y, True, r0, r1)
         got = [np.full((n_tok, W.shape[0]), 1.5, np.float32) for W in mats]
-        _core.testing.kernel_matmul_many(isa, x, [(W, t, y, r0, r1, True) for W, t, (r0, r1), y in zip(mats, types, ranges, got)])
+        outs = [(W, t, y, r0, r1, True) for W, t, (r0, r1), y in zip(mats, types, ranges, got)]
+        _core.testing.kernel_matmul_many(isa, x, outs)
         for a, b in zip(got, want):
             assert np.array_equal(a, b)
 

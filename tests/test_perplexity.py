@@ -72,7 +72,8 @@ def text_model(tmp_path_factory):
     folder = str(make_text_checkpoint(tmp_path_factory.mktemp("ppl_text")))
     path = os.path.join(folder, "tokenizer.json")
     backend = Tokenizer.from_file(path)
-    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                           special_tokens=[("<|im_start|>", 1)])
     backend.save(path)
     return folder
 
@@ -156,7 +157,7 @@ def test_protocol_matches_transformers_on_gpl(smollm):
 def test_progress_bar_draws_and_clears_its_line():
     import io
 
-    from gally.perplexity import ProgressBar
+    from gally.cli.perplexity import ProgressBar
 
     out = io.StringIO()
     bar = ProgressBar(out, width=10)

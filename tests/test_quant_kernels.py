@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import ISAS
 from gally import _core
-from conftest import ISAS, round_bf16
+from gally.dtypes import round_bf16
 
 G = 32
 

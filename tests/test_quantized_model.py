@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import gally
+from conftest import make_checkpoint
 from gally import quantize, safetensors_file
-from conftest import make_checkpoint, write_safetensors
 from reference_numpy import forward
 
 TOKENS = [5, 17, 3, 88, 42, 0, 96, 11, 23, 64, 7, 7, 31, 50, 2, 77, 19]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from real_model_helpers import CASES, NEAR_TIE, case_ids, reference, smollm, smollm_bf16  # noqa: F401
+from real_model_helpers import CASES, NEAR_TIE, case_ids, reference
 
 BF16_STEPS = 16
 BF16_NEAR_TIE = 0.15

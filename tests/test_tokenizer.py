@@ -91,8 +91,8 @@ def test_chat_templates_match_transformers(tok, hf_tok):
         for add in (True, False):
             want = hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=add)
             assert tok.apply_chat_template(chat, add_generation_prompt=add) == want
-            assert tok.encode_chat(chat, add) == hf_tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=add,
-                                                                             return_dict=True)["input_ids"]
+            hf_ids = hf_tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=add, return_dict=True)
+            assert tok.encode_chat(chat, add) == hf_ids["input_ids"]
 
 
 def test_special_tokens(tok):
@@ -160,7 +160,8 @@ def test_chat_template_errors():
         strict.apply_chat_template(["hello"])
     with pytest.raises(ValueError, match="messages must be a list"):
         strict.apply_chat_template("hello")
-    tools = Tokenizer(backend, chat_template="{{ tools is none }}|{{ strftime_now('%Y') | length }}|{{ {'é': 1} | tojson }}")
+    tools = Tokenizer(backend,
+                      chat_template="{{ tools is none }}|{{ strftime_now('%Y') | length }}|{{ {'é': 1} | tojson }}")
     assert tools.apply_chat_template([]) == 'True|4|{"é": 1}'
 
 

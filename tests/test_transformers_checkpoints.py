@@ -35,7 +35,12 @@ def _save(tmp_path, case, dtype=torch.float32):
     model = getattr(transformers, model_cls)(cfg).eval()
     with torch.no_grad():  # larger-than-default weights give logits with real spread
         for p in model.parameters():
-            p.normal_(0, 0.08) if p.dim() > 1 else p.uniform_(0.5, 1.5) if p.shape[0] == cfg.hidden_size else p.normal_(0, 0.1)
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+            elif p.shape[0] == cfg.hidden_size:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.1)
     model = model.to(dtype)
     model.save_pretrained(tmp_path, safe_serialization=True)
     return model

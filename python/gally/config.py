@@ -134,7 +134,8 @@ class Config:
     def inv_freq(self) -> np.ndarray:
         """RoPE frequencies θ_i = theta^(-2i/d) for i < head_dim/2, with the configured scaling."""
         d = self.head_dim
-        inv = (1.0 / (self.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))).astype(np.float32)
+        exponents = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d
+        inv = (1.0 / (self.rope_theta ** exponents)).astype(np.float32)
         s = self.rope_scaling or {}
         kind = s.get("rope_type", s.get("type", "default")) or "default"
         if kind == "default":

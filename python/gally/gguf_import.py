@@ -1,33 +1,30 @@
 """GGUF → Hugging Face folder (config.json, model.safetensors, tokenizer files), so that one loader
-serves both formats. `gally convert MODEL.gguf OUT_DIR` on the command line.
+serves both formats. `gally convert MODEL.gguf OUT_DIR` on the command line (cli/convert.py).
 
 What llama.cpp's converter changed, undone here:
-- names: blk.N.attn_q.weight is model.layers.N.self_attn.q_proj.weight, and so on (hf_name);
+- names: blk.N.attn_q.weight is model.layers.N.self_attn.q_proj.weight, and so on (gguf_names);
 - blocks: quantized weights (Q8_0, Q4_1, Q4_K, ...) are dequantized with the gguf package to
   float32, then stored in the requested dtype; GGUF lists dims fastest first, so a GGUF shape
   [in, out] is numpy's (out, in), HF's [out, in];
 - rows: for Llama-family files, each head's q_proj/k_proj rows were permuted so that RoPE rotates
-  adjacent pairs (x[2i], x[2i+1]); HF rotates (x[i], x[i + head_dim/2]) (unpermute_rows);
+  adjacent pairs (x[2i], x[2i+1]); HF rotates (x[i], x[i + head_dim/2]) (gguf_names);
 - config: llama.cpp's metadata keys map onto HF field names (hf_config).
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
-import re
 from typing import Any, Optional
 
 import numpy as np
 
-from . import cache, gguf_tokenizer, safetensors_file
+from . import cache, gguf_names, gguf_tokenizer, safetensors_file
+from .dtypes import to_dtype
 
 # GGUF general.architecture → the HF architecture gally runs it as.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-# Architectures whose q/k rows llama.cpp permuted (those it runs with interleaved "normal" RoPE).
-PERMUTED_QK = ("llama",)
 
 # Output dtype → (safetensors dtype name, config torch_dtype, bytes per value).
 DTYPES = {"f32": ("float32", "float32", 4), "bf16": ("bfloat16", "bfloat16", 2), "f16": ("float16", "float16", 2)}
@@ -38,42 +35,8 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1",
 # Shards bound the memory a conversion holds (one shard of converted arrays at a time).
 SHARD_BYTES = 2 << 30
 
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight", "attn_output.bias": "self_attn.o_proj.bias",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_REQUIRED_LAYER = ("attn_norm.weight", "ffn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
-                   "attn_output.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 # Tensors llama.cpp writes that carry no weights of their own (rope_freqs becomes rope_scaling).
 _NOT_WEIGHTS = ("rope_freqs.weight",)
-
-
-def hf_name(name: str) -> Optional[str]:
-    """HF tensor name for GGUF tensor `name`, or None when it has none."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    return None
-
-
-def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of llama.cpp's permute. Within each head of d rows, GGUF row 2j + s holds HF row
-    s·d/2 + j (s ∈ {0, 1}, j < d/2): w [n_head·d, ...] → [n_head, d/2, 2, ...] → swap → HF order."""
-    rows = w.shape[0]
-    if rows % (2 * n_head):
-        raise ValueError(f"{rows} rows do not split into {n_head} heads of an even size")
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def open_gguf(path: str):
@@ -173,7 +136,7 @@ def hf_config(meta: dict[str, Any], tensors: dict[str, Any], path: str, dtype: s
         "rope_theta": float(str(np.float32(number("rope.freq_base", float, default=10000.0)))),
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": arch != "qwen2" and "blk.0.attn_q.bias" in tensors,
-        "mlp_bias": False,
+        "mlp_bias": "blk.0.ffn_up.bias" in tensors,
         "torch_dtype": DTYPES[dtype][1],
     }
     if arch == "qwen2":
@@ -231,21 +194,6 @@ def dequantize(t, path: str) -> np.ndarray:
     return np.ascontiguousarray(w, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
 
 
-def to_dtype(w: np.ndarray, dtype: str, name: str) -> np.ndarray:
-    """float32 → the stored dtype; bf16 as uint16 bit patterns, rounded to nearest even."""
-    if dtype == "f32":
-        return w
-    if dtype == "f16":
-        with np.errstate(over="ignore"):
-            out = w.astype(np.float16)
-        if np.isinf(out).any() and not np.isinf(w).any():
-            raise ValueError(f"tensor {name!r} has values beyond float16's range (±65504); convert with dtype bf16 or f32")
-        return out
-    bits = w.view(np.uint32)
-    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
-    return np.where(np.isnan(w), np.uint16(0x7FC0), rounded)
-
-
 class _Plan:
     """What convert() will write: tensors in file order with their HF names, and the config."""
 
@@ -260,13 +208,13 @@ class _Plan:
         for t in self.reader.tensors:
             if t.name in _NOT_WEIGHTS:
                 continue
-            name = hf_name(t.name)
+            name = gguf_names.hf_name(t.name)
             if name is None:
                 raise ValueError(f"{path}: tensor {t.name!r} has no place in a {self.config['architectures'][0]} "
                                  f"(a variant gally does not run, e.g. mixture of experts)")
             check_type(t, path)
             self.names.append((name, t))
-        missing = [f"blk.{i}.{n}" for i in range(self.config["num_hidden_layers"]) for n in _REQUIRED_LAYER
+        missing = [f"blk.{i}.{n}" for i in range(self.config["num_hidden_layers"]) for n in gguf_names.REQUIRED_LAYER
                    if f"blk.{i}.{n}" not in self.tensors]
         missing += [n for n in ("output_norm.weight",) if n not in self.tensors]
         if missing:
@@ -312,8 +260,7 @@ def write_folder(plan: _Plan, path: str, folder: str, dtype: str, progress: Opti
 def _write_weights(plan: _Plan, path: str, folder: str, dtype: str, progress: Optional[bool]) -> None:
     from tqdm import tqdm
 
-    heads = {"q_proj": plan.config["num_attention_heads"], "k_proj": plan.config["num_key_value_heads"]}
-    permuted = plan.meta["general.architecture"] in PERMUTED_QK
+    architecture = plan.meta["general.architecture"]
     shard: dict[str, np.ndarray] = {}
     shard_bytes = 0
     shards: list[list[str]] = []  # tensor names of each shard written
@@ -322,9 +269,9 @@ def _write_weights(plan: _Plan, path: str, folder: str, dtype: str, progress: Op
     with bar:
         for name, t in plan.names:
             w = dequantize(t, path)
-            proj = name.split(".")[-2]
-            if permuted and proj in heads:
-                w = unpermute_rows(w, heads[proj])
+            heads = gguf_names.permuted_heads(architecture, name, plan.config)
+            if heads:
+                w = gguf_names.unpermute_rows(w, heads)
             w = np.ascontiguousarray(to_dtype(w, dtype, name) if w.ndim > 1 else w)
             if shard and shard_bytes + w.nbytes > SHARD_BYTES:
                 shards.append(_write_shard(folder, len(shards), shard))
@@ -365,21 +312,3 @@ def _gguf_version() -> str:
         return version("gguf")
     except Exception:
         return "(unknown version)"
-
-
-def add_parser(subparsers) -> None:
-    """Registers `gally convert MODEL.gguf OUT_DIR [--dtype ...]`."""
-    p = subparsers.add_parser("convert", help="convert a GGUF file into a Hugging Face folder gally loads",
-                              description="Dequantize a GGUF model (llama, qwen2) into a Hugging Face folder: "
-                                          "config.json, model.safetensors, tokenizer.json, tokenizer_config.json.")
-    p.add_argument("gguf", metavar="MODEL.gguf", help="the GGUF file")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to create (must not exist or be empty)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="f32",
-                   help="dtype of the weight matrices (default f32; norms and biases stay f32)")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    out = convert(args.gguf, args.out_dir, args.dtype)
-    print(out)
-    return 0

@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from .tokenizer import END_OF_TURN_TOKENS
+
 # llama.cpp's token types (tokenizer.ggml.token_type).
 CONTROL = 3
 USER_DEFINED = 4
@@ -32,8 +34,10 @@ _QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|
 _TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
                  r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
                 r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # tokenizer.ggml.pre → the regex that splits text into words before BPE. Names not listed here
@@ -49,11 +53,6 @@ PRE_TOKENIZER_SPLITS = {
 }
 
 TOKENIZER_MODELS = ("gpt2", "llama")
-
-# Texts of tokens that end a turn in the chat templates of common models; llama.cpp stops on them too.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-                      "<|end_of_text|>", "<EOT>", "<|return|>", "<|call|>", "<end_of_utterance>")
-
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte alphabet: each byte maps to a printable character; printable ASCII and most of
@@ -187,7 +186,8 @@ def _special_tokens(meta: dict[str, Any], tokens: list[str], path: str) -> dict[
                       ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
         token_id = meta.get(f"tokenizer.ggml.{key}")
         if token_id is not None and not 0 <= token_id < len(tokens):
-            raise ValueError(f"{path}: tokenizer.ggml.{key} = {token_id} is outside the vocabulary of {len(tokens)} tokens")
+            raise ValueError(f"{path}: tokenizer.ggml.{key} = {token_id} is outside the vocabulary of "
+                             f"{len(tokens)} tokens")
         special[name] = tokens[token_id] if token_id is not None else None
     return special
 

@@ -1,6 +1,5 @@
-"""int8 and int4 weights: the format, NumPy quantize/dequantize, the reader, `gally quantize`.
-
-    gally quantize SRC OUT --to int8|int4      # SRC: a model folder, a .gguf file or an alias
+"""int8 and int4 weights: the format, NumPy quantize/dequantize, the reader and the writer of a
+quantized folder (`gally quantize SRC OUT --to int8|int4`, cli/quantize.py).
 
 Format "gally-quant", version 1
 -------------------------------
@@ -53,15 +52,15 @@ normal range (max|w| < 7.8e-3 for int8) get subnormal scales with fewer signific
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import re
 import shutil
 from typing import Optional
 
 import numpy as np
+
+from .dtypes import as_float32
 
 FORMAT = "gally-quant"
 VERSION = "1"
@@ -164,17 +163,6 @@ def unpack_int4(packed: np.ndarray, group_size: int) -> np.ndarray:
     return np.concatenate([g & 0x0F, g >> 4], axis=2).reshape(rows, 2 * half_cols)
 
 
-def as_float32(dtype: str, array: np.ndarray) -> np.ndarray:
-    """A stored tensor's values as float32 (bf16 arrives as uint16 bit patterns)."""
-    if dtype == "F32":
-        return np.asarray(array, dtype=np.float32)
-    if dtype == "F16":
-        return np.asarray(array).view(np.float16).astype(np.float32)
-    if dtype == "BF16":
-        return (np.asarray(array).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    raise ValueError(f"dtype {dtype} is not a floating-point weight dtype (F32, F16, BF16)")
-
-
 # ---- which tensors are quantized ----
 
 _LAYER_MATRIX = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
@@ -260,7 +248,8 @@ def read_header(path: str) -> tuple[dict, dict]:
 
     header, metadata = safetensors_file.read_header(path)
     for name, info in header.items():
-        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or not isinstance(info.get("shape"), list):
+        if (not isinstance(info, dict) or not isinstance(info.get("dtype"), str)
+                or not isinstance(info.get("shape"), list)):
             raise ValueError(f"{path}: tensor {name!r}: header entry needs a dtype and a shape")
     return header, metadata
 
@@ -296,7 +285,8 @@ def read_file(path: str) -> Optional[QuantizedCheckpoint]:
         raise ValueError(f"{path}: {FORMAT} version {version!r}; this gally reads version {VERSION!r}")
     quant_type = metadata.get(METADATA_TYPE)
     if quant_type not in KINDS:
-        raise ValueError(f"{path}: __metadata__ {METADATA_TYPE!r} is {quant_type!r}, expected one of {', '.join(KINDS)}")
+        raise ValueError(f"{path}: __metadata__ {METADATA_TYPE!r} is {quant_type!r}, "
+                         f"expected one of {', '.join(KINDS)}")
 
     matrices: dict[str, QuantizedMatrix] = {}
     used: set[str] = set()
@@ -312,7 +302,8 @@ def read_file(path: str) -> Optional[QuantizedCheckpoint]:
         group = _group_size(path, metadata, kind)
         rows, cols = shape[0], shape[1] * (2 if kind == "int4" else 1)
         if cols % group:
-            raise ValueError(f"{path}: tensor {qname!r}: {cols} columns is not a multiple of the {kind} group size {group}")
+            raise ValueError(f"{path}: tensor {qname!r}: {cols} columns is not a multiple of the {kind} "
+                             f"group size {group}")
         expected = [rows, cols // group]
         parts = {"scales": base + ".scales", "mins": base + ".mins" if kind == "int4" else None}
         for part, pname in parts.items():
@@ -410,29 +401,8 @@ def quantize_folder(source: str, out_dir: str, to: str) -> QuantizedCheckpoint:
         os.rmdir(out_dir)
     with cache.building(out_dir) as tmp:
         for f in sorted(os.listdir(folder)):
-            if f.endswith(_COPIED_SUFFIXES) and f != "model.safetensors.index.json" and os.path.isfile(os.path.join(folder, f)):
+            copied = f.endswith(_COPIED_SUFFIXES) and f != "model.safetensors.index.json"
+            if copied and os.path.isfile(os.path.join(folder, f)):
                 shutil.copyfile(os.path.join(folder, f), os.path.join(tmp, f))
         safetensors_file.write_file(os.path.join(tmp, "model.safetensors"), tensors, metadata)
     return read_checkpoint(out_dir)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("quantize", help="write an int8 or int4 copy of a model",
-                              description="Quantize a model's weight matrices to int8 or int4 (groups of 32, "
-                                          "float16 scales) into a new model folder that gally loads.")
-    p.add_argument("source", metavar="SRC", help="model folder, .gguf file or alias")
-    p.add_argument("out_dir", metavar="OUT", help="the folder to create (must not exist or be empty)")
-    p.add_argument("--to", required=True, choices=KINDS, help="int8 or int4")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    import time
-
-    start = time.perf_counter()
-    layout = quantize_folder(args.source, args.out_dir, args.to)
-    size = os.path.getsize(layout.path)
-    weights = sum(m.shape[0] * m.shape[1] for m in layout.matrices.values())
-    print(f"{args.out_dir}: {len(layout.matrices)} matrices ({weights / 1e6:.1f} M weights) in {args.to}, "
-          f"model.safetensors {size / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s")
-    return 0

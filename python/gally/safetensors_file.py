@@ -14,7 +14,6 @@ import numpy as np
 
 from . import _core
 
-
 _WRITE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8"}
 
 

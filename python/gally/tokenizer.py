@@ -15,9 +15,11 @@ import os
 from typing import Any, Iterable, Optional, Sequence
 
 from . import chat_template
-from .gguf_tokenizer import END_OF_TURN_TOKENS
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+# Texts of tokens that end a turn in the chat templates of common models; llama.cpp stops on them too.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+                      "<|end_of_text|>", "<EOT>", "<|return|>", "<|call|>", "<end_of_utterance>")
 
 
 class Tokenizer:
@@ -32,7 +34,8 @@ class Tokenizer:
         self.chat_template = chat_template
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self.bos_token_id = self.token_to_id(self.special_tokens["bos_token"]) if "bos_token" in self.special_tokens else None
+        bos = self.special_tokens.get("bos_token")
+        self.bos_token_id = self.token_to_id(bos) if bos is not None else None
 
     @classmethod
     def from_folder(cls, folder: str) -> "Tokenizer":

@@ -40,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="measure prefill and decode speed, optionally beside llama.cpp, "
                                             "transformers and CTranslate2",
                               description="Prefill/decode tokens/s, time to first token, load time, peak RSS and "
-                                          "decode GB/s, as mean ± std over repetitions; peers measured in the same run.")
+                                          "decode GB/s, as mean ± std over repetitions; peers measured in the same "
+                                          "run.")
     p.add_argument("-m", "--model", default=None, help="model folder, .gguf or alias (default: the default model)")
     p.add_argument("--dtype", action="append", type=_names, help="weight types, comma-separated (default: f32,bf16)")
     p.add_argument("-p", "--n-prompt", action="append", type=_ints, help="prompt lengths (default: 512; 0: none)")
@@ -48,7 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", action="append", type=_ints, help="thread counts (default: physical cores)")
     p.add_argument("-d", "--n-depth", action="append", type=_ints, help="tokens already in the context (default: 0)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions after one warm-up (default: 5)")
-    p.add_argument("--peers", action="append", type=_names, help="llama.cpp, transformers, llama-bench and/or ctranslate2")
+    p.add_argument("--peers", action="append", type=_names,
+                   help="llama.cpp, transformers, llama-bench and/or ctranslate2")
     p.add_argument("--llama-cpp", default=os.environ.get("GALLY_LLAMA_CPP"),
                    help="llama.cpp sources, to make the peer GGUFs (env GALLY_LLAMA_CPP)")
     p.add_argument("--llama-cpp-bin", default=os.environ.get("GALLY_LLAMA_CPP_BIN"),

@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 
-
 # The end-to-end row's prompt: open-ended, so that greedy decoding runs on rather than ending the text
 GENERATE_PROMPT = "Here is the long story of a lighthouse keeper, told from the beginning:"
 

@@ -30,7 +30,8 @@ class LlamaCppEngine:
         import llama_cpp
 
         return {"weights": self.gguf_type, "path": self.gguf, "file_bytes": os.path.getsize(self.gguf),
-                "version": f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}", "vocab_size": self.llm.n_vocab()}
+                "version": f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}",
+                "vocab_size": self.llm.n_vocab()}
 
     def _fresh(self, depth_ids):
         self.llm.reset()  # eval() then drops the KV cache past position 0

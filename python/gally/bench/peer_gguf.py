@@ -10,16 +10,16 @@ llama.cpp users make them. Files are cached under GALLY_HOME/bench/ by model fol
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
 import shutil
 import sys
 
 import numpy as np
 
-from ..gguf_import import to_dtype
+from .. import safetensors_file
+from ..dtypes import as_float32, to_dtype
+from ..gguf_names import gguf_name, permute_rows, permuted_heads
 from .derived import PeerUnavailable, folder_for, run_tool, source_name
 
 # gally dtype → llama.cpp type of the peer's weights
@@ -74,81 +74,37 @@ def find_tool(name: str, *dirs: str | None) -> str | None:
     return shutil.which(name)
 
 
-# Hugging Face tensor name → llama.cpp's (convert_hf_to_gguf.py's Llama mapping)
-_GGUF_NAMES = [
-    (r"model\.embed_tokens\.weight", "token_embd.weight"),
-    (r"model\.norm\.weight", "output_norm.weight"),
-    (r"lm_head\.weight", "output.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blk.\1.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blk.\1.ffn_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"blk.\1.attn_q.\2"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"blk.\1.attn_k.\2"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"blk.\1.attn_v.\2"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", r"blk.\1.attn_output.\2"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.(weight|bias)", r"blk.\1.ffn_gate.\2"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.(weight|bias)", r"blk.\1.ffn_up.\2"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.(weight|bias)", r"blk.\1.ffn_down.\2"),
-]
-
-
-def gguf_name(hf_name: str) -> str:
-    for pattern, repl in _GGUF_NAMES:
-        if re.fullmatch(pattern, hf_name):
-            return re.sub(pattern, repl, hf_name)
-    raise ValueError(f"tensor {hf_name!r} has no llama.cpp name")
-
-
-def _rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's q/k row order: each head's two rotary halves interleaved (convert_hf_to_gguf's permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def read_safetensors(folder: str) -> dict:
-    """name → (safetensors dtype, raw array view: float32, uint16 for BF16, float16) of every shard."""
-    kinds = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16}
-    out = {}
-    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
-        for name, e in header.items():
-            if e["dtype"] not in kinds:
-                raise ValueError(f"{path}: tensor {name!r} has dtype {e['dtype']}, not F32/BF16/F16")
-            a, b = e["data_offsets"]
-            out[name] = (e["dtype"], raw[8 + n + a:8 + n + b].view(kinds[e["dtype"]]).reshape(e["shape"]))
-    return out
-
-
 def check_same_weights(folder: str, gguf_path: str, dtype: str) -> None:
     """Raises PeerUnavailable unless every matrix of the GGUF equals the folder's tensor as gally
     runs it at `dtype` (f32: the stored values; bf16: rounded to nearest even) and every vector equals
     the stored f32 values. Tied embeddings: the GGUF then has no output.weight, as in the folder."""
-    from gguf import GGUFReader
+    from ..gguf_import import metadata, open_gguf
 
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
-    n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    theirs = {t.name: t for t in GGUFReader(gguf_path).tensors}
-    for name, (stored, w) in read_safetensors(folder).items():
+    reader = open_gguf(gguf_path)
+    architecture = metadata(reader).get("general.architecture")
+    theirs = {t.name: t for t in reader.tensors}
+    tensors = safetensors_file.open_checkpoint(folder)
+    not_float = [name for name, t in tensors.items() if t.dtype not in ("F32", "BF16", "F16")]
+    if not_float:
+        raise PeerUnavailable(f"{folder}: tensor {not_float[0]!r} has dtype {tensors[not_float[0]].dtype}, "
+                              f"not F32/BF16/F16")
+    for name, tensor in tensors.items():
         if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
             continue
-        g = theirs.pop(gguf_name(name), None)
+        their_name = gguf_name(name)
+        if their_name is None:
+            raise PeerUnavailable(f"{folder}: tensor {name!r} has no llama.cpp name")
+        g = theirs.pop(their_name, None)
         if g is None:
             raise PeerUnavailable(f"{gguf_path}: tensor for {name} is missing")
-        if stored == "F32":
-            w = np.asarray(w)
-        elif stored == "BF16":
-            w = (np.asarray(w).astype(np.uint32) << 16).view(np.float32)
-        else:
-            w = np.asarray(w).astype(np.float32)
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = _rope_permute(w, n_head)
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = _rope_permute(w, n_kv)
+        w = as_float32(tensor.dtype, tensor.numpy())
+        heads = permuted_heads(architecture, name, cfg)
+        if heads:
+            w = permute_rows(w, heads)
         if w.ndim == 2 and dtype == "bf16":
-            want = to_dtype(np.ascontiguousarray(w, np.float32), "bf16", name)  # as gally converts at load
+            want = to_dtype(w, "bf16", name)  # as gally converts at load
             got = np.asarray(g.data).view(np.uint16)
         elif w.ndim == 2 and dtype == "f16":
             want, got = w.astype(np.float16).view(np.uint16), np.asarray(g.data).view(np.uint16)

@@ -37,8 +37,9 @@ def machine_lines(res: Results) -> list:
         for dtype, status in by_dtype.items():
             peers.append(f"{peer} at {dtype}: {status}")
     versions = sorted({f"{s.engine}: {s.info['version']}" for s in res.setups if s.info.get("version")})
-    ggufs = sorted({f"{s.info['weights']} = {s.info['path']}" for s in res.setups if s.engine == "llama.cpp" and s.info})
-    ct2 = sorted({f"{s.info['weights']} = {s.info['path']}" for s in res.setups if s.engine == "ctranslate2" and s.info})
+    files = {engine: sorted({f"{s.info['weights']} = {s.info['path']}" for s in res.setups
+                             if s.engine == engine and s.info}) for engine in ("llama.cpp", "ctranslate2")}
+    ggufs, ct2 = files["llama.cpp"], files["ctranslate2"]
     lines = ["| | |", "|---|---|",
              f"| date | {res.date} |",
              f"| gally commit | {m['commit']} (gally {g['version']}) |",
@@ -46,10 +47,12 @@ def machine_lines(res: Results) -> list:
              f"| CPU | {cpu['model']}{' (' + cpu['family_model'] + ')' if cpu.get('family_model') else ''}, "
              f"{g['threads']} physical cores, {cpu['logical_cpus']} logical CPUs, {m['memory_gib']} GiB |",
              f"| ISA | {' '.join(cpu['flags']) or '?'}; gally kernels: {g['isa']} (of {', '.join(g['isas'])}) |",
-             f"| system load | 1-min load average before → after each block: "
+             "| system load | 1-min load average before → after each block: "
              + "; ".join(f"{k}: {a} → {b}" for k, (a, b) in res.load.items())
              + f" ({cpu['logical_cpus']} logical CPUs; above 0 means other work shared the CPUs) |",
-             f"| read bandwidth | {bw} (gally._core.read_bandwidth: the best of 5 passes, probed before each block; \"of read bw\" divides a block's decode GB/s by its own probe, the header's figure is the best of the run) |",
+             f"| read bandwidth | {bw} (gally._core.read_bandwidth: the best of 5 passes, probed before each block; "
+             "\"of read bw\" divides a block's decode GB/s by its own probe, the header's figure is the best of the "
+             "run) |",
              f"| model | {res.options.model or 'default model'}: "
              + "; ".join(f"{d}: {f}" for d, f in res.model.items()) + " |"]
     if res.quantized:

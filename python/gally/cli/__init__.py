@@ -1,4 +1,9 @@
-"""The `gally` command line: `gally info`, and one subcommand per job (convert, run, chat, bench, ...)."""
+"""The `gally` command line: `gally info`, and one subcommand per job (convert, run, chat, bench, ...).
+
+Each subcommand's parser and command live in a module here (convert, perplexity, quantize; for now
+run and chat in gally/cli_generate.py, bench in gally/bench/cli.py); the library modules they call
+know nothing of argparse, the terminal or exit codes.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,12 @@ import argparse
 import json
 import sys
 from typing import Optional, Sequence
+
+from ..bench.cli import add_parser as add_bench
+from ..cli_generate import add_parsers as add_run_and_chat
+from .convert import add_parser as add_convert
+from .perplexity import add_parser as add_perplexity
+from .quantize import add_parser as add_quantize
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -26,20 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show the version, the CPU's instruction sets and the kernels in use")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_info)
-    from .bench.cli import add_parser as add_bench
-
     add_bench(sub)
-    from .gguf_import import add_parser as add_convert
-
     add_convert(sub)
-    from .cli_generate import add_parsers as add_run_and_chat
-
     add_run_and_chat(sub)
-    from .perplexity import add_parser as add_perplexity
-
     add_perplexity(sub)
-    from .quantize import add_parser as add_quantize
-
     add_quantize(sub)
     return parser
 

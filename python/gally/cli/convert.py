@@ -1,0 +1,24 @@
+"""`gally convert MODEL.gguf OUT_DIR [--dtype f32|bf16|f16]`: a GGUF file as a Hugging Face folder
+(gguf_import.convert)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..gguf_import import DTYPES, convert
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="convert a GGUF file into a Hugging Face folder gally loads",
+                              description="Dequantize a GGUF model (llama, qwen2) into a Hugging Face folder: "
+                                          "config.json, model.safetensors, tokenizer.json, tokenizer_config.json.")
+    p.add_argument("gguf", metavar="MODEL.gguf", help="the GGUF file")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to create (must not exist or be empty)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="f32",
+                   help="dtype of the weight matrices (default f32; norms and biases stay f32)")
+    p.set_defaults(func=convert_command)
+
+
+def convert_command(args: argparse.Namespace) -> int:
+    print(convert(args.gguf, args.out_dir, args.dtype))
+    return 0

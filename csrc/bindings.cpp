@@ -113,7 +113,8 @@ PYBIND11_MODULE(_core, m) {
         size_t es = safetensors_dtype_size(t.dtype);
         if (t.dtype == "F32") fmt = py::format_descriptor<float>::format();
         else if (t.dtype == "F64") fmt = py::format_descriptor<double>::format();
-        else if (t.dtype == "F16" || t.dtype == "BF16" || t.dtype == "U16") fmt = py::format_descriptor<uint16_t>::format();
+        else if (t.dtype == "F16" || t.dtype == "BF16" || t.dtype == "U16")
+          fmt = py::format_descriptor<uint16_t>::format();
         else if (t.dtype == "I8") fmt = py::format_descriptor<int8_t>::format();
         else if (t.dtype == "U8" || t.dtype == "BOOL") fmt = py::format_descriptor<uint8_t>::format();
         else if (t.dtype == "I16") fmt = py::format_descriptor<int16_t>::format();
@@ -124,7 +125,10 @@ PYBIND11_MODULE(_core, m) {
         else throw std::invalid_argument("tensor '" + t.name + "': no NumPy type for dtype " + t.dtype);
         std::vector<py::ssize_t> shape(t.shape.begin(), t.shape.end()), strides(shape.size());
         py::ssize_t s = es;
-        for (size_t i = shape.size(); i-- > 0;) { strides[i] = s; s *= shape[i]; }
+        for (size_t i = shape.size(); i-- > 0;) {
+          strides[i] = s;
+          s *= shape[i];
+        }
         py::array a(py::dtype(fmt), shape, strides, t.data, self);
         py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
         return a;
@@ -149,7 +153,8 @@ PYBIND11_MODULE(_core, m) {
         t.name = name;
         t.dtype = dtype;
         t.shape.assign(c.shape(), c.shape() + c.ndim());
-        t.owned = std::make_shared<std::vector<uint8_t>>((const uint8_t*)c.data(), (const uint8_t*)c.data() + c.nbytes());
+        t.owned =
+            std::make_shared<std::vector<uint8_t>>((const uint8_t*)c.data(), (const uint8_t*)c.data() + c.nbytes());
         t.data = t.owned->data();
         return t;
       },

@@ -164,9 +164,9 @@ void add_testing_module(py::module_& m) {
       require(W.ndim() == 2 && W.shape(1) == n_in && W.itemsize() == py::ssize_t(dtype_size(dt)) &&
                   (W.flags() & py::array::c_style),
               "W must be [rows, n_in] in wtype");
-      require(y.ndim() == 2 && y.shape(0) == n_tok && y.shape(1) == W.shape(0) && 0 <= r0 && r0 <= r1 &&
-                  r1 <= W.shape(0),
-              "y or the row range has the wrong shape");
+      require(
+          y.ndim() == 2 && y.shape(0) == n_tok && y.shape(1) == W.shape(0) && 0 <= r0 && r0 <= r1 && r1 <= W.shape(0),
+          "y or the row range has the wrong shape");
       outs.push_back({WeightsRef{W.data(), dt}, nullptr, y.mutable_data(), int(W.shape(0)), r0, r1, t[5].cast<bool>()});
       keep.push_back(W);
       keep.push_back(y);

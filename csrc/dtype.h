@@ -50,7 +50,10 @@ inline float f16_to_f32(uint16_t h) {
       u = sign;
     } else {  // subnormal: renormalise
       int e = -1;
-      do { man <<= 1; ++e; } while (!(man & 0x400u));
+      do {
+        man <<= 1;
+        ++e;
+      } while (!(man & 0x400u));
       u = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3ffu) << 13;
     }
   } else if (exp == 31) {
@@ -69,12 +72,12 @@ inline uint16_t f32_to_f16(float f) {
   std::memcpy(&u, &f, 4);
   uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);         // NaN
-  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);        // >= 65520 rounds to inf
-  if (a < 0x38800000u) {                                         // below 2^-14: subnormal or 0
-    if (a < 0x33000000u) return uint16_t(sign);                  // below half the smallest subnormal
+  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);   // NaN
+  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // >= 65520 rounds to inf
+  if (a < 0x38800000u) {                                  // below 2^-14: subnormal or 0
+    if (a < 0x33000000u) return uint16_t(sign);           // below half the smallest subnormal
     uint32_t man = (a & 0x7fffffu) | 0x800000u;
-    int shift = 126 - int(a >> 23);                              // 14..24
+    int shift = 126 - int(a >> 23);  // 14..24
     uint32_t half = man >> shift;
     uint32_t rem = man & ((1u << shift) - 1);
     uint32_t mid = 1u << (shift - 1);

@@ -35,8 +35,8 @@ struct Pass {
 
   Pass(const Model& model, const Kernels& kernels, const Batch& b, Workspace& w, const Record& r)
       : m(model), c(model.config), ops(kernels), batch(b), ws(w), rec(r), n(b.n), D(c.hidden_size),
-        F(c.intermediate_size), NH(c.num_attention_heads), NKV(c.num_key_value_heads), HD(c.head_dim),
-        QD(NH * HD), KVD(NKV * HD) {}
+        F(c.intermediate_size), NH(c.num_attention_heads), NKV(c.num_key_value_heads), HD(c.head_dim), QD(NH * HD),
+        KVD(NKV * HD) {}
 
   // Each token's row of the embedding matrix, and its RoPE rotation: θ_i = position · inv_freq_i
   // in f32, as the reference computes it.
@@ -176,7 +176,8 @@ struct Pass {
   }
 
   void record_rows(float* dst, const float* src, int width) {
-    par::for_static(n, [&](int t) { std::memcpy(dst + size_t(t) * width, src + size_t(t) * width, sizeof(float) * width); });
+    par::for_static(
+        n, [&](int t) { std::memcpy(dst + size_t(t) * width, src + size_t(t) * width, sizeof(float) * width); });
   }
 
   static constexpr int ROW_BLOCK_SWIGLU = 16;  // gate/up rows per block for a few tokens

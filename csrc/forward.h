@@ -28,7 +28,7 @@ struct Batch {
   int n_seqs = 0;
   const int* logit_rows = nullptr;  // [n_logits] tokens whose next-token logits are wanted
   int n_logits = 0;
-  float* logits = nullptr;          // [n_logits, vocab]
+  float* logits = nullptr;  // [n_logits, vocab]
 };
 
 // Caller-provided buffers that a pass over a single sequence fills for inspection (null: not
@@ -82,28 +82,28 @@ struct Workspace {
 
   const Model& model;
   int max_tokens;
-  bool bf16_prompt;  // bf16 or quantized weights, whose prompts may take the bf16 kernels
+  bool bf16_prompt;                 // bf16 or quantized weights, whose prompts may take the bf16 kernels
   bool use_bf16_attention = false;  // this pass
 
   // Activations of the batch's tokens, [n, …]:
-  Buffer<float> x;           // [n, hidden] the residual stream
-  Buffer<float> xb;          // [n, hidden] a normalised copy of it, a block's input
-  Buffer<float> q;           // [n, heads · head_dim]
-  Buffer<float> k, v;        // [n, kv_heads · head_dim]
-  Buffer<float> att;         // [n, heads · head_dim] attention output
-  Buffer<float> gate, up;    // [n, intermediate]
+  Buffer<float> x;                   // [n, hidden] the residual stream
+  Buffer<float> xb;                  // [n, hidden] a normalised copy of it, a block's input
+  Buffer<float> q;                   // [n, heads · head_dim]
+  Buffer<float> k, v;                // [n, kv_heads · head_dim]
+  Buffer<float> att;                 // [n, heads · head_dim] attention output
+  Buffer<float> gate, up;            // [n, intermediate]
   Buffer<float> rope_cos, rope_sin;  // [n, head_dim/2] each token's RoPE rotation
-  Buffer<int> token_seq;     // [n] the slice each token belongs to
+  Buffer<int> token_seq;             // [n] the slice each token belongs to
   // Per thread:
-  Buffer<float> x_norm;      // [threads, hidden] a single token's normalised input
-  long attention_floats = 0; // attention scratch per thread (kernels.h)
+  Buffer<float> x_norm;             // [threads, hidden] a single token's normalised input
+  long attention_floats = 0;        // attention scratch per thread (kernels.h)
   Buffer<float> attention_scratch;  // [threads, attention_floats]
   // Quantized weights take a few tokens' activations in int16 with group scales and sums
   // (kernels.h): [GEMM_MIN_TOKENS − 1, qdim] for a few tokens, [threads, qdim] for one.
   int qdim = 0;
   Buffer<int16_t> xq, xq_thread;
   Buffer<float> xq_scale, xq_sum, xq_scale_thread;
-  Buffer<uint32_t> packed;   // a batch's matmul input in Kernels::pack's layout, shared by the threads
+  Buffer<uint32_t> packed;  // a batch's matmul input in Kernels::pack's layout, shared by the threads
 
   // The pass's attention, each item done for every head, longest first: a slice of at least
   // ATTENTION_BLOCK_MIN tokens in blocks of its consecutive queries for attention_causal (blocked),

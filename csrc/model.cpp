@@ -53,8 +53,8 @@ class Builder {
     if (it == tensors_.end()) throw std::invalid_argument("missing tensor '" + name + "'");
     const Tensor& t = it->second;
     if (t.shape != shape)
-      throw std::invalid_argument("tensor '" + name + "' has shape " + shape_str(t.shape) +
-                                  " but the config implies " + shape_str(shape));
+      throw std::invalid_argument("tensor '" + name + "' has shape " + shape_str(t.shape) + " but the config implies " +
+                                  shape_str(shape));
     DType d;
     if (!as_compute_dtype(t.dtype, &d))
       throw std::invalid_argument("tensor '" + name + "' has dtype " + t.dtype +
@@ -173,7 +173,8 @@ class Builder {
 
 void check_config(const ModelConfig& c) {
   auto positive = [](int v, const char* name) {
-    if (v <= 0) throw std::invalid_argument(std::string("config: ") + name + " must be positive, got " + std::to_string(v));
+    if (v <= 0)
+      throw std::invalid_argument(std::string("config: ") + name + " must be positive, got " + std::to_string(v));
   };
   positive(c.hidden_size, "hidden_size");
   positive(c.intermediate_size, "intermediate_size");
@@ -184,12 +185,13 @@ void check_config(const ModelConfig& c) {
   positive(c.vocab_size, "vocab_size");
   if (c.num_attention_heads % c.num_key_value_heads != 0)
     throw std::invalid_argument("config: num_attention_heads (" + std::to_string(c.num_attention_heads) +
-                                ") is not a multiple of num_key_value_heads (" +
-                                std::to_string(c.num_key_value_heads) + ")");
+                                ") is not a multiple of num_key_value_heads (" + std::to_string(c.num_key_value_heads) +
+                                ")");
   if (c.head_dim % 2 != 0)
     throw std::invalid_argument("config: head_dim must be even for RoPE, got " + std::to_string(c.head_dim));
   if (int(c.inv_freq.size()) != c.head_dim / 2)
-    throw std::invalid_argument("config: inv_freq must hold head_dim/2 = " + std::to_string(c.head_dim / 2) + " values");
+    throw std::invalid_argument("config: inv_freq must hold head_dim/2 = " + std::to_string(c.head_dim / 2) +
+                                " values");
   if (!(c.rms_norm_eps >= 0)) throw std::invalid_argument("config: rms_norm_eps must be non-negative");
 }
 

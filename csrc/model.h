@@ -21,9 +21,9 @@ struct ModelConfig {
   int vocab_size = 0;
   float rms_norm_eps = 1e-5f;
   bool tie_word_embeddings = false;
-  bool qkv_bias = false;  // q/k/v projections carry biases (Qwen2; Llama with attention_bias)
-  bool o_bias = false;    // o_proj carries a bias (Llama with attention_bias)
-  bool mlp_bias = false;  // gate/up/down carry biases (Llama with mlp_bias)
+  bool qkv_bias = false;        // q/k/v projections carry biases (Qwen2; Llama with attention_bias)
+  bool o_bias = false;          // o_proj carries a bias (Llama with attention_bias)
+  bool mlp_bias = false;        // gate/up/down carry biases (Llama with mlp_bias)
   std::vector<float> inv_freq;  // [head_dim/2] RoPE frequencies θ_i, scaling already applied
   float attention_scale = 0;    // applied to q·k (head_dim^-0.5 for these models)
   int sliding_window = 0;       // 0: full attention
@@ -41,15 +41,15 @@ struct Matrix {
 };
 
 struct LayerWeights {
-  const float* input_layernorm;  // [hidden]
-  Matrix q_proj;                 // [heads·head_dim, hidden]
-  Matrix k_proj, v_proj;         // [kv_heads·head_dim, hidden]
-  Matrix o_proj;                 // [hidden, heads·head_dim]
+  const float* input_layernorm;                    // [hidden]
+  Matrix q_proj;                                   // [heads·head_dim, hidden]
+  Matrix k_proj, v_proj;                           // [kv_heads·head_dim, hidden]
+  Matrix o_proj;                                   // [hidden, heads·head_dim]
   const float *q_bias, *k_bias, *v_bias, *o_bias;  // [rows] or null
-  const float* post_attention_layernorm;            // [hidden]
-  Matrix gate_proj, up_proj;                        // [intermediate, hidden]
-  Matrix down_proj;                                 // [hidden, intermediate]
-  const float *gate_bias, *up_bias, *down_bias;     // [rows] or null
+  const float* post_attention_layernorm;           // [hidden]
+  Matrix gate_proj, up_proj;                       // [intermediate, hidden]
+  Matrix down_proj;                                // [hidden, intermediate]
+  const float *gate_bias, *up_bias, *down_bias;    // [rows] or null
 };
 
 struct Model {

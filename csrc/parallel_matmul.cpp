@@ -17,8 +17,7 @@ void matmul_outs(const Kernels& ops, const MatmulInput& in, int n, int n_in, con
     else if (o.W.dtype == DType::Q4)
       ops.matmul_q4(in.xq, in.xq_scale, in.xq_sum, (const uint8_t*)o.W.data, o.W.scales, o.W.mins, o.b, o.y, n, n_in,
                     o.ldy, o.r0, o.r1, o.accumulate);
-    else
-      ops.matmul(in.x, o.W, o.b, o.y, n, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+    else ops.matmul(in.x, o.W, o.b, o.y, n, n_in, o.ldy, o.r0, o.r1, o.accumulate);
   }
 }
 

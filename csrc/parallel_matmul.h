@@ -23,11 +23,11 @@ constexpr int ROW_BLOCK_GEMM = 32;  // rows per block of a batch's grid
 
 // A matmul's input [n, n_in] and the forms of it the kernels may take instead.
 struct MatmulInput {
-  const float* x;                     // f32 [n, n_in]
-  const int16_t* xq = nullptr;        // int16 [n, n_in], with per-group scales and sums [n, n_in/QGROUP]
+  const float* x;               // f32 [n, n_in]
+  const int16_t* xq = nullptr;  // int16 [n, n_in], with per-group scales and sums [n, n_in/QGROUP]
   const float* xq_scale = nullptr;
   const float* xq_sum = nullptr;
-  const uint32_t* packed = nullptr;   // x in Kernels::pack's layout
+  const uint32_t* packed = nullptr;  // x in Kernels::pack's layout
 };
 
 inline WeightsRef weights_ref(const Matrix& W) { return WeightsRef{W.data, W.dtype, W.scales, W.mins}; }

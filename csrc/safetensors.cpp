@@ -49,8 +49,8 @@ MappedFile::MappedFile(const std::string& path) : path_(path) {
   for (int i = 7; i >= 0; --i) n = (n << 8) | base_[i];  // little-endian u64
   if (n > size_ - 8) {
     ::munmap((void*)base_, size_);
-    throw std::invalid_argument(path + ": corrupt or truncated safetensors file: header length " +
-                                std::to_string(n) + " exceeds the file size " + std::to_string(size_));
+    throw std::invalid_argument(path + ": corrupt or truncated safetensors file: header length " + std::to_string(n) +
+                                " exceeds the file size " + std::to_string(size_));
   }
   header_len_ = size_t(n);
 }
@@ -75,8 +75,7 @@ size_t safetensors_dtype_size(const std::string& t) {
   return 0;
 }
 
-std::vector<Tensor> tensor_views(const std::shared_ptr<MappedFile>& file,
-                                 const std::vector<TensorEntry>& entries) {
+std::vector<Tensor> tensor_views(const std::shared_ptr<MappedFile>& file, const std::vector<TensorEntry>& entries) {
   const std::string& path = file->path();
   const int64_t data_size = int64_t(file->data_size());
   auto bad = [&](const TensorEntry& e, const std::string& what) {
@@ -95,14 +94,13 @@ std::vector<Tensor> tensor_views(const std::shared_ptr<MappedFile>& file,
       numel *= d;
     }
     if (e.begin < 0 || e.end < e.begin)
-      throw bad(e, "data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) +
-                       "] are not an interval");
+      throw bad(e, "data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) + "] are not an interval");
     if (e.end > data_size)
       throw bad(e, "data_offsets end " + std::to_string(e.end) + " lies past the data section (" +
                        std::to_string(data_size) + " bytes): the file is truncated or corrupt");
     if (e.end - e.begin != numel * int64_t(esize))
-      throw bad(e, "byte span " + std::to_string(e.end - e.begin) + " does not match shape × " +
-                       std::to_string(esize) + " bytes = " + std::to_string(numel * int64_t(esize)));
+      throw bad(e, "byte span " + std::to_string(e.end - e.begin) + " does not match shape × " + std::to_string(esize) +
+                       " bytes = " + std::to_string(numel * int64_t(esize)));
     Tensor t;
     t.name = e.name;
     t.dtype = e.dtype;
@@ -121,10 +119,8 @@ std::vector<Tensor> tensor_views(const std::shared_ptr<MappedFile>& file,
   for (size_t i = 1; i < order.size(); ++i)
     if (spans[order[i]].first < spans[order[i - 1]].second)
       throw std::invalid_argument(path + ": corrupt safetensors file: the data of tensors '" +
-                                  *span_names[order[i - 1]] + "' and '" + *span_names[order[i]] +
-                                  "' overlap");
+                                  *span_names[order[i - 1]] + "' and '" + *span_names[order[i]] + "' overlap");
   return out;
 }
 
 }  // namespace gally
-

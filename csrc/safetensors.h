@@ -20,7 +20,7 @@ class MappedFile {
 
   const std::string& path() const { return path_; }
   size_t size() const { return size_; }
-  std::string header() const;  // the JSON header text
+  std::string header() const;                                      // the JSON header text
   const uint8_t* data() const { return base_ + 8 + header_len_; }  // start of the data section
   size_t data_size() const { return size_ - 8 - header_len_; }
 
@@ -37,7 +37,7 @@ struct Tensor {
   std::string dtype;  // safetensors spelling: "F32", "BF16", "F16", "I8", ...
   std::vector<int64_t> shape;
   const void* data = nullptr;
-  std::shared_ptr<MappedFile> file;      // set for views into a file
+  std::shared_ptr<MappedFile> file;             // set for views into a file
   std::shared_ptr<std::vector<uint8_t>> owned;  // set for converted copies
   int64_t numel() const;
 };
@@ -54,7 +54,6 @@ struct TensorEntry {  // one header entry, as parsed from the JSON
 // Checks each entry against the file (dtype known, offsets inside the data section, byte span =
 // shape × element size, no two tensors overlapping) and returns views. Throws with the file and
 // tensor named on the first violation.
-std::vector<Tensor> tensor_views(const std::shared_ptr<MappedFile>& file,
-                                 const std::vector<TensorEntry>& entries);
+std::vector<Tensor> tensor_views(const std::shared_ptr<MappedFile>& file, const std::vector<TensorEntry>& entries);
 
 }  // namespace gally

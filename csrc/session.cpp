@@ -8,12 +8,11 @@ namespace gally {
 
 Session::Session(std::shared_ptr<const Model> model, int max_context)
     : m_(std::move(model)),
-      max_ctx_(max_context > 0 ? max_context
-                               : throw std::invalid_argument("max_context must be positive, got " +
-                                                             std::to_string(max_context))),
+      max_ctx_(max_context > 0
+                   ? max_context
+                   : throw std::invalid_argument("max_context must be positive, got " + std::to_string(max_context))),
       cache_(m_->config.num_hidden_layers, m_->config.num_key_value_heads, m_->config.head_dim, max_context),
-      ws_(*m_, std::min(max_context, MAX_BATCH_TOKENS)),
-      rows_(ws_.max_tokens) {
+      ws_(*m_, std::min(max_context, MAX_BATCH_TOKENS)), rows_(ws_.max_tokens) {
   std::iota(rows_.begin(), rows_.end(), 0);
 }
 

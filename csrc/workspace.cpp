@@ -23,8 +23,8 @@ Workspace::Workspace(const Model& m, int max_tokens_) : model(m), max_tokens(max
   token_seq.reset(B);
   x_norm.reset(size_t(m.threads) * c.hidden_size);
   // bf16 and quantized weights: on AVX512-BF16 their prompts' matmuls round the activations to bf16
-  bf16_prompt = !m.layers.empty() &&
-                (m.layers[0].q_proj.dtype == DType::BF16 || is_quantized(m.layers[0].q_proj.dtype));
+  bf16_prompt =
+      !m.layers.empty() && (m.layers[0].q_proj.dtype == DType::BF16 || is_quantized(m.layers[0].q_proj.dtype));
   if (m.quantized) {  // int16 copies of a matmul's input: the widest is the FFN's
     qdim = std::max({c.hidden_size, int(QD), c.intermediate_size});
     const size_t few = GEMM_MIN_TOKENS - 1;  // batches of more take the GEMM with f32 activations
@@ -68,8 +68,8 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record&) {
     attention_scratch.reset(size_t(model.threads) * attention_floats);
   }
   if (ops.pack && bf16_prompt && batch.n >= GEMM_MIN_TOKENS)
-    packed.grow(size_t(ops.packed_size(max_tokens, std::max({c.hidden_size, c.num_attention_heads * HD,
-                                                               c.intermediate_size}))));
+    packed.grow(size_t(
+        ops.packed_size(max_tokens, std::max({c.hidden_size, c.num_attention_heads * HD, c.intermediate_size}))));
 }
 
 MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int rows, int n_in) {
@@ -92,8 +92,8 @@ MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int row
     return MatmulInput{in, xq1, s, s + qdim / QGROUP};
   }
   par::for_static(rows, [&](int t) {
-    ops.quantize_rows(in + size_t(t) * n_in, 1, n_in, xq.data() + size_t(t) * n_in, xq_scale.data() + size_t(t) * groups,
-                      xq_sum.data() + size_t(t) * groups);
+    ops.quantize_rows(in + size_t(t) * n_in, 1, n_in, xq.data() + size_t(t) * n_in,
+                      xq_scale.data() + size_t(t) * groups, xq_sum.data() + size_t(t) * groups);
   });
   return MatmulInput{in, xq.data(), xq_scale.data(), xq_sum.data()};
 }

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import gally
-from gally import _core
 from conftest import ISAS, make_checkpoint
+from gally import _core
 from reference_numpy import forward
 
 TOKENS = [5, 17, 3, 88, 42, 0, 96, 11, 23, 64, 7, 7, 31, 50, 2, 77, 19]

@@ -88,8 +88,8 @@ def test_quantized_simd_equals_scalar_twin(isa, kind):
         else:
             q, s, m, _ = random_q4(rng, rows, cols)
             args = (q, s.view(np.uint16), m.view(np.uint16))
-        ys = [_core.testing.kernel_matmul_quantized(k, xq, xs, xsum, *args, np.zeros((n_tok, rows), np.float32), 0, rows)
-              for k in ("generic", isa)]
+        ys = [_core.testing.kernel_matmul_quantized(k, xq, xs, xsum, *args, np.zeros((n_tok, rows), np.float32), 0,
+                                                    rows) for k in ("generic", isa)]
         assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5), (n_tok, rows, cols)
 
     for n_tok in (1, 2, 4, 5, 8, 13):
@@ -101,7 +101,8 @@ def test_quantized_simd_equals_scalar_twin(isa, kind):
     y = np.full((3, 9), 7.0, np.float32)
     q, s, _ = random_q8(rng, 9, 64)
     x = rng.standard_normal((3, 64)).astype(np.float32)
-    _core.testing.kernel_matmul_quantized(isa, *_core.testing.kernel_quantize_rows(isa, x), q, s.view(np.uint16), None, y, 2, 5)
+    xq = _core.testing.kernel_quantize_rows(isa, x)
+    _core.testing.kernel_matmul_quantized(isa, *xq, q, s.view(np.uint16), None, y, 2, 5)
     assert (y[:, :2] == 7).all() and (y[:, 5:] == 7).all() and not (y[:, 2:5] == 7).all()
 
 

@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 
 from . import sampling
-from .sampling import SamplingParams, Sampler
+from .sampling import Sampler, SamplingParams
 
 # llama.cpp's sampling defaults; mlx-lm's max_tokens.
 DEFAULTS = dict(max_new_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <memory>
 
+#include "forward.h"
 #include "isa.h"
 #include "model.h"
 #include "safetensors.h"
@@ -184,6 +185,23 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("threads", &Model::threads)
       .def_readonly("weight_bytes", &Model::weight_bytes)
       .def_readonly("copied_bytes", &Model::copied_bytes)
+      .def(
+          "unembed",
+          [](std::shared_ptr<Model> m, Array<float> hidden) {
+            const ModelConfig& c = m->config;
+            require(hidden.ndim() == 2 && hidden.shape(1) == c.hidden_size,
+                    "hidden must have shape [n, hidden_size] = [n, " + std::to_string(c.hidden_size) + "]");
+            const int n = int(hidden.shape(0));
+            py::array_t<float> logits({n, c.vocab_size});
+            float* out = logits.mutable_data();
+            {
+              py::gil_scoped_release release;
+              Workspace ws(*m, std::max(1, std::min(n, MAX_BATCH_TOKENS)));
+              unembed(*m, hidden.data(), n, out, ws);
+            }
+            return logits;
+          },
+          py::arg("hidden"))
       .def_property_readonly("dtypes", [](const Model& m) {
         std::map<std::string, int> counts;  // the layers' matrices per format
         for (const auto& L : m.layers)

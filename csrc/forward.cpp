@@ -201,4 +201,20 @@ void forward(const Model& model, const Batch& batch, Workspace& ws, const Record
   });
 }
 
+void unembed(const Model& model, const float* hidden, int n, float* logits, Workspace& ws) {
+  const Kernels& ops = kernels();
+  const int D = model.config.hidden_size;
+  std::vector<int> rows(ws.max_tokens);
+  for (int i = 0; i < ws.max_tokens; ++i) rows[i] = i;
+  for (int done = 0; done < n; done += ws.max_tokens) {
+    const int count = std::min(ws.max_tokens, n - done);
+    std::memcpy(ws.x.data(), hidden + size_t(done) * D, sizeof(float) * count * D);
+    Batch batch;
+    batch.n = count, batch.logit_rows = rows.data(), batch.n_logits = count;
+    batch.logits = logits + size_t(done) * model.config.vocab_size;
+    const Record none;
+    par::region(model.threads, [&] { Pass(model, ops, batch, ws, none).predict(); });
+  }
+}
+
 }  // namespace gally

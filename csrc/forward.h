@@ -120,4 +120,8 @@ struct Workspace {
 // positions (KvCache capacity); record only for a batch of one sequence.
 void forward(const Model& model, const Batch& batch, Workspace& ws, const Record& record);
 
+// logits [n, vocab] = lm_head(RMSNorm(hidden)) for residual-stream vectors hidden [n, hidden_size]:
+// the prediction step alone, as the forward pass makes it (the logit lens of `gally explain`).
+void unembed(const Model& model, const float* hidden, int n, float* logits, Workspace& ws);
+
 }  // namespace gally

@@ -183,6 +183,10 @@ def test_recorded_hidden_states_and_attention(tmp_path):
     x = hidden[-1, -1].astype(np.float64)
     x = x / np.sqrt(np.mean(x * x) + c.rms_norm_eps) * w["model.norm.weight"]
     assert np.abs(x @ w["lm_head.weight"].T - logits).max() <= 1e-3
+    # The prediction step alone (the logit lens) on that output gives the same logits, bit for bit.
+    assert np.array_equal(model.unembed(hidden[-1, -1:])[0], logits)
+    with pytest.raises(ValueError, match="shape"):
+        model.unembed(np.zeros((2, c.hidden_size + 1), np.float32))
     # Recording changes nothing.
     s2 = model.session()
     s2.append(TOKENS[:4])

@@ -170,6 +170,19 @@ class Model:
         """Bytes converted at load; 0 when every weight is a view into the mapped file."""
         return self._core.copied_bytes
 
+    def unembed(self, hidden: np.ndarray) -> np.ndarray:
+        """float32 logits [n, vocab_size] = lm_head(RMSNorm(hidden)) for residual-stream vectors
+        hidden [n, hidden_size]: the prediction step alone, as the forward pass makes it. Applied to
+        Session.forward's recorded hidden states it is the logit lens."""
+        hidden = np.asarray(hidden, dtype=np.float32)
+        if hidden.ndim == 1:
+            hidden = hidden[None]
+        if hidden.ndim != 2 or hidden.shape[1] != self.config.hidden_size:
+            raise ValueError(f"hidden must have shape [n, {self.config.hidden_size}], got {list(hidden.shape)}")
+        if not np.isfinite(hidden).all():
+            raise ValueError("hidden holds NaN or infinite values")
+        return self._core.unembed(np.ascontiguousarray(hidden))
+
     def session(self, max_context: Optional[int] = None) -> Session:
         return Session(self, self.max_context if max_context is None else _check_positive_int(max_context, "max_context"))
 

@@ -20,7 +20,7 @@
 #include "isa.h"
 #include "model.h"
 #include "safetensors.h"
-#include "session.h"
+#include "sequence.h"
 
 namespace py = pybind11;
 using namespace gally;
@@ -210,18 +210,43 @@ PYBIND11_MODULE(_core, m) {
         return counts;
       });
 
-  py::class_<Session>(m, "Session")
-      .def(py::init([](std::shared_ptr<Model> model, int max_context) {
-             return new Session(std::move(model), max_context);
+  py::register_exception<KvPoolExhausted>(m, "KvCacheFull", PyExc_RuntimeError);
+
+  py::class_<KvPool, std::shared_ptr<KvPool>>(m, "KvPool")
+      .def(py::init([](const Model& model, size_t max_blocks) {
+             const ModelConfig& c = model.config;
+             return std::make_shared<KvPool>(
+                 KvShape{c.num_hidden_layers, c.num_key_value_heads, c.head_dim, KV_BLOCK_ROWS}, max_blocks);
            }),
-           py::arg("model"), py::arg("max_context"))
-      .def_property_readonly("position", &Session::position)
-      .def_property_readonly("max_context", &Session::max_context)
-      .def("truncate", &Session::truncate, py::arg("position"))
+           py::arg("model"), py::arg("max_blocks"))
+      .def_property_readonly("block_rows", [](const KvPool& p) { return p.shape().block_rows; })
+      .def_property_readonly("block_bytes", &KvPool::block_bytes)
+      .def_property_readonly("max_blocks", &KvPool::max_blocks)
+      .def_property_readonly("in_use", &KvPool::in_use)
+      .def_property_readonly("allocated", &KvPool::allocated)
+      .def("trim", &KvPool::trim);
+
+  py::class_<Sequence>(m, "Sequence")
+      .def(py::init([](std::shared_ptr<Model> model, std::shared_ptr<KvPool> pool, int max_context) {
+             return new Sequence(std::move(model), std::move(pool), max_context);
+           }),
+           py::arg("model"), py::arg("pool"), py::arg("max_context"))
+      .def_property_readonly("position", &Sequence::position)
+      .def_property_readonly("max_context", &Sequence::max_context)
+      .def_property_readonly("blocks", [](Sequence& s) { return s.cache().blocks(); })
+      .def("truncate", &Sequence::truncate, py::arg("position"))
+      .def("fork", &Sequence::fork, py::arg("position"));
+
+  py::class_<Runner>(m, "Runner")
+      .def(py::init(
+               [](std::shared_ptr<Model> model, int max_tokens) { return new Runner(std::move(model), max_tokens); }),
+           py::arg("model"), py::arg("max_tokens"))
+      .def_property_readonly("max_tokens", &Runner::max_tokens)
       .def(
           "forward",
-          [](Session& s, Array<int32_t> tokens, py::array_t<float, py::array::c_style> logits, bool all_logits,
-             py::object hidden, py::object attention, py::object mlp) {
+          [](Runner& r, Sequence& s, Array<int32_t> tokens, py::array_t<float, py::array::c_style> logits,
+             bool all_logits, py::object hidden, py::object attention, py::object mlp) {
+            // One sequence; logits [vocab], or [n, vocab] with all_logits.
             const ModelConfig& c = s.model().config;
             require(tokens.ndim() == 1, "token_ids must be one-dimensional");
             const int n = int(tokens.shape(0));
@@ -249,12 +274,36 @@ PYBIND11_MODULE(_core, m) {
               rec.mlp = f.mutable_data();
             }
             float* out = logits.mutable_data();
-            const int32_t* ids = tokens.data();
+            // The ids are copied before the GIL is released: another thread may change the caller's array.
+            const std::vector<int32_t> ids(tokens.data(), tokens.data() + n);
+            Sequence* seq = &s;
             py::gil_scoped_release release;
-            s.forward(ids, n, out, all_logits, rec);
+            r.forward(&seq, 1, ids.data(), &n, out, all_logits, rec);
           },
-          py::arg("tokens"), py::arg("logits"), py::arg("all_logits") = false, py::arg("hidden_states") = py::none(),
-          py::arg("attentions") = py::none(), py::arg("mlp_activations") = py::none());
+          py::arg("sequence"), py::arg("tokens"), py::arg("logits"), py::arg("all_logits") = false,
+          py::arg("hidden_states") = py::none(), py::arg("attentions") = py::none(),
+          py::arg("mlp_activations") = py::none())
+      .def(
+          "forward_batch",
+          [](Runner& r, const std::vector<Sequence*>& seqs, Array<int32_t> tokens, Array<int32_t> counts,
+             py::array_t<float, py::array::c_style> logits) {
+            // Sequence i takes the next counts[i] tokens; logits [n_seqs, vocab], each one's last token.
+            const int n_seqs = int(seqs.size());
+            require(n_seqs > 0, "no sequences to run");
+            require(counts.ndim() == 1 && counts.shape(0) == n_seqs, "counts must hold one count per sequence");
+            require(tokens.ndim() == 1, "token_ids must be one-dimensional");
+            long total = 0;
+            for (int i = 0; i < n_seqs; ++i) total += counts.data()[i];
+            require(total == tokens.shape(0), "counts must add up to the number of tokens");
+            require(size_t(logits.size()) == size_t(n_seqs) * seqs.at(0)->model().config.vocab_size,
+                    "logits buffer must have shape [sequences, vocab]");
+            const std::vector<int32_t> ids(tokens.data(), tokens.data() + total),
+                n(counts.data(), counts.data() + n_seqs);
+            float* out = logits.mutable_data();
+            py::gil_scoped_release release;
+            r.forward(seqs.data(), n_seqs, ids.data(), n.data(), out, false, Record{});
+          },
+          py::arg("sequences"), py::arg("tokens"), py::arg("counts"), py::arg("logits"));
 
   add_testing_module(m);
 }

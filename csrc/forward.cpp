@@ -71,10 +71,11 @@ struct Pass {
   // in its sequence and takes their values (v) in proportion.
   void attention(int l) {
     const LayerWeights& L = m.layers[l];
-    const MatmulInput h = ws.matmul_input(ops, normalized(L.input_layernorm), n, D);
+    const MatmulInput h = ws.matmul_input(ops, normalized(L.input_layernorm), n, batch.n_rowwise, D);
     project_qkv(l, h);
     attend(l);
-    matmul_parallel(ops, L.o_proj, ws.matmul_input(ops, ws.att.data(), n, QD), n, L.o_bias, ws.x.data(), true);
+    matmul_parallel(ops, L.o_proj, ws.matmul_input(ops, ws.att.data(), n, batch.n_rowwise, QD), n, L.o_bias,
+                    ws.x.data(), true);
   }
 
   // q, k, v = x̂ · W_qᵀ, W_kᵀ, W_vᵀ; q and k turned by RoPE (the position enters here); k and v
@@ -144,19 +145,31 @@ struct Pass {
   // up, so it applies the SwiGLU to them at once.
   void feed_forward(int l) {
     const LayerWeights& L = m.layers[l];
-    const MatmulInput h = ws.matmul_input(ops, normalized(L.post_attention_layernorm), n, D);
-    int r0, r1, t0, t1;
-    thread_part(F, n, ROW_BLOCK_SWIGLU, &r0, &r1, &t0, &t1);
-    if (r0 < r1 && t0 < t1) {
-      float *g = ws.gate.data() + size_t(t0) * F, *u = ws.up.data() + size_t(t0) * F;
+    const MatmulInput h = ws.matmul_input(ops, normalized(L.post_attention_layernorm), n, batch.n_rowwise, D);
+    const int nr = batch.n_rowwise;
+    auto gate_up = [&](int r0, int r1, int t0, int t1) {  // rows [r0, r1) of tokens [t0, t1)
+      if (r0 >= r1 || t0 >= t1) return;
+      float *g = ws.gate.data(), *u = ws.up.data();
       const MatmulOut outs[2] = {{weights_ref(L.gate_proj), L.gate_bias, g, F, r0, r1, false},
                                  {weights_ref(L.up_proj), L.up_bias, u, F, r0, r1, false}};
-      matmul_outs(ops, tokens_from(ops, h, t0, D), t1 - t0, D, outs, 2);
-      for (int t = 0; t < t1 - t0; ++t) ops.silu_mul(g + size_t(t) * F + r0, u + size_t(t) * F + r0, r1 - r0);
+      if (t0 < nr) rowwise_outs(ops, h, D, outs, 2);
+      else gemm_outs(ops, h, t0, t1, D, outs, 2);
+      for (int t = t0; t < t1; ++t) ops.silu_mul(g + size_t(t) * F + r0, u + size_t(t) * F + r0, r1 - r0);
+    };
+    if (nr > 0) {
+      int r0, r1;
+      par::share(F, ROW_BLOCK_SWIGLU, &r0, &r1);
+      gate_up(r0, r1, 0, nr);
+    }
+    if (n > nr) {
+      int r0, r1, t0, t1;
+      thread_tiles(F, n - nr, &r0, &r1, &t0, &t1);
+      gate_up(r0, r1, nr + t0, nr + t1);
     }
     par::barrier();
     if (rec.mlp) record_rows(rec.mlp + (size_t(l) * rec.n + rec.offset) * F, ws.gate.data(), F);
-    matmul_parallel(ops, L.down_proj, ws.matmul_input(ops, ws.gate.data(), n, F), n, L.down_bias, ws.x.data(), true);
+    matmul_parallel(ops, L.down_proj, ws.matmul_input(ops, ws.gate.data(), n, nr, F), n, L.down_bias, ws.x.data(),
+                    true);
   }
 
   // logits = lm_head(RMSNorm(x)) for the tokens that want them.
@@ -166,7 +179,7 @@ struct Pass {
       const size_t t = batch.logit_rows[i];
       ops.rmsnorm(ws.xb.data() + size_t(i) * D, ws.x.data() + t * D, m.norm, D, c.rms_norm_eps);
     });
-    const MatmulInput h = ws.matmul_input(ops, ws.xb.data(), batch.n_logits, D);
+    const MatmulInput h = ws.matmul_input(ops, ws.xb.data(), batch.n_logits, batch.n_logits_rowwise, D);
     matmul_parallel(ops, m.lm_head, h, batch.n_logits, nullptr, batch.logits, false);
   }
 
@@ -211,6 +224,7 @@ void unembed(const Model& model, const float* hidden, int n, float* logits, Work
     std::memcpy(ws.x.data(), hidden + size_t(done) * D, sizeof(float) * count * D);
     Batch batch;
     batch.n = count, batch.logit_rows = rows.data(), batch.n_logits = count;
+    batch.n_logits_rowwise = count < GEMM_MIN_TOKENS ? count : 0;
     batch.logits = logits + size_t(done) * model.config.vocab_size;
     const Record none;
     par::region(model.threads, [&] { Pass(model, ops, batch, ws, none).predict(); });

@@ -26,9 +26,11 @@ struct Batch {
   int n = 0;
   const SequenceSlice* seqs = nullptr;  // [n_seqs], covering tokens 0 … n−1 in order
   int n_seqs = 0;
+  int n_rowwise = 0;                // tokens [0, n_rowwise) form slices of < GEMM_MIN_TOKENS: row-wise matmuls
   const int* logit_rows = nullptr;  // [n_logits] tokens whose next-token logits are wanted
   int n_logits = 0;
-  float* logits = nullptr;  // [n_logits, vocab]
+  int n_logits_rowwise = 0;  // the first of them take the row-wise lm_head
+  float* logits = nullptr;   // [n_logits, vocab]
 };
 
 // Caller-provided buffers that a pass over a single sequence fills for inspection (null: not
@@ -66,8 +68,8 @@ class Buffer {
 // one head goes to attention_causal, queries in the lanes; fewer than ATTENTION_BLOCK_MIN go one
 // query at a time (mostly empty lanes otherwise).
 constexpr int ATTENTION_BLOCK = 16;
-constexpr int ATTENTION_BLOCK_BF16 = 64;  // attention_causal_bf16 rounds its keys and values once per item
-constexpr int ATTENTION_BLOCK_MIN = 4;
+constexpr int ATTENTION_BLOCK_BF16 = 64;              // attention_causal_bf16 rounds its keys and values once per item
+constexpr int ATTENTION_BLOCK_MIN = GEMM_MIN_TOKENS;  // the row-wise slices
 
 // The scratch of forward passes: a batch's activations and the kernels' per-thread buffers,
 // allocated once and grown with the batches and contexts seen, so a decode step allocates nothing.
@@ -77,8 +79,9 @@ struct Workspace {
   // Before a pass, outside its parallel region: grows the buffers it needs and plans its attention.
   void prepare(const Kernels& ops, const Batch& batch, const Record& record);
 
-  // The matmul input for in [rows, n_in] (MatmulInput), made by every thread of the region.
-  MatmulInput matmul_input(const Kernels& ops, const float* in, int rows, int n_in);
+  // The matmul input for in [n, n_in] whose first n_rowwise tokens go row-wise (MatmulInput),
+  // made by every thread of the region.
+  MatmulInput matmul_input(const Kernels& ops, const float* in, int n, int n_rowwise, int n_in);
 
   const Model& model;
   int max_tokens;
@@ -98,8 +101,8 @@ struct Workspace {
   Buffer<float> x_norm;             // [threads, hidden] a single token's normalised input
   long attention_floats = 0;        // attention scratch per thread (kernels.h)
   Buffer<float> attention_scratch;  // [threads, attention_floats]
-  // Quantized weights take a few tokens' activations in int16 with group scales and sums
-  // (kernels.h): [GEMM_MIN_TOKENS − 1, qdim] for a few tokens, [threads, qdim] for one.
+  // Quantized weights take the row-wise tokens' activations in int16 with group scales and sums
+  // (kernels.h): [max_tokens, qdim], or [threads, qdim] for a lone token.
   int qdim = 0;
   Buffer<int16_t> xq, xq_thread;
   Buffer<float> xq_scale, xq_sum, xq_scale_thread;

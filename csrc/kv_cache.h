@@ -1,54 +1,116 @@
-// The keys and values of one sequence: what attention looks back at. Each position's key and value
-// vectors, per layer and KV head, are written once when the token passes through that layer and
-// read by every later token.
+// The keys and values of the sequences: what attention looks back at. Each position's key and
+// value vectors, per layer and KV head, are written once when the token passes through that layer
+// and read by every later token of its sequence.
 //
-// The cache is a list of blocks of `block_rows` positions. A block holds
+// Memory follows the tokens held: a sequence's cache is a list of blocks of KV_BLOCK_ROWS
+// positions, taken from its model's pool as the sequence reaches them and given back when it is
+// truncated or dropped. A block holds
 //     [layers][k | v][kv_heads][block_rows][head_dim] floats,
 // so that within a block one head's keys (and values) are contiguous rows: the attention kernels
-// stream a block at a time (kernels.h, KvHead).
+// stream a block at a time (kernels.h, KvHead). Sequences with a common prefix share its full
+// blocks (fork); a shared block is copied before it is written (prepare).
 #pragma once
 #include <cstddef>
 #include <memory>
+#include <mutex>
+#include <stdexcept>
 #include <vector>
 
 #include "kernels/kernels.h"
 
 namespace gally {
 
+constexpr int KV_BLOCK_ROWS = 16;  // positions per block: vLLM's size; a multiple of KV_BLOCK_ALIGN
+
 struct KvShape {
   int layers = 0, kv_heads = 0, head_dim = 0;
-  int block_rows = 0;  // positions per block, a multiple of KV_BLOCK_ALIGN
+  int block_rows = KV_BLOCK_ROWS;
 
   size_t block_floats() const { return size_t(layers) * 2 * kv_heads * block_rows * head_dim; }
   long keys(int layer, int head) const { return (long(layer) * 2 * kv_heads + head) * block_rows * head_dim; }
   long values(int layer, int head) const { return keys(layer, head) + long(kv_heads) * block_rows * head_dim; }
 };
 
-class KvCache {
+// The pool ran out of blocks (its cap, or the system's memory).
+class KvPoolExhausted : public std::runtime_error {
  public:
-  // A cache of one block that holds `positions` (rounded up to whole aligned rows). Its pages
-  // are left untouched until written, so it costs the memory of the positions used.
-  KvCache(int layers, int kv_heads, int head_dim, int positions);
+  using std::runtime_error::runtime_error;
+};
+
+// The blocks of one model's sequences, up to max_blocks in use at once. A block's memory is
+// mapped when first acquired and kept for reuse when released (trim() gives it back).
+// Thread-safe: sessions in several threads share it.
+class KvPool {
+ public:
+  KvPool(const KvShape& shape, size_t max_blocks);
+  ~KvPool();
+  KvPool(const KvPool&) = delete;
+  KvPool& operator=(const KvPool&) = delete;
 
   const KvShape& shape() const { return shape_; }
-  int capacity() const { return int(blocks_.size()) * shape_.block_rows; }
+  size_t block_bytes() const { return shape_.block_floats() * sizeof(float); }
+  size_t max_blocks() const { return max_blocks_; }
+  size_t in_use() const;     // blocks held by some sequence
+  size_t allocated() const;  // blocks with memory: in use, or free and kept for reuse
+
+  // A block with a reference count of 1; throws KvPoolExhausted when max_blocks are in use.
+  int acquire();
+  void retain(int id);
+  void release(int id);
+  int refs(int id) const;
+  float* data(int id) const { return data_[id]; }  // stable while the block is held
+  void trim();                                     // unmaps the free blocks
+
+ private:
+  KvShape shape_;
+  size_t max_blocks_;
+  mutable std::mutex mu_;
+  std::vector<float*> data_;  // by id; null for an id whose memory was trimmed
+  std::vector<int> refs_;     // by id
+  std::vector<int> free_;     // released ids (with or without memory)
+  size_t in_use_ = 0;
+};
+
+// One sequence's cache: blocks from a pool covering positions [0, blocks · block_rows).
+class KvCache {
+ public:
+  explicit KvCache(std::shared_ptr<KvPool> pool);
+  ~KvCache();
+  KvCache(KvCache&& other) noexcept;
+  KvCache(const KvCache&) = delete;
+  KvCache& operator=(const KvCache&) = delete;
+
+  const KvShape& shape() const { return pool_->shape(); }
+  KvPool& pool() const { return *pool_; }
+  int blocks() const { return int(ids_.size()); }
+  int capacity() const { return blocks() * shape().block_rows; }
+
+  // Makes positions [begin, end) writable: takes the blocks up to `end`, and copies first any
+  // block in the range that another cache shares. On KvPoolExhausted the cache keeps what it had.
+  void prepare(int begin, int end);
+  // Gives back the blocks past the first `positions`.
+  void truncate(int positions);
+  // A cache holding this one's first `positions` positions: the full blocks shared, the partial
+  // last one copied.
+  KvCache fork(int positions) const;
 
   // Head `head` of layer `layer` as the attention kernels read it.
   KvHead head(int layer, int head) const {
-    return KvHead{blocks_.data(), shape_.keys(layer, head), shape_.values(layer, head), shape_.block_rows};
+    return KvHead{ptrs_.data(), shape().keys(layer, head), shape().values(layer, head), shape().block_rows};
   }
   // Where the key (value) vector [head_dim] of `position` goes.
-  float* key(int layer, int head, int position) { return row(shape_.keys(layer, head), position); }
-  float* value(int layer, int head, int position) { return row(shape_.values(layer, head), position); }
+  float* key(int layer, int head, int position) { return row(shape().keys(layer, head), position); }
+  float* value(int layer, int head, int position) { return row(shape().values(layer, head), position); }
 
  private:
   float* row(long offset, int position) {
-    return blocks_[position / shape_.block_rows] + offset + long(position % shape_.block_rows) * shape_.head_dim;
+    const KvShape& s = shape();
+    return const_cast<float*>(ptrs_[position / s.block_rows]) + offset + long(position % s.block_rows) * s.head_dim;
   }
 
-  KvShape shape_;
-  std::vector<float*> blocks_;  // the kernels' view: one pointer per block
-  std::vector<std::unique_ptr<float[]>> owned_;
+  std::shared_ptr<KvPool> pool_;
+  std::vector<int> ids_;
+  std::vector<const float*> ptrs_;  // the kernels' view: one pointer per block
 };
 
 }  // namespace gally

@@ -6,19 +6,32 @@
 
 namespace gally {
 
-void matmul_outs(const Kernels& ops, const MatmulInput& in, int n, int n_in, const MatmulOut* outs, int count) {
-  if (in.packed) return ops.matmul_many_packed(in.packed, in.x, n, n_in, outs, count);
-  if (!in.xq) return ops.matmul_many(in.x, n, n_in, outs, count);
+void rowwise_outs(const Kernels& ops, const MatmulInput& in, int n_in, const MatmulOut* outs, int count) {
+  const int n = in.n_rowwise;
   for (int i = 0; i < count; ++i) {
     const MatmulOut& o = outs[i];
-    if (o.W.dtype == DType::Q8)
+    if (in.xq && o.W.dtype == DType::Q8)
       ops.matmul_q8(in.xq, in.xq_scale, (const int8_t*)o.W.data, o.W.scales, o.b, o.y, n, n_in, o.ldy, o.r0, o.r1,
                     o.accumulate);
-    else if (o.W.dtype == DType::Q4)
+    else if (in.xq && o.W.dtype == DType::Q4)
       ops.matmul_q4(in.xq, in.xq_scale, in.xq_sum, (const uint8_t*)o.W.data, o.W.scales, o.W.mins, o.b, o.y, n, n_in,
                     o.ldy, o.r0, o.r1, o.accumulate);
-    else ops.matmul(in.x, o.W, o.b, o.y, n, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+    else ops.gemv(in.x, o.W, o.b, o.y, n, n_in, o.ldy, o.r0, o.r1, o.accumulate);
   }
+}
+
+void gemm_outs(const Kernels& ops, const MatmulInput& in, int t0, int t1, int n_in, const MatmulOut* outs, int count) {
+  MatmulOut shifted[4];  // the outs with y at token t0
+  for (int i = 0; i < count; ++i) shifted[i] = outs[i], shifted[i].y += size_t(t0) * outs[i].ldy;
+  const float* x = in.x + size_t(t0) * n_in;
+  if (in.packed)
+    ops.matmul_many_packed(in.packed + ops.packed_size(t0 - in.n_rowwise, n_in), x, t1 - t0, n_in, shifted, count);
+  else ops.matmul_many(x, t1 - t0, n_in, shifted, count);
+}
+
+void matmul_outs(const Kernels& ops, const MatmulInput& in, int n, int n_in, const MatmulOut* outs, int count) {
+  if (in.n_rowwise > 0) rowwise_outs(ops, in, n_in, outs, count);
+  if (n > in.n_rowwise) gemm_outs(ops, in, in.n_rowwise, n, n_in, outs, count);
 }
 
 void thread_tiles(int rows, int n, int* r0, int* r1, int* t0, int* t1) {
@@ -44,33 +57,20 @@ void thread_tiles(int rows, int n, int* r0, int* r1, int* t0, int* t1) {
   *t1 = boundary(it + 1);
 }
 
-void thread_part(int rows, int n, int gemv_block, int* r0, int* r1, int* t0, int* t1) {
-  if (n < GEMM_MIN_TOKENS) {
-    par::share(rows, gemv_block, r0, r1);
-    *t0 = 0, *t1 = n;
-  } else {
-    thread_tiles(rows, n, r0, r1, t0, t1);
-  }
-}
-
-MatmulInput tokens_from(const Kernels& ops, const MatmulInput& in, int t0, int n_in) {
-  MatmulInput a = in;
-  a.x += size_t(t0) * n_in;
-  if (in.packed) a.packed += ops.packed_size(t0, n_in);
-  if (in.xq) {  // int16 copies exist for a few tokens only, so t0 is 0 today; kept right regardless
-    a.xq += size_t(t0) * n_in;
-    a.xq_scale += size_t(t0) * (n_in / QGROUP);
-    a.xq_sum += size_t(t0) * (n_in / QGROUP);
-  }
-  return a;
-}
-
 void matmul_parallel(const Kernels& ops, const Matrix& W, const MatmulInput& in, int n, const float* bias, float* y,
                      bool accumulate) {
-  int r0, r1, t0, t1;
-  thread_part(W.rows, n, ROW_BLOCK_GEMV, &r0, &r1, &t0, &t1);
-  const MatmulOut out{weights_ref(W), bias, y + size_t(t0) * W.rows, W.rows, r0, r1, accumulate};
-  if (r0 < r1 && t0 < t1) matmul_outs(ops, tokens_from(ops, in, t0, W.cols), t1 - t0, W.cols, &out, 1);
+  const MatmulOut all{weights_ref(W), bias, y, W.rows, 0, W.rows, accumulate};
+  if (in.n_rowwise > 0) {
+    MatmulOut out = all;
+    par::share(W.rows, ROW_BLOCK_GEMV, &out.r0, &out.r1);
+    if (out.r0 < out.r1) rowwise_outs(ops, in, W.cols, &out, 1);
+  }
+  if (n > in.n_rowwise) {
+    MatmulOut out = all;
+    int t0, t1;
+    thread_tiles(W.rows, n - in.n_rowwise, &out.r0, &out.r1, &t0, &t1);
+    if (out.r0 < out.r1 && t0 < t1) gemm_outs(ops, in, in.n_rowwise + t0, in.n_rowwise + t1, W.cols, &out, 1);
+  }
   par::barrier();
 }
 

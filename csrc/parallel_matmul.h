@@ -1,49 +1,52 @@
 // Matrix products split over the threads of a forward pass (parallel.h), for the model code.
 //
-// y [n, rows] = x [n, cols] · Wᵀ. The kernels (kernels.h) compute a range of W's rows for a range
-// of tokens; this file decides which thread takes which:
-// - a few tokens (decode steps, n < GEMM_MIN_TOKENS) split W's rows only, in blocks of
-//   ROW_BLOCK_GEMV rows: each thread streams its own contiguous part of the weights once, which
-//   is all a bandwidth-bound step needs;
-// - a batch splits rows in blocks of ROW_BLOCK_GEMM and tokens in tiles of GEMM_SPLIT_TOKENS,
+// y [n, rows] = x [n, cols] · Wᵀ. A batch's tokens come in two groups (MatmulInput):
+// - the row-wise tokens [0, n_rowwise): decode steps and other slices of fewer than
+//   GEMM_MIN_TOKENS tokens. They take the row-by-row kernels (Kernels::gemv, matmul_q8/q4), which
+//   read each weight row once for all of them and give each token exactly what it would get alone.
+//   The threads split W's rows, in blocks of ROW_BLOCK_GEMV: each streams its own contiguous part
+//   of the weights, which is all a bandwidth-bound step needs.
+// - the GEMM tokens [n_rowwise, n): prompt chunks, multiplied with the tokens in the vector lanes.
+//   The threads split rows in blocks of ROW_BLOCK_GEMM and tokens in tiles of GEMM_SPLIT_TOKENS,
 //   into the grid of row parts × token parts whose busiest thread has the least work, since rows
 //   alone split unevenly on many threads (576 rows are 18 blocks: 16 threads get 1 or 2).
 //
-// The activations reach the kernels in the form their weights' format asks for (MatmulInput):
-// f32 rows; for a few tokens into int8/int4 weights also int16-quantized per group (kernels.h);
-// for a batch on AVX512-BF16 also laid out once, by all threads, in the bf16 GEMM's tiles.
+// The activations reach the kernels in the form their weights' format asks for: f32 rows; for
+// row-wise tokens into int8/int4 weights, int16-quantized per group (kernels.h); for GEMM tokens on
+// AVX512-BF16, laid out once, by all threads, in the bf16 GEMM's tiles.
 #pragma once
 #include "kernels/kernels.h"
 #include "model.h"
 
 namespace gally {
 
-constexpr int ROW_BLOCK_GEMV = 48;  // rows per block when only rows are split (a few tokens)
-constexpr int ROW_BLOCK_GEMM = 32;  // rows per block of a batch's grid
+constexpr int ROW_BLOCK_GEMV = 48;  // rows per block of a row-wise product
+constexpr int ROW_BLOCK_GEMM = 32;  // rows per block of a GEMM's grid
 
-// A matmul's input [n, n_in] and the forms of it the kernels may take instead.
+// A matmul's input [n, n_in] and the forms of it the kernels take.
 struct MatmulInput {
-  const float* x;               // f32 [n, n_in]
-  const int16_t* xq = nullptr;  // int16 [n, n_in], with per-group scales and sums [n, n_in/QGROUP]
-  const float* xq_scale = nullptr;
+  const float* x;                   // f32 [n, n_in]
+  int n_rowwise = 0;                // tokens [0, n_rowwise) go row-wise, the rest to the GEMM
+  const int16_t* xq = nullptr;      // row-wise tokens in int16 [n_rowwise, n_in], with per-group
+  const float* xq_scale = nullptr;  // scales and sums [n_rowwise, n_in/QGROUP] (quantized weights)
   const float* xq_sum = nullptr;
-  const uint32_t* packed = nullptr;  // x in Kernels::pack's layout
+  const uint32_t* packed = nullptr;  // the GEMM tokens in Kernels::pack's layout
 };
 
 inline WeightsRef weights_ref(const Matrix& W) { return WeightsRef{W.data, W.dtype, W.scales, W.mins}; }
 
-// Products of one input [n, n_in], each with the kernel for its weights' format.
+// Products of the row-wise tokens [0, in.n_rowwise), each with the kernel for its weights' format.
+void rowwise_outs(const Kernels& ops, const MatmulInput& in, int n_in, const MatmulOut* outs, int count);
+
+// Products of GEMM tokens [t0, t1) (absolute indices, t0 − n_rowwise a multiple of
+// GEMM_SPLIT_TOKENS when packed); each out's y points at row 0 of the batch.
+void gemm_outs(const Kernels& ops, const MatmulInput& in, int t0, int t1, int n_in, const MatmulOut* outs, int count);
+
+// Both groups of tokens [0, n) for the outs' rows: what one thread does for its own rows.
 void matmul_outs(const Kernels& ops, const MatmulInput& in, int n, int n_in, const MatmulOut* outs, int count);
 
-// This thread's rows [r0, r1) and tokens [t0, t1) of a batch's product with `rows` rows.
+// This thread's rows [r0, r1) and tokens [t0, t1) of a GEMM over n tokens with `rows` rows.
 void thread_tiles(int rows, int n, int* r0, int* r1, int* t0, int* t1);
-
-// This thread's part of a product with `rows` rows, for n tokens: rows only for a few tokens (in
-// blocks of `gemv_block`), the grid above for a batch.
-void thread_part(int rows, int n, int gemv_block, int* r0, int* r1, int* t0, int* t1);
-
-// The input from token t0 on (t0 a multiple of GEMM_SPLIT_TOKENS when packed).
-MatmulInput tokens_from(const Kernels& ops, const MatmulInput& in, int t0, int n_in);
 
 // y [n, W.rows] (+)= in [n, W.cols] · Wᵀ (+ bias), split over the threads; ends at a barrier.
 void matmul_parallel(const Kernels& ops, const Matrix& W, const MatmulInput& in, int n, const float* bias, float* y,

@@ -27,10 +27,9 @@ Workspace::Workspace(const Model& m, int max_tokens_) : model(m), max_tokens(max
       !m.layers.empty() && (m.layers[0].q_proj.dtype == DType::BF16 || is_quantized(m.layers[0].q_proj.dtype));
   if (m.quantized) {  // int16 copies of a matmul's input: the widest is the FFN's
     qdim = std::max({c.hidden_size, int(QD), c.intermediate_size});
-    const size_t few = GEMM_MIN_TOKENS - 1;  // batches of more take the GEMM with f32 activations
-    xq.reset(few * qdim);
-    xq_scale.reset(few * qdim / QGROUP);
-    xq_sum.reset(few * qdim / QGROUP);
+    xq.reset(B * qdim);
+    xq_scale.reset(B * qdim / QGROUP);
+    xq_sum.reset(B * qdim / QGROUP);
     xq_thread.reset(size_t(m.threads) * qdim);
     xq_scale_thread.reset(size_t(m.threads) * 2 * (qdim / QGROUP));
   }
@@ -67,35 +66,38 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record&) {
     attention_floats = 2 * need;
     attention_scratch.reset(size_t(model.threads) * attention_floats);
   }
-  if (ops.pack && bf16_prompt && batch.n >= GEMM_MIN_TOKENS)
+  if (ops.pack && bf16_prompt && batch.n > batch.n_rowwise)
     packed.grow(size_t(
         ops.packed_size(max_tokens, std::max({c.hidden_size, c.num_attention_heads * HD, c.intermediate_size}))));
 }
 
-MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int rows, int n_in) {
-  MatmulInput a{in};
-  if (rows >= GEMM_MIN_TOKENS && bf16_prompt && ops.pack) {  // laid out once, by all threads
-    const int tiles = (rows + GEMM_SPLIT_TOKENS - 1) / GEMM_SPLIT_TOKENS;
-    par::for_static(tiles, [&](int t) { ops.pack(in, rows, n_in, t, t + 1, packed.data()); });
+MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int n, int n_rowwise, int n_in) {
+  MatmulInput a{in, n_rowwise};
+  const int gemm = n - n_rowwise;
+  if (gemm > 0 && bf16_prompt && ops.pack) {  // the GEMM tokens laid out once, by all threads
+    const int tiles = (gemm + GEMM_SPLIT_TOKENS - 1) / GEMM_SPLIT_TOKENS;
+    const float* x = in + size_t(n_rowwise) * n_in;
+    par::for_static(tiles, [&](int t) { ops.pack(x, gemm, n_in, t, t + 1, packed.data()); });
     a.packed = packed.data();
-    return a;
   }
-  if (!model.quantized || n_in % QGROUP != 0 || rows >= GEMM_MIN_TOKENS) return a;
-  // A few tokens into int8/int4 weights: int16 activations, quantized once per step (by every
-  // thread into its own buffer for a single token, split over the threads otherwise).
+  if (!model.quantized || n_in % QGROUP != 0 || n_rowwise == 0) return a;
+  // Row-wise tokens into int8/int4 weights: int16 activations, quantized once per step (by every
+  // thread into its own buffer for a lone token, split over the threads otherwise).
   const int groups = n_in / QGROUP;
-  if (rows == 1) {
+  if (n == 1) {
     const size_t id = par::thread_id();
     int16_t* xq1 = xq_thread.data() + id * qdim;
     float* s = xq_scale_thread.data() + 2 * id * (qdim / QGROUP);
     ops.quantize_rows(in, 1, n_in, xq1, s, s + qdim / QGROUP);
-    return MatmulInput{in, xq1, s, s + qdim / QGROUP};
+    a.xq = xq1, a.xq_scale = s, a.xq_sum = s + qdim / QGROUP;
+    return a;
   }
-  par::for_static(rows, [&](int t) {
+  par::for_static(n_rowwise, [&](int t) {
     ops.quantize_rows(in + size_t(t) * n_in, 1, n_in, xq.data() + size_t(t) * n_in,
                       xq_scale.data() + size_t(t) * groups, xq_sum.data() + size_t(t) * groups);
   });
-  return MatmulInput{in, xq.data(), xq_scale.data(), xq_sum.data()};
+  a.xq = xq.data(), a.xq_scale = xq_scale.data(), a.xq_sum = xq_sum.data();
+  return a;
 }
 
 }  // namespace gally

@@ -101,6 +101,20 @@ class ScriptedModel:
         self.sessions.append(s)
         return s
 
+    def runner(self, max_tokens=None):
+        return ScriptedRunner(max_tokens or 512)
+
+
+class ScriptedRunner:
+    """Runner stand-in: each session's append, one after another."""
+
+    def __init__(self, max_tokens):
+        self.max_tokens = max_tokens
+
+    def forward_checked(self, sessions, token_ids, counts):
+        starts = np.cumsum([0] + list(counts))
+        return np.stack([s.append(token_ids[a:b]) for s, a, b in zip(sessions, starts, starts[1:])])
+
 
 def gally_tokenizer():
     from gally.tokenizer import Tokenizer

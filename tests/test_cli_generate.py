@@ -89,8 +89,8 @@ def test_run_stop_and_verbose(capsys, folder, model):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--temp", "-1"], "temperature"), (["--top-p", "0"], "top_p"), (["--min-p", "2"], "min_p"),
-    (["-n", "-5"], "max_new_tokens"), (["--raw", "--system", "x"], "--system"), (["--seed", "-3"], "seed"),
+    (["--temp", "-1"], "--temp must be"), (["--top-p", "0"], "--top-p must be"), (["--min-p", "2"], "--min-p must"),
+    (["-n", "-5"], "--max-tokens must be"), (["--raw", "--system", "x"], "--system"), (["--seed", "-3"], "--seed"),
 ])
 def test_run_bad_arguments(capsys, folder, argv, message):
     code, out, err = run_cli(capsys, "run", "-m", folder, *argv, "Hello")

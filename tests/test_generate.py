@@ -8,6 +8,7 @@ import pytest
 
 import gally
 from gally import generate as gen
+from gally.scheduler import eos_ids
 from generation_helpers import ScriptedModel, gally_tokenizer, make_text_checkpoint
 
 GREEDY = dict(temperature=0.0)
@@ -58,9 +59,10 @@ def test_max_new_tokens(tok):
     model, ids = scripted(tok, "The quick brown fox jumps over the lazy dog.")
     c = gen.generate(model, [5, 6, 7], max_new_tokens=4, **GREEDY)
     assert c.token_ids == ids[:4] and c.finish_reason == "length" and c.text == tok.decode(ids[:4])
+    sessions = len(model.sessions)
     empty = gen.generate(model, [5, 6, 7], max_new_tokens=0)
     assert (empty.text, empty.token_ids, empty.finish_reason) == ("", [], "length")
-    assert empty.usage["completion_tokens"] == 0 and model.sessions[-1].appended == []
+    assert empty.usage["completion_tokens"] == 0 and len(model.sessions) == sessions  # nothing computed
 
 
 def test_stop_string_across_tokens(tok):
@@ -138,13 +140,13 @@ def test_defaults_come_from_generation_config(tok):
                           generation_config={"do_sample": False, "max_new_tokens": 5, "top_k": 7,
                                              "repetition_penalty": 1.1})
     opts = gen.resolve_options(model)
-    assert opts.max_new_tokens == 5 and opts.params.greedy and opts.params.top_k == 7
-    assert opts.params.repetition_penalty == 1.1 and opts.params.top_p == gen.DEFAULTS["top_p"]
+    assert opts.max_new_tokens == 5 and opts.sampling.greedy and opts.sampling.top_k == 7
+    assert opts.sampling.repetition_penalty == 1.1 and opts.sampling.top_p == gen.DEFAULTS["top_p"]
     assert gen.generate(model, [5, 6, 7]).token_ids == ids[:5]
-    assert gen.resolve_options(model, max_new_tokens=9, temperature=0.5).params.temperature == 0.5
+    assert gen.resolve_options(model, max_new_tokens=9, temperature=0.5).sampling.temperature == 0.5
     plain = ScriptedModel(tok, ids, 3)
-    assert gen.resolve_options(plain).params == gen.SamplingParams(**{k: v for k, v in gen.DEFAULTS.items()
-                                                               if k != "max_new_tokens"})
+    assert gen.resolve_options(plain).sampling == gen.SamplingParams(**{k: v for k, v in gen.DEFAULTS.items()
+                                                                       if k in gally.options.SAMPLING})
 
 
 def test_a_bad_generation_config_names_the_file(tok):
@@ -157,7 +159,7 @@ def test_a_bad_generation_config_names_the_file(tok):
 @pytest.mark.parametrize("kwargs, name", [
     (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"), (dict(min_p=2), "min_p"), (dict(repetition_penalty=0), "repetition_penalty"),
-    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(max_new_tokens=-2), "max_new_tokens"), (dict(max_new_tokens=2.5), "max_new_tokens"),
     (dict(seed=-1), "seed"), (dict(stop=""), "stop"), (dict(stop=["a", 3]), "stop"), (dict(logprobs=-1), "logprobs"),
 ])
 def test_bad_arguments_name_themselves(tok, kwargs, name):
@@ -169,7 +171,7 @@ def test_bad_arguments_name_themselves(tok, kwargs, name):
 
 
 @pytest.mark.parametrize("prompt, message", [
-    ("", "empty"), ([], "empty"), ([5, 9999], "outside the vocabulary"), ([[1, 2]], "flat sequence"),
+    ("", "empty"), ([], "empty"), ([5, 9999], "outside the vocabulary"), ([[1, [2]]], "prompt 0: .*flat sequence"),
     ([1.5], "flat sequence"), (None, "flat sequence"),
 ])
 def test_bad_prompts(tok, prompt, message):
@@ -199,7 +201,7 @@ def manual_greedy(model, ids, n):
 def test_greedy_matches_a_plain_session_loop_and_top_k_1(model):
     prompt = model.tokenizer.encode("The capital of France is")
     c = model.generate(prompt, max_new_tokens=24, **GREEDY)
-    eos = set(gen._eos_ids(model))
+    eos = set(eos_ids(model))
     want = manual_greedy(model, prompt, 24)
     want = want[:next((i + 1 for i, t in enumerate(want) if t in eos), len(want))]
     assert c.token_ids == want
@@ -229,7 +231,7 @@ def test_streamed_equals_non_streamed(model, kw):
     assert (chunks[-1].finish_reason, chunks[-1].usage) == (whole.finish_reason, whole.usage)
     if "logprobs" in kw:
         assert [lp for c in chunks for lp in (c.logprobs or [])] == whole.logprobs
-    if "stop" not in kw and whole.token_ids[-1] not in gen._eos_ids(model):
+    if "stop" not in kw and whole.token_ids[-1] not in eos_ids(model):
         assert whole.text == model.tokenizer.decode(whole.token_ids, skip_special_tokens=True)
 
 

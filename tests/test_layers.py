@@ -1,5 +1,5 @@
 """The layers of python/gally, read from the source: library modules know nothing of the command
-line (argparse lives in gally/cli/, and for now gally/cli_generate.py and gally/bench/cli.py), and
+line (argparse lives in gally/cli/ and gally/bench/cli.py), and
 the folder tokenizer does not depend on the GGUF tokenizer builder."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "python" / "gally"
-CLI_FILES = ("cli_generate.py", "bench/cli.py", "__main__.py")  # and everything in cli/
+CLI_FILES = ("bench/cli.py", "__main__.py")  # and everything in cli/
 
 
 def imported_modules(path: pathlib.Path) -> set[str]:

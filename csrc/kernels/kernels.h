@@ -70,6 +70,12 @@ struct Kernels {
   void (*matmul)(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
                  int r0, int r1, bool accumulate);
 
+  // matmul row by row, whatever n_tok: each row of W meets every token while it is in L1, and a
+  // token's result does not depend on the other tokens (the decode steps of a batch of sequences
+  // get exactly what each gets alone). matmul takes the GEMM from GEMM_MIN_TOKENS tokens on.
+  void (*gemv)(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
+               int r1, bool accumulate);
+
   // matmul for several matrices over one input x [n_tok, n_in] (q/k/v, gate/up): the prefill GEMM
   // lays the input out once for all of them.
   void (*matmul_many)(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count);

@@ -74,6 +74,7 @@ using V = S::V;
 const Kernels kernels_avx2 = {
     .name = "avx2",
     .matmul = avx2::matmul,
+    .gemv = avx2::gemv,
     .matmul_many = avx2::matmul_many,
     .rmsnorm = avx2::rmsnorm,
     .rope = avx2::rope,

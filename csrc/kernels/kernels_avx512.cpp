@@ -62,6 +62,7 @@ void softmax_lanes16(float* st, int n, int first, int lanes, float* probs, long 
 const Kernels kernels_avx512 = {
     .name = "avx512",
     .matmul = avx512::matmul,
+    .gemv = avx512::gemv,
     .matmul_many = avx512::matmul_many,
     .rmsnorm = avx512::rmsnorm,
     .rope = avx512::rope,

@@ -60,22 +60,32 @@ void rope(float* v, const float* cos, const float* sin, int d) {
   }
 }
 
+// The keys (values) of rows [b0, b0 + rows) of a head lie in one block, rows d apart.
+template <class F>
+void each_block(const KvHead& kv, int n, F f) {
+  for (int b0 = 0; b0 < n; b0 += kv.block_rows) f(b0, n - b0 < kv.block_rows ? n - b0 : kv.block_rows);
+}
+
 void attention(const float* q, const KvHead& kv, int n, int d, float scale, float* probs, float* out) {
   float mx = -INFINITY;
-  for (int j = 0; j < n; ++j) {
-    const float* k = kv.key(j, d);
-    probs[j] = scale * dot(q, d, [k](int i) { return k[i]; });
-    mx = std::fmax(mx, probs[j]);
-  }
+  each_block(kv, n, [&](int b0, int rows) {
+    const float* K = kv.key(b0, d);
+    for (int j = 0; j < rows; ++j) {
+      const float* k = K + (long)j * d;
+      probs[b0 + j] = scale * dot(q, d, [k](int i) { return k[i]; });
+      mx = std::fmax(mx, probs[b0 + j]);
+    }
+  });
   float sum = 0;
   for (int j = 0; j < n; ++j) sum += (probs[j] = std::exp(probs[j] - mx));
   float inv = 1.0f / sum;
   for (int i = 0; i < d; ++i) out[i] = 0;
-  for (int j = 0; j < n; ++j) {
-    probs[j] *= inv;
-    const float* v = kv.value(j, d);
-    for (int i = 0; i < d; ++i) out[i] += probs[j] * v[i];
-  }
+  for (int j = 0; j < n; ++j) probs[j] *= inv;
+  each_block(kv, n, [&](int b0, int rows) {
+    const float* V = kv.value(b0, d);
+    for (int j = 0; j < rows; ++j)
+      for (int i = 0; i < d; ++i) out[i] += probs[b0 + j] * V[(long)j * d + i];
+  });
 }
 
 void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale, float* scratch,
@@ -257,6 +267,7 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& k
 const Kernels kernels_generic = {
     .name = "generic",
     .matmul = matmul,
+    .gemv = matmul,
     .matmul_many = matmul_many,
     .rmsnorm = rmsnorm,
     .rope = rope,
@@ -271,6 +282,7 @@ const Kernels kernels_generic = {
 const Kernels kernels_generic_bf16 = {
     .name = "generic-bf16",
     .matmul = bf16::matmul,
+    .gemv = matmul,
     .matmul_many = bf16::matmul_many,
     .rmsnorm = rmsnorm,
     .rope = rope,

@@ -80,18 +80,31 @@ inline bool takes_gemm(const WeightsRef& W, int n_tok) {
   return n_tok >= GEMM_MIN_TOKENS || is_quantized(W.dtype);
 }
 
-void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
-            int r1, bool accumulate) {
-  if (takes_gemm(W, n_tok))
-    return gemm_packed(gemm_pack(x, n_tok, n_in), W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+void gemv(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+          bool accumulate) {
   switch (W.dtype) {
     case DType::F32:
       return matmul_rows<WeightF32>(x, (const float*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
     case DType::BF16:
       return matmul_rows<WeightBF16>(x, (const uint16_t*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
-    default:
+    case DType::F16:
       return matmul_rows<WeightF16>(x, (const uint16_t*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+    default: {  // int8/int4 with f32 activations (the model gives them int16 ones): a row at a time in f32
+      static thread_local std::vector<float> row;
+      row.resize(n_in);
+      for (int r = r0; r < r1; ++r) {
+        dequantize_row(W, n_in, r, row.data());
+        matmul_rows<WeightF32>(x, row.data(), b ? b + r : nullptr, y + r, n_tok, n_in, ldy, 0, 1, accumulate);
+      }
+    }
   }
+}
+
+void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
+            int r1, bool accumulate) {
+  if (takes_gemm(W, n_tok))
+    return gemm_packed(gemm_pack(x, n_tok, n_in), W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  gemv(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }
 
 void matmul_many(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count) {
@@ -208,12 +221,20 @@ void attention(const float* q, const KvHead& kv, int n, int d, float scale, floa
   }
   for (; i + S::N <= d; i += S::N) {
     V o = S::zero();
-    for (j = 0; j < n; ++j) o = S::fma(S::set1(probs[j]), S::load(kv.value(j, d) + i), o);
+    for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
+      const float* Vb = kv.value(b0, d) + i;
+      const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
+      for (j = 0; j < nb; ++j) o = S::fma(S::set1(probs[b0 + j]), S::load(Vb + (long)j * d), o);
+    }
     S::store(out + i, o);
   }
   for (; i < d; ++i) {
     float o = 0;
-    for (j = 0; j < n; ++j) o += probs[j] * kv.value(j, d)[i];
+    for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
+      const float* Vb = kv.value(b0, d) + i;
+      const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
+      for (j = 0; j < nb; ++j) o += probs[b0 + j] * Vb[(long)j * d];
+    }
     out[i] = o;
   }
 }

@@ -20,10 +20,12 @@ from . import _core  # noqa: E402
 from .config import Config
 from .model import Model, Session, load, physical_cores
 
+KvCacheFull = _core.KvCacheFull  # a sequence needs KV cache blocks the model's pool cannot give
+
 __version__ = "0.1.0"
 
 _core.selected_isa()  # reads GALLY_ISA now: a variant this CPU lacks is an error at import
-__all__ = ["load", "info", "Model", "Session", "Config", "__version__"]
+__all__ = ["load", "info", "Model", "Session", "Config", "KvCacheFull", "__version__"]
 
 
 def info() -> dict:

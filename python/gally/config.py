@@ -131,6 +131,28 @@ class Config:
         cfg.inv_freq()  # rejects unknown RoPE types now rather than at the first token
         return cfg
 
+    @property
+    def attention_scale(self) -> float:
+        """The factor on q·k: 1/√head_dim."""
+        return float(self.head_dim) ** -0.5
+
+    def core_config(self):
+        """The hyper-parameters the C++ model takes (_core.ModelConfig): each of its fields, taken
+        from the field or property of this config of the same name."""
+        from . import _core
+
+        core = _core.ModelConfig()
+        for name, attr in vars(_core.ModelConfig).items():
+            if not isinstance(attr, property):
+                continue
+            value = getattr(self, name)
+            if callable(value):  # inv_freq
+                value = value()
+            if isinstance(value, np.ndarray):
+                value = value.tolist()
+            setattr(core, name, 0 if value is None else value)  # sliding_window None: 0, full attention
+        return core
+
     def inv_freq(self) -> np.ndarray:
         """RoPE frequencies θ_i = theta^(-2i/d) for i < head_dim/2, with the configured scaling."""
         d = self.head_dim

@@ -12,9 +12,8 @@ import numpy as np
 from . import _core, config as config_mod, safetensors_file, sources
 from .config import Config
 
-# Sessions allocate their KV cache up front, so the default context is capped for laptop memory:
-# 4096 tokens cost 46 MB of f32 cache for SmolLM2-135M and 2 GB for Llama-3-8B.
-MAX_CONTEXT_CAP = 4096
+# The KV cache pool's default share of the machine's memory (load's kv_cache_bytes).
+KV_CACHE_SHARE = 0.25
 
 DTYPES = ("f32", "bf16", "f16", "int8", "int4")
 QUANTIZED = ("int8", "int4")
@@ -40,46 +39,92 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+def physical_memory() -> int:
+    """Bytes of physical memory, or 8 GiB where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
 def _check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
-def _token_array(token_ids, vocab_size: int) -> np.ndarray:
-    ids = np.asarray(token_ids)
+def token_array(token_ids, vocab_size: int, name: str = "token_ids") -> np.ndarray:
+    """token_ids as a fresh int32 array, checked: a flat, non-empty sequence of integers inside the
+    vocabulary. The one check of token ids on the way in (the C++ checks again, as a last line)."""
+    try:
+        ids = np.array(token_ids)  # a copy: the caller may change its array while a pass runs
+    except (ValueError, TypeError):
+        ids = None
+    if ids is None or ids.dtype == object:
+        raise ValueError(f"{name} must be a flat sequence of integer token ids")
     if ids.ndim == 0:
         ids = ids.reshape(1)
     if ids.ndim != 1:
-        raise ValueError(f"token_ids must be a flat sequence of integers, got shape {ids.shape}")
+        raise ValueError(f"{name} must be a flat sequence of integers, got shape {ids.shape}")
     if ids.size == 0:
-        raise ValueError("token_ids is empty")
+        raise ValueError(f"{name} is empty")
     if ids.dtype.kind not in "iu":
-        raise ValueError(f"token_ids must be integers, got dtype {ids.dtype}")
+        raise ValueError(f"{name} must be integers, got dtype {ids.dtype}")
     bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"token id {int(ids[i])} at index {i} is outside the vocabulary [0, {vocab_size})")
-    return ids.astype(np.int32, copy=False)
+        where = "" if name == "token_ids" else f" of {name}"
+        raise ValueError(f"token id {int(ids[i])} at index {i}{where} is outside the vocabulary [0, {vocab_size})")
+    return ids.astype(np.int32)
+
+
+def check_context(position: int, n: int, max_context: int, what: str = "sequence") -> None:
+    """The one check that n more tokens after `position` fit in `max_context`."""
+    if position + n > max_context:
+        cached = f" ({position} cached + {n} new)" if position else ""
+        raise ValueError(f"{what} of {position + n} tokens{cached} is longer than the context: it exceeds max_context "
+                         f"{max_context}; load the model with a larger one (gally.load(max_context=N), or -c N on "
+                         f"the command line)")
+
+
+class _Held:
+    """A lock this thread acquired, released on leaving a with block."""
+    __slots__ = ("lock",)
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
 
 
 class Session:
     """One sequence: its KV cache and position. append() runs new tokens and returns the logits
-    of the last one. Sessions of one model are independent and may run in parallel threads."""
+    of the last one. Sessions of one model are independent and may run in parallel threads; one
+    session is used by one thread at a time (a second one gets a RuntimeError)."""
 
-    def __init__(self, model: "Model", max_context: int):
+    def __init__(self, model: "Model", max_context: int, _sequence=None):
         self.model = model
-        self._core = _core.Session(model._core, max_context)
+        self._seq = _sequence if _sequence is not None else _core.Sequence(model._core, model._pool, max_context)
+        self._runner = None  # made at the first pass: a forked session that is never run costs no scratch
         self._lock = threading.Lock()
+
+    def _locked(self) -> "_Held":
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this session is already running in another thread; use one session per thread")
+        return _Held(self._lock)
 
     @property
     def position(self) -> int:
         """Tokens in the cache: the position the next token will take."""
-        return self._core.position
+        return self._seq.position
 
     @property
     def max_context(self) -> int:
-        return self._core.max_context
+        return self._seq.max_context
 
     def append(self, token_ids: Union[int, Sequence[int], np.ndarray]) -> np.ndarray:
         """Runs token_ids after the cached ones; returns float32 logits [vocab_size] of the last."""
@@ -92,33 +137,88 @@ class Session:
         mlp_activations (float32 [layers, n, intermediate]) are filled when given: the embeddings
         then each layer's output; each head's softmax; each layer's silu(gate) ⊙ up."""
         cfg = self.model.config
-        ids = _token_array(token_ids, cfg.vocab_size)
-        n = len(ids)
-        if self.position + n > self.max_context:
-            raise ValueError(f"sequence of {self.position + n} tokens ({self.position} cached + {n} new) "
-                             f"exceeds max_context {self.max_context}")
+        ids = token_array(token_ids, cfg.vocab_size)
         for name, buf in (("hidden_states", hidden_states), ("attentions", attentions),
                           ("mlp_activations", mlp_activations)):
             if buf is not None and (not isinstance(buf, np.ndarray) or buf.dtype != np.float32
                                     or not buf.flags.c_contiguous or not buf.flags.writeable):
                 raise ValueError(f"{name} must be a writable C-contiguous float32 numpy array")
-        logits = np.empty((n, cfg.vocab_size) if all_logits else cfg.vocab_size, dtype=np.float32)
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("this session is already running in another thread; use one session per thread")
-        try:
-            self._core.forward(ids, logits, all_logits, hidden_states, attentions, mlp_activations)
-        finally:
-            self._lock.release()
+        logits = np.empty((len(ids), cfg.vocab_size) if all_logits else cfg.vocab_size, dtype=np.float32)
+        with self._locked():
+            check_context(self._seq.position, len(ids), self._seq.max_context)
+            if self._runner is None:
+                self._runner = _core.Runner(self.model._core, min(self._seq.max_context, MAX_PASS_TOKENS))
+            self._runner.forward(self._seq, ids, logits, all_logits, hidden_states, attentions, mlp_activations)
         return logits
 
     def truncate(self, position: int) -> None:
         """Forgets every cached token from `position` on, so generation can continue from there."""
-        if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or not 0 <= position <= self.position:
-            raise ValueError(f"position must be an integer in [0, {self.position}], got {position!r}")
-        self._core.truncate(int(position))
+        with self._locked():
+            if (isinstance(position, bool) or not isinstance(position, (int, np.integer))
+                    or not 0 <= position <= self._seq.position):
+                raise ValueError(f"position must be an integer in [0, {self._seq.position}], got {position!r}")
+            self._seq.truncate(int(position))
 
     def reset(self) -> None:
-        self._core.truncate(0)
+        """Forgets the whole cache."""
+        self.truncate(0)
+
+    def fork(self, position: Optional[int] = None) -> "Session":
+        """A new session holding this one's first `position` tokens (default: all), sharing their
+        KV cache blocks until either writes there: a common prefix is computed once."""
+        with self._locked():
+            position = self._seq.position if position is None else position
+            if (isinstance(position, bool) or not isinstance(position, (int, np.integer))
+                    or not 0 <= position <= self._seq.position):
+                raise ValueError(f"position must be an integer in [0, {self._seq.position}], got {position!r}")
+            return Session(self.model, self._seq.max_context, _sequence=self._seq.fork(int(position)))
+
+
+class Runner:
+    """Forward passes that extend several sessions at once: each weight is read once per pass for
+    all of them. The decode steps of a batch give each session exactly what it would get alone."""
+
+    def __init__(self, model: "Model", max_tokens: int = None):
+        self.model = model
+        self.max_tokens = MAX_PASS_TOKENS if max_tokens is None else _check_positive_int(max_tokens, "max_tokens")
+        self._core = _core.Runner(model._core, self.max_tokens)
+
+    def forward(self, sessions: Sequence[Session], token_ids: Sequence) -> np.ndarray:
+        """Appends token_ids[i] to sessions[i]; returns float32 logits [len(sessions), vocab_size],
+        each session's last token. One session may bring more than max_tokens tokens; several
+        must fit in one pass together."""
+        vocab = self.model.config.vocab_size
+        ids = [token_array(t, vocab, f"token_ids[{i}]") for i, t in enumerate(token_ids)]
+        if len(ids) != len(sessions) or not sessions:
+            raise ValueError("give one list of token ids per session, for at least one session")
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise ValueError("a session appears twice in one batch")
+        for i, (s, t) in enumerate(zip(sessions, ids)):
+            if s.model is not self.model:
+                raise ValueError(f"session {i} belongs to another model")
+            check_context(s.position, len(t), s.max_context)
+        return self.forward_checked(sessions, np.concatenate(ids), [len(t) for t in ids])
+
+    def forward_checked(self, sessions: Sequence[Session], token_ids, counts: Sequence[int]) -> np.ndarray:
+        """forward() for a caller that has checked its arguments (the scheduler: prompts checked
+        once, sampled tokens valid by construction): token_ids flat, counts[i] of them for
+        sessions[i]. The C++ still checks ids and contexts, as a last line of defence."""
+        logits = np.empty((len(sessions), self.model.config.vocab_size), dtype=np.float32)
+        held = []
+        try:
+            for s in sessions:
+                held.append(s._locked())
+            self._core.forward_batch([s._seq for s in sessions], np.asarray(token_ids, np.int32),
+                                     np.asarray(counts, np.int32), logits)
+        finally:
+            for h in held:
+                h.lock.release()
+        return logits
+
+
+# Most tokens one forward pass takes; a longer input goes in several passes.
+MAX_PASS_TOKENS = 512
+KV_BLOCK_ROWS = 16  # positions per KV cache block (csrc/kv_cache.h)
 
 
 _NOT_LOADED = object()
@@ -127,17 +227,36 @@ _NOT_LOADED = object()
 class Model:
     """A loaded model. Weights are views into the mapped files unless a dtype conversion was asked for."""
 
-    def __init__(self, path: str, config: Config, core, max_context: int, tokenizer=None,
+    def __init__(self, path: str, config: Config, core, max_context: int, kv_cache_bytes: int,
                  generation_config: Optional[dict] = None, tokenizer_folder: Optional[str] = None):
         self.path = path
         self.config = config
         self._core = core
         self.max_context = max_context
-        # tokenizer_folder: loaded on first use instead, so that a model driven by token ids
-        # never holds it (~27 MB of heap for SmolLM2's 49k-entry tokenizer.json)
-        self._tokenizer = _NOT_LOADED if tokenizer is None and tokenizer_folder else tokenizer
+        # The KV cache of every sequence of this model comes from this pool, block by block.
+        block_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * KV_BLOCK_ROWS * config.head_dim * 4
+        self._pool = _core.KvPool(core, max(1, kv_cache_bytes // block_bytes))
+        # tokenizer_folder: loaded on first use, so that a model driven by token ids never holds it
+        # (~27 MB of heap for SmolLM2's 49k-entry tokenizer.json)
+        self._tokenizer = _NOT_LOADED if tokenizer_folder else None
         self._tokenizer_folder = tokenizer_folder
         self.generation_config = generation_config or {}
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token of one sequence holds (keys and values of every layer)."""
+        return self._pool.block_bytes // self._pool.block_rows
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """The KV cache pool's cap: all sequences of this model together hold at most this much."""
+        return self._pool.max_blocks * self._pool.block_bytes
+
+    def kv_cache_usage(self) -> dict:
+        """The pool now: bytes held by sequences (in_use), mapped in all (allocated), and the cap."""
+        return {"in_use": self._pool.in_use * self._pool.block_bytes,
+                "allocated": self._pool.allocated * self._pool.block_bytes, "capacity": self.kv_cache_bytes,
+                "block_tokens": self._pool.block_rows}
 
     @property
     def tokenizer(self):
@@ -184,24 +303,79 @@ class Model:
         return self._core.unembed(np.ascontiguousarray(hidden))
 
     def session(self, max_context: Optional[int] = None) -> Session:
-        return Session(self, self.max_context if max_context is None else _check_positive_int(max_context, "max_context"))
+        """A new, empty sequence of at most max_context tokens (default: the model's), whose KV
+        cache grows from the model's pool as it fills."""
+        max_context = self.max_context if max_context is None else _check_positive_int(max_context, "max_context")
+        if max_context * self.kv_bytes_per_token > self.kv_cache_bytes:
+            raise ValueError(f"max_context {max_context} needs {max_context * self.kv_bytes_per_token / 2**20:.0f} MiB "
+                             f"of KV cache, more than the model's whole pool of {self.kv_cache_bytes / 2**20:.0f} MiB; "
+                             f"load it with a larger kv_cache_bytes or a smaller max_context")
+        return Session(self, max_context)
+
+    def runner(self, max_tokens: Optional[int] = None) -> Runner:
+        """A Runner: forward passes over batches of this model's sessions, up to max_tokens
+        tokens each (default 512)."""
+        return Runner(self, max_tokens)
 
     def logits(self, token_ids) -> np.ndarray:
         """float32 logits [len(token_ids), vocab_size], computed in a fresh context."""
-        ids = _token_array(token_ids, self.config.vocab_size)
-        if len(ids) > self.max_context:
-            raise ValueError(f"sequence of {len(ids)} tokens exceeds max_context {self.max_context}")
+        ids = token_array(token_ids, self.config.vocab_size)
+        check_context(0, len(ids), self.max_context)
         return self.session(len(ids)).forward(ids, all_logits=True)
 
-    def generate(self, prompt, **kwargs):
-        from .generate import generate
-        return generate(self, prompt, **kwargs)
+    def generate(self, prompt, *, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+                 repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
+                 frequency_penalty: Optional[float] = None, seed: Optional[int] = None,
+                 stop: Union[str, Sequence[str], None] = None, logprobs: Optional[int] = None,
+                 stream: bool = False, max_tokens: Optional[int] = None, batch_size: Optional[int] = None):
+        """Continues a prompt, or a batch of prompts decoded together.
 
-    def chat(self, messages, **kwargs):
+        prompt: text (tokenized without special tokens), a flat list of token ids, or a list of
+            prompts — texts, token-id lists, or dicts {"prompt": ..., <option>: ...} whose options
+            override this call's for that prompt. A batch's greedy outputs equal each prompt's alone.
+        max_new_tokens (alias max_tokens): most tokens to generate; -1: until the context is full.
+        temperature: 0 is greedy. top_k (0: off), top_p (1: off), min_p (0: off) filter the
+            candidates. repetition_penalty (HF, over prompt and generated tokens; 1: off),
+            presence_penalty and frequency_penalty (OpenAI, over generated tokens).
+        seed: makes sampling reproducible (each prompt of a batch has its own random stream).
+        stop: a string or list of strings that end generation, left out of the text.
+        logprobs: N, to report each token's log-probability and the N likeliest alternatives.
+        stream: return an iterator of Chunk (text, token_ids, logprobs; the last one of each prompt
+            carries finish_reason, usage and timings; a batch's chunks carry their prompt's index).
+        batch_size: prompts decoded at once (default: all of them, at most 16; the others wait).
+
+        An option left None takes the model folder's generation_config.json value, else llama.cpp's
+        default (gally.options). Returns a Completion (text, token_ids, finish_reason "stop" or
+        "length", usage, timings, logprobs), or a list of them for a batch.
+        Raises ValueError naming the option or prompt that is wrong, before generating anything.
+        """
+        from .generate import generate
+        return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed,
+                        stop=stop, logprobs=logprobs, stream=stream, max_tokens=max_tokens, batch_size=batch_size)
+
+    def chat(self, messages: Sequence[dict], *, max_new_tokens: Optional[int] = None,
+             temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+             min_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
+             presence_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None,
+             seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None, logprobs: Optional[int] = None,
+             stream: bool = False, max_tokens: Optional[int] = None):
+        """The assistant's reply to `messages` ([{"role": "system"|"user"|"assistant", "content":
+        text}, ...]), rendered with the model's chat template and its assistant header; the reply
+        ends at the end-of-turn token. Options as generate(). Returns a Completion, or with
+        stream=True an iterator of Chunk. Raises ValueError for malformed messages or a model
+        without a chat template."""
         from .generate import chat
-        return chat(self, messages, **kwargs)
+        return chat(self, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                    frequency_penalty=frequency_penalty, seed=seed, stop=stop, logprobs=logprobs, stream=stream,
+                    max_tokens=max_tokens)
 
     def start_chat(self, system: Optional[str] = None):
+        """A Conversation (gally.generate.Conversation) that keeps its KV cache between turns:
+        conversation.send(text, **options) returns the reply and only computes the new turn."""
         from .generate import Conversation
         return Conversation(self, system=system)
 
@@ -212,40 +386,35 @@ class Model:
 
 
 def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Optional[int] = None,
-         max_context: Optional[int] = None) -> Model:
+         max_context: Optional[int] = None, kv_cache_bytes: Optional[int] = None) -> Model:
     """Loads a model: a Hugging Face folder, a .gguf file, or an alias (default: smollm2-135m-instruct).
 
     dtype: None keeps the stored dtype; "f32", "bf16" or "f16" converts once at load; "int8" or
     "int4" quantizes a float checkpoint at load (`gally quantize` stores one, loaded zero-copy).
-    threads: default, the physical cores. max_context: default, the config's
-    max_position_embeddings capped at 4096 tokens (the KV cache is allocated per session).
+    threads: default, the physical cores. max_context: the most tokens a sequence may hold;
+    default, the config's max_position_embeddings (and sliding_window, where smaller).
+    kv_cache_bytes: the most memory the KV caches of all sequences together hold; default, a
+    quarter of the machine's memory. A sequence's cache grows with the tokens it holds.
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
     threads = physical_cores() if threads is None else _check_positive_int(threads, "threads")
+    if kv_cache_bytes is None:
+        kv_cache_bytes = int(KV_CACHE_SHARE * physical_memory())
+    kv_cache_bytes = _check_positive_int(kv_cache_bytes, "kv_cache_bytes")
     folder = sources.resolve(source, None if dtype in QUANTIZED else dtype)
     cfg = config_mod.read(folder)
     if max_context is None:
-        max_context = min(cfg.max_position_embeddings, MAX_CONTEXT_CAP)
-        if cfg.sliding_window:
-            max_context = min(max_context, cfg.sliding_window)
+        max_context = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
     else:
         max_context = _check_positive_int(max_context, "max_context")
     tensors = safetensors_file.open_checkpoint(folder)
     tensors, dtype = _quantization(folder, tensors, dtype)
-    cc = _core.ModelConfig()
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "tie_word_embeddings",
-                "qkv_bias", "o_bias", "mlp_bias"):
-        setattr(cc, key, getattr(cfg, key))
-    cc.inv_freq = cfg.inv_freq().tolist()
-    cc.attention_scale = float(cfg.head_dim) ** -0.5
-    cc.sliding_window = cfg.sliding_window or 0
     try:
-        core = _core.Model(cc, tensors, dtype or "", threads)
+        core = _core.Model(cfg.core_config(), tensors, dtype or "", threads)
     except ValueError as e:
         raise ValueError(f"{folder}: {e}") from None
-    return Model(folder, cfg, core, max_context, tokenizer_folder=folder,
+    return Model(folder, cfg, core, max_context, kv_cache_bytes, tokenizer_folder=folder,
                  generation_config=_load_generation_config(folder))
 
 

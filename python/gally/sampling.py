@@ -20,21 +20,24 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .options import DEFAULTS
+
 Candidates = tuple[Optional[np.ndarray], np.ndarray]  # (token ids or None for all, logits float32)
 MASKED = np.float32(np.finfo(np.float32).min)  # added to a filtered-out logit
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """The decoding strategy. Defaults are llama.cpp's (a model's generation_config.json overrides them)."""
+    """The decoding strategy. Defaults are options.py's (llama.cpp's; a model's
+    generation_config.json overrides them)."""
 
-    temperature: float = 0.8
-    top_k: int = 40            # 0 disables
-    top_p: float = 0.95        # 1 disables
-    min_p: float = 0.05        # 0 disables
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    temperature: float = DEFAULTS["temperature"]
+    top_k: int = DEFAULTS["top_k"]                # 0 disables
+    top_p: float = DEFAULTS["top_p"]              # 1 disables
+    min_p: float = DEFAULTS["min_p"]              # 0 disables
+    repetition_penalty: float = DEFAULTS["repetition_penalty"]
+    presence_penalty: float = DEFAULTS["presence_penalty"]
+    frequency_penalty: float = DEFAULTS["frequency_penalty"]
 
     def __post_init__(self):
         _check_number(self.temperature, "temperature", low=0.0)
@@ -57,7 +60,8 @@ class SamplingParams:
 
 
 def _check_number(value, name: str, low: Optional[float] = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(value):
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low:g}, got {value!r}")
@@ -250,9 +254,13 @@ def draw(cands: Candidates, rng: np.random.Generator) -> int:
     return i if ids is None else int(ids[i])
 
 
+_NO_IDS = np.empty(0, np.int64)
+_NO_COUNTS = np.empty(0, np.int32)
+
+
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-           context_ids: np.ndarray = np.empty(0, np.int64), generated_ids: np.ndarray = np.empty(0, np.int64),
-           generated_counts: np.ndarray = np.empty(0, np.int32)) -> int:
+           context_ids: np.ndarray = _NO_IDS, generated_ids: np.ndarray = _NO_IDS,
+           generated_counts: np.ndarray = _NO_COUNTS) -> int:
     """The whole chain for one step. context_ids: distinct tokens of prompt + generated text (for
     the repetition penalty); generated_ids / generated_counts: distinct generated tokens and how
     often each appeared (for the presence and frequency penalties)."""

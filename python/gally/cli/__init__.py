@@ -1,8 +1,8 @@
 """The `gally` command line: `gally info`, and one subcommand per job (convert, run, chat, bench, ...).
 
-Each subcommand's parser and command live in a module here (convert, perplexity, quantize; for now
-run and chat in gally/cli_generate.py, bench in gally/bench/cli.py); the library modules they call
-know nothing of argparse, the terminal or exit codes.
+Each subcommand's parser and command live in a module here (convert, generate: run and chat,
+perplexity, quantize; bench in gally/bench/cli.py); the library modules they call know nothing of
+argparse, the terminal or exit codes.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 from typing import Optional, Sequence
 
 from ..bench.cli import add_parser as add_bench
-from ..cli_generate import add_parsers as add_run_and_chat
 from .convert import add_parser as add_convert
+from .generate import add_parsers as add_run_and_chat
 from .perplexity import add_parser as add_perplexity
 from .quantize import add_parser as add_quantize
 

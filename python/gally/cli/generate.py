@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Optional
 
-from .model import DTYPES
+from ..model import DTYPES
+from ..options import OPTIONS, flag
 
 CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D leaves, Ctrl-C stops a reply"
 
@@ -34,25 +35,24 @@ def add_parsers(subparsers) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", default=None, help="model folder, .gguf file or alias (default: smollm2-135m-instruct)")
-    p.add_argument("-n", "--max-tokens", type=int, default=None, dest="max_new_tokens", metavar="N",
-                   help="most tokens to generate (default: generation_config.json, else 256)")
-    p.add_argument("--temp", type=float, default=None, dest="temperature", metavar="T", help="temperature; 0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the k likeliest tokens; 0 disables (default 40)")
-    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus mass; 1 disables (default 0.95)")
-    p.add_argument("--min-p", type=float, default=None, metavar="P", help="drop tokens below min_p × the top probability (default 0.05)")
-    p.add_argument("--repeat-penalty", type=float, default=None, dest="repetition_penalty", metavar="X",
-                   help="penalty for tokens already in the context; 1 disables (default 1.0)")
-    p.add_argument("--presence-penalty", type=float, default=None, metavar="X", help="OpenAI presence penalty (default 0)")
-    p.add_argument("--frequency-penalty", type=float, default=None, metavar="X", help="OpenAI frequency penalty (default 0)")
-    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop at this string (repeatable)")
+    p.add_argument("-m", "--model", default=None,
+                   help="model folder, .gguf file or alias (default: smollm2-135m-instruct)")
+    for o in OPTIONS:  # the generation options (gally/options.py), one flag each
+        if not o.flags:
+            continue
+        default = "generation_config.json, else " if o.from_generation_config else ""
+        shown = o.default if o.default not in (None, ()) else None
+        help_text = o.help + (f" (default: {default}{shown})" if shown is not None else "")
+        if o.type is None:
+            p.add_argument(*o.flags, dest=o.name, action="append", default=None, metavar=o.metavar, help=help_text)
+        else:
+            p.add_argument(*o.flags, dest=o.name, type=o.type, default=None, metavar=o.metavar, help=help_text)
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
     p.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="threads (default: physical cores)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="convert the weights at load (int8/int4: quantize them; `gally quantize` stores that)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, dest="max_context", metavar="N",
-                   help="context length in tokens (default: the model's, at most 4096)")
+                   help="context length in tokens (default: the model's max_position_embeddings)")
     p.add_argument("--verbose", action="store_true", help="print prefill and decode speed to stderr")
 
 
@@ -63,9 +63,16 @@ def _load(args):
 
 
 def _sampling_args(args) -> dict:
-    keys = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-            "frequency_penalty", "seed", "stop")
-    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    return {o.name: getattr(args, o.name) for o in OPTIONS if o.flags and getattr(args, o.name) is not None}
+
+
+def _flag_names(error: ValueError) -> ValueError:
+    """The error with the option's Python name replaced by the flag the user typed."""
+    message = str(error)
+    for o in OPTIONS:
+        if o.flags and (message.startswith(o.name + " ") or f": {o.name} " in message):
+            return ValueError(message.replace(o.name, flag(o.name), 1))
+    return error
 
 
 def _check_chat_template(model) -> None:
@@ -104,12 +111,15 @@ def run_command(args: argparse.Namespace) -> int:
         prompt = args.prompt
     model = _load(args)
     kwargs = _sampling_args(args)
-    if args.raw:
-        chunks = model.generate(prompt, stream=True, **kwargs)
-    else:
-        _check_chat_template(model)
-        messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
-        chunks = model.chat(messages + [{"role": "user", "content": prompt}], stream=True, **kwargs)
+    try:
+        if args.raw:
+            chunks = model.generate(prompt, stream=True, **kwargs)
+        else:
+            _check_chat_template(model)
+            messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+            chunks = model.chat(messages + [{"role": "user", "content": prompt}], stream=True, **kwargs)
+    except ValueError as e:
+        raise _flag_names(e) from None
     try:
         last = _stream_out(chunks, sys.stdout)
         sys.stdout.write("\n")
@@ -123,7 +133,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def chat_command(args: argparse.Namespace) -> int:
-    from .generate import resolve_options
+    from ..generate import resolve_options
 
     try:
         import readline  # noqa: F401  (gives input() line editing and history)
@@ -132,7 +142,10 @@ def chat_command(args: argparse.Namespace) -> int:
     model = _load(args)
     _check_chat_template(model)
     kwargs = _sampling_args(args)
-    resolve_options(model, **kwargs)  # bad values fail now, not at the first message
+    try:
+        resolve_options(model, **kwargs)  # bad values fail now, not at the first message
+    except ValueError as e:
+        raise _flag_names(e) from None
     conv = model.start_chat(system=args.system)
     print(f"gally chat: {model.path}\n{CHAT_HELP}", file=sys.stderr)
     while True:

@@ -1,0 +1,173 @@
+"""Batched forward passes over several sequences (csrc/sequence.h Runner) and the paged KV cache
+they draw from (csrc/kv_cache.h): a sequence's logits in a batch are exactly what it gets alone,
+the cache grows and shrinks with the tokens held, prefixes are shared, and a full pool is an
+error that changes nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gally
+from conftest import ISAS, make_checkpoint
+from gally import _core
+from reference_numpy import forward
+
+VOCAB = 200
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder, _ = make_checkpoint(tmp_path_factory.mktemp("batch"), hidden_size=64, intermediate_size=96,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)
+    return folder
+
+
+def run_alone(model, prompt, steps):
+    """Logits after the prompt, then after each greedy step, for one session."""
+    s = model.session()
+    out = [s.append(prompt)]
+    for _ in range(steps):
+        out.append(s.append(int(np.argmax(out[-1]))))
+    return out
+
+
+def run_batched(model, prompts, steps):
+    runner = _core.Runner(model._core, 128)
+    seqs = [_core.Sequence(model._core, model._pool, 256) for _ in prompts]
+    logits = np.empty((len(prompts), VOCAB), np.float32)
+    runner.forward_batch(seqs, np.concatenate(prompts).astype(np.int32), np.array([len(p) for p in prompts], np.int32),
+                         logits)
+    out = [[row.copy()] for row in logits]
+    for _ in range(steps):
+        tokens = np.array([np.argmax(o[-1]) for o in out], np.int32)
+        runner.forward_batch(seqs, tokens, np.ones(len(prompts), np.int32), logits)
+        for o, row in zip(out, logits):
+            o.append(row.copy())
+    return out
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [None, "bf16", "int8", "int4"])
+def test_batch_equals_each_sequence_alone(folder, isa, dtype):
+    """Prompts of 1 to 30 tokens in one pass, then decode steps together: every logit of every
+    sequence equals, bit for bit, the same sequence run alone. Decode steps and prompt chunks of
+    fewer than 4 tokens take the row-wise kernels in both; longer chunks the GEMM in both."""
+    before = _core.selected_isa()
+    _core.select_isa(isa)
+    try:
+        model = gally.load(folder, dtype=dtype, threads=2)
+        rng = np.random.default_rng(1)
+        prompts = [rng.integers(0, VOCAB, n) for n in (1, 3, 7, 30, 5, 2, 4)]
+        batched = run_batched(model, prompts, 3)
+        for prompt, got in zip(prompts, batched):
+            want = run_alone(model, prompt, 3)
+            assert all(np.array_equal(a, b) for a, b in zip(want, got)), len(prompt)
+    finally:
+        _core.select_isa(before)
+
+
+def test_batch_of_unequal_sequences_against_numpy(folder):
+    """The independent NumPy forward pass of each sequence, for a batch of unequal sequences."""
+    model = gally.load(folder, threads=2)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, VOCAB, n) for n in (9, 1, 4, 17)]
+    batched = run_batched(model, prompts, 2)
+    for prompt, got in zip(prompts, batched):
+        tokens = list(prompt)
+        for step, logits in enumerate(got):
+            want = forward(folder, tokens)[-1]
+            assert np.abs(logits - want).max() <= 1e-4, (len(prompt), step)
+            tokens.append(int(np.argmax(logits)))
+
+
+def test_kv_memory_follows_the_tokens(folder):
+    """16 sequences of 256 tokens hold exactly 16 × 256 × (KV bytes per token): blocks of 16
+    positions, taken as positions are reached, given back on truncate and when dropped."""
+    model = gally.load(folder, threads=2)
+    per_token = model.kv_bytes_per_token
+    c = model.config
+    assert per_token == c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4
+    sessions = [model.session() for _ in range(16)]
+    assert model.kv_cache_usage()["in_use"] == 0
+    for s in sessions:
+        s.append(np.arange(256) % VOCAB)
+    assert model.kv_cache_usage()["in_use"] == 16 * 256 * per_token
+    sessions[0].truncate(100)  # 7 blocks of 16 hold 100 positions
+    assert model.kv_cache_usage()["in_use"] == (15 * 256 + 7 * 16) * per_token
+    del sessions[:8]
+    assert model.kv_cache_usage()["in_use"] == 8 * 256 * per_token
+    allocated = model.kv_cache_usage()["allocated"]
+    more = [model.session() for _ in range(8)]
+    for s in more:
+        s.append(np.arange(256) % VOCAB)
+    assert model.kv_cache_usage()["allocated"] == allocated  # freed blocks are reused, not mapped anew
+
+
+def test_full_pool_is_an_error_that_changes_nothing(folder):
+    model = gally.load(folder, threads=2, kv_cache_bytes=4 * 16 * 2 * 2 * 2 * 16 * 4)  # 4 blocks of 16 positions
+    assert model.kv_cache_bytes // model.kv_bytes_per_token == 64
+    a, b = model.session(64), model.session(64)
+    a.append(np.arange(40) % VOCAB)  # 3 blocks
+    with pytest.raises(gally.KvCacheFull, match="KV cache is full"):
+        b.append(np.arange(20) % VOCAB)  # 2 more blocks: only 1 left
+    assert b.position == 0 and model.kv_cache_usage()["in_use"] == 3 * 16 * model.kv_bytes_per_token
+    logits = b.append(np.arange(10) % VOCAB)  # fits in the last block
+    a.reset()
+    assert np.array_equal(model.session(64).append(np.arange(10) % VOCAB), logits)
+    with pytest.raises(ValueError, match="more than the model's whole pool"):
+        model.session(65)
+
+
+def test_fork_shares_the_prefix(folder):
+    """A fork shares the full blocks of the prefix and copies the partial one; both sides then go
+    on as if each had computed the prefix itself, also after truncating into a shared block."""
+    model = gally.load(folder, threads=2)
+    per_block = 16 * model.kv_bytes_per_token
+    prefix = np.arange(40) % VOCAB  # 2 full blocks and 8 positions
+    s = model.session()
+    s.append(prefix)
+    assert model.kv_cache_usage()["in_use"] == 3 * per_block
+    f = s.fork()
+    assert f.position == 40 and model.kv_cache_usage()["in_use"] == 4 * per_block  # the partial block copied
+    tail_a, tail_b = [5, 6, 7], [8, 9]
+    got_a, got_b = s.append(tail_a), f.append(tail_b)
+    fresh = model.session()
+    fresh.append(prefix)
+    assert np.array_equal(fresh.fork().append(tail_a), got_a)
+    assert np.array_equal(fresh.append(tail_b), got_b)
+    # Truncating into a shared block and writing there copies it first: the other side keeps its keys.
+    f.truncate(20)
+    f.append([1, 2, 3])
+    ref = model.session()
+    ref.append(prefix), ref.append(tail_a)
+    assert np.array_equal(s.append([11]), ref.append([11]))
+    g = s.fork(17)
+    assert g.position == 17
+    with pytest.raises(ValueError, match="position must be"):
+        s.fork(s.position + 1)
+
+
+def test_bad_batches_are_refused(folder):
+    model = gally.load(folder, threads=2)
+    runner = _core.Runner(model._core, 16)
+    a, b = (_core.Sequence(model._core, model._pool, 32) for _ in range(2))
+    out = np.empty((2, VOCAB), np.float32)
+    cases = [
+        (([a, a], [1, 2], [1, 1]), "appears twice"),
+        (([a, b], [1, 2, 3], [1, 1]), "add up"),
+        (([a, b], [1, VOCAB], [1, 1]), "sequence 1: token id 200"),
+        (([a, b], [1] * 20, [10, 10]), "exceeds the runner's 16"),
+        (([a, b], [1] * 40, [5, 35]), "sequence 1: sequence of 35 tokens .* exceeds max_context 32"),
+        (([a, b], [1], [1, 0]), "add up|empty"),
+    ]
+    for (seqs, tokens, counts), message in cases:
+        with pytest.raises(ValueError, match=message):
+            runner.forward_batch(seqs, np.array(tokens, np.int32), np.array(counts, np.int32), out)
+        assert a.position == 0 and b.position == 0
+    with pytest.raises(ValueError, match="no sequences"):
+        runner.forward_batch([], np.array([], np.int32), np.array([], np.int32), out)
+    other = gally.load(folder, threads=1)
+    with pytest.raises(ValueError, match="another model"):
+        runner.forward_batch([_core.Sequence(other._core, other._pool, 8)], np.array([1], np.int32),
+                             np.array([1], np.int32), out[:1])

@@ -213,6 +213,7 @@ void unembed(const Model& model, const float* hidden, int n, float* logits, Work
     batch.n = count, batch.logit_rows = rows.data(), batch.n_logits = count;
     batch.logits = logits + size_t(done) * model.config.vocab_size;
     const Record none;
+    ws.prepare(ops, batch, none);  // sizes the buffer a bf16 prompt's activations are packed into
     par::region(model.threads, [&] { Pass(model, ops, batch, ws, none).predict(); });
   }
 }

@@ -474,3 +474,31 @@ def test_pack_round_trips():
         assert np.allclose(back, x, atol=1 / scale if scale > 1 else 1e-3)
     with pytest.raises(ValueError, match="kind"):
         page.pack(x, "f8")
+
+
+# ---- command line ----
+
+def test_cli(tmp_path, capsys, monkeypatch):
+    from gally import cli
+
+    folder = make_text_checkpoint(str(tmp_path / "m"))
+    out = tmp_path / "page.html"
+    assert cli.main(["explain", PROMPT, "-m", folder, "-o", str(out), "--steps", "2", "--compare", "none"]) == 0
+    text = capsys.readouterr().out
+    assert f"page: {out}" in text and "tokens" in text and "cost" in text and out.stat().st_size > 1e6
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Hello world"))
+    assert cli.main(["explain", "-", "-m", folder, "--steps", "0", "--compare", "bf16", "--follow", "0"]) == 0
+    assert (tmp_path / "gally-explain.html").exists()
+    assert "bf16" in capsys.readouterr().out
+    assert cli.main(["explain", PROMPT, "-m", folder, "--compare", "int3"]) == 1
+    assert "compare" in capsys.readouterr().err
+    assert cli.main(["explain", PROMPT, "-m", folder, "--steps", "-2"]) == 1
+    assert "steps" in capsys.readouterr().err
+
+    def missing():
+        raise ImportError("pip install 'gally[explain]'")
+
+    monkeypatch.setattr(page, "plotly_js", missing)
+    assert cli.main(["explain", PROMPT, "-m", folder]) == 1
+    assert "gally[explain]" in capsys.readouterr().err

@@ -223,6 +223,7 @@ def test_prediction_strategies_and_steps(explained):
     probs = pred.probs.astype(np.float64)
     by_name = {s.name: s for s in pred.strategies}
     assert by_name["greedy"].kept.tolist() == [int(np.argmax(probs))]
+    assert len(by_name["temperature"].kept) == len(probs) and np.isclose(by_name["temperature"].mass, 1)
     f = sections.FILTERS
     assert len(by_name["top-k"].kept) == f.top_k
     top_p = by_name["top-p"]

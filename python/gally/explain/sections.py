@@ -361,11 +361,13 @@ def kept_ids(cands: sampling.Candidates, logits: np.ndarray) -> np.ndarray:
 
 
 def strategies(logits: np.ndarray, probs: np.ndarray, chain: sampling.SamplingParams) -> list[Strategy]:
-    """What each decoding strategy would let the next token be: greedy, each filter alone at
-    llama.cpp's defaults, and the model's own default chain (sampling.sample's order)."""
+    """What each decoding strategy would let the next token be: greedy, temperature (which drops
+    nothing), each filter alone at llama.cpp's defaults, and the model's own default chain
+    (sampling.sample's order)."""
     f = FILTERS
     whole: sampling.Candidates = (None, logits)
     out = [("greedy", "temperature 0", np.array([int(np.argmax(logits))])),
+           ("temperature", "T > 0 alone: every token, reweighted", np.argsort(-logits, kind="stable")),
            ("top-k", f"k = {f.top_k}", kept_ids(sampling.top_k_filter(whole, f.top_k), logits)),
            ("top-p", f"p = {f.top_p:g}", kept_ids(sampling.top_p_filter(whole, f.top_p), logits)),
            ("min-p", f"min_p = {f.min_p:g}", kept_ids(sampling.min_p_filter(whole, f.min_p), logits))]

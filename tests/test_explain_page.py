@@ -123,9 +123,9 @@ def test_the_default_model_page(browser, smollm, tmp_path):
 
 def test_special_tokens_and_markup_stay_text(browser, tmp_path):
     """Special tokens, newlines and text that looks like HTML ("<b>", "<s>") are shown as
-    themselves, in the tables and in the charts."""
+    themselves, in the tables and in the charts; a dtype compared in the cost section."""
     folder = make_text_checkpoint(str(tmp_path / "m"))
-    e = gally.load(folder).explain("<|im_start|>user\nHello <b>world</b> & <s><|im_end|>", steps=2, compare=())
+    e = gally.load(folder).explain("<|im_start|>user\nHello <b>world</b> & <s><|im_end|>", steps=2, compare=["bf16"])
     page = open_page(browser, e.to_html(tmp_path / "page.html"))
     check_rendered(page, tmp_path / "page.png")
     chips = page.evaluate("[...document.querySelectorAll('.tok')].map((t) => [t.className, "
@@ -137,6 +137,8 @@ def test_special_tokens_and_markup_stay_text(browser, tmp_path):
     assert labels[0] == "<|im_start|>" and any("<" in t and ">" in t for t in labels[1:])
     assert page.evaluate("document.querySelectorAll('b, s').length") == \
         page.evaluate("document.querySelectorAll('section b').length")  # no stray <s> or <b> from the text
+    assert chart_data(page, "cost-bytes", field="x") == ["f32", "bf16", "int8", "int4"]
+    assert [bool(t) for t in chart_data(page, "cost-bytes", field="text")] == [True, True, False, False]
 
 
 def test_256_tokens_get_windows(browser, tmp_path):

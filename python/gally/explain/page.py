@@ -133,6 +133,11 @@ def percent(x, digits: int = 1) -> str:
     return f"{100 * float(x):.{digits}f}%"
 
 
+def spread(timing) -> str:
+    """The fastest and slowest of a timing's steps, in ms: how much one step varied."""
+    return f"{1000 * timing.seconds.min():,.1f}–{1000 * timing.seconds.max():,.1f}"
+
+
 def milliseconds(seconds: Optional[float]) -> str:
     return "—" if seconds is None or math.isnan(seconds) else f"{1000 * seconds:,.1f} ms"
 
@@ -158,7 +163,7 @@ def render(e) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(ASSETS), autoescape=True, trim_blocks=True,
                              lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     env.filters.update(number=number, megabytes=megabytes, millions=millions, percent=percent,
-                       milliseconds=milliseconds, visible=visible)
+                       milliseconds=milliseconds, visible=visible, spread=spread)
     with open(os.path.join(ASSETS, "explain.css"), encoding="utf-8") as f:
         css = f.read()
     with open(os.path.join(ASSETS, "explain.js"), encoding="utf-8") as f:

@@ -227,6 +227,7 @@ void unembed(const Model& model, const float* hidden, int n, float* logits, Work
     batch.n_logits_rowwise = count < GEMM_MIN_TOKENS ? count : 0;
     batch.logits = logits + size_t(done) * model.config.vocab_size;
     const Record none;
+    ws.prepare(ops, batch, none);  // sizes the buffer a bf16 prompt's activations are packed into
     par::region(model.threads, [&] { Pass(model, ops, batch, ws, none).predict(); });
   }
 }

@@ -193,6 +193,18 @@ def test_recorded_hidden_states_and_attention(tmp_path):
     assert np.array_equal(s2.append(TOKENS[4:]), logits)
 
 
+@pytest.mark.parametrize("dtype", [None, "bf16", "int8"])
+def test_unembed_of_a_prompt_is_its_logits(tmp_path, isa, dtype):
+    """Model.unembed on a whole prompt's last hidden states (a batch, which bf16 prompts pack for
+    their matrix products) gives that prompt's logits bit for bit."""
+    folder, _ = make_checkpoint(tmp_path)
+    model = gally.load(folder, dtype=dtype, threads=2)
+    c, n = model.config, len(TOKENS)
+    hidden = np.zeros((c.num_hidden_layers + 1, n, c.hidden_size), np.float32)
+    logits = model.session().forward(TOKENS, all_logits=True, hidden_states=hidden)
+    assert np.array_equal(model.unembed(hidden[-1]), logits)
+
+
 def test_tokenizer_loads_on_first_use(tmp_path):
     """gally.load leaves tokenizer.json alone until model.tokenizer is asked for: a model driven by
     token ids never holds it in memory."""

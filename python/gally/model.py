@@ -379,6 +379,12 @@ class Model:
         from .generate import Conversation
         return Conversation(self, system=system)
 
+    def explain(self, prompt, **kwargs):
+        """The steps of "How LLMs Work" on this model for one prompt (gally.explain.explain):
+        an Explanation with the data as NumPy arrays, .summary() and .to_html(path)."""
+        from .explain import explain
+        return explain(self, prompt, **kwargs)
+
     def __repr__(self) -> str:
         c = self.config
         return (f"Model({self.path!r}, {c.architecture}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "

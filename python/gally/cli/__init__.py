@@ -1,8 +1,8 @@
 """The `gally` command line: `gally info`, and one subcommand per job (convert, run, chat, bench, ...).
 
-Each subcommand's parser and command live in a module here (convert, generate: run and chat,
-perplexity, quantize; bench in gally/bench/cli.py); the library modules they call know nothing of
-argparse, the terminal or exit codes.
+Each subcommand's parser and command live in a module here (convert, explain, generate: run and
+chat, perplexity, quantize; bench in gally/bench/cli.py); the library modules they call know
+nothing of argparse, the terminal or exit codes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from ..bench.cli import add_parser as add_bench
 from .convert import add_parser as add_convert
+from .explain import add_parser as add_explain
 from .generate import add_parsers as add_run_and_chat
 from .perplexity import add_parser as add_perplexity
 from .quantize import add_parser as add_quantize
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_info)
     add_bench(sub)
     add_convert(sub)
+    add_explain(sub)
     add_run_and_chat(sub)
     add_perplexity(sub)
     add_quantize(sub)

@@ -179,5 +179,5 @@ def explain(model, prompt: Union[str, Sequence[int]], *, steps: int = 4, follow:
         position=position(model, pieces, rec),
         attention=Attention(rec.attentions, c.num_key_value_heads, follow),
         feed_forward=feed_forward(c, rec, costs.parameters["total"]), layers=logit_lens(model, rec),
-        prediction=prediction(session, rec, resolve_options(model).params, steps), cost=costs,
+        prediction=prediction(session, rec, resolve_options(model).sampling, steps), cost=costs,
         recording=rec, pieces=pieces)

@@ -94,3 +94,20 @@ def test_transformers_reads_the_converted_folder(smollm):
         with torch.no_grad():
             logits = model(torch.tensor([ref["input_ids"]])).logits[0, -1].numpy()
         np.testing.assert_allclose(logits[ref["last_top40_ids"]], ref["last_top40_logits"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_a_batch_of_the_reference_prompts_gives_each_its_greedy_tokens(smollm, smollm_bf16, dtype):
+    """All reference prompts decoded together: each gets, token for token, what it gets alone,
+    and in f32 what transformers gives up to its first near-tie."""
+    model = smollm if dtype == "f32" else smollm_bf16
+    names = case_ids()
+    prompts = [prompt_ids(model, name) for name in names]
+    together = model.generate(prompts, max_new_tokens=12, temperature=0, stop=None)
+    for name, ids, c in zip(names, prompts, together):
+        alone = model.generate(ids, max_new_tokens=12, temperature=0)
+        assert c.token_ids == alone.token_ids, name
+        if dtype == "f32":
+            ref = reference(name)
+            eos = next((i + 1 for i, t in enumerate(ref["greedy_ids"]) if t in model.tokenizer.eos_token_ids), 12)
+            agreed_prefix(c.token_ids, ref["greedy_ids"][:min(12, eos)], ref["greedy_margins"], NEAR_TIE)

@@ -25,7 +25,7 @@ KvCacheFull = _core.KvCacheFull  # a sequence needs KV cache blocks the model's 
 __version__ = "0.1.0"
 
 _core.selected_isa()  # reads GALLY_ISA now: a variant this CPU lacks is an error at import
-__all__ = ["load", "info", "Model", "Session", "Config", "KvCacheFull", "__version__"]
+__all__ = ["load", "info", "Model", "Session", "Config", "Engine", "QueueFull", "KvCacheFull", "__version__"]
 
 
 def info() -> dict:
@@ -39,3 +39,12 @@ def info() -> dict:
         "threads": physical_cores(),
         "openmp": bool(_core.openmp()),
     }
+
+
+def __getattr__(name: str):
+    # The engine (threads, asyncio) is imported when first asked for, not with gally.
+    if name in ("Engine", "QueueFull"):
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'gally' has no attribute {name!r}")

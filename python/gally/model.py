@@ -307,9 +307,9 @@ class Model:
         cache grows from the model's pool as it fills."""
         max_context = self.max_context if max_context is None else _check_positive_int(max_context, "max_context")
         if max_context * self.kv_bytes_per_token > self.kv_cache_bytes:
-            raise ValueError(f"max_context {max_context} needs {max_context * self.kv_bytes_per_token / 2**20:.0f} MiB "
-                             f"of KV cache, more than the model's whole pool of {self.kv_cache_bytes / 2**20:.0f} MiB; "
-                             f"load it with a larger kv_cache_bytes or a smaller max_context")
+            raise ValueError(f"max_context {max_context} needs {_mib(max_context * self.kv_bytes_per_token)} of KV "
+                             f"cache, more than the model's whole pool of {_mib(self.kv_cache_bytes)}; load it with a "
+                             f"larger kv_cache_bytes or a smaller max_context")
         return Session(self, max_context)
 
     def runner(self, max_tokens: Optional[int] = None) -> Runner:
@@ -398,9 +398,10 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     dtype: None keeps the stored dtype; "f32", "bf16" or "f16" converts once at load; "int8" or
     "int4" quantizes a float checkpoint at load (`gally quantize` stores one, loaded zero-copy).
     threads: default, the physical cores. max_context: the most tokens a sequence may hold;
-    default, the config's max_position_embeddings (and sliding_window, where smaller).
-    kv_cache_bytes: the most memory the KV caches of all sequences together hold; default, a
-    quarter of the machine's memory. A sequence's cache grows with the tokens it holds.
+    default, the config's max_position_embeddings (and sliding_window, where smaller), at most
+    what the KV cache pool holds. kv_cache_bytes: the most memory the KV caches of all sequences
+    together hold; default, a quarter of the machine's memory. A sequence's cache grows with the
+    tokens it holds.
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
@@ -410,18 +411,31 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     kv_cache_bytes = _check_positive_int(kv_cache_bytes, "kv_cache_bytes")
     folder = sources.resolve(source, None if dtype in QUANTIZED else dtype)
     cfg = config_mod.read(folder)
-    if max_context is None:
-        max_context = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
-    else:
+    explicit = max_context is not None
+    if explicit:
         max_context = _check_positive_int(max_context, "max_context")
+    else:
+        max_context = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
     tensors = safetensors_file.open_checkpoint(folder)
     tensors, dtype = _quantization(folder, tensors, dtype)
     try:
         core = _core.Model(cfg.core_config(), tensors, dtype or "", threads)
     except ValueError as e:
         raise ValueError(f"{folder}: {e}") from None
-    return Model(folder, cfg, core, max_context, kv_cache_bytes, tokenizer_folder=folder,
-                 generation_config=_load_generation_config(folder))
+    model = Model(folder, cfg, core, max_context, kv_cache_bytes, tokenizer_folder=folder,
+                  generation_config=_load_generation_config(folder))
+    positions = model.kv_cache_bytes // model.kv_bytes_per_token  # what the whole pool holds
+    if max_context > positions:
+        if explicit:
+            raise ValueError(f"max_context {max_context} needs {_mib(max_context * model.kv_bytes_per_token)} of KV "
+                             f"cache, more than kv_cache_bytes allows ({_mib(model.kv_cache_bytes)}); give a larger "
+                             f"kv_cache_bytes or a smaller max_context")
+        model.max_context = positions
+    return model
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def _quantization(folder: str, tensors: dict, dtype: Optional[str]) -> tuple[dict, Optional[str]]:

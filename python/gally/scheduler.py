@@ -206,7 +206,8 @@ class Scheduler:
         return r
 
     def finish(self, r: Request, reason: str = "stop") -> None:
-        """Ends a request now (a stop string, a client gone); its KV cache is kept for reuse or freed."""
+        """Ends a request now (reason "stop": a stop string; "cancelled": a client gone). Its KV
+        cache goes to the prefix cache, or back to the pool at once when it was cancelled."""
         if r.finished:
             return
         r.finish_reason = reason
@@ -215,7 +216,8 @@ class Scheduler:
         elif r in self.waiting:
             self.waiting.remove(r)
         if r.session is not None and r.own_session:
-            self.cache.insert(r.tokens, r.session)
+            if reason != "cancelled":
+                self.cache.insert(r.tokens, r.session)
             r.session = None
 
     def step(self) -> list[TokenEvent]:

@@ -163,7 +163,7 @@ def test_engine_queue_limit_and_close(model):
     first = engine.submit("Hello", max_new_tokens=200, **GREEDY)
     next(iter(first))  # running now, no longer waiting
     waiting = engine.submit("Hello", max_new_tokens=2, **GREEDY)
-    with pytest.raises(gally.QueueFull, match="max_queue 1"):
+    with pytest.raises(gally.QueueFull, match="1 waiting"):
         engine.submit("Hello", max_new_tokens=2)
     first.cancel()
     assert waiting.result().usage["completion_tokens"] == 2

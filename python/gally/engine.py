@@ -151,8 +151,8 @@ class Engine:
 
     max_sequences: requests decoded together; max_batch_tokens: tokens per forward pass (decode
     steps plus prompt chunks; a long prompt is split into chunks of this size); max_queue:
-    requests allowed to wait (None: no limit); prefix_cache: finished requests whose KV cache is
-    kept for prompts that start the same way."""
+    requests allowed to wait beyond the max_sequences running (None: no limit); prefix_cache:
+    finished requests whose KV cache is kept for prompts that start the same way."""
 
     def __init__(self, model, max_sequences: int = 8, max_batch_tokens: int = 512, max_queue: Optional[int] = None,
                  prefix_cache: int = 16):
@@ -200,9 +200,10 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise EngineClosed("the engine is closed")
-            if self.max_queue is not None and len(self._inbox) + len(self.scheduler.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._inbox) + len(self.scheduler.waiting)} requests are already waiting "
-                                f"(max_queue {self.max_queue}); try again later")
+            busy = len(self._inbox) + len(self.scheduler.waiting) + len(self.scheduler.running)
+            if self.max_queue is not None and busy >= self.scheduler.max_sequences + self.max_queue:
+                raise QueueFull(f"{self.scheduler.max_sequences} requests are running and {self.max_queue} "
+                                f"waiting, the most this server takes; try again later")
             self._inbox.append(stream)
             self._lock.notify()
         return stream

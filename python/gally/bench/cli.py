@@ -57,6 +57,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="folder with llama-quantize and llama-bench (env GALLY_LLAMA_CPP_BIN)")
     p.add_argument("--gguf", action="append", type=_ggufs, help="use this peer GGUF for a dtype: DTYPE=PATH,...")
     p.add_argument("--no-generate", action="store_true", help="skip the end-to-end Model.generate row")
+    p.add_argument("--batch", action="append", type=_ints,
+                   help="batch sizes, e.g. 1,2,4,8,16: sequences decoded together (each -p prompt tokens, then -n "
+                        "new ones), against llama-batched-bench with --peers llama.cpp")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--bandwidth-mib", type=int, default=1024, help="buffer of the read-bandwidth probe (default: 1024)")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
@@ -104,12 +107,25 @@ def main(args) -> int:
     opts = options(args)
     command = command_of(opts)
     log = (lambda s: None) if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr, flush=True))
-    res = run(opts, command=command, log=log)
-    md = report.markdown(res, title=args.title)
-    text = report.dumps(res) if args.json else md
+    if args.batch:
+        from . import batched
+
+        batches = _flat(args.batch, [])
+        if not args.n_prompt:
+            opts.prompts = [128]
+        command += " --batch " + ",".join(map(str, batches))
+        res = batched.run_batched(opts, batches, command=command, log=log)
+        md = batched.markdown(res, title=args.title if args.title != "gally bench" else "gally bench --batch")
+        text = batched.dumps(res) if args.json else md
+        dumps = batched.dumps
+    else:
+        res = run(opts, command=command, log=log)
+        md = report.markdown(res, title=args.title)
+        text = report.dumps(res) if args.json else md
+        dumps = report.dumps
     print(text, end="" if text.endswith("\n") else "\n")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
-            f.write(report.dumps(res) + "\n" if args.out.endswith(".json") else md)
+            f.write(dumps(res) + "\n" if args.out.endswith(".json") else md)
     return 0

@@ -82,3 +82,25 @@ class GallyEngine:
             raise RuntimeError(f"Model.generate stopped after {tokens} token(s); no decode step to time")
         return {"seconds": t_end - t_first, "tokens": tokens - first, "prompt_tokens": len(prompt),
                 "finish_reason": last.finish_reason, "own_decode_tok_s": last.timings["decode_tok_s"]}
+
+    def batched(self, prompt_ids, gen_ids) -> dict:
+        """B sequences at once, as llama-batched-bench runs them: each a prompt (prompt_ids[i]),
+        prefilled in passes of up to 512 tokens across sequences, then len(gen_ids[i]) decode steps
+        that feed every sequence one token per pass (Runner.forward_checked: the ids are fixed, no
+        sampling). Seconds of the prefill and of the decode steps."""
+        b, p = len(prompt_ids), len(prompt_ids[0])
+        runner = self.model.runner(max(512, b))
+        sessions = [self.model.session(self.max_context) for _ in range(b)]
+        per_pass = max(1, runner.max_tokens // p) if p else b
+        t0 = time.perf_counter()
+        for first in range(0, b, per_pass):
+            group = range(first, min(b, first + per_pass))
+            runner.forward_checked([sessions[i] for i in group], [t for i in group for t in prompt_ids[i]],
+                                   [p] * len(group))
+        t1 = time.perf_counter()
+        steps = [np.array([g[j] for g in gen_ids], np.int32) for j in range(len(gen_ids[0]))]
+        counts = [1] * b
+        for step in steps:
+            runner.forward_checked(sessions, step, counts)
+        t2 = time.perf_counter()
+        return {"pp_seconds": t1 - t0, "tg_seconds": t2 - t1}

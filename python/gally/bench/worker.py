@@ -3,7 +3,7 @@ pool or its peak RSS, and the parent interleaves their repetitions.
 
 Protocol: one JSON object per line each way. Request {"op": ..., **args}; reply the op's result or
 {"error": "..."}. Ops: start (engine name + spec), load (times), info, prefill, decode, generate,
-peak_rss, quit. The engine's own output goes to stderr so that stdout carries the protocol alone.
+batched, peak_rss, quit. The engine's own output goes to stderr so that stdout carries the protocol alone.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def serve() -> None:
                 reply = {"seconds": [engine.load() for _ in range(req["times"])]}
             elif op == "peak_rss":
                 reply = {"bytes": peak_rss_bytes()}
-            elif op in ("info", "prefill", "decode", "generate"):
+            elif op in ("info", "prefill", "decode", "generate", "batched"):
                 reply = getattr(engine, op)(**req)
             else:
                 raise ValueError(f"unknown op {op!r}")

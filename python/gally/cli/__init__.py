@@ -1,7 +1,7 @@
 """The `gally` command line: `gally info`, and one subcommand per job (convert, run, chat, bench, ...).
 
 Each subcommand's parser and command live in a module here (convert, explain, generate: run and
-chat, perplexity, quantize; bench in gally/bench/cli.py); the library modules they call know
+chat, perplexity, quantize, serve; bench in gally/bench/cli.py); the library modules they call know
 nothing of argparse, the terminal or exit codes.
 """
 
@@ -18,6 +18,7 @@ from .explain import add_parser as add_explain
 from .generate import add_parsers as add_run_and_chat
 from .perplexity import add_parser as add_perplexity
 from .quantize import add_parser as add_quantize
+from .serve import add_parser as add_serve
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_and_chat(sub)
     add_perplexity(sub)
     add_quantize(sub)
+    add_serve(sub)
     return parser
 
 

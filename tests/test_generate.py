@@ -315,3 +315,27 @@ def test_no_tokenizer_needs_token_ids(tmp_path):
         m.generate("text")
     with pytest.raises(ValueError, match="tokenizer"):
         m.start_chat()
+
+
+def test_signatures_follow_the_options_table():
+    """Model.generate and Model.chat take exactly the options of gally/options.py (and their aliases)
+    as keyword arguments, each documented."""
+    import inspect
+
+    from gally.options import ALIASES, OPTIONS
+
+    names = {o.name for o in OPTIONS} | set(ALIASES)
+    for f in (gally.Model.generate, gally.Model.chat):
+        params = inspect.signature(f).parameters
+        assert set(params) - {"self", "prompt", "messages", "stream", "batch_size"} == names, f.__name__
+        assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in names)
+    assert all(f"{o.name}" in gally.Model.generate.__doc__ or o.name in ("max_new_tokens",) for o in OPTIONS)
+
+
+def test_ignore_eos_generates_past_the_end(tok):
+    model, ids = scripted(tok, "Hello world")
+    c = gen.generate(model, [5, 6, 7], max_new_tokens=len(ids) + 3, ignore_eos=True, **GREEDY)
+    assert len(c.token_ids) == len(ids) + 3 and c.finish_reason == "length" and c.text.startswith("Hello world")
+    assert gen.generate(model, [5, 6, 7], max_tokens=2, **GREEDY).token_ids == ids[:2]  # the OpenAI alias
+    with pytest.raises(ValueError, match="either max_new_tokens or its alias max_tokens"):
+        gen.generate(model, [5, 6, 7], max_tokens=2, max_new_tokens=3)

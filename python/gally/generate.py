@@ -123,11 +123,12 @@ def generate(model, prompt, *, max_new_tokens: Optional[int] = None, temperature
              repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
              frequency_penalty: Optional[float] = None, seed: Optional[int] = None,
              stop: Union[str, Sequence[str], None] = None, logprobs: Optional[int] = None, stream: bool = False,
-             max_tokens: Optional[int] = None, batch_size: Optional[int] = None):
+             max_tokens: Optional[int] = None, batch_size: Optional[int] = None, ignore_eos: Optional[bool] = None):
     """Model.generate: see its documentation."""
     given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                  repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                 frequency_penalty=frequency_penalty, seed=seed, stop=stop, logprobs=logprobs, max_tokens=max_tokens)
+                 frequency_penalty=frequency_penalty, seed=seed, stop=stop, logprobs=logprobs, max_tokens=max_tokens,
+                 ignore_eos=ignore_eos)
     single = not _is_batch(prompt)
     items = [prompt] if single else list(prompt)
     requests = []

@@ -328,7 +328,8 @@ class Model:
                  repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
                  frequency_penalty: Optional[float] = None, seed: Optional[int] = None,
                  stop: Union[str, Sequence[str], None] = None, logprobs: Optional[int] = None,
-                 stream: bool = False, max_tokens: Optional[int] = None, batch_size: Optional[int] = None):
+                 stream: bool = False, max_tokens: Optional[int] = None, batch_size: Optional[int] = None,
+                 ignore_eos: Optional[bool] = None):
         """Continues a prompt, or a batch of prompts decoded together.
 
         prompt: text (tokenized without special tokens), a flat list of token ids, or a list of
@@ -341,6 +342,7 @@ class Model:
         seed: makes sampling reproducible (each prompt of a batch has its own random stream).
         stop: a string or list of strings that end generation, left out of the text.
         logprobs: N, to report each token's log-probability and the N likeliest alternatives.
+        ignore_eos: keep generating past end-of-sequence tokens (for benchmarks).
         stream: return an iterator of Chunk (text, token_ids, logprobs; the last one of each prompt
             carries finish_reason, usage and timings; a batch's chunks carry their prompt's index).
         batch_size: prompts decoded at once (default: all of them, at most 16; the others wait).
@@ -354,14 +356,15 @@ class Model:
         return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed,
-                        stop=stop, logprobs=logprobs, stream=stream, max_tokens=max_tokens, batch_size=batch_size)
+                        stop=stop, logprobs=logprobs, stream=stream, max_tokens=max_tokens, batch_size=batch_size,
+                        ignore_eos=ignore_eos)
 
     def chat(self, messages: Sequence[dict], *, max_new_tokens: Optional[int] = None,
              temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
              min_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
              presence_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None,
              seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None, logprobs: Optional[int] = None,
-             stream: bool = False, max_tokens: Optional[int] = None):
+             stream: bool = False, max_tokens: Optional[int] = None, ignore_eos: Optional[bool] = None):
         """The assistant's reply to `messages` ([{"role": "system"|"user"|"assistant", "content":
         text}, ...]), rendered with the model's chat template and its assistant header; the reply
         ends at the end-of-turn token. Options as generate(). Returns a Completion, or with
@@ -371,7 +374,7 @@ class Model:
         return chat(self, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                     frequency_penalty=frequency_penalty, seed=seed, stop=stop, logprobs=logprobs, stream=stream,
-                    max_tokens=max_tokens)
+                    max_tokens=max_tokens, ignore_eos=ignore_eos)
 
     def start_chat(self, system: Optional[str] = None):
         """A Conversation (gally.generate.Conversation) that keeps its KV cache between turns:

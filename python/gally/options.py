@@ -21,7 +21,7 @@ class Option:
     flags: tuple[str, ...]  # on the command line
     help: str
     metavar: Optional[str] = None
-    type: Any = None               # argparse type; None for repeatable strings (stop)
+    type: Any = None               # argparse type; None for repeatable strings (stop), "flag" for a switch
     from_generation_config: bool = False  # a model folder's generation_config.json may set it
 
 
@@ -39,6 +39,8 @@ OPTIONS = (
     Option("seed", None, ("--seed",), "random seed, for reproducible sampling", "N", int),
     Option("stop", (), ("--stop",), "stop at this string (repeatable)", "TEXT"),
     Option("logprobs", None, (), "report each token's log-probability and the N likeliest alternatives", "N", int),
+    Option("ignore_eos", False, ("--ignore-eos",), "keep generating past end-of-sequence tokens (benchmarks)", None,
+           "flag"),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 DEFAULTS = {o.name: o.default for o in OPTIONS}
@@ -55,6 +57,7 @@ class GenerationParams:
     seed: Optional[int]
     stop: tuple[str, ...]
     logprobs: Optional[int]
+    ignore_eos: bool = False
 
 
 def resolve(generation_config: dict, vocab_size: int, config_path: str = "generation_config.json",
@@ -94,8 +97,10 @@ def resolve(generation_config: dict, vocab_size: int, config_path: str = "genera
     lp = value["logprobs"]
     if lp is not None and (isinstance(lp, bool) or not isinstance(lp, (int, np.integer)) or not 0 <= lp <= vocab_size):
         raise ValueError(f"logprobs must be None or an integer in [0, vocab_size], got {lp!r}")
+    if not isinstance(value["ignore_eos"], bool):
+        raise ValueError(f"ignore_eos must be True or False, got {value['ignore_eos']!r}")
     return GenerationParams(None if n == -1 else int(n), sampling, value["seed"], stop_strings(value["stop"]),
-                            None if lp is None else int(lp))
+                            None if lp is None else int(lp), value["ignore_eos"])
 
 
 def stop_strings(stop: Union[str, Sequence[str], None]) -> tuple[str, ...]:

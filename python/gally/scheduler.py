@@ -296,7 +296,7 @@ class Scheduler:
             r.t_first = r.t_first or now
             r.t_last = now
             reason = None
-            if token in self.eos:
+            if token in self.eos and not r.params.ignore_eos:
                 reason = "stop"
             elif ((r.params.max_new_tokens is not None and len(r.generated) >= r.params.max_new_tokens)
                   or r.session.position >= r.session.max_context):

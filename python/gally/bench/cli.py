@@ -57,6 +57,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="folder with llama-quantize and llama-bench (env GALLY_LLAMA_CPP_BIN)")
     p.add_argument("--gguf", action="append", type=_ggufs, help="use this peer GGUF for a dtype: DTYPE=PATH,...")
     p.add_argument("--no-generate", action="store_true", help="skip the end-to-end Model.generate row")
+    p.add_argument("--serve", action="append", metavar="URL",
+                   help="load-test running OpenAI-compatible servers (gally serve, llama-server; repeatable): "
+                        "concurrent streaming clients, -p prompt tokens and -n new tokens each")
+    p.add_argument("-c", "--concurrency", action="append", type=_ints, help="with --serve: clients at once (default 8)")
+    p.add_argument("--requests", type=int, default=None, help="with --serve: requests per run (default 4 × clients)")
+    p.add_argument("--vocab", type=int, default=49152, help="with --serve: prompt ids are drawn below this (default "
+                                                             "49152, SmolLM2's vocabulary)")
     p.add_argument("--batch", action="append", type=_ints,
                    help="batch sizes, e.g. 1,2,4,8,16: sequences decoded together (each -p prompt tokens, then -n "
                         "new ones), against llama-batched-bench with --peers llama.cpp")
@@ -107,6 +114,8 @@ def main(args) -> int:
     opts = options(args)
     command = command_of(opts)
     log = (lambda s: None) if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr, flush=True))
+    if args.serve:
+        return _serve_main(args, log)
     if args.batch:
         from . import batched
 
@@ -128,4 +137,24 @@ def main(args) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(dumps(res) + "\n" if args.out.endswith(".json") else md)
+    return 0
+
+
+def _serve_main(args, log) -> int:
+    """--serve: the load tool (load.py) against each URL, interleaved URL by URL for each concurrency."""
+    from . import load
+
+    prompt = _flat(args.n_prompt, [128])[0]
+    gen = _flat(args.n_gen, [128])[0]
+    rows = []
+    for c in _flat(args.concurrency, [8]):
+        for rep in range(args.repetitions):
+            urls = args.serve if rep % 2 == 0 else list(reversed(args.serve))
+            for url in urls:
+                rows.append(load.run_load(url, c, args.requests or 4 * c, prompt, gen, args.vocab, args.seed, log=log))
+    text = load.dumps(rows) if args.json else load.markdown(rows)
+    print(text, end="")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(load.dumps(rows) + "\n" if args.out.endswith(".json") else load.markdown(rows))
     return 0

@@ -43,7 +43,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default = "generation_config.json, else " if o.from_generation_config else ""
         shown = o.default if o.default not in (None, ()) else None
         help_text = o.help + (f" (default: {default}{shown})" if shown is not None else "")
-        if o.type is None:
+        if o.type == "flag":
+            p.add_argument(*o.flags, dest=o.name, action="store_const", const=True, default=None, help=o.help)
+        elif o.type is None:
             p.add_argument(*o.flags, dest=o.name, action="append", default=None, metavar=o.metavar, help=help_text)
         else:
             p.add_argument(*o.flags, dest=o.name, type=o.type, default=None, metavar=o.metavar, help=help_text)

@@ -43,6 +43,7 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    ignore_eos: bool = False  # vLLM's and llama-server's extra: generate max_tokens whatever comes
 
     def options(self) -> dict:
         """generate()'s options; None takes the model's default."""
@@ -53,7 +54,8 @@ class Sampling(BaseModel):
             stop = None
         return dict(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                     min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                    presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, stop=stop)
+                    presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, stop=stop,
+                    ignore_eos=self.ignore_eos or None)
 
 
 class Message(BaseModel):

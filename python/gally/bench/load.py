@@ -124,7 +124,8 @@ def markdown(rows: list[dict], title: str = "gally bench --serve") -> str:
 
     for r in rows:
         lines.append(f"| {r['url']} ({r['model']}) | {r['concurrency']} | {r['completed']} / {r['failed']} | "
-                     f"{r['completion_tokens']} | {r['aggregate_tok_s']:.1f} | {f(r['ttft_p50'])} / {f(r['ttft_p99'])} | "
+                     f"{r['completion_tokens']} | {r['aggregate_tok_s']:.1f} | "
+                     f"{f(r['ttft_p50'])} / {f(r['ttft_p99'])} | "
                      f"{f(r['itl_p50'], 1e3, 1)} / {f(r['itl_p99'], 1e3, 1)} | {f(r['request_tok_s_mean'], 1, 1)} |")
     return "\n".join(lines) + "\n"
 

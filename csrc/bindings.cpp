@@ -213,12 +213,14 @@ PYBIND11_MODULE(_core, m) {
   py::register_exception<KvPoolExhausted>(m, "KvCacheFull", PyExc_RuntimeError);
 
   py::class_<KvPool, std::shared_ptr<KvPool>>(m, "KvPool")
-      .def(py::init([](const Model& model, size_t max_blocks) {
+      .def(py::init([](const Model& model, size_t max_blocks, const std::string& dtype) {
              const ModelConfig& c = model.config;
              return std::make_shared<KvPool>(
-                 KvShape{c.num_hidden_layers, c.num_key_value_heads, c.head_dim, KV_BLOCK_ROWS}, max_blocks);
+                 KvShape{c.num_hidden_layers, c.num_key_value_heads, c.head_dim, KV_BLOCK_ROWS, parse_dtype(dtype)},
+                 max_blocks);
            }),
-           py::arg("model"), py::arg("max_blocks"))
+           py::arg("model"), py::arg("max_blocks"), py::arg("dtype") = "f32")
+      .def_property_readonly("dtype", [](const KvPool& p) { return std::string(dtype_name(p.shape().dtype)); })
       .def_property_readonly("block_rows", [](const KvPool& p) { return p.shape().block_rows; })
       .def_property_readonly("block_bytes", &KvPool::block_bytes)
       .def_property_readonly("max_blocks", &KvPool::max_blocks)

@@ -64,26 +64,28 @@ struct Weights {
   }
 };
 
-// K, V [n, d] copied into a cache of blocks of block_rows positions, as a KvCache lays one head
-// out: each block [k | v][block_rows][d], the blocks in reverse order in memory so that a kernel
-// that assumed one contiguous run would read the wrong rows.
+// K, V [n, d] copied into a cache of blocks of block_rows positions in `dtype` (f32, bf16 or f16,
+// rounded to nearest even), as a KvCache lays one head out: each block [k | v][block_rows][d], the
+// blocks in reverse order in memory so that a kernel that assumed one contiguous run would read the
+// wrong rows.
 struct PagedKv {
-  std::vector<std::vector<float>> storage;
-  std::vector<const float*> blocks;
+  std::vector<std::vector<uint8_t>> storage;
+  std::vector<const void*> blocks;
   KvHead head;
 
-  PagedKv(const Array<float>& K, const Array<float>& V, int block_rows) {
+  PagedKv(const Array<float>& K, const Array<float>& V, int block_rows, const std::string& dtype) {
     require(block_rows > 0 && block_rows % KV_BLOCK_ALIGN == 0, "block_rows must be a positive multiple of 16");
-    const long n = K.shape(0), d = K.shape(1), nb = (n + block_rows - 1) / block_rows;
+    const DType t = parse_dtype(dtype);
+    const long n = K.shape(0), d = K.shape(1), nb = (n + block_rows - 1) / block_rows, es = t == DType::F32 ? 4 : 2;
     storage.resize(nb);
-    for (long b = nb; b-- > 0;) storage[b].assign(size_t(2) * block_rows * d, std::nanf(""));
+    for (long b = nb; b-- > 0;) storage[b].assign(size_t(2) * block_rows * d * es, 0xff);  // NaN where unwritten
     for (long j = 0; j < n; ++j) {
-      std::memcpy(storage[j / block_rows].data() + (j % block_rows) * d, K.data() + j * d, sizeof(float) * d);
-      std::memcpy(storage[j / block_rows].data() + (block_rows + j % block_rows) * d, V.data() + j * d,
-                  sizeof(float) * d);
+      uint8_t* block = storage[j / block_rows].data();
+      kernels_generic.convert_row(K.data() + j * d, block + (j % block_rows) * d * es, t, int(d));
+      kernels_generic.convert_row(V.data() + j * d, block + (block_rows + j % block_rows) * d * es, t, int(d));
     }
     for (auto& s : storage) blocks.push_back(s.data());
-    head = KvHead{blocks.data(), 0, long(block_rows) * d, block_rows};
+    head = KvHead{blocks.data(), 0, long(block_rows) * d, block_rows, t};
   }
 };
 
@@ -222,26 +224,28 @@ void add_testing_module(py::module_& m) {
   });
   t.def(
       "kernel_attention",
-      [](const std::string& isa, Array<float> q, Array<float> K, Array<float> V, float scale, int block_rows) {
+      [](const std::string& isa, Array<float> q, Array<float> K, Array<float> V, float scale, int block_rows,
+         const std::string& kv_dtype) {
         require(K.ndim() == 2 && V.ndim() == 2 && K.shape(0) == V.shape(0) && K.shape(1) == q.size() &&
                     V.shape(1) == q.size() && K.shape(0) > 0,
                 "attention shapes disagree");
         const int n = int(K.shape(0)), d = int(q.size());
-        PagedKv kv(K, V, block_rows);
+        PagedKv kv(K, V, block_rows, kv_dtype);
         Array<float> out(d), probs(n);
         kernels_named(isa).attention(q.data(), kv.head, n, d, scale, probs.mutable_data(), out.mutable_data());
         return py::make_tuple(out, probs);
       },
-      py::arg("isa"), py::arg("q"), py::arg("K"), py::arg("V"), py::arg("scale"), py::arg("block_rows") = 16);
+      py::arg("isa"), py::arg("q"), py::arg("K"), py::arg("V"), py::arg("scale"), py::arg("block_rows") = 16,
+      py::arg("kv_dtype") = "f32");
   t.def(
       "kernel_attention_causal",
       [](const std::string& isa, Array<float> Q, Array<float> K, Array<float> V, int ctx0, float scale, bool bf16,
-         int block_rows) {
+         int block_rows, const std::string& kv_dtype) {
         // Q [nq, d]: query i sees keys [0, ctx0 + i) of K, V [ctx0 + nq − 1, d]
         require(Q.ndim() == 2 && K.ndim() == 2 && V.ndim() == 2 && Q.shape(0) > 0 && ctx0 > 0, "bad shapes");
         const int nq = int(Q.shape(0)), d = int(Q.shape(1)), n = ctx0 + nq - 1;
         require(K.shape(0) == n && V.shape(0) == n && K.shape(1) == d && V.shape(1) == d, "attention shapes disagree");
-        PagedKv kv(K, V, block_rows);
+        PagedKv kv(K, V, block_rows, kv_dtype);
         Array<float> out({nq, d}), probs({nq, n});
         std::fill(probs.mutable_data(), probs.mutable_data() + probs.size(), -1.0f);  // untouched past each row's keys
         const Kernels& k = kernels_named(isa);
@@ -255,7 +259,18 @@ void add_testing_module(py::module_& m) {
         return py::make_tuple(out, probs);
       },
       py::arg("isa"), py::arg("Q"), py::arg("K"), py::arg("V"), py::arg("ctx0"), py::arg("scale"),
-      py::arg("bf16") = false, py::arg("block_rows") = 16);
+      py::arg("bf16") = false, py::arg("block_rows") = 16, py::arg("kv_dtype") = "f32");
+  t.def(
+      "kernel_convert_row",
+      [](const std::string& isa, Array<float> x, const std::string& to) {
+        // x in `to`, as uint16 bit patterns (bf16, f16) or f32
+        const DType t = parse_dtype(to);
+        py::array out = t == DType::F32 ? py::array(py::dtype::of<float>(), x.size())
+                                        : py::array(py::dtype::of<uint16_t>(), x.size());
+        kernels_named(isa).convert_row(x.data(), out.mutable_data(), t, int(x.size()));
+        return out;
+      },
+      py::arg("isa"), py::arg("x"), py::arg("to"));
   t.def("kernel_silu_mul", [](const std::string& isa, Array<float> g, Array<float> u) {
     require(g.size() == u.size(), "g and u differ in size");
     Array<float> out(g.size());

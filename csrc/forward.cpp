@@ -105,8 +105,8 @@ struct Pass {
           if (i > 0) {
             const SequenceSlice& s = batch.seqs[ws.token_seq.data()[t]];
             const int p = s.position + t - s.first;
-            float* cached = i == 1 ? s.cache->key(l, head, p) : s.cache->value(l, head, p);
-            std::memcpy(cached, y, sizeof(float) * HD);
+            ops.convert_row(y, i == 1 ? s.cache->key(l, head, p) : s.cache->value(l, head, p), s.cache->shape().dtype,
+                            HD);
           }
         }
     par::barrier();

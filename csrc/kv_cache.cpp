@@ -9,13 +9,15 @@
 namespace gally {
 
 KvPool::KvPool(const KvShape& shape, size_t max_blocks) : shape_(shape), max_blocks_(max_blocks) {
+  if (shape.dtype != DType::F32 && shape.dtype != DType::BF16 && shape.dtype != DType::F16)
+    throw std::invalid_argument("the KV cache holds f32, bf16 or f16, not " + std::string(dtype_name(shape.dtype)));
   if (shape.block_rows <= 0 || shape.block_rows % KV_BLOCK_ALIGN != 0)
     throw std::invalid_argument("KV block rows must be a positive multiple of " + std::to_string(KV_BLOCK_ALIGN));
   if (max_blocks == 0) throw std::invalid_argument("the KV cache pool must hold at least one block");
 }
 
 KvPool::~KvPool() {
-  for (float* p : data_)
+  for (void* p : data_)
     if (p) ::munmap(p, block_bytes());
 }
 
@@ -27,7 +29,7 @@ size_t KvPool::in_use() const {
 size_t KvPool::allocated() const {
   std::lock_guard<std::mutex> lock(mu_);
   size_t n = 0;
-  for (float* p : data_) n += p != nullptr;
+  for (void* p : data_) n += p != nullptr;
   return n;
 }
 
@@ -56,7 +58,7 @@ int KvPool::acquire() {
                             std::to_string(block_bytes() >> 10) + " KiB (" + std::to_string(in_use_) +
                             " blocks in use)");
     }
-    data_[id] = static_cast<float*>(p);
+    data_[id] = p;
   }
   refs_[id] = 1;
   ++in_use_;
@@ -141,7 +143,7 @@ KvCache KvCache::fork(int positions) const {
   }
   if (positions % rows && full < blocks()) {
     copy.prepare(full * rows, positions);  // a block of its own for the partial rows
-    std::memcpy(const_cast<float*>(copy.ptrs_[full]), ptrs_[full], pool_->block_bytes());
+    std::memcpy(const_cast<void*>(copy.ptrs_[full]), ptrs_[full], pool_->block_bytes());
   }
   return copy;
 }

@@ -5,7 +5,8 @@
 // Memory follows the tokens held: a sequence's cache is a list of blocks of KV_BLOCK_ROWS
 // positions, taken from its model's pool as the sequence reaches them and given back when it is
 // truncated or dropped. A block holds
-//     [layers][k | v][kv_heads][block_rows][head_dim] floats,
+//     [layers][k | v][kv_heads][block_rows][head_dim] elements of the pool's dtype
+// (f32, or bf16 / f16 for a compact cache: half the bytes per token),
 // so that within a block one head's keys (and values) are contiguous rows: the attention kernels
 // stream a block at a time (kernels.h, KvHead). Sequences with a common prefix share its full
 // blocks (fork); a shared block is copied before it is written (prepare).
@@ -25,8 +26,10 @@ constexpr int KV_BLOCK_ROWS = 16;  // positions per block: vLLM's size; a multip
 struct KvShape {
   int layers = 0, kv_heads = 0, head_dim = 0;
   int block_rows = KV_BLOCK_ROWS;
+  DType dtype = DType::F32;  // F32, BF16 or F16
 
-  size_t block_floats() const { return size_t(layers) * 2 * kv_heads * block_rows * head_dim; }
+  size_t block_elements() const { return size_t(layers) * 2 * kv_heads * block_rows * head_dim; }
+  size_t element_size() const { return dtype == DType::F32 ? 4 : 2; }
   long keys(int layer, int head) const { return (long(layer) * 2 * kv_heads + head) * block_rows * head_dim; }
   long values(int layer, int head) const { return keys(layer, head) + long(kv_heads) * block_rows * head_dim; }
 };
@@ -48,7 +51,7 @@ class KvPool {
   KvPool& operator=(const KvPool&) = delete;
 
   const KvShape& shape() const { return shape_; }
-  size_t block_bytes() const { return shape_.block_floats() * sizeof(float); }
+  size_t block_bytes() const { return shape_.block_elements() * shape_.element_size(); }
   size_t max_blocks() const { return max_blocks_; }
   size_t in_use() const;     // blocks held by some sequence
   size_t allocated() const;  // blocks with memory: in use, or free and kept for reuse
@@ -58,16 +61,16 @@ class KvPool {
   void retain(int id);
   void release(int id);
   int refs(int id) const;
-  float* data(int id) const { return data_[id]; }  // stable while the block is held
-  void trim();                                     // unmaps the free blocks
+  void* data(int id) const { return data_[id]; }  // stable while the block is held
+  void trim();                                    // unmaps the free blocks
 
  private:
   KvShape shape_;
   size_t max_blocks_;
   mutable std::mutex mu_;
-  std::vector<float*> data_;  // by id; null for an id whose memory was trimmed
-  std::vector<int> refs_;     // by id
-  std::vector<int> free_;     // released ids (with or without memory)
+  std::vector<void*> data_;  // by id; null for an id whose memory was trimmed
+  std::vector<int> refs_;    // by id
+  std::vector<int> free_;    // released ids (with or without memory)
   size_t in_use_ = 0;
 };
 
@@ -96,21 +99,23 @@ class KvCache {
 
   // Head `head` of layer `layer` as the attention kernels read it.
   KvHead head(int layer, int head) const {
-    return KvHead{ptrs_.data(), shape().keys(layer, head), shape().values(layer, head), shape().block_rows};
+    return KvHead{ptrs_.data(), shape().keys(layer, head), shape().values(layer, head), shape().block_rows,
+                  shape().dtype};
   }
-  // Where the key (value) vector [head_dim] of `position` goes.
-  float* key(int layer, int head, int position) { return row(shape().keys(layer, head), position); }
-  float* value(int layer, int head, int position) { return row(shape().values(layer, head), position); }
+  // Where the key (value) vector [head_dim] of `position` goes, in the cache's dtype.
+  void* key(int layer, int head, int position) { return row(shape().keys(layer, head), position); }
+  void* value(int layer, int head, int position) { return row(shape().values(layer, head), position); }
 
  private:
-  float* row(long offset, int position) {
+  void* row(long offset, int position) {
     const KvShape& s = shape();
-    return const_cast<float*>(ptrs_[position / s.block_rows]) + offset + long(position % s.block_rows) * s.head_dim;
+    return (uint8_t*)ptrs_[position / s.block_rows] +
+           (offset + long(position % s.block_rows) * s.head_dim) * s.element_size();
   }
 
   std::shared_ptr<KvPool> pool_;
   std::vector<int> ids_;
-  std::vector<const float*> ptrs_;  // the kernels' view: one pointer per block
+  std::vector<const void*> ptrs_;  // the kernels' view: one pointer per block
 };
 
 }  // namespace gally

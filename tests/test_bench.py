@@ -104,8 +104,10 @@ def test_setup_has_load_ttft_and_own_peak_rss(result, folder):
     for s in result.setups:
         assert s.error == ""
         assert s.info["file_bytes"] == os.path.getsize(os.path.join(folder, "model.safetensors"))
-        # f32 keys and values: layers × (k, v) × KV heads × head_dim × context (pp8 @ d5 → 256) × 4 bytes
-        assert s.info["max_context"] == 256 and s.info["kv_bytes"] == 2 * 2 * 2 * 16 * 256 * 4
+        # keys and values: layers × (k, v) × KV heads × head_dim × context (pp8 @ d5 → 256) × 4 bytes for
+        # f32 weights' f32 cache, 2 for the other weights' f16 cache
+        element = 4 if s.dtype == "f32" else 2
+        assert s.info["max_context"] == 256 and s.info["kv_bytes"] == 2 * 2 * 2 * 16 * 256 * element
         assert len(s.load_s.samples) == 3 and s.load_s.mean > 0
         assert set(s.ttft_s) == {8} and s.ttft_s[8].mean > 0  # TTFT at depth 0 only
         # the worker's own peak: a Python process with NumPy, not the parent's bandwidth buffer

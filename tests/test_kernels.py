@@ -305,3 +305,67 @@ def test_bf16_attention_equals_scalar_twin(block_rows):
         a, b = (_core.testing.kernel_attention_causal(k, Q, K, V, ctx0, 0.125, bf16=True, block_rows=block_rows)
                 for k in ("generic-bf16", "avx512bf16"))
         assert np.allclose(a[0], b[0], rtol=1e-4, atol=1e-4) and np.allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
+
+
+# ---- compact KV caches: bf16 and f16 keys and values ----
+
+def kv_rounded(a, kv_dtype):
+    """The values a cache of kv_dtype holds for a."""
+    if kv_dtype == "bf16":
+        return round_bf16(a)
+    if kv_dtype == "f16":
+        return a.astype(np.float16).astype(np.float32)
+    return a
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("to", ["bf16", "f16", "f32"])
+def test_convert_row_rounds_to_nearest_even(isa, to):
+    rng = np.random.default_rng(30)
+    specials = np.array([0.0, -0.0, 1.0, np.inf, -np.inf, 65504.0, 65520.0, 1e-8, -3e-6, 6.1e-5, 1.0000001,
+                         3.4e38, 1.17e-38, 2.0**-140], np.float32)
+    for n in SIZES + [64, 128]:
+        x = np.concatenate([specials, (rng.standard_normal(n) * 10 ** rng.uniform(-8, 6, n)).astype(np.float32)])[:n]
+        got = _core.testing.kernel_convert_row(isa, x, to)
+        if to == "bf16":
+            want = bf16_bits(x)
+        elif to == "f16":
+            with np.errstate(over="ignore"):
+                want = x.astype(np.float16).view(np.uint16)
+        else:
+            want = x
+        assert np.array_equal(got, want), (n, np.flatnonzero(got != want)[:5])
+    nan = _core.testing.kernel_convert_row(isa, np.full(20, np.nan, np.float32), to)
+    assert np.isnan(nan.view(np.float32) if to == "f32" else
+                    (nan.astype(np.uint32) << 16).view(np.float32) if to == "bf16" else nan.view(np.float16)).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kv_dtype", ["bf16", "f16"])
+def test_attention_reads_a_compact_cache(isa, kv_dtype):
+    """Decode and prompt attention over a bf16 / f16 cache: the f32 math on the rounded keys and values."""
+    rng = np.random.default_rng(31)
+    for n, d in ((1, 64), (17, 64), (100, 80), (300, 128), (33, 8)):
+        q = rng.standard_normal(d).astype(np.float32)
+        K, V = (rng.standard_normal((n, d)).astype(np.float32) for _ in range(2))
+        out, probs = _core.testing.kernel_attention(isa, q, K, V, 0.3, 16, kv_dtype)
+        Kr, Vr = kv_rounded(K, kv_dtype).astype(np.float64), kv_rounded(V, kv_dtype).astype(np.float64)
+        s = 0.3 * Kr @ q
+        p = np.exp(s - s.max())
+        p /= p.sum()
+        assert np.allclose(probs, p, rtol=1e-5, atol=1e-7) and np.allclose(out, p @ Vr, atol=1e-5), (n, d)
+    for nq, ctx0, d in ((16, 1, 64), (5, 40, 64), (33, 7, 128), (7, 3, 24)):
+        n = ctx0 + nq - 1
+        Q, K, V = (rng.standard_normal((m, d)).astype(np.float32) for m in (nq, n, n))
+        out, probs = _core.testing.kernel_attention_causal(isa, Q, K, V, ctx0, 0.25, kv_dtype=kv_dtype)
+        Kr, Vr = kv_rounded(K, kv_dtype).astype(np.float64), kv_rounded(V, kv_dtype).astype(np.float64)
+        for i in range(nq):
+            c = ctx0 + i
+            s = 0.25 * Kr[:c] @ Q[i]
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            assert np.allclose(probs[i, :c], p, rtol=1e-5, atol=1e-7) and np.allclose(out[i], p @ Vr[:c], atol=1e-5)
+        if "avx512bf16" in ISAS and d % 32 == 0:  # the bf16 prompt attention reads the compact cache too
+            a, b = (_core.testing.kernel_attention_causal(k, Q, K, V, ctx0, 0.25, bf16=True, kv_dtype=kv_dtype)
+                    for k in ("generic-bf16", "avx512bf16"))
+            assert np.allclose(a[0], b[0], rtol=1e-4, atol=1e-4) and np.allclose(a[1], b[1], rtol=1e-5, atol=1e-6)

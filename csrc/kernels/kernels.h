@@ -44,16 +44,24 @@ constexpr int GEMM_MIN_TOKENS = 4;
 constexpr int GEMM_SPLIT_TOKENS = 48;
 
 // One KV head of a sequence's cache as the attention kernels read it. The cache is a list of
-// blocks of `block_rows` positions; within a block a head's keys are contiguous rows of d floats,
-// and so are its values: key j is at blocks[j / block_rows] + keys + (j % block_rows) · d.
-// block_rows is a multiple of KV_BLOCK_ALIGN, so that no register tile of keys crosses a block.
+// blocks of `block_rows` positions; within a block a head's keys are contiguous rows of d elements
+// of `dtype` (f32, or bf16 / f16 for a compact cache), and so are its values: key j is at
+// blocks[j / block_rows] + keys + (j % block_rows) · d elements. block_rows is a multiple of
+// KV_BLOCK_ALIGN, so that no register tile of keys crosses a block.
 constexpr int KV_BLOCK_ALIGN = 16;
 struct KvHead {
-  const float* const* blocks;
-  long keys, values;  // this head's offsets within a block, in floats
+  const void* const* blocks;
+  long keys, values;  // this head's offsets within a block, in elements
   int block_rows;
-  const float* key(long j, int d) const { return blocks[j / block_rows] + keys + (j % block_rows) * d; }
-  const float* value(long j, int d) const { return blocks[j / block_rows] + values + (j % block_rows) * d; }
+  DType dtype = DType::F32;
+  template <class T>
+  const T* key(long j, int d) const {
+    return (const T*)blocks[j / block_rows] + keys + (j % block_rows) * d;
+  }
+  template <class T>
+  const T* value(long j, int d) const {
+    return (const T*)blocks[j / block_rows] + values + (j % block_rows) * d;
+  }
 };
 
 // Floats of scratch attention_causal needs for n keys of dimension d: scores [n] and the queries
@@ -101,6 +109,10 @@ struct Kernels {
 
   // g[i] = silu(g[i]) · u[i] = g / (1 + e^-g) · u    g, u [n]
   void (*silu_mul)(float* g, const float* u, int n);
+
+  // out [n] = x [n] in `to` (F32, BF16 or F16; rounded to nearest even): a key or value vector on
+  // its way into a compact KV cache.
+  void (*convert_row)(const float* x, void* out, DType to, int n);
 
   // x [n, n_in] f32 → xq [n, n_in] int16, xs and xsum [n, n_in/32]    (n_in a multiple of 32)
   void (*quantize_rows)(const float* x, int n, int n_in, int16_t* xq, float* xs, float* xsum);

@@ -44,6 +44,20 @@ struct S {
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
   }
   static V load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+  static void store_f16(uint16_t* p, V v) {
+    _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  // Rounded to nearest even as f32_to_bf16 (dtype.h), NaN kept a quiet NaN.
+  static void store_bf16(uint16_t* p, V v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan =
+        _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // 8 × u16 in the low half
+    _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
+  }
   // out[c] = column c of the 8 × 8 block at in (rows ld floats apart)
   static void transpose(const float* in, long ld, V out[8]) {
     V t[8], u[8];
@@ -81,6 +95,7 @@ const Kernels kernels_avx2 = {
     .attention = avx2::attention,
     .attention_causal = avx2::attention_causal,
     .silu_mul = avx2::silu_mul,
+    .convert_row = avx2::convert_row,
     .quantize_rows = avx2::quantize_rows,
     .matmul_q8 = avx2::matmul_q8,
     .matmul_q4 = avx2::matmul_q4,

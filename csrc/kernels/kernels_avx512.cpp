@@ -40,6 +40,19 @@ struct S {
     return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
   }
   static V load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  static void store_f16(uint16_t* p, V v) {
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  // Rounded to nearest even as f32_to_bf16 (dtype.h), NaN kept a quiet NaN.
+  static void store_bf16(uint16_t* p, V v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan =
+        _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
+  }
   // out[c] = column c of the 16 × 16 block at in (rows ld floats apart)
   static void transpose(const float* in, long ld, V out[16]) {
     __m512i t[16];
@@ -69,6 +82,7 @@ const Kernels kernels_avx512 = {
     .attention = avx512::attention,
     .attention_causal = avx512::attention_causal,
     .silu_mul = avx512::silu_mul,
+    .convert_row = avx512::convert_row,
     .quantize_rows = avx512::quantize_rows,
     .matmul_q8 = avx512::matmul_q8,
     .matmul_q4 = avx512::matmul_q4,

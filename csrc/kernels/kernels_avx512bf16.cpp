@@ -211,6 +211,22 @@ inline __m512i pair_rows(__m512 lo, __m512 hi) {
   return _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
 }
 
+// Elements [i, i + 16) of key (or value) row j of a head, as f32, whatever the cache's dtype.
+inline __m512 load16(const KvHead& kv, long j, int d, int i, bool key) {
+  switch (kv.dtype) {
+    case DType::BF16: {
+      const uint16_t* p = (key ? kv.key<uint16_t>(j, d) : kv.value<uint16_t>(j, d)) + i;
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+    }
+    case DType::F16: {
+      const uint16_t* p = (key ? kv.key<uint16_t>(j, d) : kv.value<uint16_t>(j, d)) + i;
+      return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+    }
+    default:
+      return _mm512_loadu_ps((key ? kv.key<float>(j, d) : kv.value<float>(j, d)) + i);
+  }
+}
+
 }  // namespace
 
 long attention_bf16_scratch_floats(long n, long d) {
@@ -227,17 +243,20 @@ void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const KvHe
   float* st = (float*)(vp + (long)(n_all / 2 + 1) * d);
   uint32_t* qp = (uint32_t*)(st + 16L * (n_all + 2));
   uint32_t* pt = qp + 8L * d;
-  for (long j = 0; j < n_all; ++j) {
-    const float* k = kv.key(j, d);
+  for (long j = 0; j < n_all; ++j) {  // keys as bf16 rows (a bf16 cache's as they are)
+    if (kv.dtype == DType::BF16) {
+      std::memcpy(kb + j * dp, kv.key<uint16_t>(j, d), sizeof(uint16_t) * d);
+      continue;
+    }
     for (int i = 0; i < d; i += 32)  // d multiple of 32: whole pairs of vectors
-      _mm512_storeu_si512(kb + j * dp + i / 2,
-                          (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(k + i + 16), _mm512_loadu_ps(k + i)));
+      _mm512_storeu_si512(kb + j * dp + i / 2, (__m512i)_mm512_cvtne2ps_pbh(load16(kv, j, d, i + 16, true),
+                                                                             load16(kv, j, d, i, true)));
   }
   for (long jp = 0; jp < (n_all + 1) / 2; ++jp) {
-    const float *v0 = kv.value(2 * jp, d), *v1 = 2 * jp + 1 < n_all ? kv.value(2 * jp + 1, d) : nullptr;
+    const bool odd = 2 * jp + 1 < n_all;
     for (int i = 0; i < d; i += 16) {
-      const __m512 hi = v1 ? _mm512_loadu_ps(v1 + i) : _mm512_setzero_ps();
-      _mm512_storeu_si512(vp + jp * d + i, pair_rows(_mm512_loadu_ps(v0 + i), hi));
+      const __m512 hi = odd ? load16(kv, 2 * jp + 1, d, i, false) : _mm512_setzero_ps();
+      _mm512_storeu_si512(vp + jp * d + i, pair_rows(load16(kv, 2 * jp, d, i, false), hi));
     }
   }
   for (int q0 = 0; q0 < nq; q0 += 16) {

@@ -1,6 +1,7 @@
 // Portable scalar kernels: the fallback on every CPU and the oracle the SIMD kernels are tested
 // against. Plain C++ (no intrinsics) so that it builds anywhere, aarch64 and clang included.
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "kernels/common.h"
@@ -60,19 +61,43 @@ void rope(float* v, const float* cos, const float* sin, int d) {
   }
 }
 
+// KV cache elements as f32 (kernels.h, KvHead::dtype).
+struct KvF32 {
+  using T = float;
+  static float get(const T* p) { return *p; }
+};
+struct KvBF16 {
+  using T = uint16_t;
+  static float get(const T* p) { return bf16_to_f32(*p); }
+};
+struct KvF16 {
+  using T = uint16_t;
+  static float get(const T* p) { return f16_to_f32(*p); }
+};
+
+// f(E) with the element reader of the cache's dtype.
+template <class F>
+auto with_kv_type(DType t, F f) {
+  if (t == DType::BF16) return f(KvBF16{});
+  if (t == DType::F16) return f(KvF16{});
+  return f(KvF32{});
+}
+
 // The keys (values) of rows [b0, b0 + rows) of a head lie in one block, rows d apart.
 template <class F>
 void each_block(const KvHead& kv, int n, F f) {
   for (int b0 = 0; b0 < n; b0 += kv.block_rows) f(b0, n - b0 < kv.block_rows ? n - b0 : kv.block_rows);
 }
 
-void attention(const float* q, const KvHead& kv, int n, int d, float scale, float* probs, float* out) {
+template <class E>
+void attention_t(const float* q, const KvHead& kv, int n, int d, float scale, float* probs, float* out) {
+  using T = typename E::T;
   float mx = -INFINITY;
   each_block(kv, n, [&](int b0, int rows) {
-    const float* K = kv.key(b0, d);
+    const T* K = kv.key<T>(b0, d);
     for (int j = 0; j < rows; ++j) {
-      const float* k = K + (long)j * d;
-      probs[b0 + j] = scale * dot(q, d, [k](int i) { return k[i]; });
+      const T* k = K + (long)j * d;
+      probs[b0 + j] = scale * dot(q, d, [k](int i) { return E::get(k + i); });
       mx = std::fmax(mx, probs[b0 + j]);
     }
   });
@@ -82,10 +107,14 @@ void attention(const float* q, const KvHead& kv, int n, int d, float scale, floa
   for (int i = 0; i < d; ++i) out[i] = 0;
   for (int j = 0; j < n; ++j) probs[j] *= inv;
   each_block(kv, n, [&](int b0, int rows) {
-    const float* V = kv.value(b0, d);
+    const T* V = kv.value<T>(b0, d);
     for (int j = 0; j < rows; ++j)
-      for (int i = 0; i < d; ++i) out[i] += probs[b0 + j] * V[(long)j * d + i];
+      for (int i = 0; i < d; ++i) out[i] += probs[b0 + j] * E::get(V + (long)j * d + i);
   });
+}
+
+void attention(const float* q, const KvHead& kv, int n, int d, float scale, float* probs, float* out) {
+  with_kv_type(kv.dtype, [&](auto e) { attention_t<decltype(e)>(q, kv, n, d, scale, probs, out); });
 }
 
 void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale, float* scratch,
@@ -95,6 +124,15 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& k
     if (probs)
       for (int j = 0; j < ctx0 + i; ++j) probs[i * ldp + j] = scratch[j];
   }
+}
+
+void convert_row(const float* x, void* out, DType to, int n) {
+  if (to == DType::BF16)
+    for (int i = 0; i < n; ++i) ((uint16_t*)out)[i] = f32_to_bf16(x[i]);
+  else if (to == DType::F16)
+    for (int i = 0; i < n; ++i) ((uint16_t*)out)[i] = f32_to_f16(x[i]);
+  else
+    std::memcpy(out, x, sizeof(float) * n);
 }
 
 void silu_mul(float* g, const float* u, int n) {
@@ -240,8 +278,10 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& k
     for (int c = 0; c < d; ++c) q[c] = round(scale * Q[(long)i * ldq + c]);
     float mx = -INFINITY;
     for (int j = 0; j < n; ++j) {
-      const float* key = kv.key(j, d);
-      for (int c = 0; c < d; ++c) k[c] = round(key[c]);
+      with_kv_type(kv.dtype, [&](auto e) {
+        const auto* key = kv.key<typename decltype(e)::T>(j, d);
+        for (int c = 0; c < d; ++c) k[c] = round(decltype(e)::get(key + c));
+      });
       const float* kr = k.data();
       scratch[j] = dot(q.data(), d, [kr](int c) { return kr[c]; });
       mx = std::fmax(mx, scratch[j]);
@@ -252,8 +292,11 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& k
     float* o = out + (long)i * ldo;
     for (int c = 0; c < d; ++c) o[c] = 0;
     for (int j = 0; j < n; ++j) {
-      const float p = round(scratch[j]), *v = kv.value(j, d);
-      for (int c = 0; c < d; ++c) o[c] += p * round(v[c]);
+      const float p = round(scratch[j]);
+      with_kv_type(kv.dtype, [&](auto e) {
+        const auto* v = kv.value<typename decltype(e)::T>(j, d);
+        for (int c = 0; c < d; ++c) o[c] += p * round(decltype(e)::get(v + c));
+      });
       if (probs) probs[i * ldp + j] = scratch[j] * inv;
     }
     for (int c = 0; c < d; ++c) o[c] *= inv;
@@ -274,6 +317,7 @@ const Kernels kernels_generic = {
     .attention = attention,
     .attention_causal = attention_causal,
     .silu_mul = silu_mul,
+    .convert_row = convert_row,
     .quantize_rows = quantize_rows,
     .matmul_q8 = matmul_q8,
     .matmul_q4 = matmul_q4,
@@ -289,6 +333,7 @@ const Kernels kernels_generic_bf16 = {
     .attention = attention,
     .attention_causal = attention_causal,
     .silu_mul = silu_mul,
+    .convert_row = convert_row,
     .quantize_rows = quantize_rows,
     .matmul_q8 = matmul_q8,
     .matmul_q4 = matmul_q4,

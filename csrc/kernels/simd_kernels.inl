@@ -4,7 +4,8 @@
 //
 // S provides: N (lanes), V (register), zero(), set1(f), load(p), store(p, v), fma(a, b, c) = a·b + c,
 // add, sub, mul, div, min, max, round, ldexp(v, n) = v·2^n, sum(v), load_bf16(p), load_f16(p)
-// (N halves → f32); gemm.inl adds its own (GEMM_ROWS, GEMM_VECS, transpose).
+// (N halves → f32), store_bf16(p, v), store_f16(p, v) (f32 → N halves, rounded to nearest even);
+// gemm.inl adds its own (GEMM_ROWS, GEMM_VECS, transpose).
 
 // e^x = 2^n · e^r with n = round(x / ln 2), |r| ≤ ln2 / 2, e^r by its Taylor series to r^7
 // (relative error below 2e-7 over the range); inputs clamped to where f32 e^x is finite.
@@ -120,16 +121,18 @@ void matmul_many(const float* x, int n_tok, int n_in, const MatmulOut* outs, int
   }
 }
 
-inline float dot(const float* a, const float* b, int n) {
+// Σ a[k] · b[k], b in the element type E (WeightF32, WeightBF16, WeightF16): two accumulators.
+template <class E = WeightF32>
+inline float dot(const float* a, const typename E::T* b, int n) {
   V acc0 = S::zero(), acc1 = S::zero();
   int k = 0;
   for (; k + 2 * S::N <= n; k += 2 * S::N) {
-    acc0 = S::fma(S::load(a + k), S::load(b + k), acc0);
-    acc1 = S::fma(S::load(a + k + S::N), S::load(b + k + S::N), acc1);
+    acc0 = S::fma(S::load(a + k), E::load(b + k), acc0);
+    acc1 = S::fma(S::load(a + k + S::N), E::load(b + k + S::N), acc1);
   }
-  for (; k + S::N <= n; k += S::N) acc0 = S::fma(S::load(a + k), S::load(b + k), acc0);
+  for (; k + S::N <= n; k += S::N) acc0 = S::fma(S::load(a + k), E::load(b + k), acc0);
   float s = S::sum(S::add(acc0, acc1));
-  for (; k < n; ++k) s += a[k] * b[k];
+  for (; k < n; ++k) s += a[k] * E::scalar(b + k);
   return s;
 }
 
@@ -156,24 +159,34 @@ void rope(float* v, const float* cos, const float* sin, int d) {
   }
 }
 
-void attention(const float* q, const KvHead& kv, int n, int d, float scale, float* probs, float* out) {
+// The cache's element type as a loader (WeightF32, WeightBF16, WeightF16), for f(E{}).
+template <class F>
+inline auto with_kv_type(DType t, F f) {
+  if (t == DType::BF16) return f(WeightBF16{});
+  if (t == DType::F16) return f(WeightF16{});
+  return f(WeightF32{});
+}
+
+template <class E>
+void attention_t(const float* q, const KvHead& kv, int n, int d, float scale, float* probs, float* out) {
+  using T = typename E::T;
   // scores, then a numerically safe softmax: subtract the max before exponentiating.
   float mx = -INFINITY;
   for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
-    const float* K = kv.key(b0, d);  // this block's keys, rows d apart
+    const T* K = kv.key<T>(b0, d);  // this block's keys, rows d apart
     const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
     float* pb = probs + b0;
     int j0 = 0;
     if (d % S::N == 0)  // four keys at a time: four independent FMA chains
       for (; j0 + 4 <= nb; j0 += 4) {
-        const float *k0 = K + (long)j0 * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
+        const T *k0 = K + (long)j0 * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
         V a0 = S::zero(), a1 = S::zero(), a2 = S::zero(), a3 = S::zero();
         for (int i = 0; i < d; i += S::N) {
           const V qv = S::load(q + i);
-          a0 = S::fma(qv, S::load(k0 + i), a0);
-          a1 = S::fma(qv, S::load(k1 + i), a1);
-          a2 = S::fma(qv, S::load(k2 + i), a2);
-          a3 = S::fma(qv, S::load(k3 + i), a3);
+          a0 = S::fma(qv, E::load(k0 + i), a0);
+          a1 = S::fma(qv, E::load(k1 + i), a1);
+          a2 = S::fma(qv, E::load(k2 + i), a2);
+          a3 = S::fma(qv, E::load(k3 + i), a3);
         }
         pb[j0] = scale * S::sum(a0);
         pb[j0 + 1] = scale * S::sum(a1);
@@ -182,7 +195,7 @@ void attention(const float* q, const KvHead& kv, int n, int d, float scale, floa
         for (int u = 0; u < 4; ++u) mx = pb[j0 + u] > mx ? pb[j0 + u] : mx;
       }
     for (int j = j0; j < nb; ++j) {
-      pb[j] = scale * dot(q, K + (long)j * d, d);
+      pb[j] = scale * dot<E>(q, K + (long)j * d, d);
       mx = pb[j] > mx ? pb[j] : mx;
     }
   }
@@ -203,15 +216,15 @@ void attention(const float* q, const KvHead& kv, int n, int d, float scale, floa
   for (; i + 4 * S::N <= d; i += 4 * S::N) {
     V o0 = S::zero(), o1 = S::zero(), o2 = S::zero(), o3 = S::zero();
     for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
-      const float* Vb = kv.value(b0, d) + i;
+      const T* Vb = kv.value<T>(b0, d) + i;
       const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
       for (j = 0; j < nb; ++j) {
-        const float* v = Vb + (long)j * d;
+        const T* v = Vb + (long)j * d;
         const V p = S::set1(probs[b0 + j]);
-        o0 = S::fma(p, S::load(v), o0);
-        o1 = S::fma(p, S::load(v + S::N), o1);
-        o2 = S::fma(p, S::load(v + 2 * S::N), o2);
-        o3 = S::fma(p, S::load(v + 3 * S::N), o3);
+        o0 = S::fma(p, E::load(v), o0);
+        o1 = S::fma(p, E::load(v + S::N), o1);
+        o2 = S::fma(p, E::load(v + 2 * S::N), o2);
+        o3 = S::fma(p, E::load(v + 3 * S::N), o3);
       }
     }
     S::store(out + i, o0);
@@ -222,21 +235,25 @@ void attention(const float* q, const KvHead& kv, int n, int d, float scale, floa
   for (; i + S::N <= d; i += S::N) {
     V o = S::zero();
     for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
-      const float* Vb = kv.value(b0, d) + i;
+      const T* Vb = kv.value<T>(b0, d) + i;
       const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
-      for (j = 0; j < nb; ++j) o = S::fma(S::set1(probs[b0 + j]), S::load(Vb + (long)j * d), o);
+      for (j = 0; j < nb; ++j) o = S::fma(S::set1(probs[b0 + j]), E::load(Vb + (long)j * d), o);
     }
     S::store(out + i, o);
   }
   for (; i < d; ++i) {
     float o = 0;
     for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
-      const float* Vb = kv.value(b0, d) + i;
+      const T* Vb = kv.value<T>(b0, d) + i;
       const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
-      for (j = 0; j < nb; ++j) o += probs[b0 + j] * Vb[(long)j * d];
+      for (j = 0; j < nb; ++j) o += probs[b0 + j] * E::scalar(Vb + (long)j * d);
     }
     out[i] = o;
   }
+}
+
+void attention(const float* q, const KvHead& kv, int n, int d, float scale, float* probs, float* out) {
+  with_kv_type(kv.dtype, [&](auto e) { attention_t<decltype(e)>(q, kv, n, d, scale, probs, out); });
 }
 
 // Causal attention with the queries in the lanes: scoresᵀ[j] = K[j] · Qᵀ (a key row broadcast
@@ -245,23 +262,24 @@ namespace att {
 
 constexpr int AR = S::N == 16 ? 16 : 8;  // rows (keys or output dims) per register tile
 
-// acc[r] += Σ_k A[r·lda + k·ka] · B[k] for R rows: A's elements broadcast, B [kn][N] vectors.
-template <int R>
-inline void rows_tile(const float* A, long lda, long ka, const float* B, int kn, V* acc) {
+// acc[r] += Σ_k A[r·lda + k·ka] · B[k] for R rows: A's elements (of type E) broadcast, B [kn][N]
+// vectors.
+template <class E, int R>
+inline void rows_tile(const typename E::T* A, long lda, long ka, const float* B, int kn, V* acc) {
   V a[R];
   for (int r = 0; r < R; ++r) a[r] = acc[r];
   for (int k = 0; k < kn; ++k) {
     const V b = S::load(B + (long)k * S::N);
-    for (int r = 0; r < R; ++r) a[r] = S::fma(S::set1(A[r * lda + k * ka]), b, a[r]);
+    for (int r = 0; r < R; ++r) a[r] = S::fma(S::set1(E::scalar(A + r * lda + k * ka)), b, a[r]);
   }
   for (int r = 0; r < R; ++r) acc[r] = a[r];
 }
 
-template <int R = AR>
-inline void rows_any(int rows, const float* A, long lda, long ka, const float* B, int kn, V* acc) {
+template <class E, int R = AR>
+inline void rows_any(int rows, const typename E::T* A, long lda, long ka, const float* B, int kn, V* acc) {
   if constexpr (R > 1)
-    if (rows < R) return rows_any<R - 1>(rows, A, lda, ka, B, kn, acc);
-  rows_tile<R>(A, lda, ka, B, kn, acc);
+    if (rows < R) return rows_any<E, R - 1>(rows, A, lda, ka, B, kn, acc);
+  rows_tile<E, R>(A, lda, ka, B, kn, acc);
 }
 
 // The scores st [n][N] of N queries in the lanes, lane l seeing keys [0, first + l) → their
@@ -293,9 +311,11 @@ inline V softmax_lanes(float* st, int n, int first, int lanes, float* probs, lon
 
 }  // namespace att
 
-void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
-                      float* scratch, float* out, int ldo, float* probs, long ldp) {
+template <class E>
+void attention_causal_t(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
+                        float* scratch, float* out, int ldo, float* probs, long ldp) {
   using namespace att;
+  using T = typename E::T;
   for (int q0 = 0; q0 < nq; q0 += S::N) {
     const int lanes = nq - q0 < S::N ? nq - q0 : S::N, first = ctx0 + q0, n = first + lanes - 1;
     float* st = scratch;                      // [n][N] scores, then probabilities
@@ -306,7 +326,7 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& k
     for (int j = 0; j < n; j += AR) {  // AR divides block_rows: a tile's keys lie in one block
       const int rows = n - j < AR ? n - j : AR;
       for (int r = 0; r < rows; ++r) acc[r] = S::zero();
-      rows_any(rows, kv.key(j, d), d, 1, qt, d, acc);
+      rows_any<E>(rows, kv.key<T>(j, d), d, 1, qt, d, acc);
       for (int r = 0; r < rows; ++r) S::store(st + (long)(j + r) * S::N, acc[r]);
     }
     const V inv = softmax_lanes(st, n, first, lanes, probs ? probs + (long)q0 * ldp : nullptr, ldp);
@@ -316,12 +336,34 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& k
       for (int r = 0; r < rows; ++r) acc[r] = S::zero();
       for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
         const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
-        rows_any(rows, kv.value(b0, d) + i, 1, d, st + (long)b0 * S::N, nb, acc);
+        rows_any<E>(rows, kv.value<T>(b0, d) + i, 1, d, st + (long)b0 * S::N, nb, acc);
       }
       for (int r = 0; r < rows; ++r) S::store(o + r * S::N, S::mul(acc[r], inv));
       for (int l = 0; l < lanes; ++l)
         for (int r = 0; r < rows; ++r) out[(long)(q0 + l) * ldo + i + r] = o[r * S::N + l];
     }
+  }
+}
+
+void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
+                      float* scratch, float* out, int ldo, float* probs, long ldp) {
+  with_kv_type(kv.dtype, [&](auto e) {
+    attention_causal_t<decltype(e)>(Q, ldq, nq, ctx0, kv, d, scale, scratch, out, ldo, probs, ldp);
+  });
+}
+
+void convert_row(const float* x, void* out, DType to, int n) {
+  int i = 0;
+  if (to == DType::BF16) {
+    uint16_t* o = (uint16_t*)out;
+    for (; i + S::N <= n; i += S::N) S::store_bf16(o + i, S::load(x + i));
+    for (; i < n; ++i) o[i] = f32_to_bf16(x[i]);
+  } else if (to == DType::F16) {
+    uint16_t* o = (uint16_t*)out;
+    for (; i + S::N <= n; i += S::N) S::store_f16(o + i, S::load(x + i));
+    for (; i < n; ++i) o[i] = f32_to_f16(x[i]);
+  } else {
+    std::memcpy(out, x, sizeof(float) * n);
   }
 }
 

@@ -30,9 +30,9 @@ class GallyEngine:
     def info(self) -> dict:
         """Also the memory a session should cost: the mapped weight files (file_bytes; all of it when
         copied_bytes is 0) and the KV cache of one benchmark session (kv_bytes)."""
-        m, c = self.model, self.model.config
-        # Session's KV cache: f32 keys and values of every layer and KV head, max_context positions
-        kv_bytes = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * self.max_context * 4
+        m = self.model
+        # A session's KV cache at max_context positions: keys and values of every layer and KV head
+        kv_bytes = m.kv_bytes_per_token * self.max_context
         return {"weights": m.dtype, "weight_bytes": m.weight_bytes, "copied_bytes": m.copied_bytes,
                 "path": m.path, "vocab_size": m.config.vocab_size,
                 "file_bytes": sum(os.path.getsize(f) for f in glob.glob(os.path.join(m.path, "*.safetensors"))),

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Optional
 
-from ..model import DTYPES
+from ..model import DTYPES, KV_DTYPES
 from ..options import OPTIONS, flag
 
 CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D leaves, Ctrl-C stops a reply"
@@ -55,13 +55,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="convert the weights at load (int8/int4: quantize them; `gally quantize` stores that)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, dest="max_context", metavar="N",
                    help="context length in tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
+                   help="the KV cache's element type (default: f32 for f32 weights, else f16)")
     p.add_argument("--verbose", action="store_true", help="print prefill and decode speed to stderr")
 
 
 def _load(args):
     import gally
 
-    return gally.load(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context)
+    return gally.load(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context,
+                      kv_dtype=args.kv_dtype)
 
 
 def _sampling_args(args) -> dict:

@@ -225,18 +225,40 @@ void add_testing_module(py::module_& m) {
   t.def(
       "kernel_attention",
       [](const std::string& isa, Array<float> q, Array<float> K, Array<float> V, float scale, int block_rows,
-         const std::string& kv_dtype) {
-        require(K.ndim() == 2 && V.ndim() == 2 && K.shape(0) == V.shape(0) && K.shape(1) == q.size() &&
-                    V.shape(1) == q.size() && K.shape(0) > 0,
+         const std::string& kv_dtype, int parts) {
+        // q [d] or [heads, d] (a GQA group) against K, V [n, d]: attention_part over `parts` equal parts of the
+        // keys (multiples of block_rows but the last), merged by attention_merge. Returns (out, probs): out
+        // shaped as q; probs [.., n] normalised (parts == 1 only; else NaN).
+        require(q.ndim() == 1 || q.ndim() == 2, "q must be [d] or [heads, d]");
+        const int heads = q.ndim() == 1 ? 1 : int(q.shape(0)), d = int(q.shape(q.ndim() - 1));
+        require(K.ndim() == 2 && V.ndim() == 2 && K.shape(0) == V.shape(0) && K.shape(1) == d && V.shape(1) == d &&
+                    K.shape(0) > 0 && parts >= 1,
                 "attention shapes disagree");
-        const int n = int(K.shape(0)), d = int(q.size());
+        const int n = int(K.shape(0));
         PagedKv kv(K, V, block_rows, kv_dtype);
-        Array<float> out(d), probs(n);
-        kernels_named(isa).attention(q.data(), kv.head, n, d, scale, probs.mutable_data(), out.mutable_data());
+        const Kernels& k = kernels_named(isa);
+        const long pf = attention_part_floats(heads, d);
+        const int per = (n + parts - 1) / parts;
+        std::vector<float> partials(size_t(parts) * pf), scratch(size_t(heads) * n);
+        Array<float> out(std::vector<py::ssize_t>(q.shape(), q.shape() + q.ndim()));
+        Array<float> probs(q.ndim() == 1 ? std::vector<py::ssize_t>{n} : std::vector<py::ssize_t>{heads, n});
+        int used = 0;
+        for (int p = 0; p * per < n; ++p, ++used) {
+          float* part = partials.data() + p * pf;
+          const int k0 = p * per, k1 = std::min(n, k0 + per);
+          k.attention_part(q.data(), d, heads, kv.head, k0, k1, d, scale, scratch.data(), part, d,
+                           part + long(heads) * d, part + long(heads) * d + heads);
+          if (parts == 1)
+            for (int h = 0; h < heads; ++h)
+              for (int j = 0; j < n; ++j)
+                probs.mutable_data()[long(h) * n + j] = scratch[long(h) * n + j] / part[long(heads) * d + heads + h];
+        }
+        if (parts != 1) std::fill(probs.mutable_data(), probs.mutable_data() + probs.size(), std::nanf(""));
+        attention_merge(partials.data(), used, pf, heads, d, out.mutable_data(), d);
         return py::make_tuple(out, probs);
       },
       py::arg("isa"), py::arg("q"), py::arg("K"), py::arg("V"), py::arg("scale"), py::arg("block_rows") = 16,
-      py::arg("kv_dtype") = "f32");
+      py::arg("kv_dtype") = "f32", py::arg("parts") = 1);
   t.def(
       "kernel_attention_causal",
       [](const std::string& isa, Array<float> Q, Array<float> K, Array<float> V, int ctx0, float scale, bool bf16,

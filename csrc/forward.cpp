@@ -113,31 +113,47 @@ struct Pass {
   }
 
   // att = softmax(q · kᵀ / √d) · v per sequence and head, each query over its sequence's keys up to
-  // its own position (causal). Heads share a KV head in groups of NH / NKV (GQA).
+  // its own position (causal). Heads share a KV head in groups of NH / NKV (GQA). Prompt blocks
+  // first (one unit per block and head), then decode steps (one unit per group and part of the
+  // keys), all in one dynamic schedule; then each decode step's parts are merged.
   void attend(int l) {
-    const int items = int(ws.attention_items.size()), group = NH / NKV;
+    const int blocked = int(ws.attention_items.size()) * NH, group = NH / NKV;
     float* scratch = ws.attention_scratch.data() + size_t(par::thread_id()) * ws.attention_floats;
     const auto causal = ws.use_bf16_attention ? ops.attention_causal_bf16 : ops.attention_causal;
-    par::for_dynamic(items * NH, [&](int i) {
-      const Workspace::AttentionItem& it = ws.attention_items[i / NH];
-      const int head = i % NH;
-      const SequenceSlice& s = batch.seqs[it.seq];
-      const KvHead kv = s.cache->head(l, head / group);
-      const int ctx0 = s.position + it.first - s.first + 1;  // keys the item's first query sees
-      const float* q = ws.q.data() + size_t(it.first) * QD + size_t(head) * HD;
-      float* out = ws.att.data() + size_t(it.first) * QD + size_t(head) * HD;
-      float* probs = nullptr;  // the item's rows of the recorded attention
-      if (rec.attention)
-        probs = rec.attention + ((size_t(l) * NH + head) * rec.n + rec.offset + it.first) * rec.context;
-      if (it.blocked) {
-        causal(q, QD, it.count, ctx0, kv, HD, c.attention_scale, scratch, out, QD, probs, rec.context);
-      } else {
-        for (int j = 0; j < it.count; ++j) {
-          ops.attention(q + size_t(j) * QD, kv, ctx0 + j, HD, c.attention_scale, scratch, out + size_t(j) * QD);
-          if (probs) std::memcpy(probs + size_t(j) * rec.context, scratch, sizeof(float) * (ctx0 + j));
-        }
+    par::for_dynamic(blocked + int(ws.decode_units.size()), [&](int i) {
+      if (i < blocked) {
+        const Workspace::AttentionItem& it = ws.attention_items[i / NH];
+        const int head = i % NH;
+        const SequenceSlice& s = batch.seqs[it.seq];
+        const int ctx0 = s.position + it.first - s.first + 1;  // keys the block's first query sees
+        float* probs = rec.attention ? recorded(l, head, it.first) : nullptr;
+        causal(ws.q.data() + size_t(it.first) * QD + size_t(head) * HD, QD, it.count, ctx0,
+               s.cache->head(l, head / group), HD, c.attention_scale, scratch,
+               ws.att.data() + size_t(it.first) * QD + size_t(head) * HD, QD, probs, rec.context);
+        return;
       }
+      const Workspace::DecodeUnit& u = ws.decode_units[i - blocked];
+      float* part = ws.partials.data() + size_t(u.slot) * ws.part_floats;
+      float *m = part + size_t(group) * HD, *sum = m + group;
+      ops.attention_part(ws.q.data() + size_t(u.token) * QD + size_t(u.kv_head) * group * HD, HD, group,
+                         batch.seqs[u.seq].cache->head(l, u.kv_head), u.k0, u.k1, HD, c.attention_scale, scratch, part,
+                         HD, m, sum);
+      if (rec.attention)  // one part: the whole context's weights, normalised
+        for (int h = 0; h < group; ++h) {
+          float* row = recorded(l, u.kv_head * group + h, u.token);
+          for (int j = 0; j < u.k1; ++j) row[j] = scratch[size_t(h) * u.k1 + j] / sum[h];
+        }
     });
+    par::for_static(int(ws.decode_merges.size()), [&](int i) {
+      const Workspace::DecodeMerge& g = ws.decode_merges[i];
+      attention_merge(ws.partials.data() + size_t(g.first_slot) * ws.part_floats, g.parts, ws.part_floats, group, HD,
+                      ws.att.data() + size_t(g.token) * QD + size_t(g.kv_head) * group * HD, HD);
+    });
+  }
+
+  // Row `token` of head `head`'s recorded attention weights in layer l.
+  float* recorded(int l, int head, int token) {
+    return rec.attention + ((size_t(l) * NH + head) * rec.n + rec.offset + token) * rec.context;
   }
 
   // x += feed_forward(RMSNorm(x)) = down(silu(x̂ · W_gateᵀ) ⊙ (x̂ · W_upᵀ)): each token's vector

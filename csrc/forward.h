@@ -70,6 +70,9 @@ class Buffer {
 constexpr int ATTENTION_BLOCK = 16;
 constexpr int ATTENTION_BLOCK_BF16 = 64;              // attention_causal_bf16 rounds its keys and values once per item
 constexpr int ATTENTION_BLOCK_MIN = GEMM_MIN_TOKENS;  // the row-wise slices
+// Keys per unit of a decode step's attention: a context of 8192 splits into 16 units per KV head.
+// The split depends on the context alone, so a token's result does not depend on the threads.
+constexpr int KEYS_PER_PART = 512;
 
 // The scratch of forward passes: a batch's activations and the kernels' per-thread buffers,
 // allocated once and grown with the batches and contexts seen, so a decode step allocates nothing.
@@ -108,14 +111,25 @@ struct Workspace {
   Buffer<float> xq_scale, xq_sum, xq_scale_thread;
   Buffer<uint32_t> packed;  // a batch's matmul input in Kernels::pack's layout, shared by the threads
 
-  // The pass's attention, each item done for every head, longest first: a slice of at least
-  // ATTENTION_BLOCK_MIN tokens in blocks of its consecutive queries for attention_causal (blocked),
-  // a shorter one whole, a query at a time.
+  // The pass's attention. A slice of at least ATTENTION_BLOCK_MIN tokens (a prompt chunk) goes in
+  // blocks of its consecutive queries, each done for every head by attention_causal, longest first.
+  // Each token of a shorter slice (a decode step) goes by GQA group: one unit per KV head and part
+  // of its keys (KEYS_PER_PART, so that a long context splits over the threads), whose partial
+  // softmax (attention_part) is merged per token and group afterwards.
   struct AttentionItem {
-    int seq, first, count;  // slice, the item's first token in the batch, queries
-    bool blocked;
+    int seq, first, count;  // slice, the block's first token in the batch, queries
+  };
+  struct DecodeUnit {
+    int seq, token, kv_head, k0, k1, slot;  // slot: its partial result in `partials`
+  };
+  struct DecodeMerge {
+    int token, kv_head, first_slot, parts;
   };
   std::vector<AttentionItem> attention_items;
+  std::vector<DecodeUnit> decode_units;
+  std::vector<DecodeMerge> decode_merges;
+  long part_floats = 0;
+  Buffer<float> partials;  // [slots, part_floats]: o [group, head_dim], m [group], l [group]
 };
 
 // Runs the batch's tokens through the model: appends each token's keys and values to its

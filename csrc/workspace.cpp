@@ -35,25 +35,35 @@ Workspace::Workspace(const Model& m, int max_tokens_) : model(m), max_tokens(max
   }
 }
 
-void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record&) {
+void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record& record) {
   const ModelConfig& c = model.config;
-  const int HD = c.head_dim;
+  const int HD = c.head_dim, NKV = c.num_key_value_heads, group = c.num_attention_heads / NKV;
   use_bf16_attention = bf16_prompt && HD % 32 == 0 && ops.attention_causal_bf16;
   const int block = use_bf16_attention ? ATTENTION_BLOCK_BF16 : ATTENTION_BLOCK;
-  attention_items.clear();
+  attention_items.clear(), decode_units.clear(), decode_merges.clear();
   long need = 0;  // attention scratch per thread
+  int slots = 0;
   for (int s = 0; s < batch.n_seqs; ++s) {
     const SequenceSlice& sl = batch.seqs[s];
     for (int t = 0; t < sl.count; ++t) token_seq.data()[sl.first + t] = s;
     const long context = sl.position + sl.count;  // keys the slice's last query sees
     if (sl.count >= ATTENTION_BLOCK_MIN) {
       for (int t0 = 0; t0 < sl.count; t0 += block)
-        attention_items.push_back({s, sl.first + t0, std::min(block, sl.count - t0), true});
+        attention_items.push_back({s, sl.first + t0, std::min(block, sl.count - t0)});
       need = std::max(need, use_bf16_attention ? attention_bf16_scratch_floats(context, HD)
                                                : attention_scratch_floats(context, HD));
-    } else {
-      attention_items.push_back({s, sl.first, sl.count, false});
-      need = std::max(need, attention_scratch_floats(context, HD));
+      continue;
+    }
+    for (int t = 0; t < sl.count; ++t) {
+      const int keys = sl.position + t + 1;
+      // recorded weights are normalised over the whole context: one part then
+      const int per = record.attention ? keys : KEYS_PER_PART, parts = (keys + per - 1) / per;
+      for (int h = 0; h < NKV; ++h) {
+        decode_merges.push_back({sl.first + t, h, slots, parts});
+        for (int p = 0; p < parts; ++p)
+          decode_units.push_back({s, sl.first + t, h, p * per, std::min(keys, (p + 1) * per), slots++});
+      }
+      need = std::max(need, long(group) * std::min(keys, per));
     }
   }
   // Longest first, so that the dynamic schedule ends with short items.
@@ -66,6 +76,8 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record&) {
     attention_floats = 2 * need;
     attention_scratch.reset(size_t(model.threads) * attention_floats);
   }
+  part_floats = attention_part_floats(group, HD);
+  partials.grow(size_t(slots) * part_floats);
   if (ops.pack && bf16_prompt && batch.n > batch.n_rowwise)
     packed.grow(size_t(
         ops.packed_size(max_tokens, std::max({c.hidden_size, c.num_attention_heads * HD, c.intermediate_size}))));

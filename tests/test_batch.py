@@ -189,3 +189,17 @@ def test_compact_kv_cache(folder, kv_dtype):
         assert max(np.abs(a - b).max() for a, b in zip(want, got)) < 0.05
     with pytest.raises(ValueError, match="kv_dtype must be one of"):
         gally.load(folder, kv_dtype="int8")
+
+
+def test_a_long_context_splits_its_decode_attention(folder):
+    """Past 512 keys a decode step's attention is computed in parts over the threads and merged:
+    the same as the independent NumPy forward pass, and the same at 1 and 3 threads."""
+    ids = list(np.random.default_rng(4).integers(0, VOCAB, 1100))
+    got = {}
+    for threads in (1, 3):
+        s = gally.load(folder, threads=threads, max_context=2048).session()
+        s.append(ids[:1098])
+        got[threads] = [s.append([ids[1098]]), s.append([ids[1099]])]
+    assert all(np.array_equal(a, b) for a, b in zip(got[1], got[3]))
+    want = forward(folder, ids)
+    assert np.abs(got[1][0] - want[1098]).max() <= 1e-4 and np.abs(got[1][1] - want[1099]).max() <= 1e-4

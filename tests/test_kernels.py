@@ -369,3 +369,25 @@ def test_attention_reads_a_compact_cache(isa, kv_dtype):
             a, b = (_core.testing.kernel_attention_causal(k, Q, K, V, ctx0, 0.25, bf16=True, kv_dtype=kv_dtype)
                     for k in ("generic-bf16", "avx512bf16"))
             assert np.allclose(a[0], b[0], rtol=1e-4, atol=1e-4) and np.allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_decode_attention_for_a_gqa_group_split_over_the_keys(isa, kv_dtype):
+    """attention_part for 1, 3 or 4 heads sharing a KV head, over the keys whole or in parts merged
+    by attention_merge: each head's softmax attention over all keys."""
+    rng = np.random.default_rng(32)
+    for heads, n, d, parts in ((1, 5, 64, 1), (3, 100, 64, 1), (3, 1100, 64, 3), (4, 517, 128, 4), (2, 40, 24, 2)):
+        Q = rng.standard_normal((heads, d)).astype(np.float32)
+        K, V = (rng.standard_normal((n, d)).astype(np.float32) for _ in range(2))
+        out, probs = _core.testing.kernel_attention(isa, Q, K, V, 0.2, 16, kv_dtype, parts)
+        Kr, Vr = kv_rounded(K, kv_dtype).astype(np.float64), kv_rounded(V, kv_dtype).astype(np.float64)
+        s = 0.2 * Q.astype(np.float64) @ Kr.T
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        assert np.allclose(out, p @ Vr, atol=1e-5), (heads, n, parts)
+        if parts == 1:
+            assert np.allclose(probs, p, rtol=1e-5, atol=1e-7)
+        if isa != "generic":
+            twin = _core.testing.kernel_attention("generic", Q, K, V, 0.2, 16, kv_dtype, parts)[0]
+            assert np.allclose(out, twin, rtol=1e-5, atol=1e-6)

@@ -64,6 +64,12 @@ struct KvHead {
   }
 };
 
+// Merges the parts of attention_part over a split of the keys and normalises: for each of `heads`
+// queries, out = Σ_p e^(m_p − M) · o_p / Σ_p e^(m_p − M) · l_p with M = max_p m_p. parts [n_parts]
+// of (o [heads, d], m [heads], l [heads]) laid out one after another, stride part_floats.
+void attention_merge(const float* parts, int n_parts, long part_floats, int heads, int d, float* out, int ldo);
+inline long attention_part_floats(int heads, int d) { return long(heads) * (d + 2); }
+
 // Floats of scratch attention_causal needs for n keys of dimension d: scores [n] and the queries
 // [d] for each of up to 16 lanes (the widest vector set).
 inline long attention_scratch_floats(long n, long d) { return 16 * (n + d); }
@@ -94,9 +100,15 @@ struct Kernels {
   // Rotate-half RoPE on one head vector: pairs (i, i + d/2) turn by angle θ_i, given cos/sin [d/2].
   void (*rope)(float* v, const float* cos, const float* sin, int d);
 
-  // One query against keys 0 … n−1 of a head, causal masking done by the caller choosing n:
-  // p = softmax(scale · K q) written to probs [n]; out [d] = Σ_j p_j · V[j].    q [d]
-  void (*attention)(const float* q, const KvHead& kv, int n, int d, float scale, float* probs, float* out);
+  // A decode step's attention for the queries of one GQA group: `heads` query rows (ldq apart)
+  // sharing one KV head, over its keys [k0, k1), each key and value row read once for all of them.
+  // For query h, with s_j = scale · K_j · q_h:
+  //   m[h] = max_j s_j,   l[h] = Σ_j e^(s_j − m[h]),   out row h = Σ_j e^(s_j − m[h]) · V_j
+  // the unnormalised parts of a softmax; attention over [0, n) is out / l, and parts over a split
+  // of the keys merge exactly (attention_merge). scratch: heads · (k1 − k0) floats, which end
+  // holding e^(s_j − m[h]) in row h (the weights before normalisation).
+  void (*attention_part)(const float* q, int ldq, int heads, const KvHead& kv, int k0, int k1, int d, float scale,
+                         float* scratch, float* out, int ldo, float* m, float* l);
 
   // Causal attention for nq consecutive positions of one head: query i (row i of Q, ldq apart)
   // sees keys 0 … ctx0+i−1 of kv and its output goes to row i of out (ldo apart).

@@ -1,5 +1,6 @@
 // Portable scalar kernels: the fallback on every CPU and the oracle the SIMD kernels are tested
 // against. Plain C++ (no intrinsics) so that it builds anywhere, aarch64 and clang included.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -115,6 +116,53 @@ void attention_t(const float* q, const KvHead& kv, int n, int d, float scale, fl
 
 void attention(const float* q, const KvHead& kv, int n, int d, float scale, float* probs, float* out) {
   with_kv_type(kv.dtype, [&](auto e) { attention_t<decltype(e)>(q, kv, n, d, scale, probs, out); });
+}
+
+// The runs of consecutive keys of [k0, k1) that lie in one block: f(first key, keys).
+template <class F>
+void each_run(const KvHead& kv, int k0, int k1, F f) {
+  for (int j = k0; j < k1;) {
+    const int end = std::min(k1, (j / kv.block_rows + 1) * kv.block_rows);
+    f(j, end - j);
+    j = end;
+  }
+}
+
+template <class E>
+void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int k0, int k1, int d, float scale,
+                      float* scratch, float* out, int ldo, float* m, float* l) {
+  using T = typename E::T;
+  const int n = k1 - k0;
+  for (int h = 0; h < heads; ++h) {
+    const float* qh = q + (long)h * ldq;
+    float* s = scratch + (long)h * n;
+    float mx = -INFINITY;
+    each_run(kv, k0, k1, [&](int j0, int rows) {
+      const T* K = kv.key<T>(j0, d);
+      for (int j = 0; j < rows; ++j) {
+        const T* k = K + (long)j * d;
+        s[j0 - k0 + j] = scale * dot(qh, d, [k](int i) { return E::get(k + i); });
+        mx = std::fmax(mx, s[j0 - k0 + j]);
+      }
+    });
+    float sum = 0;
+    for (int j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
+    m[h] = mx, l[h] = sum;
+    float* o = out + (long)h * ldo;
+    for (int i = 0; i < d; ++i) o[i] = 0;
+    each_run(kv, k0, k1, [&](int j0, int rows) {
+      const T* Vr = kv.value<T>(j0, d);
+      for (int j = 0; j < rows; ++j)
+        for (int i = 0; i < d; ++i) o[i] += s[j0 - k0 + j] * E::get(Vr + (long)j * d + i);
+    });
+  }
+}
+
+void attention_part(const float* q, int ldq, int heads, const KvHead& kv, int k0, int k1, int d, float scale,
+                    float* scratch, float* out, int ldo, float* m, float* l) {
+  with_kv_type(kv.dtype, [&](auto e) {
+    attention_part_t<decltype(e)>(q, ldq, heads, kv, k0, k1, d, scale, scratch, out, ldo, m, l);
+  });
 }
 
 void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale, float* scratch,
@@ -307,6 +355,24 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& k
 
 }  // namespace
 
+void attention_merge(const float* parts, int n_parts, long part_floats, int heads, int d, float* out, int ldo) {
+  for (int h = 0; h < heads; ++h) {
+    float M = -INFINITY;
+    for (int p = 0; p < n_parts; ++p) M = std::fmax(M, parts[p * part_floats + (long)heads * d + h]);
+    float* o = out + (long)h * ldo;
+    float total = 0;
+    for (int i = 0; i < d; ++i) o[i] = 0;
+    for (int p = 0; p < n_parts; ++p) {
+      const float* part = parts + p * part_floats;
+      const float w = std::exp(part[(long)heads * d + h] - M);
+      total += w * part[(long)heads * d + heads + h];
+      for (int i = 0; i < d; ++i) o[i] += w * part[(long)h * d + i];
+    }
+    const float inv = 1.0f / total;
+    for (int i = 0; i < d; ++i) o[i] *= inv;
+  }
+}
+
 const Kernels kernels_generic = {
     .name = "generic",
     .matmul = matmul,
@@ -314,7 +380,7 @@ const Kernels kernels_generic = {
     .matmul_many = matmul_many,
     .rmsnorm = rmsnorm,
     .rope = rope,
-    .attention = attention,
+    .attention_part = attention_part,
     .attention_causal = attention_causal,
     .silu_mul = silu_mul,
     .convert_row = convert_row,
@@ -330,7 +396,7 @@ const Kernels kernels_generic_bf16 = {
     .matmul_many = bf16::matmul_many,
     .rmsnorm = rmsnorm,
     .rope = rope,
-    .attention = attention,
+    .attention_part = attention_part,
     .attention_causal = attention_causal,
     .silu_mul = silu_mul,
     .convert_row = convert_row,

@@ -167,93 +167,104 @@ inline auto with_kv_type(DType t, F f) {
   return f(WeightF32{});
 }
 
+// attention_part (kernels.h): the keys a run at a time (the keys of [k0, k1) that lie in one
+// block), each run's key and value rows serving every head of the group while they are in L1.
 template <class E>
-void attention_t(const float* q, const KvHead& kv, int n, int d, float scale, float* probs, float* out) {
+void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int k0, int k1, int d, float scale,
+                      float* scratch, float* out, int ldo, float* m, float* l) {
   using T = typename E::T;
-  // scores, then a numerically safe softmax: subtract the max before exponentiating.
-  float mx = -INFINITY;
-  for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
-    const T* K = kv.key<T>(b0, d);  // this block's keys, rows d apart
-    const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
-    float* pb = probs + b0;
-    int j0 = 0;
-    if (d % S::N == 0)  // four keys at a time: four independent FMA chains
-      for (; j0 + 4 <= nb; j0 += 4) {
-        const T *k0 = K + (long)j0 * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
-        V a0 = S::zero(), a1 = S::zero(), a2 = S::zero(), a3 = S::zero();
-        for (int i = 0; i < d; i += S::N) {
-          const V qv = S::load(q + i);
-          a0 = S::fma(qv, E::load(k0 + i), a0);
-          a1 = S::fma(qv, E::load(k1 + i), a1);
-          a2 = S::fma(qv, E::load(k2 + i), a2);
-          a3 = S::fma(qv, E::load(k3 + i), a3);
+  const int n = k1 - k0;
+  for (int h = 0; h < heads; ++h) m[h] = -INFINITY;
+  for (int j0 = k0; j0 < k1;) {  // scores s = scale · K q, four keys at a time: four FMA chains
+    const int end = (j0 / kv.block_rows + 1) * kv.block_rows < k1 ? (j0 / kv.block_rows + 1) * kv.block_rows : k1;
+    const int rows = end - j0;
+    const T* K = kv.key<T>(j0, d);
+    for (int h = 0; h < heads; ++h) {
+      const float* qh = q + (long)h * ldq;
+      float* sr = scratch + (long)h * n + (j0 - k0);
+      float mx = m[h];
+      int j = 0;
+      if (d % S::N == 0)
+        for (; j + 4 <= rows; j += 4) {
+          const T *r0 = K + (long)j * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+          V a0 = S::zero(), a1 = S::zero(), a2 = S::zero(), a3 = S::zero();
+          for (int i = 0; i < d; i += S::N) {
+            const V qv = S::load(qh + i);
+            a0 = S::fma(qv, E::load(r0 + i), a0);
+            a1 = S::fma(qv, E::load(r1 + i), a1);
+            a2 = S::fma(qv, E::load(r2 + i), a2);
+            a3 = S::fma(qv, E::load(r3 + i), a3);
+          }
+          sr[j] = scale * S::sum(a0);
+          sr[j + 1] = scale * S::sum(a1);
+          sr[j + 2] = scale * S::sum(a2);
+          sr[j + 3] = scale * S::sum(a3);
+          for (int u = 0; u < 4; ++u) mx = sr[j + u] > mx ? sr[j + u] : mx;
         }
-        pb[j0] = scale * S::sum(a0);
-        pb[j0 + 1] = scale * S::sum(a1);
-        pb[j0 + 2] = scale * S::sum(a2);
-        pb[j0 + 3] = scale * S::sum(a3);
-        for (int u = 0; u < 4; ++u) mx = pb[j0 + u] > mx ? pb[j0 + u] : mx;
+      for (; j < rows; ++j) {
+        sr[j] = scale * dot<E>(qh, K + (long)j * d, d);
+        mx = sr[j] > mx ? sr[j] : mx;
       }
-    for (int j = j0; j < nb; ++j) {
-      pb[j] = scale * dot<E>(q, K + (long)j * d, d);
-      mx = pb[j] > mx ? pb[j] : mx;
+      m[h] = mx;
     }
+    j0 = end;
   }
-  const V vmx = S::set1(mx);
-  V vsum = S::zero();
-  int j = 0;
-  for (; j + S::N <= n; j += S::N) {
-    V e = exp_impl(S::sub(S::load(probs + j), vmx));
-    S::store(probs + j, e);
-    vsum = S::add(vsum, e);
+  for (int h = 0; h < heads; ++h) {  // e^(s − m): a numerically safe softmax's numerators
+    float* sr = scratch + (long)h * n;
+    const V vmx = S::set1(m[h]);
+    V vsum = S::zero();
+    int j = 0;
+    for (; j + S::N <= n; j += S::N) {
+      const V e = exp_impl(S::sub(S::load(sr + j), vmx));
+      S::store(sr + j, e);
+      vsum = S::add(vsum, e);
+    }
+    float sum = S::sum(vsum);
+    for (; j < n; ++j) sum += (sr[j] = std::exp(sr[j] - m[h]));
+    l[h] = sum;
+    float* o = out + (long)h * ldo;
+    for (int i = 0; i < d; ++i) o[i] = 0;
   }
-  float sum = S::sum(vsum);
-  for (; j < n; ++j) sum += (probs[j] = std::exp(probs[j] - mx));
-  const float inv = 1.0f / sum;
-  for (j = 0; j < n; ++j) probs[j] *= inv;
-  // out = Σ_j p_j · V[j], a head at a time in registers when it fits.
-  int i = 0;
-  for (; i + 4 * S::N <= d; i += 4 * S::N) {
-    V o0 = S::zero(), o1 = S::zero(), o2 = S::zero(), o3 = S::zero();
-    for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
-      const T* Vb = kv.value<T>(b0, d) + i;
-      const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
-      for (j = 0; j < nb; ++j) {
-        const T* v = Vb + (long)j * d;
-        const V p = S::set1(probs[b0 + j]);
-        o0 = S::fma(p, E::load(v), o0);
-        o1 = S::fma(p, E::load(v + S::N), o1);
-        o2 = S::fma(p, E::load(v + 2 * S::N), o2);
-        o3 = S::fma(p, E::load(v + 3 * S::N), o3);
+  for (int j0 = k0; j0 < k1;) {  // out row h += Σ_j e_hj · V_j, a head's accumulators in registers for a run
+    const int end = (j0 / kv.block_rows + 1) * kv.block_rows < k1 ? (j0 / kv.block_rows + 1) * kv.block_rows : k1;
+    const int rows = end - j0;
+    const T* Vr = kv.value<T>(j0, d);
+    for (int h = 0; h < heads; ++h) {
+      const float* e = scratch + (long)h * n + (j0 - k0);
+      float* o = out + (long)h * ldo;
+      int i = 0;
+      for (; i + 4 * S::N <= d; i += 4 * S::N) {
+        V o0 = S::load(o + i), o1 = S::load(o + i + S::N), o2 = S::load(o + i + 2 * S::N), o3 = S::load(o + i + 3 * S::N);
+        for (int j = 0; j < rows; ++j) {
+          const T* v = Vr + (long)j * d + i;
+          const V p = S::set1(e[j]);
+          o0 = S::fma(p, E::load(v), o0);
+          o1 = S::fma(p, E::load(v + S::N), o1);
+          o2 = S::fma(p, E::load(v + 2 * S::N), o2);
+          o3 = S::fma(p, E::load(v + 3 * S::N), o3);
+        }
+        S::store(o + i, o0);
+        S::store(o + i + S::N, o1);
+        S::store(o + i + 2 * S::N, o2);
+        S::store(o + i + 3 * S::N, o3);
       }
+      for (; i + S::N <= d; i += S::N) {
+        V acc = S::load(o + i);
+        for (int j = 0; j < rows; ++j) acc = S::fma(S::set1(e[j]), E::load(Vr + (long)j * d + i), acc);
+        S::store(o + i, acc);
+      }
+      for (; i < d; ++i)
+        for (int j = 0; j < rows; ++j) o[i] += e[j] * E::scalar(Vr + (long)j * d + i);
     }
-    S::store(out + i, o0);
-    S::store(out + i + S::N, o1);
-    S::store(out + i + 2 * S::N, o2);
-    S::store(out + i + 3 * S::N, o3);
-  }
-  for (; i + S::N <= d; i += S::N) {
-    V o = S::zero();
-    for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
-      const T* Vb = kv.value<T>(b0, d) + i;
-      const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
-      for (j = 0; j < nb; ++j) o = S::fma(S::set1(probs[b0 + j]), E::load(Vb + (long)j * d), o);
-    }
-    S::store(out + i, o);
-  }
-  for (; i < d; ++i) {
-    float o = 0;
-    for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
-      const T* Vb = kv.value<T>(b0, d) + i;
-      const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
-      for (j = 0; j < nb; ++j) o += probs[b0 + j] * E::scalar(Vb + (long)j * d);
-    }
-    out[i] = o;
+    j0 = end;
   }
 }
 
-void attention(const float* q, const KvHead& kv, int n, int d, float scale, float* probs, float* out) {
-  with_kv_type(kv.dtype, [&](auto e) { attention_t<decltype(e)>(q, kv, n, d, scale, probs, out); });
+void attention_part(const float* q, int ldq, int heads, const KvHead& kv, int k0, int k1, int d, float scale,
+                    float* scratch, float* out, int ldo, float* m, float* l) {
+  with_kv_type(kv.dtype, [&](auto e) {
+    attention_part_t<decltype(e)>(q, ldq, heads, kv, k0, k1, d, scale, scratch, out, ldo, m, l);
+  });
 }
 
 // Causal attention with the queries in the lanes: scoresᵀ[j] = K[j] · Qᵀ (a key row broadcast

@@ -206,3 +206,13 @@ def test_gally_isa_environment():
         assert r.returncode == 0 and json.loads(r.stdout)["isa"] == isa
     r = run("avx1024")
     assert r.returncode != 0 and "GALLY_ISA=avx1024 is not available on this CPU" in r.stderr
+
+
+def test_a_context_past_the_trained_positions_needs_forcing(tmp_path):
+    folder, _ = make_checkpoint(tmp_path)  # max_position_embeddings 256
+    with pytest.raises(ValueError, match="past the 256 positions .* force_context=True"):
+        gally.load(folder, max_context=1000)
+    with pytest.warns(UserWarning, match="past the 256 positions"):
+        assert gally.load(folder, max_context=1000, force_context=True).max_context == 1000
+    linear = make_checkpoint(tmp_path / "linear", rope_scaling={"rope_type": "linear", "factor": 4.0})[0]
+    assert gally.load(linear, max_context=1000).max_context == 1000  # its scaling covers 4 × 256

@@ -197,7 +197,7 @@ def test_a_long_context_splits_its_decode_attention(folder):
     ids = list(np.random.default_rng(4).integers(0, VOCAB, 1100))
     got = {}
     for threads in (1, 3):
-        s = gally.load(folder, threads=threads, max_context=2048).session()
+        s = gally.load(folder, threads=threads, max_context=2048, force_context=True).session()
         s.append(ids[:1098])
         got[threads] = [s.append([ids[1098]]), s.append([ids[1099]])]
     assert all(np.array_equal(a, b) for a, b in zip(got[1], got[3]))

@@ -216,6 +216,43 @@ def test_chat_ctrl_c_stops_the_reply_and_ctrl_d_leaves(terminal, folder):
     assert t.exit_code() == 0
 
 
+def test_chat_goes_on_past_the_context_and_knows_its_commands(terminal, folder):
+    """A chat whose history outgrows -c drops its oldest turns (saying so once) and goes on; an
+    unknown /command is reported, not sent to the model; a reply cut by the context says so."""
+    t = terminal(GALLY + ["chat", "-m", folder, "-t", "1", "--temp", "0", "-n", "24", "-c", "96", "--verbose"])
+    t.expect(b"> ")
+    t.type(b"/frobnicate\r")
+    t.expect(b"unknown command /frobnicate; the commands are /reset, /exit, /quit, /help")
+    t.expect(b"> ")
+    notices = 0
+    for _ in range(6):
+        t.type(b"The quick brown fox jumps over the lazy dog. Hello there!\r")
+        out = t.expect(b"finish: ")
+        notices += out.count(b"oldest turns are dropped")
+        t.expect(b"> ")
+    assert notices == 1
+    t.type(b"/exit\r")
+    assert t.exit_code() == 0
+    t = terminal(GALLY + ["run", "-m", folder, "-t", "1", "--temp", "0", "-n", "-1", "-c", "40", "--ignore-eos", "Hi"])
+    t.expect(b"the reply reached the end of the context (40 tokens")
+    assert t.exit_code() == 0
+
+
+def test_version_and_ctrl_c_newline(terminal, folder):
+    import gally
+
+    p = subprocess.run(GALLY + ["--version"], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == f"gally {gally.__version__}"
+    t = terminal(GALLY + ["run", "-m", folder, "-t", "1", "-n", "-1", "--ignore-eos", "-c", "256", "Hello"])
+    t.seen = b""
+    deadline = time.monotonic() + 60
+    while len(t.seen) < 20 and time.monotonic() < deadline:  # the reply is streaming
+        if select.select([t.fd], [], [], 1)[0]:
+            t.seen += os.read(t.fd, 1 << 16)
+    t.type(b"\x03")
+    assert t.exit_code() == 130 and t.seen.endswith(b"\r\n")  # the shell's prompt starts a fresh line
+
+
 # ---- the default model, end to end ----
 
 @pytest.fixture(scope="module")

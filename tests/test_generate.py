@@ -327,7 +327,7 @@ def test_signatures_follow_the_options_table():
     names = {o.name for o in OPTIONS} | set(ALIASES)
     for f in (gally.Model.generate, gally.Model.chat):
         params = inspect.signature(f).parameters
-        assert set(params) - {"self", "prompt", "messages", "stream", "batch_size"} == names, f.__name__
+        assert set(params) - {"self", "prompt", "messages", "stream", "batch_size", "progress"} == names, f.__name__
         assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in names)
     assert all(f"{o.name}" in gally.Model.generate.__doc__ or o.name in ("max_new_tokens",) for o in OPTIONS)
 

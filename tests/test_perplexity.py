@@ -106,7 +106,8 @@ def test_cli_json_and_text(capsys, text_model, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["-f", "MISSING"], "no such text file"),
     (["-f", "TEXT", "--ctx", "15"], "ctx must be an even integer >= 2, got 15"),
-    (["-f", "TEXT", "--ctx", "4096"], "fewer than one window of ctx=4096"),
+    (["-f", "TEXT", "--ctx", "4096", "--force-context"], "fewer than one window of ctx=4096"),
+    (["-f", "TEXT", "--ctx", "4096"], "past the 256 positions"),
 ])
 def test_cli_bad_arguments(capsys, text_model, tmp_path, argv, message):
     text = tmp_path / "text.txt"

@@ -41,10 +41,18 @@ def info() -> dict:
     }
 
 
+_SUBMODULES = ("perplexity", "generate", "quantize", "explain", "engine", "options", "scheduler", "tokenizer")
+
+
 def __getattr__(name: str):
-    # The engine (threads, asyncio) is imported when first asked for, not with gally.
+    # The engine (threads, asyncio) and the submodules the README names (gally.perplexity...) are
+    # imported when first asked for, not with gally.
     if name in ("Engine", "QueueFull"):
         from . import engine
 
         return getattr(engine, name)
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"gally.{name}")
     raise AttributeError(f"module 'gally' has no attribute {name!r}")

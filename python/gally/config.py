@@ -132,6 +132,15 @@ class Config:
         return cfg
 
     @property
+    def trained_context(self) -> int:
+        """Positions the model was trained for: max_position_embeddings, times the factor of a
+        linear RoPE scaling (which stretches the positions of the original window)."""
+        s = self.rope_scaling or {}
+        if s.get("rope_type", s.get("type")) == "linear" and isinstance(s.get("factor"), (int, float)):
+            return int(self.max_position_embeddings * max(1.0, float(s["factor"])))
+        return self.max_position_embeddings
+
+    @property
     def attention_scale(self) -> float:
         """The factor on q·k: 1/√head_dim."""
         return float(self.head_dim) ** -0.5

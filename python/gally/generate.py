@@ -96,7 +96,7 @@ def _run(model, jobs: list[tuple[Request, TextStream]], scheduler: Scheduler, on
                     if on_end is not None:
                         on_end(r)
                     yield Chunk(tail, [], finish_reason="stop" if stopped else reason, usage=r.usage(),
-                                timings=r.timings(), index=i)
+                                timings=r.timings(), index=i, context_full=r.context_full and not stopped)
     finally:
         for rid in open_:
             r = index[rid][1]
@@ -115,7 +115,7 @@ def _collect(chunks: Iterator[Chunk], n: int, want_logprobs: list[bool]) -> list
         if c.finish_reason is not None:
             last[c.index] = c
     return [Completion("".join(texts[i]), ids[i], last[i].finish_reason, last[i].usage, last[i].timings,
-                       lps[i] if want_logprobs[i] else None) for i in range(n)]
+                       lps[i] if want_logprobs[i] else None, last[i].context_full) for i in range(n)]
 
 
 def generate(model, prompt, *, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
@@ -123,7 +123,8 @@ def generate(model, prompt, *, max_new_tokens: Optional[int] = None, temperature
              repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
              frequency_penalty: Optional[float] = None, seed: Optional[int] = None,
              stop: Union[str, Sequence[str], None] = None, logprobs: Optional[int] = None, stream: bool = False,
-             max_tokens: Optional[int] = None, batch_size: Optional[int] = None, ignore_eos: Optional[bool] = None):
+             max_tokens: Optional[int] = None, batch_size: Optional[int] = None, ignore_eos: Optional[bool] = None,
+             progress=None):
     """Model.generate: see its documentation."""
     given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                  repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
@@ -156,6 +157,7 @@ def generate(model, prompt, *, max_new_tokens: Optional[int] = None, temperature
             r = scheduler.add(ids, params)
         except ValueError as e:
             raise ValueError(str(e) if single else f"prompt {i}: {e}") from None
+        r.progress = progress
         jobs.append((r, TextStream(model.tokenizer, params.stop, eos)))
     chunks = _run(model, jobs, scheduler)
     if stream:
@@ -172,9 +174,9 @@ def render_chat(model, messages) -> list[int]:
     return tok.encode(tok.apply_chat_template(list(messages), add_generation_prompt=True), add_special_tokens=False)
 
 
-def chat(model, messages: Sequence[dict], *, stream: bool = False, **options):
+def chat(model, messages: Sequence[dict], *, stream: bool = False, progress=None, **options):
     """Model.chat: see its documentation."""
-    return generate(model, render_chat(model, messages), stream=stream, **options)
+    return generate(model, render_chat(model, messages), stream=stream, progress=progress, **options)
 
 
 class Conversation:
@@ -190,6 +192,7 @@ class Conversation:
         self.messages: list[dict] = []
         self._session = None
         self._tokens: list[int] = []  # the tokens whose keys and values the session holds
+        self.dropped = 0  # messages dropped so far to keep the conversation inside the context
         self.reset()
 
     def reset(self) -> None:
@@ -197,18 +200,32 @@ class Conversation:
         reuses whatever prefix it still shares, such as the system prompt."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def send(self, text: str, *, stream: bool = False, **options):
+    def send(self, text: str, *, stream: bool = False, progress=None, **options):
         """Adds a user message and generates the reply (generate()'s options). The exchange enters
-        the history when the reply ends; a stream closed early keeps the text it gave."""
+        the history when the reply ends; a stream closed early keeps the text it gave. When the
+        history and room for a reply (max_new_tokens, at most half the context) no longer fit in
+        the context, its oldest turns are dropped, keeping the system prompt (`dropped` counts the
+        messages dropped so far); a turn that does not fit even alone raises ValueError."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a string, got {type(text).__name__}")
         params = resolve_options(self.model, **options)
-        turn = self.messages + [{"role": "user", "content": text}]
-        ids = render_chat(self.model, turn)
         if self._session is None:
             self._session = self.model.session()
+        max_context = self._session.max_context
+        room = min(params.max_new_tokens or max_context, max_context // 2)
+        history = list(self.messages)
+        first = 1 if history and history[0]["role"] == "system" else 0
+        while True:
+            turn = history + [{"role": "user", "content": text}]
+            ids = render_chat(self.model, turn)
+            if len(ids) + room <= max_context or len(history) <= first:
+                break
+            del history[first:first + 2]  # the oldest user message and its reply
         scheduler = Scheduler(self.model, max_sequences=1)
         r = scheduler.add(ids, params, session=self._session, session_tokens=self._tokens)
+        r.progress = progress
+        self.dropped += len(self.messages) - len(history)
+        self.messages = history
         chunks = self._turn(turn, scheduler, r, TextStream(self.model.tokenizer, params.stop, scheduler.eos))
         return chunks if stream else _collect(chunks, 1, [params.logprobs is not None])[0]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -337,7 +338,7 @@ class Model:
                  frequency_penalty: Optional[float] = None, seed: Optional[int] = None,
                  stop: Union[str, Sequence[str], None] = None, logprobs: Optional[int] = None,
                  stream: bool = False, max_tokens: Optional[int] = None, batch_size: Optional[int] = None,
-                 ignore_eos: Optional[bool] = None):
+                 ignore_eos: Optional[bool] = None, progress=None):
         """Continues a prompt, or a batch of prompts decoded together.
 
         prompt: text (tokenized without special tokens), a flat list of token ids, or a list of
@@ -354,6 +355,8 @@ class Model:
         stream: return an iterator of Chunk (text, token_ids, logprobs; the last one of each prompt
             carries finish_reason, usage and timings; a batch's chunks carry their prompt's index).
         batch_size: prompts decoded at once (default: all of them, at most 16; the others wait).
+        progress: a function progress(done, total) called as each chunk of a long prompt is
+            computed (for a progress bar).
 
         An option left None takes the model folder's generation_config.json value, else llama.cpp's
         default (gally.options). Returns a Completion (text, token_ids, finish_reason "stop" or
@@ -365,14 +368,14 @@ class Model:
                         top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed,
                         stop=stop, logprobs=logprobs, stream=stream, max_tokens=max_tokens, batch_size=batch_size,
-                        ignore_eos=ignore_eos)
+                        ignore_eos=ignore_eos, progress=progress)
 
     def chat(self, messages: Sequence[dict], *, max_new_tokens: Optional[int] = None,
              temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
              min_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
              presence_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None,
              seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None, logprobs: Optional[int] = None,
-             stream: bool = False, max_tokens: Optional[int] = None, ignore_eos: Optional[bool] = None):
+             stream: bool = False, max_tokens: Optional[int] = None, ignore_eos: Optional[bool] = None, progress=None):
         """The assistant's reply to `messages` ([{"role": "system"|"user"|"assistant", "content":
         text}, ...]), rendered with the model's chat template and its assistant header; the reply
         ends at the end-of-turn token. Options as generate(). Returns a Completion, or with
@@ -382,7 +385,7 @@ class Model:
         return chat(self, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                     frequency_penalty=frequency_penalty, seed=seed, stop=stop, logprobs=logprobs, stream=stream,
-                    max_tokens=max_tokens, ignore_eos=ignore_eos)
+                    max_tokens=max_tokens, ignore_eos=ignore_eos, progress=progress)
 
     def start_chat(self, system: Optional[str] = None):
         """A Conversation (gally.generate.Conversation) that keeps its KV cache between turns:
@@ -404,7 +407,7 @@ class Model:
 
 def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Optional[int] = None,
          max_context: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
-         kv_dtype: Optional[str] = None) -> Model:
+         kv_dtype: Optional[str] = None, force_context: bool = False) -> Model:
     """Loads a model: a Hugging Face folder, a .gguf file, or an alias (default: smollm2-135m-instruct).
 
     dtype: None keeps the stored dtype; "f32", "bf16" or "f16" converts once at load; "int8" or
@@ -414,7 +417,12 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     what the KV cache pool holds. kv_cache_bytes: the most memory the KV caches of all sequences
     together hold; default, a quarter of the machine's memory. A sequence's cache grows with the
     tokens it holds. kv_dtype: the KV cache's element type, "f32", "bf16" or "f16" (half the
-    bytes per token); default f32 for f32 weights, else f16.
+    bytes per token); default f32 for f32 weights, else f16. A max_context past the positions the
+    model was trained for (Config.trained_context) is refused: its output degrades there; with
+    force_context it is allowed, with a warning.
+
+    Returns a Model. Raises FileNotFoundError for a missing source, ValueError for a bad argument or
+    a corrupt or unsupported checkpoint (the message names the file and tensor or field).
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
@@ -429,6 +437,12 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     explicit = max_context is not None
     if explicit:
         max_context = _check_positive_int(max_context, "max_context")
+        if max_context > cfg.trained_context:
+            beyond = (f"max_context {max_context} is past the {cfg.trained_context} positions {folder} was trained "
+                      f"for (max_position_embeddings and its RoPE scaling); beyond them its output degrades")
+            if not force_context:
+                raise ValueError(beyond + "; pass force_context=True (--force-context) to run there anyway")
+            warnings.warn(beyond, stacklevel=2)
     else:
         max_context = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
     tensors = safetensors_file.open_checkpoint(folder)

@@ -74,7 +74,9 @@ class Request:
         self.cached_tokens: Optional[int] = None  # set at the first admission
         self.prefilled = 0
         self.finish_reason: Optional[str] = None
+        self.context_full = False         # it ended because its session could hold no more tokens
         self.error: Optional[str] = None  # why a request ended early, where it did
+        self.progress = None              # progress(done, total) after each chunk of a long prompt
         self.t_submit = time.perf_counter()
         self.t_admit = self.t_first = self.t_last = 0.0
 
@@ -285,6 +287,8 @@ class Scheduler:
             if len(fed) > 1 or len(r.tokens) < len(r.prompt):
                 r.prefilled += len(fed)
             r.tokens += fed
+            if r.progress is not None and len(r.tokens) <= len(r.prompt):
+                r.progress(len(r.tokens), len(r.prompt))
             if r.to_feed:  # more of the prompt to come
                 continue
             token = r.sampler(row)
@@ -298,9 +302,10 @@ class Scheduler:
             reason = None
             if token in self.eos and not r.params.ignore_eos:
                 reason = "stop"
-            elif ((r.params.max_new_tokens is not None and len(r.generated) >= r.params.max_new_tokens)
-                  or r.session.position >= r.session.max_context):
+            elif r.params.max_new_tokens is not None and len(r.generated) >= r.params.max_new_tokens:
                 reason = "length"
+            elif r.session.position >= r.session.max_context:
+                reason, r.context_full = "length", True
             if reason is not None:
                 self.finish(r, reason)
             events.append(TokenEvent(r, token, lp, reason))

@@ -19,7 +19,8 @@ __all__ = ["Chunk", "Completion", "StopText", "TextStream", "TokenLogprob"]
 
 @dataclasses.dataclass
 class Chunk:
-    """A piece of a streamed completion: the text its tokens completed (never half a character)."""
+    """A piece of a streamed completion: the text its tokens completed (never half a character), the
+    token ids, and on a prompt's last chunk its finish reason, usage and timings."""
     text: str
     token_ids: list[int]
     finish_reason: Optional[str] = None  # the last chunk: "stop" or "length"
@@ -27,17 +28,20 @@ class Chunk:
     timings: Optional[dict] = None       # the last chunk
     logprobs: Optional[list[TokenLogprob]] = None
     index: int = 0                       # which prompt of a batch
+    context_full: bool = False           # the last chunk: it ended because the context was full
 
 
 @dataclasses.dataclass
 class Completion:
-    """A whole completion."""
+    """A whole completion, as Model.generate, Model.chat and Conversation.send return it (fields
+    below); with stream=True the same arrives as Chunks."""
     text: str                  # without the stop string or end-of-sequence token
     token_ids: list[int]       # every generated token, including the one that ended generation
     finish_reason: str         # "stop" (EOS or a stop string) or "length" (max_new_tokens or the context)
     usage: dict                # prompt_tokens, completion_tokens, total_tokens, cached_tokens
     timings: dict              # ttft_s, prefill_tok_s, decode_tok_s
     logprobs: Optional[list[TokenLogprob]] = None
+    context_full: bool = False  # finish_reason "length" because the context could hold no more
 
 
 class StopText:

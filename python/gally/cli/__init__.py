@@ -34,7 +34,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="gally", description="CPU inference for Llama-family language models")
+    parser.add_argument("--version", action="version", version=f"gally {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="show the version, the CPU's instruction sets and the kernels in use")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -57,7 +60,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: the shell's prompt on a line of its own, not after "^C"
+        print(file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as e:
         print(f"gally: error: {e}", file=sys.stderr)

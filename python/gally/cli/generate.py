@@ -15,7 +15,8 @@ from typing import Optional
 from ..model import DTYPES, KV_DTYPES
 from ..options import OPTIONS, flag
 
-CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D leaves, Ctrl-C stops a reply"
+CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D leaves, /help shows this, Ctrl-C stops a reply"
+CHAT_COMMANDS = ("/reset", "/exit", "/quit", "/help", "/?")
 
 
 def add_parsers(subparsers) -> None:
@@ -55,6 +56,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="convert the weights at load (int8/int4: quantize them; `gally quantize` stores that)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, dest="max_context", metavar="N",
                    help="context length in tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--force-context", action="store_true",
+                   help="allow a --ctx-size past the positions the model was trained for (output degrades there)")
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
                    help="the KV cache's element type (default: f32 for f32 weights, else f16)")
     p.add_argument("--verbose", action="store_true", help="print prefill and decode speed to stderr")
@@ -64,7 +67,7 @@ def _load(args):
     import gally
 
     return gally.load(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context,
-                      kv_dtype=args.kv_dtype)
+                      kv_dtype=args.kv_dtype, force_context=args.force_context)
 
 
 def _sampling_args(args) -> dict:
@@ -85,6 +88,33 @@ def _check_chat_template(model) -> None:
         raise ValueError(f"{model.path}: the model has no tokenizer.json, so it cannot take a text prompt")
     if model.tokenizer.chat_template is None:
         raise ValueError(f"{model.path}: the model has no chat template; use `gally run --raw` for plain text")
+
+
+class PrefillProgress:
+    """A line on stderr for a long prompt: shown once its prefill has taken PATIENCE_S, cleared at the end."""
+    PATIENCE_S = 1.5
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.start, self.shown = stream, None, False
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+
+        now = time.perf_counter()
+        self.start = self.start or now
+        if not self.shown and now - self.start < self.PATIENCE_S and done < total:
+            return
+        if done < total:
+            left = (total - done) * (now - self.start) / max(done, 1)
+            self.stream.write(f"\rgally: reading the prompt: {done}/{total} tokens, {left:.0f} s left ")
+            self.shown = True
+        elif self.shown:
+            self.stream.write("\r" + " " * 70 + "\r")
+        self.stream.flush()
+
+
+def _progress():
+    return PrefillProgress() if sys.stderr.isatty() else None
 
 
 def _stream_out(chunks, out) -> Optional[object]:
@@ -118,11 +148,12 @@ def run_command(args: argparse.Namespace) -> int:
     kwargs = _sampling_args(args)
     try:
         if args.raw:
-            chunks = model.generate(prompt, stream=True, **kwargs)
+            chunks = model.generate(prompt, stream=True, progress=_progress(), **kwargs)
         else:
             _check_chat_template(model)
             messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
-            chunks = model.chat(messages + [{"role": "user", "content": prompt}], stream=True, **kwargs)
+            chunks = model.chat(messages + [{"role": "user", "content": prompt}], stream=True, progress=_progress(),
+                                **kwargs)
     except ValueError as e:
         raise _flag_names(e) from None
     try:
@@ -132,6 +163,9 @@ def run_command(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `gally run ... | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    if last is not None and last.context_full:
+        print(f"gally: the reply reached the end of the context ({model.max_context} tokens; -c N for more)",
+              file=sys.stderr)
     if args.verbose:
         _report(last, sys.stderr)
     return 0
@@ -152,6 +186,7 @@ def chat_command(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise _flag_names(e) from None
     conv = model.start_chat(system=args.system)
+    told_dropped = False
     print(f"gally chat: {model.path}\n{CHAT_HELP}", file=sys.stderr)
     while True:
         try:
@@ -174,11 +209,20 @@ def chat_command(args: argparse.Namespace) -> int:
         if text in ("/help", "/?"):
             print(CHAT_HELP, file=sys.stderr)
             continue
-        try:
-            chunks = conv.send(text, stream=True, **kwargs)
-        except ValueError as e:  # the conversation outgrew the context: say so and carry on
-            print(f"gally: error: {e}; /reset starts a new conversation", file=sys.stderr)
+        if text.startswith("/") and " " not in text:
+            print(f"gally: unknown command {text}; the commands are {', '.join(CHAT_COMMANDS[:4])} ({CHAT_HELP})",
+                  file=sys.stderr)
             continue
+        dropped = conv.dropped
+        try:
+            chunks = conv.send(text, stream=True, progress=_progress(), **kwargs)
+        except ValueError as e:  # this turn alone is longer than the context
+            print(f"gally: error: {e}", file=sys.stderr)
+            continue
+        if conv.dropped > dropped and not told_dropped:
+            print(f"(the conversation outgrew the context of {model.max_context} tokens: its oldest turns are "
+                  f"dropped from now on; /reset starts afresh)", file=sys.stderr)
+            told_dropped = True
         last = None
         try:
             last = _stream_out(chunks, sys.stdout)
@@ -189,5 +233,28 @@ def chat_command(args: argparse.Namespace) -> int:
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
+        if last is not None and last.context_full:
+            print(f"(the reply reached the end of the context of {model.max_context} tokens)", file=sys.stderr)
+        if _typed_ahead_eof():  # Ctrl-D pressed during the reply
+            return 0
         if args.verbose and last is not None:
             _report(last, sys.stderr)
+
+
+def _typed_ahead_eof() -> bool:
+    """Discards what was typed while a reply was printed (it is not the next message), and says
+    whether that included Ctrl-D: an end of input, which ends the chat."""
+    if not sys.stdin.isatty():
+        return False
+    import select
+
+    fd = sys.stdin.fileno()
+    discarded = False
+    while select.select([fd], [], [], 0)[0]:
+        data = os.read(fd, 4096)
+        if not data:
+            return True
+        discarded = True
+    if discarded:
+        print("(text typed during the reply was discarded)", file=sys.stderr)
+    return False

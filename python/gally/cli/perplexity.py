@@ -38,6 +38,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("-f", "--file", required=True, help='text file (UTF-8); "-" reads stdin')
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="convert the weights at load")
+    p.add_argument("--force-context", action="store_true",
+                   help="allow a --ctx past the positions the model was trained for")
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
                    help="the KV cache's element type (default: f32 for f32 weights, else f16)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
@@ -66,7 +68,7 @@ def perplexity_command(args: argparse.Namespace) -> int:
     else:
         max_context = None  # perplexity() names the bad --ctx
     model = gally.load(args.model, dtype=args.dtype, threads=args.threads, max_context=max_context,
-                       kv_dtype=args.kv_dtype)
+                       kv_dtype=args.kv_dtype, force_context=args.force_context)
     bar = ProgressBar() if sys.stderr.isatty() and not args.json else None
     start = time.perf_counter()
     result = perplexity(model, text, ctx=args.ctx, progress=bar)

@@ -33,6 +33,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="threads (default: physical cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, dest="max_context", metavar="N",
                    help="most tokens a request may hold (default: the model's)")
+    p.add_argument("--force-context", action="store_true",
+                   help="allow a --ctx-size past the positions the model was trained for (output degrades there)")
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
                    help="the KV cache's element type (default: f32 for f32 weights, else f16)")
     p.add_argument("--kv-cache-mib", type=int, default=None, metavar="MIB",
@@ -74,7 +76,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     def load():
         model = gally.load(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context,
-                           kv_cache_bytes=kv, kv_dtype=args.kv_dtype)
+                           kv_cache_bytes=kv, kv_dtype=args.kv_dtype, force_context=args.force_context)
         engine = gally.Engine(model, max_sequences=args.parallel,
                               max_batch_tokens=max(args.batch_tokens, args.parallel), max_queue=args.max_queue,
                               prefix_cache=2 * args.parallel if args.prefix_cache is None else args.prefix_cache)

@@ -340,3 +340,34 @@ def test_peer_gguf_cache_key(tmp_path):
     assert peer_gguf.cached_path(folder, "bf16", str(tmp_path / "c")) != a
     with pytest.raises(peer_gguf.PeerUnavailable, match="no weight type matching"):
         peer_gguf.peer_gguf(folder, "f64", None, None, str(tmp_path / "c"))
+
+
+# ---- --batch, --serve's report and the plots ----
+
+def test_batch_mode_measures_batches_and_draws_them(folder, tmp_path, capsys):
+    out = tmp_path / "batch.md"
+    code = cli.main(["bench", "-m", folder, "--dtype", "bf16", "-p", "6", "-n", "3", "-r", "2", "-t", "1",
+                     "--batch", "1,3", "--out", str(out), "--plot", str(tmp_path / "batch.png"), "-q"])
+    assert code == 0
+    md = out.read_text()
+    assert "| 1 |" in md and "| 3 |" in md and "gally bench --batch" in md
+    for line in (row for row in md.splitlines() if row.startswith("| 3 |")):
+        agg, per = (float(c.split(" ± ")[0]) for c in line.split("|")[3:5])
+        assert agg > 0 and abs(agg / 3 - per) <= 0.051  # aggregate = 3 × per sequence (to the printed 0.1)
+    png, svg = tmp_path / "batch.png", tmp_path / "batch.svg"  # --plot, and the plot beside --out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert svg.read_text().lstrip().startswith(("<?xml", "<svg")) and svg.stat().st_size > 10_000
+
+
+def test_plots_of_a_run_and_of_a_load_test(result, tmp_path):
+    from gally.bench import load, plot
+
+    path = plot.plot_results(result, str(tmp_path / "run.svg"))
+    assert os.path.getsize(path) > 10_000 and "tokens/s" in open(path).read()
+    rows = [{"url": "http://127.0.0.1:8000/v1", "model": "m", "concurrency": 8, "aggregate_tok_s": 120.0,
+             "ttft_p50": 0.1, "ttft_p99": 0.3, "itl_p50": 0.02, "itl_p99": 0.05, "completed": 32, "failed": 0,
+             "completion_tokens": 4096, "request_tok_s_mean": 15.0}]
+    assert os.path.getsize(plot.plot_load(rows, str(tmp_path / "load.svg"))) > 5_000
+    assert "| 8 | 32 / 0 | 4096 | 120.0 |" in load.markdown(rows)
+    with pytest.raises(ValueError, match="must end in .svg, .png or .pdf"):
+        plot.plot_load(rows, str(tmp_path / "load.txt"))

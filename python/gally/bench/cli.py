@@ -72,6 +72,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     p.add_argument("--out", help="also write the result here: markdown, or JSON when the name ends in .json")
     p.add_argument("--title", default="gally bench", help="the markdown's heading")
+    p.add_argument("--plot", metavar="FILE", help="also draw the results: FILE.svg, .png or .pdf (matplotlib, the "
+                                                  "bench extra); with --out a plot NAME.svg goes beside NAME.md too")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=main)
     return p
@@ -126,18 +128,34 @@ def main(args) -> int:
         res = batched.run_batched(opts, batches, command=command, log=log)
         md = batched.markdown(res, title=args.title if args.title != "gally bench" else "gally bench --batch")
         text = batched.dumps(res) if args.json else md
-        dumps = batched.dumps
+        dumps, draw = batched.dumps, "plot_batched"
     else:
         res = run(opts, command=command, log=log)
         md = report.markdown(res, title=args.title)
         text = report.dumps(res) if args.json else md
-        dumps = report.dumps
+        dumps, draw = report.dumps, "plot_results"
     print(text, end="" if text.endswith("\n") else "\n")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(dumps(res) + "\n" if args.out.endswith(".json") else md)
+    from . import plot
+
+    _plots(args, lambda path: getattr(plot, draw)(res, path))
     return 0
+
+
+def _plots(args, draw) -> None:
+    """--plot FILE, and a plot beside an --out file (when matplotlib is there: the bench extra)."""
+    from . import plot
+
+    if args.plot:
+        print(f"bench: plot written to {draw(args.plot)}", file=sys.stderr)
+    if args.out:
+        try:
+            draw(plot.beside(args.out))
+        except RuntimeError as e:  # no matplotlib: the result file stands alone
+            print(f"bench: no plot beside {args.out}: {e}", file=sys.stderr)
 
 
 def _serve_main(args, log) -> int:
@@ -157,4 +175,7 @@ def _serve_main(args, log) -> int:
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(load.dumps(rows) + "\n" if args.out.endswith(".json") else load.markdown(rows))
+    from .plot import plot_load
+
+    _plots(args, lambda path: plot_load(rows, path))
     return 0

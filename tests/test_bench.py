@@ -371,3 +371,28 @@ def test_plots_of_a_run_and_of_a_load_test(result, tmp_path):
     assert "| 8 | 32 / 0 | 4096 | 120.0 |" in load.markdown(rows)
     with pytest.raises(ValueError, match="must end in .svg, .png or .pdf"):
         plot.plot_load(rows, str(tmp_path / "load.txt"))
+
+
+def test_random_shapes_and_sequential_engines(tmp_path, monkeypatch):
+    """--shape writes random weights in a real model's shapes once into the cache (config as the real
+    model's), and --sequential runs the engines one after another with the same rows."""
+    from gally.bench import random_model
+
+    cfg = random_model.SHAPES["llama-3.1-8b"]
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"],
+            cfg["vocab_size"], cfg["tie_word_embeddings"]) == (4096, 14336, 32, 8, 128256, False)
+    assert abs(random_model.file_bytes("llama-3.1-8b", "bf16") / 1e9 - 16.06) < 0.05  # 8.03 B parameters
+    assert abs(random_model.file_bytes("llama-3.2-1b", "bf16") / 1e9 - 2.47) < 0.05   # tied: 1.24 B
+    monkeypatch.setitem(random_model.SHAPES, "tiny", {**random_model.SHAPES["llama-3.2-1b"], "hidden_size": 64,
+                        "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 300})
+    monkeypatch.setenv("GALLY_HOME", str(tmp_path))
+    opts = Options(shape="tiny", dtypes=["bf16"], prompts=[8], gens=[4], threads=[1], reps=2,
+                   bandwidth_bytes=16 << 20, sequential=True)
+    res = run(opts)
+    assert {(r.engine, r.test.label) for r in res.rows} == {("gally", "pp8"), ("gally", "tg4"),
+                                                            ("gally generate", "tg3")}  # steps after the first
+    folder = res.model["bf16"]
+    assert folder.endswith("random-tiny-bf16") and gally.load(folder).config.rope_scaling["rope_type"] == "llama3"
+    with pytest.raises(ValueError, match="either -m MODEL or --shape"):
+        Options(model="x", shape="tiny").validate()

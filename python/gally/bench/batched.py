@@ -86,12 +86,16 @@ def run_batched(opts, batches: list, command: str = "", log: Callable[[str], Non
     res = BatchResults(command, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                        machine.describe(), prompt, gen, list(batches), opts.reps)
     for dtype in opts.dtypes:
-        folder = sources.resolve(opts.model, dtype if dtype in ("f32", "bf16", "f16") else None)
+        if opts.shape:
+            folder = derived.random_folder(opts.shape, "f32" if dtype == "f32" else "bf16", log=log)
+        else:
+            folder = sources.resolve(opts.model, dtype if dtype in ("f32", "bf16", "f16") else None)
         vocab = config.read(folder).vocab_size
         rng = np.random.default_rng(opts.seed)
         inputs = {b: (rng.integers(0, vocab, (b, prompt)).tolist(), rng.integers(0, vocab, (b, gen)).tolist())
                   for b in batches}
-        model = derived.quantized_folder(folder, dtype, log=log) if dtype in QUANTIZED else opts.model
+        model = derived.quantized_folder(folder, dtype, log=log) if dtype in QUANTIZED else (
+            folder if opts.shape else opts.model)
         tool, gguf = None, None
         if "llama.cpp" in opts.peers:
             tool = peer_gguf.find_tool("llama-batched-bench", opts.llama_cpp_bin, opts.llama_cpp)

@@ -43,6 +43,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                           "decode GB/s, as mean ± std over repetitions; peers measured in the same "
                                           "run.")
     p.add_argument("-m", "--model", default=None, help="model folder, .gguf or alias (default: the default model)")
+    p.add_argument("--shape", default=None, help="random weights in a real model's shapes instead of -m: "
+                                                 "smollm2-135m, llama-3.2-1b, llama-3.2-3b or llama-3.1-8b (written "
+                                                 "once into GALLY_HOME/bench; 8B bf16 takes 16 GB of disk)")
+    p.add_argument("--sequential", action="store_true",
+                   help="run the engines one after another instead of side by side (models near the RAM's size)")
     p.add_argument("--dtype", action="append", type=_names, help="weight types, comma-separated (default: f32,bf16)")
     p.add_argument("-p", "--n-prompt", action="append", type=_ints, help="prompt lengths (default: 512; 0: none)")
     p.add_argument("-n", "--n-gen", action="append", type=_ints, help="generated tokens (default: 128; 0: none)")
@@ -89,7 +94,7 @@ def options(args):
                    gens=_flat(args.n_gen, [128]), threads=_flat(args.threads, None), depths=_flat(args.n_depth, [0]),
                    reps=args.repetitions, peers=_flat(args.peers, []), llama_cpp=args.llama_cpp,
                    llama_cpp_bin=args.llama_cpp_bin, ggufs=ggufs, generate=not args.no_generate, seed=args.seed,
-                   bandwidth_bytes=args.bandwidth_mib << 20)
+                   bandwidth_bytes=args.bandwidth_mib << 20, shape=args.shape, sequential=args.sequential)
 
 
 def command_of(opts) -> str:
@@ -98,6 +103,8 @@ def command_of(opts) -> str:
         return ",".join(map(str, values))
 
     words = ["gally", "bench"] + (["-m", opts.model] if opts.model else [])
+    words += ["--shape", opts.shape] if opts.shape else []
+    words += ["--sequential"] if opts.sequential else []
     words += ["--dtype", csv(opts.dtypes), "-p", csv(opts.prompts), "-n", csv(opts.gens)]
     words += (["-t", csv(opts.threads)] if opts.threads else []) + ["-d", csv(opts.depths), "-r", str(opts.reps)]
     words += ["--peers", csv(opts.peers)] if opts.peers else []

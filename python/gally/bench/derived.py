@@ -59,6 +59,26 @@ def quantized_folder(source: str, dtype: str, cache_dir: str | None = None, log=
     return out
 
 
+def random_folder(shape: str, dtype: str, cache_dir: str | None = None, log=None) -> str:
+    """GALLY_HOME/bench/random-<shape>-<dtype>: random weights in a real model's shapes
+    (random_model.py), written once."""
+    from .. import cache
+    from .random_model import file_bytes, write
+
+    out = os.path.join(cache_dir or os.path.join(gally_home(), "bench"), f"random-{shape}-{dtype}")
+    if os.path.isfile(os.path.join(out, "model.safetensors")):
+        return out
+    with cache.locked(f"bench-random-{shape}-{dtype}"):
+        if not os.path.isfile(os.path.join(out, "model.safetensors")):
+            cache.check_free_space(os.path.dirname(out), file_bytes(shape, dtype) + (64 << 20),
+                                   f"random {shape} weights ({dtype})")
+            if log:
+                log(f"writing random {shape} weights ({dtype}, {file_bytes(shape, dtype) / 1e9:.1f} GB) to {out}")
+            with cache.building(out) as tmp:
+                write(tmp, shape, dtype)
+    return out
+
+
 def run_tool(cmd: list, what: str, env: dict | None = None) -> None:
     """Runs a converter; PeerUnavailable with the end of its output when it fails."""
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -41,6 +41,8 @@ class Options:
     generate: bool = True
     seed: int = 0
     bandwidth_bytes: int = 1 << 30
+    shape: Optional[str] = None  # random weights in this model's shapes (random_model.SHAPES) instead of `model`
+    sequential: bool = False     # engines one after another instead of side by side (models near the RAM)
 
     def validate(self) -> None:
         def ints(name, values, low):
@@ -54,6 +56,13 @@ class Options:
             ints("threads (-t)", self.threads, 1)
         ints("reps (-r)", [self.reps], 1)
         ints("bandwidth_bytes", [self.bandwidth_bytes], 1 << 20)
+        if self.shape is not None:
+            from .random_model import SHAPES
+
+            if self.shape not in SHAPES:
+                raise ValueError(f"--shape must be one of {', '.join(SHAPES)}, not {self.shape!r}")
+            if self.model is not None:
+                raise ValueError("give either -m MODEL or --shape NAME, not both")
         if not any(self.prompts) and not any(self.gens):
             raise ValueError("nothing to measure: every prompt length (-p) and generation length (-n) is 0")
         bad = [d for d in self.dtypes if d not in DTYPES] or ([] if self.dtypes else ["(none)"])
@@ -153,7 +162,10 @@ def run(opts: Options, command: str = "", log: Callable[[str], None] = lambda s:
     # A GGUF source or alias has one cached conversion per dtype, which gally loads zero-copy;
     # the peers get the same folder
     log("resolving the model (a GGUF source is converted once per dtype)")
-    folders = {d: sources.resolve(opts.model, d if d in ("f32", "bf16", "f16") else None) for d in opts.dtypes}
+    if opts.shape:  # random weights, stored f32 for f32 and bf16 for the rest (8B f32 would not fit)
+        folders = {d: derived.random_folder(opts.shape, "f32" if d == "f32" else "bf16", log=log) for d in opts.dtypes}
+    else:
+        folders = {d: sources.resolve(opts.model, d if d in ("f32", "bf16", "f16") else None) for d in opts.dtypes}
     vocab = config.read(folders[opts.dtypes[0]]).vocab_size
     tests = tests_of(opts)
     rng = np.random.default_rng(opts.seed)
@@ -199,7 +211,8 @@ def _fill_bandwidth_fractions(results: Results) -> None:
 def _peer_specs(opts, dtype, folder, status, log) -> dict:
     """engine → the spec its worker starts from (threads filled in later); status[peer][dtype] says why a peer is
     absent. gally loads int8/int4 from a stored `gally quantize` folder (zero-copy), not quantizing at load."""
-    model = derived.quantized_folder(folder, dtype, log=log) if dtype in QUANTIZED else opts.model
+    model = derived.quantized_folder(folder, dtype, log=log) if dtype in QUANTIZED else (
+        folder if opts.shape else opts.model)
     specs = {"gally": {"model": model, "dtype": dtype}}
     gguf = ct2 = None
     for peer in opts.peers:
@@ -244,9 +257,26 @@ def _block(opts, dtype, threads, tests, inputs, gen_prompt, specs, results: Resu
     context = max([t.depth + t.tokens for t in tests] + [len(gen_prompt) + max(opts.gens) + 1])
     setups = {name: Setup(name, dtype, threads) for name in specs if name != "llama-bench"}
     results.setups += setups.values()
+    if opts.sequential:  # one engine at a time: two copies of a large model's weights would not fit
+        workers, seconds = {}, {}
+        for name in setups:
+            one = _start(opts, {name: specs[name]}, {name: setups[name]}, threads, -(-context // 256) * 256, tag, log)
+            seconds.update(_interleave(opts, tests, inputs, one, setups, tag, log))
+            _finish_engine(opts, dtype, threads, one, setups, gen_prompt, results, log)
+        _rows(opts, dtype, threads, tests, setups, seconds, results)
+        if "llama-bench" in specs:
+            _llama_bench_rows(opts, dtype, threads, specs["llama-bench"], results, log)
+        return
     workers = _start(opts, specs, setups, threads, -(-context // 256) * 256, tag, log)
     seconds = _interleave(opts, tests, inputs, workers, setups, tag, log)
 
+    _rows(opts, dtype, threads, tests, setups, seconds, results)
+    _finish_engine(opts, dtype, threads, workers, setups, gen_prompt, results, log)
+    if "llama-bench" in specs:
+        _llama_bench_rows(opts, dtype, threads, specs["llama-bench"], results, log)
+
+
+def _rows(opts, dtype, threads, tests, setups, seconds, results) -> None:
     for name, setup in setups.items():
         for test in tests:
             s = seconds.get((name, test), [])
@@ -256,7 +286,11 @@ def _block(opts, dtype, threads, tests, inputs, gen_prompt, specs, results: Resu
             if name == "gally" and test.kind == "tg":
                 row.gb_s = row.tok_s.scaled(setup.info["weight_bytes"] / 1e9)
             results.rows.append(row)
-    # Peak RSS while prefilling and decoding token ids, before Model.generate brings in the tokenizer.
+
+
+def _finish_engine(opts, dtype, threads, workers, setups, gen_prompt, results, log) -> None:
+    """Peak RSS while prefilling and decoding token ids (before Model.generate brings in the
+    tokenizer), the Model.generate row, and the workers closed."""
     for name, w in workers.items():
         try:
             setups[name].peak_rss = w.call("peak_rss")["bytes"]
@@ -266,8 +300,6 @@ def _block(opts, dtype, threads, tests, inputs, gen_prompt, specs, results: Resu
         results.rows.append(_generate_row(opts, dtype, threads, workers["gally"], setups["gally"], gen_prompt, log))
     for w in workers.values():
         w.close()
-    if "llama-bench" in specs:
-        _llama_bench_rows(opts, dtype, threads, specs["llama-bench"], results, log)
 
 
 def _start(opts, specs, setups, threads, max_context, tag, log) -> dict:

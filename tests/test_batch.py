@@ -203,3 +203,19 @@ def test_a_long_context_splits_its_decode_attention(folder):
     assert all(np.array_equal(a, b) for a, b in zip(got[1], got[3]))
     want = forward(folder, ids)
     assert np.abs(got[1][0] - want[1098]).max() <= 1e-4 and np.abs(got[1][1] - want[1099]).max() <= 1e-4
+
+
+def test_llama3_rope_holds_far_past_the_original_context(tmp_path):
+    """A Llama-3-scaled model (original context 256, factor 32) at positions past 4096: a prompt,
+    then decode steps, as the independent NumPy forward pass computes them."""
+    scaling = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=256)
+    folder, w = make_checkpoint(tmp_path, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=VOCAB, rope_theta=500000.0, rope_scaling=scaling,
+                                max_position_embeddings=8192)
+    ids = list(np.random.default_rng(5).integers(0, VOCAB, 4200))
+    s = gally.load(folder, threads=2).session()
+    s.append(ids[:4198])
+    got = [s.append([ids[4198]]), s.append([ids[4199]])]
+    want = forward(folder, ids, w)
+    assert max(np.abs(g - want[4198 + i]).max() for i, g in enumerate(got)) <= 2e-3

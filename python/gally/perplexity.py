@@ -52,12 +52,8 @@ def _check_ctx(ctx, model) -> int:
     return int(ctx)
 
 
-def perplexity(model, text_or_token_ids: Union[str, Sequence[int], np.ndarray], ctx: int = 512,
-               progress: Optional[Callable[[int, int, float], None]] = None) -> dict:
-    """Perplexity of `model` (a gally.Model) on a text or its token ids, with the protocol above.
-    Returns {"ppl", "stderr", "tokens_scored", "windows", "ctx"}. progress(done, total, ppl_so_far)
-    is called after each window."""
-    ctx = _check_ctx(ctx, model)
+def _token_ids(model, text_or_token_ids) -> np.ndarray:
+    """The text's token ids (no special tokens), or the ids given, checked against the vocabulary."""
     if isinstance(text_or_token_ids, str):
         if model.tokenizer is None:
             raise ValueError(f"{model.path}: the model has no tokenizer.json; pass token ids instead of text")
@@ -72,6 +68,63 @@ def perplexity(model, text_or_token_ids: Union[str, Sequence[int], np.ndarray], 
     if bad.size:
         i = int(bad[0])
         raise ValueError(f"token id {int(ids[i])} at index {i} is outside the vocabulary [0, {vocab})")
+    return ids
+
+
+def _scored_logits(model, session, w: np.ndarray) -> np.ndarray:
+    """Logits [ctx/2, vocab] predicting the window's second half (positions ctx/2-1 … ctx-2): the
+    first ctx/2-1 tokens without the lm_head's [n, vocab] product, then the rest with all logits."""
+    half = len(w) // 2
+    session.reset()
+    if half > 1:
+        session.forward(w[: half - 1])
+    return session.forward(w[half - 1:], all_logits=True)[:-1]
+
+
+def kl_divergence(base, model, text_or_token_ids, ctx: int = 512,
+                  progress: Optional[Callable[[int, int, float], None]] = None) -> dict:
+    """How far `model` (a quantized copy, say) is from `base` on a text, per scored token of the
+    perplexity protocol (llama-perplexity --kl-divergence): KL(P_base ‖ P_model), its mean, median
+    and 99th percentile, the share of tokens whose top choice is the same, and both perplexities.
+    progress(done, total, mean KL so far) after each window."""
+    ctx = _check_ctx(ctx, model)
+    _check_ctx(ctx, base)
+    if base.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"the models' vocabularies differ ({base.config.vocab_size} and {model.config.vocab_size})")
+    ids = _token_ids(base, text_or_token_ids)
+    batches = windows(ids, ctx)
+    if len(batches) == 0:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of ctx={ctx}")
+    sb, sm = base.session(ctx), model.session(ctx)
+    kl, same, nll_b, nll_m = [], [], [], []
+    for done, w in enumerate(batches, 1):
+        lb, lm = _scored_logits(base, sb, w).astype(np.float64), _scored_logits(model, sm, w).astype(np.float64)
+        pb = lb - lb.max(1, keepdims=True)
+        pb -= np.log(np.exp(pb).sum(1, keepdims=True))
+        pm = lm - lm.max(1, keepdims=True)
+        pm -= np.log(np.exp(pm).sum(1, keepdims=True))
+        kl.append((np.exp(pb) * (pb - pm)).sum(1))
+        same.append(lb.argmax(1) == lm.argmax(1))
+        targets = w[len(w) // 2:]
+        nll_b.append(-np.take_along_axis(pb, targets[:, None], 1)[:, 0])
+        nll_m.append(-np.take_along_axis(pm, targets[:, None], 1)[:, 0])
+        if progress is not None:
+            progress(done, len(batches), float(np.concatenate(kl).mean()))
+    kl_all = np.concatenate(kl)
+    return {"kld_mean": float(kl_all.mean()), "kld_median": float(np.median(kl_all)),
+            "kld_p99": float(np.percentile(kl_all, 99)), "same_top": float(np.concatenate(same).mean()),
+            "ppl_base": math.exp(float(np.concatenate(nll_b).mean())),
+            "ppl": math.exp(float(np.concatenate(nll_m).mean())), "tokens_scored": len(kl_all),
+            "windows": len(batches), "ctx": ctx}
+
+
+def perplexity(model, text_or_token_ids: Union[str, Sequence[int], np.ndarray], ctx: int = 512,
+               progress: Optional[Callable[[int, int, float], None]] = None) -> dict:
+    """Perplexity of `model` (a gally.Model) on a text or its token ids, with the protocol above.
+    Returns {"ppl", "stderr", "tokens_scored", "windows", "ctx"}. progress(done, total, ppl_so_far)
+    is called after each window."""
+    ctx = _check_ctx(ctx, model)
+    ids = _token_ids(model, text_or_token_ids)
     batches = windows(ids, ctx)
     if len(batches) == 0:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of ctx={ctx}")
@@ -79,13 +132,7 @@ def perplexity(model, text_or_token_ids: Union[str, Sequence[int], np.ndarray], 
     session = model.session(ctx)
     nll = []
     for done, w in enumerate(batches, 1):
-        session.reset()
-        # Logits are needed only at positions half-1 … ctx-2: run the first half-1 tokens without
-        # the lm_head's [n, vocab] product, then the rest with all logits.
-        if half > 1:
-            session.forward(w[: half - 1])
-        logits = session.forward(w[half - 1:], all_logits=True)
-        nll.append(token_nll(logits[:-1], w[half:]))
+        nll.append(token_nll(_scored_logits(model, session, w), w[half:]))
         if progress is not None:
             progress(done, len(batches), math.exp(float(np.concatenate(nll).mean())))
     result = summarize(np.concatenate(nll))

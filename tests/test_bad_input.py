@@ -138,6 +138,41 @@ def test_sharded_checkpoint(tmp_path):
     (dict(num_key_value_heads=3), "not a multiple of num_key_value_heads"),
     (dict(hidden_size="64"), "'hidden_size' must be an integer"),
     (dict(vocab_size=0), "'vocab_size' must be positive"),
+    # dimensions whose products would overflow an int in the C++ core
+    (dict(num_attention_heads=65536, num_key_value_heads=65536, head_dim=65536),
+     "'num_attention_heads' is 65536, more than gally's limit of 1024"),
+    (dict(hidden_size=2**31), "'hidden_size' is 2147483648, more than gally's limit of 65536"),
+    (dict(num_hidden_layers=4_000_000_000), "'num_hidden_layers' is 4000000000, more than gally's limit of 1024"),
+    (dict(vocab_size=1 << 23), "'vocab_size' is 8388608, more than gally's limit of 4194304"),
+    (dict(num_attention_heads=1024, num_key_value_heads=1, head_dim=256),
+     "num_attention_heads x head_dim = 262144 is more than gally's limit of 131072"),
+    (dict(hidden_size=65536, vocab_size=65536, head_dim=16), "a weight matrix of 65536 x hidden_size 65536 elements"),
+    (dict(num_key_value_heads=8), "not a multiple of num_key_value_heads"),
+    (dict(max_position_embeddings=-5), "'max_position_embeddings' must be positive"),
+    # numbers that would make the logits NaN
+    (dict(rope_theta=0), "'rope_theta' must be a finite positive number, got 0"),
+    (dict(rope_theta=-1e4), "'rope_theta' must be a finite positive number"),
+    (dict(rope_theta=float("nan")), "'rope_theta' must be a finite number, got nan"),
+    (dict(rope_theta="big"), "'rope_theta' must be a finite number, got 'big'"),
+    (dict(rope_theta=1e-300), "non-finite RoPE frequencies"),
+    (dict(rms_norm_eps=float("inf")), "'rms_norm_eps' must be a finite number, got inf"),
+    (dict(rms_norm_eps=-1e-5), "'rms_norm_eps' must be in \\[0, 1\\)"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 0}), "'factor' must be a positive finite number, got 0"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 2.0,
+                        "original_max_position_embeddings": 64}), "'high_freq_factor' \\(2.0\\) must exceed"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": float("inf"), "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}), "'factor' must be"),
+    (dict(rope_scaling={"rope_type": ["linear"], "factor": 2.0}), "'rope_type' must be a string"),
+    (dict(rope_parameters=[1, 2]), "'rope_parameters' must be an object"),
+    # fields of the wrong type, named rather than crashing
+    (dict(architectures={"a": 1}), "'architectures' must be a list of strings"),
+    (dict(head_dim=16.5), "'head_dim' must be an integer, got 16.5"),
+    (dict(num_key_value_heads=[2]), "'num_key_value_heads' must be an integer"),
+    (dict(eos_token_id={"x": 1}), "'eos_token_id' must be an integer or a list of integers"),
+    (dict(bos_token_id="<s>"), "'bos_token_id' must be an integer"),
+    (dict(tie_word_embeddings="yes"), "'tie_word_embeddings' must be true or false"),
+    (dict(architectures=["MistralForCausalLM"], sliding_window=-4096), "'sliding_window' must be >= 0, got -4096"),
+    (dict(architectures=["MistralForCausalLM"], sliding_window="4k"), "'sliding_window' must be an integer"),
 ])
 def test_bad_config(tmp_path, overrides, message):
     folder, _ = make_checkpoint(tmp_path)
@@ -189,6 +224,8 @@ def test_bad_tokens_and_context(tmp_path):
     (dict(threads=0), "threads must be a positive integer"),
     (dict(threads=1.5), "threads must be a positive integer"),
     (dict(max_context=-1), "max_context must be a positive integer"),
+    (dict(max_context=(1 << 20) + 1), "max_context must be at most 1048576"),
+    (dict(threads=10**5), "threads must be at most 1024"),
 ])
 def test_bad_load_arguments(tmp_path, kwargs, message):
     folder, _ = make_checkpoint(tmp_path)
@@ -216,3 +253,89 @@ def test_a_context_past_the_trained_positions_needs_forcing(tmp_path):
         assert gally.load(folder, max_context=1000, force_context=True).max_context == 1000
     linear = make_checkpoint(tmp_path / "linear", rope_scaling={"rope_type": "linear", "factor": 4.0})[0]
     assert gally.load(linear, max_context=1000).max_context == 1000  # its scaling covers 4 × 256
+
+
+def test_core_checks_the_config_bounds_itself(tmp_path):
+    # heads = kv heads = head_dim = 65536 made heads x head_dim wrap to 0 in an int, which zero-row
+    # q/k/v tensors then matched; the C++ check refuses the config whoever builds it.
+    from gally import _core
+
+    c = _core.ModelConfig()
+    for key, value in dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=65536,
+                           num_key_value_heads=65536, head_dim=65536, vocab_size=97).items():
+        setattr(c, key, value)
+    c.inv_freq = [1.0] * 32768
+    c.attention_scale = 1.0
+    with pytest.raises(ValueError, match="config: num_attention_heads must be in \\[1, 1024\\], got 65536"):
+        _core.Model(c, {}, "", 1)
+    c.num_attention_heads = c.num_key_value_heads = 4
+    c.head_dim = 16
+    c.inv_freq = [1.0] * 7 + [float("nan")]
+    with pytest.raises(ValueError, match="RoPE frequencies must be finite"):
+        _core.Model(c, {}, "", 1)
+    c.inv_freq = [1.0] * 8
+    c.rms_norm_eps = float("inf")
+    with pytest.raises(ValueError, match="rms_norm_eps must be in \\[0, 1\\)"):
+        _core.Model(c, {}, "", 1)
+
+
+def test_session_kv_cache_is_bounded(tmp_path):
+    folder, _ = make_checkpoint(tmp_path, hidden_size=64, intermediate_size=16, num_hidden_layers=1,
+                                num_attention_heads=64, num_key_value_heads=64, head_dim=128, vocab_size=16)
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    model = gally.load(folder, max_context=16)
+    # 1 layer x (k, v) x 64 heads x 128 x 4 bytes = 64 KiB a token: 2^20 tokens take 64 GiB, within the limit
+    assert model.session(16).max_context == 16
+    cfg["num_hidden_layers"] = 1024
+    with pytest.raises(ValueError, match="max_context 1048576 needs a KV cache of 65536 GiB per session, more than "
+                                         "gally's limit of 1024 GiB"):
+        gally.model._check_context(1 << 20, gally.Config.from_dict(cfg))
+    from gally import _core
+    with pytest.raises(ValueError, match="max_context must be in \\[1, 1048576\\]"):
+        _core.Session(model._core, (1 << 20) + 1)
+
+
+def test_safetensors_header_over_100_mb(tmp_path):
+    folder, _ = make_checkpoint(tmp_path)
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", 100_000_001) + b"{")
+        f.truncate(8 + 100_000_001 + 16)  # sparse: no disk used
+    with pytest.raises(ValueError, match="header length 100000001 exceeds the format's limit of 100000000 bytes") as e:
+        gally.load(folder)
+    assert path in str(e.value)
+
+
+def _with_nan(folder, w, name="model.layers.1.mlp.up_proj.weight", dtype="F32"):
+    w = {k: v.astype(np.float32) for k, v in w.items()}
+    w[name] = w[name].copy()
+    w[name][3, 5] = np.nan
+    write_safetensors(os.path.join(folder, "model.safetensors"), w, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
+def test_check_tensors_names_a_tensor_with_nan(tmp_path, dtype):
+    folder, w = make_checkpoint(tmp_path)
+    gally.load(folder, check_tensors=True)  # clean weights pass
+    _with_nan(folder, w, dtype=dtype)
+    with pytest.raises(ValueError, match=f"tensor 'model.layers.1.mlp.up_proj.weight' \\({dtype}\\) holds a NaN "
+                                         f"or an infinity at flat index {3 * 64 + 5}") as e:
+        gally.load(folder, check_tensors=True)
+    assert folder in str(e.value)
+    gally.load(folder)  # off by default: the file is not read at load
+
+
+def test_non_finite_logits_never_become_text(tmp_path):
+    from generation_helpers import make_text_checkpoint
+
+    folder = make_text_checkpoint(tmp_path / "m")
+    _, w = make_checkpoint(tmp_path / "w", vocab_size=json.load(open(os.path.join(folder, "config.json")))["vocab_size"])
+    _with_nan(folder, w)
+    model = gally.load(folder)
+    assert np.isnan(model.session().append([1, 2, 3])).any()
+    for kwargs in (dict(temperature=0), dict(temperature=0.8, seed=1), dict(temperature=1.0, top_k=0, top_p=1.0,
+                                                                            min_p=0.0, seed=1)):
+        with pytest.raises(ValueError, match="the model produced non-finite logits .* weights or config are corrupt"):
+            model.generate("Hello", max_new_tokens=3, **kwargs)
+        with pytest.raises(ValueError, match="non-finite logits"):
+            list(model.generate("Hello", max_new_tokens=3, stream=True, **kwargs))

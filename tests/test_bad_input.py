@@ -339,3 +339,17 @@ def test_non_finite_logits_never_become_text(tmp_path):
             model.generate("Hello", max_new_tokens=3, **kwargs)
         with pytest.raises(ValueError, match="non-finite logits"):
             list(model.generate("Hello", max_new_tokens=3, stream=True, **kwargs))
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "go past 1048576 steps"),
+    ("{{ 'ab' * 10**9 }}", "repeats a sequence of 2 items 1000000000 times"),
+    ("{{ [0] * 2**30 }}", "repeats a sequence of 1 items"),
+    ("{{ 3 ** 100000000 }}", "raises a number to the power 100000000"),
+])
+def test_hostile_chat_template_is_stopped(template, message):
+    from gally import chat_template
+
+    with pytest.raises(chat_template.ChatTemplateError, match=message):
+        chat_template.render(template, [{"role": "user", "content": "hi"}])
+    assert chat_template.render("{% for i in range(3) %}{{ i * 2 }}{% endfor %}{{ 'ab' * 2 }}", []) == "024abab"

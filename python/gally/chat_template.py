@@ -14,6 +14,27 @@ class ChatTemplateError(ValueError):
     """The template refused the conversation (raise_exception) or failed to render it."""
 
 
+# Bounds on what one rendering may build: items of a repeated sequence, numbers range() yields in
+# all, and the exponent of a power. A real template loops over the messages and writes kilobytes.
+MAX_ITEMS = 1 << 20
+MAX_EXPONENT = 4096
+
+
+class _BoundedRange:
+    """range() for one rendering, yielding at most MAX_ITEMS numbers in all: nested loops over
+    large ranges would otherwise run for hours."""
+
+    def __init__(self):
+        self.left = MAX_ITEMS
+
+    def __call__(self, *args):
+        r = range(*args)
+        self.left -= len(r)
+        if self.left < 0:
+            raise ChatTemplateError(f"the chat template's loops over range() go past {MAX_ITEMS} steps")
+        return r
+
+
 def _raise_exception(message: str):
     raise ChatTemplateError(message)
 
@@ -44,8 +65,21 @@ def compile_template(source: str):
         def _body(self, caller):
             return caller()
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    class _Bounded(ImmutableSandboxedEnvironment):
+        # A template from a downloaded file must not take the process's memory or time: products
+        # and powers are checked before they are computed (range is bounded per render, below).
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
+                raise ChatTemplateError(f"the chat template raises a number to the power {right}")
+            if operator == "*":
+                for seq, count in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > MAX_ITEMS:
+                        raise ChatTemplateError(f"the chat template repeats a sequence of {len(seq)} items {count} times")
+            return super().call_binop(context, operator, left, right)
+
+    env = _Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -69,6 +103,7 @@ def render(source: str, messages: list[dict], add_generation_prompt: bool = True
     # Keys whose value is None are dropped, as transformers does: templates test for presence.
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     template = compile_template(source)
+    variables.setdefault("range", _BoundedRange())
     variables.setdefault("tools", None)  # templates test `tools is not none`, which undefined fails
     variables.setdefault("documents", None)
     try:

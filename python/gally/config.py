@@ -68,7 +68,7 @@ class Config:
                 raw = json.load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no config.json in the model folder") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a JSON object")

@@ -156,7 +156,7 @@ def open_checkpoint(folder: str) -> dict[str, "_core.Tensor"]:
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: weight_map must be an object")

@@ -353,3 +353,38 @@ def test_hostile_chat_template_is_stopped(template, message):
     with pytest.raises(chat_template.ChatTemplateError, match=message):
         chat_template.render(template, [{"role": "user", "content": "hi"}])
     assert chat_template.render("{% for i in range(3) %}{{ i * 2 }}{% endfor %}{{ 'ab' * 2 }}", []) == "024abab"
+
+
+def test_gguf_with_absurd_block_count_is_refused_at_once(tmp_path):
+    # A 1 KB file claiming 4e9 layers made the importer loop over range(block_count) for ever.
+    gguf = pytest.importorskip("gguf")
+    path = str(tmp_path / "m.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    for key, value in dict(block_count=4_000_000_000, context_length=64, embedding_length=8,
+                           feed_forward_length=16, **{"attention.head_count": 2}).items():
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert os.path.getsize(path) < 1024
+    code = f"from gally import gguf_import; gguf_import.convert({path!r}, {str(tmp_path / 'out')!r})"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert f"ValueError: {path}: config field 'num_hidden_layers' is 4000000000, more than gally's limit of 1024" in r.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("tensors, entries", [(2**60, 0), (0, 2**40), (1000, 0)])
+def test_gguf_header_counts_beyond_the_file_are_refused(tmp_path, tensors, entries):
+    from gally import gguf_import
+
+    path = str(tmp_path / "m.gguf")
+    with open(path, "wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, tensors, entries) + bytes(1000))
+    with pytest.raises(ValueError, match=f"corrupt GGUF header: {tensors} tensors and {entries} metadata entries "
+                                         f"cannot fit in a file of 1024 bytes") as e:
+        gguf_import.convert(path, str(tmp_path / "out"))
+    assert path in str(e.value)

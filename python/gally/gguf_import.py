@@ -47,8 +47,18 @@ def open_gguf(path: str):
         raise FileNotFoundError(f"{path}: no such GGUF file")
     with open(path, "rb") as f:
         magic = f.read(4)
+        head = f.read(20)
     if magic != b"GGUF":
         raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    size = os.path.getsize(path)
+    if len(head) == 20:
+        # GGUF v2/v3 header: u32 version, u64 tensor count, u64 metadata count. Each tensor info takes
+        # at least 24 bytes and each metadata entry 13, so counts the file cannot hold are corrupt,
+        # and refused before a reader loops over them.
+        n_tensors, n_kv = int.from_bytes(head[4:12], "little"), int.from_bytes(head[12:20], "little")
+        if 24 * n_tensors + 13 * n_kv > size:
+            raise ValueError(f"{path}: corrupt GGUF header: {n_tensors} tensors and {n_kv} metadata entries "
+                             f"cannot fit in a file of {size} bytes")
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, TypeError) as e:
@@ -57,7 +67,6 @@ def open_gguf(path: str):
                              f"upgrading the gguf package may help") from None
         raise ValueError(f"{path}: unreadable GGUF file, truncated or corrupt ({type(e).__name__}: {e}); "
                          f"download or copy it again") from None
-    size = os.path.getsize(path)
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise ValueError(f"{path}: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes} of a "
@@ -145,10 +154,21 @@ def hf_config(meta: dict[str, Any], tensors: dict[str, Any], path: str, dtype: s
                       ("padding_token_id", "pad_token_id")):
         if meta.get(f"tokenizer.ggml.{key}") is not None:
             config[name] = int(meta[f"tokenizer.ggml.{key}"])
+    _check_config(config, path)  # gally's bounds (block count, dimensions), before anything loops over them
     scaling = rope_scaling(meta, tensors, arch, config, path)
     if scaling is not None:
         config["rope_scaling"] = scaling
+        _check_config(config, path)
     return config
+
+
+def _check_config(config: dict, path: str) -> None:
+    from .config import Config
+
+    try:
+        Config.from_dict(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def rope_scaling(meta: dict[str, Any], tensors: dict[str, Any], arch: str, config: dict, path: str) -> Optional[dict]:
@@ -160,13 +180,19 @@ def rope_scaling(meta: dict[str, Any], tensors: dict[str, Any], arch: str, confi
     if kind in (None, "none"):
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+        factor = meta.get(f"{arch}.rope.scaling.factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            raise ValueError(f"{path}: metadata key {arch}.rope.scaling.factor must be a number, got {factor!r}")
+        return {"rope_type": "linear", "factor": float(factor)}
     raise ValueError(f"{path}: RoPE scaling {kind!r} is not supported; gally supports linear and llama3 scaling")
 
 
 def _llama3_scaling(divisors: np.ndarray, config: dict, path: str) -> dict:
     from .config import Config
 
+    if divisors.size != config["head_dim"] // 2 or not np.isfinite(divisors).all():
+        raise ValueError(f"{path}: rope_freqs.weight must hold head_dim/2 = {config['head_dim'] // 2} finite "
+                         f"divisors, got {divisors.size}")
     factor = float(divisors.max())
     for original in (8192, 4096, 2048, 16384, 32768, 65536, 131072):
         for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0)):

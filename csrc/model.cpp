@@ -71,7 +71,7 @@ class Builder {
     const std::string base = name.substr(0, name.size() - 7);
     if (!has(name) && has(base + ".qweight")) return quantized(base, rows, cols);
     const Tensor& t = find(name, {rows, cols});
-    DType from;
+    DType from = DType::F32;  // set by as_compute_dtype, which find() has checked
     as_compute_dtype(t.dtype, &from);
     DType to = keep_dtype_ ? from : want_;
     Matrix mat{t.data, to, rows, cols};
@@ -84,7 +84,7 @@ class Builder {
   // Norm weights and biases are small and always kept in f32.
   const float* vector(const std::string& name, int n) {
     const Tensor& t = find(name, {n});
-    DType from;
+    DType from = DType::F32;  // set by as_compute_dtype, which find() has checked
     as_compute_dtype(t.dtype, &from);
     m_.weight_bytes += size_t(n) * 4;
     if (from == DType::F32 && uintptr_t(t.data) % 4 == 0) {

@@ -162,9 +162,10 @@ def open_checkpoint(folder: str) -> dict[str, "_core.Tensor"]:
             raise ValueError(f"{index}: weight_map must be an object")
         tensors: dict[str, _core.Tensor] = {}
         shard_of: dict[str, str] = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in weight_map.values():
             if not isinstance(shard, str) or os.path.basename(shard) != shard:
                 raise ValueError(f"{index}: shard name {shard!r} must be a file in the model folder")
+        for shard in sorted(set(weight_map.values())):
             for name, t in open_file(os.path.join(folder, shard)).items():
                 if name in tensors:
                     raise ValueError(f"{index}: tensor {name!r} appears in more than one shard")

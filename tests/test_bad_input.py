@@ -388,3 +388,40 @@ def test_gguf_header_counts_beyond_the_file_are_refused(tmp_path, tensors, entri
                                          f"cannot fit in a file of 1024 bytes") as e:
         gguf_import.convert(path, str(tmp_path / "out"))
     assert path in str(e.value)
+
+
+def _small_gguf(path, extra):
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in dict(block_count=1, context_length=64, embedding_length=8, feed_forward_length=16,
+                           **{"attention.head_count": 2}).items():
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    extra(w)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("1-D embedding", lambda w: w.add_tensor("token_embd.weight", np.zeros(8, np.float32)), "IndexError"),
+    ("tokens an integer", lambda w: (w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32)),
+                                     w.add_string("tokenizer.ggml.model", "gpt2"),
+                                     w.add_uint32("tokenizer.ggml.tokens", 5)), "TypeError"),
+    ("merges integers", lambda w: (w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32)),
+                                   w.add_string("tokenizer.ggml.model", "gpt2"), w.add_token_list(["a", "b"]),
+                                   w.add_array("tokenizer.ggml.merges", [1, 2])), "AttributeError"),
+    ("linear scaling without factor", lambda w: (w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32)),
+                                                 w.add_string("llama.rope.scaling.type", "linear")),
+     "llama.rope.scaling.factor must be a number, got None"),
+])
+def test_malformed_gguf_metadata_is_a_value_error_naming_the_file(tmp_path, case, extra, message):
+    from gally import gguf_import
+
+    path = tmp_path / "m.gguf"
+    _small_gguf(path, extra)
+    with pytest.raises(ValueError, match=message) as e:
+        gguf_import.convert(str(path), str(tmp_path / "out"))
+    assert str(e.value).startswith(f"{path}: ")
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]

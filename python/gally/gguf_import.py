@@ -13,10 +13,11 @@ What llama.cpp's converter changed, undone here:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -257,7 +258,8 @@ def convert(path: str, out_dir: str, dtype: str = "f32", progress: Optional[bool
     path, out_dir = os.fspath(path), os.fspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ValueError(f"{out_dir}: already exists; choose a new output folder")
-    plan = _Plan(path, dtype)
+    with _named_errors(path):
+        plan = _Plan(path, dtype)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     cache.check_free_space(parent, plan.out_bytes + (1 << 20), f"converting {os.path.basename(path)}")
@@ -294,7 +296,8 @@ def _write_weights(plan: _Plan, path: str, folder: str, dtype: str, progress: Op
                disable=None if progress is None else not progress, leave=False)
     with bar:
         for name, t in plan.names:
-            w = dequantize(t, path)
+            with _named_errors(path, f"tensor {t.name!r}: "):
+                w = dequantize(t, path)
             heads = gguf_names.permuted_heads(architecture, name, plan.config)
             if heads:
                 w = gguf_names.unpermute_rows(w, heads)
@@ -324,6 +327,20 @@ def _write_shard(folder: str, index: int, tensors: dict[str, np.ndarray]) -> lis
     safetensors_file.write_file(os.path.join(folder, f"shard-{index}.safetensors"),
                                 {key: (names[w.dtype], w) for key, w in tensors.items()}, {"format": "pt"})
     return list(tensors)
+
+
+@contextlib.contextmanager
+def _named_errors(path: str, what: str = "") -> Iterator[None]:
+    """Whatever a malformed file makes the reading code trip over (a list where a number belongs,
+    a 1-D tensor where a matrix does) becomes a ValueError that names the file."""
+    try:
+        yield
+    except ValueError as e:
+        if path in str(e):
+            raise
+        raise ValueError(f"{path}: {what}{e}") from None
+    except (IndexError, KeyError, TypeError, AttributeError, OverflowError) as e:
+        raise ValueError(f"{path}: {what}corrupt GGUF metadata or tensor info ({type(e).__name__}: {e})") from None
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -49,7 +49,8 @@ void check_threads_start(int threads) {
   int error = 0;
   for (int i = 1; i < threads && !error; ++i) {  // the calling thread is the team's first
     pthread_t t;
-    error = pthread_create(&t, nullptr, [](void*) -> void* { return nullptr; }, nullptr);
+    error = pthread_create(
+        &t, nullptr, [](void*) -> void* { return nullptr; }, nullptr);
     if (!error) started.push_back(t);
   }
   for (pthread_t t : started) pthread_join(t, nullptr);

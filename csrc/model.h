@@ -24,10 +24,10 @@ struct ConfigLimits {
   static constexpr int num_attention_heads = 1 << 10;
   static constexpr int head_dim = 1 << 10;
   static constexpr int vocab_size = 1 << 22;
-  static constexpr int attention_width = 1 << 17;       // num_attention_heads x head_dim
+  static constexpr int attention_width = 1 << 17;                     // num_attention_heads x head_dim
   static constexpr int64_t matrix_elements = (int64_t(1) << 31) - 1;  // rows x cols of any weight matrix
-  static constexpr int max_context = 1 << 20;           // tokens one session holds (x head_dim < 2^31)
-  static constexpr int64_t kv_cache_bytes = int64_t(1) << 40;  // one session's f32 KV cache
+  static constexpr int max_context = 1 << 20;                         // tokens one session holds (x head_dim < 2^31)
+  static constexpr int64_t kv_cache_bytes = int64_t(1) << 40;         // one session's f32 KV cache
 };
 
 struct ModelConfig {

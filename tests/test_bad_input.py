@@ -329,7 +329,8 @@ def test_non_finite_logits_never_become_text(tmp_path):
     from generation_helpers import make_text_checkpoint
 
     folder = make_text_checkpoint(tmp_path / "m")
-    _, w = make_checkpoint(tmp_path / "w", vocab_size=json.load(open(os.path.join(folder, "config.json")))["vocab_size"])
+    vocab = json.load(open(os.path.join(folder, "config.json")))["vocab_size"]
+    _, w = make_checkpoint(tmp_path / "w", vocab_size=vocab)
     _with_nan(folder, w)
     model = gally.load(folder)
     assert np.isnan(model.session().append([1, 2, 3])).any()
@@ -373,7 +374,8 @@ def test_gguf_with_absurd_block_count_is_refused_at_once(tmp_path):
     code = f"from gally import gguf_import; gguf_import.convert({path!r}, {str(tmp_path / 'out')!r})"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
-    assert f"ValueError: {path}: config field 'num_hidden_layers' is 4000000000, more than gally's limit of 1024" in r.stderr
+    assert (f"ValueError: {path}: config field 'num_hidden_layers' is 4000000000, more than gally's limit of 1024"
+            in r.stderr)
     assert not os.path.exists(tmp_path / "out")
 
 

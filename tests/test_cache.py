@@ -4,7 +4,6 @@ content hash that a rewrite invalidates, and a lock that is waited for within a 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,9 +12,9 @@ import time
 import pytest
 
 import gally
-from gally import cache, gguf_import, sources
-from gguf_helpers import byte_level_vocab, write_gguf
 from conftest import DEFAULT_CONFIG, random_weights
+from gally import cache, sources
+from gguf_helpers import byte_level_vocab, write_gguf
 
 CFG = {**DEFAULT_CONFIG, "vocab_size": len(byte_level_vocab()["tokens"])}
 
@@ -39,8 +38,8 @@ def test_entry_with_empty_or_cut_files_is_rebuilt(home, tiny_gguf, damage):
     # What a power loss can leave where the data of a renamed file never reached the disk.
     folder = sources.resolve(tiny_gguf)
     want = gally.load(folder).logits([1, 2, 3])
-    name = next(n for k, n in (("config", "config.json"), ("tokenizer", "tokenizer.json"), ("weights", "model.safetensors"))
-                if k in damage)
+    files = {"config": "config.json", "tokenizer": "tokenizer.json", "weights": "model.safetensors"}
+    name = next(file for key, file in files.items() if key in damage)
     path = os.path.join(folder, name)
     size = os.path.getsize(path)
     with open(path, "r+b") as f:

@@ -130,7 +130,7 @@ def test_four_threads_with_own_sessions_give_the_serial_logits(folder):
     for _ in range(3):
         results = [None] * 4
 
-        def run(i):
+        def run(i, results=results):
             results[i] = work(prompts[i])
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import gally
-from gally import _core
-from transformers_reference import DATA, DTYPES, IDS, CASES, reference_logits, write_checkpoint
+from transformers_reference import CASES, DATA, DTYPES, IDS, reference_logits, write_checkpoint
 
 MANIFEST = json.load(open(os.path.join(DATA, "manifest.json")))
 PARAMS = [(case, dtype) for case in CASES for dtype in DTYPES]

@@ -62,8 +62,8 @@ def weights(case: str) -> dict[str, np.ndarray]:
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     if not c["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (V, D)
-    for l in range(c["num_hidden_layers"]):
-        p = f"model.layers.{l}."
+    for layer in range(c["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
         shapes.update({p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
                        p + "self_attn.q_proj.weight": (H * hd, D), p + "self_attn.k_proj.weight": (KV * hd, D),
                        p + "self_attn.v_proj.weight": (KV * hd, D), p + "self_attn.o_proj.weight": (D, H * hd),

@@ -76,7 +76,8 @@ def compile_template(source: str):
             if operator == "*":
                 for seq, count in ((left, right), (right, left)):
                     if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > MAX_ITEMS:
-                        raise ChatTemplateError(f"the chat template repeats a sequence of {len(seq)} items {count} times")
+                        raise ChatTemplateError(f"the chat template repeats a sequence of {len(seq)} items "
+                                                f"{count} times")
             return super().call_binop(context, operator, left, right)
 
     env = _Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])

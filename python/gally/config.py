@@ -82,9 +82,9 @@ class Config:
         archs = raw.get("architectures") or []
         if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
             raise ValueError(f"config field 'architectures' must be a list of strings, got {archs!r}")
-        model_type = raw.get("model_type")
+        model_type = raw.get("model_type") if isinstance(raw.get("model_type"), str) else None
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                        "qwen2": "Qwen2ForCausalLM"}.get(model_type if isinstance(model_type, str) else None)
+                                        "qwen2": "Qwen2ForCausalLM"}.get(model_type)
         if arch not in ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch or model_type!r}; "
                              f"gally runs {', '.join(ARCHITECTURES)}")
@@ -212,7 +212,8 @@ class Config:
             high = _scaling_number(s, "high_freq_factor")
             old = _scaling_number(s, "original_max_position_embeddings")
             if not high > low:
-                raise ValueError(f"rope scaling field 'high_freq_factor' ({high}) must exceed 'low_freq_factor' ({low})")
+                raise ValueError(f"rope scaling field 'high_freq_factor' ({high}) must exceed "
+                                 f"'low_freq_factor' ({low})")
             low_wavelen, high_wavelen = old / low, old / high
             wavelen = 2 * math.pi / inv
             out = np.where(wavelen > low_wavelen, inv / factor, inv)

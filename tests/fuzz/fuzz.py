@@ -20,10 +20,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import atheris  # noqa: E402
+from harness import TARGETS  # noqa: E402
 
 import gally  # noqa: E402,F401
 from gally import chat_template, gguf_import, gguf_tokenizer, quantize, safetensors_file, tokenizer  # noqa: E402,F401
-from harness import TARGETS  # noqa: E402
 
 # Every function loaded so far, gally's and its dependencies' (numpy, gguf, jinja2), reports its
 # branches to the fuzzer. (instrument_imports would miss gally: an editable install imports it

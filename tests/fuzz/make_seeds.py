@@ -14,17 +14,17 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-import numpy as np  # noqa: E402
-
 import harness  # noqa: E402
+import numpy as np  # noqa: E402
 from harness import SEPARATOR, TINY, safetensors_bytes, tiny_tokenizer_json, tiny_weights  # noqa: E402
 
 
 def seeds() -> dict[str, dict[str, bytes]]:
     w = tiny_weights()
     names = sorted(w)
-    half = {"metadata": {"total_size": 0}, "weight_map": {
-        **dict.fromkeys(names[: len(names) // 2], harness.SHARDS[0]), **dict.fromkeys(names[len(names) // 2:], harness.SHARDS[1])}}
+    first, second = names[: len(names) // 2], names[len(names) // 2:]
+    half = {"metadata": {"total_size": 0}, "weight_map": {**dict.fromkeys(first, harness.SHARDS[0]),
+                                                          **dict.fromkeys(second, harness.SHARDS[1])}}
     chatml = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     f16 = {k: v.astype(np.float16) for k, v in w.items()}

@@ -343,7 +343,9 @@ def test_non_finite_logits_never_become_text(tmp_path):
 
 
 @pytest.mark.parametrize("template, message", [
-    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "go past 1048576 steps"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "go past 100000 steps"),
+    ("{% set ns = namespace(s='') %}{% for i in range(90000) %}{% for m in messages * 1000 %}{{ m.role }}{% endfor %}"
+     "{% endfor %}", "ran for more than 2 s"),
     ("{{ 'ab' * 10**9 }}", "repeats a sequence of 2 items 1000000000 times"),
     ("{{ [0] * 2**30 }}", "repeats a sequence of 1 items"),
     ("{{ 3 ** 100000000 }}", "raises a number to the power 100000000"),
@@ -386,7 +388,7 @@ def test_gguf_header_counts_beyond_the_file_are_refused(tmp_path, tensors, entri
     path = str(tmp_path / "m.gguf")
     with open(path, "wb") as f:
         f.write(b"GGUF" + struct.pack("<IQQ", 3, tensors, entries) + bytes(1000))
-    with pytest.raises(ValueError, match=f"corrupt GGUF header: {tensors} tensors and {entries} metadata entries "
+    with pytest.raises(ValueError, match=f"corrupt GGUF file: {tensors} tensors and {entries} metadata entries "
                                          f"cannot fit in a file of 1024 bytes") as e:
         gguf_import.convert(path, str(tmp_path / "out"))
     assert path in str(e.value)

@@ -4,9 +4,11 @@ a tojson that keeps non-ASCII text), so that a conversation renders to the same 
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import functools
 import json
+import time
 from typing import Any
 
 
@@ -14,24 +16,36 @@ class ChatTemplateError(ValueError):
     """The template refused the conversation (raise_exception) or failed to render it."""
 
 
-# Bounds on what one rendering may build: items of a repeated sequence, numbers range() yields in
-# all, and the exponent of a power. A real template loops over the messages and writes kilobytes.
+# Bounds on one rendering: items of a repeated sequence, numbers range() yields in all, the
+# exponent of a power, and its time (checked at every call, attribute and item the template
+# reads, so at every step of any loop that does something). A real template loops over the
+# messages, writes kilobytes and takes milliseconds.
 MAX_ITEMS = 1 << 20
+MAX_RANGE_STEPS = 100_000
 MAX_EXPONENT = 4096
+MAX_SECONDS = 2.0
+
+_deadline: contextvars.ContextVar[float] = contextvars.ContextVar("chat_template_deadline", default=float("inf"))
+
+
+def _check_time() -> None:
+    if time.monotonic() > _deadline.get():
+        raise ChatTemplateError(f"the chat template ran for more than {MAX_SECONDS:g} s")
 
 
 class _BoundedRange:
-    """range() for one rendering, yielding at most MAX_ITEMS numbers in all: nested loops over
-    large ranges would otherwise run for hours."""
+    """range() for one rendering, yielding at most MAX_RANGE_STEPS numbers in all: nested loops
+    over large ranges would otherwise run for hours."""
 
     def __init__(self):
-        self.left = MAX_ITEMS
+        self.left = MAX_RANGE_STEPS
 
     def __call__(self, *args):
+        _check_time()
         r = range(*args)
         self.left -= len(r)
         if self.left < 0:
-            raise ChatTemplateError(f"the chat template's loops over range() go past {MAX_ITEMS} steps")
+            raise ChatTemplateError(f"the chat template's loops over range() go past {MAX_RANGE_STEPS} steps")
         return r
 
 
@@ -80,6 +94,18 @@ def compile_template(source: str):
                                                 f"{count} times")
             return super().call_binop(context, operator, left, right)
 
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
+            _check_time()
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def getattr(self, obj, attribute):
+            _check_time()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            _check_time()
+            return super().getitem(obj, argument)
+
     env = _Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -88,6 +114,8 @@ def compile_template(source: str):
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise ChatTemplateError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+    except (RecursionError, SyntaxError, ValueError, TypeError) as e:  # what Jinja's compiler trips over
+        raise ChatTemplateError(f"the chat template is not valid Jinja ({type(e).__name__}: {e})") from None
 
 
 def render(source: str, messages: list[dict], add_generation_prompt: bool = True, **variables: Any) -> str:
@@ -107,9 +135,14 @@ def render(source: str, messages: list[dict], add_generation_prompt: bool = True
     variables.setdefault("range", _BoundedRange())
     variables.setdefault("tools", None)  # templates test `tools is not none`, which undefined fails
     variables.setdefault("documents", None)
+    token = _deadline.set(time.monotonic() + MAX_SECONDS)
     try:
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
     except ChatTemplateError:
         raise
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"the chat template failed on this conversation: {e}") from None
+    except Exception as e:  # the template is a program: its own errors (1/0, "a" - 1, deep recursion)
+        raise ChatTemplateError(f"the chat template failed on this conversation ({type(e).__name__}: {e})") from None
+    finally:
+        _deadline.reset(token)

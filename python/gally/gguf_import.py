@@ -48,18 +48,10 @@ def open_gguf(path: str):
         raise FileNotFoundError(f"{path}: no such GGUF file")
     with open(path, "rb") as f:
         magic = f.read(4)
-        head = f.read(20)
     if magic != b"GGUF":
         raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     size = os.path.getsize(path)
-    if len(head) == 20:
-        # GGUF v2/v3 header: u32 version, u64 tensor count, u64 metadata count. Each tensor info takes
-        # at least 24 bytes and each metadata entry 13, so counts the file cannot hold are corrupt,
-        # and refused before a reader loops over them.
-        n_tensors, n_kv = int.from_bytes(head[4:12], "little"), int.from_bytes(head[12:20], "little")
-        if 24 * n_tensors + 13 * n_kv > size:
-            raise ValueError(f"{path}: corrupt GGUF header: {n_tensors} tensors and {n_kv} metadata entries "
-                             f"cannot fit in a file of {size} bytes")
+    check_counts(path)
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, TypeError) as e:
@@ -73,6 +65,64 @@ def open_gguf(path: str):
             raise ValueError(f"{path}: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes} of a "
                              f"{size}-byte file: the file is truncated; download or copy it again")
     return reader
+
+
+# Bytes of GGUF's scalar value types (GGUFValueType): u8 i8 u16 i16 u32 i32 f32 bool, -, -, u64 i64 f64.
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def check_counts(path: str) -> None:
+    """Walks a GGUF file's header and metadata, checking every count (tensors, entries, string
+    lengths, array lengths) against the bytes left in the file, so that a corrupt count raises
+    ValueError here instead of sending a reader into a loop of billions of steps (the gguf package
+    reads past the end as empty values: an array claiming 4e9 numbers loops 4e9 times)."""
+    import mmap
+    import struct
+
+    def corrupt(what: str) -> ValueError:
+        return ValueError(f"{path}: corrupt GGUF file: {what}")
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise corrupt(f"{size} bytes, shorter than the 24-byte header")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
+            if 24 * n_tensors + 13 * n_kv > size:  # a tensor info takes 24 bytes or more, an entry 13
+                raise corrupt(f"{n_tensors} tensors and {n_kv} metadata entries cannot fit in a file of {size} bytes")
+            at = 24
+
+            def take(n: int, what: str) -> int:
+                nonlocal at
+                if n > size - at:
+                    raise corrupt(f"{what} at byte {at} needs {n} bytes; {size - at} are left")
+                at += n
+                return at - n
+
+            def skip_value(kind: int, where: str) -> None:
+                if kind in _SCALAR_BYTES:
+                    take(_SCALAR_BYTES[kind], where)
+                elif kind == _STRING:
+                    take(struct.unpack_from("<Q", data, take(8, where))[0], where)
+                elif kind == _ARRAY:
+                    item, count = struct.unpack_from("<IQ", data, take(12, where))
+                    if item in _SCALAR_BYTES:
+                        take(count * _SCALAR_BYTES[item], f"{where}: {count} values")
+                    elif item in (_STRING, _ARRAY):
+                        take(0 if count * (8 if item == _STRING else 12) <= size - at else size, f"{where}: {count} items")
+                        for _ in range(count):
+                            skip_value(item, where)
+                    else:
+                        raise corrupt(f"{where} holds values of unknown type {item}")
+                else:
+                    raise corrupt(f"{where} has unknown value type {kind}")
+
+            for i in range(n_kv):
+                key_len = struct.unpack_from("<Q", data, take(8, f"metadata entry {i}"))[0]
+                key = bytes(data[take(key_len, f"metadata entry {i}'s key"):at]).decode("utf-8", "replace")
+                kind = struct.unpack_from("<I", data, take(4, f"metadata {key!r}"))[0]
+                skip_value(kind, f"metadata {key!r}")
 
 
 def metadata(reader) -> dict[str, Any]:
@@ -341,6 +391,10 @@ def _named_errors(path: str, what: str = "") -> Iterator[None]:
         raise ValueError(f"{path}: {what}{e}") from None
     except (IndexError, KeyError, TypeError, AttributeError, OverflowError) as e:
         raise ValueError(f"{path}: {what}corrupt GGUF metadata or tensor info ({type(e).__name__}: {e})") from None
+    except Exception as e:
+        if type(e) is not Exception:  # the tokenizers library raises plain Exception for a bad vocabulary
+            raise
+        raise ValueError(f"{path}: {what}the tokenizer cannot be built from the file's vocabulary ({e})") from None
 
 
 def _write_json(path: str, data: dict) -> None:

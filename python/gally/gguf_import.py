@@ -81,7 +81,7 @@ def check_counts(path: str) -> None:
     import struct
 
     def corrupt(what: str) -> ValueError:
-        return ValueError(f"{path}: corrupt GGUF file: {what}")
+        return ValueError(f"{path}: truncated or corrupt GGUF file: {what}")
 
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -110,7 +110,10 @@ def check_counts(path: str) -> None:
                     if item in _SCALAR_BYTES:
                         take(count * _SCALAR_BYTES[item], f"{where}: {count} values")
                     elif item in (_STRING, _ARRAY):
-                        take(0 if count * (8 if item == _STRING else 12) <= size - at else size, f"{where}: {count} items")
+                        least = 8 if item == _STRING else 12  # a string's length; an array's type and count
+                        if count * least > size - at:
+                            raise corrupt(f"{where}: {count} items at byte {at} need {count * least} bytes or more; "
+                                          f"{size - at} are left")
                         for _ in range(count):
                             skip_value(item, where)
                     else:

@@ -280,19 +280,20 @@ def test_core_checks_the_config_bounds_itself(tmp_path):
 
 
 def test_session_kv_cache_is_bounded(tmp_path):
-    folder, _ = make_checkpoint(tmp_path, hidden_size=64, intermediate_size=16, num_hidden_layers=1,
-                                num_attention_heads=64, num_key_value_heads=64, head_dim=128, vocab_size=16)
-    cfg = json.load(open(os.path.join(folder, "config.json")))
-    model = gally.load(folder, max_context=16)
-    # 1 layer x (k, v) x 64 heads x 128 x 4 bytes = 64 KiB a token: 2^20 tokens take 64 GiB, within the limit
+    # 5 layers x (k, v) x 64 heads x 512 x 4 bytes = 1.25 MiB a token: 2^20 tokens take 1.25 TiB, over
+    # the 1 TiB a session may have (the weights are small: hidden_size 2)
+    folder, _ = make_checkpoint(tmp_path, hidden_size=2, intermediate_size=2, num_hidden_layers=5, vocab_size=4,
+                                num_attention_heads=64, num_key_value_heads=64, head_dim=512)
+    model = gally.load(folder, max_context=16, kv_cache_bytes=2**41)
     assert model.session(16).max_context == 16
-    cfg["num_hidden_layers"] = 1024
-    with pytest.raises(ValueError, match="max_context 1048576 needs a KV cache of 65536 GiB per session, more than "
-                                         "gally's limit of 1024 GiB"):
-        gally.model._check_context(1 << 20, gally.Config.from_dict(cfg))
+    with pytest.raises(ValueError, match="max_context must be at most 1048576, got 1048577"):
+        model.session((1 << 20) + 1)
+    with pytest.raises(ValueError, match="max_context 1048576 needs a KV cache of 1374389534720 bytes, more than "
+                                         "the 1099511627776 a session may have"):
+        model.session(1 << 20)
     from gally import _core
     with pytest.raises(ValueError, match="max_context must be in \\[1, 1048576\\]"):
-        _core.Session(model._core, (1 << 20) + 1)
+        _core.Sequence(model._core, model._pool, (1 << 20) + 1)
 
 
 def test_safetensors_header_over_100_mb(tmp_path):

@@ -21,7 +21,7 @@ LONG = 2048  # tokens of a forward pass that takes tens of milliseconds on the s
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("concurrency"))[0]
+    return make_checkpoint(tmp_path_factory.mktemp("concurrency"), max_position_embeddings=4096)[0]
 
 
 def _while_running(session, ids, action):

@@ -8,6 +8,7 @@
 #include <omp.h>
 #endif
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "forward.h"
 #include "isa.h"
@@ -34,6 +36,27 @@ using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument(what);
+}
+
+// OpenMP's runtime ends the process when it cannot start a team's threads (libgomp: "Thread
+// creation failed"), e.g. under a memory or process limit. Starting as many plain threads, with
+// the same default stack size, once at load turns that case into an exception.
+void check_threads_start(int threads) {
+  if (threads <= 0 || threads > MAX_THREADS)
+    throw std::invalid_argument("threads must be in [1, " + std::to_string(MAX_THREADS) + "], got " +
+                                std::to_string(threads));
+  std::vector<pthread_t> started;
+  int error = 0;
+  for (int i = 1; i < threads && !error; ++i) {  // the calling thread is the team's first
+    pthread_t t;
+    error = pthread_create(
+        &t, nullptr, [](void*) -> void* { return nullptr; }, nullptr);
+    if (!error) started.push_back(t);
+  }
+  for (pthread_t t : started) pthread_join(t, nullptr);
+  if (error)
+    throw std::invalid_argument("threads=" + std::to_string(threads) + ": only " + std::to_string(started.size() + 1) +
+                                " threads could be started (" + std::strerror(error) + "); pass fewer threads");
 }
 
 // Reads a buffer much larger than the caches with every thread and returns the best GB/s of
@@ -93,8 +116,29 @@ PYBIND11_MODULE(_core, m) {
     return false;
 #endif
   });
-  m.def("read_bandwidth", &read_bandwidth, py::arg("bytes"), py::arg("threads"), py::arg("repeats") = 5,
-        py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "read_bandwidth",
+      [](size_t bytes, int threads, int repeats) {
+        check_threads_start(threads);
+        return read_bandwidth(bytes, threads, repeats);
+      },
+      py::arg("bytes"), py::arg("threads"), py::arg("repeats") = 5, py::call_guard<py::gil_scoped_release>());
+  m.attr("MAX_THREADS") = MAX_THREADS;
+  m.def("config_limits", []() {
+    using L = ConfigLimits;
+    py::dict d;
+    d["hidden_size"] = L::hidden_size;
+    d["intermediate_size"] = L::intermediate_size;
+    d["num_hidden_layers"] = L::num_hidden_layers;
+    d["num_attention_heads"] = L::num_attention_heads;
+    d["head_dim"] = L::head_dim;
+    d["vocab_size"] = L::vocab_size;
+    d["attention_width"] = L::attention_width;
+    d["matrix_elements"] = L::matrix_elements;
+    d["max_context"] = L::max_context;
+    d["kv_cache_bytes"] = L::kv_cache_bytes;
+    return d;
+  });
 
   py::class_<MappedFile, std::shared_ptr<MappedFile>>(m, "MappedFile")
       .def(py::init<const std::string&>(), py::arg("path"))
@@ -180,7 +224,12 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("sliding_window", &ModelConfig::sliding_window);
 
   py::class_<Model, std::shared_ptr<Model>>(m, "Model")
-      .def(py::init(&build_model), py::arg("config"), py::arg("tensors"), py::arg("dtype"), py::arg("threads"),
+      .def(py::init([](const ModelConfig& c, const std::map<std::string, Tensor>& tensors, const std::string& dtype,
+                       int threads) {
+             check_threads_start(threads);
+             return build_model(c, tensors, dtype, threads);
+           }),
+           py::arg("config"), py::arg("tensors"), py::arg("dtype"), py::arg("threads"),
            py::call_guard<py::gil_scoped_release>())
       .def_readonly("threads", &Model::threads)
       .def_readonly("weight_bytes", &Model::weight_bytes)
@@ -230,6 +279,7 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<Sequence>(m, "Sequence")
       .def(py::init([](std::shared_ptr<Model> model, std::shared_ptr<KvPool> pool, int max_context) {
+             check_session_size(model->config, max_context);
              return new Sequence(std::move(model), std::move(pool), max_context);
            }),
            py::arg("model"), py::arg("pool"), py::arg("max_context"))

@@ -61,8 +61,13 @@ class KvPool {
   void retain(int id);
   void release(int id);
   int refs(int id) const;
-  void* data(int id) const { return data_[id]; }  // stable while the block is held
-  void trim();                                    // unmaps the free blocks
+  // The block's memory, stable while the block is held; under the lock, since acquire() in another
+  // thread may grow (reallocate) the table meanwhile (ThreadSanitizer saw it).
+  void* data(int id) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return data_[id];
+  }
+  void trim();  // unmaps the free blocks
 
  private:
   KvShape shape_;

@@ -1,5 +1,8 @@
 #include "model.h"
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <stdexcept>
 
 #include "kernels/kernels.h"
@@ -68,7 +71,7 @@ class Builder {
     const std::string base = name.substr(0, name.size() - 7);
     if (!has(name) && has(base + ".qweight")) return quantized(base, rows, cols);
     const Tensor& t = find(name, {rows, cols});
-    DType from;
+    DType from = DType::F32;  // set by as_compute_dtype, which find() has checked
     as_compute_dtype(t.dtype, &from);
     DType to = keep_dtype_ ? from : want_;
     Matrix mat{t.data, to, rows, cols};
@@ -81,7 +84,7 @@ class Builder {
   // Norm weights and biases are small and always kept in f32.
   const float* vector(const std::string& name, int n) {
     const Tensor& t = find(name, {n});
-    DType from;
+    DType from = DType::F32;  // set by as_compute_dtype, which find() has checked
     as_compute_dtype(t.dtype, &from);
     m_.weight_bytes += size_t(n) * 4;
     if (from == DType::F32 && uintptr_t(t.data) % 4 == 0) {
@@ -171,31 +174,55 @@ class Builder {
   DType want_ = DType::F32;
 };
 
+}  // namespace
+
 void check_config(const ModelConfig& c) {
-  auto positive = [](int v, const char* name) {
-    if (v <= 0)
-      throw std::invalid_argument(std::string("config: ") + name + " must be positive, got " + std::to_string(v));
+  using L = ConfigLimits;
+  auto bad = [](const std::string& what) { return std::invalid_argument("config: " + what); };
+  auto in_range = [&](int v, int most, const char* name) {
+    if (v <= 0 || v > most)
+      throw bad(std::string(name) + " must be in [1, " + std::to_string(most) + "], got " + std::to_string(v));
   };
-  positive(c.hidden_size, "hidden_size");
-  positive(c.intermediate_size, "intermediate_size");
-  positive(c.num_hidden_layers, "num_hidden_layers");
-  positive(c.num_attention_heads, "num_attention_heads");
-  positive(c.num_key_value_heads, "num_key_value_heads");
-  positive(c.head_dim, "head_dim");
-  positive(c.vocab_size, "vocab_size");
+  in_range(c.hidden_size, L::hidden_size, "hidden_size");
+  in_range(c.intermediate_size, L::intermediate_size, "intermediate_size");
+  in_range(c.num_hidden_layers, L::num_hidden_layers, "num_hidden_layers");
+  in_range(c.num_attention_heads, L::num_attention_heads, "num_attention_heads");
+  in_range(c.num_key_value_heads, c.num_attention_heads, "num_key_value_heads");
+  in_range(c.head_dim, L::head_dim, "head_dim");
+  in_range(c.vocab_size, L::vocab_size, "vocab_size");
   if (c.num_attention_heads % c.num_key_value_heads != 0)
-    throw std::invalid_argument("config: num_attention_heads (" + std::to_string(c.num_attention_heads) +
-                                ") is not a multiple of num_key_value_heads (" + std::to_string(c.num_key_value_heads) +
-                                ")");
-  if (c.head_dim % 2 != 0)
-    throw std::invalid_argument("config: head_dim must be even for RoPE, got " + std::to_string(c.head_dim));
+    throw bad("num_attention_heads (" + std::to_string(c.num_attention_heads) +
+              ") is not a multiple of num_key_value_heads (" + std::to_string(c.num_key_value_heads) + ")");
+  if (c.head_dim % 2 != 0) throw bad("head_dim must be even for RoPE, got " + std::to_string(c.head_dim));
+  const int64_t width = int64_t(c.num_attention_heads) * c.head_dim;
+  if (width > L::attention_width)
+    throw bad("num_attention_heads x head_dim = " + std::to_string(width) + " exceeds " +
+              std::to_string(L::attention_width));
+  const int64_t widest = std::max<int64_t>({width, c.intermediate_size, c.vocab_size});
+  if (widest * c.hidden_size > L::matrix_elements)
+    throw bad("a weight matrix of " + std::to_string(widest) + " x hidden_size " + std::to_string(c.hidden_size) +
+              " elements exceeds " + std::to_string(L::matrix_elements));
   if (int(c.inv_freq.size()) != c.head_dim / 2)
-    throw std::invalid_argument("config: inv_freq must hold head_dim/2 = " + std::to_string(c.head_dim / 2) +
-                                " values");
-  if (!(c.rms_norm_eps >= 0)) throw std::invalid_argument("config: rms_norm_eps must be non-negative");
+    throw bad("inv_freq must hold head_dim/2 = " + std::to_string(c.head_dim / 2) + " values");
+  for (float f : c.inv_freq)
+    if (!std::isfinite(f) || f < 0) throw bad("the RoPE frequencies must be finite and non-negative");
+  if (!(c.rms_norm_eps >= 0 && c.rms_norm_eps < 1))
+    throw bad("rms_norm_eps must be in [0, 1), got " + std::to_string(c.rms_norm_eps));
+  if (!std::isfinite(c.attention_scale)) throw bad("attention_scale must be finite");
+  if (c.sliding_window < 0) throw bad("sliding_window must be non-negative, got " + std::to_string(c.sliding_window));
 }
 
-}  // namespace
+void check_session_size(const ModelConfig& c, int max_context) {
+  using L = ConfigLimits;
+  if (max_context <= 0 || max_context > L::max_context)
+    throw std::invalid_argument("max_context must be in [1, " + std::to_string(L::max_context) + "], got " +
+                                std::to_string(max_context));
+  const int64_t kv = int64_t(c.num_hidden_layers) * 2 * c.num_key_value_heads * c.head_dim * max_context * 4;
+  if (kv > L::kv_cache_bytes)
+    throw std::invalid_argument("max_context " + std::to_string(max_context) + " needs a KV cache of " +
+                                std::to_string(kv) + " bytes, more than the " + std::to_string(L::kv_cache_bytes) +
+                                " a session may have");
+}
 
 DType parse_dtype(const std::string& name) {
   if (name == "f32" || name == "float32") return DType::F32;
@@ -207,7 +234,9 @@ DType parse_dtype(const std::string& name) {
 std::shared_ptr<Model> build_model(const ModelConfig& c, const std::map<std::string, Tensor>& tensors,
                                    const std::string& dtype, int threads) {
   check_config(c);
-  if (threads <= 0) throw std::invalid_argument("threads must be positive, got " + std::to_string(threads));
+  if (threads <= 0 || threads > MAX_THREADS)
+    throw std::invalid_argument("threads must be in [1, " + std::to_string(MAX_THREADS) + "], got " +
+                                std::to_string(threads));
   auto m = std::make_shared<Model>();
   m->config = c;
   m->threads = threads;

@@ -11,6 +11,25 @@
 
 namespace gally {
 
+// Upper bounds on a config, checked at load (check_config here, and python/gally/config.py, which
+// reads this table). Each is 4-16x what the largest Llama-family models use (Llama 3.1 405B: hidden
+// 16384, intermediate 53248, 126 layers, 128 heads of 128, vocabulary 128256). With them every size
+// product of two dimensions fits in an int: the dimensions alone are below 2^24, a weight matrix
+// holds fewer than 2^31 elements (so an element index fits in an int), and q or o_proj's width,
+// heads x head_dim, stays below 2^17.
+struct ConfigLimits {
+  static constexpr int hidden_size = 1 << 16;
+  static constexpr int intermediate_size = 1 << 18;
+  static constexpr int num_hidden_layers = 1 << 10;
+  static constexpr int num_attention_heads = 1 << 10;
+  static constexpr int head_dim = 1 << 10;
+  static constexpr int vocab_size = 1 << 22;
+  static constexpr int attention_width = 1 << 17;                     // num_attention_heads x head_dim
+  static constexpr int64_t matrix_elements = (int64_t(1) << 31) - 1;  // rows x cols of any weight matrix
+  static constexpr int max_context = 1 << 20;                         // tokens one session holds (x head_dim < 2^31)
+  static constexpr int64_t kv_cache_bytes = int64_t(1) << 40;         // one session's f32 KV cache
+};
+
 struct ModelConfig {
   int hidden_size = 0;
   int intermediate_size = 0;
@@ -66,11 +85,23 @@ struct Model {
                                 // 16-bit norm and bias vectors, kilobytes, are always widened)
 };
 
+// Threads one model may use: far more than any CPU has cores, and few enough that starting them
+// does not exhaust a process's memory for stacks (8 MiB each by default).
+constexpr int MAX_THREADS = 1024;
+
 // Checks the config, looks up every tensor under its HF name, checks its shape, and converts it
 // when `dtype` ("f32", "bf16", "f16"; "" keeps the stored dtype) differs from the stored one.
 std::shared_ptr<Model> build_model(const ModelConfig& config, const std::map<std::string, Tensor>& tensors,
                                    const std::string& dtype, int threads);
 
 DType parse_dtype(const std::string& name);  // "f32" | "bf16" | "f16"
+
+// Throws std::invalid_argument naming the field when a config breaks a bound of ConfigLimits or
+// holds a non-finite number.
+void check_config(const ModelConfig& config);
+
+// Throws std::invalid_argument naming max_context when a session of `max_context` tokens breaks
+// ConfigLimits (its length, or its KV cache's bytes).
+void check_session_size(const ModelConfig& config, int max_context);
 
 }  // namespace gally

@@ -13,6 +13,10 @@
 namespace gally {
 namespace {
 
+// The safetensors format caps its JSON header at 100 MB (its reference reader refuses more);
+// header() copies it, so a file may not claim more.
+constexpr uint64_t kMaxHeaderBytes = 100'000'000;
+
 std::runtime_error file_error(const std::string& path, const std::string& what) {
   return std::runtime_error(path + ": " + what);
 }
@@ -47,6 +51,11 @@ MappedFile::MappedFile(const std::string& path) : path_(path) {
   ::madvise(p, size_, MADV_WILLNEED);
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | base_[i];  // little-endian u64
+  if (n > kMaxHeaderBytes) {
+    ::munmap((void*)base_, size_);
+    throw std::invalid_argument(path + ": corrupt safetensors file: header length " + std::to_string(n) +
+                                " exceeds the format's limit of " + std::to_string(kMaxHeaderBytes) + " bytes");
+  }
   if (n > size_ - 8) {
     ::munmap((void*)base_, size_);
     throw std::invalid_argument(path + ": corrupt or truncated safetensors file: header length " + std::to_string(n) +

@@ -170,10 +170,15 @@ def test_ratio_table_divides_gally_by_the_peer(result):
     assert len(rows) == 2 + 8 and all(line.endswith("| **2.00×** |") for line in rows[2:])
 
 
-def test_absent_peers_are_reported_not_measured(folder, monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("absent, message", [
+    (("torch",), "not installed: no torch (pip install torch==2.13.0 transformers)"),
+    (("torch", "transformers"), "not installed: no torch and transformers (pip install torch==2.13.0 transformers)"),
+])
+def test_absent_peers_are_reported_not_measured(folder, monkeypatch, tmp_path, capsys, absent, message):
     real = importlib.util.find_spec
-    # llama_cpp "installed" but no GGUF can be made; torch absent
-    fake = {"torch": None, "llama_cpp": object()}
+    # llama_cpp "installed" but no GGUF can be made; the `absent` modules missing and the others
+    # "installed", whatever this machine has
+    fake = {"llama_cpp": object(), "torch": object(), "transformers": object(), **dict.fromkeys(absent)}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake[name] if name in fake else real(name, *a))
     monkeypatch.setenv("GALLY_HOME", str(tmp_path))
     monkeypatch.delenv("GALLY_LLAMA_CPP", raising=False)
@@ -183,13 +188,13 @@ def test_absent_peers_are_reported_not_measured(folder, monkeypatch, tmp_path, c
                      "--out", str(tmp_path / "r.md")])
     assert code == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["peers"]["transformers"]["bf16"].startswith("not installed: no torch (pip install torch==2.13.0")
+    assert data["peers"]["transformers"]["bf16"] == message
     assert "no BF16 GGUF cached" in data["peers"]["llama.cpp"]["bf16"]
     assert "--llama-cpp DIR" in data["peers"]["llama.cpp"]["bf16"]
-    assert {r["engine"] for r in data["rows"]} <= {"gally", "gally generate"}
+    assert {r["engine"] for r in data["rows"]} == {"gally", "gally generate"}
     assert {s["engine"] for s in data["setups"]} == {"gally"}
     md = (tmp_path / "r.md").read_text()
-    assert "| peer status | transformers at bf16: not installed: no torch" in md
+    assert f"| peer status | transformers at bf16: {message}" in md
 
 
 def test_cli_lists_accept_commas_and_repeats():

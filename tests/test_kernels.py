@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import ISAS
+from conftest import ISAS, SIMD_ISAS as SIMD
 from gally import _core
 from gally.dtypes import as_float32, bf16_bits, round_bf16
 
 SIZES = list(range(1, 36))  # 1 … 2 × 16 lanes + 3
-SIMD = [isa for isa in ISAS if isa != "generic"] or ["generic"]
 
 
 def effective_x(isa, x, wtype):

@@ -13,10 +13,11 @@ What llama.cpp's converter changed, undone here:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -49,6 +50,8 @@ def open_gguf(path: str):
         magic = f.read(4)
     if magic != b"GGUF":
         raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    size = os.path.getsize(path)
+    check_counts(path)
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, TypeError) as e:
@@ -57,12 +60,72 @@ def open_gguf(path: str):
                              f"upgrading the gguf package may help") from None
         raise ValueError(f"{path}: unreadable GGUF file, truncated or corrupt ({type(e).__name__}: {e}); "
                          f"download or copy it again") from None
-    size = os.path.getsize(path)
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise ValueError(f"{path}: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes} of a "
                              f"{size}-byte file: the file is truncated; download or copy it again")
     return reader
+
+
+# Bytes of GGUF's scalar value types (GGUFValueType): u8 i8 u16 i16 u32 i32 f32 bool, -, -, u64 i64 f64.
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def check_counts(path: str) -> None:
+    """Walks a GGUF file's header and metadata, checking every count (tensors, entries, string
+    lengths, array lengths) against the bytes left in the file, so that a corrupt count raises
+    ValueError here instead of sending a reader into a loop of billions of steps (the gguf package
+    reads past the end as empty values: an array claiming 4e9 numbers loops 4e9 times)."""
+    import mmap
+    import struct
+
+    def corrupt(what: str) -> ValueError:
+        return ValueError(f"{path}: truncated or corrupt GGUF file: {what}")
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise corrupt(f"{size} bytes, shorter than the 24-byte header")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
+            if 24 * n_tensors + 13 * n_kv > size:  # a tensor info takes 24 bytes or more, an entry 13
+                raise corrupt(f"{n_tensors} tensors and {n_kv} metadata entries cannot fit in a file of {size} bytes")
+            at = 24
+
+            def take(n: int, what: str) -> int:
+                nonlocal at
+                if n > size - at:
+                    raise corrupt(f"{what} at byte {at} needs {n} bytes; {size - at} are left")
+                at += n
+                return at - n
+
+            def skip_value(kind: int, where: str) -> None:
+                if kind in _SCALAR_BYTES:
+                    take(_SCALAR_BYTES[kind], where)
+                elif kind == _STRING:
+                    take(struct.unpack_from("<Q", data, take(8, where))[0], where)
+                elif kind == _ARRAY:
+                    item, count = struct.unpack_from("<IQ", data, take(12, where))
+                    if item in _SCALAR_BYTES:
+                        take(count * _SCALAR_BYTES[item], f"{where}: {count} values")
+                    elif item in (_STRING, _ARRAY):
+                        least = 8 if item == _STRING else 12  # a string's length; an array's type and count
+                        if count * least > size - at:
+                            raise corrupt(f"{where}: {count} items at byte {at} need {count * least} bytes or more; "
+                                          f"{size - at} are left")
+                        for _ in range(count):
+                            skip_value(item, where)
+                    else:
+                        raise corrupt(f"{where} holds values of unknown type {item}")
+                else:
+                    raise corrupt(f"{where} has unknown value type {kind}")
+
+            for i in range(n_kv):
+                key_len = struct.unpack_from("<Q", data, take(8, f"metadata entry {i}"))[0]
+                key = bytes(data[take(key_len, f"metadata entry {i}'s key"):at]).decode("utf-8", "replace")
+                kind = struct.unpack_from("<I", data, take(4, f"metadata {key!r}"))[0]
+                skip_value(kind, f"metadata {key!r}")
 
 
 def metadata(reader) -> dict[str, Any]:
@@ -145,10 +208,21 @@ def hf_config(meta: dict[str, Any], tensors: dict[str, Any], path: str, dtype: s
                       ("padding_token_id", "pad_token_id")):
         if meta.get(f"tokenizer.ggml.{key}") is not None:
             config[name] = int(meta[f"tokenizer.ggml.{key}"])
+    _check_config(config, path)  # gally's bounds (block count, dimensions), before anything loops over them
     scaling = rope_scaling(meta, tensors, arch, config, path)
     if scaling is not None:
         config["rope_scaling"] = scaling
+        _check_config(config, path)
     return config
+
+
+def _check_config(config: dict, path: str) -> None:
+    from .config import Config
+
+    try:
+        Config.from_dict(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def rope_scaling(meta: dict[str, Any], tensors: dict[str, Any], arch: str, config: dict, path: str) -> Optional[dict]:
@@ -160,13 +234,19 @@ def rope_scaling(meta: dict[str, Any], tensors: dict[str, Any], arch: str, confi
     if kind in (None, "none"):
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+        factor = meta.get(f"{arch}.rope.scaling.factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            raise ValueError(f"{path}: metadata key {arch}.rope.scaling.factor must be a number, got {factor!r}")
+        return {"rope_type": "linear", "factor": float(factor)}
     raise ValueError(f"{path}: RoPE scaling {kind!r} is not supported; gally supports linear and llama3 scaling")
 
 
 def _llama3_scaling(divisors: np.ndarray, config: dict, path: str) -> dict:
     from .config import Config
 
+    if divisors.size != config["head_dim"] // 2 or not np.isfinite(divisors).all():
+        raise ValueError(f"{path}: rope_freqs.weight must hold head_dim/2 = {config['head_dim'] // 2} finite "
+                         f"divisors, got {divisors.size}")
     factor = float(divisors.max())
     for original in (8192, 4096, 2048, 16384, 32768, 65536, 131072):
         for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0)):
@@ -231,7 +311,8 @@ def convert(path: str, out_dir: str, dtype: str = "f32", progress: Optional[bool
     path, out_dir = os.fspath(path), os.fspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ValueError(f"{out_dir}: already exists; choose a new output folder")
-    plan = _Plan(path, dtype)
+    with _named_errors(path):
+        plan = _Plan(path, dtype)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     cache.check_free_space(parent, plan.out_bytes + (1 << 20), f"converting {os.path.basename(path)}")
@@ -268,7 +349,8 @@ def _write_weights(plan: _Plan, path: str, folder: str, dtype: str, progress: Op
                disable=None if progress is None else not progress, leave=False)
     with bar:
         for name, t in plan.names:
-            w = dequantize(t, path)
+            with _named_errors(path, f"tensor {t.name!r}: "):
+                w = dequantize(t, path)
             heads = gguf_names.permuted_heads(architecture, name, plan.config)
             if heads:
                 w = gguf_names.unpermute_rows(w, heads)
@@ -298,6 +380,24 @@ def _write_shard(folder: str, index: int, tensors: dict[str, np.ndarray]) -> lis
     safetensors_file.write_file(os.path.join(folder, f"shard-{index}.safetensors"),
                                 {key: (names[w.dtype], w) for key, w in tensors.items()}, {"format": "pt"})
     return list(tensors)
+
+
+@contextlib.contextmanager
+def _named_errors(path: str, what: str = "") -> Iterator[None]:
+    """Whatever a malformed file makes the reading code trip over (a list where a number belongs,
+    a 1-D tensor where a matrix does) becomes a ValueError that names the file."""
+    try:
+        yield
+    except ValueError as e:
+        if path in str(e):
+            raise
+        raise ValueError(f"{path}: {what}{e}") from None
+    except (IndexError, KeyError, TypeError, AttributeError, OverflowError) as e:
+        raise ValueError(f"{path}: {what}corrupt GGUF metadata or tensor info ({type(e).__name__}: {e})") from None
+    except Exception as e:
+        if type(e) is not Exception:  # the tokenizers library raises plain Exception for a bad vocabulary
+            raise
+        raise ValueError(f"{path}: {what}the tokenizer cannot be built from the file's vocabulary ({e})") from None
 
 
 def _write_json(path: str, data: dict) -> None:

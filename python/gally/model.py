@@ -16,6 +16,11 @@ from .config import Config
 # The KV cache pool's default share of the machine's memory (load's kv_cache_bytes).
 KV_CACHE_SHARE = 0.25
 
+# Threads per model (csrc/model.h): far more than any CPU's cores; each started thread reserves a stack.
+MAX_THREADS = _core.MAX_THREADS
+# Tokens one session may hold (csrc/model.h, ConfigLimits), whatever its KV cache's size.
+MAX_CONTEXT = _core.config_limits()["max_context"]
+
 DTYPES = ("f32", "bf16", "f16", "int8", "int4")
 KV_DTYPES = ("f32", "bf16", "f16")
 QUANTIZED = ("int8", "int4")
@@ -80,6 +85,13 @@ def token_array(token_ids, vocab_size: int, name: str = "token_ids") -> np.ndarr
     return ids.astype(np.int32)
 
 
+def _check_max_context(max_context) -> int:
+    max_context = _check_positive_int(max_context, "max_context")
+    if max_context > MAX_CONTEXT:
+        raise ValueError(f"max_context must be at most {MAX_CONTEXT}, got {max_context}")
+    return max_context
+
+
 def check_context(position: int, n: int, max_context: int, what: str = "sequence") -> None:
     """The one check that n more tokens after `position` fit in `max_context`."""
     if position + n > max_context:
@@ -121,8 +133,10 @@ class Session:
 
     @property
     def position(self) -> int:
-        """Tokens in the cache: the position the next token will take."""
-        return self._seq.position
+        """Tokens in the cache: the position the next token will take (read after any forward
+        pass another thread is running)."""
+        with self._lock:
+            return self._seq.position
 
     @property
     def max_context(self) -> int:
@@ -314,7 +328,7 @@ class Model:
     def session(self, max_context: Optional[int] = None) -> Session:
         """A new, empty sequence of at most max_context tokens (default: the model's), whose KV
         cache grows from the model's pool as it fills."""
-        max_context = self.max_context if max_context is None else _check_positive_int(max_context, "max_context")
+        max_context = self.max_context if max_context is None else _check_max_context(max_context)
         if max_context * self.kv_bytes_per_token > self.kv_cache_bytes:
             raise ValueError(f"max_context {max_context} needs {_mib(max_context * self.kv_bytes_per_token)} of KV "
                              f"cache, more than the model's whole pool of {_mib(self.kv_cache_bytes)}; load it with a "
@@ -407,7 +421,7 @@ class Model:
 
 def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Optional[int] = None,
          max_context: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
-         kv_dtype: Optional[str] = None, force_context: bool = False) -> Model:
+         kv_dtype: Optional[str] = None, force_context: bool = False, check_tensors: bool = False) -> Model:
     """Loads a model: a Hugging Face folder, a .gguf file, or an alias (default: smollm2-135m-instruct).
 
     dtype: None keeps the stored dtype; "f32", "bf16" or "f16" converts once at load; "int8" or
@@ -419,7 +433,10 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     tokens it holds. kv_dtype: the KV cache's element type, "f32", "bf16" or "f16" (half the
     bytes per token); default f32 for f32 weights, else f16. A max_context past the positions the
     model was trained for (Config.trained_context) is refused: its output degrades there; with
-    force_context it is allowed, with a warning.
+    force_context it is allowed, with a warning. threads is at most MAX_THREADS, max_context at
+    most MAX_CONTEXT. check_tensors: reads every weight once and raises ValueError naming the first
+    tensor that holds a NaN or an infinity (as llama.cpp's --check-tensors); off by default, since
+    it reads the whole file at load.
 
     Returns a Model. Raises FileNotFoundError for a missing source, ValueError for a bad argument or
     a corrupt or unsupported checkpoint (the message names the file and tensor or field).
@@ -427,6 +444,8 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
     threads = physical_cores() if threads is None else _check_positive_int(threads, "threads")
+    if threads > MAX_THREADS:
+        raise ValueError(f"threads must be at most {MAX_THREADS}, got {threads}")
     if kv_cache_bytes is None:
         kv_cache_bytes = int(KV_CACHE_SHARE * physical_memory())
     kv_cache_bytes = _check_positive_int(kv_cache_bytes, "kv_cache_bytes")
@@ -436,7 +455,7 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     cfg = config_mod.read(folder)
     explicit = max_context is not None
     if explicit:
-        max_context = _check_positive_int(max_context, "max_context")
+        max_context = _check_max_context(max_context)
         if max_context > cfg.trained_context:
             beyond = (f"max_context {max_context} is past the {cfg.trained_context} positions {folder} was trained "
                       f"for (max_position_embeddings and its RoPE scaling); beyond them its output degrades")
@@ -444,8 +463,10 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
                 raise ValueError(beyond + "; pass force_context=True (--force-context) to run there anyway")
             warnings.warn(beyond, stacklevel=2)
     else:
-        max_context = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
+        max_context = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings, MAX_CONTEXT)
     tensors = safetensors_file.open_checkpoint(folder)
+    if check_tensors:
+        safetensors_file.check_finite(tensors, folder)
     tensors, dtype = _quantization(folder, tensors, dtype)
     try:
         core = _core.Model(cfg.core_config(), tensors, dtype or "", threads)
@@ -503,6 +524,6 @@ def _load_generation_config(folder: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     return data if isinstance(data, dict) else {}

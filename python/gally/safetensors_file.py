@@ -156,15 +156,16 @@ def open_checkpoint(folder: str) -> dict[str, "_core.Tensor"]:
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: weight_map must be an object")
         tensors: dict[str, _core.Tensor] = {}
         shard_of: dict[str, str] = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in weight_map.values():
             if not isinstance(shard, str) or os.path.basename(shard) != shard:
                 raise ValueError(f"{index}: shard name {shard!r} must be a file in the model folder")
+        for shard in sorted(set(weight_map.values())):
             for name, t in open_file(os.path.join(folder, shard)).items():
                 if name in tensors:
                     raise ValueError(f"{index}: tensor {name!r} appears in more than one shard")
@@ -176,3 +177,27 @@ def open_checkpoint(folder: str) -> dict[str, "_core.Tensor"]:
     if os.path.isfile(single):
         return open_file(single)
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+# Bit masks of the exponent field: a value is NaN or infinite exactly when all its exponent bits are set.
+_EXPONENT_BITS = {"F32": (np.uint32, 0x7F800000), "BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00),
+                  "F64": (np.uint64, 0x7FF0000000000000)}
+
+
+def check_finite(tensors: dict[str, "_core.Tensor"], folder: str, chunk: int = 1 << 22) -> None:
+    """Raises ValueError naming the first floating-point tensor that holds a NaN or an infinity
+    (integer tensors, such as quantized weights, cannot). Reads every weight once, `chunk`
+    elements at a time."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in _EXPONENT_BITS:
+            continue
+        kind, mask = _EXPONENT_BITS[t.dtype]
+        bits = t.numpy().reshape(-1).view(kind)
+        mask = kind(mask)
+        for start in range(0, bits.size, chunk):
+            part = bits[start:start + chunk]
+            bad = np.flatnonzero((part & mask) == mask)
+            if bad.size:
+                raise ValueError(f"{folder}: tensor {name!r} ({t.dtype}) holds a NaN or an infinity at flat index "
+                                 f"{start + int(bad[0])}; the checkpoint is corrupt")

@@ -258,12 +258,24 @@ _NO_IDS = np.empty(0, np.int64)
 _NO_COUNTS = np.empty(0, np.int32)
 
 
+def check_finite(logits: np.ndarray) -> None:
+    """Raises ValueError when logits hold a NaN or +inf, or no finite value: the model's weights or
+    config are corrupt, and no token may be drawn from them. (-inf alone is a banned token.)"""
+    top = logits.max()
+    if not -np.inf < top < np.inf:  # NaN fails both comparisons
+        bad = int(np.count_nonzero(~np.isfinite(logits)))
+        raise ValueError(f"the model produced non-finite logits ({bad} of {len(logits)} are NaN or infinite): its "
+                         f"weights or config are corrupt; gally.load(..., check_tensors=True) names a tensor that "
+                         f"holds NaN or infinity")
+
+
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
            context_ids: np.ndarray = _NO_IDS, generated_ids: np.ndarray = _NO_IDS,
            generated_counts: np.ndarray = _NO_COUNTS) -> int:
     """The whole chain for one step. context_ids: distinct tokens of prompt + generated text (for
     the repetition penalty); generated_ids / generated_counts: distinct generated tokens and how
     often each appeared (for the presence and frequency penalties)."""
+    check_finite(logits)
     logits = apply_repetition_penalty(logits, context_ids, params.repetition_penalty)
     logits = apply_presence_frequency_penalty(logits, generated_ids, generated_counts,
                                               params.presence_penalty, params.frequency_penalty)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -209,11 +210,12 @@ def hub_folder(repo_id: str) -> str:
 
 
 def file_sha256(path: str) -> str:
-    """SHA-256 of a file's content, remembered in GALLY_HOME/hashes.json per (path, size, mtime)
-    so that loading a large GGUF again does not read it all again."""
+    """SHA-256 of a file's content, remembered in GALLY_HOME/hashes.json per (path, size, mtime,
+    inode, ctime) so that loading a large GGUF again does not read it all again. The ctime changes
+    with every write and cannot be set back (as mtime can, by copy tools or touch -d)."""
     real = os.path.realpath(path)
     st = os.stat(real)
-    stamp = [st.st_size, st.st_mtime_ns]
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
     entry = cache.read_memo("hashes.json").get(real)
     if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
@@ -234,8 +236,39 @@ def _is_gguf(path: str) -> bool:
 
 
 def _complete(folder: str) -> bool:
-    """A cache entry is whole when its files are there (entries appear only by an atomic rename)."""
-    return (os.path.isfile(os.path.join(folder, "config.json"))
-            and os.path.isfile(os.path.join(folder, "tokenizer.json"))
-            and (os.path.isfile(os.path.join(folder, "model.safetensors"))
-                 or os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))))
+    """A cache entry is whole when its files are there and intact: entries appear only by an atomic
+    rename of fsynced files, but a power loss on a filesystem that reorders writes, or a hand edit,
+    can still leave empty or cut files, and such an entry is rebuilt rather than loaded."""
+    try:
+        with open(os.path.join(folder, "config.json"), "rb") as f:
+            if not isinstance(json.loads(f.read()), dict):
+                return False
+        with open(os.path.join(folder, "tokenizer.json"), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 2:
+                return False
+            f.seek(-min(f.tell(), 64), os.SEEK_END)
+            if not f.read().rstrip().endswith(b"}"):
+                return False
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index, "rb") as f:
+                shards = set(json.loads(f.read())["weight_map"].values())
+        else:
+            shards = {"model.safetensors"}
+        return all(_whole_safetensors(os.path.join(folder, s)) for s in shards)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _whole_safetensors(path: str) -> bool:
+    """The header parses and the file is exactly as long as its last tensor's data says."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return False
+        header = json.loads(f.read(int.from_bytes(prefix, "little")))
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return size == 8 + int.from_bytes(prefix, "little") + max(ends, default=0)

@@ -24,16 +24,22 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end
 
 class Tokenizer:
     def __init__(self, backend, special_tokens: Optional[dict[str, str]] = None, eos_token_ids: Sequence[int] = (),
-                 chat_template: Any = None, clean_up_tokenization_spaces: bool = False):
+                 chat_template: Any = None, clean_up_tokenization_spaces: bool = False,
+                 chat_template_file: Optional[str] = None):
         """backend: a tokenizers.Tokenizer. special_tokens: {"bos_token": text, "eos_token": ..., ...}.
         eos_token_ids: ids that end generation. chat_template: Jinja source, or a list of
-        {"name", "template"} of which "default" is used."""
+        {"name", "template"} of which "default" is used. chat_template_file: where it was read,
+        named in its errors."""
         self.backend = backend
+        self.chat_template_file = chat_template_file
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self.eos_token_ids = list(dict.fromkeys(int(i) for i in eos_token_ids))
         self.chat_template = chat_template
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
-        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.path: Optional[str] = None  # the tokenizer.json read, named in errors
+        # A file may leave gaps in its ids: its largest id, not its count of tokens, bounds them.
+        self.vocab_size = max(backend.get_vocab_size(with_added_tokens=True),
+                              1 + max(backend.get_vocab(with_added_tokens=True).values(), default=-1))
         bos = self.special_tokens.get("bos_token")
         self.bos_token_id = self.token_to_id(bos) if bos is not None else None
 
@@ -53,12 +59,18 @@ class Tokenizer:
         config = _read_json(os.path.join(folder, "tokenizer_config.json"))
         special = {name: _token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
         template = config.get("chat_template")
+        template_file = os.path.join(folder, "tokenizer_config.json")
         jinja = os.path.join(folder, "chat_template.jinja")
         if os.path.isfile(jinja):
-            with open(jinja, encoding="utf-8") as f:
-                template = f.read()
+            template_file = jinja
+            try:
+                with open(jinja, encoding="utf-8") as f:
+                    template = f.read()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{jinja}: not UTF-8 text ({e})") from None
         elif template is None:
-            template = _read_json(os.path.join(folder, "chat_template.json")).get("chat_template")
+            template_file = os.path.join(folder, "chat_template.json")
+            template = _read_json(template_file).get("chat_template")
 
         eos: list[Any] = []
         for source in (_read_json(os.path.join(folder, "generation_config.json")),
@@ -71,7 +83,10 @@ class Tokenizer:
         eos += [backend.token_to_id(t) for t in END_OF_TURN_TOKENS if t in texts]
         size = backend.get_vocab_size(with_added_tokens=True)
         eos_ids = [i for i in eos if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < size]
-        return cls(backend, special, eos_ids, template, bool(config.get("clean_up_tokenization_spaces", False)))
+        tok = cls(backend, special, eos_ids, template, bool(config.get("clean_up_tokenization_spaces", False)),
+                  template_file)
+        tok.path = path
+        return tok
 
     @property
     def eos_token_id(self) -> Optional[int]:
@@ -88,11 +103,13 @@ class Tokenizer:
         add_special_tokens adds what the tokenizer's post-processor adds (BOS for Llama 2 files)."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except Exception as e:  # tokenizers' own Exception: the file's model cannot handle the text
+            raise ValueError(f"{self.path or 'the tokenizer'}: cannot encode the text ({e})") from None
 
     def decode(self, token_ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        ids = self._check_ids(token_ids)
-        text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        text = self._decode(self._check_ids(token_ids), skip_special_tokens)
         return _clean_up(text) if self.clean_up_tokenization_spaces else text
 
     def stream(self, skip_special_tokens: bool = False) -> "StreamDecoder":
@@ -106,7 +123,13 @@ class Tokenizer:
         encode(text) (no add_special_tokens): the template writes BOS itself where the model wants
         one. tokenize=True returns those ids instead of the text."""
         source = self._template(template_name or ("tool_use" if variables.get("tools") else None))
-        text = chat_template.render(source, messages, add_generation_prompt, **{**self.special_tokens, **variables})
+        try:
+            text = chat_template.render(source, messages, add_generation_prompt,
+                                        **{**self.special_tokens, **variables})
+        except chat_template.ChatTemplateError as e:
+            if self.chat_template_file is None:
+                raise
+            raise chat_template.ChatTemplateError(f"{self.chat_template_file}: {e}") from None
         return self.encode(text) if tokenize else text
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **variables: Any) -> list[int]:
@@ -122,6 +145,12 @@ class Tokenizer:
             raise ValueError("this model has no chat template (tokenizer_config.json has no chat_template); "
                              "give it a plain text prompt instead")
         return t
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        try:
+            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        except Exception as e:  # tokenizers' own Exception
+            raise ValueError(f"{self.path or 'the tokenizer'}: cannot decode token ids ({e})") from None
 
     def _check_ids(self, token_ids: Iterable[int]) -> list[int]:
         ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
@@ -173,12 +202,12 @@ class StreamDecoder:
         return out
 
     def _decode(self) -> str:
-        return self._tok.backend.decode(self._ids[self._start:], skip_special_tokens=self._skip)
+        return self._tok._decode(self._ids[self._start:], self._skip)
 
     def _emit(self, text: str) -> str:
         new = text[len(self._prefix):]
         self._start, self._read = self._read, len(self._ids)
-        self._prefix = self._tok.backend.decode(self._ids[self._start:], skip_special_tokens=self._skip)
+        self._prefix = self._tok._decode(self._ids[self._start:], self._skip)
         return new
 
 

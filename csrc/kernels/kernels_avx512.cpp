@@ -40,6 +40,21 @@ struct S {
     return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
   }
   static V load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  // The QGROUP weights of group rg of an int8 or int4 matrix as f32 (common.h's dequantize_group).
+  static void dequantize_group(const WeightsRef& W, long rg, float* out) {
+    const V s = set1(f16_to_f32(W.scales[rg]));
+    if (W.dtype == DType::Q8) {
+      const int8_t* q = (const int8_t*)W.data + rg * QGROUP;
+      for (int i = 0; i < QGROUP; i += 16)
+        store(out + i, mul(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + i)))), s));
+      return;
+    }
+    const V m = set1(f16_to_f32(W.mins[rg]));
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)((const uint8_t*)W.data + rg * (QGROUP / 2)));
+    const __m128i nib = _mm_set1_epi8(0x0f);
+    store(out, fma(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, nib))), s, m));
+    store(out + 16, fma(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nib))), s, m));
+  }
   // out[c] = column c of the 16 × 16 block at in (rows ld floats apart)
   static void transpose(const float* in, long ld, V out[16]) {
     __m512i t[16];

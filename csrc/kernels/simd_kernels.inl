@@ -41,6 +41,10 @@ struct WeightF16 {
   static float scalar(const T* p) { return f16_to_f32(*p); }
 };
 
+// Decode steps fetch their weights this many bytes ahead of use. Measured on SmolLM2, one thread:
+// bf16 +30% on AVX2, f32 and AVX-512 within the noise (4096 bytes ahead cost AVX-512 bf16 8%).
+constexpr int WEIGHT_PREFETCH = 2048;
+
 // One row · x with four accumulators: a decode step streams the weights one row after another,
 // which the hardware prefetchers follow best (measured: 2× the bandwidth of four rows at a time).
 template <class WL>
@@ -48,6 +52,8 @@ inline float row_dot(const float* x, const typename WL::T* w, int n) {
   V a0 = S::zero(), a1 = S::zero(), a2 = S::zero(), a3 = S::zero();
   int k = 0;
   for (; k + 4 * S::N <= n; k += 4 * S::N) {
+    for (int b = 0; b < int(4 * S::N * sizeof(*w)); b += 64)
+      __builtin_prefetch((const char*)(w + k) + WEIGHT_PREFETCH + b);
     a0 = S::fma(WL::load(w + k), S::load(x + k), a0);
     a1 = S::fma(WL::load(w + k + S::N), S::load(x + k + S::N), a1);
     a2 = S::fma(WL::load(w + k + 2 * S::N), S::load(x + k + 2 * S::N), a2);

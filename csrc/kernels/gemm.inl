@@ -20,7 +20,7 @@ namespace gemm {
 
 constexpr int RB = S::GEMM_ROWS, TV = S::GEMM_VECS, TW = TV * S::N;
 constexpr int CHUNK = 64;  // rows dequantized at a time: 64 × n_in floats stay in L2
-constexpr int KB = 6144 / TW;  // k per block: its KB × TW activations (24 KiB) stay in L1
+constexpr int KB = 6144 / TW;  // k per block at most: its KB × TW activations (24 KiB) stay in L1
 
 // xt[(tile · n_in + k) · TW + j] = x[tile · TW + j, k], zero past n_tok: a tile's rows copied
 // into a zero-padded block, then transposed N × N at a time.
@@ -61,14 +61,24 @@ inline void tile(const float* xt, const float* W, long ldw, int kn, bool first, 
     for (int v = 0; v < V_; ++v) S::store(out + i * TW + v * S::N, acc[i][v]);
 }
 
-// tile<rows, vecs> for rows ≤ RB and vecs ≤ TV, chosen at run time for the edges.
-template <int R = RB, int V_ = TV>
-inline void tile_any(int rows, int vecs, const float* xt, const float* W, long ldw, int kn, bool first, float* out) {
+// Rows per register tile for a tile of `vecs` vectors: RB · TV accumulators whatever the width,
+// so that a batch's last, narrower tile keeps as many FMAs per load as the others.
+constexpr int rows_for(int vecs) { return RB * TV / vecs; }
+
+// tile<rows, V> for rows ≤ R, chosen at run time for a chunk's last rows.
+template <int R, int V_>
+inline void tile_rows(int rows, const float* xt, const float* W, long ldw, int kn, bool first, float* out) {
   if constexpr (R > 1)
-    if (rows < R) return tile_any<R - 1, V_>(rows, vecs, xt, W, ldw, kn, first, out);
-  if constexpr (V_ > 1)
-    if (vecs < V_) return tile_any<R, V_ - 1>(rows, vecs, xt, W, ldw, kn, first, out);
+    if (rows < R) return tile_rows<R - 1, V_>(rows, xt, W, ldw, kn, first, out);
   tile<R, V_>(xt, W, ldw, kn, first, out);
+}
+
+// tile<rows, vecs> for vecs ≤ TV and rows ≤ rows_for(vecs).
+template <int V_ = TV>
+inline void tile_any(int rows, int vecs, const float* xt, const float* W, long ldw, int kn, bool first, float* out) {
+  if constexpr (V_ > 1)
+    if (vecs < V_) return tile_any<V_ - 1>(rows, vecs, xt, W, ldw, kn, first, out);
+  tile_rows<rows_for(V_), V_>(rows, xt, W, ldw, kn, first, out);
 }
 
 // Rows [r0, r1) of a bf16, f16, int8 or int4 matrix as f32, row-major into out, a vector at a time.
@@ -124,7 +134,7 @@ void gemm_packed(const float* xt, const WeightsRef& W, const float* b, float* y,
                  int r1, bool accumulate) {
   using namespace gemm;
   static thread_local std::vector<float> wbuf;
-  const int tiles = (n_tok + TW - 1) / TW;
+  const int tiles = (n_tok + TW - 1) / TW, blocks = (n_in + KB - 1) / KB, kb = (n_in + blocks - 1) / blocks;
   alignas(64) float out[CHUNK * TW];  // the chunk's rows × a tile's tokens, summed over the k blocks
   for (int c0 = r0; c0 < r1; c0 += CHUNK) {
     const int c1 = c0 + CHUNK < r1 ? c0 + CHUNK : r1;
@@ -139,11 +149,12 @@ void gemm_packed(const float* xt, const WeightsRef& W, const float* b, float* y,
     for (int tl = 0; tl < tiles; ++tl) {
       const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW, vecs = (nt + S::N - 1) / S::N;
       const float* xtile = xt + (long)tl * n_in * TW;
-      for (int k0 = 0; k0 < n_in; k0 += KB) {  // a k block's activations stay in L1 across the chunk's rows
-        const int kn = n_in - k0 < KB ? n_in - k0 : KB;
-        for (int r = c0; r < c1; r += RB)
-          tile_any(c1 - r < RB ? c1 - r : RB, vecs, xtile + (long)k0 * TW, Wc + (long)(r - c0) * n_in + k0, n_in, kn,
-                   k0 == 0, out + (r - c0) * TW);
+      const int step = rows_for(vecs);
+      for (int k0 = 0; k0 < n_in; k0 += kb) {  // a k block's activations stay in L1 across the chunk's rows
+        const int kn = n_in - k0 < kb ? n_in - k0 : kb;
+        for (int r = c0; r < c1; r += step)
+          tile_any(c1 - r < step ? c1 - r : step, vecs, xtile + (long)k0 * TW, Wc + (long)(r - c0) * n_in + k0, n_in,
+                   kn, k0 == 0, out + (r - c0) * TW);
       }
       store_chunk(out, c1 - c0, nt, b ? b + c0 : nullptr, y + (long)t0 * ldy + c0, ldy, accumulate);
     }

@@ -83,6 +83,8 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "gally's C++ engine";
 
   m.def("available_isas", &available_isas);
+  m.def("cpu_flags", &cpu_flags);
+  m.def("kernel_sets_for", &kernel_sets_for, py::arg("flags"));
   m.def("selected_isa", []() { return selected_isa(); });
   m.def("select_isa", &select_isa, py::arg("name"));
   m.def("has_avx512bf16", &cpu_has_avx512bf16);

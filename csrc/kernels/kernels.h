@@ -138,6 +138,23 @@ extern const Kernels kernels_generic_bf16;
 #if defined(GALLY_X86)
 extern const Kernels kernels_avx2;
 extern const Kernels kernels_avx512;
+// The "avx2vnni" and "avx512vnni" sets are kernels_avx2 and kernels_avx512 with these matmul_q8
+// and matmul_q4 (Kernels' signatures): vpdpwssd, as AVX-VNNI (kernels_avx2vnni.cpp) and as
+// AVX512-VNNI (kernels_avx512vnni.cpp).
+namespace avx2vnni {
+void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
+               int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
+void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
+               const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+               bool accumulate);
+}  // namespace avx2vnni
+namespace avx512vnni {
+void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
+               int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
+void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
+               const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+               bool accumulate);
+}  // namespace avx512vnni
 // The "avx512bf16" set is kernels_avx512 with this matmul: vdpbf16ps for bf16, int8 and int4
 // weights and batches of ≥ GEMM_MIN_TOKENS (weights and activations rounded to bf16); all else
 // goes to kernels_avx512.matmul.

@@ -86,6 +86,9 @@ struct S {
 };
 using V = S::V;
 
+// acc + vpmaddwd(a, b) (quant_kernels.inl)
+inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+
 #include "kernels/simd_kernels.inl"
 
 #include "kernels/quant_kernels.inl"

@@ -2,6 +2,9 @@
 // registers: a group of 32 is two halves of 16 int16, multiplied and summed in pairs by vpmaddwd,
 // exact in int32. Compiled per instruction set. The math matches the scalar twins in
 // kernels_generic.cpp.
+//
+// The including file defines dot_pairs(acc, a, b) = acc + vpmaddwd(a, b) in 8 int32 lanes: a
+// vpaddd after the vpmaddwd on AVX2, one vpdpwssd where the CPU has VNNI (kernels_vnni.cpp).
 
 inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -55,8 +58,8 @@ inline Half16 load_q4(const uint8_t* p) {
 
 // The exact integer dot product of one weight group with one activation group, in 8 int32 lanes.
 inline __m256i group_dot(const Half16& w, const int16_t* x) {
-  return _mm256_add_epi32(_mm256_madd_epi16(w.lo, _mm256_loadu_si256((const __m256i*)x)),
-                          _mm256_madd_epi16(w.hi, _mm256_loadu_si256((const __m256i*)(x + 16))));
+  return dot_pairs(_mm256_madd_epi16(w.lo, _mm256_loadu_si256((const __m256i*)x)), w.hi,
+                   _mm256_loadu_si256((const __m256i*)(x + 16)));
 }
 
 // [Σ d0, Σ d1, …, Σ d7]: eight groups' lane sums in one register, so that their scales apply

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from gally import _core
+from kernel_backends import QEMU_CPUS, Aarch64Core, Runner, aarch64_runner  # noqa: F401 (fixture)
 
 # Every flag each kernel set needs (the CPU's and the OS's), by architecture, in the order of preference.
 REQUIRES = {
@@ -30,9 +31,9 @@ ARCH = "x86" if "avx2" in _core.cpu_flags() else "aarch64" if "asimd" in _core.c
 needs_arch = pytest.mark.skipif(ARCH is None, reason=f"no SIMD kernel sets on {platform.machine()}")
 
 
-def expected_sets(flags: dict) -> list:
+def expected_sets(flags: dict, arch: str = ARCH) -> list:
     on = {f for f, v in flags.items() if v}
-    return ["generic"] + [s for s, need in REQUIRES[ARCH].items() if need <= on]
+    return ["generic"] + [s for s, need in REQUIRES[arch].items() if need <= on]
 
 
 @needs_arch
@@ -78,3 +79,21 @@ def test_gally_isa_forces_a_set_and_names_the_available_ones():
                          text=True)
     assert bad.returncode != 0 and "GALLY_ISA=sse9 is not available" in bad.stderr
     assert "available: " + ", ".join(_core.available_isas()) in bad.stderr
+
+
+@pytest.mark.parametrize("cpu", sorted(QEMU_CPUS))
+def test_aarch64_sets_follow_the_hardware_capabilities(aarch64_runner, cpu):
+    """The cross-compiled kernels under qemu-aarch64 emulating CPUs with and without dotprod and bf16:
+    getauxval's flags as the emulated CPU reports them, only the sets they allow, the best selected."""
+    runner = Runner(aarch64_runner, cpu)
+    try:
+        core = Aarch64Core(runner)
+        flags, sets, selected = core.info()
+        assert flags == QEMU_CPUS[cpu]
+        assert sets == expected_sets(flags, "aarch64") and selected == sets[-1]
+        for name in REQUIRES["aarch64"]:
+            if name not in sets:
+                with pytest.raises(ValueError, match="not available"):
+                    core.select_isa(name)
+    finally:
+        runner.close()

@@ -60,6 +60,13 @@ struct KvHead {
 // [d] for each of up to 16 lanes (the widest vector set).
 inline long attention_scratch_floats(long n, long d) { return 16 * (n + d); }
 
+// Floats of scratch attention_causal_bf16 (below) needs for n keys of dimension d: its keys, value
+// pairs, scores, queries and paired weights, the last at least the 16 × d/2 of the queries' rows.
+// Declared for every architecture, since the forward pass sizes the scratch of whichever set runs.
+inline long attention_bf16_scratch_floats(long n, long d) {
+  return n * (d / 2) + (n / 2 + 1) * d + 16 * (n + 2) + 8 * d + (16 * (n / 2 + 1) > 8 * d ? 16 * (n / 2 + 1) : 8 * d);
+}
+
 struct Kernels {
   const char* name;
 
@@ -166,7 +173,6 @@ void matmul_many_avx512bf16(const float* x, int n_tok, int n_in, const MatmulOut
 // scratch: attention_bf16_scratch_floats(ctx0 + nq − 1, d).
 void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
                            float* scratch, float* out, int ldo, float* probs, long ldp);
-long attention_bf16_scratch_floats(long n, long d);
 long bf16_packed_size(int n_tok, int n_in);
 void pack_bf16(const float* x, int n_tok, int n_in, int tile0, int tile1, uint32_t* xt);
 void matmul_many_packed_bf16(const uint32_t* xt, const float* x, int n_tok, int n_in, const MatmulOut* outs,
@@ -176,6 +182,24 @@ namespace avx512 {
 // inv [16] receives each lane's 1 / Σ weights.
 void softmax_lanes16(float* st, int n, int first, int lanes, float* probs, long ldp, float* inv);
 }  // namespace avx512
+#elif defined(GALLY_AARCH64)
+extern const Kernels kernels_neon;
+// The "neondot" set is kernels_neon with these matmul_q8 and matmul_q4: sdot (kernels_neondot.cpp).
+namespace neondot {
+void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
+               int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
+void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
+               const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+               bool accumulate);
+}  // namespace neondot
+// The "neonbf16" set is "neondot" with this matmul and matmul_many: bfdot for bf16, int8 and int4
+// weights and batches of ≥ GEMM_MIN_TOKENS (weights and activations rounded to bf16); all else goes
+// to kernels_neon.matmul (kernels_neonbf16.cpp).
+namespace neonbf16 {
+void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
+            int r1, bool accumulate);
+void matmul_many(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count);
+}  // namespace neonbf16
 #endif
 
 }  // namespace gally

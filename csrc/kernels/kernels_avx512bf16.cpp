@@ -213,11 +213,6 @@ inline __m512i pair_rows(__m512 lo, __m512 hi) {
 
 }  // namespace
 
-long attention_bf16_scratch_floats(long n, long d) {
-  // kb, vp, st, qp and pt below; pt holds at least the 16 × d/2 of the queries' rows too
-  return n * (d / 2) + (n / 2 + 1) * d + 16 * (n + 2) + 8 * d + std::max(16 * (n / 2 + 1), 8 * d);
-}
-
 void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
                            float* scratch, float* out, int ldo, float* probs, long ldp) {
   const int n_all = ctx0 + nq - 1, dp = d / 2;  // keys of the last query; d is a multiple of 32

@@ -20,8 +20,9 @@ namespace gally {
 namespace {
 
 #if defined(GALLY_X86)
-const std::vector<std::string> FLAG_NAMES = {"os_ymm",   "os_zmm",   "avx2",     "fma",      "f16c",        "avx512f",
-                                             "avx512dq", "avx512bw", "avx512vl", "avx_vnni", "avx512_vnni", "avx512_bf16"};
+const std::vector<std::string> FLAG_NAMES = {"os_ymm",   "os_zmm",   "avx2",        "fma",
+                                             "f16c",     "avx512f",  "avx512dq",    "avx512bw",
+                                             "avx512vl", "avx_vnni", "avx512_vnni", "avx512_bf16"};
 
 uint64_t xcr0() {
   uint32_t lo, hi;

@@ -15,6 +15,9 @@ from gally.dtypes import bf16_bits, round_bf16
 
 ISAS = list(_core.available_isas())
 
+# the kernel tests' backends: this CPU's extension, and the NEON kernels under qemu-aarch64
+from kernel_backends import aarch64_core, aarch64_runner, core  # noqa: E402, F401  (fixtures)
+
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str = "F32") -> None:
     """Writes a .safetensors file by hand (the library's NumPy API has no bf16)."""

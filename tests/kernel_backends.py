@@ -136,8 +136,8 @@ class Aarch64Core:
         for W, wtype, y, r0, r1, acc in jobs:
             ints += [W.shape[0], WTYPES[wtype], r0, r1, acc]
             arrays += [W, f32(y)]
-        for (W, wtype, y, *_), out in zip(jobs, self.r.call("matmul_many", isa, ints, (), arrays)):
-            y[...] = np.frombuffer(out, np.float32).reshape(y.shape)
+        for job, out in zip(jobs, self.r.call("matmul_many", isa, ints, (), arrays)):
+            job[2][...] = np.frombuffer(out, np.float32).reshape(job[2].shape)
 
     def kernel_quantize_rows(self, isa, x):
         x = f32(x)
@@ -179,7 +179,8 @@ def aarch64_runner(tmp_path_factory):
     """The cross-compiled kernel_runner's path, built once per test session."""
     missing = missing_tools()
     if missing:
-        why = f"the aarch64 kernel tests need {', '.join(missing)} (Debian: g++-aarch64-linux-gnu qemu-user; pip: cmake)"
+        why = (f"the aarch64 kernel tests need {', '.join(missing)} "
+               "(Debian: g++-aarch64-linux-gnu qemu-user; pip: cmake)")
         if os.environ.get("GALLY_REQUIRE_AARCH64") == "1":
             pytest.fail(why)
         pytest.skip(why)

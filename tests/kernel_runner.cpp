@@ -8,9 +8,8 @@
 // (u32 length + bytes, empty when it ran), u32 count + arrays. Ops, their integers → arrays:
 //   info                                              → CPU flags "name=0|1,…", sets "a,b,…", selected set
 //   select                                            → (error when the set is not available)
-//   matmul [n_tok n_in n_out wtype r0 r1 acc bias]    x W scales mins b y → y    (wtype: 0 f32 1 bf16 2 f16 3 int8 4 int4)
-//   matmul_many [n_tok n_in count (rows wtype r0 r1 acc)…]  x (W y)… → y…
-//   quantize_rows [n n_in]                            x → xq xs xsum
+//   matmul [n_tok n_in n_out wtype r0 r1 acc bias]    x W scales mins b y → y    (wtype: 0 f32 1 bf16 2 f16 3 int8 4
+//   int4) matmul_many [n_tok n_in count (rows wtype r0 r1 acc)…]  x (W y)… → y… quantize_rows [n n_in] x → xq xs xsum
 //   matmul_quantized [n_tok n_in rows q4 r0 r1]       xq xs xsum Wq Ws Wm y → y
 //   rmsnorm [n] (eps)                                 x w → out
 //   rope [d]                                          v cos sin → v

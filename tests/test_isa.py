@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from gally import _core
-from kernel_backends import QEMU_CPUS, Aarch64Core, Runner, aarch64_runner  # noqa: F401 (fixture)
+from kernel_backends import QEMU_CPUS, Aarch64Core, Runner
 
 # Every flag each kernel set needs (the CPU's and the OS's), by architecture, in the order of preference.
 REQUIRES = {

@@ -10,8 +10,7 @@ import pytest
 from conftest import ISAS
 from gally import _core
 from gally.dtypes import as_float32, bf16_bits, round_bf16
-from kernel_backends import (AARCH64_SETS, aarch64_core, aarch64_runner, bf16_prefill, core,  # noqa: F401 (fixtures)
-                             each_set)
+from kernel_backends import AARCH64_SETS, bf16_prefill, each_set
 
 SIZES = list(range(1, 36))  # 1 … 2 × 16 lanes + 3
 

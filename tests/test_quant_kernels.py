@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gally.dtypes import round_bf16
-from kernel_backends import aarch64_core, aarch64_runner, bf16_prefill, core, each_set  # noqa: F401 (fixtures)
+from kernel_backends import bf16_prefill, each_set
 
 G = 32
 

@@ -19,7 +19,7 @@
 namespace gemm {
 
 constexpr int RB = S::GEMM_ROWS, TV = S::GEMM_VECS, TW = TV * S::N;
-constexpr int CHUNK = 64;  // rows dequantized at a time: 64 × n_in floats stay in L2
+constexpr int CHUNK = 64;      // rows dequantized at a time: 64 × n_in floats stay in L2
 constexpr int KB = 6144 / TW;  // k per block at most: its KB × TW activations (24 KiB) stay in L1
 
 // xt[(tile · n_in + k) · TW + j] = x[tile · TW + j, k], zero past n_tok: a tile's rows copied
@@ -30,7 +30,8 @@ inline void pack_tokens(const float* x, int n_tok, int n_in, float* xt) {
   rows.assign(size_t(TW) * padded, 0.0f);
   for (int tile = 0; tile < tiles; ++tile) {
     const int t0 = tile * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW;
-    for (int j = 0; j < nt; ++j) std::memcpy(rows.data() + (long)j * padded, x + (long)(t0 + j) * n_in, sizeof(float) * n_in);
+    for (int j = 0; j < nt; ++j)
+      std::memcpy(rows.data() + (long)j * padded, x + (long)(t0 + j) * n_in, sizeof(float) * n_in);
     if (nt < TW) std::fill(rows.begin() + (long)nt * padded, rows.end(), 0.0f);
     float* dst = xt + (long)tile * n_in * TW;
     V col[S::N];

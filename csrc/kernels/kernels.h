@@ -74,8 +74,8 @@ struct Kernels {
   // for rows r in [r0, r1) and tokens t in [0, n_tok).
   // x [n_tok, n_in] f32 row-major; W [n_out, n_in] in any DType (Q8/Q4 dequantized, exact in f32);
   // b [n_out] f32 or null; y [n_tok, ldy] f32 (ldy ≥ r1).
-  void (*matmul)(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
-                 int r0, int r1, bool accumulate);
+  void (*matmul)(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
+                 int r1, bool accumulate);
 
   // matmul row by row, whatever n_tok: each row of W meets every token while it is in L1, and a
   // token's result does not depend on the other tokens (the decode steps of a batch of sequences
@@ -114,8 +114,8 @@ struct Kernels {
 
   // y[t, r] = b[r] + Σ_g xs[t,g]·ws[r,g]·(xq[t,g] · q[r,g]) (+ y[t, r] when accumulate), r in [r0, r1)
   // Wq int8 [n_out, n_in], Ws float16 [n_out, n_in/32]
-  void (*matmul_q8)(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b,
-                    float* y, int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
+  void (*matmul_q8)(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
+                    int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
 
   // As matmul_q8 plus the min term Σ_g xsum[t,g]·wm[r,g]; Wq uint8 [n_out, n_in/2] (packed),
   // Ws, Wm float16 [n_out, n_in/32]
@@ -169,14 +169,13 @@ void matmul_avx512bf16(const float* x, const WeightsRef& W, const float* b, floa
                        int r0, int r1, bool accumulate);
 void matmul_many_avx512bf16(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count);
 // attention_causal for the prompts of bf16 and quantized models: vdpbf16ps for the scores and the
-// weighted sum of the values (queries, keys, probabilities and values rounded to bf16, sums in f32); d a multiple of 32.
-// scratch: attention_bf16_scratch_floats(ctx0 + nq − 1, d).
+// weighted sum of the values (queries, keys, probabilities and values rounded to bf16, sums in f32); d a multiple
+// of 32. scratch: attention_bf16_scratch_floats(ctx0 + nq − 1, d).
 void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
                            float* scratch, float* out, int ldo, float* probs, long ldp);
 long bf16_packed_size(int n_tok, int n_in);
 void pack_bf16(const float* x, int n_tok, int n_in, int tile0, int tile1, uint32_t* xt);
-void matmul_many_packed_bf16(const uint32_t* xt, const float* x, int n_tok, int n_in, const MatmulOut* outs,
-                             int count);
+void matmul_many_packed_bf16(const uint32_t* xt, const float* x, int n_tok, int n_in, const MatmulOut* outs, int count);
 namespace avx512 {
 // The AVX-512 attention's softmax down 16 lanes of scores st [n][16] (simd_kernels.inl, att::softmax_lanes);
 // inv [16] receives each lane's 1 / Σ weights.
@@ -196,8 +195,8 @@ void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint
 // weights and batches of ≥ GEMM_MIN_TOKENS (weights and activations rounded to bf16); all else goes
 // to kernels_neon.matmul (kernels_neonbf16.cpp).
 namespace neonbf16 {
-void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
-            int r1, bool accumulate);
+void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+            bool accumulate);
 void matmul_many(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count);
 }  // namespace neonbf16
 #endif

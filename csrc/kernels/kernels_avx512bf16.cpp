@@ -155,10 +155,8 @@ void matmul_many_packed_bf16(const uint32_t* xt, const float* x, int n_tok, int 
                              int count) {
   for (int i = 0; i < count; ++i) {
     const MatmulOut& o = outs[i];
-    if (takes_bf16_gemm(o.W, n_tok))
-      gemm_packed(xt, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
-    else
-      kernels_avx512.matmul(x, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+    if (takes_bf16_gemm(o.W, n_tok)) gemm_packed(xt, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+    else kernels_avx512.matmul(x, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
   }
 }
 
@@ -191,8 +189,7 @@ inline void dot_rows(const uint32_t* A, long lda, long ka, const uint32_t* B, in
   for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
   for (int p = 0; p < pairs; ++p) {
     const __m512bh b = (__m512bh)_mm512_loadu_si512(B + (long)p * 16);
-    for (int r = 0; r < R; ++r)
-      a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32(int(A[r * lda + p * ka])), b);
+    for (int r = 0; r < R; ++r) a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32(int(A[r * lda + p * ka])), b);
   }
   for (int r = 0; r < R; ++r) acc[r] = a[r];
 }

@@ -41,7 +41,8 @@ struct S {
   // out[c] = column c of the 4 × 4 block at in (rows ld floats apart)
   static void transpose(const float* in, long ld, V out[4]) {
     const V t0 = vtrn1q_f32(load(in), load(in + ld)), t1 = vtrn2q_f32(load(in), load(in + ld));
-    const V t2 = vtrn1q_f32(load(in + 2 * ld), load(in + 3 * ld)), t3 = vtrn2q_f32(load(in + 2 * ld), load(in + 3 * ld));
+    const V t2 = vtrn1q_f32(load(in + 2 * ld), load(in + 3 * ld)),
+            t3 = vtrn2q_f32(load(in + 2 * ld), load(in + 3 * ld));
     const auto f64 = [](V v) { return vreinterpretq_f64_f32(v); };
     out[0] = vreinterpretq_f32_f64(vtrn1q_f64(f64(t0), f64(t2)));
     out[1] = vreinterpretq_f32_f64(vtrn1q_f64(f64(t1), f64(t3)));
@@ -103,7 +104,8 @@ inline int32x4_t dot_q8(const int8_t* w, const Acts& a, long at) {
 inline int32x4_t dot_q4(const uint8_t* w, const Acts& a, long at) {
   const uint8x16_t bytes = vld1q_u8(w), lo = vandq_u8(bytes, vdupq_n_u8(0x0f)), hi = vshrq_n_u8(bytes, 4);
   const int16x8_t wide[4] = {vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(lo))), vreinterpretq_s16_u16(vmovl_high_u8(lo)),
-                             vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(hi))), vreinterpretq_s16_u16(vmovl_high_u8(hi))};
+                             vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(hi))),
+                             vreinterpretq_s16_u16(vmovl_high_u8(hi))};
   return dot_group(wide, a.x + at);
 }
 

@@ -148,8 +148,8 @@ void matmul_many(const float* x, int n_tok, int n_in, const MatmulOut* outs, int
   }
 }
 
-void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
-            int r1, bool accumulate) {
+void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+            bool accumulate) {
   const MatmulOut out{W, b, y, ldy, r0, r1, accumulate};
   matmul_many(x, n_tok, n_in, &out, 1);
 }

@@ -55,8 +55,8 @@ inline int32x4_t dot_q8(const int8_t* w, const Acts& a, long at) {
 // Byte i of a packed int4 group holds element i (low nibble) and element i + 16 (high nibble).
 inline int32x4_t dot_q4(const uint8_t* w, const Acts& a, long at) {
   const uint8x16_t bytes = vld1q_u8(w);
-  return dot_group(vreinterpretq_s8_u8(vandq_u8(bytes, vdupq_n_u8(0x0f))), vreinterpretq_s8_u8(vshrq_n_u8(bytes, 4)),
-                   a, at);
+  return dot_group(vreinterpretq_s8_u8(vandq_u8(bytes, vdupq_n_u8(0x0f))), vreinterpretq_s8_u8(vshrq_n_u8(bytes, 4)), a,
+                   at);
 }
 
 #include "kernels/quant_neon.inl"

@@ -124,8 +124,8 @@ void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const void*
   for (int r = r0; r < r1; ++r)
     for (int t = 0; t < n_tok; ++t) {
       const long tg = long(t) * groups;
-      const float s = q_row<Q4>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, Wq, Ws, Wm, groups, r) +
-                      (b ? b[r] : 0.0f);
+      const float s =
+          q_row<Q4>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, Wq, Ws, Wm, groups, r) + (b ? b[r] : 0.0f);
       float& o = y[long(t) * ldy + r];
       o = accumulate ? o + s : s;
     }

@@ -82,15 +82,12 @@ void matmul_rows(const float* x, const typename WL::T* W, const float* b, float*
 
 // Batches take the GEMM; int8/int4 weights with f32 activations do too (a few tokens of a
 // quantized model come with int16 activations, to matmul_q8/q4, instead).
-inline bool takes_gemm(const WeightsRef& W, int n_tok) {
-  return n_tok >= GEMM_MIN_TOKENS || is_quantized(W.dtype);
-}
+inline bool takes_gemm(const WeightsRef& W, int n_tok) { return n_tok >= GEMM_MIN_TOKENS || is_quantized(W.dtype); }
 
 void gemv(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
           bool accumulate) {
   switch (W.dtype) {
-    case DType::F32:
-      return matmul_rows<WeightF32>(x, (const float*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+    case DType::F32: return matmul_rows<WeightF32>(x, (const float*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
     case DType::BF16:
       return matmul_rows<WeightBF16>(x, (const uint16_t*)W.data, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
     case DType::F16:
@@ -106,8 +103,8 @@ void gemv(const float* x, const WeightsRef& W, const float* b, float* y, int n_t
   }
 }
 
-void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
-            int r1, bool accumulate) {
+void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+            bool accumulate) {
   if (takes_gemm(W, n_tok))
     return gemm_packed(gemm_pack(x, n_tok, n_in), W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
   gemv(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
@@ -299,13 +296,13 @@ inline V softmax_lanes(float* st, int n, int first, int lanes, float* probs, lon
 
 }  // namespace att
 
-void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
-                      float* scratch, float* out, int ldo, float* probs, long ldp) {
+void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale, float* scratch,
+                      float* out, int ldo, float* probs, long ldp) {
   using namespace att;
   for (int q0 = 0; q0 < nq; q0 += S::N) {
     const int lanes = nq - q0 < S::N ? nq - q0 : S::N, first = ctx0 + q0, n = first + lanes - 1;
-    float* st = scratch;                      // [n][N] scores, then probabilities
-    float* qt = scratch + (long)n * S::N;     // [d][N] the queries, scaled, transposed
+    float* st = scratch;                   // [n][N] scores, then probabilities
+    float* qt = scratch + (long)n * S::N;  // [d][N] the queries, scaled, transposed
     for (int i = 0; i < d; ++i)
       for (int l = 0; l < S::N; ++l) qt[i * S::N + l] = l < lanes ? scale * Q[(long)(q0 + l) * ldq + i] : 0.0f;
     V acc[AR];
@@ -341,4 +338,3 @@ void silu_mul(float* g, const float* u, int n) {
   }
   for (; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
-

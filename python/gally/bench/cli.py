@@ -89,8 +89,8 @@ def options(args):
     return Options(model=args.model, dtypes=_flat(args.dtype, ["f32", "bf16"]), prompts=_flat(args.n_prompt, [512]),
                    gens=_flat(args.n_gen, [128]), threads=_flat(args.threads, None), depths=_flat(args.n_depth, [0]),
                    reps=args.repetitions, peers=_flat(args.peers, []), llama_cpp=args.llama_cpp,
-                   llama_cpp_bin=args.llama_cpp_bin, llama_cpp_lib=args.llama_cpp_lib, ggufs=ggufs, generate=not args.no_generate, seed=args.seed,
-                   bandwidth_bytes=args.bandwidth_mib << 20)
+                   llama_cpp_bin=args.llama_cpp_bin, llama_cpp_lib=args.llama_cpp_lib, ggufs=ggufs,
+                   generate=not args.no_generate, seed=args.seed, bandwidth_bytes=args.bandwidth_mib << 20)
 
 
 def command_of(opts) -> str:

@@ -10,6 +10,7 @@ GALLY_REQUIRE_AARCH64=1 (set by .ci/run, which installs them) makes that a failu
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import struct
@@ -175,8 +176,9 @@ class Aarch64Core:
 
 
 @pytest.fixture(scope="session")
-def aarch64_runner(tmp_path_factory):
-    """The cross-compiled kernel_runner's path, built once per test session."""
+def aarch64_runner(request):
+    """The cross-compiled kernel_runner's path, built once per test session (in pytest's cache, so
+    that a later session rebuilds only what changed)."""
     missing = missing_tools()
     if missing:
         why = (f"the aarch64 kernel tests need {', '.join(missing)} "
@@ -184,7 +186,8 @@ def aarch64_runner(tmp_path_factory):
         if os.environ.get("GALLY_REQUIRE_AARCH64") == "1":
             pytest.fail(why)
         pytest.skip(why)
-    return build_runner(str(tmp_path_factory.mktemp("aarch64-build")))
+    key = hashlib.sha1(ROOT.encode()).hexdigest()[:12]
+    return build_runner(str(request.config.cache.mkdir(f"gally-aarch64-runner-{key}")))
 
 
 @pytest.fixture(scope="session")

@@ -243,50 +243,65 @@ void attention(const float* q, const KvHead& kv, int n, int d, float scale, floa
 }
 
 // Causal attention with the queries in the lanes: scoresᵀ[j] = K[j] · Qᵀ (a key row broadcast
-// against N queries at once), a softmax down each lane, then outᵀ[i] = Σ_j V[j, i] · pᵀ[j].
+// against QW queries at once), a softmax down each lane, then outᵀ[i] = Σ_j V[j, i] · pᵀ[j]. A pass
+// takes 16 queries (an attention work item's worth) as QV vectors, so that each broadcast feeds QV
+// FMAs: on AVX2, 6 rows × 2 vectors = 12 accumulators where 8 rows × 1 vector load as often as they
+// multiply (SmolLM2 prompt attention, one thread: 1.4× faster).
 namespace att {
 
-constexpr int AR = S::N == 16 ? 16 : 8;  // rows (keys or output dims) per register tile
+constexpr int QV = 16 / S::N;  // query vectors per pass
+constexpr int QW = QV * S::N;  // queries per pass: the floats of a row of scores
+// rows (keys or output dims) per register tile, for AR · QV accumulators: as many as the GEMM's
+// tile where a pass takes several vectors (12 of AVX2's 16 registers, 24 of NEON's 32), 16 on AVX-512
+constexpr int AR = QV == 1 ? 16 : S::GEMM_ROWS * S::GEMM_VECS / QV;
 
-// acc[r] += Σ_k A[r·lda + k·ka] · B[k] for R rows: A's elements broadcast, B [kn][N] vectors.
+// acc[r][v] += Σ_k A[r·lda + k·ka] · B[k·QW + v·N] for R rows: A's elements broadcast against QV
+// vectors of B's rows.
 template <int R>
-inline void rows_tile(const float* A, long lda, long ka, const float* B, int kn, V* acc) {
-  V a[R];
-  for (int r = 0; r < R; ++r) a[r] = acc[r];
+inline void rows_tile(const float* A, long lda, long ka, const float* B, int kn, V (*acc)[QV]) {
+  V a[R][QV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < QV; ++v) a[r][v] = acc[r][v];
   for (int k = 0; k < kn; ++k) {
-    const V b = S::load(B + (long)k * S::N);
-    for (int r = 0; r < R; ++r) a[r] = S::fma(S::set1(A[r * lda + k * ka]), b, a[r]);
+    V b[QV];
+    for (int v = 0; v < QV; ++v) b[v] = S::load(B + (long)k * QW + v * S::N);
+    for (int r = 0; r < R; ++r) {
+      const V x = S::set1(A[r * lda + k * ka]);
+      for (int v = 0; v < QV; ++v) a[r][v] = S::fma(x, b[v], a[r][v]);
+    }
   }
-  for (int r = 0; r < R; ++r) acc[r] = a[r];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < QV; ++v) acc[r][v] = a[r][v];
 }
 
 template <int R = AR>
-inline void rows_any(int rows, const float* A, long lda, long ka, const float* B, int kn, V* acc) {
+inline void rows_any(int rows, const float* A, long lda, long ka, const float* B, int kn, V (*acc)[QV]) {
   if constexpr (R > 1)
     if (rows < R) return rows_any<R - 1>(rows, A, lda, ka, B, kn, acc);
   rows_tile<R>(A, lda, ka, B, kn, acc);
 }
 
-// The scores st [n][N] of N queries in the lanes, lane l seeing keys [0, first + l) → their
-// softmax weights, not yet normalised (the later keys of each lane exactly 0); returns each lane's
-// 1 / Σ weights. probs, when not null, receives lane l's normalised weights in row l (ldp apart).
-inline V softmax_lanes(float* st, int n, int first, int lanes, float* probs, long ldp) {
-  for (int j = first; j < n; ++j)  // the keys past each lane, among the last lanes − 1
-    for (int l = 0; l < j - first + 1; ++l) st[(long)j * S::N + l] = -INFINITY;
+// The scores st [n][N] (rows ld floats apart) of N queries in the lanes, lane l seeing keys
+// [0, first + l) → their softmax weights, not yet normalised (the later keys of each lane exactly
+// 0); returns each lane's 1 / Σ weights. probs, when not null, receives lane l's normalised weights
+// in row l (ldp apart), for the first `lanes` lanes.
+inline V softmax_lanes(float* st, int n, int first, int lanes, float* probs, long ldp, long ld = S::N) {
+  for (int j = first; j < n; ++j)  // the keys past each lane
+    for (int l = 0; l < j - first + 1 && l < S::N; ++l) st[j * ld + l] = -INFINITY;
   V mx = S::set1(-INFINITY), sum = S::zero();
-  for (int j = 0; j < n; ++j) mx = S::max(mx, S::load(st + (long)j * S::N));
+  for (int j = 0; j < n; ++j) mx = S::max(mx, S::load(st + j * ld));
   for (int j = 0; j < n; ++j) {
-    const V e = exp_impl(S::sub(S::load(st + (long)j * S::N), mx));
-    S::store(st + (long)j * S::N, e);
+    const V e = exp_impl(S::sub(S::load(st + j * ld), mx));
+    S::store(st + j * ld, e);
   }
   for (int j = first; j < n; ++j)  // exp_impl clamps: make the masked weights exactly 0
-    for (int l = 0; l < j - first + 1; ++l) st[(long)j * S::N + l] = 0.0f;
-  for (int j = 0; j < n; ++j) sum = S::add(sum, S::load(st + (long)j * S::N));
+    for (int l = 0; l < j - first + 1 && l < S::N; ++l) st[j * ld + l] = 0.0f;
+  for (int j = 0; j < n; ++j) sum = S::add(sum, S::load(st + j * ld));
   const V inv = S::div(S::set1(1.0f), sum);
   if (probs) {
     alignas(64) float w[S::N];
     for (int j = 0; j < n; ++j) {
-      S::store(w, S::mul(S::load(st + (long)j * S::N), inv));
+      S::store(w, S::mul(S::load(st + j * ld), inv));
       for (int l = 0; l < lanes; ++l)
         if (j < first + l) probs[l * ldp + j] = w[l];
     }
@@ -299,31 +314,45 @@ inline V softmax_lanes(float* st, int n, int first, int lanes, float* probs, lon
 void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale, float* scratch,
                       float* out, int ldo, float* probs, long ldp) {
   using namespace att;
-  for (int q0 = 0; q0 < nq; q0 += S::N) {
-    const int lanes = nq - q0 < S::N ? nq - q0 : S::N, first = ctx0 + q0, n = first + lanes - 1;
-    float* st = scratch;                   // [n][N] scores, then probabilities
-    float* qt = scratch + (long)n * S::N;  // [d][N] the queries, scaled, transposed
+  static_assert(QW <= 16, "attention_scratch_floats holds 16 lanes");
+  for (int q0 = 0; q0 < nq; q0 += QW) {
+    const int lanes = nq - q0 < QW ? nq - q0 : QW, first = ctx0 + q0, n = first + lanes - 1;
+    float* st = scratch;                 // [n][QW] scores, then probabilities
+    float* qt = scratch + (long)n * QW;  // [d][QW] the queries, scaled, transposed
     for (int i = 0; i < d; ++i)
-      for (int l = 0; l < S::N; ++l) qt[i * S::N + l] = l < lanes ? scale * Q[(long)(q0 + l) * ldq + i] : 0.0f;
-    V acc[AR];
-    for (int j = 0; j < n; j += AR) {  // AR divides block_rows: a tile's keys lie in one block
-      const int rows = n - j < AR ? n - j : AR;
-      for (int r = 0; r < rows; ++r) acc[r] = S::zero();
-      rows_any(rows, kv.key(j, d), d, 1, qt, d, acc);
-      for (int r = 0; r < rows; ++r) S::store(st + (long)(j + r) * S::N, acc[r]);
+      for (int l = 0; l < QW; ++l) qt[i * QW + l] = l < lanes ? scale * Q[(long)(q0 + l) * ldq + i] : 0.0f;
+    V acc[AR][QV];
+    for (int b0 = 0; b0 < n; b0 += kv.block_rows) {  // register tiles of keys within a cache block
+      const int b1 = n - b0 < kv.block_rows ? n : b0 + kv.block_rows;
+      for (int j = b0; j < b1; j += AR) {
+        const int rows = b1 - j < AR ? b1 - j : AR;
+        for (int r = 0; r < rows; ++r)
+          for (int v = 0; v < QV; ++v) acc[r][v] = S::zero();
+        rows_any(rows, kv.key(j, d), d, 1, qt, d, acc);
+        for (int r = 0; r < rows; ++r)
+          for (int v = 0; v < QV; ++v) S::store(st + (long)(j + r) * QW + v * S::N, acc[r][v]);
+      }
     }
-    const V inv = softmax_lanes(st, n, first, lanes, probs ? probs + (long)q0 * ldp : nullptr, ldp);
-    alignas(64) float o[AR * S::N];
+    V inv[QV];
+    for (int v = 0; v < QV; ++v) {  // each vector's lanes: queries q0 + v·N …
+      const int vl = lanes - v * S::N;
+      inv[v] = vl > 0 ? softmax_lanes(st + v * S::N, n, first + v * S::N, vl < S::N ? vl : S::N,
+                                      probs ? probs + (long)(q0 + v * S::N) * ldp : nullptr, ldp, QW)
+                      : S::zero();
+    }
+    alignas(64) float o[AR * QW];
     for (int i = 0; i < d; i += AR) {
       const int rows = d - i < AR ? d - i : AR;
-      for (int r = 0; r < rows; ++r) acc[r] = S::zero();
+      for (int r = 0; r < rows; ++r)
+        for (int v = 0; v < QV; ++v) acc[r][v] = S::zero();
       for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
         const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
-        rows_any(rows, kv.value(b0, d) + i, 1, d, st + (long)b0 * S::N, nb, acc);
+        rows_any(rows, kv.value(b0, d) + i, 1, d, st + (long)b0 * QW, nb, acc);
       }
-      for (int r = 0; r < rows; ++r) S::store(o + r * S::N, S::mul(acc[r], inv));
+      for (int r = 0; r < rows; ++r)
+        for (int v = 0; v < QV; ++v) S::store(o + r * QW + v * S::N, S::mul(acc[r][v], inv[v]));
       for (int l = 0; l < lanes; ++l)
-        for (int r = 0; r < rows; ++r) out[(long)(q0 + l) * ldo + i + r] = o[r * S::N + l];
+        for (int r = 0; r < rows; ++r) out[(long)(q0 + l) * ldo + i + r] = o[r * QW + l];
     }
   }
 }

@@ -1,7 +1,8 @@
 """Writes a Hugging Face folder with random weights in a real model's shapes (gally.bench.random_model):
 for timing where the real weights cannot be fetched or would not fit. Not for quality.
 
-    python bench/random_checkpoint.py OUT_FOLDER [f32|bf16] [--shape smollm2-135m|llama-3.2-1b|llama-3.2-3b|llama-3.1-8b]
+    python bench/random_checkpoint.py OUT_FOLDER [f32|bf16]
+        [--shape smollm2-135m|llama-3.2-1b|llama-3.2-3b|llama-3.1-8b]
 
 `gally bench --shape NAME` makes (once, in GALLY_HOME/bench/) and uses such a folder itself.
 """

@@ -4,10 +4,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 #include <pthread.h>
 #include <sys/mman.h>
 
@@ -21,6 +17,7 @@
 #include "forward.h"
 #include "isa.h"
 #include "model.h"
+#include "parallel.h"
 #include "safetensors.h"
 #include "sequence.h"
 
@@ -83,17 +80,17 @@ double read_bandwidth(size_t bytes, int threads, int repeats) {
   volatile float sink = 0;
   for (int r = 0; r < repeats; ++r) {
     auto t0 = std::chrono::steady_clock::now();
-    float total = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : total)
-    {
+    std::vector<float> totals(threads, 0.0f);
+    par::region(threads, [&] {
+      const long steps = n / 64, s0 = steps * par::thread_id() / par::thread_count(),
+                 s1 = steps * (par::thread_id() + 1) / par::thread_count();
       float lane[16] = {0};  // independent lanes across the whole pass: no dependency chain
-#pragma omp for schedule(static)
-      for (long i = 0; i < n; i += 64)
+      for (long i = s0 * 64; i < s1 * 64; i += 64)
         for (int j = 0; j < 64; j += 16)
           for (int l = 0; l < 16; ++l) lane[l] += buf[i + j + l];
-      for (int l = 0; l < 16; ++l) total += lane[l];
-    }
-    sink = sink + total;
+      for (int l = 0; l < 16; ++l) totals[par::thread_id()] += lane[l];
+    });
+    for (float t : totals) sink = sink + t;
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = std::max(best, double(n) * 4 / s / 1e9);
   }
@@ -106,16 +103,13 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "gally's C++ engine";
 
   m.def("available_isas", &available_isas);
+  m.def("cpu_flags", &cpu_flags);
+  m.def("kernel_sets_for", &kernel_sets_for, py::arg("flags"));
   m.def("selected_isa", []() { return selected_isa(); });
   m.def("select_isa", &select_isa, py::arg("name"));
   m.def("has_avx512bf16", &cpu_has_avx512bf16);
-  m.def("openmp", []() {
-#if defined(_OPENMP)
-    return true;
-#else
-    return false;
-#endif
-  });
+  m.def("openmp", []() { return par::kOpenMP; });
+  m.def("parallel_backend", []() { return par::backend(); });  // "openmp" or "threads" (parallel.h)
   m.def(
       "read_bandwidth",
       [](size_t bytes, int threads, int repeats) {

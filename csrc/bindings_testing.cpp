@@ -5,13 +5,17 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "isa.h"
 #include "kernels/kernels.h"
 #include "model.h"
+#include "parallel.h"
 
 namespace py = pybind11;
 using namespace gally;
@@ -293,6 +297,48 @@ void add_testing_module(py::module_& m) {
         return out;
       },
       py::arg("isa"), py::arg("x"), py::arg("to"));
+  t.def(
+      "parallel_region",
+      [](int threads, int n) {
+        // The parallel.h interface at work: every thread of a region waits (up to 10 s) until all have
+        // entered it, which only threads running at once can do; then a static loop and three dynamic
+        // loops over n items (their counters reused) record which thread ran each item. Returns each
+        // thread's (id, count), whether all met, the distinct OS threads, the static loop's thread per
+        // item, and for each dynamic loop how many times each item ran.
+        std::atomic<int> entered{0};
+        std::vector<std::pair<int, int>> members(threads, {-1, -1});
+        std::vector<std::thread::id> os(threads);
+        std::vector<int> statics(n, -1);
+        std::vector<std::vector<std::atomic<int>>> dynamics(3);
+        for (auto& d : dynamics) d = std::vector<std::atomic<int>>(n);
+        std::atomic<bool> met{true};
+        {
+          py::gil_scoped_release free;
+          par::region(threads, [&] {
+            const int id = par::thread_id();
+            members[id] = {id, par::thread_count()}, os[id] = std::this_thread::get_id();
+            entered.fetch_add(1);
+            const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+            while (entered.load() < par::thread_count())
+              if (std::chrono::steady_clock::now() > give_up) {
+                met = false;
+                break;
+              }
+            par::barrier();
+            par::for_static(n, [&](int i) { statics[i] = par::thread_id(); });
+            for (auto& d : dynamics) par::for_dynamic(n, [&](int i) { d[i].fetch_add(1); });
+          });
+        }
+        std::sort(os.begin(), os.end());
+        const int distinct = int(std::unique(os.begin(), os.end()) - os.begin());
+        std::vector<std::vector<int>> hits;
+        for (auto& d : dynamics) {
+          hits.emplace_back();
+          for (auto& h : d) hits.back().push_back(h.load());
+        }
+        return py::make_tuple(members, met.load(), distinct, statics, hits);
+      },
+      py::arg("threads"), py::arg("n"));
   t.def("kernel_silu_mul", [](const std::string& isa, Array<float> g, Array<float> u) {
     require(g.size() == u.size(), "g and u differ in size");
     Array<float> out(g.size());

@@ -1,5 +1,6 @@
 // Which instruction sets this CPU offers, and which kernel set gally runs.
 #pragma once
+#include <map>
 #include <string>
 #include <vector>
 
@@ -7,8 +8,21 @@
 
 namespace gally {
 
-// Kernel sets this CPU can run, best last: "generic", then "avx2", "avx512", "avx512bf16"
-// (AVX-512 with bf16 dot products for the prefill of bf16, int8 and int4 weights) where supported.
+// The CPU features the kernel sets need, by name, as the CPU and OS report them: on x86-64
+// "os_ymm", "os_zmm" (XGETBV: the OS saves the wider registers), "avx2", "fma", "f16c",
+// "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx_vnni", "avx512_vnni", "avx512_bf16"
+// (CPUID); on aarch64 "asimd", "asimddp", "bf16" (getauxval on Linux, sysctl on macOS).
+using CpuFlags = std::map<std::string, bool>;
+CpuFlags cpu_flags();
+
+// The kernel sets a CPU with these flags can run, best last: "generic", then on x86-64 "avx2",
+// "avx2vnni" (+ AVX-VNNI for the int8/int4 decode), "avx512", "avx512vnni" (+ AVX512-VNNI),
+// "avx512bf16" (+ AVX512-BF16 dot products for the prefill of bf16, int8 and int4 weights); on
+// aarch64 "neon", "neondot" (+ sdot for the int8/int4 decode), "neonbf16" (+ bfdot for the
+// prefill). A flag missing from `flags` counts as absent; an unknown name throws.
+std::vector<std::string> kernel_sets_for(const CpuFlags& flags);
+
+// kernel_sets_for(cpu_flags()).
 std::vector<std::string> available_isas();
 
 // True when the CPU (and OS) support AVX512-BF16 dot products.

@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "kernels/kernels.h"
+#include "parallel.h"
 
 namespace gally {
 namespace {
@@ -148,16 +149,23 @@ class Builder {
     // Copy first: the source may be unaligned for its element type.
     std::vector<uint8_t> src((const uint8_t*)t.data, (const uint8_t*)t.data + n * dtype_size(from));
     const void* s = src.data();
-#pragma omp parallel for schedule(static) if (n > (1 << 20))
-    for (int64_t i = 0; i < n; ++i) {
-      float f = element(s, from, i);
-      switch (to) {
-        case DType::F32: ((float*)dst)[i] = f; break;
-        case DType::BF16: ((uint16_t*)dst)[i] = from == DType::BF16 ? ((const uint16_t*)s)[i] : f32_to_bf16(f); break;
-        case DType::F16: ((uint16_t*)dst)[i] = from == DType::F16 ? ((const uint16_t*)s)[i] : f32_to_f16(f); break;
-        default: break;
-      }
-    }
+    // the model's threads for a large tensor; elements in runs of 4096 (n ≤ 2^31 · 4096)
+    const int64_t runs = (n + 4095) / 4096;
+    par::region(n > (1 << 20) ? m_.threads : 1, [&] {
+      par::for_static(int(runs), [&](int r) {
+        for (int64_t i = int64_t(r) * 4096; i < std::min(n, int64_t(r + 1) * 4096); ++i) {
+          float f = element(s, from, i);
+          switch (to) {
+            case DType::F32: ((float*)dst)[i] = f; break;
+            case DType::BF16:
+              ((uint16_t*)dst)[i] = from == DType::BF16 ? ((const uint16_t*)s)[i] : f32_to_bf16(f);
+              break;
+            case DType::F16: ((uint16_t*)dst)[i] = from == DType::F16 ? ((const uint16_t*)s)[i] : f32_to_f16(f); break;
+            default: break;
+          }
+        }
+      });
+    });
     Tensor owned;
     owned.name = t.name;
     owned.shape = t.shape;

@@ -21,6 +21,9 @@ SIMD_ISAS = [isa for isa in ISAS if isa != "generic"] or [
     pytest.param("none", marks=pytest.mark.skip(reason="this CPU runs no SIMD kernel set: nothing to hold "
                                                        "against the scalar twins"))]
 
+# the kernel tests' backends: this CPU's extension, and the NEON kernels under qemu-aarch64
+from kernel_backends import aarch64_core, aarch64_runner, core  # noqa: E402, F401  (fixtures)
+
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str = "F32") -> None:
     """Writes a .safetensors file by hand (the library's NumPy API has no bf16)."""

@@ -1,24 +1,24 @@
 """Each SIMD kernel against its scalar twin (the "generic" set), over sizes 1 … 2×16+3 and odd
-shapes, for every instruction set this CPU runs; and the scalar twins against NumPy."""
+shapes, for every instruction set this CPU runs and every aarch64 NEON set under qemu
+(kernel_backends.py); and the scalar twins against NumPy."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from conftest import ISAS, SIMD_ISAS as SIMD
+from conftest import ISAS
 from gally import _core
 from gally.dtypes import as_float32, bf16_bits, round_bf16
+from kernel_backends import AARCH64_SETS, bf16_prefill, each_set
 
 SIZES = list(range(1, 36))  # 1 … 2 × 16 lanes + 3
 
 
 def effective_x(isa, x, wtype):
-    """avx512bf16 rounds the activations of a batch (≥ 4 tokens) with bf16, int8 or int4 weights
-    to bf16 for vdpbf16ps."""
-    if isa != "avx512bf16" or wtype not in ("bf16", "int8", "int4") or x.shape[0] < 4:
-        return x
-    return round_bf16(x)
+    """avx512bf16 and neonbf16 round the activations of a batch (≥ 4 tokens) with bf16, int8 or int4
+    weights to bf16 for their bf16 dot products."""
+    return round_bf16(x) if bf16_prefill(isa, wtype, x.shape[0]) else x
 
 
 def weights(rng, rows, cols, wtype):
@@ -32,9 +32,9 @@ def weights(rng, rows, cols, wtype):
     return half.view(np.uint16), half.astype(np.float64)
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@each_set()
 @pytest.mark.parametrize("wtype", ["f32", "bf16", "f16"])
-def test_matmul_shapes(isa, wtype):
+def test_matmul_shapes(core, isa, wtype):
     rng = np.random.default_rng(0)
     for n_in in SIZES + [64, 100, 576]:
         for n_tok, n_out in ((1, 7), (3, 13), (7, 5), (13, 17)):
@@ -43,42 +43,42 @@ def test_matmul_shapes(isa, wtype):
             b = rng.standard_normal(n_out).astype(np.float32)
             want = effective_x(isa, x, wtype).astype(np.float64) @ Wf.T + b
             y = np.full((n_tok, n_out), np.nan, np.float32)
-            _core.testing.kernel_matmul(isa, x, W, wtype, b, y, False, 0, n_out)
+            core.kernel_matmul(isa, x, W, wtype, b, y, False, 0, n_out)
             scale = np.abs(x).astype(np.float64) @ np.abs(Wf).T + 1
             assert (np.abs(y - want) <= 1e-5 * scale).all(), (n_in, n_tok, n_out)
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_matmul_row_range_and_accumulate(isa):
+@each_set()
+def test_matmul_row_range_and_accumulate(core, isa):
     rng = np.random.default_rng(1)
     n_tok, n_in, n_out = 9, 37, 29
     W, Wf = weights(rng, n_out, n_in, "f32")
     x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
     y0 = rng.standard_normal((n_tok, n_out)).astype(np.float32)
     y = y0.copy()
-    _core.testing.kernel_matmul(isa, x, W, "f32", None, y, True, 5, 22)
+    core.kernel_matmul(isa, x, W, "f32", None, y, True, 5, 22)
     want = y0.astype(np.float64).copy()
     want[:, 5:22] += x.astype(np.float64) @ Wf[5:22].T
     assert np.abs(y - want).max() <= 1e-4
     assert np.array_equal(y[:, :5], y0[:, :5]) and np.array_equal(y[:, 22:], y0[:, 22:])
 
 
-@pytest.mark.parametrize("isa", SIMD)
+@each_set(simd_only=True)
 @pytest.mark.parametrize("wtype", ["f32", "bf16", "f16"])
-def test_matmul_simd_equals_scalar_twin(isa, wtype):
+def test_matmul_simd_equals_scalar_twin(core, isa, wtype):
     rng = np.random.default_rng(2)
     for n_in in SIZES:
         for n_tok in (1, 2, 5, 6, 7, 13):
             W, _ = weights(rng, 11, n_in, wtype)
             x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
-            ys = [_core.testing.kernel_matmul(k, effective_x(isa, x, wtype), W, wtype, None,
+            ys = [core.kernel_matmul(k, effective_x(isa, x, wtype), W, wtype, None,
                                       np.zeros((n_tok, 11), np.float32), False, 0, 11)
                   for k in ("generic", isa)]
             assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.sqrt(n_in))
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_matmul_many_equals_one_by_one(isa):
+@each_set()
+def test_matmul_many_equals_one_by_one(core, isa):
     """Several matrices over one input (q/k/v, gate/up) give what matmul gives for each, in one
     call or one at a time, mixed weight types included."""
     rng = np.random.default_rng(9)
@@ -89,41 +89,41 @@ def test_matmul_many_equals_one_by_one(isa):
         ranges = [(0, 7), (3, 30), (8, 16), (0, 5)]
         want = [np.full((n_tok, W.shape[0]), 1.5, np.float32) for W in mats]
         for W, t, (r0, r1), y in zip(mats, types, ranges, want):
-            _core.testing.kernel_matmul(isa, x, W, t, None, y, True, r0, r1)
+            core.kernel_matmul(isa, x, W, t, None, y, True, r0, r1)
         got = [np.full((n_tok, W.shape[0]), 1.5, np.float32) for W in mats]
         outs = [(W, t, y, r0, r1, True) for W, t, (r0, r1), y in zip(mats, types, ranges, got)]
-        _core.testing.kernel_matmul_many(isa, x, outs)
+        core.kernel_matmul_many(isa, x, outs)
         for a, b in zip(got, want):
             assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_rmsnorm(isa):
+@each_set()
+def test_rmsnorm(core, isa):
     rng = np.random.default_rng(3)
     for n in SIZES + [576, 4099]:
         x = rng.standard_normal(n).astype(np.float32) * 3
         w = rng.standard_normal(n).astype(np.float32)
-        got = _core.testing.kernel_rmsnorm(isa, x, w, 1e-5)
+        got = core.kernel_rmsnorm(isa, x, w, 1e-5)
         x64 = x.astype(np.float64)
         want = x64 / np.sqrt(np.mean(x64 * x64) + 1e-5) * w
         assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_rope_pairs_i_with_i_plus_half(isa):
+@each_set()
+def test_rope_pairs_i_with_i_plus_half(core, isa):
     rng = np.random.default_rng(4)
     for d in [2 * h for h in SIZES] + [64, 128]:
         v = rng.standard_normal(d).astype(np.float32)
         theta = rng.uniform(-10, 10, d // 2)
-        got = _core.testing.kernel_rope(isa, v, np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32))
+        got = core.kernel_rope(isa, v, np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32))
         a, b = v[: d // 2].astype(np.float64), v[d // 2:].astype(np.float64)
         want = np.concatenate([a * np.cos(theta) - b * np.sin(theta), b * np.cos(theta) + a * np.sin(theta)])
         assert np.allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@each_set()
 @pytest.mark.parametrize("block_rows", [16, 48, 1024])
-def test_attention(isa, block_rows):
+def test_attention(core, isa, block_rows):
     """Keys and values in a paged cache (kernels.h KvHead): blocks of block_rows positions."""
     rng = np.random.default_rng(5)
     for n in SIZES + [100, 1000]:
@@ -131,7 +131,7 @@ def test_attention(isa, block_rows):
             q = rng.standard_normal(d).astype(np.float32)
             K = rng.standard_normal((n, d)).astype(np.float32)
             V = rng.standard_normal((n, d)).astype(np.float32)
-            out, probs = _core.testing.kernel_attention(isa, q, K, V, 0.7, block_rows)
+            out, probs = core.kernel_attention(isa, q, K, V, 0.7, block_rows)
             s = 0.7 * K.astype(np.float64) @ q
             p = np.exp(s - s.max())
             p /= p.sum()
@@ -139,9 +139,9 @@ def test_attention(isa, block_rows):
             assert np.allclose(out, p @ V, atol=1e-5)
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@each_set()
 @pytest.mark.parametrize("block_rows", [16, 32, 1024])
-def test_attention_causal_block(isa, block_rows):
+def test_attention_causal_block(core, isa, block_rows):
     """A block of consecutive positions (queries in the lanes) equals causal attention query by
     query: query i sees keys 0 … ctx0+i−1, and its recorded weights stop there."""
     rng = np.random.default_rng(7)
@@ -152,7 +152,7 @@ def test_attention_causal_block(isa, block_rows):
                 Q = rng.standard_normal((nq, d)).astype(np.float32)
                 K = rng.standard_normal((n, d)).astype(np.float32)
                 V = rng.standard_normal((n, d)).astype(np.float32)
-                out, probs = _core.testing.kernel_attention_causal(isa, Q, K, V, ctx0, 0.3, block_rows=block_rows)
+                out, probs = core.kernel_attention_causal(isa, Q, K, V, ctx0, 0.3, block_rows=block_rows)
                 for i in range(nq):
                     c = ctx0 + i
                     s = 0.3 * K[:c].astype(np.float64) @ Q[i]
@@ -163,13 +163,13 @@ def test_attention_causal_block(isa, block_rows):
                     assert np.allclose(out[i], p @ V[:c], atol=1e-5), (nq, ctx0, d, i)
 
 
-@pytest.mark.parametrize("isa", SIMD)
-def test_attention_causal_simd_equals_scalar_twin(isa):
+@each_set(simd_only=True)
+def test_attention_causal_simd_equals_scalar_twin(core, isa):
     rng = np.random.default_rng(8)
     for nq, ctx0, d in ((16, 1, 64), (5, 100, 64), (33, 7, 128), (3, 2, 24)):
         n = ctx0 + nq - 1
         Q, K, V = (rng.standard_normal((m, d)).astype(np.float32) * 2 for m in (nq, n, n))
-        a, b = (_core.testing.kernel_attention_causal(k, Q, K, V, ctx0, 0.125) for k in ("generic", isa))
+        a, b = (core.kernel_attention_causal(k, Q, K, V, ctx0, 0.125) for k in ("generic", isa))
         assert np.allclose(a[0], b[0], rtol=1e-5, atol=5e-5) and np.allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
 
 
@@ -198,40 +198,45 @@ def test_attention_causal_bf16(block_rows):
         _core.testing.kernel_attention_causal("generic", Q, K, V, ctx0, 0.125, bf16=True)
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_attention_softmax_is_numerically_safe(isa):
+@each_set()
+def test_attention_softmax_is_numerically_safe(core, isa):
     d = 16
     q = np.full(d, 100.0, np.float32)
     K = np.stack([np.full(d, 10.0), np.full(d, 9.0), np.full(d, -10.0)]).astype(np.float32)
     V = np.eye(3, d, dtype=np.float32)
-    out, probs = _core.testing.kernel_attention(isa, q, K, V, 1.0)  # scores 16000, 14400, -16000
+    out, probs = core.kernel_attention(isa, q, K, V, 1.0)  # scores 16000, 14400, -16000
     assert np.isfinite(out).all() and np.allclose(probs, [1, 0, 0]) and np.allclose(out[:3], [1, 0, 0])
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_silu_mul(isa):
+@each_set()
+def test_silu_mul(core, isa):
     rng = np.random.default_rng(6)
     for n in SIZES + [1536]:
         g = (rng.standard_normal(n) * 8).astype(np.float32)
         u = rng.standard_normal(n).astype(np.float32)
-        got = _core.testing.kernel_silu_mul(isa, g, u)
+        got = core.kernel_silu_mul(isa, g, u)
         g64 = g.astype(np.float64)
         want = g64 / (1 + np.exp(-g64)) * u
         assert np.allclose(got, want, rtol=2e-6, atol=1e-6)
     extreme = np.array([-200, -90, -88, 0, 88, 90, 200] + [1.0] * 9, np.float32)
-    got = _core.testing.kernel_silu_mul(isa, extreme, np.ones_like(extreme))
+    got = core.kernel_silu_mul(isa, extreme, np.ones_like(extreme))
     assert np.isfinite(got).all() and np.allclose(got[:7], [0, 0, 0, 0, 88, 90, 200], atol=1e-30, rtol=1e-6)
 
 
-def test_kernel_sets():
-    assert ISAS[0] == "generic" and _core.selected_isa() in ISAS
+@pytest.mark.parametrize("backend", ["native", "aarch64"])
+def test_kernel_sets(core, backend):
+    sets = core.available_isas()
+    assert sets[0] == "generic" and core.selected_isa() == sets[-1]
+    assert sets == (ISAS if backend == "native" else AARCH64_SETS)
     with pytest.raises(ValueError, match="not available"):
-        _core.select_isa("sse9")
+        core.select_isa("sse9")
 
 
-# ---- the avx512bf16 set against its scalar twin, "generic-bf16" ----
+# ---- the bf16 prompt sets (avx512bf16, neonbf16) against their scalar twin, "generic-bf16" ----
 
 BF16_SET = pytest.mark.skipif("avx512bf16" not in ISAS, reason="this CPU has no AVX512-BF16")
+BF16_SETS = pytest.mark.parametrize(
+    "backend, isa", ([("native", "avx512bf16")] if "avx512bf16" in ISAS else []) + [("aarch64", "neonbf16")])
 
 
 def quantized_weights(rng, rows, cols, wtype):
@@ -250,27 +255,28 @@ def twin_weights(rng, rows, cols, wtype):
     return weights(rng, rows, cols, wtype)[0], None, None
 
 
-def test_bf16_twin_rounds_as_numpy():
+@pytest.mark.parametrize("backend", ["native", "aarch64"])
+def test_bf16_twin_rounds_as_numpy(core, backend):
     """The twin itself: a batch with bf16 weights is the f64 product of bf16-rounded activations."""
     rng = np.random.default_rng(20)
     x = rng.standard_normal((6, 70)).astype(np.float32)
     W, Wf = weights(rng, 9, 70, "bf16")
-    y = _core.testing.kernel_matmul("generic-bf16", x, W, "bf16", None, np.zeros((6, 9), np.float32), False, 0, 9)
+    y = core.kernel_matmul("generic-bf16", x, W, "bf16", None, np.zeros((6, 9), np.float32), False, 0, 9)
     assert np.allclose(y, round_bf16(x).astype(np.float64) @ Wf.T, rtol=1e-5, atol=1e-5)
-    y1 = _core.testing.kernel_matmul("generic-bf16", x[:3], W, "bf16", None, np.zeros((3, 9), np.float32), False, 0, 9)
+    y1 = core.kernel_matmul("generic-bf16", x[:3], W, "bf16", None, np.zeros((3, 9), np.float32), False, 0, 9)
     assert np.allclose(y1, x[:3].astype(np.float64) @ Wf.T, rtol=1e-5, atol=1e-5)  # a few tokens stay f32
 
 
-@BF16_SET
+@BF16_SETS
 @pytest.mark.parametrize("wtype", ["bf16", "int8", "int4", "f32"])
-def test_bf16_matmul_equals_scalar_twin(wtype):
+def test_bf16_matmul_equals_scalar_twin(core, isa, wtype):
     rng = np.random.default_rng(21)
     for n_in in ((64, 96, 576) if wtype in ("int8", "int4") else (1, 2, 17, 33, 64, 100)):
         for n_tok in (1, 3, 4, 5, 47, 48, 49, 100):
             W, s, m = twin_weights(rng, 19, n_in, wtype)
             x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
-            ys = [_core.testing.kernel_matmul(k, x, W, wtype, None, np.zeros((n_tok, 19), np.float32), False, 0, 19,
-                                              s, m) for k in ("generic-bf16", "avx512bf16")]
+            ys = [core.kernel_matmul(k, x, W, wtype, None, np.zeros((n_tok, 19), np.float32), False, 0, 19, s, m)
+                  for k in ("generic-bf16", isa)]
             assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.sqrt(n_in)), (n_in, n_tok)
 
 
@@ -317,15 +323,15 @@ def kv_rounded(a, kv_dtype):
     return a
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@each_set()
 @pytest.mark.parametrize("to", ["bf16", "f16", "f32"])
-def test_convert_row_rounds_to_nearest_even(isa, to):
+def test_convert_row_rounds_to_nearest_even(core, isa, to):
     rng = np.random.default_rng(30)
     specials = np.array([0.0, -0.0, 1.0, np.inf, -np.inf, 65504.0, 65520.0, 1e-8, -3e-6, 6.1e-5, 1.0000001,
                          3.4e38, 1.17e-38, 2.0**-140], np.float32)
     for n in SIZES + [64, 128]:
         x = np.concatenate([specials, (rng.standard_normal(n) * 10 ** rng.uniform(-8, 6, n)).astype(np.float32)])[:n]
-        got = _core.testing.kernel_convert_row(isa, x, to)
+        got = core.kernel_convert_row(isa, x, to)
         if to == "bf16":
             want = bf16_bits(x)
         elif to == "f16":
@@ -334,20 +340,20 @@ def test_convert_row_rounds_to_nearest_even(isa, to):
         else:
             want = x
         assert np.array_equal(got, want), (n, np.flatnonzero(got != want)[:5])
-    nan = _core.testing.kernel_convert_row(isa, np.full(20, np.nan, np.float32), to)
+    nan = core.kernel_convert_row(isa, np.full(20, np.nan, np.float32), to)
     assert np.isnan(nan.view(np.float32) if to == "f32" else
                     (nan.astype(np.uint32) << 16).view(np.float32) if to == "bf16" else nan.view(np.float16)).all()
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@each_set()
 @pytest.mark.parametrize("kv_dtype", ["bf16", "f16"])
-def test_attention_reads_a_compact_cache(isa, kv_dtype):
+def test_attention_reads_a_compact_cache(core, isa, kv_dtype):
     """Decode and prompt attention over a bf16 / f16 cache: the f32 math on the rounded keys and values."""
     rng = np.random.default_rng(31)
     for n, d in ((1, 64), (17, 64), (100, 80), (300, 128), (33, 8)):
         q = rng.standard_normal(d).astype(np.float32)
         K, V = (rng.standard_normal((n, d)).astype(np.float32) for _ in range(2))
-        out, probs = _core.testing.kernel_attention(isa, q, K, V, 0.3, 16, kv_dtype)
+        out, probs = core.kernel_attention(isa, q, K, V, 0.3, 16, kv_dtype)
         Kr, Vr = kv_rounded(K, kv_dtype).astype(np.float64), kv_rounded(V, kv_dtype).astype(np.float64)
         s = 0.3 * Kr @ q
         p = np.exp(s - s.max())
@@ -356,7 +362,7 @@ def test_attention_reads_a_compact_cache(isa, kv_dtype):
     for nq, ctx0, d in ((16, 1, 64), (5, 40, 64), (33, 7, 128), (7, 3, 24)):
         n = ctx0 + nq - 1
         Q, K, V = (rng.standard_normal((m, d)).astype(np.float32) for m in (nq, n, n))
-        out, probs = _core.testing.kernel_attention_causal(isa, Q, K, V, ctx0, 0.25, kv_dtype=kv_dtype)
+        out, probs = core.kernel_attention_causal(isa, Q, K, V, ctx0, 0.25, kv_dtype=kv_dtype)
         Kr, Vr = kv_rounded(K, kv_dtype).astype(np.float64), kv_rounded(V, kv_dtype).astype(np.float64)
         for i in range(nq):
             c = ctx0 + i
@@ -364,22 +370,22 @@ def test_attention_reads_a_compact_cache(isa, kv_dtype):
             p = np.exp(s - s.max())
             p /= p.sum()
             assert np.allclose(probs[i, :c], p, rtol=1e-5, atol=1e-7) and np.allclose(out[i], p @ Vr[:c], atol=1e-5)
-        if "avx512bf16" in ISAS and d % 32 == 0:  # the bf16 prompt attention reads the compact cache too
+        if isa == "avx512bf16" and d % 32 == 0:  # the bf16 prompt attention reads the compact cache too
             a, b = (_core.testing.kernel_attention_causal(k, Q, K, V, ctx0, 0.25, bf16=True, kv_dtype=kv_dtype)
                     for k in ("generic-bf16", "avx512bf16"))
             assert np.allclose(a[0], b[0], rtol=1e-4, atol=1e-4) and np.allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@each_set()
 @pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
-def test_decode_attention_for_a_gqa_group_split_over_the_keys(isa, kv_dtype):
+def test_decode_attention_for_a_gqa_group_split_over_the_keys(core, isa, kv_dtype):
     """attention_part for 1, 3 or 4 heads sharing a KV head, over the keys whole or in parts merged
     by attention_merge: each head's softmax attention over all keys."""
     rng = np.random.default_rng(32)
     for heads, n, d, parts in ((1, 5, 64, 1), (3, 100, 64, 1), (3, 1100, 64, 3), (4, 517, 128, 4), (2, 40, 24, 2)):
         Q = rng.standard_normal((heads, d)).astype(np.float32)
         K, V = (rng.standard_normal((n, d)).astype(np.float32) for _ in range(2))
-        out, probs = _core.testing.kernel_attention(isa, Q, K, V, 0.2, 16, kv_dtype, parts)
+        out, probs = core.kernel_attention(isa, Q, K, V, 0.2, 16, kv_dtype, parts)
         Kr, Vr = kv_rounded(K, kv_dtype).astype(np.float64), kv_rounded(V, kv_dtype).astype(np.float64)
         s = 0.2 * Q.astype(np.float64) @ Kr.T
         p = np.exp(s - s.max(-1, keepdims=True))
@@ -388,5 +394,5 @@ def test_decode_attention_for_a_gqa_group_split_over_the_keys(isa, kv_dtype):
         if parts == 1:
             assert np.allclose(probs, p, rtol=1e-5, atol=1e-7)
         if isa != "generic":
-            twin = _core.testing.kernel_attention("generic", Q, K, V, 0.2, 16, kv_dtype, parts)[0]
+            twin = core.kernel_attention("generic", Q, K, V, 0.2, 16, kv_dtype, parts)[0]
             assert np.allclose(out, twin, rtol=1e-5, atol=1e-6)

@@ -1,14 +1,14 @@
 """The int8/int4 kernels: int16 activation quantization and the integer matmuls against NumPy, and each
-SIMD set against its scalar twin, for every instruction set this CPU runs."""
+SIMD set against its scalar twin, for every instruction set this CPU runs and every aarch64 NEON set under qemu
+(kernel_backends.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from conftest import ISAS, SIMD_ISAS
-from gally import _core
 from gally.dtypes import round_bf16
+from kernel_backends import bf16_prefill, each_set
 
 G = 32
 
@@ -39,25 +39,25 @@ def random_q4(rng, rows, cols):
     return packed, s, m, w.reshape(rows, cols)
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_quantize_rows(isa):
+@each_set()
+def test_quantize_rows(core, isa):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((7, 96)) * rng.uniform(0.1, 10, (7, 1))).astype(np.float32)
     x[2, :32] = 0  # an all-zero group
-    q, s, total = _core.testing.kernel_quantize_rows(isa, x)
+    q, s, total = core.kernel_quantize_rows(isa, x)
     wq, ws, wsum = quantize_acts(x)
     assert np.array_equal(q, wq) and np.allclose(s, ws, rtol=1e-7) and np.allclose(total, wsum, rtol=1e-5, atol=1e-5)
     assert (s[2, 0] == 0) and (q[2, :32] == 0).all()
     assert np.abs(q.astype(np.float32) * np.repeat(s, G, axis=1) - x).max() <= np.repeat(s, G, axis=1).max() / 2 + 1e-6
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@each_set()
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_quantized_matmul_against_numpy(isa, kind):
+def test_quantized_matmul_against_numpy(core, isa, kind):
     rng = np.random.default_rng(1)
     for n_tok, rows, cols in ((1, 7, 32), (1, 13, 96), (3, 9, 64), (5, 17, 160), (9, 6, 576)):
         x = rng.standard_normal((n_tok, cols)).astype(np.float32)
-        xq, xs, xsum = _core.testing.kernel_quantize_rows("generic", x)
+        xq, xs, xsum = core.kernel_quantize_rows("generic", x)
         xhat = xq.reshape(n_tok, -1, G) * xs[..., None].astype(np.float64)
         if kind == "int8":
             q, s, w = random_q8(rng, rows, cols)
@@ -70,25 +70,25 @@ def test_quantized_matmul_against_numpy(isa, kind):
             wq = w - np.repeat(m.astype(np.float64), G, axis=1)
             want = xhat.reshape(n_tok, cols) @ wq.T + xsum.astype(np.float64) @ m.astype(np.float64).T
         y = np.full((n_tok, rows), np.nan, np.float32)
-        _core.testing.kernel_matmul_quantized(isa, xq, xs, xsum, *args, y, 0, rows)
+        core.kernel_matmul_quantized(isa, xq, xs, xsum, *args, y, 0, rows)
         assert np.allclose(y, want, rtol=1e-5, atol=1e-5), (kind, n_tok, rows, cols)
 
 
-@pytest.mark.parametrize("isa", SIMD_ISAS)
+@each_set(simd_only=True)
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_quantized_simd_equals_scalar_twin(isa, kind):
+def test_quantized_simd_equals_scalar_twin(core, isa, kind):
     rng = np.random.default_rng(2)
 
     def check(n_tok, rows, cols):
         x = (rng.standard_normal((n_tok, cols)) * 3).astype(np.float32)
-        xq, xs, xsum = _core.testing.kernel_quantize_rows(isa, x)
+        xq, xs, xsum = core.kernel_quantize_rows(isa, x)
         if kind == "int8":
             q, s, _ = random_q8(rng, rows, cols)
             args = (q, s.view(np.uint16), None)
         else:
             q, s, m, _ = random_q4(rng, rows, cols)
             args = (q, s.view(np.uint16), m.view(np.uint16))
-        ys = [_core.testing.kernel_matmul_quantized(k, xq, xs, xsum, *args, np.zeros((n_tok, rows), np.float32), 0,
+        ys = [core.kernel_matmul_quantized(k, xq, xs, xsum, *args, np.zeros((n_tok, rows), np.float32), 0,
                                                     rows) for k in ("generic", isa)]
         assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5), (n_tok, rows, cols)
 
@@ -101,16 +101,16 @@ def test_quantized_simd_equals_scalar_twin(isa, kind):
     y = np.full((3, 9), 7.0, np.float32)
     q, s, _ = random_q8(rng, 9, 64)
     x = rng.standard_normal((3, 64)).astype(np.float32)
-    xq = _core.testing.kernel_quantize_rows(isa, x)
-    _core.testing.kernel_matmul_quantized(isa, *xq, q, s.view(np.uint16), None, y, 2, 5)
+    xq = core.kernel_quantize_rows(isa, x)
+    core.kernel_matmul_quantized(isa, *xq, q, s.view(np.uint16), None, y, 2, 5)
     assert (y[:, :2] == 7).all() and (y[:, 5:] == 7).all() and not (y[:, 2:5] == 7).all()
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@each_set()
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_quantized_weights_with_float_activations(isa, kind):
+def test_quantized_weights_with_float_activations(core, isa, kind):
     """The prefill GEMM multiplies f32 activations by the dequantized weights: exactly (to f32
-    rounding) except on avx512bf16, which rounds both to bf16 for vdpbf16ps from 4 tokens on."""
+    rounding) except on avx512bf16 and neonbf16, which round both to bf16 from 4 tokens on."""
     rng = np.random.default_rng(3)
     for n_tok in (1, 3, 4, 5, 16, 49, 50):
         for rows, cols in ((1, 32), (7, 64), (9, 96), (17, 160)):
@@ -123,15 +123,15 @@ def test_quantized_weights_with_float_activations(isa, kind):
                 q, s, m, w = random_q4(rng, rows, cols)
                 extra = dict(scales=s.view(np.uint16), mins=m.view(np.uint16))
             xw, ww, tol = x.astype(np.float64), w, 1e-5
-            if isa == "avx512bf16" and n_tok >= 4:
+            if bf16_prefill(isa, kind, n_tok):
                 xw, ww, tol = round_bf16(x).astype(np.float64), round_bf16(w.astype(np.float32)), 1e-4
             want = xw @ np.asarray(ww, np.float64).T + b
             y = np.full((n_tok, rows), np.nan, np.float32)
-            _core.testing.kernel_matmul(isa, x, q, kind, b, y, False, 0, rows, **extra)
+            core.kernel_matmul(isa, x, q, kind, b, y, False, 0, rows, **extra)
             assert np.allclose(y, want, rtol=tol, atol=tol * np.sqrt(cols)), (kind, n_tok, rows, cols)
             # accumulate over a row range, leaving the other rows alone
             y2 = np.full((n_tok, rows), 2.0, np.float32)
-            _core.testing.kernel_matmul(isa, x, q, kind, None, y2, True, rows // 3, rows, **extra)
+            core.kernel_matmul(isa, x, q, kind, None, y2, True, rows // 3, rows, **extra)
             assert (y2[:, : rows // 3] == 2).all()
             assert np.allclose(y2[:, rows // 3:], 2 + want[:, rows // 3:] - b[rows // 3:], rtol=tol,
                                atol=tol * np.sqrt(cols))

@@ -15,11 +15,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 RUFF_NOT_YET: list[str] = []
-# formatted once the kernel work in progress (AVX2, NEON) has landed
-CLANG_FORMAT_NOT_YET = [
-    "csrc/kernels/common.h", "csrc/kernels/gemm.inl", "csrc/kernels/kernels.h", "csrc/kernels/kernels_avx512bf16.cpp",
-    "csrc/kernels/kernels_generic.cpp", "csrc/kernels/quant_kernels.inl", "csrc/kernels/simd_kernels.inl",
-]
+CLANG_FORMAT_NOT_YET: list[str] = []
 
 
 def cpp_sources() -> list[str]:

@@ -9,9 +9,7 @@
 namespace gally {
 
 // The int4 value i (0 … 31) of a packed group: byte i holds i (low nibble) and i + 16 (high).
-inline int nibble(const uint8_t* group, int i) {
-  return i < QGROUP / 2 ? group[i] & 0xf : group[i - QGROUP / 2] >> 4;
-}
+inline int nibble(const uint8_t* group, int i) { return i < QGROUP / 2 ? group[i] & 0xf : group[i - QGROUP / 2] >> 4; }
 
 // The QGROUP weights of group rg (= row · n_in/QGROUP + group) of an int8 or int4 matrix.
 inline void dequantize_group(const WeightsRef& W, long rg, float* out) {

@@ -6,15 +6,21 @@
 // for each k it loads GEMM_VECS activation vectors and broadcasts one weight per row, so every
 // load feeds several FMAs and no horizontal sum is ever needed. f32 weights are read in place;
 // other formats are dequantized (exactly, to f32) one chunk of rows at a time into a buffer that
-// stays in cache while every token tile passes over it.
+// stays in cache while every token tile passes over it. A tile's k runs in blocks whose
+// activations stay in L1 while all the chunk's rows pass over them (partial sums kept in a
+// chunk × tile buffer), and the finished chunk × tile is transposed N × N in registers on its way
+// to y, whose rows are tokens. Measured on SmolLM2's 512 × 576 × 1536 (AVX2, one thread): 79 →
+// 98 GFLOP/s for f32, 60 → 98 for int8; AVX-512 129 → 148.
 //
-// S provides GEMM_ROWS, GEMM_VECS and transpose besides the members simd_kernels.inl uses; the
+// S provides GEMM_ROWS, GEMM_VECS, transpose and dequantize_group besides the members
+// simd_kernels.inl uses; the
 // including file includes <algorithm>, <cstring>, <vector> and kernels/common.h.
 
 namespace gemm {
 
 constexpr int RB = S::GEMM_ROWS, TV = S::GEMM_VECS, TW = TV * S::N;
-constexpr int CHUNK = 64;  // rows dequantized at a time: 64 × n_in floats stay in L2
+constexpr int CHUNK = 64;      // rows dequantized at a time: 64 × n_in floats stay in L2
+constexpr int KB = 6144 / TW;  // k per block at most: its KB × TW activations (24 KiB) stay in L1
 
 // xt[(tile · n_in + k) · TW + j] = x[tile · TW + j, k], zero past n_tok: a tile's rows copied
 // into a zero-padded block, then transposed N × N at a time.
@@ -24,7 +30,8 @@ inline void pack_tokens(const float* x, int n_tok, int n_in, float* xt) {
   rows.assign(size_t(TW) * padded, 0.0f);
   for (int tile = 0; tile < tiles; ++tile) {
     const int t0 = tile * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW;
-    for (int j = 0; j < nt; ++j) std::memcpy(rows.data() + (long)j * padded, x + (long)(t0 + j) * n_in, sizeof(float) * n_in);
+    for (int j = 0; j < nt; ++j)
+      std::memcpy(rows.data() + (long)j * padded, x + (long)(t0 + j) * n_in, sizeof(float) * n_in);
     if (nt < TW) std::fill(rows.begin() + (long)nt * padded, rows.end(), 0.0f);
     float* dst = xt + (long)tile * n_in * TW;
     V col[S::N];
@@ -36,13 +43,14 @@ inline void pack_tokens(const float* x, int n_tok, int n_in, float* xt) {
   }
 }
 
-// out[i][j] = Σ_k W[i, k] · xt[k][j] for R rows (ldw apart) and the first V vectors of a tile.
+// out[i][j] (+)= Σ_k W[i, k] · xt[k][j] for k in [0, kn), R rows (ldw apart) and the first V
+// vectors of a tile; `first`: start from zero rather than from out.
 template <int R, int V_>
-inline void tile(const float* xt, const float* W, long ldw, int n_in, float* out) {
+inline void tile(const float* xt, const float* W, long ldw, int kn, bool first, float* out) {
   V acc[R][V_];
   for (int i = 0; i < R; ++i)
-    for (int v = 0; v < V_; ++v) acc[i][v] = S::zero();
-  for (int k = 0; k < n_in; ++k) {
+    for (int v = 0; v < V_; ++v) acc[i][v] = first ? S::zero() : S::load(out + i * TW + v * S::N);
+  for (int k = 0; k < kn; ++k) {
     V xv[V_];
     for (int v = 0; v < V_; ++v) xv[v] = S::load(xt + (long)k * TW + v * S::N);
     for (int i = 0; i < R; ++i) {
@@ -54,31 +62,62 @@ inline void tile(const float* xt, const float* W, long ldw, int n_in, float* out
     for (int v = 0; v < V_; ++v) S::store(out + i * TW + v * S::N, acc[i][v]);
 }
 
-// tile<rows, vecs> for rows ≤ RB and vecs ≤ TV, chosen at run time for the edges.
-template <int R = RB, int V_ = TV>
-inline void tile_any(int rows, int vecs, const float* xt, const float* W, long ldw, int n_in, float* out) {
+// Rows per register tile for a tile of `vecs` vectors: RB · TV accumulators whatever the width,
+// so that a batch's last, narrower tile keeps as many FMAs per load as the others.
+constexpr int rows_for(int vecs) { return RB * TV / vecs; }
+
+// tile<rows, V> for rows ≤ R, chosen at run time for a chunk's last rows.
+template <int R, int V_>
+inline void tile_rows(int rows, const float* xt, const float* W, long ldw, int kn, bool first, float* out) {
   if constexpr (R > 1)
-    if (rows < R) return tile_any<R - 1, V_>(rows, vecs, xt, W, ldw, n_in, out);
-  if constexpr (V_ > 1)
-    if (vecs < V_) return tile_any<R, V_ - 1>(rows, vecs, xt, W, ldw, n_in, out);
-  tile<R, V_>(xt, W, ldw, n_in, out);
+    if (rows < R) return tile_rows<R - 1, V_>(rows, xt, W, ldw, kn, first, out);
+  tile<R, V_>(xt, W, ldw, kn, first, out);
 }
 
-// Rows [r0, r1) of a bf16, f16, int8 or int4 matrix as f32, row-major into out.
+// tile<rows, vecs> for vecs ≤ TV and rows ≤ rows_for(vecs).
+template <int V_ = TV>
+inline void tile_any(int rows, int vecs, const float* xt, const float* W, long ldw, int kn, bool first, float* out) {
+  if constexpr (V_ > 1)
+    if (vecs < V_) return tile_any<V_ - 1>(rows, vecs, xt, W, ldw, kn, first, out);
+  tile_rows<rows_for(V_), V_>(rows, xt, W, ldw, kn, first, out);
+}
+
+// Rows [r0, r1) of a bf16, f16, int8 or int4 matrix as f32, row-major into out, a vector at a time.
 inline void dequantize_rows(const WeightsRef& W, int n_in, int r0, int r1, float* out) {
+  const int groups = n_in / QGROUP;
   for (long r = r0; r < r1; ++r, out += n_in) {
-    const uint16_t* w = (const uint16_t*)W.data + r * n_in;
-    int k = 0;
-    if (W.dtype == DType::BF16) {
-      for (; k + S::N <= n_in; k += S::N) S::store(out + k, S::load_bf16(w + k));
-      for (; k < n_in; ++k) out[k] = bf16_to_f32(w[k]);
-    } else if (W.dtype == DType::F16) {
-      for (; k + S::N <= n_in; k += S::N) S::store(out + k, S::load_f16(w + k));
-      for (; k < n_in; ++k) out[k] = f16_to_f32(w[k]);
+    if (W.dtype == DType::BF16 || W.dtype == DType::F16) {
+      const uint16_t* w = (const uint16_t*)W.data + r * n_in;
+      const bool bf16 = W.dtype == DType::BF16;
+      int k = 0;
+      for (; k + S::N <= n_in; k += S::N) S::store(out + k, bf16 ? S::load_bf16(w + k) : S::load_f16(w + k));
+      for (; k < n_in; ++k) out[k] = bf16 ? bf16_to_f32(w[k]) : f16_to_f32(w[k]);
     } else {
-      dequantize_row(W, n_in, r, out);
+      for (int g = 0; g < groups; ++g) S::dequantize_group(W, r * groups + g, out + g * QGROUP);
     }
   }
+}
+
+// y[j, i] (+)= out[i · TW + j] + b[i] for a chunk's rows i < rows and a tile's tokens j < nt: N × N
+// blocks transposed in registers, so that each token's rows are stored as whole vectors; the
+// edges as scalars (store_tile).
+inline void store_chunk(const float* out, int rows, int nt, const float* b, float* y, long ldy, bool accumulate) {
+  const int rv = rows / S::N * S::N, tv = nt / S::N * S::N;
+  V col[S::N];
+  for (int i = 0; i < rv; i += S::N) {
+    const V bias = b ? S::load(b + i) : S::zero();
+    for (int j = 0; j < tv; j += S::N) {
+      S::transpose(out + (long)i * TW + j, TW, col);
+      for (int c = 0; c < S::N; ++c) {
+        float* yc = y + (long)(j + c) * ldy + i;
+        S::store(yc, S::add(S::add(col[c], bias), accumulate ? S::load(yc) : S::zero()));
+      }
+    }
+    if (tv < nt)
+      store_tile(out + (long)i * TW + tv, TW, S::N, nt - tv, b ? b + i : nullptr, y + (long)tv * ldy + i, ldy,
+                 accumulate);
+  }
+  if (rv < rows) store_tile(out + (long)rv * TW, TW, rows - rv, nt, b ? b + rv : nullptr, y + rv, ldy, accumulate);
 }
 
 }  // namespace gemm
@@ -96,8 +135,8 @@ void gemm_packed(const float* xt, const WeightsRef& W, const float* b, float* y,
                  int r1, bool accumulate) {
   using namespace gemm;
   static thread_local std::vector<float> wbuf;
-  const int tiles = (n_tok + TW - 1) / TW;
-  float out[RB * TW];
+  const int tiles = (n_tok + TW - 1) / TW, blocks = (n_in + KB - 1) / KB, kb = (n_in + blocks - 1) / blocks;
+  alignas(64) float out[CHUNK * TW];  // the chunk's rows × a tile's tokens, summed over the k blocks
   for (int c0 = r0; c0 < r1; c0 += CHUNK) {
     const int c1 = c0 + CHUNK < r1 ? c0 + CHUNK : r1;
     const float* Wc;
@@ -110,11 +149,15 @@ void gemm_packed(const float* xt, const WeightsRef& W, const float* b, float* y,
     }
     for (int tl = 0; tl < tiles; ++tl) {
       const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW, vecs = (nt + S::N - 1) / S::N;
-      for (int r = c0; r < c1; r += RB) {
-        const int rows = c1 - r < RB ? c1 - r : RB;
-        tile_any(rows, vecs, xt + (long)tl * n_in * TW, Wc + (long)(r - c0) * n_in, n_in, n_in, out);
-        store_tile(out, TW, rows, nt, b ? b + r : nullptr, y + (long)t0 * ldy + r, ldy, accumulate);
+      const float* xtile = xt + (long)tl * n_in * TW;
+      const int step = rows_for(vecs);
+      for (int k0 = 0; k0 < n_in; k0 += kb) {  // a k block's activations stay in L1 across the chunk's rows
+        const int kn = n_in - k0 < kb ? n_in - k0 : kb;
+        for (int r = c0; r < c1; r += step)
+          tile_any(c1 - r < step ? c1 - r : step, vecs, xtile + (long)k0 * TW, Wc + (long)(r - c0) * n_in + k0, n_in,
+                   kn, k0 == 0, out + (r - c0) * TW);
       }
+      store_chunk(out, c1 - c0, nt, b ? b + c0 : nullptr, y + (long)t0 * ldy + c0, ldy, accumulate);
     }
   }
 }

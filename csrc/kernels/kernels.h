@@ -74,6 +74,13 @@ inline long attention_part_floats(int heads, int d) { return long(heads) * (d + 
 // [d] for each of up to 16 lanes (the widest vector set).
 inline long attention_scratch_floats(long n, long d) { return 16 * (n + d); }
 
+// Floats of scratch attention_causal_bf16 (below) needs for n keys of dimension d: its keys, value
+// pairs, scores, queries and paired weights, the last at least the 16 × d/2 of the queries' rows.
+// Declared for every architecture, since the forward pass sizes the scratch of whichever set runs.
+inline long attention_bf16_scratch_floats(long n, long d) {
+  return n * (d / 2) + (n / 2 + 1) * d + 16 * (n + 2) + 8 * d + (16 * (n / 2 + 1) > 8 * d ? 16 * (n / 2 + 1) : 8 * d);
+}
+
 struct Kernels {
   const char* name;
 
@@ -81,8 +88,8 @@ struct Kernels {
   // for rows r in [r0, r1) and tokens t in [0, n_tok).
   // x [n_tok, n_in] f32 row-major; W [n_out, n_in] in any DType (Q8/Q4 dequantized, exact in f32);
   // b [n_out] f32 or null; y [n_tok, ldy] f32 (ldy ≥ r1).
-  void (*matmul)(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
-                 int r0, int r1, bool accumulate);
+  void (*matmul)(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
+                 int r1, bool accumulate);
 
   // matmul row by row, whatever n_tok: each row of W meets every token while it is in L1, and a
   // token's result does not depend on the other tokens (the decode steps of a batch of sequences
@@ -131,8 +138,8 @@ struct Kernels {
 
   // y[t, r] = b[r] + Σ_g xs[t,g]·ws[r,g]·(xq[t,g] · q[r,g]) (+ y[t, r] when accumulate), r in [r0, r1)
   // Wq int8 [n_out, n_in], Ws float16 [n_out, n_in/32]
-  void (*matmul_q8)(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b,
-                    float* y, int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
+  void (*matmul_q8)(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
+                    int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
 
   // As matmul_q8 plus the min term Σ_g xsum[t,g]·wm[r,g]; Wq uint8 [n_out, n_in/2] (packed),
   // Ws, Wm float16 [n_out, n_in/32]
@@ -162,6 +169,23 @@ extern const Kernels kernels_generic_bf16;
 #if defined(GALLY_X86)
 extern const Kernels kernels_avx2;
 extern const Kernels kernels_avx512;
+// The "avx2vnni" and "avx512vnni" sets are kernels_avx2 and kernels_avx512 with these matmul_q8
+// and matmul_q4 (Kernels' signatures): vpdpwssd, as AVX-VNNI (kernels_avx2vnni.cpp) and as
+// AVX512-VNNI (kernels_avx512vnni.cpp).
+namespace avx2vnni {
+void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
+               int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
+void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
+               const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+               bool accumulate);
+}  // namespace avx2vnni
+namespace avx512vnni {
+void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
+               int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
+void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
+               const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+               bool accumulate);
+}  // namespace avx512vnni
 // The "avx512bf16" set is kernels_avx512 with this matmul: vdpbf16ps for bf16, int8 and int4
 // weights and batches of ≥ GEMM_MIN_TOKENS (weights and activations rounded to bf16); all else
 // goes to kernels_avx512.matmul.
@@ -169,20 +193,36 @@ void matmul_avx512bf16(const float* x, const WeightsRef& W, const float* b, floa
                        int r0, int r1, bool accumulate);
 void matmul_many_avx512bf16(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count);
 // attention_causal for the prompts of bf16 and quantized models: vdpbf16ps for the scores and the
-// weighted sum of the values (queries, keys, probabilities and values rounded to bf16, sums in f32); d a multiple of 32.
-// scratch: attention_bf16_scratch_floats(ctx0 + nq − 1, d).
+// weighted sum of the values (queries, keys, probabilities and values rounded to bf16, sums in f32); d a multiple
+// of 32. scratch: attention_bf16_scratch_floats(ctx0 + nq − 1, d).
 void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
                            float* scratch, float* out, int ldo, float* probs, long ldp);
-long attention_bf16_scratch_floats(long n, long d);
 long bf16_packed_size(int n_tok, int n_in);
 void pack_bf16(const float* x, int n_tok, int n_in, int tile0, int tile1, uint32_t* xt);
-void matmul_many_packed_bf16(const uint32_t* xt, const float* x, int n_tok, int n_in, const MatmulOut* outs,
-                             int count);
+void matmul_many_packed_bf16(const uint32_t* xt, const float* x, int n_tok, int n_in, const MatmulOut* outs, int count);
 namespace avx512 {
 // The AVX-512 attention's softmax down 16 lanes of scores st [n][16] (simd_kernels.inl, att::softmax_lanes);
 // inv [16] receives each lane's 1 / Σ weights.
 void softmax_lanes16(float* st, int n, int first, int lanes, float* probs, long ldp, float* inv);
 }  // namespace avx512
+#elif defined(GALLY_AARCH64)
+extern const Kernels kernels_neon;
+// The "neondot" set is kernels_neon with these matmul_q8 and matmul_q4: sdot (kernels_neondot.cpp).
+namespace neondot {
+void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
+               int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
+void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
+               const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+               bool accumulate);
+}  // namespace neondot
+// The "neonbf16" set is "neondot" with this matmul and matmul_many: bfdot for bf16, int8 and int4
+// weights and batches of ≥ GEMM_MIN_TOKENS (weights and activations rounded to bf16); all else goes
+// to kernels_neon.matmul (kernels_neonbf16.cpp).
+namespace neonbf16 {
+void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+            bool accumulate);
+void matmul_many(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count);
+}  // namespace neonbf16
 #endif
 
 }  // namespace gally

@@ -58,6 +58,27 @@ struct S {
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // 8 × u16 in the low half
     _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
   }
+  // The QGROUP weights of group rg of an int8 or int4 matrix as f32 (common.h's dequantize_group).
+  static void dequantize_group(const WeightsRef& W, long rg, float* out) {
+    const V s = set1(f16_to_f32(W.scales[rg]));
+    if (W.dtype == DType::Q8) {
+      const int8_t* q = (const int8_t*)W.data + rg * QGROUP;
+      for (int i = 0; i < QGROUP; i += 8) {
+        const __m256i qi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + i)));
+        store(out + i, mul(_mm256_cvtepi32_ps(qi), s));
+      }
+      return;
+    }
+    const V m = set1(f16_to_f32(W.mins[rg]));
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)((const uint8_t*)W.data + rg * (QGROUP / 2)));
+    const __m128i nib = _mm_set1_epi8(0x0f);
+    const __m128i halves[2] = {_mm_and_si128(bytes, nib), _mm_and_si128(_mm_srli_epi16(bytes, 4), nib)};
+    for (int h = 0; h < 2; ++h)  // elements 16h … 16h + 15
+      for (int i = 0; i < 16; i += 8) {
+        const __m256i qi = _mm256_cvtepu8_epi32(_mm_srli_si128(halves[h], i));
+        store(out + 16 * h + i, fma(_mm256_cvtepi32_ps(qi), s, m));
+      }
+  }
   // out[c] = column c of the 8 × 8 block at in (rows ld floats apart)
   static void transpose(const float* in, long ld, V out[8]) {
     V t[8], u[8];
@@ -78,6 +99,9 @@ struct S {
   }
 };
 using V = S::V;
+
+// acc + vpmaddwd(a, b) (quant_kernels.inl)
+inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
 
 #include "kernels/simd_kernels.inl"
 

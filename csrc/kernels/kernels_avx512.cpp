@@ -53,6 +53,21 @@ struct S {
     r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
     _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
   }
+  // The QGROUP weights of group rg of an int8 or int4 matrix as f32 (common.h's dequantize_group).
+  static void dequantize_group(const WeightsRef& W, long rg, float* out) {
+    const V s = set1(f16_to_f32(W.scales[rg]));
+    if (W.dtype == DType::Q8) {
+      const int8_t* q = (const int8_t*)W.data + rg * QGROUP;
+      for (int i = 0; i < QGROUP; i += 16)
+        store(out + i, mul(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + i)))), s));
+      return;
+    }
+    const V m = set1(f16_to_f32(W.mins[rg]));
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)((const uint8_t*)W.data + rg * (QGROUP / 2)));
+    const __m128i nib = _mm_set1_epi8(0x0f);
+    store(out, fma(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, nib))), s, m));
+    store(out + 16, fma(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nib))), s, m));
+  }
   // out[c] = column c of the 16 × 16 block at in (rows ld floats apart)
   static void transpose(const float* in, long ld, V out[16]) {
     __m512i t[16];
@@ -61,6 +76,9 @@ struct S {
   }
 };
 using V = S::V;
+
+// acc + vpmaddwd(a, b) (quant_kernels.inl)
+inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
 
 #include "kernels/simd_kernels.inl"
 

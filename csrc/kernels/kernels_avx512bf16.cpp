@@ -155,10 +155,8 @@ void matmul_many_packed_bf16(const uint32_t* xt, const float* x, int n_tok, int 
                              int count) {
   for (int i = 0; i < count; ++i) {
     const MatmulOut& o = outs[i];
-    if (takes_bf16_gemm(o.W, n_tok))
-      gemm_packed(xt, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
-    else
-      kernels_avx512.matmul(x, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+    if (takes_bf16_gemm(o.W, n_tok)) gemm_packed(xt, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+    else kernels_avx512.matmul(x, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
   }
 }
 
@@ -191,8 +189,7 @@ inline void dot_rows(const uint32_t* A, long lda, long ka, const uint32_t* B, in
   for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
   for (int p = 0; p < pairs; ++p) {
     const __m512bh b = (__m512bh)_mm512_loadu_si512(B + (long)p * 16);
-    for (int r = 0; r < R; ++r)
-      a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32(int(A[r * lda + p * ka])), b);
+    for (int r = 0; r < R; ++r) a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32(int(A[r * lda + p * ka])), b);
   }
   for (int r = 0; r < R; ++r) acc[r] = a[r];
 }
@@ -222,17 +219,11 @@ inline __m512 load16(const KvHead& kv, long j, int d, int i, bool key) {
       const uint16_t* p = (key ? kv.key<uint16_t>(j, d) : kv.value<uint16_t>(j, d)) + i;
       return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
     }
-    default:
-      return _mm512_loadu_ps((key ? kv.key<float>(j, d) : kv.value<float>(j, d)) + i);
+    default: return _mm512_loadu_ps((key ? kv.key<float>(j, d) : kv.value<float>(j, d)) + i);
   }
 }
 
 }  // namespace
-
-long attention_bf16_scratch_floats(long n, long d) {
-  // kb, vp, st, qp and pt below; pt holds at least the 16 × d/2 of the queries' rows too
-  return n * (d / 2) + (n / 2 + 1) * d + 16 * (n + 2) + 8 * d + std::max(16 * (n / 2 + 1), 8 * d);
-}
 
 void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
                            float* scratch, float* out, int ldo, float* probs, long ldp) {
@@ -249,8 +240,8 @@ void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const KvHe
       continue;
     }
     for (int i = 0; i < d; i += 32)  // d multiple of 32: whole pairs of vectors
-      _mm512_storeu_si512(kb + j * dp + i / 2, (__m512i)_mm512_cvtne2ps_pbh(load16(kv, j, d, i + 16, true),
-                                                                             load16(kv, j, d, i, true)));
+      _mm512_storeu_si512(kb + j * dp + i / 2,
+                          (__m512i)_mm512_cvtne2ps_pbh(load16(kv, j, d, i + 16, true), load16(kv, j, d, i, true)));
   }
   for (long jp = 0; jp < (n_all + 1) / 2; ++jp) {
     const bool odd = 2 * jp + 1 < n_all;

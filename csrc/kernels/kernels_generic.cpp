@@ -23,8 +23,8 @@ float dot(const float* x, int n, WLoad w) {
   return s + ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
-void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
-            int r1, bool accumulate) {
+void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+            bool accumulate) {
   static thread_local std::vector<float> row;
   row.resize(n_in);
   const float* w = row.data();
@@ -179,8 +179,7 @@ void convert_row(const float* x, void* out, DType to, int n) {
     for (int i = 0; i < n; ++i) ((uint16_t*)out)[i] = f32_to_bf16(x[i]);
   else if (to == DType::F16)
     for (int i = 0; i < n; ++i) ((uint16_t*)out)[i] = f32_to_f16(x[i]);
-  else
-    std::memcpy(out, x, sizeof(float) * n);
+  else std::memcpy(out, x, sizeof(float) * n);
 }
 
 void silu_mul(float* g, const float* u, int n) {
@@ -270,11 +269,10 @@ void gemm(X xt, const WeightsRef& W, const float* b, float* y, int n_tok, int n_
   }
 }
 
-void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0,
-            int r1, bool accumulate) {
+void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
+            bool accumulate) {
   if (!takes_gemm(W, n_tok)) return gally::matmul(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
-  gemm([x, n_in](int t, int k) { return round(x[(long)t * n_in + k]); }, W, b, y, n_tok, n_in, ldy, r0, r1,
-       accumulate);
+  gemm([x, n_in](int t, int k) { return round(x[(long)t * n_in + k]); }, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }
 
 void matmul_many(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count) {
@@ -309,10 +307,8 @@ void matmul_many_packed(const uint32_t* xt, const float* x, int n_tok, int n_in,
   };
   for (int i = 0; i < count; ++i) {
     const MatmulOut& o = outs[i];
-    if (takes_gemm(o.W, n_tok))
-      gemm(activation, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
-    else
-      gally::matmul(x, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+    if (takes_gemm(o.W, n_tok)) gemm(activation, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
+    else gally::matmul(x, o.W, o.b, o.y, n_tok, n_in, o.ldy, o.r0, o.r1, o.accumulate);
   }
 }
 

@@ -30,7 +30,8 @@ __all__ = ["load", "info", "Model", "Session", "Config", "Engine", "QueueFull", 
 
 def info() -> dict:
     """The build and the CPU: version, selected kernel set (isa), those this CPU can run (isas),
-    default threads, whether OpenMP is compiled in."""
+    default threads, whether OpenMP is compiled in, and what runs the threads (parallel: "openmp", or
+    "threads" for gally's own pool in a build without OpenMP)."""
     return {
         "version": __version__,
         "isa": _core.selected_isa(),
@@ -38,6 +39,7 @@ def info() -> dict:
         "avx512bf16": bool(_core.has_avx512bf16()),
         "threads": physical_cores(),
         "openmp": bool(_core.openmp()),
+        "parallel": _core.parallel_backend(),
     }
 
 

@@ -60,6 +60,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="llama.cpp sources, to make the peer GGUFs (env GALLY_LLAMA_CPP)")
     p.add_argument("--llama-cpp-bin", default=os.environ.get("GALLY_LLAMA_CPP_BIN"),
                    help="folder with llama-quantize and llama-bench (env GALLY_LLAMA_CPP_BIN)")
+    p.add_argument("--llama-cpp-lib", default=os.environ.get("GALLY_LLAMA_CPP_LIB"),
+                   help="folder with the libllama the llama.cpp peer loads instead of llama-cpp-python's own, e.g. a "
+                        "build for AVX2 only (env GALLY_LLAMA_CPP_LIB); the result names the library and its ISA")
     p.add_argument("--gguf", action="append", type=_ggufs, help="use this peer GGUF for a dtype: DTYPE=PATH,...")
     p.add_argument("--no-generate", action="store_true", help="skip the end-to-end Model.generate row")
     p.add_argument("--serve", action="append", metavar="URL",
@@ -93,8 +96,9 @@ def options(args):
     return Options(model=args.model, dtypes=_flat(args.dtype, ["f32", "bf16"]), prompts=_flat(args.n_prompt, [512]),
                    gens=_flat(args.n_gen, [128]), threads=_flat(args.threads, None), depths=_flat(args.n_depth, [0]),
                    reps=args.repetitions, peers=_flat(args.peers, []), llama_cpp=args.llama_cpp,
-                   llama_cpp_bin=args.llama_cpp_bin, ggufs=ggufs, generate=not args.no_generate, seed=args.seed,
-                   bandwidth_bytes=args.bandwidth_mib << 20, shape=args.shape, sequential=args.sequential)
+                   llama_cpp_bin=args.llama_cpp_bin, llama_cpp_lib=args.llama_cpp_lib, ggufs=ggufs,
+                   generate=not args.no_generate, seed=args.seed, bandwidth_bytes=args.bandwidth_mib << 20,
+                   shape=args.shape, sequential=args.sequential)
 
 
 def command_of(opts) -> str:
@@ -110,6 +114,7 @@ def command_of(opts) -> str:
     words += ["--peers", csv(opts.peers)] if opts.peers else []
     words += ["--llama-cpp", opts.llama_cpp] if opts.llama_cpp and opts.peers else []
     words += ["--llama-cpp-bin", opts.llama_cpp_bin] if opts.llama_cpp_bin and opts.peers else []
+    words += ["--llama-cpp-lib", opts.llama_cpp_lib] if opts.llama_cpp_lib and opts.peers else []
     words += ["--gguf", csv(f"{d}={p}" for d, p in opts.ggufs.items())] if opts.ggufs else []
     words += ["--no-generate"] if not opts.generate else []
     words += ["--seed", str(opts.seed)] if opts.seed else []

@@ -4,6 +4,7 @@ batches of 512, tg = single-token evaluations; flash attention on, as llama-benc
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import numpy as np
@@ -12,9 +13,11 @@ import numpy as np
 class LlamaCppEngine:
     name = "llama.cpp"
 
-    def __init__(self, gguf, gguf_type, threads, max_context, **_):
+    def __init__(self, gguf, gguf_type, threads, max_context, lib=None, **_):
         self.gguf, self.gguf_type, self.threads, self.max_context = gguf, gguf_type, threads, max_context
         self.llm = None
+        if lib:  # read by llama_cpp at its import, which comes later (load): this process runs this engine only
+            os.environ["LLAMA_CPP_LIB_PATH"] = os.path.abspath(lib)
 
     def load(self) -> float:
         from llama_cpp import Llama
@@ -31,7 +34,7 @@ class LlamaCppEngine:
 
         return {"weights": self.gguf_type, "path": self.gguf, "file_bytes": os.path.getsize(self.gguf),
                 "version": f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}",
-                "vocab_size": self.llm.n_vocab()}
+                "vocab_size": self.llm.n_vocab(), **build_info(llama_cpp)}
 
     def _fresh(self, depth_ids):
         self.llm.reset()  # eval() then drops the KV cache past position 0
@@ -59,3 +62,17 @@ class LlamaCppEngine:
             evaluate(one)
         return {"seconds": time.perf_counter() - t0}
 
+
+def build_info(llama_cpp) -> dict:
+    """Which llama.cpp build the peer runs: the libllama loaded and its llama_print_system_info(), which lists
+    the CPU features the build was compiled for ("CPU : SSE3 = 1 | AVX2 = 1 | ...")."""
+    lib = getattr(getattr(llama_cpp, "llama_cpp", None), "_lib", None)
+    system_info = llama_cpp.llama_print_system_info()
+    if isinstance(system_info, bytes):
+        system_info = system_info.decode(errors="replace")
+    return {"library": getattr(lib, "_name", "?"), "system_info": " ".join(system_info.split())}
+
+
+def build_features(system_info: str) -> list:
+    """The features a system_info string reports on ("AVX2 = 1"), in its order."""
+    return re.findall(r"([A-Za-z0-9_]+) = 1\b", system_info)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from .engine_llamacpp import build_features
 from .run import Results, Test
 from .stats import Stat
 
@@ -40,6 +41,8 @@ def machine_lines(res: Results) -> list:
     files = {engine: sorted({f"{s.info['weights']} = {s.info['path']}" for s in res.setups
                              if s.engine == engine and s.info}) for engine in ("llama.cpp", "ctranslate2")}
     ggufs, ct2 = files["llama.cpp"], files["ctranslate2"]
+    builds = sorted({f"{s.info['library']}: {' '.join(build_features(s.info['system_info'])) or '?'}"
+                     for s in res.setups if s.engine == "llama.cpp" and "system_info" in s.info})
     lines = ["| | |", "|---|---|",
              f"| date | {res.date} |",
              f"| gally commit | {m['commit']} (gally {g['version']}) |",
@@ -62,6 +65,11 @@ def machine_lines(res: Results) -> list:
         lines.append("| weights read per token | " + ", ".join(f"{w}: {b / 1e6:.1f} MB" for w, b in weights) + " |")
     if versions:
         lines.append("| peers | " + "; ".join(versions) + " |")
+    if builds:
+        lines.append("| llama.cpp build | " + "; ".join(builds) + " (the library loaded, and the features its "
+                     "llama_print_system_info() reports: what it was compiled for) |")
+    if res.options.llama_cpp_bin and any(r.engine == "llama-bench" for r in res.rows):
+        lines.append(f"| llama-bench | {res.options.llama_cpp_bin} |")
     if ggufs:
         lines.append("| peer GGUFs | " + "; ".join(ggufs) + " |")
     if ct2:

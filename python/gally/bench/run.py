@@ -18,6 +18,7 @@ from .stats import Stat, rates
 from .worker import Worker, WorkerError
 
 PEERS = ("llama.cpp", "transformers", "llama-bench", "ctranslate2")
+LIBLLAMA = ("libllama.so", "libllama.dylib")  # what llama-cpp-python loads from LLAMA_CPP_LIB_PATH
 INSTALL = {
     "llama.cpp": 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python==0.3.36',
     "transformers": "pip install torch==2.13.0 transformers",
@@ -37,6 +38,7 @@ class Options:
     peers: list = field(default_factory=list)
     llama_cpp: Optional[str] = None  # llama.cpp sources (convert_hf_to_gguf.py)
     llama_cpp_bin: Optional[str] = None  # llama.cpp binaries (llama-quantize, llama-bench)
+    llama_cpp_lib: Optional[str] = None  # the libllama the llama.cpp peer loads (default: llama-cpp-python's own)
     ggufs: dict = field(default_factory=dict)  # dtype → a peer GGUF to use as is
     generate: bool = True
     seed: int = 0
@@ -71,6 +73,11 @@ class Options:
         bad = [p for p in self.peers if p not in PEERS]
         if bad:
             raise ValueError(f"peer {bad[0]!r} is not one of {', '.join(PEERS)}")
+        if self.llama_cpp_lib is not None:
+            if not os.path.isdir(self.llama_cpp_lib):
+                raise FileNotFoundError(f"--llama-cpp-lib {self.llama_cpp_lib}: no such folder")
+            if not any(os.path.isfile(os.path.join(self.llama_cpp_lib, n)) for n in LIBLLAMA):
+                raise ValueError(f"--llama-cpp-lib {self.llama_cpp_lib}: holds no {' or '.join(LIBLLAMA)}")
         for d, path in self.ggufs.items():
             if d not in DTYPES:
                 raise ValueError(f"--gguf: {d!r} is not one of {', '.join(DTYPES)}")
@@ -241,7 +248,7 @@ def _peer_specs(opts, dtype, folder, status, log) -> dict:
             continue
         status[peer][dtype] = "measured"
         if peer == "llama.cpp":
-            specs[peer] = {"gguf": gguf, "gguf_type": peer_gguf.LLAMA_TYPES.get(dtype, "?")}
+            specs[peer] = {"gguf": gguf, "gguf_type": peer_gguf.LLAMA_TYPES.get(dtype, "?"), "lib": opts.llama_cpp_lib}
         elif peer == "transformers":
             specs[peer] = {"folder": folder, "dtype": dtype}
         elif peer == "ctranslate2":

@@ -424,8 +424,10 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
          kv_dtype: Optional[str] = None, force_context: bool = False, check_tensors: bool = False) -> Model:
     """Loads a model: a Hugging Face folder, a .gguf file, or an alias (default: smollm2-135m-instruct).
 
-    dtype: None keeps the stored dtype; "f32", "bf16" or "f16" converts once at load; "int8" or
-    "int4" quantizes a float checkpoint at load (`gally quantize` stores one, loaded zero-copy).
+    dtype: None keeps the stored dtype; "f32", "bf16" or "f16" converts a folder's weights at load;
+    "int8" or "int4" quantizes a float folder's weights at load (`gally quantize` stores such a
+    folder, which loads zero-copy). A .gguf file or an alias is converted to dtype once, into the
+    cache (GALLY_HOME/models; `gally cache` lists it), and loaded from there zero-copy afterwards.
     threads: default, the physical cores. max_context: the most tokens a sequence may hold;
     default, the config's max_position_embeddings (and sliding_window, where smaller), at most
     what the KV cache pool holds. kv_cache_bytes: the most memory the KV caches of all sequences
@@ -451,7 +453,7 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     kv_cache_bytes = _check_positive_int(kv_cache_bytes, "kv_cache_bytes")
     if kv_dtype is not None and kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
-    folder = sources.resolve(source, None if dtype in QUANTIZED else dtype)
+    folder = sources.resolve(source, dtype)  # a GGUF source: its cached conversion to dtype, int8/int4 included
     cfg = config_mod.read(folder)
     explicit = max_context is not None
     if explicit:

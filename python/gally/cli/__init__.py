@@ -1,7 +1,7 @@
 """The `gally` command line: `gally info`, and one subcommand per job (convert, run, chat, bench, ...).
 
 Each subcommand's parser and command live in a module here (convert, explain, generate: run and
-chat, perplexity, quantize, serve; bench in gally/bench/cli.py); the library modules they call know
+chat, cache, perplexity, quantize, serve; bench in gally/bench/cli.py); the library modules they call know
 nothing of argparse, the terminal or exit codes.
 """
 
@@ -13,6 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..bench.cli import add_parser as add_bench
+from .cache import add_parser as add_cache
 from .convert import add_parser as add_convert
 from .explain import add_parser as add_explain
 from .generate import add_parsers as add_run_and_chat
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_info)
     add_bench(sub)
+    add_cache(sub)
     add_convert(sub)
     add_explain(sub)
     add_run_and_chat(sub)

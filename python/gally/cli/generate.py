@@ -66,8 +66,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _load(args):
     import gally
 
-    return gally.load(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context,
-                      kv_dtype=args.kv_dtype, force_context=args.force_context)
+    model = gally.load(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context,
+                       kv_dtype=args.kv_dtype, force_context=args.force_context)
+    if args.dtype in ("int8", "int4") and model.copied_bytes:  # a folder, quantized in memory at every load
+        print(f"gally: quantized {model.path} to {args.dtype} at load; `gally quantize {model.path} OUT --to "
+              f"{args.dtype}` stores it once, and `-m OUT` then loads it at once", file=sys.stderr)
+    return model
 
 
 def _sampling_args(args) -> dict:

@@ -28,7 +28,7 @@ class Option:
 OPTIONS = (
     Option("max_new_tokens", 256, ("-n", "--max-tokens"), "most tokens to generate; -1: until the context is full",
            "N", int, True),
-    Option("temperature", 0.8, ("--temp",), "temperature; 0 is greedy", "T", float, True),
+    Option("temperature", 0.8, ("--temp", "--temperature"), "temperature; 0 is greedy", "T", float, True),
     Option("top_k", 40, ("--top-k",), "keep the k likeliest tokens; 0 disables", "K", int, True),
     Option("top_p", 0.95, ("--top-p",), "nucleus mass; 1 disables", "P", float, True),
     Option("min_p", 0.05, ("--min-p",), "drop tokens below min_p × the top probability; 0 disables", "P", float, True),

@@ -6,12 +6,16 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _core, config as config_mod, safetensors_file, sources
 from .config import Config
+
+if TYPE_CHECKING:  # for the annotations only: generate and text import this module
+    from .generate import Conversation
+    from .text import Chunk, Completion
 
 # The KV cache pool's default share of the machine's memory (load's kv_cache_bytes).
 KV_CACHE_SHARE = 0.25
@@ -146,7 +150,8 @@ class Session:
         """Runs token_ids after the cached ones; returns float32 logits [vocab_size] of the last."""
         return self.forward(token_ids)
 
-    def forward(self, token_ids, *, all_logits: bool = False, hidden_states: Optional[np.ndarray] = None,
+    def forward(self, token_ids: Union[int, Sequence[int], np.ndarray], *, all_logits: bool = False,
+                hidden_states: Optional[np.ndarray] = None,
                 attentions: Optional[np.ndarray] = None, mlp_activations: Optional[np.ndarray] = None) -> np.ndarray:
         """append() with options: all_logits returns [n, vocab_size]; hidden_states (float32
         [layers + 1, n, hidden]), attentions (float32 [layers, heads, n, position + n], zeroed) and
@@ -340,19 +345,21 @@ class Model:
         tokens each (default 512)."""
         return Runner(self, max_tokens)
 
-    def logits(self, token_ids) -> np.ndarray:
+    def logits(self, token_ids: Union[Sequence[int], np.ndarray]) -> np.ndarray:
         """float32 logits [len(token_ids), vocab_size], computed in a fresh context."""
         ids = token_array(token_ids, self.config.vocab_size)
         check_context(0, len(ids), self.max_context)
         return self.session(len(ids)).forward(ids, all_logits=True)
 
-    def generate(self, prompt, *, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
+    def generate(self, prompt: Union[str, Sequence[int], Sequence[Union[str, Sequence[int], dict]]], *,
+                 max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
                  repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
                  frequency_penalty: Optional[float] = None, seed: Optional[int] = None,
                  stop: Union[str, Sequence[str], None] = None, logprobs: Optional[int] = None,
                  stream: bool = False, max_tokens: Optional[int] = None, batch_size: Optional[int] = None,
-                 ignore_eos: Optional[bool] = None, progress=None):
+                 ignore_eos: Optional[bool] = None, progress: Optional[Callable[[int, int], None]] = None
+                 ) -> Union["Completion", list["Completion"], Iterator["Chunk"]]:
         """Continues a prompt, or a batch of prompts decoded together.
 
         prompt: text (tokenized without special tokens), a flat list of token ids, or a list of
@@ -389,7 +396,8 @@ class Model:
              min_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
              presence_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None,
              seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None, logprobs: Optional[int] = None,
-             stream: bool = False, max_tokens: Optional[int] = None, ignore_eos: Optional[bool] = None, progress=None):
+             stream: bool = False, max_tokens: Optional[int] = None, ignore_eos: Optional[bool] = None,
+             progress: Optional[Callable[[int, int], None]] = None) -> Union["Completion", Iterator["Chunk"]]:
         """The assistant's reply to `messages` ([{"role": "system"|"user"|"assistant", "content":
         text}, ...]), rendered with the model's chat template and its assistant header; the reply
         ends at the end-of-turn token. Options as generate(). Returns a Completion, or with
@@ -401,7 +409,7 @@ class Model:
                     frequency_penalty=frequency_penalty, seed=seed, stop=stop, logprobs=logprobs, stream=stream,
                     max_tokens=max_tokens, ignore_eos=ignore_eos, progress=progress)
 
-    def start_chat(self, system: Optional[str] = None):
+    def start_chat(self, system: Optional[str] = None) -> "Conversation":
         """A Conversation (gally.generate.Conversation) that keeps its KV cache between turns:
         conversation.send(text, **options) returns the reply and only computes the new turn."""
         from .generate import Conversation

@@ -169,7 +169,14 @@ class Session:
             check_context(self._seq.position, len(ids), self._seq.max_context)
             if self._runner is None:
                 self._runner = _core.Runner(self.model._core, min(self._seq.max_context, MAX_PASS_TOKENS))
-            self._runner.forward(self._seq, ids, logits, all_logits, hidden_states, attentions, mlp_activations)
+            try:
+                self._runner.forward(self._seq, ids, logits, all_logits, hidden_states, attentions, mlp_activations)
+            except MemoryError:  # std::bad_alloc: say what was asked of memory, not just that it failed
+                position = self._seq.position
+                raise MemoryError(f"out of memory running {len(ids)} tokens after {position}: this sequence's KV cache "
+                                  f"would hold {(position + len(ids)) * self.model.kv_bytes_per_token:,} bytes "
+                                  f"({self.model.kv_bytes_per_token:,} a token); give a smaller max_context or "
+                                  f"kv_cache_bytes") from None
         return logits
 
     def truncate(self, position: int) -> None:
@@ -334,6 +341,7 @@ class Model:
         """A new, empty sequence of at most max_context tokens (default: the model's), whose KV
         cache grows from the model's pool as it fills."""
         max_context = self.max_context if max_context is None else _check_max_context(max_context)
+        _check_fits_memory(max_context, self.kv_bytes_per_token, self.kv_dtype)
         if max_context * self.kv_bytes_per_token > self.kv_cache_bytes:
             raise ValueError(f"max_context {max_context} needs {_mib(max_context * self.kv_bytes_per_token)} of KV "
                              f"cache, more than the model's whole pool of {_mib(self.kv_cache_bytes)}; load it with a "
@@ -487,6 +495,8 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     model = Model(folder, cfg, core, max_context, kv_cache_bytes, tokenizer_folder=folder,
                   generation_config=_load_generation_config(folder), kv_dtype=kv_dtype)
     positions = model.kv_cache_bytes // model.kv_bytes_per_token  # what the whole pool holds
+    if explicit:
+        _check_fits_memory(max_context, model.kv_bytes_per_token, model.kv_dtype)
     if max_context > positions:
         if explicit:
             raise ValueError(f"max_context {max_context} needs {_mib(max_context * model.kv_bytes_per_token)} of KV "
@@ -494,6 +504,17 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
                              f"kv_cache_bytes or a smaller max_context")
         model.max_context = positions
     return model
+
+
+def _check_fits_memory(max_context: int, bytes_per_token: int, kv_dtype: str) -> None:
+    """Refuses a context whose KV cache alone, for one sequence, exceeds the machine's memory: it
+    could never be filled (the cache grows as tokens come, so a smaller one costs nothing up front)."""
+    needed, memory = max_context * bytes_per_token, physical_memory()
+    if needed > memory:
+        raise ValueError(f"max_context {max_context} needs {needed:,} bytes ({needed / 2**30:,.1f} GiB) of KV cache "
+                         f"for one sequence ({bytes_per_token:,} bytes a token), more than this machine's "
+                         f"{memory:,} bytes ({memory / 2**30:,.1f} GiB) of memory; give a smaller max_context (-c)"
+                         + (", or kv_dtype f16 for half the bytes" if kv_dtype == "f32" else ""))
 
 
 def _mib(n: int) -> str:

@@ -13,7 +13,7 @@ import sys
 from typing import Optional
 
 from ..model import DTYPES, KV_DTYPES
-from ..options import OPTIONS, flag
+from ..options import OPTIONS
 
 CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D leaves, /help shows this, Ctrl-C stops a reply"
 CHAT_COMMANDS = ("/reset", "/exit", "/quit", "/help", "/?")
@@ -35,27 +35,6 @@ def add_parsers(subparsers) -> None:
     chat.set_defaults(func=chat_command)
 
 
-class _Typed(argparse.Action):
-    """Stores a flag's value (or appends it, with append=True; a switch with nargs=0) and remembers
-    the spelling the user typed (-n or --max-tokens), so that an error about it names that one."""
-
-    def __init__(self, option_strings, dest, append: bool = False, **kwargs):
-        super().__init__(option_strings, dest, **kwargs)
-        self.append = append
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if self.nargs == 0:
-            values = self.const
-        elif self.append:
-            values = (getattr(namespace, self.dest) or []) + [values]
-        setattr(namespace, self.dest, values)
-        namespace.typed = {**(getattr(namespace, "typed", None) or {}), self.dest: option_string}
-
-
-# Arguments of gally.load that run and chat take as flags; errors name them as the flags typed.
-LOAD_FLAGS = {"max_context": ("-c", "--ctx-size"), "threads": ("-t", "--threads")}
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None,
                    help="model folder, .gguf file or alias (default: smollm2-135m-instruct)")
@@ -66,20 +45,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         shown = o.default if o.default not in (None, ()) else None
         help_text = o.help + (f" (default: {default}{shown})" if shown is not None else "")
         if o.type == "flag":
-            p.add_argument(*o.flags, dest=o.name, action=_Typed, nargs=0, const=True, default=None, help=o.help)
+            p.add_argument(*o.flags, dest=o.name, action="store_const", const=True, default=None, help=o.help)
         elif o.type is None:
-            p.add_argument(*o.flags, dest=o.name, action=_Typed, append=True, default=None, metavar=o.metavar,
-                           help=help_text)
+            p.add_argument(*o.flags, dest=o.name, action="append", default=None, metavar=o.metavar, help=help_text)
         else:
-            p.add_argument(*o.flags, dest=o.name, action=_Typed, type=o.type, default=None, metavar=o.metavar,
-                           help=help_text)
+            p.add_argument(*o.flags, dest=o.name, type=o.type, default=None, metavar=o.metavar, help=help_text)
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
-    p.add_argument(*LOAD_FLAGS["threads"], action=_Typed, type=int, default=None, metavar="N",
-                   help="threads (default: physical cores)")
+    p.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="threads (default: physical cores)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="convert the weights at load (int8/int4: quantize them; `gally quantize` stores that)")
-    p.add_argument(*LOAD_FLAGS["max_context"], action=_Typed, type=int, default=None, dest="max_context",
-                   metavar="N", help="context length in tokens (default: the model's max_position_embeddings)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, dest="max_context", metavar="N",
+                   help="context length in tokens (default: the model's max_position_embeddings)")
     p.add_argument("--force-context", action="store_true",
                    help="allow a --ctx-size past the positions the model was trained for (output degrades there)")
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
@@ -90,11 +66,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _load(args):
     import gally
 
-    try:
-        model = gally.load(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context,
-                           kv_dtype=args.kv_dtype, force_context=args.force_context)
-    except ValueError as e:
-        raise _flag_names(e, args) from None
+    model = gally.load(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context,
+                       kv_dtype=args.kv_dtype, force_context=args.force_context)
     if args.dtype in ("int8", "int4") and model.copied_bytes:  # a folder, quantized in memory at every load
         print(f"gally: quantized {model.path} to {args.dtype} at load; `gally quantize {model.path} OUT --to "
               f"{args.dtype}` stores it once, and `-m OUT` then loads it at once", file=sys.stderr)
@@ -103,20 +76,6 @@ def _load(args):
 
 def _sampling_args(args) -> dict:
     return {o.name: getattr(args, o.name) for o in OPTIONS if o.flags and getattr(args, o.name) is not None}
-
-
-def _flag_names(error: ValueError, args: argparse.Namespace) -> ValueError:
-    """The error with the Python name of the argument it is about (max_new_tokens, max_context)
-    replaced by the flag the user typed (-n, -c), or else the option's long flag."""
-    message = str(error)
-    typed = getattr(args, "typed", None) or {}
-    names = {o.name: flag(o.name) for o in OPTIONS if o.flags}
-    names.update((name, flags[-1]) for name, flags in LOAD_FLAGS.items())
-    for name, long_flag in names.items():
-        if message.startswith(name + " ") or f": {name} " in message:
-            message = message.replace(name, typed.get(name) or long_flag, 1)
-            return ValueError(message.replace("force_context=True (--force-context)", "--force-context"))
-    return error
 
 
 def _check_chat_template(model) -> None:
@@ -182,16 +141,13 @@ def run_command(args: argparse.Namespace) -> int:
         prompt = args.prompt
     model = _load(args)
     kwargs = _sampling_args(args)
-    try:
-        if args.raw:
-            chunks = model.generate(prompt, stream=True, progress=_progress(), **kwargs)
-        else:
-            _check_chat_template(model)
-            messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
-            chunks = model.chat(messages + [{"role": "user", "content": prompt}], stream=True, progress=_progress(),
-                                **kwargs)
-    except ValueError as e:
-        raise _flag_names(e, args) from None
+    if args.raw:
+        chunks = model.generate(prompt, stream=True, progress=_progress(), **kwargs)
+    else:
+        _check_chat_template(model)
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+        chunks = model.chat(messages + [{"role": "user", "content": prompt}], stream=True, progress=_progress(),
+                            **kwargs)
     try:
         last = _stream_out(chunks, sys.stdout)
         sys.stdout.write("\n")
@@ -217,10 +173,7 @@ def chat_command(args: argparse.Namespace) -> int:
     model = _load(args)
     _check_chat_template(model)
     kwargs = _sampling_args(args)
-    try:
-        resolve_options(model, **kwargs)  # bad values fail now, not at the first message
-    except ValueError as e:
-        raise _flag_names(e, args) from None
+    resolve_options(model, **kwargs)  # bad values fail now, not at the first message
     conv = model.start_chat(system=args.system)
     told_dropped = False
     print(f"gally chat: {model.path}\n{CHAT_HELP}", file=sys.stderr)

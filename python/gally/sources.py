@@ -82,6 +82,17 @@ def resolve(source: Optional[str] = None, dtype: Optional[str] = None) -> str:
                             f"a hub id (org/name) or one of the aliases: {', '.join(ALIASES)}")
 
 
+def gguf_file(source: Optional[str] = None) -> Optional[str]:
+    """The GGUF file behind `source`: itself for a .gguf file, the fetched file for an alias (None:
+    the default model); None for a folder or a hub id."""
+    source = DEFAULT_MODEL if source is None else os.fspath(source)
+    if os.path.isfile(source) and _is_gguf(source):
+        return source
+    if not os.path.exists(source) and source.lower() in ALIASES:
+        return fetch_alias(source.lower())
+    return None
+
+
 def entry_name(gguf_name: str, sha256: str, dtype: str) -> str:
     """The name of a GGUF file's conversion under GALLY_HOME/models: its stem, SHA-256 and dtype,
     and for int8/int4 the gally-quant format version (a new format makes a new entry)."""

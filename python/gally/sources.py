@@ -258,9 +258,10 @@ def file_sha256(path: str) -> str:
     if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
     digest = hashlib.sha256()
-    with open(real, "rb") as f:
+    with open(real, "rb") as f, progress_bar(st.st_size, f"hashing {os.path.basename(real)}") as bar:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
+            bar.update(len(chunk))
     memo = cache.read_memo("hashes.json")  # again: another process may have added to it meanwhile
     memo.pop(real, None)
     memo[real] = {"stamp": stamp, "sha256": digest.hexdigest()}

@@ -49,3 +49,30 @@ def test_max_tokens_is_an_alias_and_unknown_options_name_the_options(tmp_path):
     assert len(model.generate([1, 2, 3], max_tokens=3, temperature=0).token_ids) == 3
     with pytest.raises(TypeError, match="unexpected keyword argument 'max_lenght'"):
         model.generate([1, 2, 3], max_lenght=3)
+
+
+def test_public_functions_are_fully_annotated():
+    for f in PUBLIC:
+        if inspect.isclass(f):
+            continue
+        sig = inspect.signature(f)
+        bare = [n for n, p in sig.parameters.items()
+                if n != "self" and p.kind is not p.VAR_KEYWORD and p.annotation is inspect.Parameter.empty]
+        assert not bare, f"{f.__qualname__}: {bare} not annotated"
+        assert sig.return_annotation is not inspect.Signature.empty, f.__qualname__
+
+
+def test_conversation_send_takes_the_options_by_name(tmp_path):
+    import pytest
+
+    from gally.options import ALIASES, OPTIONS
+    from generation_helpers import make_text_checkpoint
+
+    params = inspect.signature(Conversation.send).parameters
+    assert set(params) - {"self", "text", "stream", "progress"} == {o.name for o in OPTIONS} | set(ALIASES)
+    conv = gally.load(make_text_checkpoint(tmp_path / "m"), threads=1).start_chat()
+    assert len(conv.send("Hi", max_tokens=2, temperature=0, ignore_eos=True).token_ids) == 2
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_lenght'"):
+        conv.send("Hi", max_lenght=2)
+    with pytest.raises(ValueError, match="either max_new_tokens or its alias max_tokens"):
+        conv.send("Hi", max_tokens=2, max_new_tokens=3)

@@ -279,7 +279,10 @@ def test_core_checks_the_config_bounds_itself(tmp_path):
         _core.Model(c, {}, "", 1)
 
 
-def test_session_kv_cache_is_bounded(tmp_path):
+def test_session_kv_cache_is_bounded(tmp_path, monkeypatch):
+    from gally import model as model_mod
+
+    monkeypatch.setattr(model_mod, "physical_memory", lambda: 1 << 42)  # the C++ bound, not the machine's
     # 5 layers x (k, v) x 64 heads x 512 x 4 bytes = 1.25 MiB a token: 2^20 tokens take 1.25 TiB, over
     # the 1 TiB a session may have (the weights are small: hidden_size 2)
     folder, _ = make_checkpoint(tmp_path, hidden_size=2, intermediate_size=2, num_hidden_layers=5, vocab_size=4,
@@ -430,3 +433,20 @@ def test_malformed_gguf_metadata_is_a_value_error_naming_the_file(tmp_path, case
         gguf_import.convert(str(path), str(tmp_path / "out"))
     assert str(e.value).startswith(f"{path}: ")
     assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+
+def test_context_larger_than_the_machine_is_refused_with_the_bytes(tmp_path, monkeypatch):
+    from gally import model as model_mod
+
+    folder, _ = make_checkpoint(tmp_path, max_position_embeddings=1 << 20)
+    monkeypatch.setattr(model_mod, "physical_memory", lambda: 1 << 28)  # a 256 MiB machine
+    # 2 layers x (k, v) x 2 heads x 16 x 4 bytes = 512 bytes a token (f32 weights: f32 cache)
+    with pytest.raises(ValueError, match=r"max_context 1048576 needs 536,870,912 bytes \(0.5 GiB\) of KV cache for "
+                                         r"one sequence \(512 bytes a token\), more than this machine's "
+                                         r"268,435,456 bytes \(.*\) of memory; give a smaller max_context \(-c\), "
+                                         r"or kv_dtype f16"):
+        gally.load(folder, max_context=1 << 20, kv_cache_bytes=1 << 40)
+    model = gally.load(folder, max_context=1 << 18, kv_cache_bytes=1 << 40)  # 128 MiB: fits
+    assert model.session().max_context == 1 << 18
+    with pytest.raises(ValueError, match="max_context 1048576 needs 536,870,912 bytes"):
+        model.session(1 << 20)

@@ -90,11 +90,19 @@ def test_run_stop_and_verbose(capsys, folder, model):
 
 @pytest.mark.parametrize("argv, message", [
     (["--temp", "-1"], "--temp must be"), (["--top-p", "0"], "--top-p must be"), (["--min-p", "2"], "--min-p must"),
-    (["-n", "-5"], "--max-tokens must be"), (["--raw", "--system", "x"], "--system"), (["--seed", "-3"], "--seed"),
+    (["-n", "-5"], "error: -n must be an integer >= 0, or -1"), (["--raw", "--system", "x"], "--system"),
+    (["--seed", "-3"], "--seed"),
+    # the flag as typed, whichever spelling
+    (["--temperature", "-1"], "error: --temperature must be >= 0"),
+    (["--max-tokens", "-2"], "error: --max-tokens must"),
+    (["-c", "0"], "error: -c must be a positive integer"), (["-t", "0"], "error: -t must be a positive integer"),
+    (["--ctx-size", "100000"], "error: --ctx-size 100000 is past the 8192 positions"),
+    (["-c", "100000"], "pass --force-context to run there anyway"),
 ])
 def test_run_bad_arguments(capsys, folder, argv, message):
     code, out, err = run_cli(capsys, "run", "-m", folder, *argv, "Hello")
     assert code == 1 and message in err and out == ""
+    assert "max_new_tokens" not in err and "temperature=" not in err and "max_context" not in err
 
 
 def test_run_without_a_chat_template_asks_for_raw(capsys, tmp_path):
@@ -235,6 +243,22 @@ def test_chat_goes_on_past_the_context_and_knows_its_commands(terminal, folder):
     assert t.exit_code() == 0
     t = terminal(GALLY + ["run", "-m", folder, "-t", "1", "--temp", "0", "-n", "-1", "-c", "40", "--ignore-eos", "Hi"])
     t.expect(b"the reply reached the end of the context (40 tokens")
+    assert t.exit_code() == 0
+
+
+def test_chat_without_a_token_limit_fills_the_context_and_goes_on(terminal, folder):
+    """-n -1: each reply runs to the end of the context (--ignore-eos: the model's end-of-turn
+    token does not stop it), says so, and the next turn still gets an answer."""
+    t = terminal(GALLY + ["chat", "-m", folder, "-t", "1", "--temp", "0", "-n", "-1", "-c", "64", "--ignore-eos",
+                          "--verbose"])
+    t.expect(b"> ")
+    for text in (b"Hello\r", b"Again\r"):
+        t.type(text)
+        reply = t.expect(b"finish: length")
+        assert b"(the reply reached the end of the context of 64 tokens)" in reply
+        assert int(reply.split(b"generated: ")[1].split(b" tokens")[0]) > 10
+        t.expect(b"> ")
+    t.type(b"/exit\r")
     assert t.exit_code() == 0
 
 

@@ -45,9 +45,9 @@ def count_conversions(monkeypatch) -> list[str]:
     calls = []
     real = gguf_import.convert
 
-    def counted(path, out, dtype="f32", progress=None):
+    def counted(path, out, dtype="f32", progress=None, **kwargs):
         calls.append(out)
-        return real(path, out, dtype, progress)
+        return real(path, out, dtype, progress, **kwargs)
 
     monkeypatch.setattr(gguf_import, "convert", counted)
     return calls
@@ -161,8 +161,8 @@ def test_folder_and_bad_sources(home, tmp_path, tiny_gguf):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="not a GGUF file"):
         sources.resolve(str(tmp_path / "notes.txt"))
-    with pytest.raises(ValueError, match="dtype"):
-        sources.resolve(tiny_gguf, "int4")
+    with pytest.raises(ValueError, match="dtype must be one of f32, bf16, f16, int8, int4"):
+        sources.resolve(tiny_gguf, "q4_0")
     for bad in (42, "", b"bytes"):
         with pytest.raises(ValueError, match="source must be"):
             sources.resolve(bad)

@@ -4,6 +4,7 @@ time builds a given entry (a lock file), so that concurrent loads neither clash 
 
     GALLY_HOME/models/<name>/       converted checkpoints (Hugging Face folders)
     GALLY_HOME/gguf/<file>.gguf     GGUF files fetched for aliases
+    GALLY_HOME/bench/<name>/        models the benchmark derives (peers' files, gally's int8/int4)
     GALLY_HOME/locks/<name>.lock    held while an entry is being built (holds the builder's pid)
 
 A temporary folder is named .<entry>.tmp-<pid>-<random>, so that a later build can tell one a
@@ -13,9 +14,11 @@ killed process left (removed) from one a running process is filling (kept).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -206,3 +209,99 @@ def check_free_space(path: str, needed: int, what: str) -> None:
         raise OSError(errno.ENOSPC, f"{what} needs about {needed / 1e6:.0f} MB but the disk holding {path} has "
                                     f"{free / 1e6:.0f} MB free; free some space, or write to another disk "
                                     f"(for the model cache: set GALLY_HOME)")
+
+
+# ---- what the cache holds: `gally cache` lists entries and removes them ----
+
+# The folders of GALLY_HOME that hold entries, and what each entry is.
+KINDS = {"models": "model", "gguf": "gguf", "bench": "bench"}
+_DTYPE_SUFFIX = re.compile(r"-(f32|bf16|f16|int8|int4)(-q\d+)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str        # the file or folder name, what `gally cache rm` takes
+    kind: str        # "model" (a converted or quantized checkpoint), "gguf" (a fetched file), "bench"
+    dtype: str       # of a model entry's weights; "" where it has none
+    size: int        # bytes
+    last_used: float  # seconds since the epoch: the entry's mtime, which loading it renews
+    path: str
+
+
+def entries() -> list[Entry]:
+    """Every entry of the cache, by kind and name; temporary folders of builds are not entries."""
+    found = []
+    for sub, kind in KINDS.items():
+        parent = os.path.join(home(), sub)
+        if not os.path.isdir(parent):
+            continue
+        for name in sorted(os.listdir(parent)):
+            path = os.path.join(parent, name)
+            if name.startswith(".") or os.path.islink(path):
+                continue
+            match = _DTYPE_SUFFIX.search(name) if kind == "model" else None
+            try:
+                found.append(Entry(name, kind, match.group(1) if match else "", _size(path),
+                                   os.stat(path).st_mtime, path))
+            except OSError:  # removed meanwhile
+                continue
+    return found
+
+
+def human_bytes(n: float) -> str:
+    """999 B, 505.1 kB, 96.7 MB, 2.2 GB (decimal units, as disks are sold and `du --si` shows)."""
+    for unit in ("B", "kB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _size(path: str) -> int:
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    total = 0
+    for parent, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(parent, f)).st_size
+    return total
+
+
+def find(patterns: list[str]) -> list[Entry]:
+    """The entries that names or shell patterns (`*-f16`) select, each once. A name that is a path
+    must be an entry of this GALLY_HOME. Raises ValueError for one that selects nothing."""
+    import fnmatch
+
+    every = entries()
+    chosen: dict[str, Entry] = {}
+    for pattern in patterns:
+        if os.sep in pattern or (os.altsep and os.altsep in pattern):
+            real = os.path.realpath(pattern)
+            hits = [e for e in every if os.path.realpath(e.path) == real]
+            if not hits:
+                raise ValueError(f"{pattern} is not an entry of the cache {home()} (GALLY_HOME); `gally cache rm` "
+                                 f"removes only what `gally cache` lists")
+        else:
+            hits = [e for e in every if fnmatch.fnmatchcase(e.name, pattern)]
+            if not hits:
+                known = ", ".join(e.name for e in every) or "none: the cache is empty"
+                raise ValueError(f"no cache entry named {pattern!r} in {home()}; the entries are: {known}")
+        chosen.update((e.path, e) for e in hits)
+    return list(chosen.values())
+
+
+def remove(entry: Entry) -> None:
+    """Deletes a cache entry: first renamed away (it disappears at once, whole), then deleted; a
+    model entry under its lock, so that no process is building it meanwhile."""
+    parent = os.path.dirname(entry.path)
+    if os.path.dirname(parent) != home() or os.path.basename(parent) not in KINDS:
+        raise ValueError(f"{entry.path} is not an entry of the cache {home()}; not removed")
+    lock = locked(entry.name) if entry.kind == "model" else contextlib.nullcontext()
+    with lock:
+        doomed = os.path.join(parent, f"{temp_prefix(entry.path)}{os.getpid()}-rm")
+        os.rename(entry.path, doomed)
+        if os.path.isdir(doomed):
+            shutil.rmtree(doomed)
+        else:
+            os.remove(doomed)

@@ -18,7 +18,7 @@ greedy), else llama.cpp's defaults.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -200,15 +200,26 @@ class Conversation:
         reuses whatever prefix it still shares, such as the system prompt."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def send(self, text: str, *, stream: bool = False, progress=None, **options):
-        """Adds a user message and generates the reply (generate()'s options). The exchange enters
-        the history when the reply ends; a stream closed early keeps the text it gave. When the
-        history and room for a reply (max_new_tokens, at most half the context) no longer fit in
-        the context, its oldest turns are dropped, keeping the system prompt (`dropped` counts the
-        messages dropped so far); a turn that does not fit even alone raises ValueError."""
+    def send(self, text: str, *, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+             repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
+             frequency_penalty: Optional[float] = None, seed: Optional[int] = None,
+             stop: Union[str, Sequence[str], None] = None, logprobs: Optional[int] = None, stream: bool = False,
+             max_tokens: Optional[int] = None, ignore_eos: Optional[bool] = None,
+             progress: Optional[Callable[[int, int], None]] = None) -> Union[Completion, Iterator[Chunk]]:
+        """Adds a user message and generates the reply; the options are Model.generate's
+        (max_tokens is max_new_tokens' alias). Returns a Completion, or with stream=True an iterator
+        of Chunk. The exchange enters the history when the reply ends; a stream closed early keeps
+        the text it gave. When the history and room for a reply (max_new_tokens, at most half the
+        context) no longer fit in the context, its oldest turns are dropped, keeping the system
+        prompt (`dropped` counts the messages dropped so far). Raises ValueError for a bad option
+        (naming it) or a turn that does not fit in the context even alone."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a string, got {type(text).__name__}")
-        params = resolve_options(self.model, **options)
+        params = resolve_options(self.model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed,
+                                 stop=stop, logprobs=logprobs, max_tokens=max_tokens, ignore_eos=ignore_eos)
         if self._session is None:
             self._session = self.model.session()
         max_context = self._session.max_context

@@ -17,18 +17,21 @@ import contextlib
 import errno
 import json
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
 from . import cache, gguf_names, gguf_tokenizer, safetensors_file
 from .dtypes import to_dtype
+from .progress import progress_bar
 
 # GGUF general.architecture → the HF architecture gally runs it as.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 # Output dtype → (safetensors dtype name, config torch_dtype, bytes per value).
 DTYPES = {"f32": ("float32", "float32", 4), "bf16": ("bfloat16", "bfloat16", 2), "f16": ("float16", "float16", 2)}
+# Quantized outputs: the float32 weights quantized as `gally quantize --to` does (quantize.py), in one pass.
+QUANTIZED = ("int8", "int4")
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
@@ -281,7 +284,7 @@ class _Plan:
         self.reader = open_gguf(path)
         self.meta = metadata(self.reader)
         self.tensors = {t.name: t for t in self.reader.tensors}
-        self.config = hf_config(self.meta, self.tensors, path, dtype)
+        self.config = hf_config(self.meta, self.tensors, path, "f32" if dtype in QUANTIZED else dtype)
         self.tokenizer, self.tokenizer_config, self.eos_ids = gguf_tokenizer.build(self.meta, path)
         self.tokenizer_config["model_max_length"] = self.config["max_position_embeddings"]
         self.names: list[tuple[str, Any]] = []
@@ -299,15 +302,31 @@ class _Plan:
         missing += [n for n in ("output_norm.weight",) if n not in self.tensors]
         if missing:
             raise ValueError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
-        self.out_bytes = sum(int(t.n_elements) * (DTYPES[dtype][2] if len(t.shape) > 1 else 4) for _, t in self.names)
+        self.out_bytes = sum(_stored_bytes(name, t, dtype) for name, t in self.names)
 
 
-def convert(path: str, out_dir: str, dtype: str = "f32", progress: Optional[bool] = None) -> str:
+def _stored_bytes(name: str, t, dtype: str) -> int:
+    """Bytes HF tensor `name` (GGUF tensor t) takes in the converted file."""
+    n = int(t.n_elements)
+    if dtype not in QUANTIZED:
+        return n * (DTYPES[dtype][2] if len(t.shape) > 1 else 4)
+    from .quantize import kind_for
+
+    kind = kind_for(name, tuple(int(d) for d in reversed(t.shape.tolist())), dtype)
+    # int8: a byte per weight + an f16 scale per 32; int4: half a byte + an f16 scale and min per 32
+    return {None: 4 * n, "int8": n + n // 16, "int4": n // 2 + n // 8}[kind]
+
+
+def convert(path: str, out_dir: str, dtype: str = "f32", progress: Optional[bool] = None,
+            announce: Optional[Callable[[int], None]] = None) -> str:
     """Writes the Hugging Face folder for GGUF file `path` at `out_dir` (which must not exist, or be
-    empty) in weights of `dtype` ("f32", "bf16" or "f16"; norms and biases stay float32). The
-    folder appears whole or not at all. progress: a bar on stderr (default: when it is a terminal)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    empty) in weights of `dtype` ("f32", "bf16" or "f16"; norms and biases stay float32; "int8" or
+    "int4": the gally-quant folder `gally quantize` would make of the f32 conversion). The folder
+    appears whole or not at all. progress: a bar on stderr once the work has taken a second
+    (default: when stderr is a terminal). announce: called with the bytes it will write, before
+    writing them."""
+    if dtype not in DTYPES and dtype not in QUANTIZED:
+        raise ValueError(f"dtype must be one of {', '.join(list(DTYPES) + list(QUANTIZED))}, got {dtype!r}")
     path, out_dir = os.fspath(path), os.fspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ValueError(f"{out_dir}: already exists; choose a new output folder")
@@ -318,6 +337,8 @@ def convert(path: str, out_dir: str, dtype: str = "f32", progress: Optional[bool
     cache.check_free_space(parent, plan.out_bytes + (1 << 20), f"converting {os.path.basename(path)}")
     if os.path.isdir(out_dir):
         os.rmdir(out_dir)
+    if announce is not None:
+        announce(plan.out_bytes)
     with cache.building(out_dir) as tmp:
         write_folder(plan, path, tmp, dtype, progress)
     return out_dir
@@ -338,22 +359,42 @@ def write_folder(plan: _Plan, path: str, folder: str, dtype: str, progress: Opti
     _write_weights(plan, path, folder, dtype, progress)
 
 
-def _write_weights(plan: _Plan, path: str, folder: str, dtype: str, progress: Optional[bool]) -> None:
-    from tqdm import tqdm
-
+def _float_tensors(plan: _Plan, path: str) -> Iterator[tuple[str, Any, np.ndarray]]:
+    """(HF name, GGUF tensor, float32 weights in HF layout) of each tensor, one at a time."""
     architecture = plan.meta["general.architecture"]
+    for name, t in plan.names:
+        with _named_errors(path, f"tensor {t.name!r}: "):
+            w = dequantize(t, path)
+        heads = gguf_names.permuted_heads(architecture, name, plan.config)
+        if heads:
+            w = gguf_names.unpermute_rows(w, heads)
+        yield name, t, w
+
+
+def _write_quantized(plan: _Plan, path: str, folder: str, to: str, progress: Optional[bool]) -> None:
+    """One model.safetensors in the gally-quant format: each weight quantized as it is dequantized,
+    so that memory holds the quantized model and one float32 tensor."""
+    from .quantize import quantize_tensors
+
+    tensors: dict[str, tuple[str, np.ndarray]] = {}
+    metadata: dict[str, str] = {}
+    with progress_bar(plan.out_bytes, f"quantizing {os.path.basename(path)} to {to}", progress) as bar:
+        for name, t, w in _float_tensors(plan, path):
+            out, metadata = quantize_tensors({name: ("F32", np.ascontiguousarray(w))}, to)
+            tensors.update(out)
+            bar.update(_stored_bytes(name, t, to))
+    safetensors_file.write_file(os.path.join(folder, "model.safetensors"), tensors, metadata)
+
+
+def _write_weights(plan: _Plan, path: str, folder: str, dtype: str, progress: Optional[bool]) -> None:
+    if dtype in QUANTIZED:
+        _write_quantized(plan, path, folder, dtype, progress)
+        return
     shard: dict[str, np.ndarray] = {}
     shard_bytes = 0
     shards: list[list[str]] = []  # tensor names of each shard written
-    bar = tqdm(total=plan.out_bytes, unit="B", unit_scale=True, desc=f"converting {os.path.basename(path)}",
-               disable=None if progress is None else not progress, leave=False)
-    with bar:
-        for name, t in plan.names:
-            with _named_errors(path, f"tensor {t.name!r}: "):
-                w = dequantize(t, path)
-            heads = gguf_names.permuted_heads(architecture, name, plan.config)
-            if heads:
-                w = gguf_names.unpermute_rows(w, heads)
+    with progress_bar(plan.out_bytes, f"converting {os.path.basename(path)}", progress) as bar:
+        for name, _, w in _float_tensors(plan, path):
             w = np.ascontiguousarray(to_dtype(w, dtype, name) if w.ndim > 1 else w)
             if shard and shard_bytes + w.nbytes > SHARD_BYTES:
                 shards.append(_write_shard(folder, len(shards), shard))

@@ -6,12 +6,16 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _core, config as config_mod, safetensors_file, sources
 from .config import Config
+
+if TYPE_CHECKING:  # for the annotations only: generate and text import this module
+    from .generate import Conversation
+    from .text import Chunk, Completion
 
 # The KV cache pool's default share of the machine's memory (load's kv_cache_bytes).
 KV_CACHE_SHARE = 0.25
@@ -146,7 +150,8 @@ class Session:
         """Runs token_ids after the cached ones; returns float32 logits [vocab_size] of the last."""
         return self.forward(token_ids)
 
-    def forward(self, token_ids, *, all_logits: bool = False, hidden_states: Optional[np.ndarray] = None,
+    def forward(self, token_ids: Union[int, Sequence[int], np.ndarray], *, all_logits: bool = False,
+                hidden_states: Optional[np.ndarray] = None,
                 attentions: Optional[np.ndarray] = None, mlp_activations: Optional[np.ndarray] = None) -> np.ndarray:
         """append() with options: all_logits returns [n, vocab_size]; hidden_states (float32
         [layers + 1, n, hidden]), attentions (float32 [layers, heads, n, position + n], zeroed) and
@@ -164,7 +169,14 @@ class Session:
             check_context(self._seq.position, len(ids), self._seq.max_context)
             if self._runner is None:
                 self._runner = _core.Runner(self.model._core, min(self._seq.max_context, MAX_PASS_TOKENS))
-            self._runner.forward(self._seq, ids, logits, all_logits, hidden_states, attentions, mlp_activations)
+            try:
+                self._runner.forward(self._seq, ids, logits, all_logits, hidden_states, attentions, mlp_activations)
+            except MemoryError:  # std::bad_alloc: say what was asked of memory, not just that it failed
+                position = self._seq.position
+                raise MemoryError(f"out of memory running {len(ids)} tokens after {position}: this sequence's KV cache "
+                                  f"would hold {(position + len(ids)) * self.model.kv_bytes_per_token:,} bytes "
+                                  f"({self.model.kv_bytes_per_token:,} a token); give a smaller max_context or "
+                                  f"kv_cache_bytes") from None
         return logits
 
     def truncate(self, position: int) -> None:
@@ -329,6 +341,7 @@ class Model:
         """A new, empty sequence of at most max_context tokens (default: the model's), whose KV
         cache grows from the model's pool as it fills."""
         max_context = self.max_context if max_context is None else _check_max_context(max_context)
+        _check_fits_memory(max_context, self.kv_bytes_per_token, self.kv_dtype)
         if max_context * self.kv_bytes_per_token > self.kv_cache_bytes:
             raise ValueError(f"max_context {max_context} needs {_mib(max_context * self.kv_bytes_per_token)} of KV "
                              f"cache, more than the model's whole pool of {_mib(self.kv_cache_bytes)}; load it with a "
@@ -340,19 +353,21 @@ class Model:
         tokens each (default 512)."""
         return Runner(self, max_tokens)
 
-    def logits(self, token_ids) -> np.ndarray:
+    def logits(self, token_ids: Union[Sequence[int], np.ndarray]) -> np.ndarray:
         """float32 logits [len(token_ids), vocab_size], computed in a fresh context."""
         ids = token_array(token_ids, self.config.vocab_size)
         check_context(0, len(ids), self.max_context)
         return self.session(len(ids)).forward(ids, all_logits=True)
 
-    def generate(self, prompt, *, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
+    def generate(self, prompt: Union[str, Sequence[int], Sequence[Union[str, Sequence[int], dict]]], *,
+                 max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
                  repetition_penalty: Optional[float] = None, presence_penalty: Optional[float] = None,
                  frequency_penalty: Optional[float] = None, seed: Optional[int] = None,
                  stop: Union[str, Sequence[str], None] = None, logprobs: Optional[int] = None,
                  stream: bool = False, max_tokens: Optional[int] = None, batch_size: Optional[int] = None,
-                 ignore_eos: Optional[bool] = None, progress=None):
+                 ignore_eos: Optional[bool] = None, progress: Optional[Callable[[int, int], None]] = None
+                 ) -> Union["Completion", list["Completion"], Iterator["Chunk"]]:
         """Continues a prompt, or a batch of prompts decoded together.
 
         prompt: text (tokenized without special tokens), a flat list of token ids, or a list of
@@ -389,7 +404,8 @@ class Model:
              min_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
              presence_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None,
              seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None, logprobs: Optional[int] = None,
-             stream: bool = False, max_tokens: Optional[int] = None, ignore_eos: Optional[bool] = None, progress=None):
+             stream: bool = False, max_tokens: Optional[int] = None, ignore_eos: Optional[bool] = None,
+             progress: Optional[Callable[[int, int], None]] = None) -> Union["Completion", Iterator["Chunk"]]:
         """The assistant's reply to `messages` ([{"role": "system"|"user"|"assistant", "content":
         text}, ...]), rendered with the model's chat template and its assistant header; the reply
         ends at the end-of-turn token. Options as generate(). Returns a Completion, or with
@@ -401,7 +417,7 @@ class Model:
                     frequency_penalty=frequency_penalty, seed=seed, stop=stop, logprobs=logprobs, stream=stream,
                     max_tokens=max_tokens, ignore_eos=ignore_eos, progress=progress)
 
-    def start_chat(self, system: Optional[str] = None):
+    def start_chat(self, system: Optional[str] = None) -> "Conversation":
         """A Conversation (gally.generate.Conversation) that keeps its KV cache between turns:
         conversation.send(text, **options) returns the reply and only computes the new turn."""
         from .generate import Conversation
@@ -424,8 +440,10 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
          kv_dtype: Optional[str] = None, force_context: bool = False, check_tensors: bool = False) -> Model:
     """Loads a model: a Hugging Face folder, a .gguf file, or an alias (default: smollm2-135m-instruct).
 
-    dtype: None keeps the stored dtype; "f32", "bf16" or "f16" converts once at load; "int8" or
-    "int4" quantizes a float checkpoint at load (`gally quantize` stores one, loaded zero-copy).
+    dtype: None keeps the stored dtype; "f32", "bf16" or "f16" converts a folder's weights at load;
+    "int8" or "int4" quantizes a float folder's weights at load (`gally quantize` stores such a
+    folder, which loads zero-copy). A .gguf file or an alias is converted to dtype once, into the
+    cache (GALLY_HOME/models; `gally cache` lists it), and loaded from there zero-copy afterwards.
     threads: default, the physical cores. max_context: the most tokens a sequence may hold;
     default, the config's max_position_embeddings (and sliding_window, where smaller), at most
     what the KV cache pool holds. kv_cache_bytes: the most memory the KV caches of all sequences
@@ -451,7 +469,7 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     kv_cache_bytes = _check_positive_int(kv_cache_bytes, "kv_cache_bytes")
     if kv_dtype is not None and kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
-    folder = sources.resolve(source, None if dtype in QUANTIZED else dtype)
+    folder = sources.resolve(source, dtype)  # a GGUF source: its cached conversion to dtype, int8/int4 included
     cfg = config_mod.read(folder)
     explicit = max_context is not None
     if explicit:
@@ -477,6 +495,8 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     model = Model(folder, cfg, core, max_context, kv_cache_bytes, tokenizer_folder=folder,
                   generation_config=_load_generation_config(folder), kv_dtype=kv_dtype)
     positions = model.kv_cache_bytes // model.kv_bytes_per_token  # what the whole pool holds
+    if explicit:
+        _check_fits_memory(max_context, model.kv_bytes_per_token, model.kv_dtype)
     if max_context > positions:
         if explicit:
             raise ValueError(f"max_context {max_context} needs {_mib(max_context * model.kv_bytes_per_token)} of KV "
@@ -484,6 +504,17 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
                              f"kv_cache_bytes or a smaller max_context")
         model.max_context = positions
     return model
+
+
+def _check_fits_memory(max_context: int, bytes_per_token: int, kv_dtype: str) -> None:
+    """Refuses a context whose KV cache alone, for one sequence, exceeds the machine's memory: it
+    could never be filled (the cache grows as tokens come, so a smaller one costs nothing up front)."""
+    needed, memory = max_context * bytes_per_token, physical_memory()
+    if needed > memory:
+        raise ValueError(f"max_context {max_context} needs {needed:,} bytes ({needed / 2**30:,.1f} GiB) of KV cache "
+                         f"for one sequence ({bytes_per_token:,} bytes a token), more than this machine's "
+                         f"{memory:,} bytes ({memory / 2**30:,.1f} GiB) of memory; give a smaller max_context (-c)"
+                         + (", or kv_dtype f16 for half the bytes" if kv_dtype == "f32" else ""))
 
 
 def _mib(n: int) -> str:
@@ -498,8 +529,8 @@ def _quantization(folder: str, tensors: dict, dtype: Optional[str]) -> tuple[dic
     stored = quantize.read_checkpoint(folder)
     if stored is not None:
         if dtype not in (None, stored.quant_type):
-            raise ValueError(f"{folder}: the checkpoint is quantized to {stored.quant_type}; "
-                             f"load it with dtype=None or {stored.quant_type!r}, not {dtype!r}")
+            raise ValueError(f"{folder}: the checkpoint is quantized to {stored.quant_type}; load it as it is (no "
+                             f"dtype, or {stored.quant_type!r}), not as {dtype!r}")
         return tensors, None
     if dtype not in QUANTIZED:
         return tensors, dtype

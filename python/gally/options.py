@@ -2,8 +2,8 @@
 
 The table drives everything that lists them: the keyword arguments of Model.generate, chat and
 Conversation.send (a test holds their signatures to it), resolve() (argument, else the model's
-generation_config.json, else the default), the `gally run`/`chat` flags, and the names errors use.
-Defaults are llama.cpp's sampling defaults and mlx-lm's max_tokens.
+generation_config.json, else the default), and the `gally run`/`chat` flags (an error names the
+flag as typed: cli.typed_flags). Defaults are llama.cpp's sampling defaults and mlx-lm's max_tokens.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Option:
 OPTIONS = (
     Option("max_new_tokens", 256, ("-n", "--max-tokens"), "most tokens to generate; -1: until the context is full",
            "N", int, True),
-    Option("temperature", 0.8, ("--temp",), "temperature; 0 is greedy", "T", float, True),
+    Option("temperature", 0.8, ("--temp", "--temperature"), "temperature; 0 is greedy", "T", float, True),
     Option("top_k", 40, ("--top-k",), "keep the k likeliest tokens; 0 disables", "K", int, True),
     Option("top_p", 0.95, ("--top-p",), "nucleus mass; 1 disables", "P", float, True),
     Option("min_p", 0.05, ("--min-p",), "drop tokens below min_p × the top probability; 0 disables", "P", float, True),
@@ -110,9 +110,3 @@ def stop_strings(stop: Union[str, Sequence[str], None]) -> tuple[str, ...]:
     if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
     return tuple(stops)
-
-
-def flag(name: str) -> str:
-    """The command-line spelling of option `name` (its long flag), for errors shown to CLI users."""
-    flags = BY_NAME[name].flags if name in BY_NAME else ()
-    return next((f for f in flags if f.startswith("--")), name)

@@ -378,22 +378,34 @@ def dequantize_checkpoint(folder: str) -> dict[str, np.ndarray]:
 _COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 
 
-def quantize_folder(source: str, out_dir: str, to: str) -> QuantizedCheckpoint:
+def quantize_folder(source: str, out_dir: str, to: str, progress: Optional[bool] = None) -> QuantizedCheckpoint:
     """Writes the model folder `out_dir` (which must not exist, or be empty): `source`'s config and
     tokenizer files, and model.safetensors quantized to `to` ("int8" or "int4"). source: a model
-    folder, a .gguf file or an alias, as gally.load takes. The folder appears whole or not at all."""
-    from . import cache, safetensors_file, sources
+    folder, a .gguf file or an alias, as gally.load takes. The folder appears whole or not at all.
+    progress: a bar on stderr once it has taken a second (default: when stderr is a terminal)."""
+    from . import cache, gguf_import, safetensors_file, sources
+    from .progress import progress_bar
 
     if to not in KINDS:
         raise ValueError(f"to must be one of {', '.join(KINDS)}, got {to!r}")
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ValueError(f"{out_dir}: already exists; choose a new output folder")
+    gguf = sources.gguf_file(source)
+    if gguf is not None:  # straight from the GGUF file: no float32 conversion is written on the way
+        gguf_import.convert(gguf, out_dir, to, progress)
+        return read_checkpoint(out_dir)
     folder = sources.resolve(source)
     if read_checkpoint(folder) is not None:
         raise ValueError(f"{folder}: already quantized; quantize from an f32, bf16 or f16 checkpoint")
     views = safetensors_file.open_checkpoint(folder)
-    tensors, metadata = quantize_tensors({n: (t.dtype, t.numpy()) for n, t in views.items()}, to)
+    arrays = {n: (t.dtype, t.numpy()) for n, t in views.items()}  # views into the mapped file
+    tensors, metadata = {}, {}
+    with progress_bar(sum(a.nbytes for _, a in arrays.values()), f"quantizing to {to}", progress) as bar:
+        for name, (dtype, a) in arrays.items():  # one at a time, for the bar
+            out, metadata = quantize_tensors({name: (dtype, a)}, to)
+            tensors.update(out)
+            bar.update(a.nbytes)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     cache.check_free_space(parent, sum(a.nbytes for _, a in tensors.values()) + (16 << 20), f"writing {out_dir}")

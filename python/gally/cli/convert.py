@@ -1,11 +1,11 @@
-"""`gally convert MODEL.gguf OUT_DIR [--dtype f32|bf16|f16]`: a GGUF file as a Hugging Face folder
-(gguf_import.convert)."""
+"""`gally convert MODEL.gguf OUT_DIR [--dtype f32|bf16|f16|int8|int4]`: a GGUF file as a Hugging Face
+folder (gguf_import.convert)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..gguf_import import DTYPES, convert
+from ..gguf_import import DTYPES, QUANTIZED, convert
 
 
 def add_parser(subparsers) -> None:
@@ -14,8 +14,9 @@ def add_parser(subparsers) -> None:
                                           "config.json, model.safetensors, tokenizer.json, tokenizer_config.json.")
     p.add_argument("gguf", metavar="MODEL.gguf", help="the GGUF file")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to create (must not exist or be empty)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="f32",
-                   help="dtype of the weight matrices (default f32; norms and biases stay f32)")
+    p.add_argument("--dtype", choices=tuple(DTYPES) + QUANTIZED, default="f32",
+                   help="dtype of the weight matrices (default f32; norms and biases stay f32; int8/int4: as "
+                        "`gally quantize` writes them)")
     p.set_defaults(func=convert_command)
 
 

@@ -13,7 +13,7 @@ import sys
 from typing import Optional
 
 from ..model import DTYPES, KV_DTYPES
-from ..options import OPTIONS, flag
+from ..options import OPTIONS
 
 CHAT_HELP = "/reset clears the conversation, /exit or Ctrl-D leaves, /help shows this, Ctrl-C stops a reply"
 CHAT_COMMANDS = ("/reset", "/exit", "/quit", "/help", "/?")
@@ -66,21 +66,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _load(args):
     import gally
 
-    return gally.load(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context,
-                      kv_dtype=args.kv_dtype, force_context=args.force_context)
+    model = gally.load(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context,
+                       kv_dtype=args.kv_dtype, force_context=args.force_context)
+    if args.dtype in ("int8", "int4") and model.copied_bytes:  # a folder, quantized in memory at every load
+        print(f"gally: quantized {model.path} to {args.dtype} at load; `gally quantize {model.path} OUT --to "
+              f"{args.dtype}` stores it once, and `-m OUT` then loads it at once", file=sys.stderr)
+    return model
 
 
 def _sampling_args(args) -> dict:
     return {o.name: getattr(args, o.name) for o in OPTIONS if o.flags and getattr(args, o.name) is not None}
-
-
-def _flag_names(error: ValueError) -> ValueError:
-    """The error with the option's Python name replaced by the flag the user typed."""
-    message = str(error)
-    for o in OPTIONS:
-        if o.flags and (message.startswith(o.name + " ") or f": {o.name} " in message):
-            return ValueError(message.replace(o.name, flag(o.name), 1))
-    return error
 
 
 def _check_chat_template(model) -> None:
@@ -146,16 +141,13 @@ def run_command(args: argparse.Namespace) -> int:
         prompt = args.prompt
     model = _load(args)
     kwargs = _sampling_args(args)
-    try:
-        if args.raw:
-            chunks = model.generate(prompt, stream=True, progress=_progress(), **kwargs)
-        else:
-            _check_chat_template(model)
-            messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
-            chunks = model.chat(messages + [{"role": "user", "content": prompt}], stream=True, progress=_progress(),
-                                **kwargs)
-    except ValueError as e:
-        raise _flag_names(e) from None
+    if args.raw:
+        chunks = model.generate(prompt, stream=True, progress=_progress(), **kwargs)
+    else:
+        _check_chat_template(model)
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+        chunks = model.chat(messages + [{"role": "user", "content": prompt}], stream=True, progress=_progress(),
+                            **kwargs)
     try:
         last = _stream_out(chunks, sys.stdout)
         sys.stdout.write("\n")
@@ -181,10 +173,7 @@ def chat_command(args: argparse.Namespace) -> int:
     model = _load(args)
     _check_chat_template(model)
     kwargs = _sampling_args(args)
-    try:
-        resolve_options(model, **kwargs)  # bad values fail now, not at the first message
-    except ValueError as e:
-        raise _flag_names(e) from None
+    resolve_options(model, **kwargs)  # bad values fail now, not at the first message
     conv = model.start_chat(system=args.system)
     told_dropped = False
     print(f"gally chat: {model.path}\n{CHAT_HELP}", file=sys.stderr)

@@ -70,7 +70,7 @@ def serve_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
-    folder = sources.resolve(args.model, args.dtype if args.dtype in ("f32", "bf16", "f16") else None)
+    folder = sources.resolve(args.model, args.dtype)  # a GGUF source is converted (once) before the server starts
     name = args.alias or model_name(args.model, folder)
     kv = None if args.kv_cache_mib is None else args.kv_cache_mib << 20
 

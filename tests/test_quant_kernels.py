@@ -74,6 +74,29 @@ def test_quantized_matmul_against_numpy(core, isa, kind):
         assert np.allclose(y, want, rtol=1e-5, atol=1e-5), (kind, n_tok, rows, cols)
 
 
+@each_set()
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_each_token_gets_what_it_gets_alone(core, isa, kind):
+    """The row-wise kernels take several tokens per pass over a row (a batch's decode steps): each
+    token's outputs are bit for bit those of a call with that token alone."""
+    rng = np.random.default_rng(7)
+    for n_tok, groups in ((2, 3), (8, 18), (9, 8), (17, 19)):
+        rows, cols = 7, 32 * groups
+        x = (rng.standard_normal((n_tok, cols)) * 3).astype(np.float32)
+        xq, xs, xsum = core.kernel_quantize_rows(isa, x)
+        if kind == "int8":
+            q, s, _ = random_q8(rng, rows, cols)
+            args = (q, s.view(np.uint16), None)
+        else:
+            q, s, m, _ = random_q4(rng, rows, cols)
+            args = (q, s.view(np.uint16), m.view(np.uint16))
+        y = core.kernel_matmul_quantized(isa, xq, xs, xsum, *args, np.zeros((n_tok, rows), np.float32), 0, rows)
+        for t in range(n_tok):
+            alone = core.kernel_matmul_quantized(isa, xq[t:t + 1], xs[t:t + 1], xsum[t:t + 1], *args,
+                                                 np.zeros((1, rows), np.float32), 0, rows)
+            assert np.array_equal(y[t], alone[0]), (n_tok, groups, t)
+
+
 @each_set(simd_only=True)
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_quantized_simd_equals_scalar_twin(core, isa, kind):

@@ -114,20 +114,75 @@ inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const 
   return s;
 }
 
+constexpr int ROW_TOKENS = 8;  // tokens q_row_tokens takes at once
+
+// q_row for nt ≤ ROW_TOKENS tokens (activations `groups` groups apart) into s[0 … nt): each block
+// of eight groups is widened and its scales read once for all of them. Every token's sums are
+// q_row's, in the same order (the integer dot products are exact), so a token's result does not
+// depend on the others (a batch's decode steps get what each gets alone).
+template <bool Q4>
+inline void q_row_tokens(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
+                         const uint16_t* Wm, int groups, int r, int nt, float* s) {
+  const long rg0 = long(r) * groups, tg = groups;
+  auto load = [&](long rg) {
+    return Q4 ? load_q4((const uint8_t*)Wq + rg * (QGROUP / 2)) : load_q8((const int8_t*)Wq + rg * QGROUP);
+  };
+  __m256 acc[ROW_TOKENS];
+  for (int t = 0; t < nt; ++t) acc[t] = _mm256_setzero_ps();
+  int g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    {
+      const long bytes = Q4 ? QGROUP / 2 : QGROUP;
+      const char* ahead = (const char*)Wq + (rg0 + g) * bytes + PREFETCH;
+      for (int b = 0; b < 8 * bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    }
+    __m256i d[ROW_TOKENS][8];
+    for (int u = 0; u < 8; ++u) {
+      const Half16 w = load(rg0 + g + u);
+      for (int t = 0; t < nt; ++t) d[t][u] = group_dot(w, xq + (t * tg + g + u) * QGROUP);
+    }
+    const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(Ws + rg0 + g)));
+    const __m256 wm = Q4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(Wm + rg0 + g))) : ws;
+    for (int t = 0; t < nt; ++t) {
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(d[t])),
+                               _mm256_mul_ps(ws, _mm256_loadu_ps(xs + t * tg + g)), acc[t]);
+      if (Q4) acc[t] = _mm256_fmadd_ps(wm, _mm256_loadu_ps(xsum + t * tg + g), acc[t]);
+    }
+  }
+  for (int t = 0; t < nt; ++t) s[t] = sum8(acc[t]);
+  for (; g < groups; ++g) {
+    const long rg = rg0 + g;
+    const Half16 w = load(rg);
+    for (int t = 0; t < nt; ++t) {
+      __m256i d = group_dot(w, xq + (t * tg + g) * QGROUP);
+      __m128i h = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
+      h = _mm_hadd_epi32(h, h);
+      h = _mm_hadd_epi32(h, h);
+      s[t] += float(_mm_cvtsi128_si32(h)) * (xs[t * tg + g] * _cvtsh_ss(Ws[rg]));
+      if (Q4) s[t] += xsum[t * tg + g] * _cvtsh_ss(Wm[rg]);
+    }
+  }
+}
+
 // A few tokens (decode steps; batches of GEMM_MIN_TOKENS or more take the GEMM): row by row, each
-// row multiplied by every token while it is in L1.
+// row multiplied by every token while it is in L1, up to ROW_TOKENS tokens per pass over it.
 template <bool Q4>
 void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
               const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
               bool accumulate) {
   const int groups = n_in / QGROUP;
   for (int r = r0; r < r1; ++r)
-    for (int t = 0; t < n_tok; ++t) {
-      const long tg = long(t) * groups;
-      const float s =
-          q_row<Q4>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, Wq, Ws, Wm, groups, r) + (b ? b[r] : 0.0f);
-      float& o = y[long(t) * ldy + r];
-      o = accumulate ? o + s : s;
+    for (int t0 = 0; t0 < n_tok; t0 += ROW_TOKENS) {
+      const int nt = n_tok - t0 < ROW_TOKENS ? n_tok - t0 : ROW_TOKENS;
+      const long tg = long(t0) * groups;
+      float s[ROW_TOKENS];
+      if (nt == 1) s[0] = q_row<Q4>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, Wq, Ws, Wm, groups, r);
+      else q_row_tokens<Q4>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, Wq, Ws, Wm, groups, r, nt, s);
+      for (int t = 0; t < nt; ++t) {
+        float& o = y[long(t0 + t) * ldy + r];
+        const float v = s[t] + (b ? b[r] : 0.0f);
+        o = accumulate ? o + v : v;
+      }
     }
 }
 

@@ -106,15 +106,20 @@ def main(argv=None) -> int:
                "--threads", "1", "--parallel", "8", "--port", str(args.port + 10)]
         rows.append(serve_load(args, cmd, args.port + 10, f"HAProxy + {n} replica(s) × 1 thread"))
 
-    # The Ray job: prompts of the chat template's kind, every one generating args.gen tokens at most
-    texts = [f"Write a short note number {i} about the sea, the sky and a lighthouse." for i in range(args.prompts)]
+    # The Ray job: chat messages (the template applied on the actors), the same chats through
+    # Model.generate in this process; greedy, so both make the same tokens
+    chats = [[{"role": "user", "content": f"Write a long story number {i} about the sea, the sky and a lighthouse."}]
+             for i in range(args.prompts)]
     prompts_file = os.path.join(tempfile.mkdtemp(prefix="gally-scaleout-"), "prompts.jsonl")
     with open(prompts_file, "w") as f:
-        for i, t in enumerate(texts):
-            f.write(json.dumps({"id": i, "prompt": t}) + "\n")
+        for i, chat in enumerate(chats):
+            f.write(json.dumps({"id": i, "prompt": chat}) + "\n")
+    from gally.generate import render_chat
+
     model = gally.load(args.model, threads=os.cpu_count() or 1)
     t0 = time.perf_counter()
-    done = model.generate(texts, max_new_tokens=args.gen, temperature=0.0)
+    done = model.generate([{"prompt": render_chat(model, c)} for c in chats], max_new_tokens=args.gen,
+                          temperature=0.0)
     seconds = time.perf_counter() - t0
     tokens = sum(c.usage["completion_tokens"] for c in done)
     print(f"Model.generate: {tokens} tokens in {seconds:.1f} s", file=sys.stderr)
@@ -136,7 +141,7 @@ def main(argv=None) -> int:
     for r in rows:
         lines.append(f"| {r['setup']} | {r['completed']} / {r['failed']} | {r['aggregate_tok_s']:.1f} | "
                      f"{r['aggregate_tok_s'] / base:.2f}× | {r['ttft_p50']:.3f} | {r['itl_p50'] * 1e3:.1f} |")
-    lines += ["", f"## Batch job: {args.prompts} prompts, at most {args.gen} new tokens each (greedy)", "",
+    lines += ["", f"## Batch job: {args.prompts} chats, at most {args.gen} new tokens each (greedy)", "",
               "| setup | completion tokens | job s | tok/s | × Model.generate | process wall s (Ray start included) |",
               "|---|---:|---:|---:|---:|---:|"]
     base = jobs[0]["tokens"] / jobs[0]["job_s"]

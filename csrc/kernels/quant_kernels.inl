@@ -1,10 +1,11 @@
-// Kernels for int8 and int4 weights times int16 activations (kernels.h), over 256-bit integer
+// Kernels for int8 and int4 (Q4 and Q4K) weights times int16 activations (kernels.h), over 256-bit integer
 // registers: a group of 32 is two halves of 16 int16, multiplied and summed in pairs by vpmaddwd,
 // exact in int32. Compiled per instruction set. The math matches the scalar twins in
 // kernels_generic.cpp.
 //
 // The including file defines dot_pairs(acc, a, b) = acc + vpmaddwd(a, b) in 8 int32 lanes: a
-// vpaddd after the vpmaddwd on AVX2, one vpdpwssd where the CPU has VNNI (kernels_vnni.cpp).
+// vpaddd after the vpmaddwd on AVX2, one vpdpwssd where the CPU has VNNI (kernels_vnni.cpp), and
+// includes <cstring> and kernels/common.h.
 
 inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -72,12 +73,56 @@ inline __m256i sum_lanes8(const __m256i d[8]) {
 
 constexpr int PREFETCH = 4096;
 
+// d·sc and dmin·mc of the QK_GROUPS groups of Q4K super-block sb, its 6-bit codes widened to
+// eight int32 lanes.
+inline void super_block8(const WeightsRef& W, long sb, __m256* s, __m256* m) {
+  const uint8_t* c = W.codes + sb * QK_CODE_BYTES;
+  uint32_t high;
+  std::memcpy(&high, c + QK_GROUPS, 4);
+  const __m256i low = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)c));
+  const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), three = _mm256_set1_epi32(3);
+  const __m256i h = _mm256_set1_epi32(int(high));
+  const __m256i hs = _mm256_and_si256(_mm256_srlv_epi32(h, shift), three);
+  const __m256i hm = _mm256_and_si256(_mm256_srlv_epi32(h, _mm256_add_epi32(shift, _mm256_set1_epi32(16))), three);
+  const __m256i sc = _mm256_or_si256(_mm256_and_si256(low, _mm256_set1_epi32(0xf)), _mm256_slli_epi32(hs, 4));
+  const __m256i mc = _mm256_or_si256(_mm256_srli_epi32(low, 4), _mm256_slli_epi32(hm, 4));
+  *s = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(W.scales[sb])), _mm256_cvtepi32_ps(sc));
+  *m = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(W.mins[sb])), _mm256_cvtepi32_ps(mc));
+}
+
+// The scales s and mins m of groups g … g+7 of row r (w = s·q + m; int8 m = 0): Q8/Q4 read eight
+// float16 of each. Q4K's eight groups are slots off … off+7 of super-blocks sb and sb + 1 (which
+// exists: the groups lie in the matrix), shifted down by off lanes.
+template <DType T>
+inline void scales8(const WeightsRef& W, int groups, long r, int g, __m256* s, __m256* m) {
+  const long f = r * groups + g;
+  if (T != DType::Q4K) {
+    *s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(W.scales + f)));
+    if (T == DType::Q4) *m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(W.mins + f)));
+    return;
+  }
+  const long sb = f / QK_GROUPS;
+  const int off = int(f % QK_GROUPS);
+  super_block8(W, sb, s, m);
+  if (off == 0) return;
+  __m256 s2, m2;
+  super_block8(W, sb + 1, &s2, &m2);
+  const __m256i lane = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(off));
+  const __m256 next = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(7)));  // lanes from sb + 1
+  const __m256i idx = _mm256_and_si256(lane, _mm256_set1_epi32(7));
+  *s = _mm256_blendv_ps(_mm256_permutevar8x32_ps(*s, idx), _mm256_permutevar8x32_ps(s2, idx), next);
+  *m = _mm256_blendv_ps(_mm256_permutevar8x32_ps(*m, idx), _mm256_permutevar8x32_ps(m2, idx), next);
+}
+
 // One row against one token's activations: its groups eight at a time, the scales and int4 mins
 // as vectors.
-template <bool Q4>
-inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
-                   const uint16_t* Wm, int groups, int r) {
+template <DType T>
+inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups, int r) {
+  constexpr bool Q4 = T != DType::Q8;
   const long rg0 = long(r) * groups;
+  auto load = [&](long rg) {
+    return Q4 ? load_q4((const uint8_t*)W.data + rg * (QGROUP / 2)) : load_q8((const int8_t*)W.data + rg * QGROUP);
+  };
   __m256 acc = _mm256_setzero_ps();
   int g = 0;
   for (; g + 8 <= groups; g += 8) {
@@ -85,47 +130,40 @@ inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const 
        // one thread, AVX2 and AVX-512: int8 decode +45%, int4 +20%; the hardware prefetchers alone
        // leave this loop waiting on memory)
       const long bytes = Q4 ? QGROUP / 2 : QGROUP;
-      const char* ahead = (const char*)Wq + (rg0 + g) * bytes + PREFETCH;
+      const char* ahead = (const char*)W.data + (rg0 + g) * bytes + PREFETCH;
       for (int b = 0; b < 8 * bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
     __m256i d[8];
-    for (int u = 0; u < 8; ++u) {
-      const long rg = rg0 + g + u;
-      const Half16 w = Q4 ? load_q4((const uint8_t*)Wq + rg * (QGROUP / 2)) : load_q8((const int8_t*)Wq + rg * QGROUP);
-      d[u] = group_dot(w, xq + long(g + u) * QGROUP);
-    }
-    const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(Ws + rg0 + g)));
+    for (int u = 0; u < 8; ++u) d[u] = group_dot(load(rg0 + g + u), xq + long(g + u) * QGROUP);
+    __m256 ws, wm = _mm256_setzero_ps();
+    scales8<T>(W, groups, r, g, &ws, &wm);
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(d)), _mm256_mul_ps(ws, _mm256_loadu_ps(xs + g)), acc);
-    if (Q4)
-      acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(Wm + rg0 + g))), _mm256_loadu_ps(xsum + g),
-                            acc);
+    if (Q4) acc = _mm256_fmadd_ps(wm, _mm256_loadu_ps(xsum + g), acc);
   }
   float s = sum8(acc);
   for (; g < groups; ++g) {
-    const long rg = rg0 + g;
-    const Half16 w = Q4 ? load_q4((const uint8_t*)Wq + rg * (QGROUP / 2)) : load_q8((const int8_t*)Wq + rg * QGROUP);
-    __m256i d = group_dot(w, xq + long(g) * QGROUP);
+    __m256i d = group_dot(load(rg0 + g), xq + long(g) * QGROUP);
     __m128i h = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
     h = _mm_hadd_epi32(h, h);
     h = _mm_hadd_epi32(h, h);
-    s += float(_mm_cvtsi128_si32(h)) * (xs[g] * _cvtsh_ss(Ws[rg]));
-    if (Q4) s += xsum[g] * _cvtsh_ss(Wm[rg]);
+    const GroupScale gs = group_scale(W, groups, r, g);
+    s += float(_mm_cvtsi128_si32(h)) * (xs[g] * gs.s);
+    if (Q4) s += xsum[g] * gs.m;
   }
   return s;
 }
 
 // A few tokens (decode steps; batches of GEMM_MIN_TOKENS or more take the GEMM): row by row, each
 // row multiplied by every token while it is in L1.
-template <bool Q4>
-void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
-              const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
-              bool accumulate) {
+template <DType T>
+void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+              int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
   const int groups = n_in / QGROUP;
   for (int r = r0; r < r1; ++r)
     for (int t = 0; t < n_tok; ++t) {
       const long tg = long(t) * groups;
       const float s =
-          q_row<Q4>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, Wq, Ws, Wm, groups, r) + (b ? b[r] : 0.0f);
+          q_row<T>(xq + tg * QGROUP, xs + tg, T != DType::Q8 ? xsum + tg : nullptr, W, groups, r) + (b ? b[r] : 0.0f);
       float& o = y[long(t) * ldy + r];
       o = accumulate ? o + s : s;
     }
@@ -133,11 +171,16 @@ void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const void*
 
 void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
-  matmul_q<false>(xq, xs, nullptr, Wq, Ws, nullptr, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  matmul_q<DType::Q8>(xq, xs, nullptr, WeightsRef{Wq, DType::Q8, Ws}, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }
 
 void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
                const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                bool accumulate) {
-  matmul_q<true>(xq, xs, xsum, Wq, Ws, Wm, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  matmul_q<DType::Q4>(xq, xs, xsum, WeightsRef{Wq, DType::Q4, Ws, Wm}, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+}
+
+void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
+  matmul_q<DType::Q4K>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }

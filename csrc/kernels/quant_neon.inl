@@ -1,4 +1,4 @@
-// Kernels for int8 and int4 weights times int16 activations (kernels.h) on NEON, compiled per
+// Kernels for int8 and int4 (Q4, Q4K) weights times int16 activations (kernels.h) on NEON, compiled per
 // instruction set like quant_kernels.inl (its AVX2 counterpart); the math matches the scalar
 // twins in kernels_generic.cpp.
 //
@@ -37,44 +37,64 @@ inline float32x4_t load_f16x4(const uint16_t* p) { return vcvt_f32_f16(vreinterp
 
 constexpr int PREFETCH = 4096;  // bytes of weights fetched ahead, as in quant_kernels.inl
 
+// The scales s and mins m of groups g … g+3 of row r (w = s·q + m; int8 m = 0): Q8/Q4 read four
+// float16 of each; Q4K's codes are unpacked one group at a time (common.h's group_scale).
+template <DType T>
+inline void scales4(const WeightsRef& W, int groups, long r, int g, float32x4_t* s, float32x4_t* m) {
+  if (T != DType::Q4K) {
+    *s = load_f16x4(W.scales + r * groups + g);
+    if (T == DType::Q4) *m = load_f16x4(W.mins + r * groups + g);
+    return;
+  }
+  float sv[4], mv[4];
+  for (int i = 0; i < 4; ++i) {
+    const GroupScale gs = group_scale(W, groups, r, g + i);
+    sv[i] = gs.s, mv[i] = gs.m;
+  }
+  *s = vld1q_f32(sv), *m = vld1q_f32(mv);
+}
+
 // One row against one token's activations (starting at group tg): four groups at a time, their
 // scales (and int4 mins) as vectors.
-template <bool Q4>
-inline float q_row(const Acts& acts, long tg, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
-                   const uint16_t* Wm, int groups, int r) {
+template <DType T>
+inline float q_row(const Acts& acts, long tg, const float* xs, const float* xsum, const WeightsRef& W, int groups,
+                   int r) {
+  constexpr bool Q4 = T != DType::Q8;
   const long rg0 = long(r) * groups, bytes = Q4 ? QGROUP / 2 : QGROUP;
   auto dot = [&](int g) {
     const long rg = rg0 + g, at = (tg + g) * QGROUP;
-    return Q4 ? dot_q4((const uint8_t*)Wq + rg * bytes, acts, at) : dot_q8((const int8_t*)Wq + rg * bytes, acts, at);
+    return Q4 ? dot_q4((const uint8_t*)W.data + rg * bytes, acts, at)
+              : dot_q8((const int8_t*)W.data + rg * bytes, acts, at);
   };
   float32x4_t acc = vdupq_n_f32(0.0f);
   int g = 0;
   for (; g + 4 <= groups; g += 4) {
-    for (int b = 0; b < 4 * bytes; b += 64) __builtin_prefetch((const char*)Wq + (rg0 + g) * bytes + PREFETCH + b);
+    for (int b = 0; b < 4 * bytes; b += 64) __builtin_prefetch((const char*)W.data + (rg0 + g) * bytes + PREFETCH + b);
     const int32x4_t d = group_totals(dot(g), dot(g + 1), dot(g + 2), dot(g + 3));
-    const float32x4_t scale = vmulq_f32(load_f16x4(Ws + rg0 + g), vld1q_f32(xs + tg + g));
-    acc = vfmaq_f32(acc, vcvtq_f32_s32(d), scale);
-    if (Q4) acc = vfmaq_f32(acc, load_f16x4(Wm + rg0 + g), vld1q_f32(xsum + tg + g));
+    float32x4_t ws, wm = vdupq_n_f32(0.0f);
+    scales4<T>(W, groups, r, g, &ws, &wm);
+    acc = vfmaq_f32(acc, vcvtq_f32_s32(d), vmulq_f32(ws, vld1q_f32(xs + tg + g)));
+    if (Q4) acc = vfmaq_f32(acc, wm, vld1q_f32(xsum + tg + g));
   }
   float s = vaddvq_f32(acc);
   for (; g < groups; ++g) {
-    s += float(vaddvq_s32(dot(g))) * (xs[tg + g] * f16_to_f32(Ws[rg0 + g]));
-    if (Q4) s += xsum[tg + g] * f16_to_f32(Wm[rg0 + g]);
+    const GroupScale gs = group_scale(W, groups, r, g);
+    s += float(vaddvq_s32(dot(g))) * (xs[tg + g] * gs.s);
+    if (Q4) s += xsum[tg + g] * gs.m;
   }
   return s;
 }
 
 // A few tokens (decode steps): row by row, each row multiplied by every token while it is in L1.
-template <bool Q4>
-void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
-              const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
-              bool accumulate) {
+template <DType T>
+void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+              int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
   const int groups = n_in / QGROUP;
   const Acts acts = prepare_acts(xq, long(n_tok) * n_in);
   for (int r = r0; r < r1; ++r)
     for (int t = 0; t < n_tok; ++t) {
       const long tg = long(t) * groups;
-      const float s = q_row<Q4>(acts, tg, xs, xsum, Wq, Ws, Wm, groups, r) + (b ? b[r] : 0.0f);
+      const float s = q_row<T>(acts, tg, xs, xsum, W, groups, r) + (b ? b[r] : 0.0f);
       float& o = y[long(t) * ldy + r];
       o = accumulate ? o + s : s;
     }
@@ -82,11 +102,16 @@ void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const void*
 
 void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
-  matmul_q<false>(xq, xs, nullptr, Wq, Ws, nullptr, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  matmul_q<DType::Q8>(xq, xs, nullptr, WeightsRef{Wq, DType::Q8, Ws}, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }
 
 void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
                const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                bool accumulate) {
-  matmul_q<true>(xq, xs, xsum, Wq, Ws, Wm, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  matmul_q<DType::Q4>(xq, xs, xsum, WeightsRef{Wq, DType::Q4, Ws, Wm}, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+}
+
+void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
+  matmul_q<DType::Q4K>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }

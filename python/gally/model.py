@@ -21,9 +21,9 @@ MAX_THREADS = _core.MAX_THREADS
 # Tokens one session may hold (csrc/model.h, ConfigLimits), whatever its KV cache's size.
 MAX_CONTEXT = _core.config_limits()["max_context"]
 
-DTYPES = ("f32", "bf16", "f16", "int8", "int4")
+DTYPES = ("f32", "bf16", "f16", "int8", "int4", "int4-v1")
 KV_DTYPES = ("f32", "bf16", "f16")
-QUANTIZED = ("int8", "int4")
+QUANTIZED = ("int8", "int4", "int4-v1")  # int4-v1: gally-quant version 1's int4 (llama.cpp's Q4_1 layout)
 
 
 def physical_cores() -> int:
@@ -425,7 +425,9 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     """Loads a model: a Hugging Face folder, a .gguf file, or an alias (default: smollm2-135m-instruct).
 
     dtype: None keeps the stored dtype; "f32", "bf16" or "f16" converts once at load; "int8" or
-    "int4" quantizes a float checkpoint at load (`gally quantize` stores one, loaded zero-copy).
+    "int4" quantizes a float checkpoint at load (`gally quantize` stores one, loaded zero-copy);
+    "int4-v1" is the int4 of gally-quant version 1 (llama.cpp's Q4_1 layout, 5 bits per weight),
+    whose stored checkpoints load with dtype "int4" too.
     threads: default, the physical cores. max_context: the most tokens a sequence may hold;
     default, the config's max_position_embeddings (and sliding_window, where smaller), at most
     what the KV cache pool holds. kv_cache_bytes: the most memory the KV caches of all sequences
@@ -497,7 +499,7 @@ def _quantization(folder: str, tensors: dict, dtype: Optional[str]) -> tuple[dic
 
     stored = quantize.read_checkpoint(folder)
     if stored is not None:
-        if dtype not in (None, stored.quant_type):
+        if dtype not in (None, stored.quant_type) and not (dtype == "int4" and stored.quant_type == "int4-v1"):
             raise ValueError(f"{folder}: the checkpoint is quantized to {stored.quant_type}; "
                              f"load it with dtype=None or {stored.quant_type!r}, not {dtype!r}")
         return tensors, None

@@ -98,14 +98,16 @@ def tensor_bytes(w: Weight, dtype: str, stored_bytes: int) -> int:
     groups = n // quantize.GROUP_SIZE.get(kind or dtype, 32)
     if kind == "int8":
         return n + 2 * groups
-    if kind == "int4":
+    if kind == "int4-v1":
         return n // 2 + 4 * groups
+    if kind == "int4":  # per super-block: float16 d and dmin, 12 bytes of 6-bit codes
+        return n // 2 + w.shape[0] * quantize.super_blocks(w.shape[1] // 32) * (4 + quantize.CODE_BYTES)
     return stored_bytes * n
 
 
 def bytes_per_token(c: Config, dtype: str, stored_bytes: int = 2) -> int:
     """Bytes of weights one token's forward pass reads with the matrices at `dtype`
-    ("f32", "bf16", "f16", "int8", "int4"); what Model.weight_bytes reports once loaded so."""
+    ("f32", "bf16", "f16", "int8", "int4", "int4-v1"); what Model.weight_bytes reports once loaded so."""
     if dtype not in FLOAT_BYTES and dtype not in quantize.KINDS:
         raise ValueError(f"dtype must be one of {', '.join([*FLOAT_BYTES, *quantize.KINDS])}, got {dtype!r}")
     return sum(tensor_bytes(w, dtype, stored_bytes) for w in weights(c) if w.read_per_token)

@@ -58,8 +58,8 @@ For kernels: with activations quantized per group of 32 to int8 (sx, xq), one gr
 dot product is s·sx·Σ q·xq (int8) or s·sx·Σ q·xq + m·sx·Σ xq (int4, with the group's s and m;
 Σ xq is per activation group, shared by every row). Σ q·xq fits int32 exactly; int4 q is a valid
 unsigned operand of vpdpbusd and maddubs as is; int8 q never being -128 lets a kernel move the
-activation's sign onto it; maddubs pairs stay below 2^15 (2·127·127 = 32258, 2·15·127 = 3810). Tensor offsets are whatever
-the safetensors writer chose: use unaligned loads.
+activation's sign onto it; maddubs pairs stay below 2^15 (2·127·127 = 32258, 2·15·127 = 3810).
+Tensor offsets are whatever the safetensors writer chose: use unaligned loads.
 
 Why (SmolLM2-135M-Instruct, `gally perplexity --ctx 512`; gpl-3.0 / how-llms-work / an unseen
 README, relative to bf16 weights): int8 groups of 32 -0.06 / +0.31 / -0.25% (groups of 64 +0.12 /

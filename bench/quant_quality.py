@@ -38,8 +38,11 @@ from gally import cache, perplexity, quantize, safetensors_file, sources
 from gally.dtypes import as_float32
 
 LAYER = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
-GALLY_KINDS = ("int8", "int4", "int4-v1")
-LLAMA_KINDS = ("Q8_0", "Q4_K_M", "Q4_1", "Q4_0")
+GALLY_KINDS = ("int8", "int4", "int4-pure", "int4-v1")  # int4-pure: `gally quantize --to int4 --pure`
+# llama-quantize's default choices per tensor: on SmolLM2, whose rows of 576 are no multiple of
+# the k-quants' 256, Q4_K_S and Q4_K_M store q/k/v/o/gate/up as Q5_0 (its fallback) and only
+# down_proj (1536 inputs) as Q4_K (Q4_K_M: v_proj Q8_0 and down_proj Q6_K in 14 of the 30 layers).
+LLAMA_KINDS = ("Q8_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0")
 
 
 def dithered_folder(source: str, out: str, dither: float, seed: int) -> str:
@@ -72,9 +75,10 @@ def gally_rows(base_folder: str, work: str, text: str, ctx: int, threads: int) -
         folder = os.path.join(work, f"gally-{kind}")
         start = time.perf_counter()
         if not os.path.isdir(folder):
-            quantize.quantize_folder(base_folder, folder, kind)
+            quantize.quantize_folder(base_folder, folder, kind.removesuffix("-pure"), pure=kind.endswith("-pure"))
         made = time.perf_counter() - start
-        layers_bpw, model_bpw = quantize.bits_per_weight(quantize.read_checkpoint(folder))
+        bits = quantize.bits_per_weight(quantize.read_checkpoint(folder))
+        layers_bpw, model_bpw = bits["layers"], bits["model"]
         model = gally.load(folder, threads=threads)
         r = perplexity.kl_divergence(base, model, text, ctx=ctx)
         rows.append({"engine": "gally", "type": kind, "layers_bpw": layers_bpw, "model_bpw": model_bpw,
@@ -114,13 +118,28 @@ def gguf_like(template: str, folder: str, out: str) -> None:
     os.replace(out + ".part", out)
 
 
+def gguf_bits_per_weight(path: str) -> tuple[float, float]:
+    """Bits per weight of a GGUF's layer matrices (blk.N.*, 2-D) and of all its tensors."""
+    import gguf
+
+    layer_bits = layer_n = bits = n = 0
+    for t in gguf.GGUFReader(path).tensors:
+        bits += 8 * int(t.n_bytes)
+        n += int(t.n_elements)
+        if t.name.startswith("blk.") and len(t.shape) == 2 and t.shape[1] > 1:
+            layer_bits += 8 * int(t.n_bytes)
+            layer_n += int(t.n_elements)
+    return layer_bits / layer_n, bits / n
+
+
 def llama_rows(base_folder: str, work: str, text_path: str, ctx: int, threads: int, template: str,
                bin_dir: str) -> list[dict]:
     f32 = os.path.join(work, "dithered-F32.gguf")
     if not os.path.isfile(f32):
         gguf_like(template, base_folder, f32)
     logits = os.path.join(work, "dithered-F32.kld")
-    common = ["-f", text_path, "-c", str(ctx), "-t", str(threads)]
+    # -nr: no weight repacking, which on CPUs reporting AMX routes Q8_0/Q4 matmuls to a backend that crashed here
+    common = ["-f", text_path, "-c", str(ctx), "-t", str(threads), "-nr"]
     if not os.path.isfile(logits):
         subprocess.run([os.path.join(bin_dir, "llama-perplexity"), "-m", f32, *common, "--kl-divergence-base",
                         logits], check=True, capture_output=True)
@@ -134,13 +153,12 @@ def llama_rows(base_folder: str, work: str, text_path: str, ctx: int, threads: i
                             logits, "--kl-divergence"], check=True, capture_output=True, text=True)
         out = p.stdout + p.stderr
 
-        def grab(label, text=out):
-            m = re.search(label + r"\s*:?\s*([-0-9.e]+)", text)
-            return float(m.group(1)) if m else float("nan")
+        def grab(label, text=out):  # the summary's line (the last): the chunk table's header names the same
+            found = re.findall(label + r"\s*:\s*([-0-9.e]+)", text)
+            return float(found[-1]) if found else float("nan")
 
-        size = re.search(r"file size\s*=\s*[0-9.]+ \w+ \(([0-9.]+) BPW\)", out)
-        rows.append({"engine": "llama.cpp", "type": kind, "layers_bpw": float("nan"),
-                     "model_bpw": float(size.group(1)) if size else float("nan"),
+        layers_bpw, model_bpw = gguf_bits_per_weight(path)
+        rows.append({"engine": "llama.cpp", "type": kind, "layers_bpw": layers_bpw, "model_bpw": model_bpw,
                      "kld_mean": grab(r"Mean\s+KLD"), "kld_p99": grab(r"99\.0%\s+KLD"),
                      "same_top": grab(r"Same top p") / 100, "ppl_base": grab(r"Mean PPL\(base\)"),
                      "ppl": grab(r"Mean PPL\(Q\)")})

@@ -298,8 +298,12 @@ class Model:
 
     @property
     def dtype(self) -> str:
-        """The compute dtype of the weight matrices ("f32", "bf16", "f16", or "mixed")."""
-        kinds = self._core.dtypes
+        """The compute dtype of the weight matrices ("f32", "bf16", "f16", "int8", "int4", "int4-v1",
+        or "mixed"); "int4" also when some layer matrices are int8, as `gally quantize --to int4` keeps
+        v_proj and some down_proj."""
+        kinds = set(self._core.dtypes)
+        if kinds == {"int4", "int8"}:
+            return "int4"
         return next(iter(kinds)) if len(kinds) == 1 else "mixed"
 
     @property

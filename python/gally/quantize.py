@@ -46,10 +46,15 @@ squares; the weights: Σ q² per scale, 32 per min), then rounds q against the s
 Gaussian weights its squared error is ~18% below version 1's min/max (tests/test_quantize.py);
 bench/quant_quality.py measures models.
 
-Which tensors (decided by perplexity, see below):
+Which tensors (decided by perplexity and KL divergence, see below):
 - --to int8: the seven matrices of every layer (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj)
   and model.embed_tokens (and lm_head when untied) in int8;
-- --to int4 (and int4-v1): the seven layer matrices in int4; model.embed_tokens and lm_head in int8;
+- --to int4: the layer matrices in int4, except self_attn.v_proj of every layer and mlp.down_proj
+  of the layers llama.cpp's Q4_K_M also gives more bits (more_bits(): 14 of 30), which stay int8;
+  model.embed_tokens and lm_head in int8. On dithered SmolLM2 (bench/quant_quality.py, the
+  article at ctx 512) the v_proj exception cut KLD from 0.200 to 0.125 for 1.8% more bytes, the
+  down_proj one to 0.080 for 7% more (int8 k_proj as well: 0.116, for as much as v_proj);
+- --to int4-v1: the seven layer matrices in int4-v1; model.embed_tokens and lm_head in int8;
 - everything else keeps its HF name, dtype and bytes: norms, biases, and any matrix whose cols is
   not a multiple of 32. With tie_word_embeddings, model.embed_tokens.{qweight,scales} serve both
   the lookup (one row dequantized) and the output projection.
@@ -361,18 +366,30 @@ def dequantize_int4(qweight: np.ndarray, d: np.ndarray, dmin: np.ndarray, codes:
 
 # ---- which tensors are quantized ----
 
-_LAYER_MATRIX = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+_LAYER_MATRIX = re.compile(r"model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
 _EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-def kind_for(name: str, shape, to: str) -> Optional[str]:
-    """The kind tensor `name` of `shape` is stored in when quantizing `--to` int8 or int4, or None
-    when it stays as it is: norms and biases, and matrices whose columns do not fill whole groups.
-    Layer matrices take `to`; the embeddings (and lm_head) take int8 in both (see the module doc)."""
+def more_bits(layer: int, layers: int) -> bool:
+    """The layers whose down_proj --to int4 keeps in int8: llama.cpp's Q4_K_M choice (use_more_bits),
+    the first and last eighth and every third between: 14 of 30."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def kind_for(name: str, shape, to: str, layers: int = 0, pure: bool = False) -> Optional[str]:
+    """The kind tensor `name` of `shape` is stored in when quantizing `--to` int8, int4 or int4-v1, or
+    None when it stays as it is: norms and biases, and matrices whose columns do not fill whole
+    groups. Layer matrices take `to`, except that --to int4 keeps every self_attn.v_proj and the
+    mlp.down_proj of the more_bits() layers of `layers` in int8; the embeddings (and lm_head) take
+    int8 in all (see the module doc). pure: no such exceptions."""
     if len(shape) != 2:
         return None
-    if _LAYER_MATRIX.fullmatch(name):
+    matrix = _LAYER_MATRIX.fullmatch(name)
+    if matrix:
         kind = to
+        if to == "int4" and not pure and (matrix.group(2) == "self_attn.v_proj" or
+                             (matrix.group(2) == "mlp.down_proj" and more_bits(int(matrix.group(1)), layers))):
+            kind = "int8"
     elif name in _EMBEDDINGS:
         kind = "int8"
     else:
@@ -386,16 +403,19 @@ def module_name(weight_name: str) -> str:
     return weight_name[: -len(".weight")]
 
 
-def quantize_tensors(tensors: dict, to: str) -> tuple[dict[str, tuple[str, np.ndarray]], dict[str, str]]:
-    """Quantizes a checkpoint held as {name: (safetensors dtype, array)} (bf16 as uint16 bits).
+def quantize_tensors(tensors: dict, to: str, pure: bool = False) -> tuple[dict[str, tuple[str, np.ndarray]],
+                                                                          dict[str, str]]:
+    """Quantizes a checkpoint held as {name: (safetensors dtype, array)} (bf16 as uint16 bits);
+    pure: every layer matrix in `to` (kind_for).
     Returns the tensors of the quantized file in the same form (kept tensors pass through as the
     same (dtype, array) objects, not copies), and its __metadata__: version 2, or version 1 for
     to="int4-v1"."""
     if to not in KINDS:
         raise ValueError(f"to must be one of {', '.join(KINDS)}, got {to!r}")
     out: dict[str, tuple[str, np.ndarray]] = {}
+    layers = 1 + max((int(m.group(1)) for m in map(_LAYER_MATRIX.fullmatch, tensors) if m), default=-1)
     for name, (dtype, array) in tensors.items():
-        kind = kind_for(name, array.shape, to) if name.endswith(".weight") else None
+        kind = kind_for(name, array.shape, to, layers, pure) if name.endswith(".weight") else None
         if kind is None:
             out[name] = (dtype, array)
             continue
@@ -556,23 +576,27 @@ def read_file(path: str) -> Optional[QuantizedCheckpoint]:
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1}
 
 
-def bits_per_weight(layout: QuantizedCheckpoint) -> tuple[float, float]:
-    """Average bits per weight (values, scales, mins and codes) of the layer matrices, and of the
-    whole checkpoint (every tensor's bytes over every weight, embeddings and norms included)."""
+def bits_per_weight(layout: QuantizedCheckpoint) -> dict[str, float]:
+    """Average bits per weight (values, scales, mins and codes): "layers", of the layer matrices;
+    "model", of the whole checkpoint (every tensor's bytes over every weight, embeddings and norms
+    included); and per kind of layer matrix ("int4", "int8", …)."""
     header, _ = read_header(layout.path)
 
     def nbytes(name):
         return _DTYPE_BYTES.get(header[name]["dtype"], 4) * int(np.prod(header[name]["shape"], dtype=np.int64))
 
-    layer_bits = layer_weights = 0
+    sums: dict[str, list[int]] = {}  # "layers" or a kind → [bits, weights]
     for m in layout.matrices.values():
         if _LAYER_MATRIX.fullmatch(m.name):
-            layer_bits += 8 * sum(nbytes(n) for n in (m.qweight, m.scales, m.mins, m.subscales) if n)
-            layer_weights += m.shape[0] * m.shape[1]
+            bits = 8 * sum(nbytes(n) for n in (m.qweight, m.scales, m.mins, m.subscales) if n)
+            for key in ("layers", m.kind):
+                total = sums.setdefault(key, [0, 0])
+                total[0] += bits
+                total[1] += m.shape[0] * m.shape[1]
     weights = sum(m.shape[0] * m.shape[1] for m in layout.matrices.values())
     weights += sum(int(np.prod(shape, dtype=np.int64)) for _, shape in layout.plain.values())
-    total_bits = 8 * sum(nbytes(n) for n in header)
-    return layer_bits / max(layer_weights, 1), total_bits / max(weights, 1)
+    sums["model"] = [8 * sum(nbytes(n) for n in header), weights]
+    return {key: bits / max(n, 1) for key, (bits, n) in sums.items()}
 
 
 def read_checkpoint(folder: str) -> Optional[QuantizedCheckpoint]:
@@ -623,10 +647,11 @@ def dequantize_checkpoint(folder: str) -> dict[str, np.ndarray]:
 _COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 
 
-def quantize_folder(source: str, out_dir: str, to: str) -> QuantizedCheckpoint:
+def quantize_folder(source: str, out_dir: str, to: str, pure: bool = False) -> QuantizedCheckpoint:
     """Writes the model folder `out_dir` (which must not exist, or be empty): `source`'s config and
-    tokenizer files, and model.safetensors quantized to `to` ("int8", "int4" or "int4-v1"). source: a model
-    folder, a .gguf file or an alias, as gally.load takes. The folder appears whole or not at all."""
+    tokenizer files, and model.safetensors quantized to `to` ("int8", "int4" or "int4-v1"; pure: see
+    kind_for). source: a model folder, a .gguf file or an alias, as gally.load takes. The folder
+    appears whole or not at all."""
     from . import cache, safetensors_file, sources
 
     if to not in KINDS:
@@ -638,7 +663,7 @@ def quantize_folder(source: str, out_dir: str, to: str) -> QuantizedCheckpoint:
     if read_checkpoint(folder) is not None:
         raise ValueError(f"{folder}: already quantized; quantize from an f32, bf16 or f16 checkpoint")
     views = safetensors_file.open_checkpoint(folder)
-    tensors, metadata = quantize_tensors({n: (t.dtype, t.numpy()) for n, t in views.items()}, to)
+    tensors, metadata = quantize_tensors({n: (t.dtype, t.numpy()) for n, t in views.items()}, to, pure)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     cache.check_free_space(parent, sum(a.nbytes for _, a in tensors.values()) + (16 << 20), f"writing {out_dir}")

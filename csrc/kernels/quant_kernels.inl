@@ -5,7 +5,7 @@
 //
 // The including file defines dot_pairs(acc, a, b) = acc + vpmaddwd(a, b) in 8 int32 lanes: a
 // vpaddd after the vpmaddwd on AVX2, one vpdpwssd where the CPU has VNNI (kernels_vnni.cpp), and
-// includes <cstring> and kernels/common.h.
+// includes <cstring>, <vector> and kernels/common.h.
 
 inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -74,8 +74,8 @@ inline __m256i sum_lanes8(const __m256i d[8]) {
 constexpr int PREFETCH = 4096;
 
 // d·sc and dmin·mc of the QK_GROUPS groups of Q4K super-block sb, its 6-bit codes widened to
-// eight int32 lanes.
-inline void super_block8(const WeightsRef& W, long sb, __m256* s, __m256* m) {
+// eight int32 lanes, stored to s[0 … 7] and m[0 … 7].
+inline void super_block8(const WeightsRef& W, long sb, float* s, float* m) {
   const uint8_t* c = W.codes + sb * QK_CODE_BYTES;
   uint32_t high;
   std::memcpy(&high, c + QK_GROUPS, 4);
@@ -86,38 +86,28 @@ inline void super_block8(const WeightsRef& W, long sb, __m256* s, __m256* m) {
   const __m256i hm = _mm256_and_si256(_mm256_srlv_epi32(h, _mm256_add_epi32(shift, _mm256_set1_epi32(16))), three);
   const __m256i sc = _mm256_or_si256(_mm256_and_si256(low, _mm256_set1_epi32(0xf)), _mm256_slli_epi32(hs, 4));
   const __m256i mc = _mm256_or_si256(_mm256_srli_epi32(low, 4), _mm256_slli_epi32(hm, 4));
-  *s = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(W.scales[sb])), _mm256_cvtepi32_ps(sc));
-  *m = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(W.mins[sb])), _mm256_cvtepi32_ps(mc));
+  _mm256_storeu_ps(s, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(W.scales[sb])), _mm256_cvtepi32_ps(sc)));
+  _mm256_storeu_ps(m, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(W.mins[sb])), _mm256_cvtepi32_ps(mc)));
 }
 
-// The scales s and mins m of groups g … g+7 of row r (w = s·q + m; int8 m = 0): Q8/Q4 read eight
-// float16 of each. Q4K's eight groups are slots off … off+7 of super-blocks sb and sb + 1 (which
-// exists: the groups lie in the matrix), shifted down by off lanes.
-template <DType T>
-inline void scales8(const WeightsRef& W, int groups, long r, int g, __m256* s, __m256* m) {
-  const long f = r * groups + g;
-  if (T != DType::Q4K) {
-    *s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(W.scales + f)));
-    if (T == DType::Q4) *m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(W.mins + f)));
-    return;
-  }
-  const long sb = f / QK_GROUPS;
-  const int off = int(f % QK_GROUPS);
-  super_block8(W, sb, s, m);
-  if (off == 0) return;
-  __m256 s2, m2;
-  super_block8(W, sb + 1, &s2, &m2);
-  const __m256i lane = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(off));
-  const __m256 next = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(7)));  // lanes from sb + 1
-  const __m256i idx = _mm256_and_si256(lane, _mm256_set1_epi32(7));
-  *s = _mm256_blendv_ps(_mm256_permutevar8x32_ps(*s, idx), _mm256_permutevar8x32_ps(s2, idx), next);
-  *m = _mm256_blendv_ps(_mm256_permutevar8x32_ps(*m, idx), _mm256_permutevar8x32_ps(m2, idx), next);
+// The scales and mins of row r's groups [0, groups) of a Q4K matrix as f32 (common.h's
+// group_scale), decoded once per row for all its tokens: the super-blocks that hold them, whole,
+// into buf (2 · (groups + 2 · QK_GROUPS) floats). Returns the row's scales; its mins follow at
+// + stride, stride = q4k_stride(groups).
+inline int q4k_stride(int groups) { return groups + 2 * QK_GROUPS; }
+inline const float* q4k_row_scales(const WeightsRef& W, int groups, long r, float* buf) {
+  const long f0 = r * groups, sb0 = f0 / QK_GROUPS;
+  const int off = int(f0 % QK_GROUPS), stride = q4k_stride(groups);
+  for (int i = 0; i * QK_GROUPS < off + groups; ++i)
+    super_block8(W, sb0 + i, buf + i * QK_GROUPS, buf + stride + i * QK_GROUPS);
+  return buf + off;
 }
 
 // One row against one token's activations: its groups eight at a time, the scales and int4 mins
-// as vectors.
+// as vectors (Q8/Q4: float16 from W; Q4K: f32 from fs and fm, the row's q4k_row_scales).
 template <DType T>
-inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups, int r) {
+inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups, int r,
+                   const float* fs, const float* fm) {
   constexpr bool Q4 = T != DType::Q8;
   const long rg0 = long(r) * groups;
   auto load = [&](long rg) {
@@ -136,7 +126,12 @@ inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const 
     __m256i d[8];
     for (int u = 0; u < 8; ++u) d[u] = group_dot(load(rg0 + g + u), xq + long(g + u) * QGROUP);
     __m256 ws, wm = _mm256_setzero_ps();
-    scales8<T>(W, groups, r, g, &ws, &wm);
+    if (T == DType::Q4K) {
+      ws = _mm256_loadu_ps(fs + g), wm = _mm256_loadu_ps(fm + g);
+    } else {
+      ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(W.scales + rg0 + g)));
+      if (Q4) wm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(W.mins + rg0 + g)));
+    }
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(d)), _mm256_mul_ps(ws, _mm256_loadu_ps(xs + g)), acc);
     if (Q4) acc = _mm256_fmadd_ps(wm, _mm256_loadu_ps(xsum + g), acc);
   }
@@ -146,9 +141,9 @@ inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const 
     __m128i h = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
     h = _mm_hadd_epi32(h, h);
     h = _mm_hadd_epi32(h, h);
-    const GroupScale gs = group_scale(W, groups, r, g);
-    s += float(_mm_cvtsi128_si32(h)) * (xs[g] * gs.s);
-    if (Q4) s += xsum[g] * gs.m;
+    const float gs = T == DType::Q4K ? fs[g] : _cvtsh_ss(W.scales[rg0 + g]);
+    s += float(_mm_cvtsi128_si32(h)) * (xs[g] * gs);
+    if (Q4) s += xsum[g] * (T == DType::Q4K ? fm[g] : _cvtsh_ss(W.mins[rg0 + g]));
   }
   return s;
 }
@@ -159,14 +154,19 @@ template <DType T>
 void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
               int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
   const int groups = n_in / QGROUP;
-  for (int r = r0; r < r1; ++r)
+  static thread_local std::vector<float> buf;  // Q4K: a row's scales and mins
+  if (T == DType::Q4K) buf.resize(2 * size_t(q4k_stride(groups)));
+  for (int r = r0; r < r1; ++r) {
+    const float* fs = T == DType::Q4K ? q4k_row_scales(W, groups, r, buf.data()) : nullptr;
+    const float* fm = T == DType::Q4K ? fs + q4k_stride(groups) : nullptr;
     for (int t = 0; t < n_tok; ++t) {
       const long tg = long(t) * groups;
-      const float s =
-          q_row<T>(xq + tg * QGROUP, xs + tg, T != DType::Q8 ? xsum + tg : nullptr, W, groups, r) + (b ? b[r] : 0.0f);
+      const float s = q_row<T>(xq + tg * QGROUP, xs + tg, T != DType::Q8 ? xsum + tg : nullptr, W, groups, r, fs, fm) +
+                      (b ? b[r] : 0.0f);
       float& o = y[long(t) * ldy + r];
       o = accumulate ? o + s : s;
     }
+  }
 }
 
 void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,

@@ -37,28 +37,12 @@ inline float32x4_t load_f16x4(const uint16_t* p) { return vcvt_f32_f16(vreinterp
 
 constexpr int PREFETCH = 4096;  // bytes of weights fetched ahead, as in quant_kernels.inl
 
-// The scales s and mins m of groups g … g+3 of row r (w = s·q + m; int8 m = 0): Q8/Q4 read four
-// float16 of each; Q4K's codes are unpacked one group at a time (common.h's group_scale).
-template <DType T>
-inline void scales4(const WeightsRef& W, int groups, long r, int g, float32x4_t* s, float32x4_t* m) {
-  if (T != DType::Q4K) {
-    *s = load_f16x4(W.scales + r * groups + g);
-    if (T == DType::Q4) *m = load_f16x4(W.mins + r * groups + g);
-    return;
-  }
-  float sv[4], mv[4];
-  for (int i = 0; i < 4; ++i) {
-    const GroupScale gs = group_scale(W, groups, r, g + i);
-    sv[i] = gs.s, mv[i] = gs.m;
-  }
-  *s = vld1q_f32(sv), *m = vld1q_f32(mv);
-}
-
 // One row against one token's activations (starting at group tg): four groups at a time, their
-// scales (and int4 mins) as vectors.
+// scales (and int4 mins) as vectors (Q8/Q4: float16 from W; Q4K: f32 from fs and fm, the row's
+// scales and mins decoded once for all its tokens).
 template <DType T>
 inline float q_row(const Acts& acts, long tg, const float* xs, const float* xsum, const WeightsRef& W, int groups,
-                   int r) {
+                   int r, const float* fs, const float* fm) {
   constexpr bool Q4 = T != DType::Q8;
   const long rg0 = long(r) * groups, bytes = Q4 ? QGROUP / 2 : QGROUP;
   auto dot = [&](int g) {
@@ -71,16 +55,17 @@ inline float q_row(const Acts& acts, long tg, const float* xs, const float* xsum
   for (; g + 4 <= groups; g += 4) {
     for (int b = 0; b < 4 * bytes; b += 64) __builtin_prefetch((const char*)W.data + (rg0 + g) * bytes + PREFETCH + b);
     const int32x4_t d = group_totals(dot(g), dot(g + 1), dot(g + 2), dot(g + 3));
-    float32x4_t ws, wm = vdupq_n_f32(0.0f);
-    scales4<T>(W, groups, r, g, &ws, &wm);
+    const float32x4_t ws = T == DType::Q4K ? vld1q_f32(fs + g) : load_f16x4(W.scales + rg0 + g);
     acc = vfmaq_f32(acc, vcvtq_f32_s32(d), vmulq_f32(ws, vld1q_f32(xs + tg + g)));
-    if (Q4) acc = vfmaq_f32(acc, wm, vld1q_f32(xsum + tg + g));
+    if (Q4)
+      acc =
+          vfmaq_f32(acc, T == DType::Q4K ? vld1q_f32(fm + g) : load_f16x4(W.mins + rg0 + g), vld1q_f32(xsum + tg + g));
   }
   float s = vaddvq_f32(acc);
   for (; g < groups; ++g) {
-    const GroupScale gs = group_scale(W, groups, r, g);
-    s += float(vaddvq_s32(dot(g))) * (xs[tg + g] * gs.s);
-    if (Q4) s += xsum[tg + g] * gs.m;
+    const float gs = T == DType::Q4K ? fs[g] : f16_to_f32(W.scales[rg0 + g]);
+    s += float(vaddvq_s32(dot(g))) * (xs[tg + g] * gs);
+    if (Q4) s += xsum[tg + g] * (T == DType::Q4K ? fm[g] : f16_to_f32(W.mins[rg0 + g]));
   }
   return s;
 }
@@ -91,13 +76,21 @@ void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const Weigh
               int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
   const int groups = n_in / QGROUP;
   const Acts acts = prepare_acts(xq, long(n_tok) * n_in);
-  for (int r = r0; r < r1; ++r)
+  static thread_local std::vector<float> buf;  // Q4K: a row's scales [groups], then its mins [groups]
+  if (T == DType::Q4K) buf.resize(2 * size_t(groups));
+  for (int r = r0; r < r1; ++r) {
+    if (T == DType::Q4K)
+      for (int g = 0; g < groups; ++g) {
+        const GroupScale gs = group_scale(W, groups, r, g);
+        buf[g] = gs.s, buf[groups + g] = gs.m;
+      }
     for (int t = 0; t < n_tok; ++t) {
       const long tg = long(t) * groups;
-      const float s = q_row<T>(acts, tg, xs, xsum, W, groups, r) + (b ? b[r] : 0.0f);
+      const float s = q_row<T>(acts, tg, xs, xsum, W, groups, r, buf.data(), buf.data() + groups) + (b ? b[r] : 0.0f);
       float& o = y[long(t) * ldy + r];
       o = accumulate ? o + s : s;
     }
+  }
 }
 
 void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,

@@ -137,7 +137,8 @@ def llama_rows(base_folder: str, work: str, text_path: str, ctx: int, threads: i
     f32 = os.path.join(work, "dithered-F32.gguf")
     if not os.path.isfile(f32):
         gguf_like(template, base_folder, f32)
-    logits = os.path.join(work, "dithered-F32.kld")
+    name = os.path.splitext(os.path.basename(text_path))[0]
+    logits = os.path.join(work, f"dithered-F32-{name}-{ctx}.kld")  # the base's logits on this text
     # -nr: no weight repacking, which on CPUs reporting AMX routes Q8_0/Q4 matmuls to a backend that crashed here
     common = ["-f", text_path, "-c", str(ctx), "-t", str(threads), "-nr"]
     if not os.path.isfile(logits):

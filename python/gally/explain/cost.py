@@ -101,8 +101,8 @@ def tensor_bytes(w: Weight, dtype: str, stored_bytes: int, layers: int = 0) -> i
         return n + 2 * groups
     if kind == "int4-v1":
         return n // 2 + 4 * groups
-    if kind == "int4":  # per super-block: float16 d and dmin, 12 bytes of 6-bit codes
-        return n // 2 + w.shape[0] * quantize.super_blocks(w.shape[1] // 32) * (4 + quantize.CODE_BYTES)
+    if kind == "int4":  # per super-block of 8 of the matrix's groups: float16 d and dmin, 12 bytes of 6-bit codes
+        return n // 2 + quantize.super_blocks(groups) * (4 + quantize.CODE_BYTES)
     return stored_bytes * n
 
 

@@ -38,32 +38,49 @@ const Kernels& kernels_named(const std::string& isa) {
 }
 
 // A weight matrix argument: W [n_out, n_in] in wtype ("f32", "bf16" or "f16" as uint16, "int8" as
-// int8, "int4" as uint8 [n_out, n_in/2]) with float16 scales (and int4 mins) [n_out, n_in/32].
+// int8, "int4-v1" and "int4" as uint8 [n_out, n_in/2]) with float16 scales (and int4 mins)
+// [n_out, n_in/32]; for "int4" (Q4K) scales and mins [super-blocks] and codes uint8
+// [super-blocks · 12] (kernels.h).
+DType weight_type(const std::string& wtype) {
+  if (wtype == "int8") return DType::Q8;
+  if (wtype == "int4-v1") return DType::Q4;
+  if (wtype == "int4") return DType::Q4K;
+  return parse_dtype(wtype);
+}
+
 struct Weights {
   WeightsRef ref;
   int rows;
   py::array W;
   Array<uint16_t> scales, mins;
+  Array<uint8_t> codes;
 
-  Weights(py::array W_, const std::string& wtype, int n_in, py::object s, py::object m) : W(W_) {
-    const DType t = wtype == "int8" ? DType::Q8 : wtype == "int4" ? DType::Q4 : parse_dtype(wtype);
+  Weights(py::array W_, const std::string& wtype, int n_in, py::object s, py::object m, py::object c = py::none())
+      : W(W_) {
+    const DType t = weight_type(wtype);
     const bool quantized = is_quantized(t);
     require(W.ndim() == 2, "W must be 2-D");
     rows = int(W.shape(0));
     require(W.itemsize() == (quantized ? 1 : py::ssize_t(dtype_size(t))) && (W.flags() & py::array::c_style),
             "W has the wrong element size or layout");
-    require(W.shape(1) == (t == DType::Q4 ? n_in / 2 : n_in), "W's columns disagree with x");
+    require(W.shape(1) == (t == DType::Q4 || t == DType::Q4K ? n_in / 2 : n_in), "W's columns disagree with x");
     ref = WeightsRef{W.data(), t};
     if (!quantized) return;
-    require(n_in % QGROUP == 0 && !s.is_none() && (t == DType::Q8 || !m.is_none()),
-            "quantized W needs n_in % 32 == 0 and its scales (and mins for int4)");
+    require(n_in % QGROUP == 0 && !s.is_none() && (t == DType::Q8 || !m.is_none()) && (t != DType::Q4K || !c.is_none()),
+            "quantized W needs n_in % 32 == 0 and its scales (and mins for int4, codes for int4 v2)");
+    const long blocks = t == DType::Q4K ? super_blocks(long(rows) * (n_in / QGROUP)) : long(rows) * (n_in / QGROUP);
     scales = s.cast<Array<uint16_t>>();
-    require(scales.size() == rows * (n_in / QGROUP), "scales must be [n_out, n_in/32]");
+    require(scales.size() == blocks, "scales must be [n_out, n_in/32] (int4: [super-blocks])");
     ref.scales = scales.data();
-    if (t == DType::Q4) {
+    if (t != DType::Q8) {
       mins = m.cast<Array<uint16_t>>();
-      require(mins.size() == scales.size(), "mins must be [n_out, n_in/32]");
+      require(mins.size() == scales.size(), "mins must be shaped as scales");
       ref.mins = mins.data();
+    }
+    if (t == DType::Q4K) {
+      codes = c.cast<Array<uint8_t>>();
+      require(codes.size() == blocks * QK_CODE_BYTES, "codes must be [super-blocks · 12]");
+      ref.codes = codes.data();
     }
   }
 };
@@ -100,13 +117,12 @@ void add_testing_module(py::module_& m) {
   t.def(
       "kernel_matmul",
       [](const std::string& isa, Array<float> x, py::array W, const std::string& wtype, py::object bias, Array<float> y,
-         bool accumulate, int r0, int r1, py::object scales, py::object mins) {
-        // W [n_out, n_in] in wtype; for int8 int8 [n_out, n_in] and for int4 uint8 [n_out, n_in/2], with float16
-        // scales (and int4 mins) [n_out, n_in/32] given as uint16.
+         bool accumulate, int r0, int r1, py::object scales, py::object mins, py::object codes) {
+        // W [n_out, n_in] in wtype, with its scales, mins and codes as the Weights above (float16 as uint16)
         const Kernels& k = kernels_named(isa);
         require(x.ndim() == 2 && y.ndim() == 2, "x, y must be 2-D");
         const int n_in = int(x.shape(1)), n_tok = int(x.shape(0));
-        const Weights w(W, wtype, n_in, scales, mins);
+        const Weights w(W, wtype, n_in, scales, mins, codes);
         const int n_out = w.rows;
         require(y.shape(0) == n_tok && y.shape(1) == n_out, "shapes disagree");
         require(0 <= r0 && r0 <= r1 && r1 <= n_out, "bad row range");
@@ -120,8 +136,8 @@ void add_testing_module(py::module_& m) {
         return y;
       },
       py::arg("isa"), py::arg("x"), py::arg("W"), py::arg("wtype"), py::arg("bias"), py::arg("y"),
-      py::arg("accumulate"), py::arg("r0"), py::arg("r1"), py::arg("scales") = py::none(),
-      py::arg("mins") = py::none());
+      py::arg("accumulate"), py::arg("r0"), py::arg("r1"), py::arg("scales") = py::none(), py::arg("mins") = py::none(),
+      py::arg("codes") = py::none());
   t.def(
       "kernel_pack",
       [](const std::string& isa, Array<float> x) {
@@ -138,13 +154,13 @@ void add_testing_module(py::module_& m) {
   t.def(
       "kernel_matmul_packed",
       [](const std::string& isa, Array<float> x, py::array W, const std::string& wtype, py::object scales,
-         py::object mins) {
+         py::object mins, py::object codes) {
         // y = x · Wᵀ through the set's packed layout: pack, then matmul_many_packed
         const Kernels& k = kernels_named(isa);
         require(k.pack != nullptr, std::string(k.name) + " has no packed layout");
         require(x.ndim() == 2, "x must be 2-D");
         const int n_tok = int(x.shape(0)), n_in = int(x.shape(1));
-        const Weights w(W, wtype, n_in, scales, mins);
+        const Weights w(W, wtype, n_in, scales, mins, codes);
         std::vector<uint32_t> xt(k.packed_size(n_tok, n_in));
         k.pack(x.data(), n_tok, n_in, 0, (n_tok + GEMM_SPLIT_TOKENS - 1) / GEMM_SPLIT_TOKENS, xt.data());
         Array<float> y({n_tok, w.rows});
@@ -153,7 +169,7 @@ void add_testing_module(py::module_& m) {
         return y;
       },
       py::arg("isa"), py::arg("x"), py::arg("W"), py::arg("wtype"), py::arg("scales") = py::none(),
-      py::arg("mins") = py::none());
+      py::arg("mins") = py::none(), py::arg("codes") = py::none());
   t.def("kernel_matmul_many", [](const std::string& isa, Array<float> x, py::list jobs) {
     // jobs: (W, wtype, y, r0, r1, accumulate) with float weights; each y [n_tok, W.rows] updated in place
     const Kernels& k = kernels_named(isa);
@@ -187,32 +203,48 @@ void add_testing_module(py::module_& m) {
     kernels_named(isa).quantize_rows(x.data(), n, n_in, q.mutable_data(), s.mutable_data(), sum.mutable_data());
     return py::make_tuple(q, s, sum);
   });
-  t.def("kernel_matmul_quantized", [](const std::string& isa, Array<int16_t> xq, Array<float> xs, Array<float> xsum,
-                                      py::array Wq, Array<uint16_t> Ws, py::object Wm, Array<float> y, int r0, int r1) {
-    // Wq int8 [n_out, n_in] (int8 weights) or uint8 [n_out, n_in/2] (int4, with Wm)
-    const Kernels& k = kernels_named(isa);
-    require(xq.ndim() == 2, "xq must be [n_tok, n_in]");
-    const int n_tok = int(xq.shape(0)), n_in = int(xq.shape(1)), n_out = int(Wq.shape(0));
-    const bool q4 = !Wm.is_none();
-    require(Wq.ndim() == 2 && Wq.itemsize() == 1 && (Wq.flags() & py::array::c_style) &&
-                Wq.shape(1) == (q4 ? n_in / 2 : n_in),
-            "Wq has the wrong shape or layout");
-    require(Ws.ndim() == 2 && Ws.shape(0) == n_out && Ws.shape(1) == n_in / QGROUP, "Ws must be [n_out, n_in/32]");
-    require(y.ndim() == 2 && y.shape(0) == n_tok && y.shape(1) == n_out && 0 <= r0 && r0 <= r1 && r1 <= n_out,
-            "y or the row range has the wrong shape");
-    require(xs.size() == n_tok * (n_in / QGROUP) && xsum.size() == xs.size(), "xs, xsum must be [n, n_in/32]");
-    float* out = y.mutable_data();
-    if (q4) {
-      Array<uint16_t> m = Wm.cast<Array<uint16_t>>();
-      require(m.size() == Ws.size(), "Wm must be [n_out, n_in/32]");
-      k.matmul_q4(xq.data(), xs.data(), xsum.data(), (const uint8_t*)Wq.data(), Ws.data(), m.data(), nullptr, out,
-                  n_tok, n_in, n_out, r0, r1, false);
-    } else {
-      k.matmul_q8(xq.data(), xs.data(), (const int8_t*)Wq.data(), Ws.data(), nullptr, out, n_tok, n_in, n_out, r0, r1,
-                  false);
-    }
-    return y;
-  });
+  t.def(
+      "kernel_matmul_quantized",
+      [](const std::string& isa, Array<int16_t> xq, Array<float> xs, Array<float> xsum, py::array Wq,
+         Array<uint16_t> Ws, py::object Wm, Array<float> y, int r0, int r1, py::object codes) {
+        // Wq int8 [n_out, n_in] (int8 weights) or uint8 [n_out, n_in/2] (int4 v1 with Wm; int4 v2 with Wm and
+        // codes, Ws and Wm then the super-blocks' d and dmin)
+        const Kernels& k = kernels_named(isa);
+        require(xq.ndim() == 2, "xq must be [n_tok, n_in]");
+        const int n_tok = int(xq.shape(0)), n_in = int(xq.shape(1)), n_out = int(Wq.shape(0));
+        const bool q4 = !Wm.is_none(), q4k = !codes.is_none();
+        require(q4 || !q4k, "int4 v2 weights need Wm");
+        require(Wq.ndim() == 2 && Wq.itemsize() == 1 && (Wq.flags() & py::array::c_style) &&
+                    Wq.shape(1) == (q4 ? n_in / 2 : n_in),
+                "Wq has the wrong shape or layout");
+        const long blocks = super_blocks(long(n_out) * (n_in / QGROUP));
+        require(q4k ? Ws.ndim() == 1 && Ws.shape(0) == blocks
+                    : Ws.ndim() == 2 && Ws.shape(0) == n_out && Ws.shape(1) == n_in / QGROUP,
+                "Ws must be [n_out, n_in/32] (int4 v2: [super-blocks])");
+        require(y.ndim() == 2 && y.shape(0) == n_tok && y.shape(1) == n_out && 0 <= r0 && r0 <= r1 && r1 <= n_out,
+                "y or the row range has the wrong shape");
+        require(xs.size() == n_tok * (n_in / QGROUP) && xsum.size() == xs.size(), "xs, xsum must be [n, n_in/32]");
+        float* out = y.mutable_data();
+        if (q4k) {
+          Array<uint16_t> m = Wm.cast<Array<uint16_t>>();
+          Array<uint8_t> c = codes.cast<Array<uint8_t>>();
+          require(m.size() == Ws.size() && c.size() == Ws.size() * QK_CODE_BYTES,
+                  "Wm must be shaped as Ws, codes [super-blocks · 12]");
+          const WeightsRef W{Wq.data(), DType::Q4K, Ws.data(), m.data(), c.data()};
+          k.matmul_q4k(xq.data(), xs.data(), xsum.data(), W, nullptr, out, n_tok, n_in, n_out, r0, r1, false);
+        } else if (q4) {
+          Array<uint16_t> m = Wm.cast<Array<uint16_t>>();
+          require(m.size() == Ws.size(), "Wm must be [n_out, n_in/32]");
+          k.matmul_q4(xq.data(), xs.data(), xsum.data(), (const uint8_t*)Wq.data(), Ws.data(), m.data(), nullptr, out,
+                      n_tok, n_in, n_out, r0, r1, false);
+        } else {
+          k.matmul_q8(xq.data(), xs.data(), (const int8_t*)Wq.data(), Ws.data(), nullptr, out, n_tok, n_in, n_out, r0,
+                      r1, false);
+        }
+        return y;
+      },
+      py::arg("isa"), py::arg("xq"), py::arg("xs"), py::arg("xsum"), py::arg("Wq"), py::arg("Ws"), py::arg("Wm"),
+      py::arg("y"), py::arg("r0"), py::arg("r1"), py::arg("codes") = py::none());
   t.def("kernel_rmsnorm", [](const std::string& isa, Array<float> x, Array<float> w, float eps) {
     require(x.size() == w.size(), "x and w differ in size");
     Array<float> out(x.size());

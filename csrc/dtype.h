@@ -6,10 +6,11 @@
 
 namespace gally {
 
-// Weight formats: floats, and the grouped integer formats of kernels.h (int8, int4).
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, Q8 = 3, Q4 = 4 };
+// Weight formats: floats, and the grouped integer formats of kernels.h (int8; int4 as llama.cpp's
+// Q4_1, gally-quant v1; int4 in super-blocks of 8 groups with 6-bit sub-scales, gally-quant v2).
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, Q8 = 3, Q4 = 4, Q4K = 5 };
 
-inline bool is_quantized(DType t) { return t == DType::Q8 || t == DType::Q4; }
+inline bool is_quantized(DType t) { return t == DType::Q8 || t == DType::Q4 || t == DType::Q4K; }
 inline size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }  // float formats only
 inline const char* dtype_name(DType t) {
   switch (t) {
@@ -17,7 +18,8 @@ inline const char* dtype_name(DType t) {
     case DType::BF16: return "bf16";
     case DType::F16: return "f16";
     case DType::Q8: return "int8";
-    case DType::Q4: return "int4";
+    case DType::Q4: return "int4-v1";
+    case DType::Q4K: return "int4";
   }
   return "?";
 }

@@ -92,22 +92,25 @@ const CpuFlags& cpu() {
 
 // A kernel set that is `base` with other kernels for the int8/int4 decode.
 [[maybe_unused]] Kernels with_quant(const Kernels& base, const char* name, decltype(Kernels::matmul_q8) q8,
-                                    decltype(Kernels::matmul_q4) q4) {
+                                    decltype(Kernels::matmul_q4) q4, decltype(Kernels::matmul_q4k) q4k) {
   Kernels k = base;
   k.name = name;
   k.matmul_q8 = q8;
   k.matmul_q4 = q4;
+  k.matmul_q4k = q4k;
   return k;
 }
 
 #if defined(GALLY_X86)
 const Kernels& avx2vnni() {
-  static const Kernels k = with_quant(kernels_avx2, "avx2vnni", avx2vnni::matmul_q8, avx2vnni::matmul_q4);
+  static const Kernels k =
+      with_quant(kernels_avx2, "avx2vnni", avx2vnni::matmul_q8, avx2vnni::matmul_q4, avx2vnni::matmul_q4k);
   return k;
 }
 
 const Kernels& avx512vnni() {
-  static const Kernels k = with_quant(kernels_avx512, "avx512vnni", avx512vnni::matmul_q8, avx512vnni::matmul_q4);
+  static const Kernels k =
+      with_quant(kernels_avx512, "avx512vnni", avx512vnni::matmul_q8, avx512vnni::matmul_q4, avx512vnni::matmul_q4k);
   return k;
 }
 
@@ -127,7 +130,8 @@ const Kernels& avx512bf16() {
 }
 #elif defined(GALLY_AARCH64)
 const Kernels& neondot() {
-  static const Kernels k = with_quant(kernels_neon, "neondot", neondot::matmul_q8, neondot::matmul_q4);
+  static const Kernels k =
+      with_quant(kernels_neon, "neondot", neondot::matmul_q8, neondot::matmul_q4, neondot::matmul_q4k);
   return k;
 }
 

@@ -39,6 +39,7 @@ size_t matrix_bytes(const Matrix& w) {
   switch (w.dtype) {
     case DType::Q8: return n + groups * 2;
     case DType::Q4: return n / 2 + groups * 4;
+    case DType::Q4K: return n / 2 + size_t(super_blocks(long(groups))) * (QK_CODE_BYTES + 4);
     default: return n * dtype_size(w.dtype);
   }
 }
@@ -95,34 +96,43 @@ class Builder {
     return (const float*)convert(t, from, DType::F32, /*count=*/false);
   }
 
+  // int8 (.qweight I8, .scales), int4 v1 (.qweight U8, .scales, .mins per group) or int4 v2
+  // (.qweight U8, .scales, .mins per super-block and their .subscales codes), kernels.h.
   Matrix quantized(const std::string& base, int rows, int cols) {
     const Tensor& q = tensors_.at(base + ".qweight");
     if (cols % QGROUP != 0)
       throw std::invalid_argument("tensor '" + base + ".qweight': " + std::to_string(cols) +
                                   " columns is not a multiple of the group size " + std::to_string(QGROUP));
-    const bool q4 = q.dtype == "U8";
+    const bool q4 = q.dtype == "U8", q4k = q4 && has(base + ".subscales");
     if (!q4 && q.dtype != "I8")
       throw std::invalid_argument("tensor '" + base + ".qweight' has dtype " + q.dtype +
                                   "; quantized weights are I8 (int8) or U8 (packed int4)");
-    const std::vector<int64_t> qshape = {rows, q4 ? cols / 2 : cols}, sshape = {rows, cols / QGROUP};
+    const int64_t blocks = super_blocks(int64_t(rows) * (cols / QGROUP));
+    const std::vector<int64_t> qshape = {rows, q4 ? cols / 2 : cols};
+    const std::vector<int64_t> sshape = q4k ? std::vector<int64_t>{blocks} : std::vector<int64_t>{rows, cols / QGROUP};
     if (q.shape != qshape)
       throw std::invalid_argument("tensor '" + base + ".qweight' has shape " + shape_str(q.shape) +
                                   " but the config implies " + shape_str(qshape));
-    Matrix mat{q.data, q4 ? DType::Q4 : DType::Q8, rows, cols};
-    auto f16 = [&](const std::string& name) {
+    Matrix mat{q.data, q4k ? DType::Q4K : q4 ? DType::Q4 : DType::Q8, rows, cols};
+    const std::string unit =
+        q4k ? "super-blocks of " + std::to_string(QK_GROUPS) + " groups of " + std::to_string(QGROUP) + " weights"
+            : "groups of " + std::to_string(QGROUP);
+    auto part = [&](const std::string& name, const char* dtype, const std::vector<int64_t>& shape) {
       auto it = tensors_.find(name);
       if (it == tensors_.end())
         throw std::invalid_argument("missing tensor '" + name + "' for the quantized weight '" + base + ".qweight'");
       const Tensor& t = it->second;
-      if (t.dtype != "F16" || t.shape != sshape)
-        throw std::invalid_argument("tensor '" + name + "' must be F16 " + shape_str(sshape) + " (groups of " +
-                                    std::to_string(QGROUP) + "), got " + t.dtype + " " + shape_str(t.shape));
-      if (uintptr_t(t.data) % 2) throw std::invalid_argument("tensor '" + name + "' is not 2-byte aligned");
+      if (t.dtype != dtype || t.shape != shape)
+        throw std::invalid_argument("tensor '" + name + "' must be " + dtype + " " + shape_str(shape) + " (" + unit +
+                                    "), got " + t.dtype + " " + shape_str(t.shape));
+      if (std::string(dtype) == "F16" && uintptr_t(t.data) % 2)
+        throw std::invalid_argument("tensor '" + name + "' is not 2-byte aligned");
       keep(t);
-      return (const uint16_t*)t.data;
+      return t.data;
     };
-    mat.scales = f16(base + ".scales");
-    if (q4) mat.mins = f16(base + ".mins");
+    mat.scales = (const uint16_t*)part(base + ".scales", "F16", sshape);
+    if (q4) mat.mins = (const uint16_t*)part(base + ".mins", "F16", sshape);
+    if (q4k) mat.codes = (const uint8_t*)part(base + ".subscales", "U8", {blocks, QK_CODE_BYTES});
     keep(q);
     m_.weight_bytes += matrix_bytes(mat);
     m_.quantized = true;

@@ -50,13 +50,15 @@ struct ModelConfig {
 
 // W [rows, cols] row-major in `dtype`. For int8/int4, data holds the quantized values (int8
 // [rows, cols], or two int4 per byte [rows, cols/2]) and scales/mins their float16 groups
-// [rows, cols/32] (kernels.h).
+// [rows, cols/32]; for Q4K scales/mins are the super-blocks' d/dmin and codes their 6-bit codes
+// (kernels.h).
 struct Matrix {
   const void* data = nullptr;
   DType dtype = DType::F32;
   int rows = 0, cols = 0;
   const uint16_t* scales = nullptr;
   const uint16_t* mins = nullptr;
+  const uint8_t* codes = nullptr;
 };
 
 struct LayerWeights {

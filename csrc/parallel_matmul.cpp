@@ -16,6 +16,8 @@ void rowwise_outs(const Kernels& ops, const MatmulInput& in, int n_in, const Mat
     else if (in.xq && o.W.dtype == DType::Q4)
       ops.matmul_q4(in.xq, in.xq_scale, in.xq_sum, (const uint8_t*)o.W.data, o.W.scales, o.W.mins, o.b, o.y, n, n_in,
                     o.ldy, o.r0, o.r1, o.accumulate);
+    else if (in.xq && o.W.dtype == DType::Q4K)
+      ops.matmul_q4k(in.xq, in.xq_scale, in.xq_sum, o.W, o.b, o.y, n, n_in, o.ldy, o.r0, o.r1, o.accumulate);
     else ops.gemv(in.x, o.W, o.b, o.y, n, n_in, o.ldy, o.r0, o.r1, o.accumulate);
   }
 }

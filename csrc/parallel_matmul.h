@@ -33,7 +33,7 @@ struct MatmulInput {
   const uint32_t* packed = nullptr;  // the GEMM tokens in Kernels::pack's layout
 };
 
-inline WeightsRef weights_ref(const Matrix& W) { return WeightsRef{W.data, W.dtype, W.scales, W.mins}; }
+inline WeightsRef weights_ref(const Matrix& W) { return WeightsRef{W.data, W.dtype, W.scales, W.mins, W.codes}; }
 
 // Products of the row-wise tokens [0, in.n_rowwise), each with the kernel for its weights' format.
 void rowwise_outs(const Kernels& ops, const MatmulInput& in, int n_in, const MatmulOut* outs, int count);

@@ -32,7 +32,7 @@ QEMU_CPUS = {
     "max": {"asimd": True, "asimddp": True, "bf16": True},
 }
 KV_TYPES = {"f32": 0, "bf16": 1, "f16": 2}
-WTYPES = {"f32": 0, "bf16": 1, "f16": 2, "int8": 3, "int4": 4}
+WTYPES = {"f32": 0, "bf16": 1, "f16": 2, "int8": 3, "int4-v1": 4, "int4": 5}
 BF16_PREFILL_SETS = ("avx512bf16", "neonbf16")  # round a batch's activations to bf16 (kernels.h)
 
 
@@ -125,10 +125,11 @@ class Aarch64Core:
         except ValueError as e:
             raise ValueError(f"instruction set {name!r} is not available on this CPU ({e})") from None
 
-    def kernel_matmul(self, isa, x, W, wtype, bias, y, accumulate, r0, r1, scales=None, mins=None):
+    def kernel_matmul(self, isa, x, W, wtype, bias, y, accumulate, r0, r1, scales=None, mins=None, codes=None):
         x = f32(x)
         ints = [x.shape[0], x.shape[1], y.shape[1], WTYPES[wtype], r0, r1, accumulate, bias is not None]
-        (out,) = self.r.call("matmul", isa, ints, (), [x, W, scales, mins, None if bias is None else f32(bias), f32(y)])
+        arrays = [x, W, scales, mins, None if bias is None else f32(bias), f32(y), codes]
+        (out,) = self.r.call("matmul", isa, ints, (), arrays)
         y[...] = np.frombuffer(out, np.float32).reshape(y.shape)
         return y
 
@@ -148,9 +149,10 @@ class Aarch64Core:
         return (np.frombuffer(q, np.int16).reshape(x.shape), np.frombuffer(s, np.float32).reshape(g),
                 np.frombuffer(total, np.float32).reshape(g))
 
-    def kernel_matmul_quantized(self, isa, xq, xs, xsum, Wq, Ws, Wm, y, r0, r1):
-        ints = [xq.shape[0], xq.shape[1], Wq.shape[0], Wm is not None, r0, r1]
-        arrays = [np.ascontiguousarray(xq, np.int16), f32(xs), f32(xsum), Wq, Ws, Wm, f32(y)]
+    def kernel_matmul_quantized(self, isa, xq, xs, xsum, Wq, Ws, Wm, y, r0, r1, codes=None):
+        kind = 2 if codes is not None else 1 if Wm is not None else 0  # int4, int4-v1, int8
+        ints = [xq.shape[0], xq.shape[1], Wq.shape[0], kind, r0, r1]
+        arrays = [np.ascontiguousarray(xq, np.int16), f32(xs), f32(xsum), Wq, Ws, Wm, f32(y), codes]
         (out,) = self.r.call("matmul_quantized", isa, ints, (), arrays)
         y[...] = np.frombuffer(out, np.float32).reshape(y.shape)
         return y
@@ -224,5 +226,5 @@ def core(request, backend):
 def bf16_prefill(isa: str, wtype: str, n_tok: int) -> bool:
     """True where a set rounds a batch's activations (and weights) to bf16: 4 tokens or more with bf16, int8 or int4
     weights on avx512bf16 and neonbf16."""
-    return isa in BF16_PREFILL_SETS and wtype in ("bf16", "int8", "int4") and n_tok >= 4
+    return isa in BF16_PREFILL_SETS and wtype in ("bf16", "int8", "int4", "int4-v1") and n_tok >= 4
 

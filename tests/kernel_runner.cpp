@@ -8,9 +8,12 @@
 // (u32 length + bytes, empty when it ran), u32 count + arrays. Ops, their integers → arrays:
 //   info                                              → CPU flags "name=0|1,…", sets "a,b,…", selected set
 //   select                                            → (error when the set is not available)
-//   matmul [n_tok n_in n_out wtype r0 r1 acc bias]    x W scales mins b y → y    (wtype: 0 f32 1 bf16 2 f16 3 int8 4
-//   int4) matmul_many [n_tok n_in count (rows wtype r0 r1 acc)…]  x (W y)… → y… quantize_rows [n n_in] x → xq xs xsum
-//   matmul_quantized [n_tok n_in rows q4 r0 r1]       xq xs xsum Wq Ws Wm y → y
+//   matmul [n_tok n_in n_out wtype r0 r1 acc bias]    x W scales mins b y codes → y
+//                                                     (wtype: 0 f32 1 bf16 2 f16 3 int8 4 int4 v1 5 int4 v2)
+//   matmul_many [n_tok n_in count (rows wtype r0 r1 acc)…]  x (W y)… → y…
+//   quantize_rows [n n_in]                            x → xq xs xsum
+//   matmul_quantized [n_tok n_in rows kind r0 r1]     xq xs xsum Wq Ws Wm y codes → y
+//                                                     (kind: 0 int8, 1 int4 v1, 2 int4 v2)
 //   rmsnorm [n] (eps)                                 x w → out
 //   rope [d]                                          v cos sin → v
 //   attention [heads n d block_rows kv parts] (scale)  q K V → out probs (attention_part over `parts` equal
@@ -127,8 +130,8 @@ DType kv_type(int64_t code) {
 }
 
 DType wtype(int64_t code) {
-  static const DType types[] = {DType::F32, DType::BF16, DType::F16, DType::Q8, DType::Q4};
-  if (code < 0 || code > 4) throw std::invalid_argument("bad weight type code");
+  static const DType types[] = {DType::F32, DType::BF16, DType::F16, DType::Q8, DType::Q4, DType::Q4K};
+  if (code < 0 || code > 5) throw std::invalid_argument("bad weight type code");
   return types[code];
 }
 
@@ -151,13 +154,15 @@ std::vector<Bytes> run(const Case& c) {
   }
   const Kernels& k = set_named(c.isa);
   if (c.op == "matmul") {
-    need(i.size() == 8 && a.size() == 6, "matmul: 8 integers, 6 arrays");
+    need(i.size() == 8 && a.size() == 7, "matmul: 8 integers, 7 arrays");
     const int n_tok = int(i[0]), n_in = int(i[1]), n_out = int(i[2]);
     const auto x = as<float>(a[0]), b = as<float>(a[4]);
     const auto s = as<uint16_t>(a[2]), m = as<uint16_t>(a[3]);
+    const auto codes = as<uint8_t>(a[6]);
     auto y = as<float>(a[5]);
     need(x.size() == size_t(n_tok) * n_in && y.size() == size_t(n_tok) * n_out, "matmul: shapes disagree");
-    const WeightsRef W{a[1].data(), wtype(i[3]), s.empty() ? nullptr : s.data(), m.empty() ? nullptr : m.data()};
+    const WeightsRef W{a[1].data(), wtype(i[3]), s.empty() ? nullptr : s.data(), m.empty() ? nullptr : m.data(),
+                       codes.empty() ? nullptr : codes.data()};
     k.matmul(x.data(), W, i[7] ? b.data() : nullptr, y.data(), n_tok, n_in, n_out, int(i[4]), int(i[5]), i[6] != 0);
     return {bytes_of(y)};
   }
@@ -192,9 +197,14 @@ std::vector<Bytes> run(const Case& c) {
     const auto xq = as<int16_t>(a[0]);
     const auto xs = as<float>(a[1]), xsum = as<float>(a[2]);
     const auto Ws = as<uint16_t>(a[4]), Wm = as<uint16_t>(a[5]);
+    const auto codes = as<uint8_t>(a[7]);
     auto y = as<float>(a[6]);
     need(xq.size() == size_t(n_tok) * n_in && y.size() == size_t(n_tok) * rows, "matmul_quantized: shapes disagree");
-    if (i[3])
+    if (i[3] == 2)
+      k.matmul_q4k(xq.data(), xs.data(), xsum.data(),
+                   WeightsRef{a[3].data(), DType::Q4K, Ws.data(), Wm.data(), codes.data()}, nullptr, y.data(), n_tok,
+                   n_in, rows, int(i[4]), int(i[5]), false);
+    else if (i[3])
       k.matmul_q4(xq.data(), xs.data(), xsum.data(), (const uint8_t*)a[3].data(), Ws.data(), Wm.data(), nullptr,
                   y.data(), n_tok, n_in, rows, int(i[4]), int(i[5]), false);
     else

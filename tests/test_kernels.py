@@ -239,20 +239,19 @@ BF16_SETS = pytest.mark.parametrize(
     "backend, isa", ([("native", "avx512bf16")] if "avx512bf16" in ISAS else []) + [("aarch64", "neonbf16")])
 
 
+QUANTIZED = ("int8", "int4", "int4-v1")
+
+
 def quantized_weights(rng, rows, cols, wtype):
-    """(W, scales, mins) in gally's int8/int4 layout (kernels.h), from test_quant_kernels."""
-    from test_quant_kernels import random_q4, random_q8
-    if wtype == "int8":
-        q, s, _ = random_q8(rng, rows, cols)
-        return q, s.view(np.uint16), None
-    packed, s, m, _ = random_q4(rng, rows, cols)
-    return packed, s.view(np.uint16), m.view(np.uint16)
+    """(W, scales, mins, codes) in gally's int8/int4 layouts (kernels.h), from test_quant_kernels."""
+    from test_quant_kernels import random_weights
+    return random_weights(rng, wtype, rows, cols)[:4]
 
 
 def twin_weights(rng, rows, cols, wtype):
-    if wtype in ("int8", "int4"):
+    if wtype in QUANTIZED:
         return quantized_weights(rng, rows, cols, wtype)
-    return weights(rng, rows, cols, wtype)[0], None, None
+    return weights(rng, rows, cols, wtype)[0], None, None, None
 
 
 @pytest.mark.parametrize("backend", ["native", "aarch64"])
@@ -268,14 +267,14 @@ def test_bf16_twin_rounds_as_numpy(core, backend):
 
 
 @BF16_SETS
-@pytest.mark.parametrize("wtype", ["bf16", "int8", "int4", "f32"])
+@pytest.mark.parametrize("wtype", ["bf16", "int8", "int4", "int4-v1", "f32"])
 def test_bf16_matmul_equals_scalar_twin(core, isa, wtype):
     rng = np.random.default_rng(21)
-    for n_in in ((64, 96, 576) if wtype in ("int8", "int4") else (1, 2, 17, 33, 64, 100)):
+    for n_in in ((64, 96, 576) if wtype in QUANTIZED else (1, 2, 17, 33, 64, 100)):
         for n_tok in (1, 3, 4, 5, 47, 48, 49, 100):
-            W, s, m = twin_weights(rng, 19, n_in, wtype)
+            W, s, m, c = twin_weights(rng, 19, n_in, wtype)
             x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
-            ys = [core.kernel_matmul(k, x, W, wtype, None, np.zeros((n_tok, 19), np.float32), False, 0, 19, s, m)
+            ys = [core.kernel_matmul(k, x, W, wtype, None, np.zeros((n_tok, 19), np.float32), False, 0, 19, s, m, c)
                   for k in ("generic-bf16", isa)]
             assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.sqrt(n_in)), (n_in, n_tok)
 
@@ -290,13 +289,13 @@ def test_bf16_pack_equals_scalar_twin():
 
 
 @BF16_SET
-@pytest.mark.parametrize("wtype", ["bf16", "int8", "int4", "f32"])
+@pytest.mark.parametrize("wtype", ["bf16", "int8", "int4", "int4-v1", "f32"])
 def test_bf16_packed_matmul_equals_scalar_twin(wtype):
     rng = np.random.default_rng(23)
     for n_tok, n_in in ((4, 64), (49, 96), (100, 576)):
-        W, s, m = twin_weights(rng, 21, n_in, wtype)
+        W, s, m, c = twin_weights(rng, 21, n_in, wtype)
         x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
-        a, b = (_core.testing.kernel_matmul_packed(k, x, W, wtype, s, m) for k in ("generic-bf16", "avx512bf16"))
+        a, b = (_core.testing.kernel_matmul_packed(k, x, W, wtype, s, m, c) for k in ("generic-bf16", "avx512bf16"))
         assert np.allclose(a, b, rtol=1e-5, atol=1e-5 * np.sqrt(n_in)), (n_tok, n_in)
 
 

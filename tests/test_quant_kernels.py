@@ -1,6 +1,6 @@
-"""The int8/int4 kernels: int16 activation quantization and the integer matmuls against NumPy, and each
-SIMD set against its scalar twin, for every instruction set this CPU runs and every aarch64 NEON set under qemu
-(kernel_backends.py)."""
+"""The int8/int4 kernels (int4: version 2's super-blocks, and version 1's Q4_1 layout as "int4-v1"): int16
+activation quantization and the integer matmuls against NumPy, and each SIMD set against its scalar twin, for
+every instruction set this CPU runs and every aarch64 NEON set under qemu (kernel_backends.py)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,43 @@ def random_q4(rng, rows, cols):
     return packed, s, m, w.reshape(rows, cols)
 
 
+def random_q4k(rng, rows, cols):
+    """Random int4 version 2 weights: nibbles; the super-blocks of 8 consecutive groups of the matrix (row-major,
+    so that one may span two rows) with float16 d and dmin [blocks] (dmin of either sign) and 6-bit codes packed
+    as csrc/kernels/kernels.h lays them out [blocks, 12]; the per-group mins and the weights they stand for (scales
+    d·sc and mins dmin·mc formed in float32, as the kernels form them)."""
+    groups = rows * cols // G
+    blocks = -(-groups // 8)
+    q = rng.integers(0, 16, (rows, cols)).astype(np.uint8)
+    d = rng.uniform(1e-4, 4e-4, blocks).astype(np.float16)
+    dmin = (rng.uniform(0, 2e-3, blocks) * rng.choice([-1, 1], blocks, p=[0.8, 0.2])).astype(np.float16)
+    sc, mc = (rng.integers(0, 64, (blocks, 8)) for _ in range(2))
+    low = (sc & 15) | (mc & 15) << 4
+    high = sum((sc[:, j] >> 4) << (2 * j) | (mc[:, j] >> 4) << (16 + 2 * j) for j in range(8))
+    codes = np.concatenate([low.astype(np.uint8), high.astype("<u4")[:, None].view(np.uint8)], axis=-1)
+    s = (d.astype(np.float32)[:, None] * sc.astype(np.float32)).reshape(-1)[:groups].reshape(rows, -1)
+    m = (dmin.astype(np.float32)[:, None] * mc.astype(np.float32)).reshape(-1)[:groups].reshape(rows, -1)
+    w = q.reshape(rows, -1, G) * s.astype(np.float64)[..., None] + m.astype(np.float64)[..., None]
+    g = q.reshape(rows, -1, 2, G // 2)
+    packed = (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(rows, cols // 2)
+    return packed, d, dmin, codes, m, w.reshape(rows, cols)
+
+
+def random_weights(rng, kind, rows, cols):
+    """(W, scales, mins, codes, per-group mins [rows, groups] or None, the weights in float64) of a random kind."""
+    if kind == "int8":
+        q, s, w = random_q8(rng, rows, cols)
+        return q, s.view(np.uint16), None, None, None, w
+    if kind == "int4-v1":
+        q, s, m, w = random_q4(rng, rows, cols)
+        return q, s.view(np.uint16), m.view(np.uint16), None, m.astype(np.float64), w
+    q, d, dmin, codes, m, w = random_q4k(rng, rows, cols)
+    return q, d.view(np.uint16), dmin.view(np.uint16), codes, m.astype(np.float64), w
+
+
+KINDS = ["int8", "int4-v1", "int4"]
+
+
 @each_set()
 def test_quantize_rows(core, isa):
     rng = np.random.default_rng(0)
@@ -52,25 +89,20 @@ def test_quantize_rows(core, isa):
 
 
 @each_set()
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_quantized_matmul_against_numpy(core, isa, kind):
     rng = np.random.default_rng(1)
-    for n_tok, rows, cols in ((1, 7, 32), (1, 13, 96), (3, 9, 64), (5, 17, 160), (9, 6, 576)):
+    for n_tok, rows, cols in ((1, 7, 32), (1, 13, 96), (3, 9, 64), (5, 17, 160), (9, 6, 576), (2, 5, 800)):
         x = rng.standard_normal((n_tok, cols)).astype(np.float32)
         xq, xs, xsum = core.kernel_quantize_rows("generic", x)
         xhat = xq.reshape(n_tok, -1, G) * xs[..., None].astype(np.float64)
-        if kind == "int8":
-            q, s, w = random_q8(rng, rows, cols)
-            args = (q, s.view(np.uint16), None)
-            want = xhat.reshape(n_tok, cols) @ w.T
-        else:
-            q, s, m, w = random_q4(rng, rows, cols)
-            args = (q, s.view(np.uint16), m.view(np.uint16))
-            # the min term uses the exact Σx of each group
-            wq = w - np.repeat(m.astype(np.float64), G, axis=1)
-            want = xhat.reshape(n_tok, cols) @ wq.T + xsum.astype(np.float64) @ m.astype(np.float64).T
+        q, s, m, codes, group_mins, w = random_weights(rng, kind, rows, cols)
+        want = xhat.reshape(n_tok, cols) @ w.T
+        if group_mins is not None:  # the min term uses the exact Σx of each group
+            wq = w - np.repeat(group_mins, G, axis=1)
+            want = xhat.reshape(n_tok, cols) @ wq.T + xsum.astype(np.float64) @ group_mins.T
         y = np.full((n_tok, rows), np.nan, np.float32)
-        core.kernel_matmul_quantized(isa, xq, xs, xsum, *args, y, 0, rows)
+        core.kernel_matmul_quantized(isa, xq, xs, xsum, q, s, m, y, 0, rows, codes=codes)
         assert np.allclose(y, want, rtol=1e-5, atol=1e-5), (kind, n_tok, rows, cols)
 
 
@@ -98,21 +130,16 @@ def test_each_token_gets_what_it_gets_alone(core, isa, kind):
 
 
 @each_set(simd_only=True)
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_quantized_simd_equals_scalar_twin(core, isa, kind):
     rng = np.random.default_rng(2)
 
     def check(n_tok, rows, cols):
         x = (rng.standard_normal((n_tok, cols)) * 3).astype(np.float32)
         xq, xs, xsum = core.kernel_quantize_rows(isa, x)
-        if kind == "int8":
-            q, s, _ = random_q8(rng, rows, cols)
-            args = (q, s.view(np.uint16), None)
-        else:
-            q, s, m, _ = random_q4(rng, rows, cols)
-            args = (q, s.view(np.uint16), m.view(np.uint16))
-        ys = [core.kernel_matmul_quantized(k, xq, xs, xsum, *args, np.zeros((n_tok, rows), np.float32), 0,
-                                                    rows) for k in ("generic", isa)]
+        q, s, m, codes, _, _ = random_weights(rng, kind, rows, cols)
+        ys = [core.kernel_matmul_quantized(k, xq, xs, xsum, q, s, m, np.zeros((n_tok, rows), np.float32), 0, rows,
+                                           codes=codes) for k in ("generic", isa)]
         assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5), (n_tok, rows, cols)
 
     for n_tok in (1, 2, 4, 5, 8, 13):
@@ -122,29 +149,25 @@ def test_quantized_simd_equals_scalar_twin(core, isa, kind):
         check(1, 5, 32 * groups)
     # a row range leaves the other rows alone
     y = np.full((3, 9), 7.0, np.float32)
-    q, s, _ = random_q8(rng, 9, 64)
+    q, s, m, codes, _, _ = random_weights(rng, kind, 9, 64)
     x = rng.standard_normal((3, 64)).astype(np.float32)
     xq = core.kernel_quantize_rows(isa, x)
-    core.kernel_matmul_quantized(isa, *xq, q, s.view(np.uint16), None, y, 2, 5)
+    core.kernel_matmul_quantized(isa, *xq, q, s, m, y, 2, 5, codes=codes)
     assert (y[:, :2] == 7).all() and (y[:, 5:] == 7).all() and not (y[:, 2:5] == 7).all()
 
 
 @each_set()
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_quantized_weights_with_float_activations(core, isa, kind):
     """The prefill GEMM multiplies f32 activations by the dequantized weights: exactly (to f32
     rounding) except on avx512bf16 and neonbf16, which round both to bf16 from 4 tokens on."""
     rng = np.random.default_rng(3)
     for n_tok in (1, 3, 4, 5, 16, 49, 50):
-        for rows, cols in ((1, 32), (7, 64), (9, 96), (17, 160)):
+        for rows, cols in ((1, 32), (7, 64), (9, 96), (17, 160), (5, 576)):
             x = rng.standard_normal((n_tok, cols)).astype(np.float32)
             b = rng.standard_normal(rows).astype(np.float32)
-            if kind == "int8":
-                q, s, w = random_q8(rng, rows, cols)
-                extra = dict(scales=s.view(np.uint16))
-            else:
-                q, s, m, w = random_q4(rng, rows, cols)
-                extra = dict(scales=s.view(np.uint16), mins=m.view(np.uint16))
+            q, s, m, codes, _, w = random_weights(rng, kind, rows, cols)
+            extra = dict(scales=s, mins=m, codes=codes)
             xw, ww, tol = x.astype(np.float64), w, 1e-5
             if bf16_prefill(isa, kind, n_tok):
                 xw, ww, tol = round_bf16(x).astype(np.float64), round_bf16(w.astype(np.float32)), 1e-4

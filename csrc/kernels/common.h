@@ -1,6 +1,7 @@
 // Plain C++ shared by the kernel files (and the embedding lookup): weight rows as f32 (int8 s·q
-// and int4 s·q + m, both exact in f32; bf16 and f16 widened), which the scalar kernels use and the
-// prefill GEMMs use for int8/int4 a chunk of rows at a time; and the GEMMs' tile store.
+// and int4 s·q + m, exact in f32 given the group's s and m, which Q4K forms as d·sc and dmin·m;
+// bf16 and f16 widened), which the scalar kernels use and the prefill GEMMs use for int8/int4 a
+// chunk of rows at a time; and the GEMMs' tile store.
 #pragma once
 #include <cstring>
 
@@ -11,19 +12,41 @@ namespace gally {
 // The int4 value i (0 … 31) of a packed group: byte i holds i (low nibble) and i + 16 (high).
 inline int nibble(const uint8_t* group, int i) { return i < QGROUP / 2 ? group[i] & 0xf : group[i - QGROUP / 2] >> 4; }
 
-// The QGROUP weights of group rg (= row · n_in/QGROUP + group) of an int8 or int4 matrix.
-inline void dequantize_group(const WeightsRef& W, long rg, float* out) {
-  const float s = f16_to_f32(W.scales[rg]);
+// The 6-bit sub-scale (part 0) or sub-min (part 1) of group j of a Q4K super-block's codes (kernels.h).
+inline int q4k_code(const uint8_t* codes, int j, int part) {
+  uint32_t high;
+  std::memcpy(&high, codes + QK_GROUPS, 4);
+  return ((codes[j] >> (4 * part)) & 0xf) | ((high >> (16 * part + 2 * j)) & 3) << 4;
+}
+
+// Group g of row r of an int8 / int4 matrix of `groups` groups a row: w = s·q + m (int8: m = 0).
+struct GroupScale {
+  float s, m;
+};
+inline GroupScale group_scale(const WeightsRef& W, int groups, long r, int g) {
+  if (W.dtype == DType::Q4K) {
+    const long f = r * groups + g, sb = f / QK_GROUPS;
+    const uint8_t* codes = W.codes + sb * QK_CODE_BYTES;
+    return {f16_to_f32(W.scales[sb]) * float(q4k_code(codes, int(f % QK_GROUPS), 0)),
+            f16_to_f32(W.mins[sb]) * float(q4k_code(codes, int(f % QK_GROUPS), 1))};
+  }
+  const long rg = r * groups + g;
+  return {f16_to_f32(W.scales[rg]), W.dtype == DType::Q4 ? f16_to_f32(W.mins[rg]) : 0.0f};
+}
+
+// The QGROUP weights of group g of row r of an int8 or int4 matrix of `groups` groups a row.
+inline void dequantize_group(const WeightsRef& W, int groups, long r, int g, float* out) {
+  const GroupScale gs = group_scale(W, groups, r, g);
+  const long rg = r * groups + g;
   if (W.dtype == DType::Q8) {
     const int8_t* q = (const int8_t*)W.data + rg * QGROUP;
-    for (int i = 0; i < QGROUP; ++i) out[i] = q[i] * s;
+    for (int i = 0; i < QGROUP; ++i) out[i] = q[i] * gs.s;
     return;
   }
-  const float m = f16_to_f32(W.mins[rg]);
   const uint8_t* q = (const uint8_t*)W.data + rg * (QGROUP / 2);
   for (int i = 0; i < QGROUP / 2; ++i) {
-    out[i] = (q[i] & 0xf) * s + m;
-    out[i + QGROUP / 2] = (q[i] >> 4) * s + m;
+    out[i] = (q[i] & 0xf) * gs.s + gs.m;
+    out[i + QGROUP / 2] = (q[i] >> 4) * gs.s + gs.m;
   }
 }
 
@@ -40,7 +63,8 @@ inline void dequantize_row(const WeightsRef& W, int n_in, long r, float* out) {
       break;
     case DType::Q8:
     case DType::Q4:
-      for (int g = 0; g < n_in / QGROUP; ++g) dequantize_group(W, r * (n_in / QGROUP) + g, out + g * QGROUP);
+    case DType::Q4K:
+      for (int g = 0; g < n_in / QGROUP; ++g) dequantize_group(W, n_in / QGROUP, r, g, out + g * QGROUP);
       break;
   }
 }

@@ -93,7 +93,7 @@ inline void dequantize_rows(const WeightsRef& W, int n_in, int r0, int r1, float
       for (; k + S::N <= n_in; k += S::N) S::store(out + k, bf16 ? S::load_bf16(w + k) : S::load_f16(w + k));
       for (; k < n_in; ++k) out[k] = bf16 ? bf16_to_f32(w[k]) : f16_to_f32(w[k]);
     } else {
-      for (int g = 0; g < groups; ++g) S::dequantize_group(W, r * groups + g, out + g * QGROUP);
+      for (int g = 0; g < groups; ++g) S::dequantize_group(W, groups, r, g, out + g * QGROUP);
     }
   }
 }

@@ -18,13 +18,30 @@ namespace gally {
 constexpr int QGROUP = 32;
 constexpr float ACT_INT16_MAX = 32767.0f;  // int16 activations lie in [-32767, 32767]
 
+// Q4K (int4, gally-quant v2, 4.5 bits per weight): the nibbles exactly as Q4's, but the matrix's
+// groups, numbered row-major (f = row · n_in/QGROUP + group), form super-blocks of QK_GROUPS
+// consecutive groups (f / QK_GROUPS; a super-block may span two rows, and only the matrix's last
+// may hold fewer), each with a float16 super-scale d and super-min dmin and 6-bit codes sc_j, m_j
+// ∈ [0, 63] for its groups j = f % QK_GROUPS:
+//   w = (d·sc_j)·q + dmin·m_j
+// The codes of a super-block are QK_CODE_BYTES bytes: byte j (< 8) = (sc_j & 15) | (m_j & 15) << 4,
+// and bytes 8-11 a little-endian uint32 whose bits 2j, 2j+1 hold sc_j >> 4 and bits 16+2j, 17+2j
+// hold m_j >> 4. Per 256 weights: 128 bytes of nibbles + 12 + 4 = 144 bytes, whatever the row
+// length (SmolLM2's 576 inputs are 18 groups a row).
+constexpr int QK_GROUPS = 8;
+constexpr int QK_CODE_BYTES = 12;
+inline long super_blocks(long groups) { return (groups + QK_GROUPS - 1) / QK_GROUPS; }
+
 // A weight matrix [n_out, n_in] as the kernels see it: row-major `data` in `dtype`; for Q8 and Q4
-// the float16 group scales [n_out, n_in/QGROUP], and for Q4 the group minimums, alike.
+// the float16 group scales [n_out, n_in/QGROUP], and for Q4 the group minimums, alike. For Q4K,
+// scales and mins are the super-blocks' d and dmin [super_blocks(n_out · n_in/QGROUP)] and codes
+// their 6-bit codes [super_blocks(n_out · n_in/QGROUP) · QK_CODE_BYTES].
 struct WeightsRef {
   const void* data;
   DType dtype;
   const uint16_t* scales = nullptr;
   const uint16_t* mins = nullptr;
+  const uint8_t* codes = nullptr;
 };
 
 // One product of matmul_many: y[t, r] (+)= b[r] + Σ_k x[t, k] · W[r, k] for rows [r0, r1).
@@ -147,6 +164,10 @@ struct Kernels {
                     const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                     bool accumulate);
 
+  // As matmul_q4 for Q4K weights W [n_out, n_in] (super-blocks, see QK_GROUPS).
+  void (*matmul_q4k)(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b,
+                     float* y, int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
+
   // attention_causal in bf16 for the prompts of bf16 and quantized models (attention_causal_bf16
   // below), or null where the set has no bf16 dot product.
   void (*attention_causal_bf16)(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
@@ -169,8 +190,8 @@ extern const Kernels kernels_generic_bf16;
 #if defined(GALLY_X86)
 extern const Kernels kernels_avx2;
 extern const Kernels kernels_avx512;
-// The "avx2vnni" and "avx512vnni" sets are kernels_avx2 and kernels_avx512 with these matmul_q8
-// and matmul_q4 (Kernels' signatures): vpdpwssd, as AVX-VNNI (kernels_avx2vnni.cpp) and as
+// The "avx2vnni" and "avx512vnni" sets are kernels_avx2 and kernels_avx512 with these matmul_q8,
+// matmul_q4 and matmul_q4k (Kernels' signatures): vpdpwssd, as AVX-VNNI (kernels_avx2vnni.cpp) and as
 // AVX512-VNNI (kernels_avx512vnni.cpp).
 namespace avx2vnni {
 void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
@@ -178,6 +199,8 @@ void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint1
 void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
                const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                bool accumulate);
+void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
 }  // namespace avx2vnni
 namespace avx512vnni {
 void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
@@ -185,6 +208,8 @@ void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint1
 void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
                const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                bool accumulate);
+void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
 }  // namespace avx512vnni
 // The "avx512bf16" set is kernels_avx512 with this matmul: vdpbf16ps for bf16, int8 and int4
 // weights and batches of ≥ GEMM_MIN_TOKENS (weights and activations rounded to bf16); all else
@@ -207,13 +232,15 @@ void softmax_lanes16(float* st, int n, int first, int lanes, float* probs, long 
 }  // namespace avx512
 #elif defined(GALLY_AARCH64)
 extern const Kernels kernels_neon;
-// The "neondot" set is kernels_neon with these matmul_q8 and matmul_q4: sdot (kernels_neondot.cpp).
+// The "neondot" set is kernels_neon with these matmul_q8, matmul_q4 and matmul_q4k: sdot (kernels_neondot.cpp).
 namespace neondot {
 void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
 void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
                const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                bool accumulate);
+void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
 }  // namespace neondot
 // The "neonbf16" set is "neondot" with this matmul and matmul_many: bfdot for bf16, int8 and int4
 // weights and batches of ≥ GEMM_MIN_TOKENS (weights and activations rounded to bf16); all else goes

@@ -58,9 +58,11 @@ struct S {
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // 8 × u16 in the low half
     _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
   }
-  // The QGROUP weights of group rg of an int8 or int4 matrix as f32 (common.h's dequantize_group).
-  static void dequantize_group(const WeightsRef& W, long rg, float* out) {
-    const V s = set1(f16_to_f32(W.scales[rg]));
+  // The QGROUP weights of group g of row r of an int8 or int4 matrix as f32 (common.h's dequantize_group).
+  static void dequantize_group(const WeightsRef& W, int groups, long r, int g, float* out) {
+    const GroupScale gs = group_scale(W, groups, r, g);
+    const V s = set1(gs.s);
+    const long rg = r * groups + g;
     if (W.dtype == DType::Q8) {
       const int8_t* q = (const int8_t*)W.data + rg * QGROUP;
       for (int i = 0; i < QGROUP; i += 8) {
@@ -69,7 +71,7 @@ struct S {
       }
       return;
     }
-    const V m = set1(f16_to_f32(W.mins[rg]));
+    const V m = set1(gs.m);
     const __m128i bytes = _mm_loadu_si128((const __m128i*)((const uint8_t*)W.data + rg * (QGROUP / 2)));
     const __m128i nib = _mm_set1_epi8(0x0f);
     const __m128i halves[2] = {_mm_and_si128(bytes, nib), _mm_and_si128(_mm_srli_epi16(bytes, 4), nib)};
@@ -123,6 +125,7 @@ const Kernels kernels_avx2 = {
     .quantize_rows = avx2::quantize_rows,
     .matmul_q8 = avx2::matmul_q8,
     .matmul_q4 = avx2::matmul_q4,
+    .matmul_q4k = avx2::matmul_q4k,
 };
 
 }  // namespace gally

@@ -53,16 +53,18 @@ struct S {
     r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
     _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
   }
-  // The QGROUP weights of group rg of an int8 or int4 matrix as f32 (common.h's dequantize_group).
-  static void dequantize_group(const WeightsRef& W, long rg, float* out) {
-    const V s = set1(f16_to_f32(W.scales[rg]));
+  // The QGROUP weights of group g of row r of an int8 or int4 matrix as f32 (common.h's dequantize_group).
+  static void dequantize_group(const WeightsRef& W, int groups, long r, int g, float* out) {
+    const GroupScale gs = group_scale(W, groups, r, g);
+    const V s = set1(gs.s);
+    const long rg = r * groups + g;
     if (W.dtype == DType::Q8) {
       const int8_t* q = (const int8_t*)W.data + rg * QGROUP;
       for (int i = 0; i < QGROUP; i += 16)
         store(out + i, mul(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + i)))), s));
       return;
     }
-    const V m = set1(f16_to_f32(W.mins[rg]));
+    const V m = set1(gs.m);
     const __m128i bytes = _mm_loadu_si128((const __m128i*)((const uint8_t*)W.data + rg * (QGROUP / 2)));
     const __m128i nib = _mm_set1_epi8(0x0f);
     store(out, fma(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, nib))), s, m));
@@ -104,6 +106,7 @@ const Kernels kernels_avx512 = {
     .quantize_rows = avx512::quantize_rows,
     .matmul_q8 = avx512::matmul_q8,
     .matmul_q4 = avx512::matmul_q4,
+    .matmul_q4k = avx512::matmul_q4k,
 };
 
 }  // namespace gally

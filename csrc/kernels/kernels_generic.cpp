@@ -200,27 +200,29 @@ void quantize_rows(const float* x, int n, int n_in, int16_t* xq, float* xs, floa
   }
 }
 
-template <bool Q4>
-void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
-              const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
-              bool accumulate) {
+// Σ_g s_g·xs[t,g]·(xq[t,g] · q[r,g]) + m_g·xsum[t,g] with the group scales and mins of W's type
+// (common.h's group_scale).
+template <DType T>
+void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+              int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
   const int groups = n_in / QGROUP;
   for (int t = 0; t < n_tok; ++t)
     for (int r = r0; r < r1; ++r) {
       float s = 0;
       for (int g = 0; g < groups; ++g) {
         const int16_t* xg = xq + (long(t) * groups + g) * QGROUP;
-        int32_t dot = 0;
-        if (Q4) {
-          const uint8_t* wg = (const uint8_t*)Wq + (long(r) * groups + g) * (QGROUP / 2);
-          for (int i = 0; i < QGROUP; ++i) dot += int32_t(xg[i]) * nibble(wg, i);
-        } else {
-          const int8_t* wg = (const int8_t*)Wq + (long(r) * groups + g) * QGROUP;
-          for (int i = 0; i < QGROUP; ++i) dot += int32_t(xg[i]) * wg[i];
-        }
         const long tg = long(t) * groups + g, rg = long(r) * groups + g;
-        s += float(dot) * (xs[tg] * f16_to_f32(Ws[rg]));
-        if (Q4) s += xsum[tg] * f16_to_f32(Wm[rg]);
+        int32_t dot = 0;
+        if (T == DType::Q8) {
+          const int8_t* wg = (const int8_t*)W.data + rg * QGROUP;
+          for (int i = 0; i < QGROUP; ++i) dot += int32_t(xg[i]) * wg[i];
+        } else {
+          const uint8_t* wg = (const uint8_t*)W.data + rg * (QGROUP / 2);
+          for (int i = 0; i < QGROUP; ++i) dot += int32_t(xg[i]) * nibble(wg, i);
+        }
+        const GroupScale gs = group_scale(W, groups, r, g);
+        s += float(dot) * (xs[tg] * gs.s);
+        if (T != DType::Q8) s += xsum[tg] * gs.m;
       }
       if (b) s += b[r];
       float& o = y[long(t) * ldy + r];
@@ -230,13 +232,18 @@ void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const void*
 
 void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
-  matmul_q<false>(xq, xs, nullptr, Wq, Ws, nullptr, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  matmul_q<DType::Q8>(xq, xs, nullptr, WeightsRef{Wq, DType::Q8, Ws}, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }
 
 void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
                const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                bool accumulate) {
-  matmul_q<true>(xq, xs, xsum, Wq, Ws, Wm, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  matmul_q<DType::Q4>(xq, xs, xsum, WeightsRef{Wq, DType::Q4, Ws, Wm}, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+}
+
+void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
+  matmul_q<DType::Q4K>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }
 
 // The scalar twins of the avx512bf16 set's kernels (kernels_avx512bf16.cpp): the same roundings
@@ -383,6 +390,7 @@ const Kernels kernels_generic = {
     .quantize_rows = quantize_rows,
     .matmul_q8 = matmul_q8,
     .matmul_q4 = matmul_q4,
+    .matmul_q4k = matmul_q4k,
 };
 
 const Kernels kernels_generic_bf16 = {
@@ -399,6 +407,7 @@ const Kernels kernels_generic_bf16 = {
     .quantize_rows = quantize_rows,
     .matmul_q8 = matmul_q8,
     .matmul_q4 = matmul_q4,
+    .matmul_q4k = matmul_q4k,
     .attention_causal_bf16 = bf16::attention_causal,
     .packed_size = bf16::packed_size,
     .pack = bf16::pack,

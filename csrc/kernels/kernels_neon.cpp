@@ -59,9 +59,11 @@ struct S {
     out[2] = vreinterpretq_f32_f64(vtrn2q_f64(f64(t0), f64(t2)));
     out[3] = vreinterpretq_f32_f64(vtrn2q_f64(f64(t1), f64(t3)));
   }
-  // The QGROUP weights of group rg of an int8 or int4 matrix as f32 (common.h's dequantize_group).
-  static void dequantize_group(const WeightsRef& W, long rg, float* out) {
-    const float s = f16_to_f32(W.scales[rg]);
+  // The QGROUP weights of group g of row r of an int8 or int4 matrix as f32 (common.h's dequantize_group).
+  static void dequantize_group(const WeightsRef& W, int groups, long r, int g, float* out) {
+    const GroupScale gs = group_scale(W, groups, r, g);
+    const float s = gs.s;
+    const long rg = r * groups + g;
     if (W.dtype == DType::Q8) {
       const int8_t* q = (const int8_t*)W.data + rg * QGROUP;
       for (int i = 0; i < QGROUP; i += 8) {
@@ -71,7 +73,7 @@ struct S {
       }
       return;
     }
-    const V m = set1(f16_to_f32(W.mins[rg]));
+    const V m = set1(gs.m);
     const uint8x16_t bytes = vld1q_u8((const uint8_t*)W.data + rg * (QGROUP / 2));
     const uint8x16_t halves[2] = {vandq_u8(bytes, vdupq_n_u8(0x0f)), vshrq_n_u8(bytes, 4)};
     for (int h = 0; h < 2; ++h)  // elements 16h … 16h + 15
@@ -137,6 +139,7 @@ const Kernels kernels_neon = {
     .quantize_rows = neon::quantize_rows,
     .matmul_q8 = neon::matmul_q8,
     .matmul_q4 = neon::matmul_q4,
+    .matmul_q4k = neon::matmul_q4k,
 };
 
 }  // namespace gally

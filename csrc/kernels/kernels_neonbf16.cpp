@@ -64,7 +64,7 @@ void rows_to_bf16(const WeightsRef& W, int n_in, int r0, int r1, int pp, uint16_
     }
     float group[QGROUP];
     for (long g = 0; g < groups; ++g) {
-      dequantize_group(W, r * groups + g, group);
+      dequantize_group(W, int(groups), r, int(g), group);
       to_bf16(group, out + g * QGROUP, QGROUP);
     }
   }

@@ -1,10 +1,11 @@
-// Kernels for int8 and int4 weights times int16 activations (kernels.h), over 256-bit integer
+// Kernels for int8 and int4 (Q4 and Q4K) weights times int16 activations (kernels.h), over 256-bit integer
 // registers: a group of 32 is two halves of 16 int16, multiplied and summed in pairs by vpmaddwd,
 // exact in int32. Compiled per instruction set. The math matches the scalar twins in
 // kernels_generic.cpp.
 //
 // The including file defines dot_pairs(acc, a, b) = acc + vpmaddwd(a, b) in 8 int32 lanes: a
-// vpaddd after the vpmaddwd on AVX2, one vpdpwssd where the CPU has VNNI (kernels_vnni.cpp).
+// vpaddd after the vpmaddwd on AVX2, one vpdpwssd where the CPU has VNNI (kernels_vnni.cpp), and
+// includes <cstring>, <vector> and kernels/common.h.
 
 inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -72,12 +73,46 @@ inline __m256i sum_lanes8(const __m256i d[8]) {
 
 constexpr int PREFETCH = 4096;
 
+// d·sc and dmin·mc of the QK_GROUPS groups of Q4K super-block sb, its 6-bit codes widened to
+// eight int32 lanes, stored to s[0 … 7] and m[0 … 7].
+inline void super_block8(const WeightsRef& W, long sb, float* s, float* m) {
+  const uint8_t* c = W.codes + sb * QK_CODE_BYTES;
+  uint32_t high;
+  std::memcpy(&high, c + QK_GROUPS, 4);
+  const __m256i low = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)c));
+  const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), three = _mm256_set1_epi32(3);
+  const __m256i h = _mm256_set1_epi32(int(high));
+  const __m256i hs = _mm256_and_si256(_mm256_srlv_epi32(h, shift), three);
+  const __m256i hm = _mm256_and_si256(_mm256_srlv_epi32(h, _mm256_add_epi32(shift, _mm256_set1_epi32(16))), three);
+  const __m256i sc = _mm256_or_si256(_mm256_and_si256(low, _mm256_set1_epi32(0xf)), _mm256_slli_epi32(hs, 4));
+  const __m256i mc = _mm256_or_si256(_mm256_srli_epi32(low, 4), _mm256_slli_epi32(hm, 4));
+  _mm256_storeu_ps(s, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(W.scales[sb])), _mm256_cvtepi32_ps(sc)));
+  _mm256_storeu_ps(m, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(W.mins[sb])), _mm256_cvtepi32_ps(mc)));
+}
+
+// The scales and mins of row r's groups [0, groups) of a Q4K matrix as f32 (common.h's
+// group_scale), decoded once per row for all its tokens: the super-blocks that hold them, whole,
+// into buf (2 · (groups + 2 · QK_GROUPS) floats). Returns the row's scales; its mins follow at
+// + stride, stride = q4k_stride(groups).
+inline int q4k_stride(int groups) { return groups + 2 * QK_GROUPS; }
+inline const float* q4k_row_scales(const WeightsRef& W, int groups, long r, float* buf) {
+  const long f0 = r * groups, sb0 = f0 / QK_GROUPS;
+  const int off = int(f0 % QK_GROUPS), stride = q4k_stride(groups);
+  for (int i = 0; i * QK_GROUPS < off + groups; ++i)
+    super_block8(W, sb0 + i, buf + i * QK_GROUPS, buf + stride + i * QK_GROUPS);
+  return buf + off;
+}
+
 // One row against one token's activations: its groups eight at a time, the scales and int4 mins
-// as vectors.
-template <bool Q4>
-inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
-                   const uint16_t* Wm, int groups, int r) {
+// as vectors (Q8/Q4: float16 from W; Q4K: f32 from fs and fm, the row's q4k_row_scales).
+template <DType T>
+inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups, int r,
+                   const float* fs, const float* fm) {
+  constexpr bool Q4 = T != DType::Q8;
   const long rg0 = long(r) * groups;
+  auto load = [&](long rg) {
+    return Q4 ? load_q4((const uint8_t*)W.data + rg * (QGROUP / 2)) : load_q8((const int8_t*)W.data + rg * QGROUP);
+  };
   __m256 acc = _mm256_setzero_ps();
   int g = 0;
   for (; g + 8 <= groups; g += 8) {
@@ -85,31 +120,30 @@ inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const 
        // one thread, AVX2 and AVX-512: int8 decode +45%, int4 +20%; the hardware prefetchers alone
        // leave this loop waiting on memory)
       const long bytes = Q4 ? QGROUP / 2 : QGROUP;
-      const char* ahead = (const char*)Wq + (rg0 + g) * bytes + PREFETCH;
+      const char* ahead = (const char*)W.data + (rg0 + g) * bytes + PREFETCH;
       for (int b = 0; b < 8 * bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
     __m256i d[8];
-    for (int u = 0; u < 8; ++u) {
-      const long rg = rg0 + g + u;
-      const Half16 w = Q4 ? load_q4((const uint8_t*)Wq + rg * (QGROUP / 2)) : load_q8((const int8_t*)Wq + rg * QGROUP);
-      d[u] = group_dot(w, xq + long(g + u) * QGROUP);
+    for (int u = 0; u < 8; ++u) d[u] = group_dot(load(rg0 + g + u), xq + long(g + u) * QGROUP);
+    __m256 ws, wm = _mm256_setzero_ps();
+    if (T == DType::Q4K) {
+      ws = _mm256_loadu_ps(fs + g), wm = _mm256_loadu_ps(fm + g);
+    } else {
+      ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(W.scales + rg0 + g)));
+      if (Q4) wm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(W.mins + rg0 + g)));
     }
-    const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(Ws + rg0 + g)));
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(d)), _mm256_mul_ps(ws, _mm256_loadu_ps(xs + g)), acc);
-    if (Q4)
-      acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(Wm + rg0 + g))), _mm256_loadu_ps(xsum + g),
-                            acc);
+    if (Q4) acc = _mm256_fmadd_ps(wm, _mm256_loadu_ps(xsum + g), acc);
   }
   float s = sum8(acc);
   for (; g < groups; ++g) {
-    const long rg = rg0 + g;
-    const Half16 w = Q4 ? load_q4((const uint8_t*)Wq + rg * (QGROUP / 2)) : load_q8((const int8_t*)Wq + rg * QGROUP);
-    __m256i d = group_dot(w, xq + long(g) * QGROUP);
+    __m256i d = group_dot(load(rg0 + g), xq + long(g) * QGROUP);
     __m128i h = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
     h = _mm_hadd_epi32(h, h);
     h = _mm_hadd_epi32(h, h);
-    s += float(_mm_cvtsi128_si32(h)) * (xs[g] * _cvtsh_ss(Ws[rg]));
-    if (Q4) s += xsum[g] * _cvtsh_ss(Wm[rg]);
+    const float gs = T == DType::Q4K ? fs[g] : _cvtsh_ss(W.scales[rg0 + g]);
+    s += float(_mm_cvtsi128_si32(h)) * (xs[g] * gs);
+    if (Q4) s += xsum[g] * (T == DType::Q4K ? fm[g] : _cvtsh_ss(W.mins[rg0 + g]));
   }
   return s;
 }
@@ -120,12 +154,13 @@ constexpr int ROW_TOKENS = 8;  // tokens q_row_tokens takes at once
 // of eight groups is widened and its scales read once for all of them. Every token's sums are
 // q_row's, in the same order (the integer dot products are exact), so a token's result does not
 // depend on the others (a batch's decode steps get what each gets alone).
-template <bool Q4>
-inline void q_row_tokens(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
-                         const uint16_t* Wm, int groups, int r, int nt, float* s) {
+template <DType T>
+inline void q_row_tokens(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups, int r,
+                         const float* fs, const float* fm, int nt, float* s) {
+  constexpr bool Q4 = T != DType::Q8;
   const long rg0 = long(r) * groups, tg = groups;
   auto load = [&](long rg) {
-    return Q4 ? load_q4((const uint8_t*)Wq + rg * (QGROUP / 2)) : load_q8((const int8_t*)Wq + rg * QGROUP);
+    return Q4 ? load_q4((const uint8_t*)W.data + rg * (QGROUP / 2)) : load_q8((const int8_t*)W.data + rg * QGROUP);
   };
   __m256 acc[ROW_TOKENS];
   for (int t = 0; t < nt; ++t) acc[t] = _mm256_setzero_ps();
@@ -133,7 +168,7 @@ inline void q_row_tokens(const int16_t* xq, const float* xs, const float* xsum, 
   for (; g + 8 <= groups; g += 8) {
     {
       const long bytes = Q4 ? QGROUP / 2 : QGROUP;
-      const char* ahead = (const char*)Wq + (rg0 + g) * bytes + PREFETCH;
+      const char* ahead = (const char*)W.data + (rg0 + g) * bytes + PREFETCH;
       for (int b = 0; b < 8 * bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
     __m256i d[ROW_TOKENS][8];
@@ -141,8 +176,13 @@ inline void q_row_tokens(const int16_t* xq, const float* xs, const float* xsum, 
       const Half16 w = load(rg0 + g + u);
       for (int t = 0; t < nt; ++t) d[t][u] = group_dot(w, xq + (t * tg + g + u) * QGROUP);
     }
-    const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(Ws + rg0 + g)));
-    const __m256 wm = Q4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(Wm + rg0 + g))) : ws;
+    __m256 ws, wm = _mm256_setzero_ps();
+    if (T == DType::Q4K) {
+      ws = _mm256_loadu_ps(fs + g), wm = _mm256_loadu_ps(fm + g);
+    } else {
+      ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(W.scales + rg0 + g)));
+      if (Q4) wm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(W.mins + rg0 + g)));
+    }
     for (int t = 0; t < nt; ++t) {
       acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(d[t])),
                                _mm256_mul_ps(ws, _mm256_loadu_ps(xs + t * tg + g)), acc[t]);
@@ -151,48 +191,59 @@ inline void q_row_tokens(const int16_t* xq, const float* xs, const float* xsum, 
   }
   for (int t = 0; t < nt; ++t) s[t] = sum8(acc[t]);
   for (; g < groups; ++g) {
-    const long rg = rg0 + g;
-    const Half16 w = load(rg);
+    const Half16 w = load(rg0 + g);
+    const float gs = T == DType::Q4K ? fs[g] : _cvtsh_ss(W.scales[rg0 + g]);
+    const float gm = !Q4 ? 0.0f : T == DType::Q4K ? fm[g] : _cvtsh_ss(W.mins[rg0 + g]);
     for (int t = 0; t < nt; ++t) {
       __m256i d = group_dot(w, xq + (t * tg + g) * QGROUP);
       __m128i h = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
       h = _mm_hadd_epi32(h, h);
       h = _mm_hadd_epi32(h, h);
-      s[t] += float(_mm_cvtsi128_si32(h)) * (xs[t * tg + g] * _cvtsh_ss(Ws[rg]));
-      if (Q4) s[t] += xsum[t * tg + g] * _cvtsh_ss(Wm[rg]);
+      s[t] += float(_mm_cvtsi128_si32(h)) * (xs[t * tg + g] * gs);
+      if (Q4) s[t] += xsum[t * tg + g] * gm;
     }
   }
 }
 
 // A few tokens (decode steps; batches of GEMM_MIN_TOKENS or more take the GEMM): row by row, each
 // row multiplied by every token while it is in L1, up to ROW_TOKENS tokens per pass over it.
-template <bool Q4>
-void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
-              const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
-              bool accumulate) {
+template <DType T>
+void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+              int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
   const int groups = n_in / QGROUP;
-  for (int r = r0; r < r1; ++r)
+  static thread_local std::vector<float> buf;  // Q4K: a row's scales and mins
+  if (T == DType::Q4K) buf.resize(2 * size_t(q4k_stride(groups)));
+  for (int r = r0; r < r1; ++r) {
+    const float* fs = T == DType::Q4K ? q4k_row_scales(W, groups, r, buf.data()) : nullptr;
+    const float* fm = T == DType::Q4K ? fs + q4k_stride(groups) : nullptr;
     for (int t0 = 0; t0 < n_tok; t0 += ROW_TOKENS) {
       const int nt = n_tok - t0 < ROW_TOKENS ? n_tok - t0 : ROW_TOKENS;
       const long tg = long(t0) * groups;
+      const float* xsum_t = T != DType::Q8 ? xsum + tg : nullptr;
       float s[ROW_TOKENS];
-      if (nt == 1) s[0] = q_row<Q4>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, Wq, Ws, Wm, groups, r);
-      else q_row_tokens<Q4>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, Wq, Ws, Wm, groups, r, nt, s);
+      if (nt == 1) s[0] = q_row<T>(xq + tg * QGROUP, xs + tg, xsum_t, W, groups, r, fs, fm);
+      else q_row_tokens<T>(xq + tg * QGROUP, xs + tg, xsum_t, W, groups, r, fs, fm, nt, s);
       for (int t = 0; t < nt; ++t) {
         float& o = y[long(t0 + t) * ldy + r];
         const float v = s[t] + (b ? b[r] : 0.0f);
         o = accumulate ? o + v : v;
       }
     }
+  }
 }
 
 void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
-  matmul_q<false>(xq, xs, nullptr, Wq, Ws, nullptr, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  matmul_q<DType::Q8>(xq, xs, nullptr, WeightsRef{Wq, DType::Q8, Ws}, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }
 
 void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
                const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                bool accumulate) {
-  matmul_q<true>(xq, xs, xsum, Wq, Ws, Wm, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  matmul_q<DType::Q4>(xq, xs, xsum, WeightsRef{Wq, DType::Q4, Ws, Wm}, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+}
+
+void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
+  matmul_q<DType::Q4K>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }

@@ -1,4 +1,4 @@
-// Kernels for int8 and int4 weights times int16 activations (kernels.h) on NEON, compiled per
+// Kernels for int8 and int4 (Q4, Q4K) weights times int16 activations (kernels.h) on NEON, compiled per
 // instruction set like quant_kernels.inl (its AVX2 counterpart); the math matches the scalar
 // twins in kernels_generic.cpp.
 //
@@ -38,55 +38,73 @@ inline float32x4_t load_f16x4(const uint16_t* p) { return vcvt_f32_f16(vreinterp
 constexpr int PREFETCH = 4096;  // bytes of weights fetched ahead, as in quant_kernels.inl
 
 // One row against one token's activations (starting at group tg): four groups at a time, their
-// scales (and int4 mins) as vectors.
-template <bool Q4>
-inline float q_row(const Acts& acts, long tg, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
-                   const uint16_t* Wm, int groups, int r) {
+// scales (and int4 mins) as vectors (Q8/Q4: float16 from W; Q4K: f32 from fs and fm, the row's
+// scales and mins decoded once for all its tokens).
+template <DType T>
+inline float q_row(const Acts& acts, long tg, const float* xs, const float* xsum, const WeightsRef& W, int groups,
+                   int r, const float* fs, const float* fm) {
+  constexpr bool Q4 = T != DType::Q8;
   const long rg0 = long(r) * groups, bytes = Q4 ? QGROUP / 2 : QGROUP;
   auto dot = [&](int g) {
     const long rg = rg0 + g, at = (tg + g) * QGROUP;
-    return Q4 ? dot_q4((const uint8_t*)Wq + rg * bytes, acts, at) : dot_q8((const int8_t*)Wq + rg * bytes, acts, at);
+    return Q4 ? dot_q4((const uint8_t*)W.data + rg * bytes, acts, at)
+              : dot_q8((const int8_t*)W.data + rg * bytes, acts, at);
   };
   float32x4_t acc = vdupq_n_f32(0.0f);
   int g = 0;
   for (; g + 4 <= groups; g += 4) {
-    for (int b = 0; b < 4 * bytes; b += 64) __builtin_prefetch((const char*)Wq + (rg0 + g) * bytes + PREFETCH + b);
+    for (int b = 0; b < 4 * bytes; b += 64) __builtin_prefetch((const char*)W.data + (rg0 + g) * bytes + PREFETCH + b);
     const int32x4_t d = group_totals(dot(g), dot(g + 1), dot(g + 2), dot(g + 3));
-    const float32x4_t scale = vmulq_f32(load_f16x4(Ws + rg0 + g), vld1q_f32(xs + tg + g));
-    acc = vfmaq_f32(acc, vcvtq_f32_s32(d), scale);
-    if (Q4) acc = vfmaq_f32(acc, load_f16x4(Wm + rg0 + g), vld1q_f32(xsum + tg + g));
+    const float32x4_t ws = T == DType::Q4K ? vld1q_f32(fs + g) : load_f16x4(W.scales + rg0 + g);
+    acc = vfmaq_f32(acc, vcvtq_f32_s32(d), vmulq_f32(ws, vld1q_f32(xs + tg + g)));
+    if (Q4)
+      acc =
+          vfmaq_f32(acc, T == DType::Q4K ? vld1q_f32(fm + g) : load_f16x4(W.mins + rg0 + g), vld1q_f32(xsum + tg + g));
   }
   float s = vaddvq_f32(acc);
   for (; g < groups; ++g) {
-    s += float(vaddvq_s32(dot(g))) * (xs[tg + g] * f16_to_f32(Ws[rg0 + g]));
-    if (Q4) s += xsum[tg + g] * f16_to_f32(Wm[rg0 + g]);
+    const float gs = T == DType::Q4K ? fs[g] : f16_to_f32(W.scales[rg0 + g]);
+    s += float(vaddvq_s32(dot(g))) * (xs[tg + g] * gs);
+    if (Q4) s += xsum[tg + g] * (T == DType::Q4K ? fm[g] : f16_to_f32(W.mins[rg0 + g]));
   }
   return s;
 }
 
 // A few tokens (decode steps): row by row, each row multiplied by every token while it is in L1.
-template <bool Q4>
-void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const void* Wq, const uint16_t* Ws,
-              const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
-              bool accumulate) {
+template <DType T>
+void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+              int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
   const int groups = n_in / QGROUP;
   const Acts acts = prepare_acts(xq, long(n_tok) * n_in);
-  for (int r = r0; r < r1; ++r)
+  static thread_local std::vector<float> buf;  // Q4K: a row's scales [groups], then its mins [groups]
+  if (T == DType::Q4K) buf.resize(2 * size_t(groups));
+  for (int r = r0; r < r1; ++r) {
+    if (T == DType::Q4K)
+      for (int g = 0; g < groups; ++g) {
+        const GroupScale gs = group_scale(W, groups, r, g);
+        buf[g] = gs.s, buf[groups + g] = gs.m;
+      }
     for (int t = 0; t < n_tok; ++t) {
       const long tg = long(t) * groups;
-      const float s = q_row<Q4>(acts, tg, xs, xsum, Wq, Ws, Wm, groups, r) + (b ? b[r] : 0.0f);
+      const float s = q_row<T>(acts, tg, xs, xsum, W, groups, r, buf.data(), buf.data() + groups) + (b ? b[r] : 0.0f);
       float& o = y[long(t) * ldy + r];
       o = accumulate ? o + s : s;
     }
+  }
 }
 
 void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
-  matmul_q<false>(xq, xs, nullptr, Wq, Ws, nullptr, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  matmul_q<DType::Q8>(xq, xs, nullptr, WeightsRef{Wq, DType::Q8, Ws}, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }
 
 void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
                const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                bool accumulate) {
-  matmul_q<true>(xq, xs, xsum, Wq, Ws, Wm, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  matmul_q<DType::Q4>(xq, xs, xsum, WeightsRef{Wq, DType::Q4, Ws, Wm}, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+}
+
+void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
+  matmul_q<DType::Q4K>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }

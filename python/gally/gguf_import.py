@@ -31,7 +31,7 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # Output dtype → (safetensors dtype name, config torch_dtype, bytes per value).
 DTYPES = {"f32": ("float32", "float32", 4), "bf16": ("bfloat16", "bfloat16", 2), "f16": ("float16", "float16", 2)}
 # Quantized outputs: the float32 weights quantized as `gally quantize --to` does (quantize.py), in one pass.
-QUANTIZED = ("int8", "int4")
+QUANTIZED = ("int8", "int4", "int4-v1")
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
@@ -302,19 +302,20 @@ class _Plan:
         missing += [n for n in ("output_norm.weight",) if n not in self.tensors]
         if missing:
             raise ValueError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
-        self.out_bytes = sum(_stored_bytes(name, t, dtype) for name, t in self.names)
+        self.out_bytes = sum(_stored_bytes(name, t, dtype, self.config["num_hidden_layers"]) for name, t in self.names)
 
 
-def _stored_bytes(name: str, t, dtype: str) -> int:
+def _stored_bytes(name: str, t, dtype: str, layers: int) -> int:
     """Bytes HF tensor `name` (GGUF tensor t) takes in the converted file."""
     n = int(t.n_elements)
     if dtype not in QUANTIZED:
         return n * (DTYPES[dtype][2] if len(t.shape) > 1 else 4)
     from .quantize import kind_for
 
-    kind = kind_for(name, tuple(int(d) for d in reversed(t.shape.tolist())), dtype)
-    # int8: a byte per weight + an f16 scale per 32; int4: half a byte + an f16 scale and min per 32
-    return {None: 4 * n, "int8": n + n // 16, "int4": n // 2 + n // 8}[kind]
+    kind = kind_for(name, tuple(int(d) for d in reversed(t.shape.tolist())), dtype, layers)
+    # int8: a byte per weight + an f16 scale per 32; int4: 4.5 bits per weight (quantize.py);
+    # int4-v1: half a byte + an f16 scale and min per 32
+    return {None: 4 * n, "int8": n + n // 16, "int4": n * 9 // 16, "int4-v1": n // 2 + n // 8}[kind]
 
 
 def convert(path: str, out_dir: str, dtype: str = "f32", progress: Optional[bool] = None,
@@ -380,9 +381,10 @@ def _write_quantized(plan: _Plan, path: str, folder: str, to: str, progress: Opt
     metadata: dict[str, str] = {}
     with progress_bar(plan.out_bytes, f"quantizing {os.path.basename(path)} to {to}", progress) as bar:
         for name, t, w in _float_tensors(plan, path):
-            out, metadata = quantize_tensors({name: ("F32", np.ascontiguousarray(w))}, to)
+            out, metadata = quantize_tensors({name: ("F32", np.ascontiguousarray(w))}, to,
+                                             layers=plan.config["num_hidden_layers"])
             tensors.update(out)
-            bar.update(_stored_bytes(name, t, to))
+            bar.update(_stored_bytes(name, t, to, plan.config["num_hidden_layers"]))
     safetensors_file.write_file(os.path.join(folder, "model.safetensors"), tensors, metadata)
 
 

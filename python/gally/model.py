@@ -25,9 +25,9 @@ MAX_THREADS = _core.MAX_THREADS
 # Tokens one session may hold (csrc/model.h, ConfigLimits), whatever its KV cache's size.
 MAX_CONTEXT = _core.config_limits()["max_context"]
 
-DTYPES = ("f32", "bf16", "f16", "int8", "int4")
+DTYPES = ("f32", "bf16", "f16", "int8", "int4", "int4-v1")
 KV_DTYPES = ("f32", "bf16", "f16")
-QUANTIZED = ("int8", "int4")
+QUANTIZED = ("int8", "int4", "int4-v1")  # int4-v1: gally-quant version 1's int4 (llama.cpp's Q4_1 layout)
 
 
 def physical_cores() -> int:
@@ -310,8 +310,12 @@ class Model:
 
     @property
     def dtype(self) -> str:
-        """The compute dtype of the weight matrices ("f32", "bf16", "f16", or "mixed")."""
-        kinds = self._core.dtypes
+        """The compute dtype of the weight matrices ("f32", "bf16", "f16", "int8", "int4", "int4-v1",
+        or "mixed"); "int4" also when some layer matrices are int8, as `gally quantize --to int4` keeps
+        v_proj and some down_proj."""
+        kinds = set(self._core.dtypes)
+        if kinds == {"int4", "int8"}:
+            return "int4"
         return next(iter(kinds)) if len(kinds) == 1 else "mixed"
 
     @property
@@ -442,8 +446,10 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
 
     dtype: None keeps the stored dtype; "f32", "bf16" or "f16" converts a folder's weights at load;
     "int8" or "int4" quantizes a float folder's weights at load (`gally quantize` stores such a
-    folder, which loads zero-copy). A .gguf file or an alias is converted to dtype once, into the
-    cache (GALLY_HOME/models; `gally cache` lists it), and loaded from there zero-copy afterwards.
+    folder, which loads zero-copy); "int4-v1" is the int4 of gally-quant version 1 (llama.cpp's Q4_1
+    layout, 5 bits per weight), whose stored checkpoints load with dtype "int4" too. A .gguf file or
+    an alias is converted to dtype once, into the cache (GALLY_HOME/models; `gally cache` lists it),
+    and loaded from there zero-copy afterwards.
     threads: default, the physical cores. max_context: the most tokens a sequence may hold;
     default, the config's max_position_embeddings (and sliding_window, where smaller), at most
     what the KV cache pool holds. kv_cache_bytes: the most memory the KV caches of all sequences
@@ -528,9 +534,9 @@ def _quantization(folder: str, tensors: dict, dtype: Optional[str]) -> tuple[dic
 
     stored = quantize.read_checkpoint(folder)
     if stored is not None:
-        if dtype not in (None, stored.quant_type):
-            raise ValueError(f"{folder}: the checkpoint is quantized to {stored.quant_type}; load it as it is (no "
-                             f"dtype, or {stored.quant_type!r}), not as {dtype!r}")
+        if dtype not in (None, stored.quant_type) and not (dtype == "int4" and stored.quant_type == "int4-v1"):
+            raise ValueError(f"{folder}: the checkpoint is quantized to {stored.quant_type}; "
+                             f"load it with dtype=None or {stored.quant_type!r}, not {dtype!r}")
         return tensors, None
     if dtype not in QUANTIZED:
         return tensors, dtype

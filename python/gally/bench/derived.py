@@ -48,7 +48,9 @@ def quantized_folder(source: str, dtype: str, cache_dir: str | None = None, log=
         if stored.quant_type != dtype:
             raise ValueError(f"{source} is quantized to {stored.quant_type}; it cannot be benchmarked as {dtype}")
         return source
-    out = os.path.join(folder_for(source, cache_dir), f"{source_name(source)}-gally-{dtype}")
+    # int4 names its format version: a cache made by an older gally holds version 1's int4
+    suffix = f"-v{quantize.VERSION}" if dtype == "int4" else ""
+    out = os.path.join(folder_for(source, cache_dir), f"{source_name(source)}-gally-{dtype}{suffix}")
     if os.path.isfile(os.path.join(out, "model.safetensors")):
         return out
     with cache.locked(f"bench-{os.path.basename(out)}"):

@@ -86,29 +86,32 @@ def parameters(c: Config) -> dict[str, int]:
     return out
 
 
-def tensor_bytes(w: Weight, dtype: str, stored_bytes: int) -> int:
+def tensor_bytes(w: Weight, dtype: str, stored_bytes: int, layers: int = 0) -> int:
     """Bytes of one tensor as a model loaded at `dtype` holds it. stored_bytes: bytes per value of
-    the checkpoint's floats, which a matrix that cannot be quantized keeps."""
+    the checkpoint's floats, which a matrix that cannot be quantized keeps; layers: the model's
+    (int4 keeps some layers' down_proj in int8)."""
     n = int(np.prod(w.shape))
     if len(w.shape) == 1:
         return 4 * n
     if dtype in FLOAT_BYTES:
         return FLOAT_BYTES[dtype] * n
-    kind = quantize.kind_for(w.name, w.shape, dtype)
+    kind = quantize.kind_for(w.name, w.shape, dtype, layers)
     groups = n // quantize.GROUP_SIZE.get(kind or dtype, 32)
     if kind == "int8":
         return n + 2 * groups
-    if kind == "int4":
+    if kind == "int4-v1":
         return n // 2 + 4 * groups
+    if kind == "int4":  # per super-block of 8 of the matrix's groups: float16 d and dmin, 12 bytes of 6-bit codes
+        return n // 2 + quantize.super_blocks(groups) * (4 + quantize.CODE_BYTES)
     return stored_bytes * n
 
 
 def bytes_per_token(c: Config, dtype: str, stored_bytes: int = 2) -> int:
     """Bytes of weights one token's forward pass reads with the matrices at `dtype`
-    ("f32", "bf16", "f16", "int8", "int4"); what Model.weight_bytes reports once loaded so."""
+    ("f32", "bf16", "f16", "int8", "int4", "int4-v1"); what Model.weight_bytes reports once loaded so."""
     if dtype not in FLOAT_BYTES and dtype not in quantize.KINDS:
         raise ValueError(f"dtype must be one of {', '.join([*FLOAT_BYTES, *quantize.KINDS])}, got {dtype!r}")
-    return sum(tensor_bytes(w, dtype, stored_bytes) for w in weights(c) if w.read_per_token)
+    return sum(tensor_bytes(w, dtype, stored_bytes, c.num_hidden_layers) for w in weights(c) if w.read_per_token)
 
 
 @dataclasses.dataclass

@@ -47,7 +47,10 @@ class EmbeddingMatrix:
         scales = t[EMBEDDING + ".scales"].numpy()[start:stop].view(np.float16)
         if self.stored == "int8":
             return quantize.dequantize_int8(q, scales)
-        return quantize.dequantize_int4(q, scales, t[EMBEDDING + ".mins"].numpy()[start:stop].view(np.float16))
+        mins = t[EMBEDDING + ".mins"].numpy()[start:stop].view(np.float16)
+        if EMBEDDING + ".subscales" in t:  # int4 version 2: scales and mins per super-block
+            return quantize.dequantize_int4(q, scales, mins, t[EMBEDDING + ".subscales"].numpy()[start:stop])
+        return quantize.dequantize_int4_v1(q, scales, mins)
 
     def take(self, ids: np.ndarray) -> np.ndarray:
         """float32 [len(ids), hidden_size]: the rows of ids."""

@@ -181,7 +181,10 @@ def _serve_main(args, log) -> int:
         for rep in range(args.repetitions):
             urls = args.serve if rep % 2 == 0 else list(reversed(args.serve))
             for url in urls:
-                rows.append(load.run_load(url, c, args.requests or 4 * c, prompt, gen, args.vocab, args.seed, log=log))
+                # fresh prompts each repetition (the same for every server): a server's prompt cache
+                # (llama-server's slots) must not answer a repetition from the one before
+                rows.append(load.run_load(url, c, args.requests or 4 * c, prompt, gen, args.vocab, args.seed + rep,
+                                          log=log))
     text = load.dumps(rows) if args.json else load.markdown(rows)
     print(text, end="")
     if args.out:

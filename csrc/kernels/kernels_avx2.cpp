@@ -75,11 +75,12 @@ struct S {
     const __m128i bytes = _mm_loadu_si128((const __m128i*)((const uint8_t*)W.data + rg * (QGROUP / 2)));
     const __m128i nib = _mm_set1_epi8(0x0f);
     const __m128i halves[2] = {_mm_and_si128(bytes, nib), _mm_and_si128(_mm_srli_epi16(bytes, 4), nib)};
-    for (int h = 0; h < 2; ++h)  // elements 16h … 16h + 15
-      for (int i = 0; i < 16; i += 8) {
-        const __m256i qi = _mm256_cvtepu8_epi32(_mm_srli_si128(halves[h], i));
-        store(out + 16 * h + i, fma(_mm256_cvtepi32_ps(qi), s, m));
-      }
+    for (int h = 0; h < 2; ++h) {  // elements 16h … 16h + 7, then 16h + 8 … 16h + 15 (the byte shift
+                                   // an immediate, which an unoptimised build does not fold from a loop)
+      const __m256i lo = _mm256_cvtepu8_epi32(halves[h]), hi = _mm256_cvtepu8_epi32(_mm_srli_si128(halves[h], 8));
+      store(out + 16 * h, fma(_mm256_cvtepi32_ps(lo), s, m));
+      store(out + 16 * h + 8, fma(_mm256_cvtepi32_ps(hi), s, m));
+    }
   }
   // out[c] = column c of the 8 × 8 block at in (rows ld floats apart)
   static void transpose(const float* in, long ld, V out[8]) {

@@ -245,7 +245,11 @@ def test_a_replica_killed_under_load(folder, tmp_path):
 
     # The streams r1 was sending when it died, and only they, failed: with an error their client
     # raised within a second or two, not a hang until a timeout, and not a silent short ending.
-    assert cut and sorted(map(id, failed)) == sorted(map(id, cut)), [r["error"] for r in failed]
+    # A request r1 had taken but not yet answered when it died may also end as HAProxy's 502, without
+    # a byte of the completion: seen once on a loaded machine; it fails at once, too.
+    unanswered = [r for r in failed if not any(r is c for c in cut) and "502" in r["error"] and r["sent"] < killed]
+    assert cut and sorted(map(id, failed)) == sorted(map(id, cut + unanswered)), [r["error"] for r in failed]
+    assert all(r["end"] - killed < 5 for r in unanswered)
     assert all(r["end"] - killed < 5 and "Timeout" not in r["error"] for r in cut), [r["error"] for r in cut]
     # Every other request — those queued at the balancer, those sent after the kill — completed whole.
     assert all(r["finish_reason"] == "length" and r["tokens"] == TOKENS for r in completed)

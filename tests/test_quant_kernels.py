@@ -107,26 +107,26 @@ def test_quantized_matmul_against_numpy(core, isa, kind):
 
 
 @each_set()
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_each_token_gets_what_it_gets_alone(core, isa, kind):
-    """The row-wise kernels take several tokens per pass over a row (a batch's decode steps): each
-    token's outputs are bit for bit those of a call with that token alone."""
+    """The row-wise kernels take several tokens per pass over a row (a batch's decode steps), and on
+    AVX-512 batches of three or more another path (tiles of 16 rows, one per lane): each token's
+    outputs are bit for bit those of a call with that token alone, whatever the batch, the rows (whole
+    and partial tiles, a range that starts inside one) and the groups (blocks of 8 and a tail)."""
     rng = np.random.default_rng(7)
-    for n_tok, groups in ((2, 3), (8, 18), (9, 8), (17, 19)):
-        rows, cols = 7, 32 * groups
+    for n_tok, groups, rows, r0 in ((2, 3, 7, 0), (3, 18, 16, 0), (8, 18, 37, 0), (9, 8, 20, 3), (4, 24, 33, 5),
+                                    (17, 19, 18, 1), (5, 1, 17, 0)):
+        cols = 32 * groups
         x = (rng.standard_normal((n_tok, cols)) * 3).astype(np.float32)
         xq, xs, xsum = core.kernel_quantize_rows(isa, x)
-        if kind == "int8":
-            q, s, _ = random_q8(rng, rows, cols)
-            args = (q, s.view(np.uint16), None)
-        else:
-            q, s, m, _ = random_q4(rng, rows, cols)
-            args = (q, s.view(np.uint16), m.view(np.uint16))
-        y = core.kernel_matmul_quantized(isa, xq, xs, xsum, *args, np.zeros((n_tok, rows), np.float32), 0, rows)
+        q, s, m, codes, _, _ = random_weights(rng, kind, rows, cols)
+        y = core.kernel_matmul_quantized(isa, xq, xs, xsum, q, s, m, np.zeros((n_tok, rows), np.float32), r0, rows,
+                                         codes=codes)
         for t in range(n_tok):
-            alone = core.kernel_matmul_quantized(isa, xq[t:t + 1], xs[t:t + 1], xsum[t:t + 1], *args,
-                                                 np.zeros((1, rows), np.float32), 0, rows)
-            assert np.array_equal(y[t], alone[0]), (n_tok, groups, t)
+            alone = core.kernel_matmul_quantized(isa, xq[t:t + 1], xs[t:t + 1], xsum[t:t + 1], q, s, m,
+                                                 np.zeros((1, rows), np.float32), r0, rows, codes=codes)
+            assert np.array_equal(y[t], alone[0]), (n_tok, groups, rows, t)
+            assert not y[t, :r0].any()
 
 
 @each_set(simd_only=True)

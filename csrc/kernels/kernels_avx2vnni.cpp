@@ -6,6 +6,7 @@
 // weights in cache (int8 24 → 26 GB/s, int4 14 → 15); SmolLM2 decode, bound by memory, unchanged.
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
 #include <vector>
 

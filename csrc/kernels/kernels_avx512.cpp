@@ -79,11 +79,13 @@ struct S {
 };
 using V = S::V;
 
-// acc + vpmaddwd(a, b) (quant_kernels.inl)
+// acc + vpmaddwd(a, b) in 8 and in 16 int32 lanes (quant_kernels.inl, quant_rows_avx512.inl)
 inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+inline __m512i dot_pairs16(__m512i acc, __m512i a, __m512i b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
 
 #include "kernels/simd_kernels.inl"
 
+#define GALLY_QUANT_ROWS_AVX512
 #include "kernels/quant_kernels.inl"
 
 void softmax_lanes16(float* st, int n, int first, int lanes, float* probs, long ldp, float* inv) {

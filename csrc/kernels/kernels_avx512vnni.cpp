@@ -6,17 +6,21 @@
 // weights in cache (int8 24 → 26 GB/s, int4 14 → 15); SmolLM2 decode, bound by memory, unchanged.
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "kernels/common.h"
 #include "kernels/kernels.h"
+#include "kernels/transpose_avx512.h"
 
 namespace gally {
 namespace avx512vnni {
 
 inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) { return _mm256_dpwssd_epi32(acc, a, b); }
+inline __m512i dot_pairs16(__m512i acc, __m512i a, __m512i b) { return _mm512_dpwssd_epi32(acc, a, b); }
 
+#define GALLY_QUANT_ROWS_AVX512
 #include "kernels/quant_kernels.inl"
 
 }  // namespace avx512vnni

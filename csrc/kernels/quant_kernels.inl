@@ -5,7 +5,9 @@
 //
 // The including file defines dot_pairs(acc, a, b) = acc + vpmaddwd(a, b) in 8 int32 lanes: a
 // vpaddd after the vpmaddwd on AVX2, one vpdpwssd where the CPU has VNNI (kernels_vnni.cpp), and
-// includes <cstring>, <vector> and kernels/common.h.
+// includes <cmath>, <cstring>, <vector> and kernels/common.h. The AVX-512 sets define
+// GALLY_QUANT_ROWS_AVX512 and take quant_rows_avx512.inl's matmul_q, which adds a path for
+// batches of several tokens to q_row and q_row_tokens here.
 
 inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -40,6 +42,39 @@ void quantize_rows(const float* x, int n, int n_in, int16_t* xq, float* xs, floa
   }
 }
 
+// d·sc and dmin·mc of the QK_GROUPS groups of Q4K super-block sb, its 6-bit codes widened to
+// eight int32 lanes, stored to s[0 … 7] and m[0 … 7].
+inline void super_block8(const WeightsRef& W, long sb, float* s, float* m) {
+  const uint8_t* c = W.codes + sb * QK_CODE_BYTES;
+  uint32_t high;
+  std::memcpy(&high, c + QK_GROUPS, 4);
+  const __m256i low = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)c));
+  const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), three = _mm256_set1_epi32(3);
+  const __m256i h = _mm256_set1_epi32(int(high));
+  const __m256i hs = _mm256_and_si256(_mm256_srlv_epi32(h, shift), three);
+  const __m256i hm = _mm256_and_si256(_mm256_srlv_epi32(h, _mm256_add_epi32(shift, _mm256_set1_epi32(16))), three);
+  const __m256i sc = _mm256_or_si256(_mm256_and_si256(low, _mm256_set1_epi32(0xf)), _mm256_slli_epi32(hs, 4));
+  const __m256i mc = _mm256_or_si256(_mm256_srli_epi32(low, 4), _mm256_slli_epi32(hm, 4));
+  _mm256_storeu_ps(s, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(W.scales[sb])), _mm256_cvtepi32_ps(sc)));
+  _mm256_storeu_ps(m, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(W.mins[sb])), _mm256_cvtepi32_ps(mc)));
+}
+
+// The scales and mins of row r's groups [0, groups) of a Q4K matrix as f32 (common.h's
+// group_scale), decoded once per row for all its tokens: the super-blocks that hold them, whole,
+// into buf (2 · (groups + 2 · QK_GROUPS) floats). Returns the row's scales; its mins follow at
+// + stride, stride = q4k_stride(groups).
+inline int q4k_stride(int groups) { return groups + 2 * QK_GROUPS; }
+inline const float* q4k_row_scales(const WeightsRef& W, int groups, long r, float* buf) {
+  const long f0 = r * groups, sb0 = f0 / QK_GROUPS;
+  const int off = int(f0 % QK_GROUPS), stride = q4k_stride(groups);
+  for (int i = 0; i * QK_GROUPS < off + groups; ++i)
+    super_block8(W, sb0 + i, buf + i * QK_GROUPS, buf + stride + i * QK_GROUPS);
+  return buf + off;
+}
+
+constexpr int ROW_TOKENS = 8;   // tokens a row-wise product takes per pass over its rows
+constexpr int PREFETCH = 4096;  // bytes ahead in a row of weights that a decode step fetches
+
 // A weight group as two halves of 16 int16: elements 0-15 and 16-31.
 struct Half16 {
   __m256i lo, hi;
@@ -69,38 +104,6 @@ inline __m256i sum_lanes8(const __m256i d[8]) {
   const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
   const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
   return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
-}
-
-constexpr int PREFETCH = 4096;
-
-// d·sc and dmin·mc of the QK_GROUPS groups of Q4K super-block sb, its 6-bit codes widened to
-// eight int32 lanes, stored to s[0 … 7] and m[0 … 7].
-inline void super_block8(const WeightsRef& W, long sb, float* s, float* m) {
-  const uint8_t* c = W.codes + sb * QK_CODE_BYTES;
-  uint32_t high;
-  std::memcpy(&high, c + QK_GROUPS, 4);
-  const __m256i low = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)c));
-  const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), three = _mm256_set1_epi32(3);
-  const __m256i h = _mm256_set1_epi32(int(high));
-  const __m256i hs = _mm256_and_si256(_mm256_srlv_epi32(h, shift), three);
-  const __m256i hm = _mm256_and_si256(_mm256_srlv_epi32(h, _mm256_add_epi32(shift, _mm256_set1_epi32(16))), three);
-  const __m256i sc = _mm256_or_si256(_mm256_and_si256(low, _mm256_set1_epi32(0xf)), _mm256_slli_epi32(hs, 4));
-  const __m256i mc = _mm256_or_si256(_mm256_srli_epi32(low, 4), _mm256_slli_epi32(hm, 4));
-  _mm256_storeu_ps(s, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(W.scales[sb])), _mm256_cvtepi32_ps(sc)));
-  _mm256_storeu_ps(m, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(W.mins[sb])), _mm256_cvtepi32_ps(mc)));
-}
-
-// The scales and mins of row r's groups [0, groups) of a Q4K matrix as f32 (common.h's
-// group_scale), decoded once per row for all its tokens: the super-blocks that hold them, whole,
-// into buf (2 · (groups + 2 · QK_GROUPS) floats). Returns the row's scales; its mins follow at
-// + stride, stride = q4k_stride(groups).
-inline int q4k_stride(int groups) { return groups + 2 * QK_GROUPS; }
-inline const float* q4k_row_scales(const WeightsRef& W, int groups, long r, float* buf) {
-  const long f0 = r * groups, sb0 = f0 / QK_GROUPS;
-  const int off = int(f0 % QK_GROUPS), stride = q4k_stride(groups);
-  for (int i = 0; i * QK_GROUPS < off + groups; ++i)
-    super_block8(W, sb0 + i, buf + i * QK_GROUPS, buf + stride + i * QK_GROUPS);
-  return buf + off;
 }
 
 // One row against one token's activations: its groups eight at a time, the scales and int4 mins
@@ -142,13 +145,11 @@ inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const 
     h = _mm_hadd_epi32(h, h);
     h = _mm_hadd_epi32(h, h);
     const float gs = T == DType::Q4K ? fs[g] : _cvtsh_ss(W.scales[rg0 + g]);
-    s += float(_mm_cvtsi128_si32(h)) * (xs[g] * gs);
-    if (Q4) s += xsum[g] * (T == DType::Q4K ? fm[g] : _cvtsh_ss(W.mins[rg0 + g]));
+    s = std::fma(float(_mm_cvtsi128_si32(h)), xs[g] * gs, s);  // fused, as quant_rows_avx512.inl's lanes
+    if (Q4) s = std::fma(xsum[g], T == DType::Q4K ? fm[g] : _cvtsh_ss(W.mins[rg0 + g]), s);
   }
   return s;
 }
-
-constexpr int ROW_TOKENS = 8;  // tokens q_row_tokens takes at once
 
 // q_row for nt ≤ ROW_TOKENS tokens (activations `groups` groups apart) into s[0 … nt): each block
 // of eight groups is widened and its scales read once for all of them. Every token's sums are
@@ -199,11 +200,15 @@ inline void q_row_tokens(const int16_t* xq, const float* xs, const float* xsum, 
       __m128i h = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
       h = _mm_hadd_epi32(h, h);
       h = _mm_hadd_epi32(h, h);
-      s[t] += float(_mm_cvtsi128_si32(h)) * (xs[t * tg + g] * gs);
-      if (Q4) s[t] += xsum[t * tg + g] * gm;
+      s[t] = std::fma(float(_mm_cvtsi128_si32(h)), xs[t * tg + g] * gs, s[t]);
+      if (Q4) s[t] = std::fma(xsum[t * tg + g], gm, s[t]);
     }
   }
 }
+
+#if defined(GALLY_QUANT_ROWS_AVX512)
+#include "kernels/quant_rows_avx512.inl"
+#else
 
 // A few tokens (decode steps; batches of GEMM_MIN_TOKENS or more take the GEMM): row by row, each
 // row multiplied by every token while it is in L1, up to ROW_TOKENS tokens per pass over it.
@@ -231,6 +236,8 @@ void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const Weigh
     }
   }
 }
+
+#endif  // GALLY_QUANT_ROWS_AVX512
 
 void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {

@@ -1,0 +1,205 @@
+// matmul_q of the AVX-512 sets: the row-wise int8 and int4 (Q4, Q4K) products of a few tokens,
+// the decode steps of one or more sequences, with int16 activations (kernels.h).
+//
+// Fewer than LANE_TOKENS tokens take q_row / q_row_tokens (quant_kernels.inl), one row at a time:
+// the weights stream through in memory order, which a decode step bound by memory needs. More
+// tokens take a tile of 16 rows with one row in each lane: each group's 16 rows of weights are
+// widened to 32 int16 each and transposed (transpose_avx512.h), so that register k holds pair k of
+// every row, and a token's group dot for all 16 rows is 16 vpmaddwd/vpdpwssd with its pair k
+// broadcast; the transpose serves every token, and no sum is reduced across lanes.
+//
+// A token's result must not depend on the batch it is in, so the tile sums in q_row's order: the
+// integer dots are exact, and q_row's float sums, lane u of its accumulator taking groups u, u + 8,
+// …, then sum8 and the tail groups, are here eight accumulators a_u with rows in the lanes, added
+// as sum8 adds its lanes, then the tail groups, each fused as q_row's.
+//
+// The including file (kernels_avx512.cpp, kernels_avx512vnni.cpp) defines
+// dot_pairs16(acc, a, b) = acc + vpmaddwd(a, b) in 16 int32 lanes and includes transpose_avx512.h.
+
+constexpr int TILE_ROWS = 16;   // rows per tile, one per lane
+constexpr int LANE_TOKENS = 3;  // batches of at least this many tokens transpose the tile's weights
+
+// Group rg (row · groups + group) of W widened to 32 int16 in natural order: dword k holds
+// weights 2k and 2k + 1.
+template <DType T>
+inline __m512i load_group32(const WeightsRef& W, long rg) {
+  if constexpr (T == DType::Q8) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)((const int8_t*)W.data + rg * QGROUP)));
+  } else {  // byte i holds weights i (low nibble) and i + 16 (high): both halves from one broadcast
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)((const uint8_t*)W.data + rg * (QGROUP / 2)));
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(bytes));
+    const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    return _mm512_and_si512(_mm512_srlv_epi16(v, shift), _mm512_set1_epi16(0x0f));
+  }
+}
+
+// The scales (and int4 mins) of a tile's rows as f32, group-major: s[g · 16 + i] for row i of the
+// tile. Rows past the tile's `rows` repeat its last row.
+template <DType T>
+void tile_scales(const WeightsRef& W, int groups, int r, int rows, float* s, float* m, float* row_buf) {
+  constexpr bool Q4 = T != DType::Q8;
+  const int stride = (groups + 15) / 16 * 16;  // row_buf: 16 rows of scales, then 16 of mins
+  for (int i = 0; i < TILE_ROWS; ++i) {
+    const long row = r + (i < rows ? i : rows - 1);
+    float* rs = row_buf + long(i) * stride;
+    float* rm = row_buf + long(TILE_ROWS + i) * stride;
+    if (T == DType::Q4K) {
+      static thread_local std::vector<float> q4k;
+      q4k.resize(2 * size_t(q4k_stride(groups)));
+      const float* fs = q4k_row_scales(W, groups, row, q4k.data());
+      std::memcpy(rs, fs, sizeof(float) * groups);
+      std::memcpy(rm, fs + q4k_stride(groups), sizeof(float) * groups);
+      continue;
+    }
+    for (int g = 0; g < groups; g += 16) {
+      const __mmask16 k = groups - g >= 16 ? 0xffff : __mmask16((1u << (groups - g)) - 1);
+      const long rg = row * groups + g;
+      _mm512_storeu_ps(rs + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, W.scales + rg)));
+      if (Q4) _mm512_storeu_ps(rm + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, W.mins + rg)));
+    }
+  }
+  for (int g = 0; g < groups; g += 16) {  // whole blocks of 16: the row buffers are padded
+    const int n = groups - g < 16 ? groups - g : 16;
+    __m512i col[16];
+    transpose16x16(row_buf + g, stride, col);
+    for (int c = 0; c < n; ++c) _mm512_storeu_si512(s + long(g + c) * 16, col[c]);
+    if (!Q4) continue;
+    transpose16x16(row_buf + long(TILE_ROWS) * stride + g, stride, col);
+    for (int c = 0; c < n; ++c) _mm512_storeu_si512(m + long(g + c) * 16, col[c]);
+  }
+}
+
+// Group g's part of a token's sums: acc = fma(float(dot), s_g · xs, acc), then for int4
+// acc = fma(m_g, xsum, acc); dot [16] its rows' integer dots.
+template <bool Q4>
+inline __m512 add_group(__m512 acc, __m512i dot, __m512 sg, __m512 mg, float xs, float xsum) {
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sg, _mm512_set1_ps(xs)), acc);
+  return Q4 ? _mm512_fmadd_ps(mg, _mm512_set1_ps(xsum), acc) : acc;
+}
+
+// The integer dots [t] of group g of the tile's 16 rows (rg0[i]: row i's first group) with NT
+// tokens' activations, `groups` groups apart.
+template <DType T, int NT>
+inline void group_dots(const int16_t* xq, const WeightsRef& W, int groups, const long* rg0, int g, __m512i* dots) {
+  __m512i w[16], pairs[16];
+  for (int i = 0; i < 16; ++i) w[i] = load_group32<T>(W, rg0[i] + g);
+  transpose16x16(w, pairs);
+  for (int t = 0; t < NT; ++t) {
+    const int32_t* x = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
+    __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+    for (int k = 0; k < 16; k += 2) {
+      d0 = dot_pairs16(d0, pairs[k], _mm512_set1_epi32(x[k]));
+      d1 = dot_pairs16(d1, pairs[k + 1], _mm512_set1_epi32(x[k + 1]));
+    }
+    dots[t] = _mm512_add_epi32(d0, d1);
+  }
+}
+
+// out[t] (lane i: row i of the tile) for NT tokens: q_row's sums. s, m: tile_scales; lane_acc:
+// scratch of 8 · NT registers for the eight accumulators. The next tile's next_bytes at `next` are
+// fetched meanwhile, a groups-th of them per group (the walk over the tile's rows is too scattered
+// for the hardware prefetchers: SmolLM2's int8 lm_head, 8 tokens, one thread: 1.9× the speed).
+template <DType T, int NT>
+inline void tile_dots(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups,
+                      const long* rg0, const float* s, const float* m, const char* next, long next_bytes,
+                      __m512* lane_acc, __m512* out) {
+  constexpr bool Q4 = T != DType::Q8;
+  const int groups8 = groups / 8 * 8;
+  int done = 0;  // groups added so far
+  auto scale = [&](int g) { return _mm512_loadu_ps(s + long(g) * 16); };
+  auto min = [&](int g) { return Q4 ? _mm512_loadu_ps(m + long(g) * 16) : _mm512_setzero_ps(); };
+  auto add = [&](__m512* acc, int g) {
+    for (long p = next_bytes * done / groups & ~63L; p < next_bytes * (done + 1) / groups; p += 64)
+      _mm_prefetch(next + p, _MM_HINT_T0);
+    ++done;
+    __m512i dots[NT];
+    group_dots<T, NT>(xq, W, groups, rg0, g, dots);
+    const __m512 sg = scale(g), mg = min(g);
+    for (int t = 0; t < NT; ++t) {
+      const long tg = long(t) * groups + g;
+      acc[t] = add_group<Q4>(acc[t], dots[t], sg, mg, xs[tg], Q4 ? xsum[tg] : 0.0f);
+    }
+  };
+  for (int u = 0; u < 8; ++u) {  // accumulator u: groups u, u + 8, … (the tile is in L1 or L2 after u = 0)
+    __m512 acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+    for (int g = u; g < groups8; g += 8) add(acc, g);
+    for (int t = 0; t < NT; ++t) lane_acc[u * NT + t] = acc[t];
+  }
+  for (int t = 0; t < NT; ++t) {  // sum8: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
+    const __m512* a = lane_acc + t;
+    const __m512 even = _mm512_add_ps(_mm512_add_ps(a[0], a[4 * NT]), _mm512_add_ps(a[2 * NT], a[6 * NT]));
+    const __m512 odd = _mm512_add_ps(_mm512_add_ps(a[NT], a[5 * NT]), _mm512_add_ps(a[3 * NT], a[7 * NT]));
+    out[t] = _mm512_add_ps(even, odd);
+  }
+  for (int g = groups8; g < groups; ++g) add(out, g);
+}
+
+// tile_dots for nt ≤ NT tokens, nt known only at run time.
+template <DType T, int NT = ROW_TOKENS>
+inline void tile_dots_n(int nt, const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups,
+                        const long* rg0, const float* s, const float* m, const char* next, long next_bytes,
+                        __m512* lane_acc, __m512* out) {
+  if constexpr (NT > LANE_TOKENS)
+    if (nt < NT) return tile_dots_n<T, NT - 1>(nt, xq, xs, xsum, W, groups, rg0, s, m, next, next_bytes, lane_acc, out);
+  tile_dots<T, NT>(xq, xs, xsum, W, groups, rg0, s, m, next, next_bytes, lane_acc, out);
+}
+
+// Rows [r0, r1) in tiles of 16 (the last may hold fewer: its missing lanes repeat its last row and
+// are not stored), ROW_TOKENS tokens per pass over a tile; passes of fewer than LANE_TOKENS tokens
+// row by row.
+template <DType T>
+void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+              int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
+  const int groups = n_in / QGROUP, pad = (groups + 15) / 16 * 16;
+  // Q4K: a row's scales and mins; the tiles' scales and mins group-major, and tile_scales' 32 rows
+  static thread_local std::vector<float> buf;
+  buf.resize(2 * size_t(q4k_stride(groups)) + size_t(pad) * 16 * 4);
+  float *row_scales = buf.data(), *s = row_scales + 2 * q4k_stride(groups), *m = s + size_t(pad) * 16;
+  float* row_buf = m + size_t(pad) * 16;
+  auto rows_alone = [&](int ra, int rb, int t0, int nt) {  // q_row for rows [ra, rb), tokens t0 … t0 + nt − 1
+    for (int r = ra; r < rb; ++r) {
+      const float* fs = T == DType::Q4K ? q4k_row_scales(W, groups, r, row_scales) : nullptr;
+      const float* fm = T == DType::Q4K ? fs + q4k_stride(groups) : nullptr;
+      const long tg = long(t0) * groups;
+      const float* xsum_t = T != DType::Q8 ? xsum + tg : nullptr;
+      float out[ROW_TOKENS];
+      if (nt == 1) out[0] = q_row<T>(xq + tg * QGROUP, xs + tg, xsum_t, W, groups, r, fs, fm);
+      else q_row_tokens<T>(xq + tg * QGROUP, xs + tg, xsum_t, W, groups, r, fs, fm, nt, out);
+      for (int t = 0; t < nt; ++t) {
+        float& o = y[long(t0 + t) * ldy + r];
+        const float v = out[t] + (b ? b[r] : 0.0f);
+        o = accumulate ? o + v : v;
+      }
+    }
+  };
+  if (n_tok < LANE_TOKENS) return rows_alone(r0, r1, 0, n_tok);
+  for (int r = r0; r < r1; r += TILE_ROWS) {
+    const int rows = r1 - r < TILE_ROWS ? r1 - r : TILE_ROWS;
+    const __mmask16 lanes = __mmask16((1u << rows) - 1);
+    long rg0[TILE_ROWS];
+    for (int i = 0; i < TILE_ROWS; ++i) rg0[i] = long(r + (i < rows ? i : rows - 1)) * groups;
+    tile_scales<T>(W, groups, r, rows, s, m, row_buf);
+    const __m512 bias = b ? _mm512_maskz_loadu_ps(lanes, b + r) : _mm512_setzero_ps();
+    const long row_bytes = long(groups) * (T == DType::Q8 ? QGROUP : QGROUP / 2);
+    const char* next = (const char*)W.data + long(r + rows) * row_bytes;  // the next tile's weights
+    const long next_bytes = (r1 - r - rows < TILE_ROWS ? r1 - r - rows : TILE_ROWS) * row_bytes;
+    for (int t0 = 0; t0 < n_tok; t0 += ROW_TOKENS) {
+      const int nt = n_tok - t0 < ROW_TOKENS ? n_tok - t0 : ROW_TOKENS;
+      if (nt < LANE_TOKENS) {
+        rows_alone(r, r + rows, t0, nt);
+        continue;
+      }
+      const long tg = long(t0) * groups;
+      __m512 lane_acc[8 * ROW_TOKENS], acc[ROW_TOKENS];
+      tile_dots_n<T>(nt, xq + tg * QGROUP, xs + tg, T != DType::Q8 ? xsum + tg : nullptr, W, groups, rg0, s, m, next,
+                     t0 == 0 ? next_bytes : 0, lane_acc, acc);
+      for (int t = 0; t < nt; ++t) {
+        float* o = y + long(t0 + t) * ldy + r;
+        __m512 v = _mm512_add_ps(acc[t], bias);
+        if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, o), v);
+        _mm512_mask_storeu_ps(o, lanes, v);
+      }
+    }
+  }
+}

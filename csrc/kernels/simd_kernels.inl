@@ -197,6 +197,59 @@ inline auto with_kv_type(DType t, F f) {
   return f(WeightF32{});
 }
 
+// A decode step's attention takes a GQA group's heads ATT_HEADS at a time, each key and value
+// vector loaded (and widened from a compact cache) once for all of them: ATT_HEADS · ATT_KEYS
+// score and ATT_HEADS · ATT_VECS output accumulators, within the registers of every set.
+constexpr int ATT_HEADS = 4;
+constexpr int ATT_KEYS = S::N >= 16 ? 4 : 2;
+constexpr int ATT_VECS = S::N >= 16 ? 4 : 2;
+
+// s[h][j] = scale · K_j · q_h for KP keys j of a run (rows d elements apart, d a multiple of N) and
+// hn ≤ ATT_HEADS heads; returns nothing, raises mx[h] to the largest. Each key's score is one
+// accumulator over the dimensions in order, whatever KP.
+template <class E, int KP>
+inline void scores(const float* q, int ldq, int hn, const typename E::T* K, int d, float scale, float* const* s,
+                   float* mx) {
+  V a[KP][ATT_HEADS];
+  for (int u = 0; u < KP; ++u)
+    for (int h = 0; h < ATT_HEADS; ++h) a[u][h] = S::zero();
+  for (int i = 0; i < d; i += S::N) {
+    V k[KP];
+    for (int u = 0; u < KP; ++u) k[u] = E::load(K + (long)u * d + i);
+    for (int h = 0; h < ATT_HEADS; ++h)
+      if (h < hn) {
+        const V qv = S::load(q + (long)h * ldq + i);
+        for (int u = 0; u < KP; ++u) a[u][h] = S::fma(qv, k[u], a[u][h]);
+      }
+  }
+  for (int h = 0; h < hn; ++h)
+    for (int u = 0; u < KP; ++u) {
+      s[h][u] = scale * S::sum(a[u][h]);
+      mx[h] = s[h][u] > mx[h] ? s[h][u] : mx[h];
+    }
+}
+
+// o[h] += Σ_j e[h][j] · V_j for `rows` value rows (d elements apart) and hn ≤ ATT_HEADS heads, over
+// dimensions [i, i + NV·N): each value vector loaded once for all the heads.
+template <class E, int NV>
+inline void weighted_values(const float* const* e, float* const* o, int hn, const typename E::T* Vr, int rows, int d,
+                            int i) {
+  V acc[ATT_HEADS][NV];
+  for (int h = 0; h < hn; ++h)
+    for (int c = 0; c < NV; ++c) acc[h][c] = S::load(o[h] + i + c * S::N);
+  for (int j = 0; j < rows; ++j) {
+    V v[NV];
+    for (int c = 0; c < NV; ++c) v[c] = E::load(Vr + (long)j * d + i + c * S::N);
+    for (int h = 0; h < ATT_HEADS; ++h)
+      if (h < hn) {
+        const V p = S::set1(e[h][j]);
+        for (int c = 0; c < NV; ++c) acc[h][c] = S::fma(p, v[c], acc[h][c]);
+      }
+  }
+  for (int h = 0; h < hn; ++h)
+    for (int c = 0; c < NV; ++c) S::store(o[h] + i + c * S::N, acc[h][c]);
+}
+
 // attention_part (kernels.h): the keys a run at a time (the keys of [k0, k1) that lie in one
 // block), each run's key and value rows serving every head of the group while they are in L1.
 template <class E>
@@ -205,37 +258,31 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
   using T = typename E::T;
   const int n = k1 - k0;
   for (int h = 0; h < heads; ++h) m[h] = -INFINITY;
-  for (int j0 = k0; j0 < k1;) {  // scores s = scale · K q, four keys at a time: four FMA chains
+  for (int j0 = k0; j0 < k1;) {  // scores s = scale · K q
     const int end = (j0 / kv.block_rows + 1) * kv.block_rows < k1 ? (j0 / kv.block_rows + 1) * kv.block_rows : k1;
     const int rows = end - j0;
     const T* K = kv.key<T>(j0, d);
-    for (int h = 0; h < heads; ++h) {
-      const float* qh = q + (long)h * ldq;
-      float* sr = scratch + (long)h * n + (j0 - k0);
-      float mx = m[h];
+    for (int h0 = 0; h0 < heads; h0 += ATT_HEADS) {
+      const int hn = heads - h0 < ATT_HEADS ? heads - h0 : ATT_HEADS;
+      float* s[ATT_HEADS];
+      for (int h = 0; h < hn; ++h) s[h] = scratch + (long)(h0 + h) * n + (j0 - k0);
       int j = 0;
-      if (d % S::N == 0)
-        for (; j + 4 <= rows; j += 4) {
-          const T *r0 = K + (long)j * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
-          V a0 = S::zero(), a1 = S::zero(), a2 = S::zero(), a3 = S::zero();
-          for (int i = 0; i < d; i += S::N) {
-            const V qv = S::load(qh + i);
-            a0 = S::fma(qv, E::load(r0 + i), a0);
-            a1 = S::fma(qv, E::load(r1 + i), a1);
-            a2 = S::fma(qv, E::load(r2 + i), a2);
-            a3 = S::fma(qv, E::load(r3 + i), a3);
-          }
-          sr[j] = scale * S::sum(a0);
-          sr[j + 1] = scale * S::sum(a1);
-          sr[j + 2] = scale * S::sum(a2);
-          sr[j + 3] = scale * S::sum(a3);
-          for (int u = 0; u < 4; ++u) mx = sr[j + u] > mx ? sr[j + u] : mx;
+      if (d % S::N == 0) {
+        for (; j + ATT_KEYS <= rows; j += ATT_KEYS) {
+          scores<E, ATT_KEYS>(q + (long)h0 * ldq, ldq, hn, K + (long)j * d, d, scale, s, m + h0);
+          for (int h = 0; h < hn; ++h) s[h] += ATT_KEYS;
         }
-      for (; j < rows; ++j) {
-        sr[j] = scale * dot<E>(qh, K + (long)j * d, d);
-        mx = sr[j] > mx ? sr[j] : mx;
+        for (; j < rows; ++j) {
+          scores<E, 1>(q + (long)h0 * ldq, ldq, hn, K + (long)j * d, d, scale, s, m + h0);
+          for (int h = 0; h < hn; ++h) ++s[h];
+        }
       }
-      m[h] = mx;
+      for (; j < rows; ++j)  // d not a multiple of the vector
+        for (int h = 0; h < hn; ++h) {
+          float& sj = scratch[(long)(h0 + h) * n + (j0 - k0) + j];
+          sj = scale * dot<E>(q + (long)(h0 + h) * ldq, K + (long)j * d, d);
+          m[h0 + h] = sj > m[h0 + h] ? sj : m[h0 + h];
+        }
     }
     j0 = end;
   }
@@ -255,42 +302,25 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
     float* o = out + (long)h * ldo;
     for (int i = 0; i < d; ++i) o[i] = 0;
   }
-  for (int j0 = k0; j0 < k1;) {  // out row h += Σ_j e_hj · V_j, a head's accumulators in registers for a run
+  for (int j0 = k0; j0 < k1;) {  // out row h += Σ_j e_hj · V_j
     const int end = (j0 / kv.block_rows + 1) * kv.block_rows < k1 ? (j0 / kv.block_rows + 1) * kv.block_rows : k1;
     const int rows = end - j0;
     const T* Vr = kv.value<T>(j0, d);
-    for (int h = 0; h < heads; ++h) {
-      const float* e = scratch + (long)h * n + (j0 - k0);
-      float* o = out + (long)h * ldo;
+    for (int h0 = 0; h0 < heads; h0 += ATT_HEADS) {
+      const int hn = heads - h0 < ATT_HEADS ? heads - h0 : ATT_HEADS;
+      const float* e[ATT_HEADS];
+      float* o[ATT_HEADS];
+      for (int h = 0; h < hn; ++h) e[h] = scratch + (long)(h0 + h) * n + (j0 - k0), o[h] = out + (long)(h0 + h) * ldo;
       int i = 0;
-      for (; i + 4 * S::N <= d; i += 4 * S::N) {
-        V o0 = S::load(o + i), o1 = S::load(o + i + S::N), o2 = S::load(o + i + 2 * S::N),
-          o3 = S::load(o + i + 3 * S::N);
-        for (int j = 0; j < rows; ++j) {
-          const T* v = Vr + (long)j * d + i;
-          const V p = S::set1(e[j]);
-          o0 = S::fma(p, E::load(v), o0);
-          o1 = S::fma(p, E::load(v + S::N), o1);
-          o2 = S::fma(p, E::load(v + 2 * S::N), o2);
-          o3 = S::fma(p, E::load(v + 3 * S::N), o3);
-        }
-        S::store(o + i, o0);
-        S::store(o + i + S::N, o1);
-        S::store(o + i + 2 * S::N, o2);
-        S::store(o + i + 3 * S::N, o3);
-      }
-      for (; i + S::N <= d; i += S::N) {
-        V acc = S::load(o + i);
-        for (int j = 0; j < rows; ++j) acc = S::fma(S::set1(e[j]), E::load(Vr + (long)j * d + i), acc);
-        S::store(o + i, acc);
-      }
+      for (; i + ATT_VECS * S::N <= d; i += ATT_VECS * S::N) weighted_values<E, ATT_VECS>(e, o, hn, Vr, rows, d, i);
+      for (; i + S::N <= d; i += S::N) weighted_values<E, 1>(e, o, hn, Vr, rows, d, i);
       for (; i < d; ++i)
-        for (int j = 0; j < rows; ++j) o[i] += e[j] * E::scalar(Vr + (long)j * d + i);
+        for (int h = 0; h < hn; ++h)
+          for (int j = 0; j < rows; ++j) o[h][i] += e[h][j] * E::scalar(Vr + (long)j * d + i);
     }
     j0 = end;
   }
 }
-
 void attention_part(const float* q, int ldq, int heads, const KvHead& kv, int k0, int k1, int d, float scale,
                     float* scratch, float* out, int ldo, float* m, float* l) {
   with_kv_type(kv.dtype, [&](auto e) {

@@ -117,7 +117,7 @@ void add_testing_module(py::module_& m) {
   t.def(
       "kernel_matmul",
       [](const std::string& isa, Array<float> x, py::array W, const std::string& wtype, py::object bias, Array<float> y,
-         bool accumulate, int r0, int r1, py::object scales, py::object mins, py::object codes) {
+         bool accumulate, int r0, int r1, py::object scales, py::object mins, py::object codes, bool rowwise) {
         // W [n_out, n_in] in wtype, with its scales, mins and codes as the Weights above (float16 as uint16)
         const Kernels& k = kernels_named(isa);
         require(x.ndim() == 2 && y.ndim() == 2, "x, y must be 2-D");
@@ -132,12 +132,14 @@ void add_testing_module(py::module_& m) {
           require(b.size() == n_out, "bias must have n_out elements");
         }
         auto yv = y.mutable_data();
-        k.matmul(x.data(), w.ref, bias.is_none() ? nullptr : b.data(), yv, n_tok, n_in, n_out, r0, r1, accumulate);
+        // rowwise: Kernels::gemv, the row-by-row kernel of decode steps, whatever n_tok
+        (rowwise ? k.gemv : k.matmul)(x.data(), w.ref, bias.is_none() ? nullptr : b.data(), yv, n_tok, n_in, n_out, r0,
+                                      r1, accumulate);
         return y;
       },
       py::arg("isa"), py::arg("x"), py::arg("W"), py::arg("wtype"), py::arg("bias"), py::arg("y"),
       py::arg("accumulate"), py::arg("r0"), py::arg("r1"), py::arg("scales") = py::none(), py::arg("mins") = py::none(),
-      py::arg("codes") = py::none());
+      py::arg("codes") = py::none(), py::arg("rowwise") = false);
   t.def(
       "kernel_pack",
       [](const std::string& isa, Array<float> x) {

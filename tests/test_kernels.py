@@ -395,3 +395,22 @@ def test_decode_attention_for_a_gqa_group_split_over_the_keys(core, isa, kv_dtyp
         if isa != "generic":
             twin = core.kernel_attention("generic", Q, K, V, 0.2, 16, kv_dtype, parts)[0]
             assert np.allclose(out, twin, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("wtype", ["f32", "bf16", "f16"])
+def test_rowwise_token_gets_what_it_gets_alone(isa, wtype):
+    """The row-by-row kernel of decode steps (Kernels::gemv) takes several tokens per pass over the
+    weights: each token's outputs are bit for bit those of a call with that token alone, whatever the
+    batch and whatever the row length (whole and partial vectors, a scalar tail)."""
+    rng = np.random.default_rng(11)
+    for n_tok, n_in, rows in ((2, 576, 7), (3, 100, 9), (8, 64, 5), (9, 33, 4), (17, 96, 3)):
+        W, _ = weights(rng, rows, n_in, wtype)
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        b = rng.standard_normal(rows).astype(np.float32)
+        y = _core.testing.kernel_matmul(isa, x, W, wtype, b, np.zeros((n_tok, rows), np.float32), False, 0, rows,
+                                        rowwise=True)
+        for t in range(n_tok):
+            alone = _core.testing.kernel_matmul(isa, x[t:t + 1], W, wtype, b, np.zeros((1, rows), np.float32), False,
+                                                0, rows, rowwise=True)
+            assert np.array_equal(y[t], alone[0]), (n_tok, n_in, t)

@@ -77,24 +77,6 @@ inline __m512 add_group(__m512 acc, __m512i dot, __m512 sg, __m512 mg, float xs,
   return Q4 ? _mm512_fmadd_ps(mg, _mm512_set1_ps(xsum), acc) : acc;
 }
 
-// The integer dots [t] of group g of the tile's 16 rows (rg0[i]: row i's first group) with NT
-// tokens' activations, `groups` groups apart.
-template <DType T, int NT>
-inline void group_dots(const int16_t* xq, const WeightsRef& W, int groups, const long* rg0, int g, __m512i* dots) {
-  __m512i w[16], pairs[16];
-  for (int i = 0; i < 16; ++i) w[i] = load_group32<T>(W, rg0[i] + g);
-  transpose16x16(w, pairs);
-  for (int t = 0; t < NT; ++t) {
-    const int32_t* x = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
-    __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
-    for (int k = 0; k < 16; k += 2) {
-      d0 = dot_pairs16(d0, pairs[k], _mm512_set1_epi32(x[k]));
-      d1 = dot_pairs16(d1, pairs[k + 1], _mm512_set1_epi32(x[k + 1]));
-    }
-    dots[t] = _mm512_add_epi32(d0, d1);
-  }
-}
-
 // out[t] (lane i: row i of the tile) for NT tokens: q_row's sums. s, m: tile_scales; lane_acc:
 // scratch of 8 · NT registers for the eight accumulators. The next tile's next_bytes at `next` are
 // fetched meanwhile, a groups-th of them per group (the walk over the tile's rows is too scattered
@@ -108,16 +90,25 @@ inline void tile_dots(const int16_t* xq, const float* xs, const float* xsum, con
   int done = 0;  // groups added so far
   auto scale = [&](int g) { return _mm512_loadu_ps(s + long(g) * 16); };
   auto min = [&](int g) { return Q4 ? _mm512_loadu_ps(m + long(g) * 16) : _mm512_setzero_ps(); };
+  // group g of every token into acc: the tile's 16 rows of it transposed, so that pairs[k] holds
+  // pair k of each row, and a token's dots for all 16 rows are 16 vpdpwssd with its pair k broadcast
   auto add = [&](__m512* acc, int g) {
     for (long p = next_bytes * done / groups & ~63L; p < next_bytes * (done + 1) / groups; p += 64)
       _mm_prefetch(next + p, _MM_HINT_T0);
     ++done;
-    __m512i dots[NT];
-    group_dots<T, NT>(xq, W, groups, rg0, g, dots);
+    __m512i w[16], pairs[16];
+    for (int i = 0; i < 16; ++i) w[i] = load_group32<T>(W, rg0[i] + g);
+    transpose16x16(w, pairs);
     const __m512 sg = scale(g), mg = min(g);
     for (int t = 0; t < NT; ++t) {
+      const int32_t* x = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
+      __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+      for (int k = 0; k < 16; k += 2) {
+        d0 = dot_pairs16(d0, pairs[k], _mm512_set1_epi32(x[k]));
+        d1 = dot_pairs16(d1, pairs[k + 1], _mm512_set1_epi32(x[k + 1]));
+      }
       const long tg = long(t) * groups + g;
-      acc[t] = add_group<Q4>(acc[t], dots[t], sg, mg, xs[tg], Q4 ? xsum[tg] : 0.0f);
+      acc[t] = add_group<Q4>(acc[t], _mm512_add_epi32(d0, d1), sg, mg, xs[tg], Q4 ? xsum[tg] : 0.0f);
     }
   };
   for (int u = 0; u < 8; ++u) {  // accumulator u: groups u, u + 8, … (the tile is in L1 or L2 after u = 0)

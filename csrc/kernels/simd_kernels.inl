@@ -3,7 +3,7 @@
 // file inside their own namespace. The math matches the scalar twins in kernels_generic.cpp.
 //
 // S provides: N (lanes), V (register), zero(), set1(f), load(p), store(p, v), fma(a, b, c) = a·b + c,
-// add, sub, mul, div, min, max, round, ldexp(v, n) = v·2^n, sum(v), load_bf16(p), load_f16(p)
+// add, sub, mul, div, min, max, round, ldexp(v, n) = v·2^n, sum(v), sums(v[N]), load_bf16(p), load_f16(p)
 // (N halves → f32), store_bf16(p, v), store_f16(p, v) (f32 → N halves, rounded to nearest even);
 // gemm.inl adds its own (GEMM_ROWS, GEMM_VECS, transpose).
 
@@ -205,8 +205,8 @@ constexpr int ATT_KEYS = S::N >= 16 ? 4 : 2;
 constexpr int ATT_VECS = S::N >= 16 ? 4 : 2;
 
 // s[h][j] = scale · K_j · q_h for KP keys j of a run (rows d elements apart, d a multiple of N) and
-// hn ≤ ATT_HEADS heads; returns nothing, raises mx[h] to the largest. Each key's score is one
-// accumulator over the dimensions in order, whatever KP.
+// hn ≤ ATT_HEADS heads, raising mx[h] to the largest. Each key's score is one accumulator over the
+// dimensions in order, its lanes then added by S::sums' tree: the same operations whatever KP.
 template <class E, int KP>
 inline void scores(const float* q, int ldq, int hn, const typename E::T* K, int d, float scale, float* const* s,
                    float* mx) {
@@ -222,9 +222,20 @@ inline void scores(const float* q, int ldq, int hn, const typename E::T* K, int 
         for (int u = 0; u < KP; ++u) a[u][h] = S::fma(qv, k[u], a[u][h]);
       }
   }
+  // the lane sums N at a time (S::sums; unused slots zero): each score the same tree of adds
+  constexpr int ALL = KP * ATT_HEADS, PASSES = (ALL + S::N - 1) / S::N;
+  alignas(64) float sum[PASSES * S::N];
+  for (int p = 0; p < PASSES; ++p) {
+    V v[S::N];
+    for (int c = 0; c < S::N; ++c) {
+      const int i = p * S::N + c, h = i / KP, u = i % KP;
+      v[c] = i < ALL && h < hn ? a[u][h] : S::zero();
+    }
+    S::store(sum + p * S::N, S::sums(v));
+  }
   for (int h = 0; h < hn; ++h)
     for (int u = 0; u < KP; ++u) {
-      s[h][u] = scale * S::sum(a[u][h]);
+      s[h][u] = scale * sum[h * KP + u];
       mx[h] = s[h][u] > mx[h] ? s[h][u] : mx[h];
     }
 }

@@ -33,38 +33,41 @@ inline __m512i load_group32(const WeightsRef& W, long rg) {
   }
 }
 
+// Floats of tile_scales' row_buf: each of 16 rows 2 · q4k_stride(groups) + 8 floats apart (Q4K's
+// decoded super-blocks start up to 7 groups before the row's first), and a block of 16 past the end.
+inline long tile_rows_floats(int groups) { return 8 + 16L * (2 * q4k_stride(groups) + 8) + 16; }
+
 // The scales (and int4 mins) of a tile's rows as f32, group-major: s[g · 16 + i] for row i of the
-// tile. Rows past the tile's `rows` repeat its last row.
+// tile. Rows past the tile's `rows` repeat its last row. Each row's are first decoded into row_buf
+// (tile_rows_floats), scales at R + i · ld and mins at R + i · ld + mins_at, then transposed.
 template <DType T>
 void tile_scales(const WeightsRef& W, int groups, int r, int rows, float* s, float* m, float* row_buf) {
   constexpr bool Q4 = T != DType::Q8;
-  const int stride = (groups + 15) / 16 * 16;  // row_buf: 16 rows of scales, then 16 of mins
+  const int mins_at = q4k_stride(groups);  // ≥ groups + 15: room for a whole block of 16
+  const long ld = 2L * mins_at + 8;
+  float* R = row_buf + 8;
   for (int i = 0; i < TILE_ROWS; ++i) {
     const long row = r + (i < rows ? i : rows - 1);
-    float* rs = row_buf + long(i) * stride;
-    float* rm = row_buf + long(TILE_ROWS + i) * stride;
-    if (T == DType::Q4K) {
-      static thread_local std::vector<float> q4k;
-      q4k.resize(2 * size_t(q4k_stride(groups)));
-      const float* fs = q4k_row_scales(W, groups, row, q4k.data());
-      std::memcpy(rs, fs, sizeof(float) * groups);
-      std::memcpy(rm, fs + q4k_stride(groups), sizeof(float) * groups);
+    float* rs = R + i * ld;
+    if (T == DType::Q4K) {  // the super-blocks' codes decoded in place: the row's scales land at rs
+      const int off = int(row * groups % QK_GROUPS);
+      q4k_row_scales(W, groups, row, rs - off);
       continue;
     }
     for (int g = 0; g < groups; g += 16) {
       const __mmask16 k = groups - g >= 16 ? 0xffff : __mmask16((1u << (groups - g)) - 1);
       const long rg = row * groups + g;
       _mm512_storeu_ps(rs + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, W.scales + rg)));
-      if (Q4) _mm512_storeu_ps(rm + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, W.mins + rg)));
+      if (Q4) _mm512_storeu_ps(rs + mins_at + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, W.mins + rg)));
     }
   }
-  for (int g = 0; g < groups; g += 16) {  // whole blocks of 16: the row buffers are padded
+  for (int g = 0; g < groups; g += 16) {  // a last block of fewer than 16 reads padding, not stored
     const int n = groups - g < 16 ? groups - g : 16;
     __m512i col[16];
-    transpose16x16(row_buf + g, stride, col);
+    transpose16x16(R + g, ld, col);
     for (int c = 0; c < n; ++c) _mm512_storeu_si512(s + long(g + c) * 16, col[c]);
     if (!Q4) continue;
-    transpose16x16(row_buf + long(TILE_ROWS) * stride + g, stride, col);
+    transpose16x16(R + mins_at + g, ld, col);
     for (int c = 0; c < n; ++c) _mm512_storeu_si512(m + long(g + c) * 16, col[c]);
   }
 }
@@ -143,9 +146,9 @@ template <DType T>
 void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
               int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
   const int groups = n_in / QGROUP, pad = (groups + 15) / 16 * 16;
-  // Q4K: a row's scales and mins; the tiles' scales and mins group-major, and tile_scales' 32 rows
+  // Q4K: a row's scales and mins; a tile's scales and mins group-major; tile_scales' row buffer
   static thread_local std::vector<float> buf;
-  buf.resize(2 * size_t(q4k_stride(groups)) + size_t(pad) * 16 * 4);
+  buf.resize(2 * size_t(q4k_stride(groups)) + size_t(pad) * 16 * 2 + size_t(tile_rows_floats(groups)));
   float *row_scales = buf.data(), *s = row_scales + 2 * q4k_stride(groups), *m = s + size_t(pad) * 16;
   float* row_buf = m + size_t(pad) * 16;
   auto rows_alone = [&](int ra, int rb, int t0, int nt) {  // q_row for rows [ra, rb), tokens t0 … t0 + nt − 1

@@ -399,5 +399,53 @@ def test_random_shapes_and_sequential_engines(tmp_path, monkeypatch):
                                                             ("gally generate", "tg3")}  # steps after the first
     folder = res.model["bf16"]
     assert folder.endswith("random-tiny-bf16") and gally.load(folder).config.rope_scaling["rope_type"] == "llama3"
+    with open(os.path.join(folder, "tokenizer.model"), "rb") as f:  # for llama.cpp's converter
+        assert f.read() == random_model.sentencepiece_model()
     with pytest.raises(ValueError, match="either -m MODEL or --shape"):
         Options(model="x", shape="tiny").validate()
+
+
+def _protobuf_fields(data: bytes) -> list:
+    """(field number, value) of a protobuf message: varints as int, 32-bit fields as bytes,
+    length-delimited fields as bytes."""
+    def varint(i):
+        n = shift = 0
+        while True:
+            b = data[i]
+            n |= (b & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if b < 0x80:
+                return n, i
+    out, i = [], 0
+    while i < len(data):
+        key, i = varint(i)
+        kind = key & 7
+        if kind == 0:
+            v, i = varint(i)
+        elif kind == 5:
+            v, i = data[i:i + 4], i + 4
+        else:
+            assert kind == 2, kind
+            n, i = varint(i)
+            v, i = data[i:i + n], i + n
+        out.append((key >> 3, v))
+    return out
+
+
+def test_random_model_tokenizer_is_a_sentencepiece_model():
+    """The random folders' tokenizer.model, which llama.cpp's convert_hf_to_gguf.py loads with
+    SentencePiece: pieces <unk> (unknown), <s>, </s> (control), then normal pieces; a unigram
+    trainer spec whose vocab_size counts them; the identity normaliser."""
+    from gally.bench import random_model
+
+    fields = _protobuf_fields(random_model.sentencepiece_model())
+    pieces = []
+    for number, v in fields:
+        if number == 1:
+            f = dict(_protobuf_fields(v))
+            pieces.append((f[1].decode(), f[3]))
+    assert pieces[:3] == [("<unk>", 2), ("<s>", 3), ("</s>", 3)]
+    assert len(pieces) > 3 and all(kind == 1 and text.startswith("\u2581") for text, kind in pieces[3:])
+    trainer = dict(_protobuf_fields(dict(fields)[2]))
+    assert trainer == {3: 1, 4: len(pieces)}  # model_type UNIGRAM, vocab_size
+    assert dict(_protobuf_fields(dict(fields)[3]))[1] == b"identity"

@@ -67,8 +67,38 @@ def file_bytes(shape: str, dtype: str) -> int:
     return sum(width * int(np.prod(s)) for _, s in shapes(SHAPES[shape]))
 
 
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out += bytes([low | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def _field(number: int, payload: bytes) -> bytes:  # a length-delimited protobuf field
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def sentencepiece_model() -> bytes:
+    """A tokenizer.model (SentencePiece's ModelProto, encoded by hand): <unk>, <s>, </s> and the
+    letters, unigram, no normalisation. llama.cpp's convert_hf_to_gguf.py needs a tokenizer to
+    make a GGUF and fills the rest of the vocabulary with [PAD] tokens; the benchmarks feed token
+    ids, so what the tokenizer says does not matter."""
+    pieces = [("<unk>", 2), ("<s>", 3), ("</s>", 3)] + [("\u2581" + c, 1) for c in "abcdefghijklmnopqrstuvwxyz"]
+    proto = b""
+    for i, (text, kind) in enumerate(pieces):  # SentencePiece: piece = 1, score = 2 (float), type = 3
+        score = 0.0 if kind != 1 else -float(i)
+        proto += _field(1, _field(1, text.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", score)
+                        + _varint(3 << 3) + _varint(kind))
+    trainer = _varint(3 << 3) + _varint(1) + _varint(4 << 3) + _varint(len(pieces))  # model_type UNIGRAM, vocab
+    normalizer = _field(1, b"identity") + _varint(3 << 3) + _varint(0)  # no dummy prefix
+    return proto + _field(2, trainer) + _field(3, normalizer)
+
+
 def write(folder: str, shape: str = "smollm2-135m", dtype: str = "f32", seed: int = 0) -> None:
-    """config.json and model.safetensors, one tensor in memory at a time."""
+    """config.json, tokenizer.model (sentencepiece_model) and model.safetensors, one tensor in
+    memory at a time."""
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {', '.join(SHAPES)}, not {shape!r}")
     if dtype not in ("f32", "bf16"):
@@ -78,6 +108,8 @@ def write(folder: str, shape: str = "smollm2-135m", dtype: str = "f32", seed: in
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(dict(config, torch_dtype="float32" if dtype == "f32" else "bfloat16"), f, indent=1)
+    with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+        f.write(sentencepiece_model())
     header, offset = {}, 0
     for name, s in shapes(config):
         size = width * int(np.prod(s))

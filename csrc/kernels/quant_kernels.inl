@@ -7,7 +7,7 @@
 // vpaddd after the vpmaddwd on AVX2, one vpdpwssd where the CPU has VNNI (kernels_vnni.cpp), and
 // includes <cmath>, <cstring>, <vector> and kernels/common.h. The AVX-512 sets define
 // GALLY_QUANT_ROWS_AVX512 and take quant_rows_avx512.inl's matmul_q, which adds a path for
-// batches of several tokens to q_row and q_row_tokens here.
+// batches of several tokens to matmul_q_rows here.
 
 inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -206,15 +206,11 @@ inline void q_row_tokens(const int16_t* xq, const float* xs, const float* xsum, 
   }
 }
 
-#if defined(GALLY_QUANT_ROWS_AVX512)
-#include "kernels/quant_rows_avx512.inl"
-#else
-
 // A few tokens (decode steps; batches of GEMM_MIN_TOKENS or more take the GEMM): row by row, each
 // row multiplied by every token while it is in L1, up to ROW_TOKENS tokens per pass over it.
 template <DType T>
-void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
-              int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
+void matmul_q_rows(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+                   int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
   const int groups = n_in / QGROUP;
   static thread_local std::vector<float> buf;  // Q4K: a row's scales and mins
   if (T == DType::Q4K) buf.resize(2 * size_t(q4k_stride(groups)));
@@ -237,7 +233,15 @@ void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const Weigh
   }
 }
 
-#endif  // GALLY_QUANT_ROWS_AVX512
+#if defined(GALLY_QUANT_ROWS_AVX512)
+#include "kernels/quant_rows_avx512.inl"
+#else
+template <DType T>
+void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+              int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
+  matmul_q_rows<T>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+}
+#endif
 
 void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
                int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {

@@ -1,7 +1,7 @@
 // matmul_q of the AVX-512 sets: the row-wise int8 and int4 (Q4, Q4K) products of a few tokens,
 // the decode steps of one or more sequences, with int16 activations (kernels.h).
 //
-// Fewer than LANE_TOKENS tokens take q_row / q_row_tokens (quant_kernels.inl), one row at a time:
+// Fewer than LANE_TOKENS tokens take matmul_q_rows (quant_kernels.inl), one row at a time:
 // the weights stream through in memory order, which a decode step bound by memory needs. More
 // tokens take a tile of 16 rows with one row in each lane: each group's 16 rows of weights are
 // widened to 32 int16 each and transposed (transpose_avx512.h), so that register k holds pair k of
@@ -91,8 +91,8 @@ inline void tile_dots(const int16_t* xq, const float* xs, const float* xsum, con
   constexpr bool Q4 = T != DType::Q8;
   const int groups8 = groups / 8 * 8;
   int done = 0;  // groups added so far
-  auto scale = [&](int g) { return _mm512_loadu_ps(s + long(g) * 16); };
-  auto min = [&](int g) { return Q4 ? _mm512_loadu_ps(m + long(g) * 16) : _mm512_setzero_ps(); };
+  auto group_scales = [&](int g) { return _mm512_loadu_ps(s + long(g) * 16); };
+  auto group_mins = [&](int g) { return Q4 ? _mm512_loadu_ps(m + long(g) * 16) : _mm512_setzero_ps(); };
   // group g of every token into acc: the tile's 16 rows of it transposed, so that pairs[k] holds
   // pair k of each row, and a token's dots for all 16 rows are 16 vpdpwssd with its pair k broadcast
   auto add = [&](__m512* acc, int g) {
@@ -102,7 +102,7 @@ inline void tile_dots(const int16_t* xq, const float* xs, const float* xsum, con
     __m512i w[16], pairs[16];
     for (int i = 0; i < 16; ++i) w[i] = load_group32<T>(W, rg0[i] + g);
     transpose16x16(w, pairs);
-    const __m512 sg = scale(g), mg = min(g);
+    const __m512 sg = group_scales(g), mg = group_mins(g);
     for (int t = 0; t < NT; ++t) {
       const int32_t* x = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
       __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
@@ -145,29 +145,12 @@ inline void tile_dots_n(int nt, const int16_t* xq, const float* xs, const float*
 template <DType T>
 void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
               int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
+  if (n_tok < LANE_TOKENS) return matmul_q_rows<T>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
   const int groups = n_in / QGROUP, pad = (groups + 15) / 16 * 16;
-  // Q4K: a row's scales and mins; a tile's scales and mins group-major; tile_scales' row buffer
+  // a tile's scales and mins group-major; tile_scales' row buffer
   static thread_local std::vector<float> buf;
-  buf.resize(2 * size_t(q4k_stride(groups)) + size_t(pad) * 16 * 2 + size_t(tile_rows_floats(groups)));
-  float *row_scales = buf.data(), *s = row_scales + 2 * q4k_stride(groups), *m = s + size_t(pad) * 16;
-  float* row_buf = m + size_t(pad) * 16;
-  auto rows_alone = [&](int ra, int rb, int t0, int nt) {  // q_row for rows [ra, rb), tokens t0 … t0 + nt − 1
-    for (int r = ra; r < rb; ++r) {
-      const float* fs = T == DType::Q4K ? q4k_row_scales(W, groups, r, row_scales) : nullptr;
-      const float* fm = T == DType::Q4K ? fs + q4k_stride(groups) : nullptr;
-      const long tg = long(t0) * groups;
-      const float* xsum_t = T != DType::Q8 ? xsum + tg : nullptr;
-      float out[ROW_TOKENS];
-      if (nt == 1) out[0] = q_row<T>(xq + tg * QGROUP, xs + tg, xsum_t, W, groups, r, fs, fm);
-      else q_row_tokens<T>(xq + tg * QGROUP, xs + tg, xsum_t, W, groups, r, fs, fm, nt, out);
-      for (int t = 0; t < nt; ++t) {
-        float& o = y[long(t0 + t) * ldy + r];
-        const float v = out[t] + (b ? b[r] : 0.0f);
-        o = accumulate ? o + v : v;
-      }
-    }
-  };
-  if (n_tok < LANE_TOKENS) return rows_alone(r0, r1, 0, n_tok);
+  buf.resize(size_t(pad) * 16 * 2 + size_t(tile_rows_floats(groups)));
+  float *s = buf.data(), *m = s + size_t(pad) * 16, *row_buf = m + size_t(pad) * 16;
   for (int r = r0; r < r1; r += TILE_ROWS) {
     const int rows = r1 - r < TILE_ROWS ? r1 - r : TILE_ROWS;
     const __mmask16 lanes = __mmask16((1u << rows) - 1);
@@ -180,11 +163,12 @@ void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const Weigh
     const long next_bytes = (r1 - r - rows < TILE_ROWS ? r1 - r - rows : TILE_ROWS) * row_bytes;
     for (int t0 = 0; t0 < n_tok; t0 += ROW_TOKENS) {
       const int nt = n_tok - t0 < ROW_TOKENS ? n_tok - t0 : ROW_TOKENS;
+      const long tg = long(t0) * groups;
       if (nt < LANE_TOKENS) {
-        rows_alone(r, r + rows, t0, nt);
+        matmul_q_rows<T>(xq + tg * QGROUP, xs + tg, T != DType::Q8 ? xsum + tg : nullptr, W, b, y + long(t0) * ldy, nt,
+                         n_in, ldy, r, r + rows, accumulate);
         continue;
       }
-      const long tg = long(t0) * groups;
       __m512 lane_acc[8 * ROW_TOKENS], acc[ROW_TOKENS];
       tile_dots_n<T>(nt, xq + tg * QGROUP, xs + tg, T != DType::Q8 ? xsum + tg : nullptr, W, groups, rg0, s, m, next,
                      t0 == 0 ? next_bytes : 0, lane_acc, acc);

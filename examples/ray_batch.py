@@ -68,6 +68,15 @@ def check_new(path: str) -> None:
         raise ValueError(f"{path}: the output folder exists already; give a new one")
 
 
+def write_timed(dataset, path: str, format: str) -> tuple[int, int, float]:
+    """Writes the dataset (which runs the pipeline); its rows, completion tokens and seconds."""
+    t0 = time.perf_counter()
+    write = dataset.write_parquet if format == "parquet" else dataset.write_json
+    write(path, ray_remote_args={"num_cpus": IO_CPUS})
+    seconds = time.perf_counter() - t0
+    return (*written(path, format), seconds)
+
+
 def written(path: str, format: str) -> tuple[int, int]:
     """(rows, completion tokens) in the files written, read by Arrow (no Ray job)."""
     import pyarrow.compute as pc
@@ -101,11 +110,7 @@ def main(argv=None) -> int:
         fn_constructor_kwargs=dict(model=args.model, column=args.column, threads=args.threads,
                                    parallel=args.parallel, **sampling),
         compute=ActorPoolStrategy(size=args.actors), num_cpus=args.threads)
-    t0 = time.perf_counter()
-    write = out.write_parquet if args.format == "parquet" else out.write_json
-    write(args.output, ray_remote_args={"num_cpus": IO_CPUS})
-    seconds = time.perf_counter() - t0
-    rows, tokens = written(args.output, args.format)
+    rows, tokens, seconds = write_timed(out, args.output, args.format)
     print(f"{rows} rows, {tokens} completion tokens in {seconds:.1f} s "
           f"({tokens / seconds:.1f} tok/s, {args.actors} actors × {args.threads} threads, model loads included) "
           f"→ {args.output}", file=sys.stderr)

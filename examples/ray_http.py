@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ray_batch import IO_CPUS, check_new, read, written  # noqa: E402  (beside this file)
+from ray_batch import check_new, read, write_timed  # noqa: E402  (beside this file)
 
 # Workers that only send requests need no core of their own: the servers do the work.
 HTTP_CPUS = 0.1
@@ -87,11 +86,7 @@ def main(argv=None) -> int:
     ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True)
     check_new(args.output)
     out = processor(read(args.input))
-    t0 = time.perf_counter()
-    write = out.write_parquet if args.format == "parquet" else out.write_json
-    write(args.output, ray_remote_args={"num_cpus": IO_CPUS})
-    seconds = time.perf_counter() - t0
-    rows, tokens = written(args.output, args.format)
+    rows, tokens, seconds = write_timed(out, args.output, args.format)
     print(f"{rows} rows, {tokens} completion tokens in {seconds:.1f} s ({tokens / seconds:.1f} tok/s, "
           f"{args.concurrency} requests in flight) → {args.output}", file=sys.stderr)
     return 0

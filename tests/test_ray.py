@@ -5,6 +5,7 @@ ray.data.llm's HTTP processor against a `gally serve` gives the same texts."""
 from __future__ import annotations
 
 import glob
+import importlib
 import json
 import os
 import random
@@ -57,6 +58,15 @@ def local_ray():
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     yield
     ray.shutdown()
+
+
+def example(name: str):
+    """The module examples/NAME.py (which imports its neighbours as top-level modules)."""
+    sys.path.insert(0, EXAMPLES)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(EXAMPLES)
 
 
 def by_id(rows) -> list[dict]:
@@ -125,11 +135,7 @@ def test_formats_agree_and_bad_input_names_the_column_and_row(folder):
 
 
 def test_batch_example_jsonl_to_parquet(local_ray, folder, model, tmp_path):
-    sys.path.insert(0, EXAMPLES)
-    try:
-        import ray_batch
-    finally:
-        sys.path.remove(EXAMPLES)
+    ray_batch = example("ray_batch")
     prompts = texts(40, seed=2)
     source = tmp_path / "prompts.jsonl"
     source.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
@@ -149,11 +155,7 @@ def test_http_example_against_gally_serve(local_ray, folder, model, tmp_path):
     are the model's."""
     from test_serve import Server
 
-    sys.path.insert(0, EXAMPLES)
-    try:
-        import ray_http
-    finally:
-        sys.path.remove(EXAMPLES)
+    ray_http = example("ray_http")
     messages = chats(12, seed=3)
     source = tmp_path / "chats.jsonl"
     source.write_text("".join(json.dumps({"id": i, "messages": m}) + "\n" for i, m in enumerate(messages)))

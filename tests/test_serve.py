@@ -172,8 +172,8 @@ def test_bad_requests_get_openai_errors(server):
 
 def test_a_disconnect_frees_the_sequence(server):
     before = server.metrics()
-    with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 400,
-                                                                  "stream": True}) as r:
+    body = {"prompt": "Once", "max_tokens": 400, "stream": True, "ignore_eos": True}  # still running when cut
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
         lines = r.iter_lines()
         for _ in range(6):
             next(lines)
@@ -207,15 +207,17 @@ def test_api_key_queue_limit_and_drain_on_sigterm(folder):
             s.client(api_key="wrong").models.list()
         client = s.client(api_key="sekrit")
         assert httpx.get(s.url + "/health").status_code == 200  # no key needed
-        long = client.completions.create(model="", prompt="Once", max_tokens=60, temperature=0, stream=True,
-                                         stream_options={"include_usage": True})
+        # long enough to still hold the one slot when the next request comes (60 tokens of the test model
+        # could all be made before it: seen once in a local run)
+        long = client.completions.create(model="", prompt="Once", max_tokens=240, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         next(iter(long))
         with pytest.raises(openai.APIStatusError) as e:
             client.completions.create(model="", prompt="Hi", max_tokens=2)
         assert e.value.status_code == 503 and e.value.response.headers["retry-after"]
         s.proc.send_signal(signal.SIGTERM)  # drains: the running stream still ends whole
         rest = list(long)
-        assert rest[-2].choices[0].finish_reason == "length" and rest[-1].usage.completion_tokens == 60
+        assert rest[-2].choices[0].finish_reason == "length" and rest[-1].usage.completion_tokens == 240
         assert s.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn ends by the signal it drained for
     finally:
         s.stop()

@@ -208,10 +208,13 @@ void add_testing_module(py::module_& m) {
   t.def(
       "kernel_matmul_quantized",
       [](const std::string& isa, Array<int16_t> xq, Array<float> xs, Array<float> xsum, py::array Wq,
-         Array<uint16_t> Ws, py::object Wm, Array<float> y, int r0, int r1, py::object codes) {
+         Array<uint16_t> Ws, py::object Wm, Array<float> y, int r0, int r1, py::object codes, bool gemm,
+         py::object bias, bool accumulate) {
         // Wq int8 [n_out, n_in] (int8 weights) or uint8 [n_out, n_in/2] (int4 v1 with Wm; int4 v2 with Wm and
-        // codes, Ws and Wm then the super-blocks' d and dmin)
+        // codes, Ws and Wm then the super-blocks' d and dmin). gemm: Kernels::gemm_q rather than the row-wise
+        // matmul_q8/q4/q4k.
         const Kernels& k = kernels_named(isa);
+        require(!gemm || k.gemm_q, std::string(k.name) + " has no gemm_q");
         require(xq.ndim() == 2, "xq must be [n_tok, n_in]");
         const int n_tok = int(xq.shape(0)), n_in = int(xq.shape(1)), n_out = int(Wq.shape(0));
         const bool q4 = !Wm.is_none(), q4k = !codes.is_none();
@@ -226,27 +229,43 @@ void add_testing_module(py::module_& m) {
         require(y.ndim() == 2 && y.shape(0) == n_tok && y.shape(1) == n_out && 0 <= r0 && r0 <= r1 && r1 <= n_out,
                 "y or the row range has the wrong shape");
         require(xs.size() == n_tok * (n_in / QGROUP) && xsum.size() == xs.size(), "xs, xsum must be [n, n_in/32]");
-        float* out = y.mutable_data();
-        if (q4k) {
-          Array<uint16_t> m = Wm.cast<Array<uint16_t>>();
-          Array<uint8_t> c = codes.cast<Array<uint8_t>>();
-          require(m.size() == Ws.size() && c.size() == Ws.size() * QK_CODE_BYTES,
-                  "Wm must be shaped as Ws, codes [super-blocks · 12]");
-          const WeightsRef W{Wq.data(), DType::Q4K, Ws.data(), m.data(), c.data()};
-          k.matmul_q4k(xq.data(), xs.data(), xsum.data(), W, nullptr, out, n_tok, n_in, n_out, r0, r1, false);
-        } else if (q4) {
-          Array<uint16_t> m = Wm.cast<Array<uint16_t>>();
-          require(m.size() == Ws.size(), "Wm must be [n_out, n_in/32]");
-          k.matmul_q4(xq.data(), xs.data(), xsum.data(), (const uint8_t*)Wq.data(), Ws.data(), m.data(), nullptr, out,
-                      n_tok, n_in, n_out, r0, r1, false);
-        } else {
-          k.matmul_q8(xq.data(), xs.data(), (const int8_t*)Wq.data(), Ws.data(), nullptr, out, n_tok, n_in, n_out, r0,
-                      r1, false);
+        Array<float> b;
+        if (!bias.is_none()) {
+          b = bias.cast<Array<float>>();
+          require(b.size() == n_out, "bias must have n_out elements");
         }
+        Array<uint16_t> m;
+        Array<uint8_t> c;
+        if (q4) {
+          m = Wm.cast<Array<uint16_t>>();
+          require(m.size() == Ws.size(), "Wm must be shaped as Ws");
+        }
+        if (q4k) {
+          c = codes.cast<Array<uint8_t>>();
+          require(c.size() == Ws.size() * QK_CODE_BYTES, "codes must be [super-blocks · 12]");
+        }
+        const WeightsRef W{Wq.data(),
+                           q4k  ? DType::Q4K
+                           : q4 ? DType::Q4
+                                : DType::Q8,
+                           Ws.data(), q4 ? m.data() : nullptr, q4k ? c.data() : nullptr};
+        const float* bp = bias.is_none() ? nullptr : b.data();
+        float* out = y.mutable_data();
+        if (gemm) k.gemm_q(xq.data(), xs.data(), xsum.data(), W, bp, out, n_tok, n_in, n_out, r0, r1, accumulate);
+        else if (q4k)
+          k.matmul_q4k(xq.data(), xs.data(), xsum.data(), W, bp, out, n_tok, n_in, n_out, r0, r1, accumulate);
+        else if (q4)
+          k.matmul_q4(xq.data(), xs.data(), xsum.data(), (const uint8_t*)Wq.data(), Ws.data(), m.data(), bp, out, n_tok,
+                      n_in, n_out, r0, r1, accumulate);
+        else
+          k.matmul_q8(xq.data(), xs.data(), (const int8_t*)Wq.data(), Ws.data(), bp, out, n_tok, n_in, n_out, r0, r1,
+                      accumulate);
         return y;
       },
       py::arg("isa"), py::arg("xq"), py::arg("xs"), py::arg("xsum"), py::arg("Wq"), py::arg("Ws"), py::arg("Wm"),
-      py::arg("y"), py::arg("r0"), py::arg("r1"), py::arg("codes") = py::none());
+      py::arg("y"), py::arg("r0"), py::arg("r1"), py::arg("codes") = py::none(), py::arg("gemm") = false,
+      py::arg("bias") = py::none(), py::arg("accumulate") = false);
+  t.def("kernel_has_gemm_q", [](const std::string& isa) { return kernels_named(isa).gemm_q != nullptr; });
   t.def("kernel_rmsnorm", [](const std::string& isa, Array<float> x, Array<float> w, float eps) {
     require(x.size() == w.size(), "x and w differ in size");
     Array<float> out(x.size());

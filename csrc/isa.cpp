@@ -109,8 +109,12 @@ const Kernels& avx2vnni() {
 }
 
 const Kernels& avx512vnni() {
-  static const Kernels k =
-      with_quant(kernels_avx512, "avx512vnni", avx512vnni::matmul_q8, avx512vnni::matmul_q4, avx512vnni::matmul_q4k);
+  static const Kernels k = [] {
+    Kernels k =
+        with_quant(kernels_avx512, "avx512vnni", avx512vnni::matmul_q8, avx512vnni::matmul_q4, avx512vnni::matmul_q4k);
+    k.gemm_q = avx512vnni::gemm_q;
+    return k;
+  }();
   return k;
 }
 

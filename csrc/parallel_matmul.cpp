@@ -23,12 +23,22 @@ void rowwise_outs(const Kernels& ops, const MatmulInput& in, int n_in, const Mat
 }
 
 void gemm_outs(const Kernels& ops, const MatmulInput& in, int t0, int t1, int n_in, const MatmulOut* outs, int count) {
-  MatmulOut shifted[4];  // the outs with y at token t0
-  for (int i = 0; i < count; ++i) shifted[i] = outs[i], shifted[i].y += size_t(t0) * outs[i].ldy;
+  MatmulOut shifted[4];  // the outs with y at token t0 that take matmul_many
+  int rest = 0;
+  const long tg = long(t0) * (n_in / QGROUP);
+  for (int i = 0; i < count; ++i) {
+    MatmulOut o = outs[i];
+    o.y += size_t(t0) * o.ldy;
+    if (in.xq_gemm && is_quantized(o.W.dtype))
+      ops.gemm_q(in.xq + size_t(t0) * n_in, in.xq_scale + tg, in.xq_sum + tg, o.W, o.b, o.y, t1 - t0, n_in, o.ldy, o.r0,
+                 o.r1, o.accumulate);
+    else shifted[rest++] = o;
+  }
+  if (rest == 0) return;
   const float* x = in.x + size_t(t0) * n_in;
   if (in.packed)
-    ops.matmul_many_packed(in.packed + ops.packed_size(t0 - in.n_rowwise, n_in), x, t1 - t0, n_in, shifted, count);
-  else ops.matmul_many(x, t1 - t0, n_in, shifted, count);
+    ops.matmul_many_packed(in.packed + ops.packed_size(t0 - in.n_rowwise, n_in), x, t1 - t0, n_in, shifted, rest);
+  else ops.matmul_many(x, t1 - t0, n_in, shifted, rest);
 }
 
 void matmul_outs(const Kernels& ops, const MatmulInput& in, int n, int n_in, const MatmulOut* outs, int count) {

@@ -12,8 +12,9 @@
 //   alone split unevenly on many threads (576 rows are 18 blocks: 16 threads get 1 or 2).
 //
 // The activations reach the kernels in the form their weights' format asks for: f32 rows; for
-// row-wise tokens into int8/int4 weights, int16-quantized per group (kernels.h); for GEMM tokens on
-// AVX512-BF16, laid out once, by all threads, in the bf16 GEMM's tiles.
+// row-wise tokens into int8/int4 weights, int16-quantized per group (kernels.h), and so are GEMM
+// tokens where the set has a gemm_q; for other GEMM tokens on AVX512-BF16, laid out once, by all
+// threads, in the bf16 GEMM's tiles.
 #pragma once
 #include "kernels/kernels.h"
 #include "model.h"
@@ -30,6 +31,7 @@ struct MatmulInput {
   const int16_t* xq = nullptr;      // row-wise tokens in int16 [n_rowwise, n_in], with per-group
   const float* xq_scale = nullptr;  // scales and sums [n_rowwise, n_in/QGROUP] (quantized weights)
   const float* xq_sum = nullptr;
+  bool xq_gemm = false;              // xq holds the GEMM tokens too, for Kernels::gemm_q: [n, n_in]
   const uint32_t* packed = nullptr;  // the GEMM tokens in Kernels::pack's layout
 };
 

@@ -86,15 +86,18 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record& re
 MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int n, int n_rowwise, int n_in) {
   MatmulInput a{in, n_rowwise};
   const int gemm = n - n_rowwise;
-  if (gemm > 0 && bf16_prompt && ops.pack) {  // the GEMM tokens laid out once, by all threads
+  // GEMM tokens into int8/int4 weights take gemm_q where the set has one, in int16 as the row-wise
+  // tokens; a matrix in another format then lays out its own input (matmul_many).
+  const bool q_gemm = gemm > 0 && model.quantized && ops.gemm_q && n_in % QGROUP == 0;
+  if (gemm > 0 && bf16_prompt && ops.pack && !q_gemm) {  // the GEMM tokens laid out once, by all threads
     const int tiles = (gemm + GEMM_SPLIT_TOKENS - 1) / GEMM_SPLIT_TOKENS;
     const float* x = in + size_t(n_rowwise) * n_in;
     par::for_static(tiles, [&](int t) { ops.pack(x, gemm, n_in, t, t + 1, packed.data()); });
     a.packed = packed.data();
   }
-  if (!model.quantized || n_in % QGROUP != 0 || n_rowwise == 0) return a;
-  // Row-wise tokens into int8/int4 weights: int16 activations, quantized once per step (by every
-  // thread into its own buffer for a lone token, split over the threads otherwise).
+  if (!model.quantized || n_in % QGROUP != 0 || (n_rowwise == 0 && !q_gemm)) return a;
+  // int16 activations, quantized once per step (by every thread into its own buffer for a lone
+  // token, split over the threads otherwise).
   const int groups = n_in / QGROUP;
   if (n == 1) {
     const size_t id = par::thread_id();
@@ -104,11 +107,11 @@ MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int n, 
     a.xq = xq1, a.xq_scale = s, a.xq_sum = s + qdim / QGROUP;
     return a;
   }
-  par::for_static(n_rowwise, [&](int t) {
+  par::for_static(q_gemm ? n : n_rowwise, [&](int t) {
     ops.quantize_rows(in + size_t(t) * n_in, 1, n_in, xq.data() + size_t(t) * n_in,
                       xq_scale.data() + size_t(t) * groups, xq_sum.data() + size_t(t) * groups);
   });
-  a.xq = xq.data(), a.xq_scale = xq_scale.data(), a.xq_sum = xq_sum.data();
+  a.xq = xq.data(), a.xq_scale = xq_scale.data(), a.xq_sum = xq_sum.data(), a.xq_gemm = q_gemm;
   return a;
 }
 

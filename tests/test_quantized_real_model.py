@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gally
-from gally import perplexity, quantize, safetensors_file
+from gally import _core, perplexity, quantize, safetensors_file
 from real_model_helpers import DATA
 
 
@@ -43,11 +43,14 @@ def test_int4_logits_are_those_of_its_weights(int4_folders, isa):
     assert model.dtype == "int4" and model.copied_bytes == 0
     ids = model.tokenizer.encode(text)[:40]
     want = exact.logits(ids)
-    # the prompt through the GEMM: the dequantized weights exactly (measured: equal), or on avx512bf16 rounded
-    # to bf16 with the activations (measured: 0.50 at most, 97.5% of top tokens the same)
+    # the prompt through the GEMM: where the set has a gemm_q (avx512vnni), the decode kernels' int16
+    # activations (measured: 0.016 at most); else the dequantized weights exactly (measured: equal). The bf16
+    # sets' prompt attention rounds to bf16 (measured on avx512bf16: 0.30 at most with gemm_q, 0.50 when its
+    # GEMM rounded the activations and weights to bf16 too, 97.5% of top tokens the same)
     got = model.logits(ids)
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
-    assert np.abs(got - want).max() <= (1.0 if isa in ("avx512bf16", "neonbf16") else 1e-4)
+    tolerance = 1.0 if isa in ("avx512bf16", "neonbf16") else 4e-2 if _core.testing.kernel_has_gemm_q(isa) else 1e-4
+    assert np.abs(got - want).max() <= tolerance
     # token by token through the integer decode kernels (int16 activations; measured: 0.015 at most)
     s = model.session()
     steps = np.stack([s.append([t]) for t in ids[:12]])

@@ -53,8 +53,9 @@ struct MatmulOut {
   bool accumulate;
 };
 
-// Batches of at least this many tokens take the prefill GEMM (gemm.inl), which dequantizes
-// quantized weights and multiplies the f32 activations; smaller ones multiply row by row.
+// Batches of at least this many tokens take the prefill GEMM (gemm.inl, which dequantizes
+// quantized weights and multiplies the f32 activations, or Kernels::gemm_q); smaller ones multiply
+// row by row.
 constexpr int GEMM_MIN_TOKENS = 4;
 // A batch split between threads is split at multiples of GEMM_SPLIT_TOKENS tokens, which every
 // GEMM's token tile divides (24 or 48 tokens) and Kernels::pack's tile equals.
@@ -181,6 +182,13 @@ struct Kernels {
   void (*pack)(const float* x, int n_tok, int n_in, int tile0, int tile1, uint32_t* xt) = nullptr;
   void (*matmul_many_packed)(const uint32_t* xt, const float* x, int n_tok, int n_in, const MatmulOut* outs,
                              int count) = nullptr;
+
+  // The prompts' GEMM for int8/int4 weights (W.dtype Q8, Q4 or Q4K) with int16 activations: what
+  // matmul_q8/q4/q4k compute, the float sums in another order, the tokens in the vector lanes (so a
+  // token's result still depends on nothing else in the batch). Where it is not null, the forward
+  // pass sends prompts into quantized weights here rather than to matmul, which widens the weights.
+  void (*gemm_q)(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+                 int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) = nullptr;
 };
 
 extern const Kernels kernels_generic;
@@ -210,6 +218,9 @@ void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint
                bool accumulate);
 void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
                 int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
+// Kernels::gemm_q with vpdpwssd (gemm_q_avx512.inl)
+void gemm_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+            int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
 }  // namespace avx512vnni
 // The "avx512bf16" set is kernels_avx512 with this matmul: vdpbf16ps for bf16, int8 and int4
 // weights and batches of ≥ GEMM_MIN_TOKENS (weights and activations rounded to bf16); all else

@@ -4,6 +4,8 @@
 // takes vpmaddwd then vpaddd. Compiled with those flags; isa.cpp puts these into the "avx512vnni"
 // kernel set only where CPUID reports the flag. Measured on a Sapphire Rapids core: +5-10% on
 // weights in cache (int8 24 → 26 GB/s, int4 14 → 15); SmolLM2 decode, bound by memory, unchanged.
+// Also the prompts' GEMM into int8/int4 weights on the same int16 activations (gemm_q_avx512.inl),
+// where vpdpwssd's 32 products an instruction count most.
 #include <immintrin.h>
 
 #include <cmath>
@@ -22,6 +24,9 @@ inline __m512i dot_pairs16(__m512i acc, __m512i a, __m512i b) { return _mm512_dp
 
 #define GALLY_QUANT_ROWS_AVX512
 #include "kernels/quant_kernels.inl"
+
+// after quant_kernels.inl, whose tile_scales and load_group32 it uses
+#include "kernels/gemm_q_avx512.inl"
 
 }  // namespace avx512vnni
 }  // namespace gally

@@ -1,0 +1,180 @@
+// The prefill GEMM for int8 and int4 (Q4, Q4K) weights on AVX-512: the row-wise kernels'
+// arithmetic (int16 activations, exact integer group dots, f32 sums; kernels.h), laid out as
+// gemm.inl lays out the f32 GEMM, with the tokens in the lanes.
+//
+// Why not gemm.inl's way (weights dequantized to f32 or rounded to bf16, then FMAs): a vpdpwssd
+// multiplies 32 int16 pairs at the FMA's rate, where an FMA multiplies 16 floats; and on Sapphire
+// Rapids vdpbf16ps (32 bf16 products) issues at a quarter of that rate (measured per core: 1.7 G
+// against 6.8 G FMAs or 6.4 G vpdpwssd a second). One thread, 128 tokens × 2048 × 2048 int8:
+// 50 GMAC/s through vdpbf16ps, 110 here.
+//
+// - The activations (int16 pairs, group scales and sums) are transposed per call into tiles of
+//   TW tokens: pairs xt[tile][g][p][TW], scales st[tile][g][TW], sums mt[tile][g][TW].
+// - The weights are widened to int16 a chunk of 16 rows at a time (wq[row][n_in], in memory order
+//   within a group as load_group32 gives them), with their scales (and int4 mins) group-major
+//   from tile_scales (quant_rows_avx512.inl).
+// - A register tile of R rows × V vectors of tokens: for each group, 16 vpdpwssd steps with a row's
+//   pair broadcast give R·V integer dots in int32 lanes; each is then converted and added to its
+//   f32 sum as acc += (float(dot) · xs_token) · s_row (+ xsum_token · m_row for int4). Every
+//   lane does the same operations in the same order, so a token's result does not depend on the
+//   other tokens of the batch (nor on the tile it lands in).
+// - The groups run in blocks of KG, whose activations stay in L1 while the chunk's rows pass over
+//   them; the partial sums wait in a chunk × tile buffer.
+//
+// The including file defines dot_pairs16 (vpdpwssd) and includes quant_rows_avx512.inl.
+
+namespace qgemm {
+
+constexpr int R = 8, V = 3, TW = V * 16;  // 24 dots + 3 activations + 1 weight of 32 zmm
+constexpr int KG = 8;                     // groups per block: 8 · 16 · TW · 4 bytes = 24 KiB of activations
+
+// The activations of tokens [t0, t0 + nt) (nt ≤ TW) in the tile layout, zero past nt.
+inline void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int nt, int groups, int32_t* xt, float* st,
+                      float* mt) {
+  const long words = long(groups) * (QGROUP / 2);  // int32 pairs per token
+  alignas(64) int32_t rows[16 * 16];
+  for (int j0 = 0; j0 < TW; j0 += 16)
+    for (int g = 0; g < groups; ++g) {
+      for (int j = 0; j < 16; ++j) {
+        int32_t* row = rows + j * 16;
+        if (j0 + j < nt) std::memcpy(row, (const int32_t*)xq + (j0 + j) * words + long(g) * 16, 64);
+        else std::memset(row, 0, 64);
+      }
+      __m512i col[16];
+      transpose16x16(rows, 16, col);
+      for (int p = 0; p < 16; ++p) _mm512_storeu_si512(xt + (long(g) * 16 + p) * TW + j0, col[p]);
+    }
+  for (int g = 0; g < groups; ++g)
+    for (int j = 0; j < TW; ++j) {
+      st[long(g) * TW + j] = j < nt ? xs[long(j) * groups + g] : 0.0f;
+      mt[long(g) * TW + j] = j < nt && xsum ? xsum[long(j) * groups + g] : 0.0f;
+    }
+}
+
+// acc[i][v] (+)= Σ over groups [0, ng) of row i's group dots with vector v's tokens, scaled.
+// xt, st, mt at the block's first group; w at row 0 and the block's first weight (rows ldw apart);
+// s, m the rows' scales and mins group-major at the block's first group (16 a group).
+template <bool Q4, int RR, int VV>
+inline void tile(const int32_t* xt, const float* st, const float* mt, const int16_t* w, long ldw, const float* s,
+                 const float* m, int ng, bool first, float* out) {
+  if (first)
+    for (int i = 0; i < RR; ++i)
+      for (int v = 0; v < VV; ++v) _mm512_storeu_ps(out + i * TW + v * 16, _mm512_setzero_ps());
+  for (int g = 0; g < ng; ++g) {
+    __m512i dot[RR][VV];
+    for (int i = 0; i < RR; ++i)
+      for (int v = 0; v < VV; ++v) dot[i][v] = _mm512_setzero_si512();
+    const int32_t* x = xt + long(g) * 16 * TW;
+#pragma GCC unroll 16
+    for (int p = 0; p < 16; ++p) {
+      __m512i xv[VV];
+      for (int v = 0; v < VV; ++v) xv[v] = _mm512_loadu_si512(x + p * TW + v * 16);
+      for (int i = 0; i < RR; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, w + i * ldw + long(g) * QGROUP + 2 * p, 4);
+        const __m512i wv = _mm512_set1_epi32(pair);
+        for (int v = 0; v < VV; ++v) dot[i][v] = dot_pairs16(dot[i][v], wv, xv[v]);
+      }
+    }
+    for (int i = 0; i < RR; ++i)  // the sums wait in out between groups: the dots need the registers
+      for (int v = 0; v < VV; ++v) {
+        float* o = out + i * TW + v * 16;
+        const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[i][v]), _mm512_loadu_ps(st + long(g) * TW + v * 16));
+        __m512 acc = _mm512_fmadd_ps(scaled, _mm512_set1_ps(s[g * 16 + i]), _mm512_loadu_ps(o));
+        if (Q4) acc = _mm512_fmadd_ps(_mm512_loadu_ps(mt + long(g) * TW + v * 16), _mm512_set1_ps(m[g * 16 + i]), acc);
+        _mm512_storeu_ps(o, acc);
+      }
+  }
+}
+
+// tile<Q4, rows, vecs> for rows ≤ R and vecs ≤ V known at run time: a tile of fewer vectors takes
+// more rows, so that enough dots are in flight (vpdpwssd's latency is 5 cycles): R for 2 vectors,
+// a whole chunk of 16 rows for 1. Both divide the chunk, so that no tile of few rows is left over.
+template <bool Q4, int RR, int VV>
+inline void tile_rows(int rows, const int32_t* xt, const float* st, const float* mt, const int16_t* w, long ldw,
+                      const float* s, const float* m, int ng, bool first, float* out) {
+  if constexpr (RR > 1)
+    if (rows < RR) return tile_rows<Q4, RR - 1, VV>(rows, xt, st, mt, w, ldw, s, m, ng, first, out);
+  tile<Q4, RR, VV>(xt, st, mt, w, ldw, s, m, ng, first, out);
+}
+constexpr int rows_for(int vecs) { return vecs == 1 ? 16 : R; }
+template <bool Q4, int VV = V>
+inline void tile_any(int rows, int vecs, const int32_t* xt, const float* st, const float* mt, const int16_t* w,
+                     long ldw, const float* s, const float* m, int ng, bool first, float* out) {
+  if constexpr (VV > 1)
+    if (vecs < VV) return tile_any<Q4, VV - 1>(rows, vecs, xt, st, mt, w, ldw, s, m, ng, first, out);
+  tile_rows<Q4, rows_for(VV), VV>(rows, xt, st, mt, w, ldw, s, m, ng, first, out);
+}
+
+// y[j, r + i] (+)= out[i · TW + j] + b[r + i] for rows i < rows (≤ 16) and tokens j < nt: 16 × 16
+// blocks transposed in registers, each token's rows stored as one masked vector.
+inline void store_chunk(const float* out, int rows, int nt, const float* b, float* y, long ldy, bool accumulate) {
+  const __mmask16 lanes = __mmask16((1u << rows) - 1);
+  const __m512 bias = b ? _mm512_maskz_loadu_ps(lanes, b) : _mm512_setzero_ps();
+  alignas(64) float block[16 * 16] = {};
+  for (int j0 = 0; j0 < nt; j0 += 16) {
+    for (int i = 0; i < rows; ++i) std::memcpy(block + i * 16, out + i * TW + j0, 64);
+    __m512i col[16];
+    transpose16x16(block, 16, col);
+    for (int c = 0; c < 16 && j0 + c < nt; ++c) {
+      float* yj = y + long(j0 + c) * ldy;
+      __m512 v = _mm512_add_ps(_mm512_castsi512_ps(col[c]), bias);
+      if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, yj));
+      _mm512_mask_storeu_ps(yj, lanes, v);
+    }
+  }
+}
+
+template <DType T>
+void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+          int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
+  constexpr bool Q4 = T != DType::Q8;
+  const int groups = n_in / QGROUP, pad = (groups + 15) / 16 * 16, tiles = (n_tok + TW - 1) / TW;
+  static thread_local std::vector<int32_t> xt;
+  static thread_local std::vector<float> fbuf;
+  static thread_local std::vector<int16_t> wq;
+  xt.resize(size_t(tiles) * groups * 16 * TW);
+  const size_t act = size_t(tiles) * groups * TW, scales = size_t(pad) * 16;
+  fbuf.resize(2 * act + 2 * scales + size_t(tile_rows_floats(groups)) + 16 * TW);
+  float *st = fbuf.data(), *mt = st + act, *s = mt + act, *m = s + scales, *row_buf = m + scales;
+  float* out = row_buf + tile_rows_floats(groups);  // a chunk's 16 rows × a tile's tokens
+  wq.resize(size_t(16) * n_in);
+  for (int tl = 0; tl < tiles; ++tl) {
+    const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW;
+    const long tg = long(t0) * groups;
+    pack_tile(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, nt, groups, xt.data() + tg * 16,
+              st + size_t(tl) * groups * TW, mt + size_t(tl) * groups * TW);
+  }
+  for (int c0 = r0; c0 < r1; c0 += 16) {
+    const int rows = r1 - c0 < 16 ? r1 - c0 : 16;
+    tile_scales<T>(W, groups, c0, rows, s, m, row_buf);
+    for (int i = 0; i < rows; ++i)
+      for (int g = 0; g < groups; ++g)
+        _mm512_storeu_si512(wq.data() + long(i) * n_in + g * QGROUP, load_group32<T>(W, long(c0 + i) * groups + g));
+    for (int tl = 0; tl < tiles; ++tl) {
+      const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW, vecs = (nt + 15) / 16, step = rows_for(vecs);
+      const int32_t* xtile = xt.data() + long(t0) * groups * 16;
+      const float *stile = st + long(t0) * groups, *mtile = mt + long(t0) * groups;
+      for (int g0 = 0; g0 < groups; g0 += KG) {
+        const int ng = groups - g0 < KG ? groups - g0 : KG;
+        for (int i = 0; i < rows; i += step)
+          tile_any<Q4>(rows - i < step ? rows - i : step, vecs, xtile + long(g0) * 16 * TW, stile + long(g0) * TW,
+                       mtile + long(g0) * TW, wq.data() + long(i) * n_in + long(g0) * QGROUP, n_in,
+                       s + long(g0) * 16 + i, m + long(g0) * 16 + i, ng, g0 == 0, out + i * TW);
+      }
+      store_chunk(out, rows, nt, b ? b + c0 : nullptr, y + long(t0) * ldy + c0, ldy, accumulate);
+    }
+  }
+}
+
+}  // namespace qgemm
+
+void gemm_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+            int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
+  switch (W.dtype) {
+    case DType::Q8: return qgemm::gemm<DType::Q8>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+    case DType::Q4: return qgemm::gemm<DType::Q4>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+    case DType::Q4K: return qgemm::gemm<DType::Q4K>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+    default: return;
+  }
+}

@@ -103,8 +103,11 @@ const CpuFlags& cpu() {
 
 #if defined(GALLY_X86)
 const Kernels& avx2vnni() {
-  static const Kernels k =
-      with_quant(kernels_avx2, "avx2vnni", avx2vnni::matmul_q8, avx2vnni::matmul_q4, avx2vnni::matmul_q4k);
+  static const Kernels k = [] {
+    Kernels k = with_quant(kernels_avx2, "avx2vnni", avx2vnni::matmul_q8, avx2vnni::matmul_q4, avx2vnni::matmul_q4k);
+    k.gemm_q = avx2vnni::gemm_q;
+    return k;
+  }();
   return k;
 }
 

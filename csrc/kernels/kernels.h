@@ -209,6 +209,9 @@ void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint
                bool accumulate);
 void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
                 int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
+// Kernels::gemm_q with VEX vpdpwssd (gemm_q_avx2.inl)
+void gemm_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+            int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
 }  // namespace avx2vnni
 namespace avx512vnni {
 void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,

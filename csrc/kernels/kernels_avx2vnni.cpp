@@ -4,6 +4,7 @@
 // takes vpmaddwd then vpaddd. Compiled with those flags; isa.cpp puts these into the "avx2vnni"
 // kernel set only where CPUID reports the flag. Measured on a Sapphire Rapids core: +5-10% on
 // weights in cache (int8 24 → 26 GB/s, int4 14 → 15); SmolLM2 decode, bound by memory, unchanged.
+// Also the prompts' GEMM into int8/int4 weights on the same int16 activations (gemm_q_avx2.inl).
 #include <immintrin.h>
 
 #include <cmath>
@@ -19,6 +20,9 @@ namespace avx2vnni {
 inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) { return _mm256_dpwssd_avx_epi32(acc, a, b); }
 
 #include "kernels/quant_kernels.inl"
+
+// after quant_kernels.inl, whose load_q8, load_q4 and q4k_row_scales it uses
+#include "kernels/gemm_q_avx2.inl"
 
 }  // namespace avx2vnni
 }  // namespace gally

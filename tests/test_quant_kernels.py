@@ -188,9 +188,10 @@ def test_quantized_weights_with_float_activations(core, isa, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_prompt_gemm_on_int16_activations(isa, kind):
     """Kernels::gemm_q, the prompts' GEMM into int8/int4 weights (tokens in the lanes, vpdpwssd): the
-    row-wise kernels' sums within float rounding, for partial token tiles (48 tokens) and row chunks (16
-    rows), k blocks of 8 groups and a tail, a bias, a row range accumulated into y that leaves the other rows
-    alone; and each token's outputs bit for bit those it gets alone. A set without one says so."""
+    row-wise kernels' sums within float rounding, for partial token tiles (AVX-512 48 tokens, AVX2 16), row
+    chunks (AVX-512 64 rows in blocks of 16, AVX2 48), k blocks of 8 or 16 groups and a tail, a bias, a row range
+    accumulated into y that leaves the other rows alone; and each token's outputs bit for bit those it gets
+    alone. A set without one says so."""
     T = _core.testing
     rng = np.random.default_rng(11)
     if not T.kernel_has_gemm_q(isa):
@@ -201,7 +202,7 @@ def test_prompt_gemm_on_int16_activations(isa, kind):
                                       0, 3, codes=codes, gemm=True)
         return
     for n_tok, groups, rows, r0 in ((4, 1, 3, 0), (5, 3, 16, 0), (16, 8, 17, 2), (17, 9, 37, 5), (48, 18, 20, 0),
-                                    (49, 20, 33, 16), (100, 17, 5, 1), (33, 2, 64, 31)):
+                                    (49, 20, 33, 16), (100, 17, 5, 1), (33, 2, 64, 31), (20, 5, 150, 7)):
         cols = 32 * groups
         x = (rng.standard_normal((n_tok, cols)) * rng.uniform(0.1, 10, (n_tok, 1))).astype(np.float32)
         xq, xs, xsum = T.kernel_quantize_rows(isa, x)

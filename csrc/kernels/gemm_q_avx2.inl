@@ -17,8 +17,8 @@
 namespace qgemm {
 
 constexpr int R = 6, V = 2, TW = V * 8;  // 12 dots + 2 activations + 1 weight of 16 ymm
-constexpr int CHUNK = 12;                // rows widened at a time: 2 tiles of R, or one of 12 for 1 vector
-constexpr int KG = 16;                   // groups per block: 16 · 16 · TW · 4 bytes = 16 KiB of activations
+constexpr int CHUNK = 48;  // rows widened at a time, a multiple of R and 2R: the activations pass once per chunk
+constexpr int KG = 16;     // groups per block: 16 · 16 · TW · 4 bytes = 16 KiB of activations
 
 // The activations of tokens [0, nt) (nt ≤ TW) in the tile layout: pair p of group g of token j at
 // xt[(g · 16 + p) · TW + j], its scale and sum at st, mt[g · TW + j]; zero past nt.

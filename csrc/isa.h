@@ -11,13 +11,15 @@ namespace gally {
 // The CPU features the kernel sets need, by name, as the CPU and OS report them: on x86-64
 // "os_ymm", "os_zmm" (XGETBV: the OS saves the wider registers), "avx2", "fma", "f16c",
 // "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx_vnni", "avx512_vnni", "avx512_bf16"
-// (CPUID); on aarch64 "asimd", "asimddp", "bf16" (getauxval on Linux, sysctl on macOS).
+// (CPUID) and "intel" (the vendor, which orders the bf16 sets); on aarch64 "asimd", "asimddp",
+// "bf16" (getauxval on Linux, sysctl on macOS).
 using CpuFlags = std::map<std::string, bool>;
 CpuFlags cpu_flags();
 
 // The kernel sets a CPU with these flags can run, best last: "generic", then on x86-64 "avx2",
-// "avx2vnni" (+ AVX-VNNI for the int8/int4 decode), "avx512", "avx512vnni" (+ AVX512-VNNI),
-// "avx512bf16" (+ AVX512-BF16 dot products for the prefill of bf16, int8 and int4 weights); on
+// "avx2vnni" (+ AVX-VNNI for the int8/int4 decode and prompts), "avx512", "avx512vnni" (+
+// AVX512-VNNI), then with AVX512-BF16 "avx512bf16fma" (a prompt's attention in bf16) and
+// "avx512bf16" (+ vdpbf16ps for the prompts of bf16 weights), in this order except on Intel; on
 // aarch64 "neon", "neondot" (+ sdot for the int8/int4 decode), "neonbf16" (+ bfdot for the
 // prefill). A flag missing from `flags` counts as absent; an unknown name throws.
 std::vector<std::string> kernel_sets_for(const CpuFlags& flags);

@@ -90,9 +90,10 @@ inline void tile(const int32_t* xt, const float* st, const float* mt, const int1
   }
 }
 
-// tile<Q4, rows, vecs> for rows ≤ R and vecs ≤ V known at run time: a tile of fewer vectors takes
-// more rows, so that enough dots are in flight (vpdpwssd's latency is 5 cycles): R for 2 vectors,
-// a whole chunk of 16 rows for 1. Both divide the chunk, so that no tile of few rows is left over.
+// tile<Q4, rows, vecs> for rows ≤ rows_for(vecs) and vecs ≤ V known at run time: a tile of fewer
+// vectors takes more rows, so that enough dots are in flight (vpdpwssd's latency is 5 cycles): R
+// for 2 vectors, 16 for 1. Both divide 16, so that a tile lies in one block of scales and no tile
+// of few rows is left over.
 template <bool Q4, int RR, int VV>
 inline void tile_rows(int rows, const int32_t* xt, const float* st, const float* mt, const int16_t* w, long ldw,
                       const float* s, const float* m, int ng, bool first, float* out) {

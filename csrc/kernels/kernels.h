@@ -66,7 +66,6 @@ constexpr int GEMM_SPLIT_TOKENS = 48;
 // of `dtype` (f32, or bf16 / f16 for a compact cache), and so are its values: key j is at
 // blocks[j / block_rows] + keys + (j % block_rows) · d elements. block_rows is a multiple of
 // KV_BLOCK_ALIGN, so that no register tile of keys crosses a block.
-constexpr int KV_BLOCK_ALIGN = 16;
 struct KvHead {
   const void* const* blocks;
   long keys, values;  // this head's offsets within a block, in elements
@@ -89,8 +88,12 @@ void attention_merge(const float* parts, int n_parts, long part_floats, int head
 inline long attention_part_floats(int heads, int d) { return long(heads) * (d + 2); }
 
 // Floats of scratch attention_causal needs for n keys of dimension d: scores [n] and the queries
-// [d] for each of up to 16 lanes (the widest vector set).
-inline long attention_scratch_floats(long n, long d) { return 16 * (n + d); }
+// [d] for each of up to 16 lanes (the widest vector set), then the keys and values of a compact
+// cache widened to f32 (n rounded up to KV_BLOCK_ALIGN rows of each).
+constexpr int KV_BLOCK_ALIGN = 16;
+inline long attention_scratch_floats(long n, long d) {
+  return 16 * (n + d) + 2 * ((n + KV_BLOCK_ALIGN - 1) / KV_BLOCK_ALIGN * KV_BLOCK_ALIGN) * d;
+}
 
 // Floats of scratch attention_causal_bf16 (below) needs for n keys of dimension d: its keys, value
 // pairs, scores, queries and paired weights, the last at least the 16 × d/2 of the queries' rows.

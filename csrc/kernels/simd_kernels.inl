@@ -457,11 +457,31 @@ void attention_causal_t(const float* Q, int ldq, int nq, int ctx0, const KvHead&
   }
 }
 
+// A compact cache's keys and values are widened to f32 once per call, a vector at a time, into the
+// scratch past what attention_causal_t uses: its tiles broadcast single elements, which widened one
+// by one cost more than the products (AVX2, SmolLM2 bf16 pp256 with an f16 cache: 695 tok/s, with
+// an f32 one 775). The values are exact in f32, so the sums are those of the compact cache.
 void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale, float* scratch,
                       float* out, int ldo, float* probs, long ldp) {
+  if (kv.dtype == DType::F32)
+    return attention_causal_t<WeightF32>(Q, ldq, nq, ctx0, kv, d, scale, scratch, out, ldo, probs, ldp);
+  const long n = ctx0 + nq - 1, rows = (n + KV_BLOCK_ALIGN - 1) / KV_BLOCK_ALIGN * KV_BLOCK_ALIGN;
+  float* keys = scratch + 16 * (n + d);
+  float* values = keys + rows * d;
   with_kv_type(kv.dtype, [&](auto e) {
-    attention_causal_t<decltype(e)>(Q, ldq, nq, ctx0, kv, d, scale, scratch, out, ldo, probs, ldp);
+    using E = decltype(e);
+    using T = typename E::T;
+    for (long j = 0; j < n; ++j) {
+      const T *k = kv.key<T>(j, d), *v = kv.value<T>(j, d);
+      float *kf = keys + j * d, *vf = values + j * d;
+      int i = 0;
+      for (; i + S::N <= d; i += S::N) S::store(kf + i, E::load(k + i)), S::store(vf + i, E::load(v + i));
+      for (; i < d; ++i) kf[i] = E::scalar(k + i), vf[i] = E::scalar(v + i);
+    }
   });
+  const void* block = keys;
+  const KvHead widened{&block, 0, rows * d, int(rows), DType::F32};
+  attention_causal_t<WeightF32>(Q, ldq, nq, ctx0, widened, d, scale, scratch, out, ldo, probs, ldp);
 }
 
 void convert_row(const float* x, void* out, DType to, int n) {

@@ -69,6 +69,18 @@ inline void dequantize_row(const WeightsRef& W, int n_in, long r, float* out) {
   }
 }
 
+// The int16 GEMMs' (gemm_q) per-group activation scales and sums of nt ≤ tw tokens with the tokens
+// in the lanes: st[g · tw + j] = xs[j · groups + g], mt likewise from xsum (zero where null), zero
+// for the tokens past nt.
+inline void transpose_group_values(const float* xs, const float* xsum, int nt, int groups, int tw, float* st,
+                                   float* mt) {
+  for (int g = 0; g < groups; ++g)
+    for (int j = 0; j < tw; ++j) {
+      st[long(g) * tw + j] = j < nt ? xs[long(j) * groups + g] : 0.0f;
+      mt[long(g) * tw + j] = j < nt && xsum ? xsum[long(j) * groups + g] : 0.0f;
+    }
+}
+
 // y[j, i] (+)= out[i · tw + j] + b[i] for a GEMM tile's rows i and tokens j, token by token so
 // that each token's rows land in one cache line.
 inline void store_tile(const float* out, int tw, int rows, int nt, const float* b, float* y, long ldy,

@@ -31,11 +31,7 @@ inline void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int
       if (j < nt) std::memcpy(&pair, xq + (j * words + k) * 2, 4);
       xt[k * TW + j] = pair;
     }
-  for (int g = 0; g < groups; ++g)
-    for (int j = 0; j < TW; ++j) {
-      st[long(g) * TW + j] = j < nt ? xs[long(j) * groups + g] : 0.0f;
-      mt[long(g) * TW + j] = j < nt && xsum ? xsum[long(j) * groups + g] : 0.0f;
-    }
+  transpose_group_values(xs, xsum, nt, groups, TW, st, mt);
 }
 
 // out[i][v] (+)= row i's group dots with vector v's tokens over groups [0, ng), scaled. xt, st, mt

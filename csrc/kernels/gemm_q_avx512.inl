@@ -47,11 +47,7 @@ inline void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int
       transpose16x16(rows, 16, col);
       for (int p = 0; p < 16; ++p) _mm512_storeu_si512(xt + (long(g) * 16 + p) * TW + j0, col[p]);
     }
-  for (int g = 0; g < groups; ++g)
-    for (int j = 0; j < TW; ++j) {
-      st[long(g) * TW + j] = j < nt ? xs[long(j) * groups + g] : 0.0f;
-      mt[long(g) * TW + j] = j < nt && xsum ? xsum[long(j) * groups + g] : 0.0f;
-    }
+  transpose_group_values(xs, xsum, nt, groups, TW, st, mt);
 }
 
 // acc[i][v] (+)= Σ over groups [0, ng) of row i's group dots with vector v's tokens, scaled.

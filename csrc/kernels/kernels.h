@@ -87,12 +87,14 @@ struct KvHead {
 void attention_merge(const float* parts, int n_parts, long part_floats, int heads, int d, float* out, int ldo);
 inline long attention_part_floats(int heads, int d) { return long(heads) * (d + 2); }
 
-// Floats of scratch attention_causal needs for n keys of dimension d: scores [n] and the queries
-// [d] for each of up to 16 lanes (the widest vector set), then the keys and values of a compact
-// cache widened to f32 (n rounded up to KV_BLOCK_ALIGN rows of each).
+// Floats of scratch attention_causal needs for n keys of dimension d: its tiles' scores [n] and
+// queries [d] for each of up to 16 lanes (the widest vector set), then the keys and values of a
+// compact cache widened to f32, kv_rows_aligned(n) rows of each.
 constexpr int KV_BLOCK_ALIGN = 16;
+inline long kv_rows_aligned(long n) { return (n + KV_BLOCK_ALIGN - 1) / KV_BLOCK_ALIGN * KV_BLOCK_ALIGN; }
+inline long attention_tile_floats(long n, long d) { return 16 * (n + d); }
 inline long attention_scratch_floats(long n, long d) {
-  return 16 * (n + d) + 2 * ((n + KV_BLOCK_ALIGN - 1) / KV_BLOCK_ALIGN * KV_BLOCK_ALIGN) * d;
+  return attention_tile_floats(n, d) + 2 * kv_rows_aligned(n) * d;
 }
 
 // Floats of scratch attention_causal_bf16 (below) needs for n keys of dimension d: its keys, value
@@ -228,9 +230,10 @@ void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const Wei
 void gemm_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
             int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
 }  // namespace avx512vnni
-// The "avx512bf16" set is kernels_avx512 with this matmul: vdpbf16ps for bf16, int8 and int4
-// weights and batches of ≥ GEMM_MIN_TOKENS (weights and activations rounded to bf16); all else
-// goes to kernels_avx512.matmul.
+// The "avx512bf16" set is "avx512bf16fma" (avx512vnni with attention_causal_bf16, isa.cpp) with
+// this matmul: vdpbf16ps for bf16, int8 and int4 weights and batches of ≥ GEMM_MIN_TOKENS (weights
+// and activations rounded to bf16; the forward pass sends int8/int4 prompts to gemm_q instead); all
+// else goes to kernels_avx512.matmul.
 void matmul_avx512bf16(const float* x, const WeightsRef& W, const float* b, float* y, int n_tok, int n_in, int ldy,
                        int r0, int r1, bool accumulate);
 void matmul_many_avx512bf16(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count);

@@ -353,10 +353,10 @@ constexpr int QW = QV * S::N;  // queries per pass: the floats of a row of score
 // tile where a pass takes several vectors (12 of AVX2's 16 registers, 24 of NEON's 32), 16 on AVX-512
 constexpr int AR = QV == 1 ? 16 : S::GEMM_ROWS * S::GEMM_VECS / QV;
 
-// acc[r][v] += Σ_k A[r·lda + k·ka] · B[k·QW + v·N] for R rows: A's elements (of type E) broadcast
-// against QV vectors of B's rows.
-template <class E, int R>
-inline void rows_tile(const typename E::T* A, long lda, long ka, const float* B, int kn, V (*acc)[QV]) {
+// acc[r][v] += Σ_k A[r·lda + k·ka] · B[k·QW + v·N] for R rows: A's elements broadcast against QV
+// vectors of B's rows.
+template <int R>
+inline void rows_tile(const float* A, long lda, long ka, const float* B, int kn, V (*acc)[QV]) {
   V a[R][QV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < QV; ++v) a[r][v] = acc[r][v];
@@ -364,7 +364,7 @@ inline void rows_tile(const typename E::T* A, long lda, long ka, const float* B,
     V b[QV];
     for (int v = 0; v < QV; ++v) b[v] = S::load(B + (long)k * QW + v * S::N);
     for (int r = 0; r < R; ++r) {
-      const V x = S::set1(E::scalar(A + r * lda + k * ka));
+      const V x = S::set1(A[r * lda + k * ka]);
       for (int v = 0; v < QV; ++v) a[r][v] = S::fma(x, b[v], a[r][v]);
     }
   }
@@ -372,11 +372,11 @@ inline void rows_tile(const typename E::T* A, long lda, long ka, const float* B,
     for (int v = 0; v < QV; ++v) acc[r][v] = a[r][v];
 }
 
-template <class E, int R = AR>
-inline void rows_any(int rows, const typename E::T* A, long lda, long ka, const float* B, int kn, V (*acc)[QV]) {
+template <int R = AR>
+inline void rows_any(int rows, const float* A, long lda, long ka, const float* B, int kn, V (*acc)[QV]) {
   if constexpr (R > 1)
-    if (rows < R) return rows_any<E, R - 1>(rows, A, lda, ka, B, kn, acc);
-  rows_tile<E, R>(A, lda, ka, B, kn, acc);
+    if (rows < R) return rows_any<R - 1>(rows, A, lda, ka, B, kn, acc);
+  rows_tile<R>(A, lda, ka, B, kn, acc);
 }
 
 // The scores st [n][N] (rows ld floats apart) of N queries in the lanes, lane l seeing keys
@@ -409,11 +409,10 @@ inline V softmax_lanes(float* st, int n, int first, int lanes, float* probs, lon
 
 }  // namespace att
 
-template <class E>
-void attention_causal_t(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale, float* scratch,
-                        float* out, int ldo, float* probs, long ldp) {
+// attention_causal over keys and values in f32 (kv.dtype F32).
+void attention_causal_f32(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale,
+                          float* scratch, float* out, int ldo, float* probs, long ldp) {
   using namespace att;
-  using T = typename E::T;
   static_assert(QW <= 16, "attention_scratch_floats holds 16 lanes");
   for (int q0 = 0; q0 < nq; q0 += QW) {
     const int lanes = nq - q0 < QW ? nq - q0 : QW, first = ctx0 + q0, n = first + lanes - 1;
@@ -428,7 +427,7 @@ void attention_causal_t(const float* Q, int ldq, int nq, int ctx0, const KvHead&
         const int rows = b1 - j < AR ? b1 - j : AR;
         for (int r = 0; r < rows; ++r)
           for (int v = 0; v < QV; ++v) acc[r][v] = S::zero();
-        rows_any<E>(rows, kv.key<T>(j, d), d, 1, qt, d, acc);
+        rows_any(rows, kv.key<float>(j, d), d, 1, qt, d, acc);
         for (int r = 0; r < rows; ++r)
           for (int v = 0; v < QV; ++v) S::store(st + (long)(j + r) * QW + v * S::N, acc[r][v]);
       }
@@ -447,7 +446,7 @@ void attention_causal_t(const float* Q, int ldq, int nq, int ctx0, const KvHead&
         for (int v = 0; v < QV; ++v) acc[r][v] = S::zero();
       for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
         const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
-        rows_any<E>(rows, kv.value<T>(b0, d) + i, 1, d, st + (long)b0 * QW, nb, acc);
+        rows_any(rows, kv.value<float>(b0, d) + i, 1, d, st + (long)b0 * QW, nb, acc);
       }
       for (int r = 0; r < rows; ++r)
         for (int v = 0; v < QV; ++v) S::store(o + r * QW + v * S::N, S::mul(acc[r][v], inv[v]));
@@ -458,15 +457,15 @@ void attention_causal_t(const float* Q, int ldq, int nq, int ctx0, const KvHead&
 }
 
 // A compact cache's keys and values are widened to f32 once per call, a vector at a time, into the
-// scratch past what attention_causal_t uses: its tiles broadcast single elements, which widened one
+// scratch past what attention_causal_f32 uses: its tiles broadcast single elements, which widened one
 // by one cost more than the products (AVX2, SmolLM2 bf16 pp256 with an f16 cache: 695 tok/s, with
 // an f32 one 775). The values are exact in f32, so the sums are those of the compact cache.
 void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& kv, int d, float scale, float* scratch,
                       float* out, int ldo, float* probs, long ldp) {
   if (kv.dtype == DType::F32)
-    return attention_causal_t<WeightF32>(Q, ldq, nq, ctx0, kv, d, scale, scratch, out, ldo, probs, ldp);
-  const long n = ctx0 + nq - 1, rows = (n + KV_BLOCK_ALIGN - 1) / KV_BLOCK_ALIGN * KV_BLOCK_ALIGN;
-  float* keys = scratch + 16 * (n + d);
+    return attention_causal_f32(Q, ldq, nq, ctx0, kv, d, scale, scratch, out, ldo, probs, ldp);
+  const long n = ctx0 + nq - 1, rows = kv_rows_aligned(n);
+  float* keys = scratch + attention_tile_floats(n, d);
   float* values = keys + rows * d;
   with_kv_type(kv.dtype, [&](auto e) {
     using E = decltype(e);
@@ -481,7 +480,7 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& k
   });
   const void* block = keys;
   const KvHead widened{&block, 0, rows * d, int(rows), DType::F32};
-  attention_causal_t<WeightF32>(Q, ldq, nq, ctx0, widened, d, scale, scratch, out, ldo, probs, ldp);
+  attention_causal_f32(Q, ldq, nq, ctx0, widened, d, scale, scratch, out, ldo, probs, ldp);
 }
 
 void convert_row(const float* x, void* out, DType to, int n) {

@@ -136,6 +136,7 @@ class Builder {
     keep(q);
     m_.weight_bytes += matrix_bytes(mat);
     m_.quantized = true;
+    m_.int4 = m_.int4 || q4 || q4k;
     return mat;
   }
 

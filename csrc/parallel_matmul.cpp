@@ -29,7 +29,7 @@ void gemm_outs(const Kernels& ops, const MatmulInput& in, int t0, int t1, int n_
   for (int i = 0; i < count; ++i) {
     MatmulOut o = outs[i];
     o.y += size_t(t0) * o.ldy;
-    if (in.xq_gemm && is_quantized(o.W.dtype))
+    if (in.xq_gemm && ops.takes_gemm_q(o.W.dtype))
       ops.gemm_q(in.xq + size_t(t0) * n_in, in.xq_scale + tg, in.xq_sum + tg, o.W, o.b, o.y, t1 - t0, n_in, o.ldy, o.r0,
                  o.r1, o.accumulate);
     else shifted[rest++] = o;

@@ -86,9 +86,10 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record& re
 MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int n, int n_rowwise, int n_in) {
   MatmulInput a{in, n_rowwise};
   const int gemm = n - n_rowwise;
-  // GEMM tokens into int8/int4 weights take gemm_q where the set has one, in int16 as the row-wise
-  // tokens; a matrix in another format then lays out its own input (matmul_many).
-  const bool q_gemm = gemm > 0 && model.quantized && ops.gemm_q && n_in % QGROUP == 0;
+  // GEMM tokens into int8/int4 weights take gemm_q where the set has one for them, in int16 as the
+  // row-wise tokens; a matrix in another format then lays out its own input (matmul_many).
+  const bool q_gemm =
+      gemm > 0 && model.quantized && ops.gemm_q && (ops.gemm_q_int8 || model.int4) && n_in % QGROUP == 0;
   if (gemm > 0 && bf16_prompt && ops.pack && !q_gemm) {  // the GEMM tokens laid out once, by all threads
     const int tiles = (gemm + GEMM_SPLIT_TOKENS - 1) / GEMM_SPLIT_TOKENS;
     const float* x = in + size_t(n_rowwise) * n_in;

@@ -191,9 +191,18 @@ def test_prompt_gemm_on_int16_activations(isa, kind):
     row-wise kernels' sums within float rounding, for partial token tiles (AVX-512 48 tokens, AVX2 16), row
     chunks (AVX-512 64 rows in blocks of 16, AVX2 48), k blocks of 8 or 16 groups and a tail, a bias, a row range
     accumulated into y that leaves the other rows alone; and each token's outputs bit for bit those it gets
-    alone. A set without one says so."""
+    alone. AVX2 without VNNI takes int4 weights only, on the activations requantized to int8 (vpmaddubsw):
+    the row-wise sums of those int8 values and scales. A set without one says so."""
     T = _core.testing
     rng = np.random.default_rng(11)
+    bytes_form = T.kernel_has_gemm_q(isa) and not T.kernel_gemm_q_int8(isa)
+    if bytes_form and kind == "int8":
+        x = rng.standard_normal((4, 64)).astype(np.float32)
+        q, s, m, codes, _, _ = random_weights(rng, kind, 3, 64)
+        with pytest.raises(ValueError, match="has no gemm_q for int8 weights"):
+            T.kernel_matmul_quantized(isa, *T.kernel_quantize_rows(isa, x), q, s, m, np.zeros((4, 3), np.float32),
+                                      0, 3, codes=codes, gemm=True)
+        return
     if not T.kernel_has_gemm_q(isa):
         x = rng.standard_normal((4, 64)).astype(np.float32)
         q, s, m, codes, _, _ = random_weights(rng, kind, 3, 64)
@@ -208,8 +217,14 @@ def test_prompt_gemm_on_int16_activations(isa, kind):
         xq, xs, xsum = T.kernel_quantize_rows(isa, x)
         q, s, m, codes, _, _ = random_weights(rng, kind, rows, cols)
         b = rng.standard_normal(rows).astype(np.float32)
-        rowwise = T.kernel_matmul_quantized("generic", xq, xs, xsum, q, s, m, np.zeros((n_tok, rows), np.float32),
-                                            0, rows, codes=codes, bias=b)
+        x8, xs8, xsum8 = xq, xs, xsum
+        if bytes_form:  # each int16 value · 127/32767 rounded to even, each scale · 32767/127, in f32; the sums
+            x8 = np.rint(xq.astype(np.float32) * (np.float32(127) / np.float32(32767))).astype(np.int16)
+            xs8 = xs * (np.float32(32767) / np.float32(127))
+            xsum8 = xs8 * x8.reshape(n_tok, groups, 32).sum(2, dtype=np.int32).astype(np.float32)
+            assert np.abs(x8).max() <= 127
+        rowwise = T.kernel_matmul_quantized("generic", x8, xs8, xsum8, q, s, m,
+                                            np.zeros((n_tok, rows), np.float32), 0, rows, codes=codes, bias=b)
         y = np.full((n_tok, rows), 3.0, np.float32)
         T.kernel_matmul_quantized(isa, xq, xs, xsum, q, s, m, y, r0, rows, codes=codes, gemm=True, bias=b,
                                   accumulate=True)

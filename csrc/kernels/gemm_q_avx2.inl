@@ -1,68 +1,121 @@
-// The prefill GEMM for int8 and int4 (Q4, Q4K) weights with AVX-VNNI: gemm_q_avx512.inl's
-// layout and arithmetic in 8 lanes and 16 registers. The tokens are in the lanes; each group's 16
-// vpdpwssd steps (a row's int16 weight pair broadcast) give exact integer dots, scaled into f32
+// The prefill GEMM for int4 (Q4, Q4K) weights, and with AVX-VNNI for int8 (Q8) too:
+// gemm_q_avx512.inl's layout and arithmetic in 8 lanes and 16 registers. The tokens are in the
+// lanes; each group's steps (a row's weights broadcast) give exact integer dots, scaled into f32
 // sums as acc += (float(dot) · xs_token) · s_row (+ xsum_token · m_row for int4); every lane does
 // the same operations, so a token's result does not depend on the rest of the batch.
 //
-// With 16 registers a tile is 6 rows × 2 vectors (12 dots + 2 activations + 1 weight), or 12 rows
-// × 1 vector; the sums wait in memory between groups. vpdpwssd on 256 bits multiplies 16 pairs,
-// twice an FMA's 8 floats. Measured on one Sapphire Rapids core (128 tokens, int8 and int4 weights
-// of 576 to 8192 inputs): 72-82 GMAC/s, against 40-54 through gemm.inl's f32 tiles. AVX2 without
-// VNNI (vpmaddwd + vpaddd) only matches the FMA's rate, and this kernel then ran at 40 GMAC/s
-// against gemm.inl's 45-54: the "avx2" set keeps gemm.inl.
+// Two forms of the activations, chosen by the including file (QGEMM_BYTES):
+// - AVX-VNNI (kernels_avx2vnni.cpp): the int16 activations as they come, 16 vpdpwssd steps per
+//   group of a row's int16 weight pair; 256-bit vpdpwssd multiplies 16 pairs, twice an FMA's 8
+//   floats. Measured on one Sapphire Rapids core (128 tokens, int8 and int4 weights of 576 to
+//   8192 inputs): 72-82 GMAC/s, against 40-54 through gemm.inl's f32 tiles.
+// - AVX2 without VNNI (kernels_avx2.cpp), int4 weights only: each token's group requantized to
+//   int8 (its int16 values · 127 / ACT_INT16_MAX, rounded; the scale · ACT_INT16_MAX / 127), and
+//   8 vpmaddubsw steps per group of a row's four unsigned 4-bit codes times four int8 values, 32
+//   products into 16 int16 sums that add up without saturating (8 · 2 · 15 · 127 < 2¹⁵), then one
+//   vpmaddwd by ones into int32. One core: 83-94 GMAC/s, against 43-50 through gemm.inl's f32
+//   tiles (vpmaddwd + vpaddd on the int16 pairs: 40). int8 weights, whose products of two signed
+//   bytes vpmaddubsw cannot take whole, keep gemm.inl (Kernels::gemm_q_int8 false).
 //
-// The including file (kernels_avx2vnni.cpp) defines dot_pairs (vpdpwssd) and includes
+// With 16 registers a tile is 6 rows × 2 vectors (12 dots + 2 activations + 1 weight), or 12 rows
+// × 1 vector; with bytes 4 × 2 or 8 × 1. The sums wait in memory between groups.
+//
+// The including file defines QGEMM_BYTES and dot_pairs (vpdpwssd where it is false) and includes
 // quant_kernels.inl (load_q8, load_q4, q4k_row_scales).
 
 namespace qgemm {
 
-constexpr int R = 6, V = 2, TW = V * 8;  // 12 dots + 2 activations + 1 weight of 16 ymm
+// 12 dots + 2 activations + 1 weight of 16 ymm; with bytes 8 dots (+ each step's product): 6 rows
+// spilled, and 4 ran at 83-94 GMAC/s against 6's 75-85
+constexpr int R = QGEMM_BYTES ? 4 : 6, V = 2, TW = V * 8;
 constexpr int CHUNK = 48;  // rows widened at a time, a multiple of R and 2R: the activations pass once per chunk
 constexpr int KG = 16;     // groups per block: 16 · 16 · TW · 4 bytes = 16 KiB of activations
+// Per group: the steps, each a 32-bit word of a row's weights broadcast against a word of each
+// token's activations (int16 pairs, or int8 quads), and a weight's type once widened.
+constexpr int STEPS = QGEMM_BYTES ? QGROUP / 4 : QGROUP / 2;
+using WeightT = std::conditional_t<QGEMM_BYTES, uint8_t, int16_t>;
+constexpr float REQUANT = 127.0f / ACT_INT16_MAX;  // int16 activations to int8
 
-// The activations of tokens [0, nt) (nt ≤ TW) in the tile layout: pair p of group g of token j at
-// xt[(g · 16 + p) · TW + j], its scale and sum at st, mt[g · TW + j]; zero past nt.
+// The activations of tokens [0, nt) (nt ≤ TW) in the tile layout: word p of group g of token j at
+// xt[(g · STEPS + p) · TW + j], its scale and sum at st, mt[g · TW + j]; zero past nt. As bytes,
+// each group's values requantized to int8, its scale widened to match, and its sum that of the
+// int8 values (scale · Σ q): int4's min term then adds what the requantized activations give, as
+// the code term does; with the exact sum, the two would disagree by the codes' mean (about 7.5)
+// times the rounding (measured: SmolLM2 int4-v1's perplexity over f32 +1.55%, and +0.39% so).
 inline void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int nt, int groups, int32_t* xt, float* st,
                       float* mt) {
-  const long words = long(groups) * (QGROUP / 2);  // int32 pairs per token
-  for (long k = 0; k < words; ++k)
-    for (int j = 0; j < TW; ++j) {
-      int32_t pair = 0;
-      if (j < nt) std::memcpy(&pair, xq + (j * words + k) * 2, 4);
-      xt[k * TW + j] = pair;
-    }
   transpose_group_values(xs, xsum, nt, groups, TW, st, mt);
+  if constexpr (QGEMM_BYTES) {
+    const __m256 r = _mm256_set1_ps(REQUANT);
+    for (int j = 0; j < TW; ++j)
+      for (long g = 0; g < groups; ++g) {
+        int8_t q[QGROUP] = {};
+        if (j < nt)
+          for (int h = 0; h < 2; ++h) {  // 16 values: int16 → f32 · REQUANT → int32 (rounded to even) → int8
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(xq + (j * groups + g) * QGROUP + 16 * h));
+            const __m256i a = _mm256_cvtps_epi32(
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v))), r));
+            const __m256i b = _mm256_cvtps_epi32(
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1))), r));
+            const __m128i lo = _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+            const __m128i hi = _mm_packs_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+            _mm_storeu_si128((__m128i*)(q + 16 * h), _mm_packs_epi16(lo, hi));
+          }
+        int sum = 0;
+        for (int k = 0; k < QGROUP; ++k) sum += q[k];
+        for (int p = 0; p < STEPS; ++p) std::memcpy(&xt[(g * STEPS + p) * TW + j], q + 4 * p, 4);
+        float& scale = st[g * TW + j];
+        scale *= ACT_INT16_MAX / 127.0f;
+        mt[g * TW + j] = scale * float(sum);
+      }
+  } else {
+    const long words = long(groups) * STEPS;  // per token
+    for (long k = 0; k < words; ++k)
+      for (int j = 0; j < TW; ++j) {
+        int32_t pair = 0;
+        if (j < nt) std::memcpy(&pair, xq + (j * words + k) * 2, 4);
+        xt[k * TW + j] = pair;
+      }
+  }
 }
 
 // out[i][v] (+)= row i's group dots with vector v's tokens over groups [0, ng), scaled. xt, st, mt
 // at the block's first group; w at row 0 and the block's first weight (rows ldw apart); s, m the
 // rows' scales and mins at the block's first group (rows lds apart).
 template <bool Q4, int RR, int VV>
-inline void tile(const int32_t* xt, const float* st, const float* mt, const int16_t* w, long ldw, const float* s,
+inline void tile(const int32_t* xt, const float* st, const float* mt, const WeightT* w, long ldw, const float* s,
                  const float* m, long lds, int ng, bool first, float* out) {
   if (first)
     for (int i = 0; i < RR; ++i)
       for (int v = 0; v < VV; ++v) _mm256_storeu_ps(out + i * TW + v * 8, _mm256_setzero_ps());
   for (int g = 0; g < ng; ++g) {
-    __m256i dot[RR][VV];
+    __m256i dot[RR][VV];  // int32 sums, or int16 sums of byte products
     for (int i = 0; i < RR; ++i)
       for (int v = 0; v < VV; ++v) dot[i][v] = _mm256_setzero_si256();
-    const int32_t* x = xt + long(g) * 16 * TW;
+    const int32_t* x = xt + long(g) * STEPS * TW;
 #pragma GCC unroll 16
-    for (int p = 0; p < 16; ++p) {
+    for (int p = 0; p < STEPS; ++p) {
       __m256i xv[VV];
       for (int v = 0; v < VV; ++v) xv[v] = _mm256_loadu_si256((const __m256i*)(x + p * TW + v * 8));
       for (int i = 0; i < RR; ++i) {
-        int32_t pair;
-        std::memcpy(&pair, w + i * ldw + long(g) * QGROUP + 2 * p, 4);
-        const __m256i wv = _mm256_set1_epi32(pair);
-        for (int v = 0; v < VV; ++v) dot[i][v] = dot_pairs(dot[i][v], wv, xv[v]);
+        int32_t word;
+        std::memcpy(&word, w + i * ldw + long(g) * QGROUP + (QGROUP / STEPS) * p, 4);
+        const __m256i wv = _mm256_set1_epi32(word);
+        for (int v = 0; v < VV; ++v)
+          if constexpr (QGEMM_BYTES) {
+            dot[i][v] = _mm256_add_epi16(dot[i][v], _mm256_maddubs_epi16(wv, xv[v]));
+            // in this order: GCC would otherwise reassociate the adds, keep all the products, and spill them
+            __asm__("" : "+x"(dot[i][v]));
+          } else {
+            dot[i][v] = dot_pairs(dot[i][v], wv, xv[v]);
+          }
       }
     }
     for (int i = 0; i < RR; ++i)
       for (int v = 0; v < VV; ++v) {
         float* o = out + i * TW + v * 8;
-        const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot[i][v]), _mm256_loadu_ps(st + long(g) * TW + v * 8));
+        const __m256i d = QGEMM_BYTES ? _mm256_madd_epi16(dot[i][v], _mm256_set1_epi16(1)) : dot[i][v];
+        const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(st + long(g) * TW + v * 8));
         __m256 acc = _mm256_fmadd_ps(scaled, _mm256_set1_ps(s[i * lds + g]), _mm256_loadu_ps(o));
         if (Q4) acc = _mm256_fmadd_ps(_mm256_loadu_ps(mt + long(g) * TW + v * 8), _mm256_set1_ps(m[i * lds + g]), acc);
         _mm256_storeu_ps(o, acc);
@@ -74,11 +127,29 @@ inline void tile(const int32_t* xt, const float* st, const float* mt, const int1
 // twice the rows, so that 12 dots are in flight either way.
 constexpr int rows_for(int vecs) { return vecs == 1 ? 2 * R : R; }
 template <bool Q4, int RR, int VV>
-inline void tile_rows(int rows, const int32_t* xt, const float* st, const float* mt, const int16_t* w, long ldw,
+inline void tile_rows(int rows, const int32_t* xt, const float* st, const float* mt, const WeightT* w, long ldw,
                       const float* s, const float* m, long lds, int ng, bool first, float* out) {
   if constexpr (RR > 1)
     if (rows < RR) return tile_rows<Q4, RR - 1, VV>(rows, xt, st, mt, w, ldw, s, m, lds, ng, first, out);
   tile<Q4, RR, VV>(xt, st, mt, w, ldw, s, m, lds, ng, first, out);
+}
+
+// Group rg of W widened to 32 weights in order at w: int16, or the 4-bit codes as bytes.
+template <DType T>
+inline void widen_group(const WeightsRef& W, long rg, WeightT* w) {
+  constexpr bool Q4 = T != DType::Q8;
+  if constexpr (QGEMM_BYTES) {  // byte i holds codes i (low nibble) and i + 16 (high)
+    static_assert(Q4, "int8 weights take gemm.inl where activations are bytes");
+    const __m128i b = _mm_loadu_si128((const __m128i*)((const uint8_t*)W.data + rg * (QGROUP / 2)));
+    const __m128i low = _mm_set1_epi8(0x0f);
+    _mm_storeu_si128((__m128i*)w, _mm_and_si128(b, low));
+    _mm_storeu_si128((__m128i*)(w + 16), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+  } else {
+    const Half16 h =
+        Q4 ? load_q4((const uint8_t*)W.data + rg * (QGROUP / 2)) : load_q8((const int8_t*)W.data + rg * QGROUP);
+    _mm256_storeu_si256((__m256i*)w, h.lo);
+    _mm256_storeu_si256((__m256i*)(w + 16), h.hi);
+  }
 }
 
 template <DType T>
@@ -89,8 +160,8 @@ void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRe
   const long lds = q4k_stride(groups);  // a row's scales, and at lds · CHUNK its mins
   static thread_local std::vector<int32_t> xt;
   static thread_local std::vector<float> fbuf;
-  static thread_local std::vector<int16_t> wq;
-  xt.resize(size_t(tiles) * groups * 16 * TW);
+  static thread_local std::vector<WeightT> wq;
+  xt.resize(size_t(tiles) * groups * STEPS * TW);
   const size_t act = size_t(tiles) * groups * TW;
   fbuf.resize(2 * act + 2 * size_t(CHUNK) * lds + 2 * size_t(lds) + size_t(CHUNK) * TW);
   float *st = fbuf.data(), *mt = st + act, *s = mt + act, *m = s + size_t(CHUNK) * lds, *row_buf = m + CHUNK * lds;
@@ -99,19 +170,14 @@ void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRe
   for (int tl = 0; tl < tiles; ++tl) {
     const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW;
     const long tg = long(t0) * groups;
-    pack_tile(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, nt, groups, xt.data() + tg * 16, st + tg, mt + tg);
+    pack_tile(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, nt, groups, xt.data() + tg * STEPS, st + tg,
+              mt + tg);
   }
   for (int c0 = r0; c0 < r1; c0 += CHUNK) {
     const int rows = r1 - c0 < CHUNK ? r1 - c0 : CHUNK;
-    for (int i = 0; i < rows; ++i) {  // the chunk's weights in int16 and its scales (and mins) in f32
+    for (int i = 0; i < rows; ++i) {  // the chunk's weights widened and its scales (and mins) in f32
       const long r = c0 + i, rg = r * groups;
-      int16_t* wr = wq.data() + long(i) * n_in;
-      for (int g = 0; g < groups; ++g) {
-        const Half16 h = Q4 ? load_q4((const uint8_t*)W.data + (rg + g) * (QGROUP / 2))
-                            : load_q8((const int8_t*)W.data + (rg + g) * QGROUP);
-        _mm256_storeu_si256((__m256i*)(wr + g * QGROUP), h.lo);
-        _mm256_storeu_si256((__m256i*)(wr + g * QGROUP + 16), h.hi);
-      }
+      for (int g = 0; g < groups; ++g) widen_group<T>(W, rg + g, wq.data() + long(i) * n_in + g * QGROUP);
       float *si = s + i * lds, *mi = m + i * lds;
       if (T == DType::Q4K) {
         const float* fs = q4k_row_scales(W, groups, r, row_buf);
@@ -131,8 +197,8 @@ void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRe
         const int ng = groups - g0 < KG ? groups - g0 : KG;
         for (int i = 0; i < rows; i += step) {
           const int n = rows - i < step ? rows - i : step;
-          const int32_t* x = xt.data() + tg * 16 + long(g0) * 16 * TW;
-          const int16_t* wi = wq.data() + long(i) * n_in + long(g0) * QGROUP;
+          const int32_t* x = xt.data() + tg * STEPS + long(g0) * STEPS * TW;
+          const WeightT* wi = wq.data() + long(i) * n_in + long(g0) * QGROUP;
           const float *sg = s + i * lds + g0, *mg = m + i * lds + g0;
           if (vecs == 1)
             tile_rows<Q4, 2 * R, 1>(n, x, st + tg + g0 * TW, mt + tg + g0 * TW, wi, n_in, sg, mg, lds, ng, g0 == 0,
@@ -152,7 +218,10 @@ void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRe
 void gemm_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
             int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
   switch (W.dtype) {
-    case DType::Q8: return qgemm::gemm<DType::Q8>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+    case DType::Q8:
+      if constexpr (!QGEMM_BYTES)
+        return qgemm::gemm<DType::Q8>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+      return;  // never sent here: Kernels::gemm_q_int8 is false
     case DType::Q4: return qgemm::gemm<DType::Q4>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
     case DType::Q4K: return qgemm::gemm<DType::Q4K>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
     default: return;

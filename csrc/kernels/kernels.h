@@ -194,6 +194,12 @@ struct Kernels {
   // pass sends prompts into quantized weights here rather than to matmul, which widens the weights.
   void (*gemm_q)(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
                  int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) = nullptr;
+  // Whether gemm_q takes Q8 weights. Where not (AVX2 without VNNI: it takes int4 weights only, and
+  // requantizes the activations to int8 for vpmaddubsw, gemm_q_avx2.inl), int8 prompts go to matmul.
+  bool gemm_q_int8 = true;
+  bool takes_gemm_q(DType t) const {
+    return gemm_q && (t == DType::Q4 || t == DType::Q4K || (t == DType::Q8 && gemm_q_int8));
+  }
 };
 
 extern const Kernels kernels_generic;
@@ -214,7 +220,8 @@ void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint
                bool accumulate);
 void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
                 int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
-// Kernels::gemm_q with VEX vpdpwssd (gemm_q_avx2.inl)
+// Kernels::gemm_q with VEX vpdpwssd (gemm_q_avx2.inl; kernels_avx2 has one for int4 weights
+// with vpmaddubsw)
 void gemm_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
             int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
 }  // namespace avx2vnni

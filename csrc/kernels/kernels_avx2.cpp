@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/common.h"
@@ -122,6 +123,10 @@ inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) { return _mm256_add_
 
 #include "kernels/quant_kernels.inl"
 
+// after quant_kernels.inl: the int4 prompts' GEMM on int8 activations (vpmaddubsw)
+constexpr bool QGEMM_BYTES = true;
+#include "kernels/gemm_q_avx2.inl"
+
 }  // namespace avx2
 
 const Kernels kernels_avx2 = {
@@ -139,6 +144,8 @@ const Kernels kernels_avx2 = {
     .matmul_q8 = avx2::matmul_q8,
     .matmul_q4 = avx2::matmul_q4,
     .matmul_q4k = avx2::matmul_q4k,
+    .gemm_q = avx2::gemm_q,
+    .gemm_q_int8 = false,
 };
 
 }  // namespace gally

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/common.h"
@@ -18,6 +19,7 @@ namespace gally {
 namespace avx2vnni {
 
 inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) { return _mm256_dpwssd_avx_epi32(acc, a, b); }
+constexpr bool QGEMM_BYTES = false;  // gemm_q_avx2.inl on the int16 activations
 
 #include "kernels/quant_kernels.inl"
 

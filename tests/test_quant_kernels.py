@@ -186,17 +186,18 @@ def test_quantized_weights_with_float_activations(core, isa, kind):
 
 @pytest.mark.parametrize("isa", NATIVE_SETS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_prompt_gemm_on_int16_activations(isa, kind):
-    """Kernels::gemm_q, the prompts' GEMM into int8/int4 weights (tokens in the lanes, vpdpwssd): the
-    row-wise kernels' sums within float rounding, for partial token tiles (AVX-512 48 tokens, AVX2 16), row
-    chunks (AVX-512 64 rows in blocks of 16, AVX2 48), k blocks of 8 or 16 groups and a tail, a bias, a row range
+def test_prompt_gemm_on_quantized_activations(isa, kind):
+    """Kernels::gemm_q, the prompts' GEMM into int8/int4 weights (tokens in the lanes): the row-wise
+    kernels' sums within float rounding, for partial token tiles (AVX-512 48 tokens, AVX2 16), row chunks
+    (AVX-512 64 rows in blocks of 16, AVX2 48), k blocks of 8 or 16 groups and a tail, a bias, a row range
     accumulated into y that leaves the other rows alone; and each token's outputs bit for bit those it gets
-    alone. AVX2 without VNNI takes int4 weights only, on the activations requantized to int8 (vpmaddubsw):
-    the row-wise sums of those int8 values and scales. A set without one says so."""
+    alone. int8 weights meet the int16 activations (vpdpwssd); int4 weights those requantized to int8
+    (vpdpbusd; vpmaddubsw on AVX2): the row-wise sums of those int8 values, scales and sums. AVX2 without
+    VNNI has none for int8 weights, and a set without one says so."""
     T = _core.testing
     rng = np.random.default_rng(11)
-    bytes_form = T.kernel_has_gemm_q(isa) and not T.kernel_gemm_q_int8(isa)
-    if bytes_form and kind == "int8":
+    bytes_form = T.kernel_has_gemm_q(isa) and kind != "int8"  # int4 weights meet int8 activations
+    if T.kernel_has_gemm_q(isa) and not T.kernel_gemm_q_int8(isa) and kind == "int8":
         x = rng.standard_normal((4, 64)).astype(np.float32)
         q, s, m, codes, _, _ = random_weights(rng, kind, 3, 64)
         with pytest.raises(ValueError, match="has no gemm_q for int8 weights"):

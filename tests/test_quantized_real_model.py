@@ -43,17 +43,16 @@ def test_int4_logits_are_those_of_its_weights(int4_folders, isa):
     assert model.dtype == "int4" and model.copied_bytes == 0
     ids = model.tokenizer.encode(text)[:40]
     want = exact.logits(ids)
-    # the prompt through the GEMM: where the set has a gemm_q for int8 weights (avx2vnni, avx512vnni), the decode
-    # kernels' int16 activations (measured: 0.016 at most); avx2's, for int4 weights only, requantizes them to int8
-    # (measured: 0.80 at most); else the dequantized weights exactly (measured: equal). The bf16 sets' prompt
-    # attention rounds to bf16 (measured with gemm_q: 0.30 at most on avx512bf16, 0.42 on avx512bf16fma; 0.50
-    # when the GEMM rounded activations and weights to bf16 too, 97.5% of top tokens the same)
+    # the prompt through the GEMM: where the set has a gemm_q (x86 but plain AVX-512), the int8 matrices on the
+    # decode kernels' int16 activations and the int4 ones on those requantized to int8 (measured: 0.80 at most on
+    # avx2, whose int8 matrices take f32, 0.83 on avx2vnni, 1.25 on avx512vnni, 1.07 on the bf16 sets; top tokens
+    # the same 92.5-97.5%; 0.016 when all were on int16); else the dequantized weights exactly (measured: equal).
+    # The bf16 sets' prompt attention rounds to bf16 (measured, all on int16: 0.30 at most on avx512bf16, 0.42 on
+    # avx512bf16fma; 0.50 when the GEMM rounded activations and weights to bf16 too, 97.5% of top tokens the same)
     got = model.logits(ids)
-    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
     bf16_attention = isa in ("avx512bf16", "avx512bf16fma", "neonbf16")
-    int8_activations = _core.testing.kernel_has_gemm_q(isa) and not _core.testing.kernel_gemm_q_int8(isa)
-    tolerance = (1.0 if bf16_attention or int8_activations else 4e-2 if _core.testing.kernel_has_gemm_q(isa)
-                 else 1e-4)
+    tolerance = 1.5 if _core.testing.kernel_has_gemm_q(isa) else 1.0 if bf16_attention else 1e-4
     assert np.abs(got - want).max() <= tolerance
     # token by token through the integer decode kernels (int16 activations; measured: 0.015 at most)
     s = model.session()

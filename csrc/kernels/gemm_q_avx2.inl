@@ -4,36 +4,41 @@
 // sums as acc += (float(dot) · xs_token) · s_row (+ xsum_token · m_row for int4); every lane does
 // the same operations, so a token's result does not depend on the rest of the batch.
 //
-// Two forms of the activations, chosen by the including file (QGEMM_BYTES):
-// - AVX-VNNI (kernels_avx2vnni.cpp): the int16 activations as they come, 16 vpdpwssd steps per
-//   group of a row's int16 weight pair; 256-bit vpdpwssd multiplies 16 pairs, twice an FMA's 8
-//   floats. Measured on one Sapphire Rapids core (128 tokens, int8 and int4 weights of 576 to
-//   8192 inputs): 72-82 GMAC/s, against 40-54 through gemm.inl's f32 tiles.
-// - AVX2 without VNNI (kernels_avx2.cpp), int4 weights only: each token's group requantized to
-//   int8 (its int16 values · 127 / ACT_INT16_MAX, rounded; the scale · ACT_INT16_MAX / 127), and
-//   8 vpmaddubsw steps per group of a row's four unsigned 4-bit codes times four int8 values, 32
+// Two forms of the activations (for the including file's set, QGEMM_VNNI):
+// - int8 weights (AVX-VNNI only): the int16 activations as they come, 16 vpdpwssd steps per group
+//   of a row's int16 weight pair; 256-bit vpdpwssd multiplies 16 pairs, twice an FMA's 8 floats.
+//   One Sapphire Rapids core (128 tokens, 576 to 8192 inputs): 72-82 GMAC/s, against 40-54
+//   through gemm.inl's f32 tiles.
+// - int4 weights: each token's group requantized to int8 (its int16 values · 127 / ACT_INT16_MAX,
+//   rounded; the scale · ACT_INT16_MAX / 127), and 8 steps per group of a row's four unsigned 4-bit
+//   codes times four int8 values: with AVX-VNNI one vpdpbusd into int32; on AVX2 a vpmaddubsw, 32
 //   products into 16 int16 sums that add up without saturating (8 · 2 · 15 · 127 < 2¹⁵), then one
-//   vpmaddwd by ones into int32. One core: 83-94 GMAC/s, against 43-50 through gemm.inl's f32
-//   tiles (vpmaddwd + vpaddd on the int16 pairs: 40). int8 weights, whose products of two signed
-//   bytes vpmaddubsw cannot take whole, keep gemm.inl (Kernels::gemm_q_int8 false).
+//   vpmaddwd by ones into int32 a group. One core: AVX-VNNI 101-102 GMAC/s (72 on the int16
+//   pairs); AVX2 83-94 against gemm.inl's 43-50 (vpmaddwd + vpaddd on the int16 pairs: 40). On AVX2, int8 weights,
+//   whose products of two signed bytes vpmaddubsw cannot take whole, keep gemm.inl (Kernels::gemm_q_int8 false).
 //
 // With 16 registers a tile is 6 rows × 2 vectors (12 dots + 2 activations + 1 weight), or 12 rows
 // × 1 vector; with bytes 4 × 2 or 8 × 1. The sums wait in memory between groups.
 //
-// The including file defines QGEMM_BYTES and dot_pairs (vpdpwssd where it is false) and includes
-// quant_kernels.inl (load_q8, load_q4, q4k_row_scales).
+// The including file defines QGEMM_VNNI, dot_pairs (vpdpwssd where QGEMM_VNNI) and, where
+// QGEMM_VNNI, dot_quads (vpdpbusd); and includes quant_kernels.inl (load_q8, load_q4,
+// q4k_row_scales).
 
 namespace qgemm {
 
-// 12 dots + 2 activations + 1 weight of 16 ymm; with bytes 8 dots (+ each step's product): 6 rows
-// spilled, and 4 ran at 83-94 GMAC/s against 6's 75-85
-constexpr int R = QGEMM_BYTES ? 4 : 6, V = 2, TW = V * 8;
+// 12 dots + 2 activations + 1 weight of 16 ymm. With bytes, 8 dots (+ each step's product on
+// AVX2): 6 rows spilled, and 4 ran at 83-94 GMAC/s against 6's 75-85.
+template <bool BYTES>
+constexpr int ROWS_OF = BYTES ? 4 : 6;
+constexpr int V = 2, TW = V * 8;
 constexpr int CHUNK = 48;  // rows widened at a time, a multiple of R and 2R: the activations pass once per chunk
 constexpr int KG = 16;     // groups per block: 16 · 16 · TW · 4 bytes = 16 KiB of activations
 // Per group: the steps, each a 32-bit word of a row's weights broadcast against a word of each
 // token's activations (int16 pairs, or int8 quads), and a weight's type once widened.
-constexpr int STEPS = QGEMM_BYTES ? QGROUP / 4 : QGROUP / 2;
-using WeightT = std::conditional_t<QGEMM_BYTES, uint8_t, int16_t>;
+template <bool BYTES>
+constexpr int STEPS_OF = BYTES ? QGROUP / 4 : QGROUP / 2;
+template <bool BYTES>
+using WeightOf = std::conditional_t<BYTES, uint8_t, int16_t>;
 constexpr float REQUANT = 127.0f / ACT_INT16_MAX;  // int16 activations to int8
 
 // The activations of tokens [0, nt) (nt ≤ TW) in the tile layout: word p of group g of token j at
@@ -42,10 +47,12 @@ constexpr float REQUANT = 127.0f / ACT_INT16_MAX;  // int16 activations to int8
 // int8 values (scale · Σ q): int4's min term then adds what the requantized activations give, as
 // the code term does; with the exact sum, the two would disagree by the codes' mean (about 7.5)
 // times the rounding (measured: SmolLM2 int4-v1's perplexity over f32 +1.55%, and +0.39% so).
+template <bool BYTES>
 inline void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int nt, int groups, int32_t* xt, float* st,
                       float* mt) {
+  constexpr int STEPS = STEPS_OF<BYTES>;
   transpose_group_values(xs, xsum, nt, groups, TW, st, mt);
-  if constexpr (QGEMM_BYTES) {
+  if constexpr (BYTES) {
     const __m256 r = _mm256_set1_ps(REQUANT);
     for (int j = 0; j < TW; ++j)
       for (long g = 0; g < groups; ++g) {
@@ -82,9 +89,10 @@ inline void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int
 // out[i][v] (+)= row i's group dots with vector v's tokens over groups [0, ng), scaled. xt, st, mt
 // at the block's first group; w at row 0 and the block's first weight (rows ldw apart); s, m the
 // rows' scales and mins at the block's first group (rows lds apart).
-template <bool Q4, int RR, int VV>
-inline void tile(const int32_t* xt, const float* st, const float* mt, const WeightT* w, long ldw, const float* s,
-                 const float* m, long lds, int ng, bool first, float* out) {
+template <bool Q4, bool BYTES, int RR, int VV>
+inline void tile(const int32_t* xt, const float* st, const float* mt, const WeightOf<BYTES>* w, long ldw,
+                 const float* s, const float* m, long lds, int ng, bool first, float* out) {
+  constexpr int STEPS = STEPS_OF<BYTES>;
   if (first)
     for (int i = 0; i < RR; ++i)
       for (int v = 0; v < VV; ++v) _mm256_storeu_ps(out + i * TW + v * 8, _mm256_setzero_ps());
@@ -102,19 +110,21 @@ inline void tile(const int32_t* xt, const float* st, const float* mt, const Weig
         std::memcpy(&word, w + i * ldw + long(g) * QGROUP + (QGROUP / STEPS) * p, 4);
         const __m256i wv = _mm256_set1_epi32(word);
         for (int v = 0; v < VV; ++v)
-          if constexpr (QGEMM_BYTES) {
+          if constexpr (!BYTES) {
+            dot[i][v] = dot_pairs(dot[i][v], wv, xv[v]);
+          } else if constexpr (QGEMM_VNNI) {
+            dot[i][v] = dot_quads(dot[i][v], wv, xv[v]);
+          } else {
             dot[i][v] = _mm256_add_epi16(dot[i][v], _mm256_maddubs_epi16(wv, xv[v]));
             // in this order: GCC would otherwise reassociate the adds, keep all the products, and spill them
             __asm__("" : "+x"(dot[i][v]));
-          } else {
-            dot[i][v] = dot_pairs(dot[i][v], wv, xv[v]);
           }
       }
     }
     for (int i = 0; i < RR; ++i)
       for (int v = 0; v < VV; ++v) {
         float* o = out + i * TW + v * 8;
-        const __m256i d = QGEMM_BYTES ? _mm256_madd_epi16(dot[i][v], _mm256_set1_epi16(1)) : dot[i][v];
+        const __m256i d = BYTES && !QGEMM_VNNI ? _mm256_madd_epi16(dot[i][v], _mm256_set1_epi16(1)) : dot[i][v];
         const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(st + long(g) * TW + v * 8));
         __m256 acc = _mm256_fmadd_ps(scaled, _mm256_set1_ps(s[i * lds + g]), _mm256_loadu_ps(o));
         if (Q4) acc = _mm256_fmadd_ps(_mm256_loadu_ps(mt + long(g) * TW + v * 8), _mm256_set1_ps(m[i * lds + g]), acc);
@@ -123,23 +133,26 @@ inline void tile(const int32_t* xt, const float* st, const float* mt, const Weig
   }
 }
 
-// tile<Q4, rows, vecs> for rows ≤ rows_for(vecs) and vecs ≤ V known at run time: one vector takes
-// twice the rows, so that 12 dots are in flight either way.
-constexpr int rows_for(int vecs) { return vecs == 1 ? 2 * R : R; }
-template <bool Q4, int RR, int VV>
-inline void tile_rows(int rows, const int32_t* xt, const float* st, const float* mt, const WeightT* w, long ldw,
+// tile<Q4, BYTES, rows, vecs> for rows ≤ rows_for(vecs) and vecs ≤ V known at run time: one vector
+// takes twice the rows, so that as many dots are in flight either way.
+template <bool BYTES>
+constexpr int rows_for(int vecs) {
+  return vecs == 1 ? 2 * ROWS_OF<BYTES> : ROWS_OF<BYTES>;
+}
+template <bool Q4, bool BYTES, int RR, int VV>
+inline void tile_rows(int rows, const int32_t* xt, const float* st, const float* mt, const WeightOf<BYTES>* w, long ldw,
                       const float* s, const float* m, long lds, int ng, bool first, float* out) {
   if constexpr (RR > 1)
-    if (rows < RR) return tile_rows<Q4, RR - 1, VV>(rows, xt, st, mt, w, ldw, s, m, lds, ng, first, out);
-  tile<Q4, RR, VV>(xt, st, mt, w, ldw, s, m, lds, ng, first, out);
+    if (rows < RR) return tile_rows<Q4, BYTES, RR - 1, VV>(rows, xt, st, mt, w, ldw, s, m, lds, ng, first, out);
+  tile<Q4, BYTES, RR, VV>(xt, st, mt, w, ldw, s, m, lds, ng, first, out);
 }
 
 // Group rg of W widened to 32 weights in order at w: int16, or the 4-bit codes as bytes.
-template <DType T>
-inline void widen_group(const WeightsRef& W, long rg, WeightT* w) {
+template <DType T, bool BYTES>
+inline void widen_group(const WeightsRef& W, long rg, WeightOf<BYTES>* w) {
   constexpr bool Q4 = T != DType::Q8;
-  if constexpr (QGEMM_BYTES) {  // byte i holds codes i (low nibble) and i + 16 (high)
-    static_assert(Q4, "int8 weights take gemm.inl where activations are bytes");
+  if constexpr (BYTES) {  // byte i holds codes i (low nibble) and i + 16 (high)
+    static_assert(Q4, "int8 weights meet int16 activations");
     const __m128i b = _mm_loadu_si128((const __m128i*)((const uint8_t*)W.data + rg * (QGROUP / 2)));
     const __m128i low = _mm_set1_epi8(0x0f);
     _mm_storeu_si128((__m128i*)w, _mm_and_si128(b, low));
@@ -155,7 +168,9 @@ inline void widen_group(const WeightsRef& W, long rg, WeightT* w) {
 template <DType T>
 void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
           int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
-  constexpr bool Q4 = T != DType::Q8;
+  constexpr bool Q4 = T != DType::Q8, BYTES = Q4;  // int4 weights meet int8 activations
+  constexpr int STEPS = STEPS_OF<BYTES>, R = ROWS_OF<BYTES>;
+  using WeightT = WeightOf<BYTES>;
   const int groups = n_in / QGROUP, tiles = (n_tok + TW - 1) / TW;
   const long lds = q4k_stride(groups);  // a row's scales, and at lds · CHUNK its mins
   static thread_local std::vector<int32_t> xt;
@@ -170,14 +185,14 @@ void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRe
   for (int tl = 0; tl < tiles; ++tl) {
     const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW;
     const long tg = long(t0) * groups;
-    pack_tile(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, nt, groups, xt.data() + tg * STEPS, st + tg,
-              mt + tg);
+    pack_tile<BYTES>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, nt, groups, xt.data() + tg * STEPS, st + tg,
+                     mt + tg);
   }
   for (int c0 = r0; c0 < r1; c0 += CHUNK) {
     const int rows = r1 - c0 < CHUNK ? r1 - c0 : CHUNK;
     for (int i = 0; i < rows; ++i) {  // the chunk's weights widened and its scales (and mins) in f32
       const long r = c0 + i, rg = r * groups;
-      for (int g = 0; g < groups; ++g) widen_group<T>(W, rg + g, wq.data() + long(i) * n_in + g * QGROUP);
+      for (int g = 0; g < groups; ++g) widen_group<T, BYTES>(W, rg + g, wq.data() + long(i) * n_in + g * QGROUP);
       float *si = s + i * lds, *mi = m + i * lds;
       if (T == DType::Q4K) {
         const float* fs = q4k_row_scales(W, groups, r, row_buf);
@@ -191,7 +206,7 @@ void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRe
       }
     }
     for (int tl = 0; tl < tiles; ++tl) {
-      const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW, vecs = (nt + 7) / 8, step = rows_for(vecs);
+      const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW, vecs = (nt + 7) / 8, step = rows_for<BYTES>(vecs);
       const long tg = long(t0) * groups;
       for (int g0 = 0; g0 < groups; g0 += KG) {
         const int ng = groups - g0 < KG ? groups - g0 : KG;
@@ -201,11 +216,11 @@ void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRe
           const WeightT* wi = wq.data() + long(i) * n_in + long(g0) * QGROUP;
           const float *sg = s + i * lds + g0, *mg = m + i * lds + g0;
           if (vecs == 1)
-            tile_rows<Q4, 2 * R, 1>(n, x, st + tg + g0 * TW, mt + tg + g0 * TW, wi, n_in, sg, mg, lds, ng, g0 == 0,
-                                    out + i * TW);
+            tile_rows<Q4, BYTES, 2 * R, 1>(n, x, st + tg + g0 * TW, mt + tg + g0 * TW, wi, n_in, sg, mg, lds, ng,
+                                           g0 == 0, out + i * TW);
           else
-            tile_rows<Q4, R, 2>(n, x, st + tg + g0 * TW, mt + tg + g0 * TW, wi, n_in, sg, mg, lds, ng, g0 == 0,
-                                out + i * TW);
+            tile_rows<Q4, BYTES, R, 2>(n, x, st + tg + g0 * TW, mt + tg + g0 * TW, wi, n_in, sg, mg, lds, ng, g0 == 0,
+                                       out + i * TW);
         }
       }
       store_tile(out, TW, rows, nt, b ? b + c0 : nullptr, y + long(t0) * ldy + c0, ldy, accumulate);
@@ -219,7 +234,7 @@ void gemm_q(const int16_t* xq, const float* xs, const float* xsum, const Weights
             int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
   switch (W.dtype) {
     case DType::Q8:
-      if constexpr (!QGEMM_BYTES)
+      if constexpr (QGEMM_VNNI)
         return qgemm::gemm<DType::Q8>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
       return;  // never sent here: Kernels::gemm_q_int8 is false
     case DType::Q4: return qgemm::gemm<DType::Q4>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);

@@ -1,25 +1,32 @@
-// The prefill GEMM for int8 and int4 (Q4, Q4K) weights on AVX-512: the row-wise kernels'
-// arithmetic (int16 activations, exact integer group dots, f32 sums; kernels.h), laid out as
-// gemm.inl lays out the f32 GEMM, with the tokens in the lanes.
+// The prefill GEMM for int8 and int4 (Q4, Q4K) weights on AVX-512, laid out as gemm.inl lays out
+// the f32 GEMM, with the tokens in the lanes: int8 weights on the row-wise kernels' int16
+// activations (exact integer group dots, f32 sums; kernels.h), int4 weights on those activations
+// requantized to int8.
 //
 // Why not gemm.inl's way (weights dequantized to f32 or rounded to bf16, then FMAs): a vpdpwssd
-// multiplies 32 int16 pairs at the FMA's rate, where an FMA multiplies 16 floats; and on Sapphire
-// Rapids vdpbf16ps (32 bf16 products) issues at a quarter of that rate (measured per core: 1.7 G
-// against 6.8 G FMAs or 6.4 G vpdpwssd a second). One thread, 128 tokens × 2048 × 2048 int8:
-// 50 GMAC/s through vdpbf16ps, 110 here.
+// multiplies 32 int16 pairs at the FMA's rate, where an FMA multiplies 16 floats, and a vpdpbusd 64
+// byte products; on Sapphire Rapids vdpbf16ps (32 bf16 products) issues at a quarter of that rate
+// (measured per core: 1.7 G against 6.8 G FMAs or 6.4 G vpdpwssd a second). One thread, 128 tokens
+// × 2048 × 2048 int8: 50 GMAC/s through vdpbf16ps, 110 here; int4 95-106 on int16, 154-173 on int8.
 //
-// - The activations (int16 pairs, group scales and sums) are transposed per call into tiles of
-//   TW tokens: pairs xt[tile][g][p][TW], scales st[tile][g][TW], sums mt[tile][g][TW].
-// - The weights are widened to int16 a chunk of 64 rows at a time (wq[row][n_in], in memory order
-//   within a group as load_group32 gives them), with their scales (and int4 mins) group-major
-//   per block of 16 rows from tile_scales (quant_rows_avx512.inl).
-// - A register tile of R rows × V vectors of tokens: for each group, 16 vpdpwssd steps with a row's
-//   pair broadcast give R·V integer dots in int32 lanes; each is then converted and added to its
-//   f32 sum as acc += (float(dot) · xs_token) · s_row (+ xsum_token · m_row for int4). Every
-//   lane does the same operations in the same order, so a token's result does not depend on the
-//   other tokens of the batch (nor on the tile it lands in).
+// - The activations are transposed per call into tiles of TW tokens: words (int16 pairs, or for
+//   int4 int8 quads) xt[tile][g][p][TW], scales st[tile][g][TW], sums mt[tile][g][TW]. An int4
+//   group's int8 values are its int16 values · 127 / ACT_INT16_MAX rounded to even, its scale
+//   · ACT_INT16_MAX / 127, its sum that of the int8 values (gemm_q_avx2.inl says why): perplexity
+//   of SmolLM2 (GPL text, ctx 512) int4 18.244 → 18.271; on weights off the 4-bit grid, KLD
+//   against f32 +1.3% (bench/quant_quality.py), for 1.3-1.45× the int4 prefill.
+// - The weights are widened a chunk of 64 rows at a time (wq[row], in memory order within a
+//   group as load_group32 gives them: int16, or int4's codes as bytes), with their scales (and int4
+//   mins) group-major per block of 16 rows from tile_scales (quant_rows_avx512.inl).
+// - A register tile of R rows × V vectors of tokens: for each group, 16 vpdpwssd steps (int4: 8
+//   vpdpbusd, the codes unsigned, the activations signed) with a row's word broadcast give R·V
+//   integer dots in int32 lanes; each is then converted and added to its f32 sum as
+//   acc += (float(dot) · xs_token) · s_row (+ xsum_token · m_row for int4). Every lane does the
+//   same operations in the same order, so a token's result does not depend on the other tokens of
+//   the batch (nor on the tile it lands in).
 // - The groups run in blocks of KG, whose activations stay in L1 while the chunk's rows pass over
-//   them; the partial sums wait in a chunk × tile buffer.
+//   them; the partial sums wait in a chunk × tile buffer (int4's smaller tiles keep them in
+//   registers across the block).
 //
 // The including file defines dot_pairs16 (vpdpwssd) and includes quant_rows_avx512.inl.
 
@@ -31,9 +38,42 @@ constexpr int KG = 8;                     // groups per block: 8 · 16 · TW · 
 // once per chunk, so a bigger chunk reads them less often (8192-input rows, 64 rather than 16: +10%).
 constexpr int CHUNK_BLOCKS = 4;
 
-// The activations of tokens [t0, t0 + nt) (nt ≤ TW) in the tile layout, zero past nt.
+// Steps per group: a 32-bit word of a row's weights broadcast against a word of each token's
+// activations, int16 pairs (vpdpwssd) or, for int4 weights, int8 quads (vpdpbusd).
+template <bool BYTES>
+constexpr int STEPS = BYTES ? QGROUP / 4 : QGROUP / 2;
+constexpr float REQUANT = 127.0f / ACT_INT16_MAX;  // int16 activations to int8
+
+// The activations of tokens [t0, t0 + nt) (nt ≤ TW) in the tile layout, zero past nt. As bytes,
+// each group's values requantized to int8 (rounded to even), its scale widened to match, and its
+// sum that of the int8 values (gemm_q_avx2.inl says why).
+template <bool BYTES>
 inline void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int nt, int groups, int32_t* xt, float* st,
                       float* mt) {
+  transpose_group_values(xs, xsum, nt, groups, TW, st, mt);
+  if constexpr (BYTES) {
+    const __m512 r = _mm512_set1_ps(REQUANT);
+    for (int j = 0; j < TW; ++j)
+      for (long g = 0; g < groups; ++g) {
+        alignas(32) int32_t q[STEPS<true>] = {};
+        int sum = 0;
+        if (j < nt) {
+          const __m512i v = _mm512_loadu_si512(xq + (j * groups + g) * QGROUP);
+          const __m512i a = _mm512_cvtps_epi32(
+              _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v))), r));
+          const __m512i b = _mm512_cvtps_epi32(
+              _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1))), r));
+          sum = _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
+          _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(a));
+          _mm_storeu_si128((__m128i*)(q + 4), _mm512_cvtepi32_epi8(b));
+        }
+        for (int p = 0; p < STEPS<true>; ++p) xt[(g * STEPS<true> + p) * TW + j] = q[p];
+        float& scale = st[g * TW + j];
+        scale *= ACT_INT16_MAX / 127.0f;
+        mt[g * TW + j] = scale * float(sum);
+      }
+    return;
+  }
   const long words = long(groups) * (QGROUP / 2);  // int32 pairs per token
   alignas(64) int32_t rows[16 * 16];
   for (int j0 = 0; j0 < TW; j0 += 16)
@@ -47,63 +87,76 @@ inline void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int
       transpose16x16(rows, 16, col);
       for (int p = 0; p < 16; ++p) _mm512_storeu_si512(xt + (long(g) * 16 + p) * TW + j0, col[p]);
     }
-  transpose_group_values(xs, xsum, nt, groups, TW, st, mt);
 }
 
 // acc[i][v] (+)= Σ over groups [0, ng) of row i's group dots with vector v's tokens, scaled.
-// xt, st, mt at the block's first group; w at row 0 and the block's first weight (rows ldw apart);
-// s, m the rows' scales and mins group-major at the block's first group (16 a group).
-template <bool Q4, int RR, int VV>
-inline void tile(const int32_t* xt, const float* st, const float* mt, const int16_t* w, long ldw, const float* s,
+// xt, st, mt at the block's first group; w at row 0 and the block's first weight (rows ldw bytes
+// apart; int16, or with BYTES the 4-bit codes as bytes); s, m the rows' scales and mins group-major
+// at the block's first group (16 a group).
+template <bool Q4, bool BYTES, int RR, int VV>
+inline void tile(const int32_t* xt, const float* st, const float* mt, const char* w, long ldw, const float* s,
                  const float* m, int ng, bool first, float* out) {
+  constexpr int S = STEPS<BYTES>;
+  constexpr long GROUP_BYTES = 4 * S;
   if (first)
     for (int i = 0; i < RR; ++i)
       for (int v = 0; v < VV; ++v) _mm512_storeu_ps(out + i * TW + v * 16, _mm512_setzero_ps());
+  // With bytes the tile is small enough (rows_for) for its sums to stay in registers across groups.
+  __m512 sum[RR][VV];
+  if constexpr (BYTES)
+    for (int i = 0; i < RR; ++i)
+      for (int v = 0; v < VV; ++v) sum[i][v] = _mm512_loadu_ps(out + i * TW + v * 16);
   for (int g = 0; g < ng; ++g) {
     __m512i dot[RR][VV];
     for (int i = 0; i < RR; ++i)
       for (int v = 0; v < VV; ++v) dot[i][v] = _mm512_setzero_si512();
-    const int32_t* x = xt + long(g) * 16 * TW;
+    const int32_t* x = xt + long(g) * S * TW;
 #pragma GCC unroll 16
-    for (int p = 0; p < 16; ++p) {
+    for (int p = 0; p < S; ++p) {
       __m512i xv[VV];
       for (int v = 0; v < VV; ++v) xv[v] = _mm512_loadu_si512(x + p * TW + v * 16);
       for (int i = 0; i < RR; ++i) {
-        int32_t pair;
-        std::memcpy(&pair, w + i * ldw + long(g) * QGROUP + 2 * p, 4);
-        const __m512i wv = _mm512_set1_epi32(pair);
-        for (int v = 0; v < VV; ++v) dot[i][v] = dot_pairs16(dot[i][v], wv, xv[v]);
+        int32_t word;
+        std::memcpy(&word, w + i * ldw + g * GROUP_BYTES + 4 * p, 4);
+        const __m512i wv = _mm512_set1_epi32(word);
+        for (int v = 0; v < VV; ++v)
+          dot[i][v] = BYTES ? _mm512_dpbusd_epi32(dot[i][v], wv, xv[v]) : dot_pairs16(dot[i][v], wv, xv[v]);
       }
     }
-    for (int i = 0; i < RR; ++i)  // the sums wait in out between groups: the dots need the registers
+    for (int i = 0; i < RR; ++i)  // else the sums wait in out between groups: the dots need the registers
       for (int v = 0; v < VV; ++v) {
         float* o = out + i * TW + v * 16;
         const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[i][v]), _mm512_loadu_ps(st + long(g) * TW + v * 16));
-        __m512 acc = _mm512_fmadd_ps(scaled, _mm512_set1_ps(s[g * 16 + i]), _mm512_loadu_ps(o));
+        __m512 acc = _mm512_fmadd_ps(scaled, _mm512_set1_ps(s[g * 16 + i]), BYTES ? sum[i][v] : _mm512_loadu_ps(o));
         if (Q4) acc = _mm512_fmadd_ps(_mm512_loadu_ps(mt + long(g) * TW + v * 16), _mm512_set1_ps(m[g * 16 + i]), acc);
-        _mm512_storeu_ps(o, acc);
+        if constexpr (BYTES) sum[i][v] = acc;
+        else _mm512_storeu_ps(o, acc);
       }
   }
+  if constexpr (BYTES)
+    for (int i = 0; i < RR; ++i)
+      for (int v = 0; v < VV; ++v) _mm512_storeu_ps(out + i * TW + v * 16, sum[i][v]);
 }
 
 // tile<Q4, rows, vecs> for rows ≤ rows_for(vecs) and vecs ≤ V known at run time: a tile of fewer
 // vectors takes more rows, so that enough dots are in flight (vpdpwssd's latency is 5 cycles): R
 // for 2 vectors, 16 for 1. Both divide 16, so that a tile lies in one block of scales and no tile
 // of few rows is left over.
-template <bool Q4, int RR, int VV>
-inline void tile_rows(int rows, const int32_t* xt, const float* st, const float* mt, const int16_t* w, long ldw,
+template <bool Q4, bool BYTES, int RR, int VV>
+inline void tile_rows(int rows, const int32_t* xt, const float* st, const float* mt, const char* w, long ldw,
                       const float* s, const float* m, int ng, bool first, float* out) {
   if constexpr (RR > 1)
-    if (rows < RR) return tile_rows<Q4, RR - 1, VV>(rows, xt, st, mt, w, ldw, s, m, ng, first, out);
-  tile<Q4, RR, VV>(xt, st, mt, w, ldw, s, m, ng, first, out);
+    if (rows < RR) return tile_rows<Q4, BYTES, RR - 1, VV>(rows, xt, st, mt, w, ldw, s, m, ng, first, out);
+  tile<Q4, BYTES, RR, VV>(xt, st, mt, w, ldw, s, m, ng, first, out);
 }
-constexpr int rows_for(int vecs) { return vecs == 1 ? 16 : R; }
-template <bool Q4, int VV = V>
-inline void tile_any(int rows, int vecs, const int32_t* xt, const float* st, const float* mt, const int16_t* w,
-                     long ldw, const float* s, const float* m, int ng, bool first, float* out) {
+// With bytes, 4 rows (8 for one vector): dots and sums in registers.
+constexpr int rows_for(bool bytes, int vecs) { return bytes ? (vecs == 1 ? 8 : 4) : vecs == 1 ? 16 : R; }
+template <bool Q4, bool BYTES, int VV = V>
+inline void tile_any(int rows, int vecs, const int32_t* xt, const float* st, const float* mt, const char* w, long ldw,
+                     const float* s, const float* m, int ng, bool first, float* out) {
   if constexpr (VV > 1)
-    if (vecs < VV) return tile_any<Q4, VV - 1>(rows, vecs, xt, st, mt, w, ldw, s, m, ng, first, out);
-  tile_rows<Q4, rows_for(VV), VV>(rows, xt, st, mt, w, ldw, s, m, ng, first, out);
+    if (vecs < VV) return tile_any<Q4, BYTES, VV - 1>(rows, vecs, xt, st, mt, w, ldw, s, m, ng, first, out);
+  tile_rows<Q4, BYTES, rows_for(BYTES, VV), VV>(rows, xt, st, mt, w, ldw, s, m, ng, first, out);
 }
 
 // y[j, r + i] (+)= out[i · TW + j] + b[r + i] for rows i < rows (≤ 16) and tokens j < nt: 16 × 16
@@ -141,44 +194,70 @@ inline void widen_row(const WeightsRef& W, long rg0, int groups, int16_t* out) {
   for (; g < groups; ++g) _mm512_storeu_si512(out + g * QGROUP, load_group32<T>(W, rg0 + g));
 }
 
+// A row's int4 groups [rg0, rg0 + groups) as their 4-bit codes in bytes, in order, into out; two
+// groups at a time, as widen_row.
+inline void widen_row_codes(const WeightsRef& W, long rg0, int groups, uint8_t* out) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  int g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i*)((const uint8_t*)W.data + (rg0 + g) * (QGROUP / 2)));
+    const __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+    _mm256_storeu_si256((__m256i*)(out + g * QGROUP), _mm256_permute2x128_si256(lo, hi, 0x20));
+    _mm256_storeu_si256((__m256i*)(out + (g + 1) * QGROUP), _mm256_permute2x128_si256(lo, hi, 0x31));
+  }
+  for (; g < groups; ++g) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)((const uint8_t*)W.data + (rg0 + g) * (QGROUP / 2)));
+    _mm_storeu_si128((__m128i*)(out + g * QGROUP), _mm_and_si128(bytes, _mm256_castsi256_si128(low)));
+    _mm_storeu_si128((__m128i*)(out + g * QGROUP + 16),
+                     _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm256_castsi256_si128(low)));
+  }
+}
+
 template <DType T>
 void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
           int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
-  constexpr bool Q4 = T != DType::Q8;
+  constexpr bool Q4 = T != DType::Q8, BYTES = Q4;  // int4 weights meet int8 activations
+  constexpr int S = STEPS<BYTES>;
+  constexpr long GROUP_BYTES = 4 * S;
   const int groups = n_in / QGROUP, pad = (groups + 15) / 16 * 16, tiles = (n_tok + TW - 1) / TW;
+  const long ldw = groups * GROUP_BYTES;  // a widened row's bytes
   static thread_local std::vector<int32_t> xt;
   static thread_local std::vector<float> fbuf;
-  static thread_local std::vector<int16_t> wq;
-  xt.resize(size_t(tiles) * groups * 16 * TW);
+  static thread_local std::vector<int16_t> wq;  // as int16, or with BYTES as bytes
+  xt.resize(size_t(tiles) * groups * S * TW);
   const size_t act = size_t(tiles) * groups * TW, scales = size_t(pad) * 16;  // scales: a block of 16 rows'
   fbuf.resize(2 * act + 2 * CHUNK_BLOCKS * scales + size_t(tile_rows_floats(groups)) + CHUNK_BLOCKS * 16 * TW);
   float *st = fbuf.data(), *mt = st + act, *s = mt + act, *m = s + CHUNK_BLOCKS * scales;
   float* row_buf = m + CHUNK_BLOCKS * scales;
   float* out = row_buf + tile_rows_floats(groups);  // a chunk's rows × a tile's tokens
-  wq.resize(size_t(CHUNK_BLOCKS) * 16 * n_in);
+  wq.resize(size_t(CHUNK_BLOCKS) * 16 * ldw / 2);
+  char* wb = (char*)wq.data();
   for (int tl = 0; tl < tiles; ++tl) {
     const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW;
     const long tg = long(t0) * groups;
-    pack_tile(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, nt, groups, xt.data() + tg * 16,
-              st + size_t(tl) * groups * TW, mt + size_t(tl) * groups * TW);
+    pack_tile<BYTES>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, nt, groups, xt.data() + tg * S,
+                     st + size_t(tl) * groups * TW, mt + size_t(tl) * groups * TW);
   }
   for (int c0 = r0; c0 < r1; c0 += CHUNK_BLOCKS * 16) {
     const int rows = r1 - c0 < CHUNK_BLOCKS * 16 ? r1 - c0 : CHUNK_BLOCKS * 16, blocks = (rows + 15) / 16;
     for (int bl = 0; bl < blocks; ++bl)
       tile_scales<T>(W, groups, c0 + 16 * bl, rows - 16 * bl < 16 ? rows - 16 * bl : 16, s + bl * scales,
                      m + bl * scales, row_buf);
-    for (int i = 0; i < rows; ++i) widen_row<T>(W, long(c0 + i) * groups, groups, wq.data() + long(i) * n_in);
+    for (int i = 0; i < rows; ++i)
+      if constexpr (BYTES) widen_row_codes(W, long(c0 + i) * groups, groups, (uint8_t*)(wb + i * ldw));
+      else widen_row<T>(W, long(c0 + i) * groups, groups, (int16_t*)(wb + i * ldw));
     for (int tl = 0; tl < tiles; ++tl) {
-      const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW, vecs = (nt + 15) / 16, step = rows_for(vecs);
-      const int32_t* xtile = xt.data() + long(t0) * groups * 16;
+      const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW, vecs = (nt + 15) / 16,
+                step = rows_for(BYTES, vecs);
+      const int32_t* xtile = xt.data() + long(t0) * groups * S;
       const float *stile = st + long(t0) * groups, *mtile = mt + long(t0) * groups;
       for (int g0 = 0; g0 < groups; g0 += KG) {
         const int ng = groups - g0 < KG ? groups - g0 : KG;
         for (int i = 0; i < rows; i += step) {  // a tile's rows lie in one block of 16: step divides 16
           const long sg = (i / 16) * scales + long(g0) * 16 + i % 16;
-          tile_any<Q4>(rows - i < step ? rows - i : step, vecs, xtile + long(g0) * 16 * TW, stile + long(g0) * TW,
-                       mtile + long(g0) * TW, wq.data() + long(i) * n_in + long(g0) * QGROUP, n_in, s + sg, m + sg, ng,
-                       g0 == 0, out + i * TW);
+          tile_any<Q4, BYTES>(rows - i < step ? rows - i : step, vecs, xtile + long(g0) * S * TW, stile + long(g0) * TW,
+                              mtile + long(g0) * TW, wb + i * ldw + g0 * GROUP_BYTES, ldw, s + sg, m + sg, ng, g0 == 0,
+                              out + i * TW);
         }
       }
       for (int bl = 0; bl < blocks; ++bl) {

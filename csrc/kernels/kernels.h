@@ -188,14 +188,16 @@ struct Kernels {
   void (*matmul_many_packed)(const uint32_t* xt, const float* x, int n_tok, int n_in, const MatmulOut* outs,
                              int count) = nullptr;
 
-  // The prompts' GEMM for int8/int4 weights (W.dtype Q8, Q4 or Q4K) with int16 activations: what
-  // matmul_q8/q4/q4k compute, the float sums in another order, the tokens in the vector lanes (so a
-  // token's result still depends on nothing else in the batch). Where it is not null, the forward
-  // pass sends prompts into quantized weights here rather than to matmul, which widens the weights.
+  // The prompts' GEMM for int8/int4 weights (W.dtype Q8, Q4 or Q4K) with int16 activations: for
+  // int8 what matmul_q8 computes, the float sums in another order; for int4 what matmul_q4/q4k
+  // compute on the activations requantized to int8 first (gemm_q_avx512.inl); the tokens in the
+  // vector lanes (so a token's result still depends on nothing else in the batch). Where it is not
+  // null, the forward pass sends prompts into quantized weights here rather than to matmul, which
+  // widens the weights.
   void (*gemm_q)(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
                  int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) = nullptr;
-  // Whether gemm_q takes Q8 weights. Where not (AVX2 without VNNI: it takes int4 weights only, and
-  // requantizes the activations to int8 for vpmaddubsw, gemm_q_avx2.inl), int8 prompts go to matmul.
+  // Whether gemm_q takes Q8 weights. Where not (AVX2 without VNNI, whose vpmaddubsw cannot multiply
+  // two signed bytes whole: gemm_q_avx2.inl), int8 prompts go to matmul.
   bool gemm_q_int8 = true;
   bool takes_gemm_q(DType t) const {
     return gemm_q && (t == DType::Q4 || t == DType::Q4K || (t == DType::Q8 && gemm_q_int8));
@@ -220,8 +222,8 @@ void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint
                bool accumulate);
 void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
                 int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
-// Kernels::gemm_q with VEX vpdpwssd (gemm_q_avx2.inl; kernels_avx2 has one for int4 weights
-// with vpmaddubsw)
+// Kernels::gemm_q with VEX vpdpwssd and vpdpbusd (gemm_q_avx2.inl; kernels_avx2 has one for int4
+// weights with vpmaddubsw)
 void gemm_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
             int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
 }  // namespace avx2vnni
@@ -233,7 +235,7 @@ void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint
                bool accumulate);
 void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
                 int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
-// Kernels::gemm_q with vpdpwssd (gemm_q_avx512.inl)
+// Kernels::gemm_q with vpdpwssd and vpdpbusd (gemm_q_avx512.inl)
 void gemm_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
             int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
 }  // namespace avx512vnni

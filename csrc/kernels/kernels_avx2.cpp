@@ -124,7 +124,7 @@ inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) { return _mm256_add_
 #include "kernels/quant_kernels.inl"
 
 // after quant_kernels.inl: the int4 prompts' GEMM on int8 activations (vpmaddubsw)
-constexpr bool QGEMM_BYTES = true;
+constexpr bool QGEMM_VNNI = false;
 #include "kernels/gemm_q_avx2.inl"
 
 }  // namespace avx2

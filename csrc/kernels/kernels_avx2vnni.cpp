@@ -19,7 +19,8 @@ namespace gally {
 namespace avx2vnni {
 
 inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) { return _mm256_dpwssd_avx_epi32(acc, a, b); }
-constexpr bool QGEMM_BYTES = false;  // gemm_q_avx2.inl on the int16 activations
+inline __m256i dot_quads(__m256i acc, __m256i a, __m256i b) { return _mm256_dpbusd_avx_epi32(acc, a, b); }
+constexpr bool QGEMM_VNNI = true;  // gemm_q_avx2.inl: vpdpwssd and vpdpbusd
 
 #include "kernels/quant_kernels.inl"
 

@@ -26,8 +26,11 @@
 
 namespace qgemm {
 
+#include "kernels/gemm_q_bytes.inl"
+
 // 12 dots + 2 activations + 1 weight of 16 ymm. With bytes, 8 dots (+ each step's product on
-// AVX2): 6 rows spilled, and 4 ran at 83-94 GMAC/s against 6's 75-85.
+// AVX2): 4 rows ran at 83-94 GMAC/s on AVX2 against 6's 75-85, and at 95-104 on AVX-VNNI against
+// 6's 58-69.
 template <bool BYTES>
 constexpr int ROWS_OF = BYTES ? 4 : 6;
 constexpr int V = 2, TW = V * 8;
@@ -36,47 +39,21 @@ constexpr int KG = 16;     // groups per block: 16 · 16 · TW · 4 bytes = 16 K
 // Per group: the steps, each a 32-bit word of a row's weights broadcast against a word of each
 // token's activations (int16 pairs, or int8 quads), and a weight's type once widened.
 template <bool BYTES>
-constexpr int STEPS_OF = BYTES ? QGROUP / 4 : QGROUP / 2;
+constexpr int STEPS_OF = BYTES ? BYTE_STEPS : QGROUP / 2;
 template <bool BYTES>
 using WeightOf = std::conditional_t<BYTES, uint8_t, int16_t>;
-constexpr float REQUANT = 127.0f / ACT_INT16_MAX;  // int16 activations to int8
 
 // The activations of tokens [0, nt) (nt ≤ TW) in the tile layout: word p of group g of token j at
 // xt[(g · STEPS + p) · TW + j], its scale and sum at st, mt[g · TW + j]; zero past nt. As bytes,
-// each group's values requantized to int8, its scale widened to match, and its sum that of the
-// int8 values (scale · Σ q): int4's min term then adds what the requantized activations give, as
-// the code term does; with the exact sum, the two would disagree by the codes' mean (about 7.5)
-// times the rounding (measured: SmolLM2 int4-v1's perplexity over f32 +1.55%, and +0.39% so).
+// requantized to int8 (gemm_q_bytes.inl).
 template <bool BYTES>
 inline void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int nt, int groups, int32_t* xt, float* st,
                       float* mt) {
-  constexpr int STEPS = STEPS_OF<BYTES>;
   transpose_group_values(xs, xsum, nt, groups, TW, st, mt);
   if constexpr (BYTES) {
-    const __m256 r = _mm256_set1_ps(REQUANT);
-    for (int j = 0; j < TW; ++j)
-      for (long g = 0; g < groups; ++g) {
-        int8_t q[QGROUP] = {};
-        if (j < nt)
-          for (int h = 0; h < 2; ++h) {  // 16 values: int16 → f32 · REQUANT → int32 (rounded to even) → int8
-            const __m256i v = _mm256_loadu_si256((const __m256i*)(xq + (j * groups + g) * QGROUP + 16 * h));
-            const __m256i a = _mm256_cvtps_epi32(
-                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v))), r));
-            const __m256i b = _mm256_cvtps_epi32(
-                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1))), r));
-            const __m128i lo = _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-            const __m128i hi = _mm_packs_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-            _mm_storeu_si128((__m128i*)(q + 16 * h), _mm_packs_epi16(lo, hi));
-          }
-        int sum = 0;
-        for (int k = 0; k < QGROUP; ++k) sum += q[k];
-        for (int p = 0; p < STEPS; ++p) std::memcpy(&xt[(g * STEPS + p) * TW + j], q + 4 * p, 4);
-        float& scale = st[g * TW + j];
-        scale *= ACT_INT16_MAX / 127.0f;
-        mt[g * TW + j] = scale * float(sum);
-      }
+    pack_tile_bytes(xq, nt, groups, TW, xt, st, mt);
   } else {
-    const long words = long(groups) * STEPS;  // per token
+    const long words = long(groups) * STEPS_OF<false>;  // per token
     for (long k = 0; k < words; ++k)
       for (int j = 0; j < TW; ++j) {
         int32_t pair = 0;

@@ -38,42 +38,20 @@ constexpr int KG = 8;                     // groups per block: 8 · 16 · TW · 
 // once per chunk, so a bigger chunk reads them less often (8192-input rows, 64 rather than 16: +10%).
 constexpr int CHUNK_BLOCKS = 4;
 
+#include "kernels/gemm_q_bytes.inl"
+
 // Steps per group: a 32-bit word of a row's weights broadcast against a word of each token's
 // activations, int16 pairs (vpdpwssd) or, for int4 weights, int8 quads (vpdpbusd).
 template <bool BYTES>
-constexpr int STEPS = BYTES ? QGROUP / 4 : QGROUP / 2;
-constexpr float REQUANT = 127.0f / ACT_INT16_MAX;  // int16 activations to int8
+constexpr int STEPS = BYTES ? BYTE_STEPS : QGROUP / 2;
 
-// The activations of tokens [t0, t0 + nt) (nt ≤ TW) in the tile layout, zero past nt. As bytes,
-// each group's values requantized to int8 (rounded to even), its scale widened to match, and its
-// sum that of the int8 values (gemm_q_avx2.inl says why).
+// The activations of tokens [t0, t0 + nt) (nt ≤ TW) in the tile layout, zero past nt; as bytes,
+// requantized to int8 (gemm_q_bytes.inl).
 template <bool BYTES>
 inline void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int nt, int groups, int32_t* xt, float* st,
                       float* mt) {
   transpose_group_values(xs, xsum, nt, groups, TW, st, mt);
-  if constexpr (BYTES) {
-    const __m512 r = _mm512_set1_ps(REQUANT);
-    for (int j = 0; j < TW; ++j)
-      for (long g = 0; g < groups; ++g) {
-        alignas(32) int32_t q[STEPS<true>] = {};
-        int sum = 0;
-        if (j < nt) {
-          const __m512i v = _mm512_loadu_si512(xq + (j * groups + g) * QGROUP);
-          const __m512i a = _mm512_cvtps_epi32(
-              _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v))), r));
-          const __m512i b = _mm512_cvtps_epi32(
-              _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1))), r));
-          sum = _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
-          _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(a));
-          _mm_storeu_si128((__m128i*)(q + 4), _mm512_cvtepi32_epi8(b));
-        }
-        for (int p = 0; p < STEPS<true>; ++p) xt[(g * STEPS<true> + p) * TW + j] = q[p];
-        float& scale = st[g * TW + j];
-        scale *= ACT_INT16_MAX / 127.0f;
-        mt[g * TW + j] = scale * float(sum);
-      }
-    return;
-  }
+  if constexpr (BYTES) return pack_tile_bytes(xq, nt, groups, TW, xt, st, mt);
   const long words = long(groups) * (QGROUP / 2);  // int32 pairs per token
   alignas(64) int32_t rows[16 * 16];
   for (int j0 = 0; j0 < TW; j0 += 16)

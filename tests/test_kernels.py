@@ -398,6 +398,26 @@ def test_decode_attention_for_a_gqa_group_split_over_the_keys(core, isa, kv_dtyp
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("wtype", ["f32", "bf16"])
+def test_gemm_token_gets_the_same_in_any_tile(isa, wtype):
+    """The prefill GEMM's token tiles: a last tile of one vector after a full one is merged with it and
+    the two split evenly (AVX-512 48 + 16 tokens → 32 + 32, AVX2 24 + 8 → 16 + 16). A token's outputs are
+    bit for bit the same whichever tile it lands in, and right."""
+    rng = np.random.default_rng(12)
+    for n_tok in (25, 32, 49, 56, 64, 112):
+        W, Wf = weights(rng, 37, 96, wtype)
+        x = rng.standard_normal((n_tok, 96)).astype(np.float32)
+        y = _core.testing.kernel_matmul(isa, x, W, wtype, None, np.zeros((n_tok, 37), np.float32), False, 0, 37)
+        rounded = wtype == "bf16" and isa in ("avx512bf16", "generic-bf16", "neonbf16")  # vdpbf16ps, bfdot
+        want = (round_bf16(x) if rounded else x).astype(np.float64) @ Wf.T
+        assert np.allclose(y, want, rtol=1e-5, atol=1e-4), n_tok
+        for t0, t1 in ((0, 16), (0, 24), (n_tok - 16, n_tok), (n_tok - 24, n_tok), (8, n_tok - 8)):
+            part = _core.testing.kernel_matmul(isa, x[t0:t1], W, wtype, None, np.zeros((t1 - t0, 37), np.float32),
+                                               False, 0, 37)
+            assert np.array_equal(y[t0:t1], part), (n_tok, t0, t1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("wtype", ["f32", "bf16", "f16"])
 def test_rowwise_token_gets_what_it_gets_alone(isa, wtype):
     """The row-by-row kernel of decode steps (Kernels::gemv) takes several tokens per pass over the

@@ -18,11 +18,10 @@
 //   whose products of two signed bytes vpmaddubsw cannot take whole, keep gemm.inl (Kernels::gemm_q_int8 false).
 //
 // With 16 registers a tile is 6 rows × 2 vectors (12 dots + 2 activations + 1 weight), or 12 rows
-// × 1 vector; with bytes 4 × 2 or 8 × 1. The sums wait in memory between groups.
+// × 1 vector; for int4 4 × 2 or 8 × 1. The sums wait in memory between groups.
 //
 // The including file defines QGEMM_VNNI, dot_pairs (vpdpwssd where QGEMM_VNNI) and, where
-// QGEMM_VNNI, dot_quads (vpdpbusd); and includes quant_kernels.inl (load_q8, load_q4,
-// q4k_row_scales).
+// QGEMM_VNNI, dot_quads (vpdpbusd); and includes quant_kernels.inl (load_q8, q4k_row_scales).
 
 namespace qgemm {
 
@@ -31,26 +30,26 @@ namespace qgemm {
 // 12 dots + 2 activations + 1 weight of 16 ymm. With bytes, 8 dots (+ each step's product on
 // AVX2): 4 rows ran at 83-94 GMAC/s on AVX2 against 6's 75-85, and at 95-104 on AVX-VNNI against
 // 6's 58-69.
-template <bool BYTES>
-constexpr int ROWS_OF = BYTES ? 4 : 6;
+template <bool INT4>
+constexpr int ROWS_OF = INT4 ? 4 : 6;
 constexpr int V = 2, TW = V * 8;
 constexpr int CHUNK = 48;  // rows widened at a time, a multiple of R and 2R: the activations pass once per chunk
 constexpr int KG = 16;     // groups per block: 16 · 16 · TW · 4 bytes = 16 KiB of activations
 // Per group: the steps, each a 32-bit word of a row's weights broadcast against a word of each
 // token's activations (int16 pairs, or int8 quads), and a weight's type once widened.
-template <bool BYTES>
-constexpr int STEPS_OF = BYTES ? BYTE_STEPS : QGROUP / 2;
-template <bool BYTES>
-using WeightOf = std::conditional_t<BYTES, uint8_t, int16_t>;
+template <bool INT4>
+constexpr int STEPS_OF = INT4 ? BYTE_STEPS : QGROUP / 2;
+template <bool INT4>
+using WeightOf = std::conditional_t<INT4, uint8_t, int16_t>;
 
 // The activations of tokens [0, nt) (nt ≤ TW) in the tile layout: word p of group g of token j at
 // xt[(g · STEPS + p) · TW + j], its scale and sum at st, mt[g · TW + j]; zero past nt. As bytes,
 // requantized to int8 (gemm_q_bytes.inl).
-template <bool BYTES>
+template <bool INT4>
 inline void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int nt, int groups, int32_t* xt, float* st,
                       float* mt) {
   transpose_group_values(xs, xsum, nt, groups, TW, st, mt);
-  if constexpr (BYTES) {
+  if constexpr (INT4) {
     pack_tile_bytes(xq, nt, groups, TW, xt, st, mt);
   } else {
     const long words = long(groups) * STEPS_OF<false>;  // per token
@@ -66,10 +65,10 @@ inline void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int
 // out[i][v] (+)= row i's group dots with vector v's tokens over groups [0, ng), scaled. xt, st, mt
 // at the block's first group; w at row 0 and the block's first weight (rows ldw apart); s, m the
 // rows' scales and mins at the block's first group (rows lds apart).
-template <bool Q4, bool BYTES, int RR, int VV>
-inline void tile(const int32_t* xt, const float* st, const float* mt, const WeightOf<BYTES>* w, long ldw,
-                 const float* s, const float* m, long lds, int ng, bool first, float* out) {
-  constexpr int STEPS = STEPS_OF<BYTES>;
+template <bool Q4, int RR, int VV>
+inline void tile(const int32_t* xt, const float* st, const float* mt, const WeightOf<Q4>* w, long ldw, const float* s,
+                 const float* m, long lds, int ng, bool first, float* out) {
+  constexpr int STEPS = STEPS_OF<Q4>;
   if (first)
     for (int i = 0; i < RR; ++i)
       for (int v = 0; v < VV; ++v) _mm256_storeu_ps(out + i * TW + v * 8, _mm256_setzero_ps());
@@ -87,7 +86,7 @@ inline void tile(const int32_t* xt, const float* st, const float* mt, const Weig
         std::memcpy(&word, w + i * ldw + long(g) * QGROUP + (QGROUP / STEPS) * p, 4);
         const __m256i wv = _mm256_set1_epi32(word);
         for (int v = 0; v < VV; ++v)
-          if constexpr (!BYTES) {
+          if constexpr (!Q4) {
             dot[i][v] = dot_pairs(dot[i][v], wv, xv[v]);
           } else if constexpr (QGEMM_VNNI) {
             dot[i][v] = dot_quads(dot[i][v], wv, xv[v]);
@@ -101,7 +100,7 @@ inline void tile(const int32_t* xt, const float* st, const float* mt, const Weig
     for (int i = 0; i < RR; ++i)
       for (int v = 0; v < VV; ++v) {
         float* o = out + i * TW + v * 8;
-        const __m256i d = BYTES && !QGEMM_VNNI ? _mm256_madd_epi16(dot[i][v], _mm256_set1_epi16(1)) : dot[i][v];
+        const __m256i d = Q4 && !QGEMM_VNNI ? _mm256_madd_epi16(dot[i][v], _mm256_set1_epi16(1)) : dot[i][v];
         const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(st + long(g) * TW + v * 8));
         __m256 acc = _mm256_fmadd_ps(scaled, _mm256_set1_ps(s[i * lds + g]), _mm256_loadu_ps(o));
         if (Q4) acc = _mm256_fmadd_ps(_mm256_loadu_ps(mt + long(g) * TW + v * 8), _mm256_set1_ps(m[i * lds + g]), acc);
@@ -110,33 +109,30 @@ inline void tile(const int32_t* xt, const float* st, const float* mt, const Weig
   }
 }
 
-// tile<Q4, BYTES, rows, vecs> for rows ≤ rows_for(vecs) and vecs ≤ V known at run time: one vector
+// tile<Q4, rows, vecs> for rows ≤ rows_for(vecs) and vecs ≤ V known at run time: one vector
 // takes twice the rows, so that as many dots are in flight either way.
-template <bool BYTES>
+template <bool INT4>
 constexpr int rows_for(int vecs) {
-  return vecs == 1 ? 2 * ROWS_OF<BYTES> : ROWS_OF<BYTES>;
+  return vecs == 1 ? 2 * ROWS_OF<INT4> : ROWS_OF<INT4>;
 }
-template <bool Q4, bool BYTES, int RR, int VV>
-inline void tile_rows(int rows, const int32_t* xt, const float* st, const float* mt, const WeightOf<BYTES>* w, long ldw,
+template <bool Q4, int RR, int VV>
+inline void tile_rows(int rows, const int32_t* xt, const float* st, const float* mt, const WeightOf<Q4>* w, long ldw,
                       const float* s, const float* m, long lds, int ng, bool first, float* out) {
   if constexpr (RR > 1)
-    if (rows < RR) return tile_rows<Q4, BYTES, RR - 1, VV>(rows, xt, st, mt, w, ldw, s, m, lds, ng, first, out);
-  tile<Q4, BYTES, RR, VV>(xt, st, mt, w, ldw, s, m, lds, ng, first, out);
+    if (rows < RR) return tile_rows<Q4, RR - 1, VV>(rows, xt, st, mt, w, ldw, s, m, lds, ng, first, out);
+  tile<Q4, RR, VV>(xt, st, mt, w, ldw, s, m, lds, ng, first, out);
 }
 
 // Group rg of W widened to 32 weights in order at w: int16, or the 4-bit codes as bytes.
-template <DType T, bool BYTES>
-inline void widen_group(const WeightsRef& W, long rg, WeightOf<BYTES>* w) {
-  constexpr bool Q4 = T != DType::Q8;
-  if constexpr (BYTES) {  // byte i holds codes i (low nibble) and i + 16 (high)
-    static_assert(Q4, "int8 weights meet int16 activations");
+template <DType T>
+inline void widen_group(const WeightsRef& W, long rg, WeightOf<T != DType::Q8>* w) {
+  if constexpr (T != DType::Q8) {  // byte i holds codes i (low nibble) and i + 16 (high)
     const __m128i b = _mm_loadu_si128((const __m128i*)((const uint8_t*)W.data + rg * (QGROUP / 2)));
     const __m128i low = _mm_set1_epi8(0x0f);
     _mm_storeu_si128((__m128i*)w, _mm_and_si128(b, low));
     _mm_storeu_si128((__m128i*)(w + 16), _mm_and_si128(_mm_srli_epi16(b, 4), low));
   } else {
-    const Half16 h =
-        Q4 ? load_q4((const uint8_t*)W.data + rg * (QGROUP / 2)) : load_q8((const int8_t*)W.data + rg * QGROUP);
+    const Half16 h = load_q8((const int8_t*)W.data + rg * QGROUP);
     _mm256_storeu_si256((__m256i*)w, h.lo);
     _mm256_storeu_si256((__m256i*)(w + 16), h.hi);
   }
@@ -145,9 +141,9 @@ inline void widen_group(const WeightsRef& W, long rg, WeightOf<BYTES>* w) {
 template <DType T>
 void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
           int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
-  constexpr bool Q4 = T != DType::Q8, BYTES = Q4;  // int4 weights meet int8 activations
-  constexpr int STEPS = STEPS_OF<BYTES>, R = ROWS_OF<BYTES>;
-  using WeightT = WeightOf<BYTES>;
+  constexpr bool Q4 = T != DType::Q8;  // int4 weights meet int8 activations
+  constexpr int STEPS = STEPS_OF<Q4>, R = ROWS_OF<Q4>;
+  using WeightT = WeightOf<Q4>;
   const int groups = n_in / QGROUP, tiles = (n_tok + TW - 1) / TW;
   const long lds = q4k_stride(groups);  // a row's scales, and at lds · CHUNK its mins
   static thread_local std::vector<int32_t> xt;
@@ -162,14 +158,14 @@ void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRe
   for (int tl = 0; tl < tiles; ++tl) {
     const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW;
     const long tg = long(t0) * groups;
-    pack_tile<BYTES>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, nt, groups, xt.data() + tg * STEPS, st + tg,
-                     mt + tg);
+    pack_tile<Q4>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, nt, groups, xt.data() + tg * STEPS, st + tg,
+                  mt + tg);
   }
   for (int c0 = r0; c0 < r1; c0 += CHUNK) {
     const int rows = r1 - c0 < CHUNK ? r1 - c0 : CHUNK;
     for (int i = 0; i < rows; ++i) {  // the chunk's weights widened and its scales (and mins) in f32
       const long r = c0 + i, rg = r * groups;
-      for (int g = 0; g < groups; ++g) widen_group<T, BYTES>(W, rg + g, wq.data() + long(i) * n_in + g * QGROUP);
+      for (int g = 0; g < groups; ++g) widen_group<T>(W, rg + g, wq.data() + long(i) * n_in + g * QGROUP);
       float *si = s + i * lds, *mi = m + i * lds;
       if (T == DType::Q4K) {
         const float* fs = q4k_row_scales(W, groups, r, row_buf);
@@ -183,7 +179,7 @@ void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRe
       }
     }
     for (int tl = 0; tl < tiles; ++tl) {
-      const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW, vecs = (nt + 7) / 8, step = rows_for<BYTES>(vecs);
+      const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW, vecs = (nt + 7) / 8, step = rows_for<Q4>(vecs);
       const long tg = long(t0) * groups;
       for (int g0 = 0; g0 < groups; g0 += KG) {
         const int ng = groups - g0 < KG ? groups - g0 : KG;
@@ -193,11 +189,11 @@ void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRe
           const WeightT* wi = wq.data() + long(i) * n_in + long(g0) * QGROUP;
           const float *sg = s + i * lds + g0, *mg = m + i * lds + g0;
           if (vecs == 1)
-            tile_rows<Q4, BYTES, 2 * R, 1>(n, x, st + tg + g0 * TW, mt + tg + g0 * TW, wi, n_in, sg, mg, lds, ng,
-                                           g0 == 0, out + i * TW);
+            tile_rows<Q4, 2 * R, 1>(n, x, st + tg + g0 * TW, mt + tg + g0 * TW, wi, n_in, sg, mg, lds, ng, g0 == 0,
+                                    out + i * TW);
           else
-            tile_rows<Q4, BYTES, R, 2>(n, x, st + tg + g0 * TW, mt + tg + g0 * TW, wi, n_in, sg, mg, lds, ng, g0 == 0,
-                                       out + i * TW);
+            tile_rows<Q4, R, 2>(n, x, st + tg + g0 * TW, mt + tg + g0 * TW, wi, n_in, sg, mg, lds, ng, g0 == 0,
+                                out + i * TW);
         }
       }
       store_tile(out, TW, rows, nt, b ? b + c0 : nullptr, y + long(t0) * ldy + c0, ldy, accumulate);

@@ -7,7 +7,7 @@
 // multiplies 32 int16 pairs at the FMA's rate, where an FMA multiplies 16 floats, and a vpdpbusd 64
 // byte products; on Sapphire Rapids vdpbf16ps (32 bf16 products) issues at a quarter of that rate
 // (measured per core: 1.7 G against 6.8 G FMAs or 6.4 G vpdpwssd a second). One thread, 128 tokens
-// × 2048 × 2048 int8: 50 GMAC/s through vdpbf16ps, 110 here; int4 95-106 on int16, 154-173 on int8.
+// × 2048 × 2048 int8: 50 GMAC/s through vdpbf16ps, 110 here; int4 154-173 (95-106 on int16).
 //
 // - The activations are transposed per call into tiles of TW tokens: words (int16 pairs, or for
 //   int4 int8 quads) xt[tile][g][p][TW], scales st[tile][g][TW], sums mt[tile][g][TW]. An int4
@@ -42,16 +42,16 @@ constexpr int CHUNK_BLOCKS = 4;
 
 // Steps per group: a 32-bit word of a row's weights broadcast against a word of each token's
 // activations, int16 pairs (vpdpwssd) or, for int4 weights, int8 quads (vpdpbusd).
-template <bool BYTES>
-constexpr int STEPS = BYTES ? BYTE_STEPS : QGROUP / 2;
+template <bool INT4>
+constexpr int STEPS = INT4 ? BYTE_STEPS : QGROUP / 2;
 
-// The activations of tokens [t0, t0 + nt) (nt ≤ TW) in the tile layout, zero past nt; as bytes,
+// The activations of tokens [t0, t0 + nt) (nt ≤ TW) in the tile layout, zero past nt; for int4,
 // requantized to int8 (gemm_q_bytes.inl).
-template <bool BYTES>
+template <bool INT4>
 inline void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int nt, int groups, int32_t* xt, float* st,
                       float* mt) {
   transpose_group_values(xs, xsum, nt, groups, TW, st, mt);
-  if constexpr (BYTES) return pack_tile_bytes(xq, nt, groups, TW, xt, st, mt);
+  if constexpr (INT4) return pack_tile_bytes(xq, nt, groups, TW, xt, st, mt);
   const long words = long(groups) * (QGROUP / 2);  // int32 pairs per token
   alignas(64) int32_t rows[16 * 16];
   for (int j0 = 0; j0 < TW; j0 += 16)
@@ -69,21 +69,22 @@ inline void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int
 
 // acc[i][v] (+)= Σ over groups [0, ng) of row i's group dots with vector v's tokens, scaled.
 // xt, st, mt at the block's first group; w at row 0 and the block's first weight (rows ldw bytes
-// apart; int16, or with BYTES the 4-bit codes as bytes); s, m the rows' scales and mins group-major
+// apart; int8 as int16, int4 as its 4-bit codes in bytes); s, m the rows' scales and mins group-major
 // at the block's first group (16 a group).
-template <bool Q4, bool BYTES, int RR, int VV>
+template <bool Q4, int RR, int VV>
 inline void tile(const int32_t* xt, const float* st, const float* mt, const char* w, long ldw, const float* s,
                  const float* m, int ng, bool first, float* out) {
-  constexpr int S = STEPS<BYTES>;
+  constexpr int S = STEPS<Q4>;
   constexpr long GROUP_BYTES = 4 * S;
-  if (first)
-    for (int i = 0; i < RR; ++i)
-      for (int v = 0; v < VV; ++v) _mm512_storeu_ps(out + i * TW + v * 16, _mm512_setzero_ps());
-  // With bytes the tile is small enough (rows_for) for its sums to stay in registers across groups.
+  // int4's tiles are small enough (rows_for) for their sums to stay in registers across the
+  // groups; int8's wait in out, as the dots need the registers.
   __m512 sum[RR][VV];
-  if constexpr (BYTES)
-    for (int i = 0; i < RR; ++i)
-      for (int v = 0; v < VV; ++v) sum[i][v] = _mm512_loadu_ps(out + i * TW + v * 16);
+  for (int i = 0; i < RR; ++i)
+    for (int v = 0; v < VV; ++v) {
+      float* o = out + i * TW + v * 16;
+      if constexpr (Q4) sum[i][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o);
+      else if (first) _mm512_storeu_ps(o, _mm512_setzero_ps());
+    }
   for (int g = 0; g < ng; ++g) {
     __m512i dot[RR][VV];
     for (int i = 0; i < RR; ++i)
@@ -98,20 +99,20 @@ inline void tile(const int32_t* xt, const float* st, const float* mt, const char
         std::memcpy(&word, w + i * ldw + g * GROUP_BYTES + 4 * p, 4);
         const __m512i wv = _mm512_set1_epi32(word);
         for (int v = 0; v < VV; ++v)
-          dot[i][v] = BYTES ? _mm512_dpbusd_epi32(dot[i][v], wv, xv[v]) : dot_pairs16(dot[i][v], wv, xv[v]);
+          dot[i][v] = Q4 ? _mm512_dpbusd_epi32(dot[i][v], wv, xv[v]) : dot_pairs16(dot[i][v], wv, xv[v]);
       }
     }
-    for (int i = 0; i < RR; ++i)  // else the sums wait in out between groups: the dots need the registers
+    for (int i = 0; i < RR; ++i)
       for (int v = 0; v < VV; ++v) {
         float* o = out + i * TW + v * 16;
         const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[i][v]), _mm512_loadu_ps(st + long(g) * TW + v * 16));
-        __m512 acc = _mm512_fmadd_ps(scaled, _mm512_set1_ps(s[g * 16 + i]), BYTES ? sum[i][v] : _mm512_loadu_ps(o));
-        if (Q4) acc = _mm512_fmadd_ps(_mm512_loadu_ps(mt + long(g) * TW + v * 16), _mm512_set1_ps(m[g * 16 + i]), acc);
-        if constexpr (BYTES) sum[i][v] = acc;
+        const __m512 acc = _mm512_fmadd_ps(scaled, _mm512_set1_ps(s[g * 16 + i]), Q4 ? sum[i][v] : _mm512_loadu_ps(o));
+        if constexpr (Q4)
+          sum[i][v] = _mm512_fmadd_ps(_mm512_loadu_ps(mt + long(g) * TW + v * 16), _mm512_set1_ps(m[g * 16 + i]), acc);
         else _mm512_storeu_ps(o, acc);
       }
   }
-  if constexpr (BYTES)
+  if constexpr (Q4)
     for (int i = 0; i < RR; ++i)
       for (int v = 0; v < VV; ++v) _mm512_storeu_ps(out + i * TW + v * 16, sum[i][v]);
 }
@@ -120,21 +121,21 @@ inline void tile(const int32_t* xt, const float* st, const float* mt, const char
 // vectors takes more rows, so that enough dots are in flight (vpdpwssd's latency is 5 cycles): R
 // for 2 vectors, 16 for 1. Both divide 16, so that a tile lies in one block of scales and no tile
 // of few rows is left over.
-template <bool Q4, bool BYTES, int RR, int VV>
+template <bool Q4, int RR, int VV>
 inline void tile_rows(int rows, const int32_t* xt, const float* st, const float* mt, const char* w, long ldw,
                       const float* s, const float* m, int ng, bool first, float* out) {
   if constexpr (RR > 1)
-    if (rows < RR) return tile_rows<Q4, BYTES, RR - 1, VV>(rows, xt, st, mt, w, ldw, s, m, ng, first, out);
-  tile<Q4, BYTES, RR, VV>(xt, st, mt, w, ldw, s, m, ng, first, out);
+    if (rows < RR) return tile_rows<Q4, RR - 1, VV>(rows, xt, st, mt, w, ldw, s, m, ng, first, out);
+  tile<Q4, RR, VV>(xt, st, mt, w, ldw, s, m, ng, first, out);
 }
-// With bytes, 4 rows (8 for one vector): dots and sums in registers.
-constexpr int rows_for(bool bytes, int vecs) { return bytes ? (vecs == 1 ? 8 : 4) : vecs == 1 ? 16 : R; }
-template <bool Q4, bool BYTES, int VV = V>
+// int4: 4 rows (8 for one vector), so that dots and sums fit the registers.
+constexpr int rows_for(bool int4, int vecs) { return int4 ? (vecs == 1 ? 8 : 4) : vecs == 1 ? 16 : R; }
+template <bool Q4, int VV = V>
 inline void tile_any(int rows, int vecs, const int32_t* xt, const float* st, const float* mt, const char* w, long ldw,
                      const float* s, const float* m, int ng, bool first, float* out) {
   if constexpr (VV > 1)
-    if (vecs < VV) return tile_any<Q4, BYTES, VV - 1>(rows, vecs, xt, st, mt, w, ldw, s, m, ng, first, out);
-  tile_rows<Q4, BYTES, rows_for(BYTES, VV), VV>(rows, xt, st, mt, w, ldw, s, m, ng, first, out);
+    if (vecs < VV) return tile_any<Q4, VV - 1>(rows, vecs, xt, st, mt, w, ldw, s, m, ng, first, out);
+  tile_rows<Q4, rows_for(Q4, VV), VV>(rows, xt, st, mt, w, ldw, s, m, ng, first, out);
 }
 
 // y[j, r + i] (+)= out[i · TW + j] + b[r + i] for rows i < rows (≤ 16) and tokens j < nt: 16 × 16
@@ -156,24 +157,13 @@ inline void store_chunk(const float* out, int rows, int nt, const float* b, floa
   }
 }
 
-// A row's groups [rg0, rg0 + groups) as int16 in memory order (load_group32's), into out. int4
-// two groups at a time: their 32 bytes widened at once, the low nibbles of both, then the high.
-template <DType T>
+// A row's int8 groups [rg0, rg0 + groups) as int16 in memory order (load_group32's), into out.
 inline void widen_row(const WeightsRef& W, long rg0, int groups, int16_t* out) {
-  int g = 0;
-  if constexpr (T != DType::Q8)
-    for (; g + 2 <= groups; g += 2) {
-      const __m256i bytes = _mm256_loadu_si256((const __m256i*)((const uint8_t*)W.data + (rg0 + g) * (QGROUP / 2)));
-      const __m512i v = _mm512_cvtepu8_epi16(bytes);  // bytes 0-15 of group g, then of group g + 1
-      const __m512i lo = _mm512_and_si512(v, _mm512_set1_epi16(0x0f)), hi = _mm512_srli_epi16(v, 4);
-      _mm512_storeu_si512(out + g * QGROUP, _mm512_shuffle_i64x2(lo, hi, _MM_SHUFFLE(1, 0, 1, 0)));
-      _mm512_storeu_si512(out + (g + 1) * QGROUP, _mm512_shuffle_i64x2(lo, hi, _MM_SHUFFLE(3, 2, 3, 2)));
-    }
-  for (; g < groups; ++g) _mm512_storeu_si512(out + g * QGROUP, load_group32<T>(W, rg0 + g));
+  for (int g = 0; g < groups; ++g) _mm512_storeu_si512(out + g * QGROUP, load_group32<DType::Q8>(W, rg0 + g));
 }
 
 // A row's int4 groups [rg0, rg0 + groups) as their 4-bit codes in bytes, in order, into out; two
-// groups at a time, as widen_row.
+// groups at a time.
 inline void widen_row_codes(const WeightsRef& W, long rg0, int groups, uint8_t* out) {
   const __m256i low = _mm256_set1_epi8(0x0f);
   int g = 0;
@@ -194,14 +184,14 @@ inline void widen_row_codes(const WeightsRef& W, long rg0, int groups, uint8_t* 
 template <DType T>
 void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
           int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
-  constexpr bool Q4 = T != DType::Q8, BYTES = Q4;  // int4 weights meet int8 activations
-  constexpr int S = STEPS<BYTES>;
+  constexpr bool Q4 = T != DType::Q8;  // int4 weights meet int8 activations
+  constexpr int S = STEPS<Q4>;
   constexpr long GROUP_BYTES = 4 * S;
   const int groups = n_in / QGROUP, pad = (groups + 15) / 16 * 16, tiles = (n_tok + TW - 1) / TW;
   const long ldw = groups * GROUP_BYTES;  // a widened row's bytes
   static thread_local std::vector<int32_t> xt;
   static thread_local std::vector<float> fbuf;
-  static thread_local std::vector<int16_t> wq;  // as int16, or with BYTES as bytes
+  static thread_local std::vector<int16_t> wq;  // int8 as int16, int4 as bytes
   xt.resize(size_t(tiles) * groups * S * TW);
   const size_t act = size_t(tiles) * groups * TW, scales = size_t(pad) * 16;  // scales: a block of 16 rows'
   fbuf.resize(2 * act + 2 * CHUNK_BLOCKS * scales + size_t(tile_rows_floats(groups)) + CHUNK_BLOCKS * 16 * TW);
@@ -213,8 +203,8 @@ void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRe
   for (int tl = 0; tl < tiles; ++tl) {
     const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW;
     const long tg = long(t0) * groups;
-    pack_tile<BYTES>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, nt, groups, xt.data() + tg * S,
-                     st + size_t(tl) * groups * TW, mt + size_t(tl) * groups * TW);
+    pack_tile<Q4>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, nt, groups, xt.data() + tg * S,
+                  st + size_t(tl) * groups * TW, mt + size_t(tl) * groups * TW);
   }
   for (int c0 = r0; c0 < r1; c0 += CHUNK_BLOCKS * 16) {
     const int rows = r1 - c0 < CHUNK_BLOCKS * 16 ? r1 - c0 : CHUNK_BLOCKS * 16, blocks = (rows + 15) / 16;
@@ -222,20 +212,19 @@ void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRe
       tile_scales<T>(W, groups, c0 + 16 * bl, rows - 16 * bl < 16 ? rows - 16 * bl : 16, s + bl * scales,
                      m + bl * scales, row_buf);
     for (int i = 0; i < rows; ++i)
-      if constexpr (BYTES) widen_row_codes(W, long(c0 + i) * groups, groups, (uint8_t*)(wb + i * ldw));
-      else widen_row<T>(W, long(c0 + i) * groups, groups, (int16_t*)(wb + i * ldw));
+      if constexpr (Q4) widen_row_codes(W, long(c0 + i) * groups, groups, (uint8_t*)(wb + i * ldw));
+      else widen_row(W, long(c0 + i) * groups, groups, (int16_t*)(wb + i * ldw));
     for (int tl = 0; tl < tiles; ++tl) {
-      const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW, vecs = (nt + 15) / 16,
-                step = rows_for(BYTES, vecs);
+      const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW, vecs = (nt + 15) / 16, step = rows_for(Q4, vecs);
       const int32_t* xtile = xt.data() + long(t0) * groups * S;
       const float *stile = st + long(t0) * groups, *mtile = mt + long(t0) * groups;
       for (int g0 = 0; g0 < groups; g0 += KG) {
         const int ng = groups - g0 < KG ? groups - g0 : KG;
         for (int i = 0; i < rows; i += step) {  // a tile's rows lie in one block of 16: step divides 16
           const long sg = (i / 16) * scales + long(g0) * 16 + i % 16;
-          tile_any<Q4, BYTES>(rows - i < step ? rows - i : step, vecs, xtile + long(g0) * S * TW, stile + long(g0) * TW,
-                              mtile + long(g0) * TW, wb + i * ldw + g0 * GROUP_BYTES, ldw, s + sg, m + sg, ng, g0 == 0,
-                              out + i * TW);
+          tile_any<Q4>(rows - i < step ? rows - i : step, vecs, xtile + long(g0) * S * TW, stile + long(g0) * TW,
+                       mtile + long(g0) * TW, wb + i * ldw + g0 * GROUP_BYTES, ldw, s + sg, m + sg, ng, g0 == 0,
+                       out + i * TW);
         }
       }
       for (int bl = 0; bl < blocks; ++bl) {

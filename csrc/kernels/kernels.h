@@ -58,8 +58,10 @@ struct MatmulOut {
 // row by row.
 constexpr int GEMM_MIN_TOKENS = 4;
 // A batch split between threads is split at multiples of GEMM_SPLIT_TOKENS tokens, which every
-// GEMM's token tile divides (24 or 48 tokens) and Kernels::pack's tile equals.
+// GEMM's token tile divides (16, 24 or 48 tokens) and Kernels::pack's tile equals.
 constexpr int GEMM_SPLIT_TOKENS = 48;
+
+constexpr int KV_BLOCK_ALIGN = 16;  // rows of a cache block are a multiple of this (KvHead)
 
 // One KV head of a sequence's cache as the attention kernels read it. The cache is a list of
 // blocks of `block_rows` positions; within a block a head's keys are contiguous rows of d elements
@@ -90,7 +92,6 @@ inline long attention_part_floats(int heads, int d) { return long(heads) * (d + 
 // Floats of scratch attention_causal needs for n keys of dimension d: its tiles' scores [n] and
 // queries [d] for each of up to 16 lanes (the widest vector set), then the keys and values of a
 // compact cache widened to f32, kv_rows_aligned(n) rows of each.
-constexpr int KV_BLOCK_ALIGN = 16;
 inline long kv_rows_aligned(long n) { return (n + KV_BLOCK_ALIGN - 1) / KV_BLOCK_ALIGN * KV_BLOCK_ALIGN; }
 inline long attention_tile_floats(long n, long d) { return 16 * (n + d); }
 inline long attention_scratch_floats(long n, long d) {

@@ -47,64 +47,100 @@ struct WeightF16 {
 // Llama-3.2-1B's shapes, 2 threads, AVX-512, bf16 1024 bytes ahead rather than 2048: +20%.
 constexpr int WEIGHT_PREFETCH = 512;
 
-// Tokens a row-wise product takes per pass over a row: two accumulators each, which leaves room
-// in the registers (AVX-512: 16 of 32; AVX2 and NEON: 8 of 16 and of 32).
-constexpr int ROW_PASS_TOKENS = S::N >= 16 ? 8 : 4;
+// A row-wise product of several tokens (the decode steps of a batch) takes ROW_BLOCK rows and up
+// to ROW_PASS_TOKENS tokens per pass: two accumulators for each row and token, which leaves room
+// for the rows' vectors and a token's (AVX-512 and NEON: 24 + 3 + 1 of 32 registers; AVX2: 12 +
+// 2 + 1 of 16), and loads ROW_BLOCK + ROW_PASS_TOKENS vectors per ROW_BLOCK · ROW_PASS_TOKENS FMAs.
+constexpr int ROW_BLOCK = S::N == 8 ? 2 : 3;
+constexpr int ROW_PASS_TOKENS = S::N == 8 ? 3 : 4;
 
-// s[t] = Σ_k x[t, k] · w[k] for NT tokens (rows ldx apart): each vector of the row is loaded (and
-// widened) once for all of them. A decode step streams the weights one row after another, which
+// Keeps the compiler from folding a load into each of its uses (one load per FMA instead of one
+// for all of them).
+inline void keep_in_register(V& v) {
+#if defined(__x86_64__)
+  __asm__("" : "+v"(v));
+#elif defined(__aarch64__)
+  __asm__("" : "+w"(v));
+#endif
+}
+
+// s[r · NT + t] = Σ_k x[t, k] · w[r, k] for R rows (ldw apart) and NT tokens (ldx apart): each
+// vector of the rows is loaded (and widened) once for all the tokens, each token's once for all
+// the rows. A decode step of one sequence (R = 1) streams the weights one row after another, which
 // the hardware prefetchers follow best (measured: 2× the bandwidth of four rows at a time). Each
-// token sums in two accumulators, even and odd vectors, then sum(a0 + a1) and the scalar tail:
-// the same operations whatever NT, so a decode step in a batch gets exactly what it gets alone.
-template <class WL, int NT>
-inline void row_dots(const float* x, long ldx, const typename WL::T* w, int n, float* s) {
-  V a0[NT], a1[NT];
-  for (int t = 0; t < NT; ++t) a0[t] = a1[t] = S::zero();
+// row and token sums in two accumulators, even and odd vectors, then sum(a0 + a1) and the scalar
+// tail: the same operations whatever R and NT, so a decode step in a batch gets exactly what it
+// gets alone.
+template <class WL, int R, int NT>
+inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw, int n, float* s) {
+  V a0[R][NT], a1[R][NT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) a0[r][t] = a1[r][t] = S::zero();
+  auto step = [&](V(&a)[R][NT], int k) {
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = WL::load(w + r * ldw + k);
+    for (int t = 0; t < NT; ++t) {
+      V xv = S::load(x + t * ldx + k);
+      if constexpr (R > 1) keep_in_register(xv);
+      for (int r = 0; r < R; ++r) a[r][t] = S::fma(wv[r], xv, a[r][t]);
+    }
+  };
+  const long ahead = R == 1 ? WEIGHT_PREFETCH : R * ldw;  // a block of rows: the next block
   int k = 0;
   for (; k + 2 * S::N <= n; k += 2 * S::N) {
-    for (int b = 0; b < int(2 * S::N * sizeof(*w)); b += 64)
-      __builtin_prefetch((const char*)(w + k + WEIGHT_PREFETCH) + b);
-    const V w0 = WL::load(w + k), w1 = WL::load(w + k + S::N);
-    for (int t = 0; t < NT; ++t) {
-      a0[t] = S::fma(w0, S::load(x + t * ldx + k), a0[t]);
-      a1[t] = S::fma(w1, S::load(x + t * ldx + k + S::N), a1[t]);
-    }
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < int(2 * S::N * sizeof(*w)); b += 64)
+        __builtin_prefetch((const char*)(w + r * ldw + k + ahead) + b);
+    step(a0, k);
+    step(a1, k + S::N);
   }
   if (k + S::N <= n) {
-    const V w0 = WL::load(w + k);
-    for (int t = 0; t < NT; ++t) a0[t] = S::fma(w0, S::load(x + t * ldx + k), a0[t]);
+    step(a0, k);
     k += S::N;
   }
-  for (int t = 0; t < NT; ++t) {
-    s[t] = S::sum(S::add(a0[t], a1[t]));
-    for (int j = k; j < n; ++j) s[t] += x[t * ldx + j] * WL::scalar(w + j);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) {
+      float& o = s[r * NT + t];
+      o = S::sum(S::add(a0[r][t], a1[r][t]));
+      for (int j = k; j < n; ++j) o = std::fma(x[t * ldx + j], WL::scalar(w + r * ldw + j), o);  // fused alike always
+    }
 }
 
 // row_dots for nt ≤ NT tokens, nt known only at run time.
-template <class WL, int NT = ROW_PASS_TOKENS>
-inline void row_dots_n(int nt, const float* x, long ldx, const typename WL::T* w, int n, float* s) {
+template <class WL, int R, int NT = ROW_PASS_TOKENS>
+inline void row_dots_n(int nt, const float* x, long ldx, const typename WL::T* w, long ldw, int n, float* s) {
   if constexpr (NT > 1)
-    if (nt < NT) return row_dots_n<WL, NT - 1>(nt, x, ldx, w, n, s);
-  row_dots<WL, NT>(x, ldx, w, n, s);
+    if (nt < NT) return row_dots_n<WL, R, NT - 1>(nt, x, ldx, w, ldw, n, s);
+  row_dots<WL, R, NT>(x, ldx, w, ldw, n, s);
 }
 
-// A few tokens (decode steps; batches of GEMM_MIN_TOKENS or more take the GEMM): row by row, each
-// row multiplied by every token while it is in L1, ROW_PASS_TOKENS tokens per pass over it.
+// Rows [r, r + R) for every token, each pass's rows multiplied by ROW_PASS_TOKENS tokens while
+// they are in L1.
+template <class WL, int R>
+inline void row_block(const float* x, const typename WL::T* W, const float* b, float* y, int n_tok, int n_in, int ldy,
+                      int r, bool accumulate) {
+  for (int t0 = 0; t0 < n_tok; t0 += ROW_PASS_TOKENS) {
+    const int nt = std::min(ROW_PASS_TOKENS, n_tok - t0);
+    float s[R * ROW_PASS_TOKENS];
+    row_dots_n<WL, R>(nt, x + long(t0) * n_in, n_in, W + long(r) * n_in, n_in, n_in, s);
+    for (int i = 0; i < R; ++i)
+      for (int t = 0; t < nt; ++t) {
+        float& o = y[long(t0 + t) * ldy + r + i];
+        const float v = s[i * nt + t] + (b ? b[r + i] : 0.0f);
+        o = accumulate ? o + v : v;
+      }
+  }
+}
+
+// A few tokens (decode steps; batches of GEMM_MIN_TOKENS or more take the GEMM): one token row by
+// row, more ROW_BLOCK rows at a time.
 template <class WL>
 void matmul_rows(const float* x, const typename WL::T* W, const float* b, float* y, int n_tok, int n_in, int ldy,
                  int r0, int r1, bool accumulate) {
-  for (int r = r0; r < r1; ++r)
-    for (int t0 = 0; t0 < n_tok; t0 += ROW_PASS_TOKENS) {
-      const int nt = std::min(ROW_PASS_TOKENS, n_tok - t0);
-      float s[ROW_PASS_TOKENS];
-      row_dots_n<WL>(nt, x + long(t0) * n_in, n_in, W + long(r) * n_in, n_in, s);
-      for (int t = 0; t < nt; ++t) {
-        float& o = y[long(t0 + t) * ldy + r];
-        const float v = s[t] + (b ? b[r] : 0.0f);
-        o = accumulate ? o + v : v;
-      }
-    }
+  int r = r0;
+  if (n_tok > 1)
+    for (; r + ROW_BLOCK <= r1; r += ROW_BLOCK) row_block<WL, ROW_BLOCK>(x, W, b, y, n_tok, n_in, ldy, r, accumulate);
+  for (; r < r1; ++r) row_block<WL, 1>(x, W, b, y, n_tok, n_in, ldy, r, accumulate);
 }
 
 #include "kernels/gemm.inl"

@@ -298,6 +298,10 @@ inline void weighted_values(const float* const* e, float* const* o, int hn, cons
     for (int c = 0; c < NV; ++c) S::store(o[h] + i + c * S::N, acc[h][c]);
 }
 
+inline void prefetch_rows(const void* p, long bytes) {
+  for (long b = 0; b < bytes; b += 64) __builtin_prefetch((const char*)p + b, 0, 2);
+}
+
 // attention_part (kernels.h): the keys a run at a time (the keys of [k0, k1) that lie in one
 // block), each run's key and value rows serving every head of the group while they are in L1.
 template <class E>
@@ -310,6 +314,10 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
     const int end = (j0 / kv.block_rows + 1) * kv.block_rows < k1 ? (j0 / kv.block_rows + 1) * kv.block_rows : k1;
     const int rows = end - j0;
     const T* K = kv.key<T>(j0, d);
+    // A head's rows of a block are a few KB, its blocks anywhere in the pool: too short a run for
+    // the hardware prefetchers, so the next run's keys and this run's values are fetched now.
+    if (end < k1) prefetch_rows(kv.key<T>(end, d), std::min(k1 - end, kv.block_rows) * d * sizeof(T));
+    prefetch_rows(kv.value<T>(j0, d), rows * d * sizeof(T));
     for (int h0 = 0; h0 < heads; h0 += ATT_HEADS) {
       const int hn = heads - h0 < ATT_HEADS ? heads - h0 : ATT_HEADS;
       float* s[ATT_HEADS];

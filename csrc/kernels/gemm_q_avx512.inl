@@ -139,15 +139,14 @@ inline void tile_any(int rows, int vecs, const int32_t* xt, const float* st, con
 }
 
 // y[j, r + i] (+)= out[i · TW + j] + b[r + i] for rows i < rows (≤ 16) and tokens j < nt: 16 × 16
-// blocks transposed in registers, each token's rows stored as one masked vector.
+// blocks transposed in registers, each token's rows stored as one masked vector (out holds 16 rows:
+// those past `rows` are read, and masked off).
 inline void store_chunk(const float* out, int rows, int nt, const float* b, float* y, long ldy, bool accumulate) {
   const __mmask16 lanes = __mmask16((1u << rows) - 1);
   const __m512 bias = b ? _mm512_maskz_loadu_ps(lanes, b) : _mm512_setzero_ps();
-  alignas(64) float block[16 * 16] = {};
   for (int j0 = 0; j0 < nt; j0 += 16) {
-    for (int i = 0; i < rows; ++i) std::memcpy(block + i * 16, out + i * TW + j0, 64);
     __m512i col[16];
-    transpose16x16(block, 16, col);
+    transpose16x16(out + j0, TW, col);
     for (int c = 0; c < 16 && j0 + c < nt; ++c) {
       float* yj = y + long(j0 + c) * ldy;
       __m512 v = _mm512_add_ps(_mm512_castsi512_ps(col[c]), bias);

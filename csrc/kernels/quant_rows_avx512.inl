@@ -16,8 +16,9 @@
 // The including file (kernels_avx512.cpp, kernels_avx512vnni.cpp) defines
 // dot_pairs16(acc, a, b) = acc + vpmaddwd(a, b) in 16 int32 lanes and includes transpose_avx512.h.
 
-constexpr int TILE_ROWS = 16;   // rows per tile, one per lane
-constexpr int LANE_TOKENS = 3;  // batches of at least this many tokens transpose the tile's weights
+constexpr int TILE_ROWS = 16;    // rows per tile, one per lane
+constexpr int LANE_TOKENS = 3;   // batches of at least this many tokens transpose the tile's weights
+constexpr int TILE_TOKENS = 16;  // tokens per pass over a tile: each group's transpose serves them all
 
 // Group rg (row · groups + group) of W widened to 32 int16 in natural order: dword k holds
 // weights 2k and 2k + 1.
@@ -80,14 +81,15 @@ inline __m512 add_group(__m512 acc, __m512i dot, __m512 sg, __m512 mg, float xs,
   return Q4 ? _mm512_fmadd_ps(mg, _mm512_set1_ps(xsum), acc) : acc;
 }
 
-// out[t] (lane i: row i of the tile) for NT tokens: q_row's sums. s, m: tile_scales; lane_acc:
-// scratch of 8 · NT registers for the eight accumulators. The next tile's next_bytes at `next` are
+// out[t] (lane i: row i of the tile) for nt ≤ L tokens: q_row's sums. s, m: tile_scales; lane_acc:
+// scratch of 8 · L registers for the eight accumulators. The next tile's next_bytes at `next` are
 // fetched meanwhile, a groups-th of them per group (the walk over the tile's rows is too scattered
 // for the hardware prefetchers: SmolLM2's int8 lm_head, 8 tokens, one thread: 1.9× the speed).
-template <DType T, int NT>
-inline void tile_dots(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups,
+template <DType T, int L, bool FULL>
+inline void tile_dots(int n_tok, const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups,
                       const long* rg0, const float* s, const float* m, const char* next, long next_bytes,
                       __m512* lane_acc, __m512* out) {
+  const int nt = FULL ? L : n_tok;  // a compile-time count for a full pass
   constexpr bool Q4 = T != DType::Q8;
   const int groups8 = groups / 8 * 8;
   int done = 0;  // groups added so far
@@ -103,7 +105,7 @@ inline void tile_dots(const int16_t* xq, const float* xs, const float* xsum, con
     for (int i = 0; i < 16; ++i) w[i] = load_group32<T>(W, rg0[i] + g);
     transpose16x16(w, pairs);
     const __m512 sg = group_scales(g), mg = group_mins(g);
-    for (int t = 0; t < NT; ++t) {
+    for (int t = 0; t < nt; ++t) {
       const int32_t* x = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
       __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
       for (int k = 0; k < 16; k += 2) {
@@ -115,32 +117,22 @@ inline void tile_dots(const int16_t* xq, const float* xs, const float* xsum, con
     }
   };
   for (int u = 0; u < 8; ++u) {  // accumulator u: groups u, u + 8, … (the tile is in L1 or L2 after u = 0)
-    __m512 acc[NT];
-    for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+    __m512 acc[L];
+    for (int t = 0; t < L; ++t) acc[t] = _mm512_setzero_ps();
     for (int g = u; g < groups8; g += 8) add(acc, g);
-    for (int t = 0; t < NT; ++t) lane_acc[u * NT + t] = acc[t];
+    for (int t = 0; t < nt; ++t) lane_acc[u * L + t] = acc[t];
   }
-  for (int t = 0; t < NT; ++t) {  // sum8: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
+  for (int t = 0; t < nt; ++t) {  // sum8: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
     const __m512* a = lane_acc + t;
-    const __m512 even = _mm512_add_ps(_mm512_add_ps(a[0], a[4 * NT]), _mm512_add_ps(a[2 * NT], a[6 * NT]));
-    const __m512 odd = _mm512_add_ps(_mm512_add_ps(a[NT], a[5 * NT]), _mm512_add_ps(a[3 * NT], a[7 * NT]));
+    const __m512 even = _mm512_add_ps(_mm512_add_ps(a[0], a[4 * L]), _mm512_add_ps(a[2 * L], a[6 * L]));
+    const __m512 odd = _mm512_add_ps(_mm512_add_ps(a[L], a[5 * L]), _mm512_add_ps(a[3 * L], a[7 * L]));
     out[t] = _mm512_add_ps(even, odd);
   }
   for (int g = groups8; g < groups; ++g) add(out, g);
 }
 
-// tile_dots for nt ≤ NT tokens, nt known only at run time.
-template <DType T, int NT = ROW_TOKENS>
-inline void tile_dots_n(int nt, const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups,
-                        const long* rg0, const float* s, const float* m, const char* next, long next_bytes,
-                        __m512* lane_acc, __m512* out) {
-  if constexpr (NT > LANE_TOKENS)
-    if (nt < NT) return tile_dots_n<T, NT - 1>(nt, xq, xs, xsum, W, groups, rg0, s, m, next, next_bytes, lane_acc, out);
-  tile_dots<T, NT>(xq, xs, xsum, W, groups, rg0, s, m, next, next_bytes, lane_acc, out);
-}
-
 // Rows [r0, r1) in tiles of 16 (the last may hold fewer: its missing lanes repeat its last row and
-// are not stored), ROW_TOKENS tokens per pass over a tile; passes of fewer than LANE_TOKENS tokens
+// are not stored), TILE_TOKENS tokens per pass over a tile; passes of fewer than LANE_TOKENS tokens
 // row by row.
 template <DType T>
 void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
@@ -161,17 +153,21 @@ void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const Weigh
     const long row_bytes = long(groups) * (T == DType::Q8 ? QGROUP : QGROUP / 2);
     const char* next = (const char*)W.data + long(r + rows) * row_bytes;  // the next tile's weights
     const long next_bytes = (r1 - r - rows < TILE_ROWS ? r1 - r - rows : TILE_ROWS) * row_bytes;
-    for (int t0 = 0; t0 < n_tok; t0 += ROW_TOKENS) {
-      const int nt = n_tok - t0 < ROW_TOKENS ? n_tok - t0 : ROW_TOKENS;
+    for (int t0 = 0; t0 < n_tok; t0 += TILE_TOKENS) {
+      const int nt = n_tok - t0 < TILE_TOKENS ? n_tok - t0 : TILE_TOKENS;
       const long tg = long(t0) * groups;
       if (nt < LANE_TOKENS) {
         matmul_q_rows<T>(xq + tg * QGROUP, xs + tg, T != DType::Q8 ? xsum + tg : nullptr, W, b, y + long(t0) * ldy, nt,
                          n_in, ldy, r, r + rows, accumulate);
         continue;
       }
-      __m512 lane_acc[8 * ROW_TOKENS], acc[ROW_TOKENS];
-      tile_dots_n<T>(nt, xq + tg * QGROUP, xs + tg, T != DType::Q8 ? xsum + tg : nullptr, W, groups, rg0, s, m, next,
-                     t0 == 0 ? next_bytes : 0, lane_acc, acc);
+      __m512 lane_acc[8 * TILE_TOKENS], acc[TILE_TOKENS];
+      constexpr int H = TILE_TOKENS / 2;
+      const auto dots = nt == H  ? tile_dots<T, H, true>
+                        : nt < H ? tile_dots<T, H, false>
+                                 : tile_dots<T, TILE_TOKENS, false>;
+      dots(nt, xq + tg * QGROUP, xs + tg, T != DType::Q8 ? xsum + tg : nullptr, W, groups, rg0, s, m, next,
+           t0 == 0 ? next_bytes : 0, lane_acc, acc);
       for (int t = 0; t < nt; ++t) {
         float* o = y + long(t0 + t) * ldy + r;
         __m512 v = _mm512_add_ps(acc[t], bias);

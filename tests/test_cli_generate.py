@@ -123,6 +123,9 @@ class Terminal:
         env = dict(os.environ, TERM="dumb", PYTHONUNBUFFERED="1")
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the pty is its controlling terminal, so Ctrl-C sends SIGINT
+            # a suite started in the background (`cmd &` in a script) ignores SIGINT, which a child
+            # inherits; Python then installs no KeyboardInterrupt handler and Ctrl-C would do nothing
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execvpe(argv[0], argv, env)
         self.seen = b""
 

@@ -298,6 +298,8 @@ inline void weighted_values(const float* const* e, float* const* o, int hn, cons
     for (int c = 0; c < NV; ++c) S::store(o[h] + i + c * S::N, acc[h][c]);
 }
 
+// Fetches `bytes` at p toward L2 (locality 2: no L1 fill buffers held while the current block is
+// worked on).
 inline void prefetch_rows(const void* p, long bytes) {
   for (long b = 0; b < bytes; b += 64) __builtin_prefetch((const char*)p + b, 0, 2);
 }

@@ -135,8 +135,7 @@ class Builder {
     if (q4k) mat.codes = (const uint8_t*)part(base + ".subscales", "U8", {blocks, QK_CODE_BYTES});
     keep(q);
     m_.weight_bytes += matrix_bytes(mat);
-    m_.quantized = true;
-    m_.int4 = m_.int4 || q4 || q4k;
+    m_.quant_formats |= 1u << int(mat.dtype);
     return mat;
   }
 

@@ -82,10 +82,11 @@ struct Model {
   Matrix lm_head;               // [vocab, hidden]; the embedding matrix when tied
   std::vector<Tensor> storage;  // keeps mapped files and converted copies alive
   size_t weight_bytes = 0;      // bytes of weights one token's forward pass reads
-  bool quantized = false;       // some matrix multiplies int16-quantized activations
-  bool int4 = false;            // some matrix is int4 (Q4, Q4K)
-  size_t copied_bytes = 0;      // matrix bytes converted or copied at load (0: all zero-copy;
-                                // 16-bit norm and bias vectors, kilobytes, are always widened)
+  unsigned quant_formats = 0;   // bit 1 << DType of each quantized format a matrix is in
+  // some matrix multiplies int16-quantized activations
+  bool quantized() const { return quant_formats != 0; }
+  size_t copied_bytes = 0;  // matrix bytes converted or copied at load (0: all zero-copy;
+                            // 16-bit norm and bias vectors, kilobytes, are always widened)
 };
 
 // Threads one model may use: far more than any CPU has cores, and few enough that starting them

@@ -25,7 +25,7 @@ Workspace::Workspace(const Model& m, int max_tokens_) : model(m), max_tokens(max
   // bf16 and quantized weights: on AVX512-BF16 their prompts' matmuls round the activations to bf16
   bf16_prompt =
       !m.layers.empty() && (m.layers[0].q_proj.dtype == DType::BF16 || is_quantized(m.layers[0].q_proj.dtype));
-  if (m.quantized) {  // int16 copies of a matmul's input: the widest is the FFN's
+  if (m.quantized()) {  // int16 copies of a matmul's input: the widest is the FFN's
     qdim = std::max({c.hidden_size, int(QD), c.intermediate_size});
     xq.reset(B * qdim);
     xq_scale.reset(B * qdim / QGROUP);
@@ -88,15 +88,17 @@ MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int n, 
   const int gemm = n - n_rowwise;
   // GEMM tokens into int8/int4 weights take gemm_q where the set has one for them, in int16 as the
   // row-wise tokens; a matrix in another format then lays out its own input (matmul_many).
-  const bool q_gemm =
-      gemm > 0 && model.quantized && ops.gemm_q && (ops.gemm_q_int8 || model.int4) && n_in % QGROUP == 0;
+  bool q_gemm = false;
+  for (DType t : {DType::Q8, DType::Q4, DType::Q4K})
+    q_gemm = q_gemm || ((model.quant_formats >> int(t) & 1) && ops.takes_gemm_q(t));
+  q_gemm = q_gemm && gemm > 0 && n_in % QGROUP == 0;
   if (gemm > 0 && bf16_prompt && ops.pack && !q_gemm) {  // the GEMM tokens laid out once, by all threads
     const int tiles = (gemm + GEMM_SPLIT_TOKENS - 1) / GEMM_SPLIT_TOKENS;
     const float* x = in + size_t(n_rowwise) * n_in;
     par::for_static(tiles, [&](int t) { ops.pack(x, gemm, n_in, t, t + 1, packed.data()); });
     a.packed = packed.data();
   }
-  if (!model.quantized || n_in % QGROUP != 0 || (n_rowwise == 0 && !q_gemm)) return a;
+  if (!model.quantized() || n_in % QGROUP != 0 || (n_rowwise == 0 && !q_gemm)) return a;
   // int16 activations, quantized once per step (by every thread into its own buffer for a lone
   // token, split over the threads otherwise).
   const int groups = n_in / QGROUP;

@@ -14,8 +14,9 @@
 //   codes times four int8 values: with AVX-VNNI one vpdpbusd into int32; on AVX2 a vpmaddubsw, 32
 //   products into 16 int16 sums that add up without saturating (8 · 2 · 15 · 127 < 2¹⁵), then one
 //   vpmaddwd by ones into int32 a group. One core: AVX-VNNI 101-102 GMAC/s (72 on the int16
-//   pairs); AVX2 83-94 against gemm.inl's 43-50 (vpmaddwd + vpaddd on the int16 pairs: 40). On AVX2, int8 weights,
-//   whose products of two signed bytes vpmaddubsw cannot take whole, keep gemm.inl (Kernels::gemm_q_int8 false).
+//   pairs); AVX2 83-94 against gemm.inl's 43-50 (vpmaddwd + vpaddd on the int16 pairs: 40). On
+//   AVX2, int8 weights, whose products of two signed bytes vpmaddubsw cannot take whole, keep
+//   gemm.inl (Kernels::gemm_q_int8 false).
 //
 // With 16 registers a tile is 6 rows × 2 vectors (12 dots + 2 activations + 1 weight), or 12 rows
 // × 1 vector; for int4 4 × 2 or 8 × 1. The sums wait in memory between groups.
@@ -123,18 +124,12 @@ inline void tile_rows(int rows, const int32_t* xt, const float* st, const float*
   tile<Q4, RR, VV>(xt, st, mt, w, ldw, s, m, lds, ng, first, out);
 }
 
-// Group rg of W widened to 32 weights in order at w: int16, or the 4-bit codes as bytes.
-template <DType T>
-inline void widen_group(const WeightsRef& W, long rg, WeightOf<T != DType::Q8>* w) {
-  if constexpr (T != DType::Q8) {  // byte i holds codes i (low nibble) and i + 16 (high)
-    const __m128i b = _mm_loadu_si128((const __m128i*)((const uint8_t*)W.data + rg * (QGROUP / 2)));
-    const __m128i low = _mm_set1_epi8(0x0f);
-    _mm_storeu_si128((__m128i*)w, _mm_and_si128(b, low));
-    _mm_storeu_si128((__m128i*)(w + 16), _mm_and_si128(_mm_srli_epi16(b, 4), low));
-  } else {
-    const Half16 h = load_q8((const int8_t*)W.data + rg * QGROUP);
-    _mm256_storeu_si256((__m256i*)w, h.lo);
-    _mm256_storeu_si256((__m256i*)(w + 16), h.hi);
+// A row's int8 groups [rg0, rg0 + groups) as int16, in order, into out.
+inline void widen_row(const WeightsRef& W, long rg0, int groups, int16_t* out) {
+  for (int g = 0; g < groups; ++g) {
+    const Half16 h = load_q8((const int8_t*)W.data + (rg0 + g) * QGROUP);
+    _mm256_storeu_si256((__m256i*)(out + g * QGROUP), h.lo);
+    _mm256_storeu_si256((__m256i*)(out + g * QGROUP + 16), h.hi);
   }
 }
 
@@ -165,7 +160,8 @@ void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRe
     const int rows = r1 - c0 < CHUNK ? r1 - c0 : CHUNK;
     for (int i = 0; i < rows; ++i) {  // the chunk's weights widened and its scales (and mins) in f32
       const long r = c0 + i, rg = r * groups;
-      for (int g = 0; g < groups; ++g) widen_group<T>(W, rg + g, wq.data() + long(i) * n_in + g * QGROUP);
+      if constexpr (Q4) widen_row_codes(W, rg, groups, wq.data() + long(i) * n_in);
+      else widen_row(W, rg, groups, wq.data() + long(i) * n_in);
       float *si = s + i * lds, *mi = m + i * lds;
       if (T == DType::Q4K) {
         const float* fs = q4k_row_scales(W, groups, r, row_buf);

@@ -12,7 +12,7 @@
 // - The activations are transposed per call into tiles of TW tokens: words (int16 pairs, or for
 //   int4 int8 quads) xt[tile][g][p][TW], scales st[tile][g][TW], sums mt[tile][g][TW]. An int4
 //   group's int8 values are its int16 values · 127 / ACT_INT16_MAX rounded to even, its scale
-//   · ACT_INT16_MAX / 127, its sum that of the int8 values (gemm_q_avx2.inl says why): perplexity
+//   · ACT_INT16_MAX / 127, its sum that of the int8 values (gemm_q_bytes.inl says why): perplexity
 //   of SmolLM2 (GPL text, ctx 512) int4 18.244 → 18.271; on weights off the 4-bit grid, KLD
 //   against f32 +1.3% (bench/quant_quality.py), for 1.3-1.45× the int4 prefill.
 // - The weights are widened a chunk of 64 rows at a time (wq[row], in memory order within a
@@ -161,25 +161,6 @@ inline void widen_row(const WeightsRef& W, long rg0, int groups, int16_t* out) {
   for (int g = 0; g < groups; ++g) _mm512_storeu_si512(out + g * QGROUP, load_group32<DType::Q8>(W, rg0 + g));
 }
 
-// A row's int4 groups [rg0, rg0 + groups) as their 4-bit codes in bytes, in order, into out; two
-// groups at a time.
-inline void widen_row_codes(const WeightsRef& W, long rg0, int groups, uint8_t* out) {
-  const __m256i low = _mm256_set1_epi8(0x0f);
-  int g = 0;
-  for (; g + 2 <= groups; g += 2) {
-    const __m256i bytes = _mm256_loadu_si256((const __m256i*)((const uint8_t*)W.data + (rg0 + g) * (QGROUP / 2)));
-    const __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-    _mm256_storeu_si256((__m256i*)(out + g * QGROUP), _mm256_permute2x128_si256(lo, hi, 0x20));
-    _mm256_storeu_si256((__m256i*)(out + (g + 1) * QGROUP), _mm256_permute2x128_si256(lo, hi, 0x31));
-  }
-  for (; g < groups; ++g) {
-    const __m128i bytes = _mm_loadu_si128((const __m128i*)((const uint8_t*)W.data + (rg0 + g) * (QGROUP / 2)));
-    _mm_storeu_si128((__m128i*)(out + g * QGROUP), _mm_and_si128(bytes, _mm256_castsi256_si128(low)));
-    _mm_storeu_si128((__m128i*)(out + g * QGROUP + 16),
-                     _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm256_castsi256_si128(low)));
-  }
-}
-
 template <DType T>
 void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
           int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
@@ -190,15 +171,15 @@ void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRe
   const long ldw = groups * GROUP_BYTES;  // a widened row's bytes
   static thread_local std::vector<int32_t> xt;
   static thread_local std::vector<float> fbuf;
-  static thread_local std::vector<int16_t> wq;  // int8 as int16, int4 as bytes
+  static thread_local std::vector<char> wq;  // the chunk's rows widened: int8 as int16, int4 as bytes
   xt.resize(size_t(tiles) * groups * S * TW);
   const size_t act = size_t(tiles) * groups * TW, scales = size_t(pad) * 16;  // scales: a block of 16 rows'
   fbuf.resize(2 * act + 2 * CHUNK_BLOCKS * scales + size_t(tile_rows_floats(groups)) + CHUNK_BLOCKS * 16 * TW);
   float *st = fbuf.data(), *mt = st + act, *s = mt + act, *m = s + CHUNK_BLOCKS * scales;
   float* row_buf = m + CHUNK_BLOCKS * scales;
   float* out = row_buf + tile_rows_floats(groups);  // a chunk's rows × a tile's tokens
-  wq.resize(size_t(CHUNK_BLOCKS) * 16 * ldw / 2);
-  char* wb = (char*)wq.data();
+  wq.resize(size_t(CHUNK_BLOCKS) * 16 * ldw);
+  char* wb = wq.data();
   for (int tl = 0; tl < tiles; ++tl) {
     const int t0 = tl * TW, nt = n_tok - t0 < TW ? n_tok - t0 : TW;
     const long tg = long(t0) * groups;

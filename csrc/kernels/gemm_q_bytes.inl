@@ -1,8 +1,28 @@
-// The int4 prompt GEMMs' activations (gemm_q_avx2.inl, gemm_q_avx512.inl): each token's int16
-// groups requantized to int8, in the tiles' layout. Included by those files, inside the kernel
-// set's namespace (it is compiled with each set's flags).
+// What the int4 prompt GEMMs (gemm_q_avx2.inl, gemm_q_avx512.inl) share: their weights' 4-bit
+// codes widened to bytes, and their activations, each token's int16 groups requantized to int8 in
+// the tiles' layout. Included by those files, inside the kernel set's namespace (it is compiled
+// with each set's flags; AVX2 instructions only).
 
 constexpr int BYTE_STEPS = QGROUP / 4;  // 32-bit words of int8 quads a group
+
+// A row's int4 groups [rg0, rg0 + groups) as their 4-bit codes in bytes, in order, into out (byte i
+// of a packed group holds codes i and i + 16); two groups at a time.
+inline void widen_row_codes(const WeightsRef& W, long rg0, int groups, uint8_t* out) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  int g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i*)((const uint8_t*)W.data + (rg0 + g) * (QGROUP / 2)));
+    const __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+    _mm256_storeu_si256((__m256i*)(out + g * QGROUP), _mm256_permute2x128_si256(lo, hi, 0x20));
+    _mm256_storeu_si256((__m256i*)(out + (g + 1) * QGROUP), _mm256_permute2x128_si256(lo, hi, 0x31));
+  }
+  for (; g < groups; ++g) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)((const uint8_t*)W.data + (rg0 + g) * (QGROUP / 2)));
+    _mm_storeu_si128((__m128i*)(out + g * QGROUP), _mm_and_si128(bytes, _mm256_castsi256_si128(low)));
+    _mm_storeu_si128((__m128i*)(out + g * QGROUP + 16),
+                     _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm256_castsi256_si128(low)));
+  }
+}
 
 // Tokens [0, nt) of xq (their scales already transposed into st: st[g · tw + j]), zero up to tw:
 // word p of group g of token j to xt[(g · BYTE_STEPS + p) · tw + j]; each value x · 127 /

@@ -259,10 +259,20 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](const Model& model, size_t max_blocks, const std::string& dtype) {
              const ModelConfig& c = model.config;
              return std::make_shared<KvPool>(
-                 KvShape{c.num_hidden_layers, c.num_key_value_heads, c.head_dim, KV_BLOCK_ROWS, parse_dtype(dtype)},
+                 KvShape{c.num_hidden_layers, c.num_key_value_heads, c.head_dim, KV_BLOCK_ROWS, parse_kv_dtype(dtype)},
                  max_blocks);
            }),
            py::arg("model"), py::arg("max_blocks"), py::arg("dtype") = "f32")
+      .def_static(
+          "bytes_per_block",
+          [](const Model& model, const std::string& dtype) {
+            const ModelConfig& c = model.config;
+            return KvPool(KvShape{c.num_hidden_layers, c.num_key_value_heads, c.head_dim, KV_BLOCK_ROWS,
+                                  parse_kv_dtype(dtype)},
+                          1)
+                .block_bytes();
+          },
+          py::arg("model"), py::arg("dtype"))
       .def_property_readonly("dtype", [](const KvPool& p) { return std::string(dtype_name(p.shape().dtype)); })
       .def_property_readonly("block_rows", [](const KvPool& p) { return p.shape().block_rows; })
       .def_property_readonly("block_bytes", &KvPool::block_bytes)

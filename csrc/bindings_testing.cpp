@@ -14,6 +14,7 @@
 
 #include "isa.h"
 #include "kernels/kernels.h"
+#include "kv_cache.h"
 #include "model.h"
 #include "parallel.h"
 
@@ -96,17 +97,18 @@ struct PagedKv {
 
   PagedKv(const Array<float>& K, const Array<float>& V, int block_rows, const std::string& dtype) {
     require(block_rows > 0 && block_rows % KV_BLOCK_ALIGN == 0, "block_rows must be a positive multiple of 16");
-    const DType t = parse_dtype(dtype);
-    const long n = K.shape(0), d = K.shape(1), nb = (n + block_rows - 1) / block_rows, es = t == DType::F32 ? 4 : 2;
+    const DType t = parse_kv_dtype(dtype);
+    const long n = K.shape(0), d = K.shape(1), nb = (n + block_rows - 1) / block_rows, es = long(kv_element_size(t)),
+               row_bytes = kv_row_elements(t, d) * es;
     storage.resize(nb);
-    for (long b = nb; b-- > 0;) storage[b].assign(size_t(2) * block_rows * d * es, 0xff);  // NaN where unwritten
+    for (long b = nb; b-- > 0;) storage[b].assign(size_t(2) * block_rows * row_bytes, 0xff);  // NaN where unwritten
     for (long j = 0; j < n; ++j) {
       uint8_t* block = storage[j / block_rows].data();
-      kernels_generic.convert_row(K.data() + j * d, block + (j % block_rows) * d * es, t, int(d));
-      kernels_generic.convert_row(V.data() + j * d, block + (block_rows + j % block_rows) * d * es, t, int(d));
+      kernels_generic.convert_row(K.data() + j * d, block + (j % block_rows) * row_bytes, t, int(d));
+      kernels_generic.convert_row(V.data() + j * d, block + (block_rows + j % block_rows) * row_bytes, t, int(d));
     }
     for (auto& s : storage) blocks.push_back(s.data());
-    head = KvHead{blocks.data(), 0, long(block_rows) * d, block_rows, t};
+    head = KvHead{blocks.data(), 0, long(block_rows) * (row_bytes / es), block_rows, row_bytes / es, t};
   }
 };
 
@@ -349,10 +351,11 @@ void add_testing_module(py::module_& m) {
   t.def(
       "kernel_convert_row",
       [](const std::string& isa, Array<float> x, const std::string& to) {
-        // x in `to`, as uint16 bit patterns (bf16, f16) or f32
-        const DType t = parse_dtype(to);
-        py::array out = t == DType::F32 ? py::array(py::dtype::of<float>(), x.size())
-                                        : py::array(py::dtype::of<uint16_t>(), x.size());
+        // x in `to`: f32, uint16 bit patterns (bf16, f16), or the bytes of an int8 row (codes, f32 scale)
+        const DType t = parse_kv_dtype(to);
+        py::array out = t == DType::F32  ? py::array(py::dtype::of<float>(), x.size())
+                        : t == DType::Q8 ? py::array(py::dtype::of<uint8_t>(), kv_row_elements(t, x.size()))
+                                         : py::array(py::dtype::of<uint16_t>(), x.size());
         kernels_named(isa).convert_row(x.data(), out.mutable_data(), t, int(x.size()));
         return out;
       },

@@ -8,9 +8,18 @@
 
 namespace gally {
 
+DType parse_kv_dtype(const std::string& name) {
+  if (name == "f32") return DType::F32;
+  if (name == "bf16") return DType::BF16;
+  if (name == "f16") return DType::F16;
+  if (name == "int8") return DType::Q8;
+  throw std::invalid_argument("the KV cache's dtype must be one of 'f32', 'bf16', 'f16', 'int8', got '" + name + "'");
+}
+
 KvPool::KvPool(const KvShape& shape, size_t max_blocks) : shape_(shape), max_blocks_(max_blocks) {
-  if (shape.dtype != DType::F32 && shape.dtype != DType::BF16 && shape.dtype != DType::F16)
-    throw std::invalid_argument("the KV cache holds f32, bf16 or f16, not " + std::string(dtype_name(shape.dtype)));
+  if (shape.dtype != DType::F32 && shape.dtype != DType::BF16 && shape.dtype != DType::F16 && shape.dtype != DType::Q8)
+    throw std::invalid_argument("the KV cache holds f32, bf16, f16 or int8, not " +
+                                std::string(dtype_name(shape.dtype)));
   if (shape.block_rows <= 0 || shape.block_rows % KV_BLOCK_ALIGN != 0)
     throw std::invalid_argument("KV block rows must be a positive multiple of " + std::to_string(KV_BLOCK_ALIGN));
   if (max_blocks == 0) throw std::invalid_argument("the KV cache pool must hold at least one block");

@@ -5,8 +5,9 @@
 // Memory follows the tokens held: a sequence's cache is a list of blocks of KV_BLOCK_ROWS
 // positions, taken from its model's pool as the sequence reaches them and given back when it is
 // truncated or dropped. A block holds
-//     [layers][k | v][kv_heads][block_rows][head_dim] elements of the pool's dtype
-// (f32, or bf16 / f16 for a compact cache: half the bytes per token),
+//     [layers][k | v][kv_heads][block_rows][row] elements of the pool's dtype
+// (a row of head_dim f32, or bf16 / f16 for a compact cache: half the bytes per token; or int8
+// codes and their f32 scale, kernels.h kv_row_elements: about a quarter),
 // so that within a block one head's keys (and values) are contiguous rows: the attention kernels
 // stream a block at a time (kernels.h, KvHead). Sequences with a common prefix share its full
 // blocks (fork); a shared block is copied before it is written (prepare).
@@ -15,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -26,13 +28,17 @@ constexpr int KV_BLOCK_ROWS = 16;  // positions per block: vLLM's size; a multip
 struct KvShape {
   int layers = 0, kv_heads = 0, head_dim = 0;
   int block_rows = KV_BLOCK_ROWS;
-  DType dtype = DType::F32;  // F32, BF16 or F16
+  DType dtype = DType::F32;  // F32, BF16, F16 or Q8
 
-  size_t block_elements() const { return size_t(layers) * 2 * kv_heads * block_rows * head_dim; }
-  size_t element_size() const { return dtype == DType::F32 ? 4 : 2; }
-  long keys(int layer, int head) const { return (long(layer) * 2 * kv_heads + head) * block_rows * head_dim; }
-  long values(int layer, int head) const { return keys(layer, head) + long(kv_heads) * block_rows * head_dim; }
+  long row_elements() const { return kv_row_elements(dtype, head_dim); }
+  size_t block_elements() const { return size_t(layers) * 2 * kv_heads * block_rows * row_elements(); }
+  size_t element_size() const { return kv_element_size(dtype); }
+  long keys(int layer, int head) const { return (long(layer) * 2 * kv_heads + head) * block_rows * row_elements(); }
+  long values(int layer, int head) const { return keys(layer, head) + long(kv_heads) * block_rows * row_elements(); }
 };
+
+// "f32" | "bf16" | "f16" | "int8" (DType::Q8, kernels.h kv_row_elements)
+DType parse_kv_dtype(const std::string& name);
 
 // The pool ran out of blocks (its cap, or the system's memory).
 class KvPoolExhausted : public std::runtime_error {
@@ -104,10 +110,10 @@ class KvCache {
 
   // Head `head` of layer `layer` as the attention kernels read it.
   KvHead head(int layer, int head) const {
-    return KvHead{ptrs_.data(), shape().keys(layer, head), shape().values(layer, head), shape().block_rows,
-                  shape().dtype};
+    return KvHead{ptrs_.data(),       shape().keys(layer, head), shape().values(layer, head),
+                  shape().block_rows, shape().row_elements(),    shape().dtype};
   }
-  // Where the key (value) vector [head_dim] of `position` goes, in the cache's dtype.
+  // Where the key (value) row of `position` goes (Kernels::convert_row writes it).
   void* key(int layer, int head, int position) { return row(shape().keys(layer, head), position); }
   void* value(int layer, int head, int position) { return row(shape().values(layer, head), position); }
 
@@ -115,7 +121,7 @@ class KvCache {
   void* row(long offset, int position) {
     const KvShape& s = shape();
     return (uint8_t*)ptrs_[position / s.block_rows] +
-           (offset + long(position % s.block_rows) * s.head_dim) * s.element_size();
+           (offset + long(position % s.block_rows) * s.row_elements()) * s.element_size();
   }
 
   std::shared_ptr<KvPool> pool_;

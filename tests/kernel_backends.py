@@ -32,7 +32,7 @@ QEMU_CPUS = {
     "cortex-a76": {"asimd": True, "asimddp": True, "bf16": False},
     "max": {"asimd": True, "asimddp": True, "bf16": True},
 }
-KV_TYPES = {"f32": 0, "bf16": 1, "f16": 2}
+KV_TYPES = {"f32": 0, "bf16": 1, "f16": 2, "int8": 3}
 WTYPES = {"f32": 0, "bf16": 1, "f16": 2, "int8": 3, "int4-v1": 4, "int4": 5}
 BF16_PREFILL_SETS = ("avx512bf16", "neonbf16")  # round a batch's activations to bf16 (kernels.h)
 
@@ -182,7 +182,7 @@ class Aarch64Core:
     def kernel_convert_row(self, isa, x, to):
         x = f32(x)
         (out,) = self.r.call("convert_row", isa, [x.size, KV_TYPES[to]], (), [x])
-        return np.frombuffer(out, np.float32 if to == "f32" else np.uint16)
+        return np.frombuffer(out, np.float32 if to == "f32" else np.uint8 if to == "int8" else np.uint16)
 
     def kernel_silu_mul(self, isa, g, u):
         return np.frombuffer(self.r.call("silu_mul", isa, [g.size], (), [f32(g), f32(u)])[0], np.float32)

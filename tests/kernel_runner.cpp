@@ -20,7 +20,7 @@
 //                                                      parts of the keys, merged by attention_merge; probs NaN
 //                                                      unless parts = 1)
 //   attention_causal [nq ctx0 d block_rows kv] (scale) Q K V → out probs (−1 past each row's keys)
-//   convert_row [n to]                                x → x in `to` (f32 or 16-bit patterns)
+//   convert_row [n to]                                x → x in `to` (f32, 16-bit patterns, or int8 codes + f32 scale)
 // kv and to: 0 f32, 1 bf16, 2 f16. The attention ops copy K, V into a paged cache of blocks of
 // block_rows positions in that type (kernels.h KvHead), laid out as bindings_testing.cpp's PagedKv
 // lays them: the blocks in reverse order in memory.
@@ -102,16 +102,17 @@ struct PagedKv {
   PagedKv(const std::vector<float>& K, const std::vector<float>& V, long n, long d, int block_rows, DType t) {
     if (block_rows <= 0 || block_rows % KV_BLOCK_ALIGN != 0)
       throw std::invalid_argument("block_rows must be a positive multiple of 16");
-    const long nb = (n + block_rows - 1) / block_rows, es = t == DType::F32 ? 4 : 2;
+    const long nb = (n + block_rows - 1) / block_rows, es = long(kv_element_size(t)),
+               row_bytes = kv_row_elements(t, d) * es;
     storage.resize(nb);
-    for (long b = nb; b-- > 0;) storage[b].assign(size_t(2) * block_rows * d * es, 0xff);  // NaN where unwritten
+    for (long b = nb; b-- > 0;) storage[b].assign(size_t(2) * block_rows * row_bytes, 0xff);  // NaN where unwritten
     for (long j = 0; j < n; ++j) {
       uint8_t* block = storage[j / block_rows].data();
-      kernels_generic.convert_row(K.data() + j * d, block + (j % block_rows) * d * es, t, int(d));
-      kernels_generic.convert_row(V.data() + j * d, block + (block_rows + j % block_rows) * d * es, t, int(d));
+      kernels_generic.convert_row(K.data() + j * d, block + (j % block_rows) * row_bytes, t, int(d));
+      kernels_generic.convert_row(V.data() + j * d, block + (block_rows + j % block_rows) * row_bytes, t, int(d));
     }
     for (auto& s : storage) blocks.push_back(s.data());
-    head = KvHead{blocks.data(), 0, long(block_rows) * d, block_rows, t};
+    head = KvHead{blocks.data(), 0, long(block_rows) * (row_bytes / es), block_rows, row_bytes / es, t};
   }
 };
 
@@ -124,8 +125,8 @@ const Kernels& set_named(const std::string& isa) {
 }
 
 DType kv_type(int64_t code) {
-  static const DType types[] = {DType::F32, DType::BF16, DType::F16};
-  if (code < 0 || code > 2) throw std::invalid_argument("bad cache type code");
+  static const DType types[] = {DType::F32, DType::BF16, DType::F16, DType::Q8};
+  if (code < 0 || code > 3) throw std::invalid_argument("bad cache type code");
   return types[code];
 }
 
@@ -262,7 +263,7 @@ std::vector<Bytes> run(const Case& c) {
     const auto x = as<float>(a[0]);
     const DType t = kv_type(i[1]);
     need(x.size() == size_t(i[0]), "convert_row: shapes disagree");
-    Bytes out(x.size() * (t == DType::F32 ? 4 : 2));
+    Bytes out(kv_row_elements(t, long(x.size())) * kv_element_size(t));
     k.convert_row(x.data(), out.data(), t, int(x.size()));
     return {out};
   }

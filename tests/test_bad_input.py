@@ -444,9 +444,15 @@ def test_context_larger_than_the_machine_is_refused_with_the_bytes(tmp_path, mon
     with pytest.raises(ValueError, match=r"max_context 1048576 needs 536,870,912 bytes \(0.5 GiB\) of KV cache for "
                                          r"one sequence \(512 bytes a token\), more than this machine's "
                                          r"268,435,456 bytes \(.*\) of memory; give a smaller max_context \(-c\), "
-                                         r"or kv_dtype f16"):
+                                         r"or kv_dtype f16 for half the bytes \(int8: about a quarter\)"):
         gally.load(folder, max_context=1 << 20, kv_cache_bytes=1 << 40)
     model = gally.load(folder, max_context=1 << 18, kv_cache_bytes=1 << 40)  # 128 MiB: fits
     assert model.session().max_context == 1 << 18
     with pytest.raises(ValueError, match="max_context 1048576 needs 536,870,912 bytes"):
         model.session(1 << 20)
+    # a 128 MiB machine: a compact cache's hint is int8
+    monkeypatch.setattr(model_mod, "physical_memory", lambda: 1 << 27)
+    with pytest.raises(ValueError, match=r"\(256 bytes a token\).*or kv_dtype int8 for about half the bytes"):
+        gally.load(folder, max_context=1 << 20, kv_cache_bytes=1 << 40, kv_dtype="f16")
+    with pytest.raises(ValueError, match=r"\(160 bytes a token\).*of memory; give a smaller max_context \(-c\)$"):
+        gally.load(folder, max_context=1 << 20, kv_cache_bytes=1 << 40, kv_dtype="int8")

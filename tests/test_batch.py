@@ -173,13 +173,16 @@ def test_bad_batches_are_refused(folder):
                              np.array([1], np.int32), out[:1])
 
 
-@pytest.mark.parametrize("kv_dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("kv_dtype", ["bf16", "f16", "int8"])
 def test_compact_kv_cache(folder, kv_dtype):
-    """A bf16 / f16 KV cache: half the bytes per token, logits within the rounding of the keys and
-    values of the f32 cache's, and batches still exactly each sequence alone."""
+    """A bf16 / f16 KV cache: half the bytes per token; int8: a row of head_dim codes and an f32 scale.
+    Logits within the rounding of the keys and values of the f32 cache's, and batches still exactly
+    each sequence alone."""
     f32 = gally.load(folder, threads=2)
     model = gally.load(folder, threads=2, kv_dtype=kv_dtype)
-    assert model.kv_dtype == kv_dtype and model.kv_bytes_per_token * 2 == f32.kv_bytes_per_token
+    head_dim = f32.config.head_dim
+    row = 2 * head_dim if kv_dtype != "int8" else head_dim + 4  # bytes
+    assert model.kv_dtype == kv_dtype and model.kv_bytes_per_token * 4 * head_dim == f32.kv_bytes_per_token * row
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, VOCAB, n) for n in (1, 6, 30)]
     batched = run_batched(model, prompts, 4)
@@ -187,8 +190,8 @@ def test_compact_kv_cache(folder, kv_dtype):
         assert all(np.array_equal(a, b) for a, b in zip(run_alone(model, prompt, 4), got))
         want = run_alone(f32, prompt, 4)
         assert max(np.abs(a - b).max() for a, b in zip(want, got)) < 0.05
-    with pytest.raises(ValueError, match="kv_dtype must be one of"):
-        gally.load(folder, kv_dtype="int8")
+    with pytest.raises(ValueError, match="kv_dtype must be one of f32, bf16, f16, int8, got 'int4'"):
+        gally.load(folder, kv_dtype="int4")
 
 
 def test_a_long_context_splits_its_decode_attention(folder):

@@ -311,7 +311,16 @@ def test_bf16_attention_equals_scalar_twin(block_rows):
         assert np.allclose(a[0], b[0], rtol=1e-4, atol=1e-4) and np.allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
 
 
-# ---- compact KV caches: bf16 and f16 keys and values ----
+# ---- compact KV caches: bf16, f16 and int8 keys and values ----
+
+def int8_rows(a):
+    """An int8 cache's rows for a [n, d] (kernels.h quantize_kv_row): codes round(x · 127/max|x|),
+    to nearest even, and the scale max|x| / 127, all in f32."""
+    amax = np.abs(a).max(-1, keepdims=True).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    return np.rint(a * inv).astype(np.int8), (amax / np.float32(127)).astype(np.float32)
+
 
 def kv_rounded(a, kv_dtype):
     """The values a cache of kv_dtype holds for a."""
@@ -319,6 +328,9 @@ def kv_rounded(a, kv_dtype):
         return round_bf16(a)
     if kv_dtype == "f16":
         return a.astype(np.float16).astype(np.float32)
+    if kv_dtype == "int8":
+        codes, scale = int8_rows(a)
+        return codes.astype(np.float32) * scale
     return a
 
 
@@ -345,9 +357,33 @@ def test_convert_row_rounds_to_nearest_even(core, isa, to):
 
 
 @each_set()
-@pytest.mark.parametrize("kv_dtype", ["bf16", "f16"])
+def test_convert_row_to_int8(core, isa):
+    """An int8 cache row: codes rounded to nearest even at 127 / max|x|, then the f32 scale max|x| / 127;
+    a row of zeros all zero, and a row holding an infinity or a NaN reads back as NaN (scale NaN)."""
+    rng = np.random.default_rng(33)
+    for n in SIZES + [64, 128]:
+        x = (rng.standard_normal((3, n)) * 10.0 ** rng.uniform(-6, 4, (3, 1))).astype(np.float32)
+        x[1, : n // 2] = np.round(x[1, : n // 2] * 2) / 2 * x[1].max() / 127  # ties at the code grid
+        for row in x:
+            got = core.kernel_convert_row(isa, row, "int8")
+            codes, scale = int8_rows(row[None])
+            assert got.size == n + 4
+            assert np.array_equal(got[:n].view(np.int8), codes[0]), n
+            assert got[n:].view(np.float32)[0] == scale[0, 0]
+    zero = core.kernel_convert_row(isa, np.zeros(40, np.float32), "int8")
+    assert not zero.any()
+    for bad in (np.inf, -np.inf, np.nan):
+        row = np.ones(40, np.float32)
+        row[7] = bad
+        got = core.kernel_convert_row(isa, row, "int8")
+        assert not got[:40].any() and np.isnan(got[40:].view(np.float32)[0])
+
+
+@each_set()
+@pytest.mark.parametrize("kv_dtype", ["bf16", "f16", "int8"])
 def test_attention_reads_a_compact_cache(core, isa, kv_dtype):
-    """Decode and prompt attention over a bf16 / f16 cache: the f32 math on the rounded keys and values."""
+    """Decode and prompt attention over a bf16 / f16 / int8 cache: the f32 math on the values the
+    cache holds."""
     rng = np.random.default_rng(31)
     for n, d in ((1, 64), (17, 64), (100, 80), (300, 128), (33, 8)):
         q = rng.standard_normal(d).astype(np.float32)
@@ -376,7 +412,7 @@ def test_attention_reads_a_compact_cache(core, isa, kv_dtype):
 
 
 @each_set()
-@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16", "int8"])
 def test_decode_attention_for_a_gqa_group_split_over_the_keys(core, isa, kv_dtype):
     """attention_part for 1, 3 or 4 heads sharing a KV head, over the keys whole or in parts merged
     by attention_merge: each head's softmax attention over all keys."""

@@ -2,7 +2,10 @@
 // Kernels know nothing of models: they see matrices, vectors and row ranges. Each SIMD set
 // has a scalar twin in kernels_generic.cpp, the portable fallback and the oracle of the tests.
 #pragma once
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "dtype.h"
 
@@ -64,24 +67,50 @@ constexpr int GEMM_SPLIT_TOKENS = 48;
 constexpr int KV_BLOCK_ALIGN = 16;  // rows of a cache block are a multiple of this (KvHead)
 
 // One KV head of a sequence's cache as the attention kernels read it. The cache is a list of
-// blocks of `block_rows` positions; within a block a head's keys are contiguous rows of d elements
-// of `dtype` (f32, or bf16 / f16 for a compact cache), and so are its values: key j is at
-// blocks[j / block_rows] + keys + (j % block_rows) · d elements. block_rows is a multiple of
-// KV_BLOCK_ALIGN, so that no register tile of keys crosses a block.
+// blocks of `block_rows` positions; within a block a head's keys are contiguous rows of `ld`
+// elements of `dtype`, and so are its values: key j is at blocks[j / block_rows] + keys +
+// (j % block_rows) · ld elements. A row of f32, or bf16 / f16 for a compact cache, is the head's
+// d elements (ld = d); an int8 row (Q8) is d codes and the row's f32 scale (kv_row_elements).
+// block_rows is a multiple of KV_BLOCK_ALIGN, so that no register tile of keys crosses a block.
 struct KvHead {
   const void* const* blocks;
   long keys, values;  // this head's offsets within a block, in elements
   int block_rows;
+  long ld;  // elements from one row to the next
   DType dtype = DType::F32;
   template <class T>
-  const T* key(long j, int d) const {
-    return (const T*)blocks[j / block_rows] + keys + (j % block_rows) * d;
+  const T* key(long j) const {
+    return (const T*)blocks[j / block_rows] + keys + (j % block_rows) * ld;
   }
   template <class T>
-  const T* value(long j, int d) const {
-    return (const T*)blocks[j / block_rows] + values + (j % block_rows) * d;
+  const T* value(long j) const {
+    return (const T*)blocks[j / block_rows] + values + (j % block_rows) * ld;
   }
 };
+
+// The 8-bit KV cache (DType::Q8): a row of d elements is stored as d int8 codes, then its scale
+// (f32, unaligned): element i is code_i · scale, with scale = max|x| / 127 over the row. 8.5 bits
+// per element for a head of 64, as llama.cpp's q8_0 cache (a scale per 32).
+inline long kv_row_elements(DType t, long d) { return t == DType::Q8 ? d + long(sizeof(float)) : d; }
+inline size_t kv_element_size(DType t) { return t == DType::F32 ? 4 : t == DType::Q8 ? 1 : 2; }
+inline float kv_row_scale(const int8_t* row, int d) {
+  float s;
+  std::memcpy(&s, row + d, sizeof s);
+  return s;
+}
+// x [n] → an int8 row: rounded to nearest even, as every kernel set reads it. A row holding an
+// infinity or a NaN gets a NaN scale, so that it reads back as NaN (as a float cache's would).
+inline void quantize_kv_row(const float* x, int8_t* out, int n) {
+  float amax = 0;
+  bool finite = true;
+  for (int i = 0; i < n; ++i) {
+    finite = finite && std::isfinite(x[i]);
+    amax = std::fmax(amax, std::fabs(x[i]));
+  }
+  const float inv = finite && amax > 0 ? 127.0f / amax : 0.0f, scale = finite ? amax / 127.0f : NAN;
+  for (int i = 0; i < n; ++i) out[i] = int8_t(std::nearbyint(x[i] * inv));
+  std::memcpy(out + n, &scale, sizeof scale);
+}
 
 // Merges the parts of attention_part over a split of the keys and normalises: for each of `heads`
 // queries, out = Σ_p e^(m_p − M) · o_p / Σ_p e^(m_p − M) · l_p with M = max_p m_p. parts [n_parts]

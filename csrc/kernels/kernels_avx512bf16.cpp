@@ -215,14 +215,19 @@ inline __m512i pair_rows(__m512 lo, __m512 hi) {
 inline __m512 load16(const KvHead& kv, long j, int d, int i, bool key) {
   switch (kv.dtype) {
     case DType::BF16: {
-      const uint16_t* p = (key ? kv.key<uint16_t>(j, d) : kv.value<uint16_t>(j, d)) + i;
+      const uint16_t* p = (key ? kv.key<uint16_t>(j) : kv.value<uint16_t>(j)) + i;
       return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
     }
     case DType::F16: {
-      const uint16_t* p = (key ? kv.key<uint16_t>(j, d) : kv.value<uint16_t>(j, d)) + i;
+      const uint16_t* p = (key ? kv.key<uint16_t>(j) : kv.value<uint16_t>(j)) + i;
       return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
     }
-    default: return _mm512_loadu_ps((key ? kv.key<float>(j, d) : kv.value<float>(j, d)) + i);
+    case DType::Q8: {  // code · the row's scale
+      const int8_t* row = key ? kv.key<int8_t>(j) : kv.value<int8_t>(j);
+      return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(row + i)))),
+                           _mm512_set1_ps(kv_row_scale(row, d)));
+    }
+    default: return _mm512_loadu_ps((key ? kv.key<float>(j) : kv.value<float>(j)) + i);
   }
 }
 
@@ -239,7 +244,7 @@ void attention_causal_bf16(const float* Q, int ldq, int nq, int ctx0, const KvHe
   uint32_t* pt = qp + 8L * d;
   for (long j = 0; j < n_all; ++j) {  // keys as bf16 rows (a bf16 cache's as they are)
     if (kv.dtype == DType::BF16) {
-      std::memcpy(kb + j * dp, kv.key<uint16_t>(j, d), sizeof(uint16_t) * d);
+      std::memcpy(kb + j * dp, kv.key<uint16_t>(j), sizeof(uint16_t) * d);
       continue;
     }
     for (int i = 0; i < d; i += 32)  // d multiple of 32: whole pairs of vectors

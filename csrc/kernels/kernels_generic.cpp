@@ -75,16 +75,33 @@ struct KvF16 {
   using T = uint16_t;
   static float get(const T* p) { return f16_to_f32(*p); }
 };
+// The int8 cache (kernels.h): get() is the code; a row's sums are scaled after by its scale.
+struct KvQ8 {
+  using T = int8_t;
+  static float get(const T* p) { return *p; }
+};
+// x times the scale of a row of a cache of element type E: an int8 row's own; a float row's x as it is.
+template <class E>
+float row_scaled(float x, const typename E::T* row, int d) {
+  if constexpr (std::is_same_v<E, KvQ8>) return x * kv_row_scale(row, d);
+  else return x;
+}
+// Element i of a row as f32 (an int8 row's code times its scale).
+template <class E>
+float element(const typename E::T* row, int i, int d) {
+  return row_scaled<E>(E::get(row + i), row, d);
+}
 
 // f(E) with the element reader of the cache's dtype.
 template <class F>
 auto with_kv_type(DType t, F f) {
   if (t == DType::BF16) return f(KvBF16{});
   if (t == DType::F16) return f(KvF16{});
+  if (t == DType::Q8) return f(KvQ8{});
   return f(KvF32{});
 }
 
-// The keys (values) of rows [b0, b0 + rows) of a head lie in one block, rows d apart.
+// The keys (values) of rows [b0, b0 + rows) of a head lie in one block, rows kv.ld apart.
 template <class F>
 void each_block(const KvHead& kv, int n, F f) {
   for (int b0 = 0; b0 < n; b0 += kv.block_rows) f(b0, n - b0 < kv.block_rows ? n - b0 : kv.block_rows);
@@ -95,10 +112,10 @@ void attention_t(const float* q, const KvHead& kv, int n, int d, float scale, fl
   using T = typename E::T;
   float mx = -INFINITY;
   each_block(kv, n, [&](int b0, int rows) {
-    const T* K = kv.key<T>(b0, d);
+    const T* K = kv.key<T>(b0);
     for (int j = 0; j < rows; ++j) {
-      const T* k = K + (long)j * d;
-      probs[b0 + j] = scale * dot(q, d, [k](int i) { return E::get(k + i); });
+      const T* k = K + j * kv.ld;
+      probs[b0 + j] = row_scaled<E>(scale, k, d) * dot(q, d, [k](int i) { return E::get(k + i); });
       mx = std::fmax(mx, probs[b0 + j]);
     }
   });
@@ -108,9 +125,12 @@ void attention_t(const float* q, const KvHead& kv, int n, int d, float scale, fl
   for (int i = 0; i < d; ++i) out[i] = 0;
   for (int j = 0; j < n; ++j) probs[j] *= inv;
   each_block(kv, n, [&](int b0, int rows) {
-    const T* V = kv.value<T>(b0, d);
-    for (int j = 0; j < rows; ++j)
-      for (int i = 0; i < d; ++i) out[i] += probs[b0 + j] * E::get(V + (long)j * d + i);
+    const T* V = kv.value<T>(b0);
+    for (int j = 0; j < rows; ++j) {
+      const T* v = V + j * kv.ld;
+      const float p = row_scaled<E>(probs[b0 + j], v, d);
+      for (int i = 0; i < d; ++i) out[i] += p * E::get(v + i);
+    }
   });
 }
 
@@ -138,10 +158,10 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
     float* s = scratch + (long)h * n;
     float mx = -INFINITY;
     each_run(kv, k0, k1, [&](int j0, int rows) {
-      const T* K = kv.key<T>(j0, d);
+      const T* K = kv.key<T>(j0);
       for (int j = 0; j < rows; ++j) {
-        const T* k = K + (long)j * d;
-        s[j0 - k0 + j] = scale * dot(qh, d, [k](int i) { return E::get(k + i); });
+        const T* k = K + j * kv.ld;
+        s[j0 - k0 + j] = row_scaled<E>(scale, k, d) * dot(qh, d, [k](int i) { return E::get(k + i); });
         mx = std::fmax(mx, s[j0 - k0 + j]);
       }
     });
@@ -151,9 +171,12 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
     float* o = out + (long)h * ldo;
     for (int i = 0; i < d; ++i) o[i] = 0;
     each_run(kv, k0, k1, [&](int j0, int rows) {
-      const T* Vr = kv.value<T>(j0, d);
-      for (int j = 0; j < rows; ++j)
-        for (int i = 0; i < d; ++i) o[i] += s[j0 - k0 + j] * E::get(Vr + (long)j * d + i);
+      const T* Vr = kv.value<T>(j0);
+      for (int j = 0; j < rows; ++j) {
+        const T* v = Vr + j * kv.ld;
+        const float p = row_scaled<E>(s[j0 - k0 + j], v, d);
+        for (int i = 0; i < d; ++i) o[i] += p * E::get(v + i);
+      }
     });
   }
 }
@@ -179,6 +202,7 @@ void convert_row(const float* x, void* out, DType to, int n) {
     for (int i = 0; i < n; ++i) ((uint16_t*)out)[i] = f32_to_bf16(x[i]);
   else if (to == DType::F16)
     for (int i = 0; i < n; ++i) ((uint16_t*)out)[i] = f32_to_f16(x[i]);
+  else if (to == DType::Q8) quantize_kv_row(x, (int8_t*)out, n);
   else std::memcpy(out, x, sizeof(float) * n);
 }
 
@@ -330,8 +354,8 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& k
     float mx = -INFINITY;
     for (int j = 0; j < n; ++j) {
       with_kv_type(kv.dtype, [&](auto e) {
-        const auto* key = kv.key<typename decltype(e)::T>(j, d);
-        for (int c = 0; c < d; ++c) k[c] = round(decltype(e)::get(key + c));
+        const auto* key = kv.key<typename decltype(e)::T>(j);
+        for (int c = 0; c < d; ++c) k[c] = round(element<decltype(e)>(key, c, d));
       });
       const float* kr = k.data();
       scratch[j] = dot(q.data(), d, [kr](int c) { return kr[c]; });
@@ -345,8 +369,8 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& k
     for (int j = 0; j < n; ++j) {
       const float p = round(scratch[j]);
       with_kv_type(kv.dtype, [&](auto e) {
-        const auto* v = kv.value<typename decltype(e)::T>(j, d);
-        for (int c = 0; c < d; ++c) o[c] += p * round(decltype(e)::get(v + c));
+        const auto* v = kv.value<typename decltype(e)::T>(j);
+        for (int c = 0; c < d; ++c) o[c] += p * round(element<decltype(e)>(v, c, d));
       });
       if (probs) probs[i * ldp + j] = scratch[j] * inv;
     }

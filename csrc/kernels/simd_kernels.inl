@@ -4,8 +4,8 @@
 //
 // S provides: N (lanes), V (register), zero(), set1(f), load(p), store(p, v), fma(a, b, c) = a·b + c,
 // add, sub, mul, div, min, max, round, ldexp(v, n) = v·2^n, sum(v), sums(v[N]), load_bf16(p), load_f16(p)
-// (N halves → f32), store_bf16(p, v), store_f16(p, v) (f32 → N halves, rounded to nearest even);
-// gemm.inl adds its own (GEMM_ROWS, GEMM_VECS, transpose).
+// (N halves → f32), load_i8(p) (N int8 → f32), store_bf16(p, v), store_f16(p, v) (f32 → N halves, rounded to nearest
+// even); gemm.inl adds its own (GEMM_ROWS, GEMM_VECS, transpose).
 
 // e^x = 2^n · e^r with n = round(x / ln 2), |r| ≤ ln2 / 2, e^r by its Taylor series to r^7
 // (relative error below 2e-7 over the range); inputs clamped to where f32 e^x is finite.
@@ -226,11 +226,25 @@ void rope(float* v, const float* cos, const float* sin, int d) {
   }
 }
 
-// The cache's element type as a loader (WeightF32, WeightBF16, WeightF16), for f(E{}).
+// The int8 KV cache's rows (kernels.h): the codes as f32, each row's sums scaled after by its scale.
+struct KvQ8 {
+  using T = int8_t;
+  static V load(const T* p) { return S::load_i8(p); }
+  static float scalar(const T* p) { return *p; }
+};
+// x times the scale of a row of a cache of element type E: an int8 row's own; a float row's x as it is.
+template <class E>
+inline float row_scaled(float x, const typename E::T* row, int d) {
+  if constexpr (std::is_same_v<E, KvQ8>) return x * kv_row_scale(row, d);
+  else return x;
+}
+
+// The cache's element type as a loader (WeightF32, WeightBF16, WeightF16, KvQ8), for f(E{}).
 template <class F>
 inline auto with_kv_type(DType t, F f) {
   if (t == DType::BF16) return f(WeightBF16{});
   if (t == DType::F16) return f(WeightF16{});
+  if (t == DType::Q8) return f(KvQ8{});
   return f(WeightF32{});
 }
 
@@ -241,18 +255,19 @@ constexpr int ATT_HEADS = 4;
 constexpr int ATT_KEYS = S::N >= 16 ? 4 : 2;
 constexpr int ATT_VECS = S::N >= 16 ? 4 : 2;
 
-// s[h][j] = scale · K_j · q_h for KP keys j of a run (rows d elements apart, d a multiple of N) and
+// s[h][j] = scale · K_j · q_h for KP keys j of a run (rows ld elements apart, d a multiple of N) and
 // hn ≤ ATT_HEADS heads, raising mx[h] to the largest. Each key's score is one accumulator over the
 // dimensions in order, its lanes then added by S::sums' tree: the same operations whatever KP.
+// An int8 key's sum is scaled by (scale · its row's scale).
 template <class E, int KP>
-inline void scores(const float* q, int ldq, int hn, const typename E::T* K, int d, float scale, float* const* s,
-                   float* mx) {
+inline void scores(const float* q, int ldq, int hn, const typename E::T* K, long ld, int d, float scale,
+                   float* const* s, float* mx) {
   V a[KP][ATT_HEADS];
   for (int u = 0; u < KP; ++u)
     for (int h = 0; h < ATT_HEADS; ++h) a[u][h] = S::zero();
   for (int i = 0; i < d; i += S::N) {
     V k[KP];
-    for (int u = 0; u < KP; ++u) k[u] = E::load(K + (long)u * d + i);
+    for (int u = 0; u < KP; ++u) k[u] = E::load(K + u * ld + i);
     for (int h = 0; h < ATT_HEADS; ++h)
       if (h < hn) {
         const V qv = S::load(q + (long)h * ldq + i);
@@ -270,27 +285,31 @@ inline void scores(const float* q, int ldq, int hn, const typename E::T* K, int 
     }
     S::store(sum + p * S::N, S::sums(v));
   }
+  float ks[KP];
+  for (int u = 0; u < KP; ++u) ks[u] = row_scaled<E>(scale, K + u * ld, d);
   for (int h = 0; h < hn; ++h)
     for (int u = 0; u < KP; ++u) {
-      s[h][u] = scale * sum[h * KP + u];
+      s[h][u] = ks[u] * sum[h * KP + u];
       mx[h] = s[h][u] > mx[h] ? s[h][u] : mx[h];
     }
 }
 
-// o[h] += Σ_j e[h][j] · V_j for `rows` value rows (d elements apart) and hn ≤ ATT_HEADS heads, over
-// dimensions [i, i + NV·N): each value vector loaded once for all the heads.
+// o[h] += Σ_j e[h][j] · V_j for `rows` value rows (ld elements apart) and hn ≤ ATT_HEADS heads, over
+// dimensions [i, i + NV·N): each value vector loaded once for all the heads (an int8 row's weight
+// e[h][j] times its scale).
 template <class E, int NV>
-inline void weighted_values(const float* const* e, float* const* o, int hn, const typename E::T* Vr, int rows, int d,
-                            int i) {
+inline void weighted_values(const float* const* e, float* const* o, int hn, const typename E::T* Vr, long ld, int rows,
+                            int d, int i) {
   V acc[ATT_HEADS][NV];
   for (int h = 0; h < hn; ++h)
     for (int c = 0; c < NV; ++c) acc[h][c] = S::load(o[h] + i + c * S::N);
   for (int j = 0; j < rows; ++j) {
     V v[NV];
-    for (int c = 0; c < NV; ++c) v[c] = E::load(Vr + (long)j * d + i + c * S::N);
+    const typename E::T* row = Vr + j * ld;
+    for (int c = 0; c < NV; ++c) v[c] = E::load(row + i + c * S::N);
     for (int h = 0; h < ATT_HEADS; ++h)
       if (h < hn) {
-        const V p = S::set1(e[h][j]);
+        const V p = S::set1(row_scaled<E>(e[h][j], row, d));
         for (int c = 0; c < NV; ++c) acc[h][c] = S::fma(p, v[c], acc[h][c]);
       }
   }
@@ -315,11 +334,11 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
   for (int j0 = k0; j0 < k1;) {  // scores s = scale · K q
     const int end = (j0 / kv.block_rows + 1) * kv.block_rows < k1 ? (j0 / kv.block_rows + 1) * kv.block_rows : k1;
     const int rows = end - j0;
-    const T* K = kv.key<T>(j0, d);
+    const T* K = kv.key<T>(j0);
     // A head's rows of a block are a few KB, its blocks anywhere in the pool: too short a run for
     // the hardware prefetchers, so the next run's keys and this run's values are fetched now.
-    if (end < k1) prefetch_rows(kv.key<T>(end, d), std::min(k1 - end, kv.block_rows) * d * sizeof(T));
-    prefetch_rows(kv.value<T>(j0, d), rows * d * sizeof(T));
+    if (end < k1) prefetch_rows(kv.key<T>(end), std::min(k1 - end, kv.block_rows) * kv.ld * sizeof(T));
+    prefetch_rows(kv.value<T>(j0), rows * kv.ld * sizeof(T));
     for (int h0 = 0; h0 < heads; h0 += ATT_HEADS) {
       const int hn = heads - h0 < ATT_HEADS ? heads - h0 : ATT_HEADS;
       float* s[ATT_HEADS];
@@ -327,18 +346,18 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
       int j = 0;
       if (d % S::N == 0) {
         for (; j + ATT_KEYS <= rows; j += ATT_KEYS) {
-          scores<E, ATT_KEYS>(q + (long)h0 * ldq, ldq, hn, K + (long)j * d, d, scale, s, m + h0);
+          scores<E, ATT_KEYS>(q + (long)h0 * ldq, ldq, hn, K + j * kv.ld, kv.ld, d, scale, s, m + h0);
           for (int h = 0; h < hn; ++h) s[h] += ATT_KEYS;
         }
         for (; j < rows; ++j) {
-          scores<E, 1>(q + (long)h0 * ldq, ldq, hn, K + (long)j * d, d, scale, s, m + h0);
+          scores<E, 1>(q + (long)h0 * ldq, ldq, hn, K + j * kv.ld, kv.ld, d, scale, s, m + h0);
           for (int h = 0; h < hn; ++h) ++s[h];
         }
       }
       for (; j < rows; ++j)  // d not a multiple of the vector
         for (int h = 0; h < hn; ++h) {
           float& sj = scratch[(long)(h0 + h) * n + (j0 - k0) + j];
-          sj = scale * dot<E>(q + (long)(h0 + h) * ldq, K + (long)j * d, d);
+          sj = row_scaled<E>(scale, K + j * kv.ld, d) * dot<E>(q + (long)(h0 + h) * ldq, K + j * kv.ld, d);
           m[h0 + h] = sj > m[h0 + h] ? sj : m[h0 + h];
         }
     }
@@ -363,18 +382,22 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
   for (int j0 = k0; j0 < k1;) {  // out row h += Σ_j e_hj · V_j
     const int end = (j0 / kv.block_rows + 1) * kv.block_rows < k1 ? (j0 / kv.block_rows + 1) * kv.block_rows : k1;
     const int rows = end - j0;
-    const T* Vr = kv.value<T>(j0, d);
+    const T* Vr = kv.value<T>(j0);
     for (int h0 = 0; h0 < heads; h0 += ATT_HEADS) {
       const int hn = heads - h0 < ATT_HEADS ? heads - h0 : ATT_HEADS;
       const float* e[ATT_HEADS];
       float* o[ATT_HEADS];
       for (int h = 0; h < hn; ++h) e[h] = scratch + (long)(h0 + h) * n + (j0 - k0), o[h] = out + (long)(h0 + h) * ldo;
       int i = 0;
-      for (; i + ATT_VECS * S::N <= d; i += ATT_VECS * S::N) weighted_values<E, ATT_VECS>(e, o, hn, Vr, rows, d, i);
-      for (; i + S::N <= d; i += S::N) weighted_values<E, 1>(e, o, hn, Vr, rows, d, i);
+      for (; i + ATT_VECS * S::N <= d; i += ATT_VECS * S::N)
+        weighted_values<E, ATT_VECS>(e, o, hn, Vr, kv.ld, rows, d, i);
+      for (; i + S::N <= d; i += S::N) weighted_values<E, 1>(e, o, hn, Vr, kv.ld, rows, d, i);
       for (; i < d; ++i)
         for (int h = 0; h < hn; ++h)
-          for (int j = 0; j < rows; ++j) o[h][i] += e[h][j] * E::scalar(Vr + (long)j * d + i);
+          for (int j = 0; j < rows; ++j) {
+            const T* row = Vr + j * kv.ld;
+            o[h][i] += row_scaled<E>(e[h][j], row, d) * E::scalar(row + i);
+          }
     }
     j0 = end;
   }
@@ -473,7 +496,7 @@ void attention_causal_f32(const float* Q, int ldq, int nq, int ctx0, const KvHea
         const int rows = b1 - j < AR ? b1 - j : AR;
         for (int r = 0; r < rows; ++r)
           for (int v = 0; v < QV; ++v) acc[r][v] = S::zero();
-        rows_any(rows, kv.key<float>(j, d), d, 1, qt, d, acc);
+        rows_any(rows, kv.key<float>(j), d, 1, qt, d, acc);
         for (int r = 0; r < rows; ++r)
           for (int v = 0; v < QV; ++v) S::store(st + (long)(j + r) * QW + v * S::N, acc[r][v]);
       }
@@ -492,7 +515,7 @@ void attention_causal_f32(const float* Q, int ldq, int nq, int ctx0, const KvHea
         for (int v = 0; v < QV; ++v) acc[r][v] = S::zero();
       for (int b0 = 0; b0 < n; b0 += kv.block_rows) {
         const int nb = n - b0 < kv.block_rows ? n - b0 : kv.block_rows;
-        rows_any(rows, kv.value<float>(b0, d) + i, 1, d, st + (long)b0 * QW, nb, acc);
+        rows_any(rows, kv.value<float>(b0) + i, 1, d, st + (long)b0 * QW, nb, acc);
       }
       for (int r = 0; r < rows; ++r)
         for (int v = 0; v < QV; ++v) S::store(o + r * QW + v * S::N, S::mul(acc[r][v], inv[v]));
@@ -517,15 +540,23 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& k
     using E = decltype(e);
     using T = typename E::T;
     for (long j = 0; j < n; ++j) {
-      const T *k = kv.key<T>(j, d), *v = kv.value<T>(j, d);
+      const T *k = kv.key<T>(j), *v = kv.value<T>(j);
       float *kf = keys + j * d, *vf = values + j * d;
       int i = 0;
-      for (; i + S::N <= d; i += S::N) S::store(kf + i, E::load(k + i)), S::store(vf + i, E::load(v + i));
-      for (; i < d; ++i) kf[i] = E::scalar(k + i), vf[i] = E::scalar(v + i);
+      if constexpr (std::is_same_v<E, KvQ8>) {  // code · the row's scale
+        const float ks = kv_row_scale(k, d), vs = kv_row_scale(v, d);
+        const V ksv = S::set1(ks), vsv = S::set1(vs);
+        for (; i + S::N <= d; i += S::N)
+          S::store(kf + i, S::mul(E::load(k + i), ksv)), S::store(vf + i, S::mul(E::load(v + i), vsv));
+        for (; i < d; ++i) kf[i] = E::scalar(k + i) * ks, vf[i] = E::scalar(v + i) * vs;
+      } else {
+        for (; i + S::N <= d; i += S::N) S::store(kf + i, E::load(k + i)), S::store(vf + i, E::load(v + i));
+        for (; i < d; ++i) kf[i] = E::scalar(k + i), vf[i] = E::scalar(v + i);
+      }
     }
   });
   const void* block = keys;
-  const KvHead widened{&block, 0, rows * d, int(rows), DType::F32};
+  const KvHead widened{&block, 0, rows * d, int(rows), d, DType::F32};
   attention_causal_f32(Q, ldq, nq, ctx0, widened, d, scale, scratch, out, ldo, probs, ldp);
 }
 
@@ -539,6 +570,8 @@ void convert_row(const float* x, void* out, DType to, int n) {
     uint16_t* o = (uint16_t*)out;
     for (; i + S::N <= n; i += S::N) S::store_f16(o + i, S::load(x + i));
     for (; i < n; ++i) o[i] = f32_to_f16(x[i]);
+  } else if (to == DType::Q8) {
+    quantize_kv_row(x, (int8_t*)out, n);  // a few rows per token and layer: scalar
   } else {
     std::memcpy(out, x, sizeof(float) * n);
   }

@@ -26,7 +26,7 @@ MAX_THREADS = _core.MAX_THREADS
 MAX_CONTEXT = _core.config_limits()["max_context"]
 
 DTYPES = ("f32", "bf16", "f16", "int8", "int4", "int4-v1")
-KV_DTYPES = ("f32", "bf16", "f16")
+KV_DTYPES = ("f32", "bf16", "f16", "int8")
 QUANTIZED = ("int8", "int4", "int4-v1")  # int4-v1: gally-quant version 1's int4 (llama.cpp's Q4_1 layout)
 
 
@@ -246,7 +246,6 @@ class Runner:
 
 # Most tokens one forward pass takes; a longer input goes in several passes.
 MAX_PASS_TOKENS = 512
-KV_BLOCK_ROWS = 16  # positions per KV cache block (csrc/kv_cache.h)
 
 
 _NOT_LOADED = object()
@@ -263,9 +262,8 @@ class Model:
         self._core = core
         self.max_context = max_context
         # The KV cache of every sequence of this model comes from this pool, block by block.
-        element = 4 if kv_dtype == "f32" else 2
-        block_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * KV_BLOCK_ROWS * config.head_dim
-        self._pool = _core.KvPool(core, max(1, kv_cache_bytes // (block_bytes * element)), kv_dtype)
+        blocks = kv_cache_bytes // _core.KvPool.bytes_per_block(core, kv_dtype)
+        self._pool = _core.KvPool(core, max(1, blocks), kv_dtype)
         # tokenizer_folder: loaded on first use, so that a model driven by token ids never holds it
         # (~27 MB of heap for SmolLM2's 49k-entry tokenizer.json)
         self._tokenizer = _NOT_LOADED if tokenizer_folder else None
@@ -274,7 +272,7 @@ class Model:
 
     @property
     def kv_dtype(self) -> str:
-        """The KV cache's element type: "f32", "bf16" or "f16"."""
+        """The KV cache's element type: "f32", "bf16", "f16" or "int8"."""
         return self._pool.dtype
 
     @property
@@ -455,7 +453,8 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     what the KV cache pool holds. kv_cache_bytes: the most memory the KV caches of all sequences
     together hold; default, a quarter of the machine's memory. A sequence's cache grows with the
     tokens it holds. kv_dtype: the KV cache's element type, "f32", "bf16" or "f16" (half the
-    bytes per token); default f32 for f32 weights, else f16. A max_context past the positions the
+    bytes per token), or "int8" (a row's elements as int8 codes under one f32 scale: 17/64 of the
+    bytes at a head of 64); default f32 for f32 weights, else f16. A max_context past the positions the
     model was trained for (Config.trained_context) is refused: its output degrades there; with
     force_context it is allowed, with a warning. threads is at most MAX_THREADS, max_context at
     most MAX_CONTEXT. check_tensors: reads every weight once and raises ValueError naming the first
@@ -520,7 +519,8 @@ def _check_fits_memory(max_context: int, bytes_per_token: int, kv_dtype: str) ->
         raise ValueError(f"max_context {max_context} needs {needed:,} bytes ({needed / 2**30:,.1f} GiB) of KV cache "
                          f"for one sequence ({bytes_per_token:,} bytes a token), more than this machine's "
                          f"{memory:,} bytes ({memory / 2**30:,.1f} GiB) of memory; give a smaller max_context (-c)"
-                         + (", or kv_dtype f16 for half the bytes" if kv_dtype == "f32" else ""))
+                         + (", or kv_dtype f16 for half the bytes (int8: about a quarter)" if kv_dtype == "f32"
+                            else ", or kv_dtype int8 for about half the bytes" if kv_dtype in ("bf16", "f16") else ""))
 
 
 def _mib(n: int) -> str:

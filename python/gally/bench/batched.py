@@ -37,6 +37,7 @@ class BatchRow:
     pp_tok_s: Optional[Stat]
     tg_tok_s: Optional[Stat]      # aggregate over the batch
     tg_per_seq: Optional[Stat] = None
+    kv_dtype: str = "?"           # KV cache type, in the engine's own names (gally int8 ~ llama.cpp q8_0)
 
 
 @dataclass
@@ -53,11 +54,14 @@ class BatchResults:
     load: dict = field(default_factory=dict)   # "dtype tN" → load average before and after the block
 
 
-def llama_batched_bench(tool: str, gguf: str, prompt: int, gen: int, batches: list, threads: int) -> dict:
-    """{B: (speed_pp, speed_tg)} from one run of llama-batched-bench (its JSON lines)."""
+def llama_batched_bench(tool: str, gguf: str, prompt: int, gen: int, batches: list, threads: int,
+                        kv_type: str | None = None) -> dict:
+    """{B: (speed_pp, speed_tg)} from one run of llama-batched-bench (its JSON lines); kv_type: llama.cpp's
+    cache type (None: its default)."""
     context = max(batches) * (prompt + gen) + 64
     cmd = [tool, "-m", gguf, "-c", str(context), "-b", "2048", "-ub", "512", "-npp", str(prompt), "-ntg", str(gen),
-           "-npl", ",".join(map(str, batches)), "-t", str(threads), "-tb", str(threads), "--output-format", "jsonl"]
+           "-npl", ",".join(map(str, batches)), "-t", str(threads), "-tb", str(threads), "--output-format", "jsonl",
+           *peer_gguf.cache_flags(kv_type)]
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_environment())
     if p.returncode != 0:
         raise RuntimeError(f"llama-batched-bench failed (exit {p.returncode}): {p.stderr.strip()[-800:]}")
@@ -120,12 +124,14 @@ def _block(opts, res, dtype, threads, model, inputs, tool, gguf, log) -> None:
     batches, prompt, gen = res.batches, res.prompt, res.gen
     log(f"{tag} loading gally")
     try:
-        worker = Worker("gally", {"model": model, "dtype": dtype, "threads": threads, "max_context": prompt + gen})
+        worker = Worker("gally", {"model": model, "dtype": dtype, "kv_dtype": opts.kv_dtype, "threads": threads,
+                                  "max_context": prompt + gen})
         worker.call("load", times=1)
-        weights = worker.call("info")["weights"]
+        info = worker.call("info")
     except WorkerError as e:
         log(f"{tag} gally failed: {e}")
         return
+    kv_type = peer_gguf.LLAMA_KV_TYPES[opts.kv_dtype] if opts.kv_dtype else None
     gally_s = {b: [] for b in batches}
     peer = {b: [] for b in batches}
     try:
@@ -141,7 +147,7 @@ def _block(opts, res, dtype, threads, model, inputs, tool, gguf, log) -> None:
                             gally_s[b].append((r["pp_seconds"], r["tg_seconds"]))
                 elif tool:
                     try:
-                        got = llama_batched_bench(tool, gguf, prompt, gen, batches, threads)
+                        got = llama_batched_bench(tool, gguf, prompt, gen, batches, threads, kv_type)
                     except RuntimeError as e:
                         res.peers[dtype] = f"failed: {e}"
                         tool = None
@@ -157,11 +163,12 @@ def _block(opts, res, dtype, threads, model, inputs, tool, gguf, log) -> None:
         if len(gally_s[b]) == opts.reps:
             pp = Stat.of([b * prompt / s for s, _ in gally_s[b]])
             tg = Stat.of([b * gen / s for _, s in gally_s[b]])
-            res.rows.append(BatchRow("gally", dtype, weights, threads, b, pp, tg, tg.scaled(1 / b)))
+            res.rows.append(BatchRow("gally", dtype, info["weights"], threads, b, pp, tg, tg.scaled(1 / b),
+                                     info["kv_dtype"]))
         if len(peer[b]) == opts.reps:
             pp, tg = Stat.of([x for x, _ in peer[b]]), Stat.of([y for _, y in peer[b]])
             res.rows.append(BatchRow("llama-batched-bench", dtype, peer_gguf.LLAMA_TYPES.get(dtype, "?"), threads, b,
-                                     pp, tg, tg.scaled(1 / b)))
+                                     pp, tg, tg.scaled(1 / b), kv_type or peer_gguf.LLAMA_KV_DEFAULT))
 
 
 def _load_average():
@@ -189,9 +196,11 @@ def markdown(res: BatchResults, title: str = "gally bench --batch") -> str:
         gally = {r.batch: r for r in rows if r.engine == "gally"}
         peer = {r.batch: r for r in rows if r.engine != "gally"}
         one = gally.get(1)
-        weights = next(iter(gally.values())).weights if gally else dtype
-        peer_w = next(iter(peer.values())).weights if peer else ""
-        lines += [f"## {dtype} ({weights}{' vs ' + peer_w if peer_w else ''}), {threads} threads "
+        first = next(iter(gally.values()), None)
+        weights, kv = (first.weights, first.kv_dtype) if first else (dtype, "?")
+        other = next(iter(peer.values()), None)
+        peer_w, peer_kv = (" vs " + other.weights, " vs " + other.kv_dtype) if other else ("", "")
+        lines += [f"## {dtype} ({weights}{peer_w}; KV cache {kv}{peer_kv}), {threads} threads "
                   f"(load {res.load.get(f'{dtype} t{threads}')})", "",
                   "| B | gally prefill tok/s | gally decode tok/s (all) | per sequence | × gally B=1 "
                   "| llama.cpp S_PP | llama.cpp S_TG | decode × llama.cpp |",
@@ -216,4 +225,5 @@ def dumps(res: BatchResults) -> str:
                        "gen": res.gen, "batches": res.batches, "reps": res.reps, "peers": res.peers, "load": res.load,
                        "rows": [{"engine": r.engine, "dtype": r.dtype, "weights": r.weights, "threads": r.threads,
                                  "batch": r.batch, "pp_tok_s": stat(r.pp_tok_s), "tg_tok_s": stat(r.tg_tok_s),
-                                 "tg_per_seq": stat(r.tg_per_seq)} for r in res.rows]}, indent=1)
+                                 "tg_per_seq": stat(r.tg_per_seq), "kv_dtype": r.kv_dtype} for r in res.rows]},
+                      indent=1)

@@ -1,5 +1,5 @@
 """`gally bench`: llama-bench's options (-m -p -n -t -d -r, comma lists or repeated flags) plus
---dtype and --peers."""
+--dtype, --kv-dtype and --peers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import argparse
 import os
 import shlex
 import sys
+
+from ..model import KV_DTYPES
 
 
 def _ints(text: str) -> list:
@@ -49,6 +51,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true",
                    help="run the engines one after another instead of side by side (models near the RAM's size)")
     p.add_argument("--dtype", action="append", type=_names, help="weight types, comma-separated (default: f32,bf16)")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
+                   help="KV cache type of gally and of the llama.cpp peers alike (int8: llama.cpp's q8_0; flash "
+                        "attention on); default: each engine's own (gally: f32 for f32 weights, else f16; llama.cpp: "
+                        "f16). transformers and CTranslate2 keep theirs")
     p.add_argument("-p", "--n-prompt", action="append", type=_ints, help="prompt lengths (default: 512; 0: none)")
     p.add_argument("-n", "--n-gen", action="append", type=_ints, help="generated tokens (default: 128; 0: none)")
     p.add_argument("-t", "--threads", action="append", type=_ints, help="thread counts (default: physical cores)")
@@ -98,7 +104,7 @@ def options(args):
                    reps=args.repetitions, peers=_flat(args.peers, []), llama_cpp=args.llama_cpp,
                    llama_cpp_bin=args.llama_cpp_bin, llama_cpp_lib=args.llama_cpp_lib, ggufs=ggufs,
                    generate=not args.no_generate, seed=args.seed, bandwidth_bytes=args.bandwidth_mib << 20,
-                   shape=args.shape, sequential=args.sequential)
+                   shape=args.shape, sequential=args.sequential, kv_dtype=args.kv_dtype)
 
 
 def command_of(opts) -> str:
@@ -110,6 +116,7 @@ def command_of(opts) -> str:
     words += ["--shape", opts.shape] if opts.shape else []
     words += ["--sequential"] if opts.sequential else []
     words += ["--dtype", csv(opts.dtypes), "-p", csv(opts.prompts), "-n", csv(opts.gens)]
+    words += ["--kv-dtype", opts.kv_dtype] if opts.kv_dtype else []
     words += (["-t", csv(opts.threads)] if opts.threads else []) + ["-d", csv(opts.depths), "-r", str(opts.reps)]
     words += ["--peers", csv(opts.peers)] if opts.peers else []
     words += ["--llama-cpp", opts.llama_cpp] if opts.llama_cpp and opts.peers else []
@@ -129,6 +136,9 @@ def main(args) -> int:
     command = command_of(opts)
     log = (lambda s: None) if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr, flush=True))
     if args.serve:
+        if args.kv_dtype:
+            raise ValueError("--kv-dtype sets the KV cache of the engines the bench loads, not of running servers: "
+                             "start them with it (gally serve --kv-dtype, llama-server -ctk/-ctv)")
         return _serve_main(args, log)
     if args.batch:
         from . import batched

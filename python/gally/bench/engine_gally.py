@@ -15,8 +15,9 @@ GENERATE_PROMPT = "Here is the long story of a lighthouse keeper, told from the 
 class GallyEngine:
     name = "gally"
 
-    def __init__(self, model, dtype, threads, max_context, **_):
+    def __init__(self, model, dtype, threads, max_context, kv_dtype=None, **_):
         self.source, self.dtype, self.threads, self.max_context = model, dtype, threads, max_context
+        self.kv_dtype = kv_dtype  # None: gally's default
         self.model = None
 
     def load(self) -> float:
@@ -24,7 +25,7 @@ class GallyEngine:
 
         self.model = None
         t0 = time.perf_counter()
-        self.model = gally.load(self.source, dtype=self.dtype, threads=self.threads)
+        self.model = gally.load(self.source, dtype=self.dtype, threads=self.threads, kv_dtype=self.kv_dtype)
         return time.perf_counter() - t0
 
     def info(self) -> dict:
@@ -36,7 +37,7 @@ class GallyEngine:
         return {"weights": m.dtype, "weight_bytes": m.weight_bytes, "copied_bytes": m.copied_bytes,
                 "path": m.path, "vocab_size": m.config.vocab_size,
                 "file_bytes": sum(os.path.getsize(f) for f in glob.glob(os.path.join(m.path, "*.safetensors"))),
-                "kv_bytes": kv_bytes, "max_context": self.max_context}
+                "kv_bytes": kv_bytes, "kv_dtype": m.kv_dtype, "max_context": self.max_context}
 
     def _session(self, depth_ids):
         s = self.model.session(self.max_context)

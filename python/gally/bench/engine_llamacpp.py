@@ -9,12 +9,16 @@ import time
 
 import numpy as np
 
+# ggml.h's enum ggml_type, for Llama(type_k, type_v) (llama-cpp-python 0.3.36 has no GGML_TYPE_BF16)
+GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "bf16": 30}
+
 
 class LlamaCppEngine:
     name = "llama.cpp"
 
-    def __init__(self, gguf, gguf_type, threads, max_context, lib=None, **_):
+    def __init__(self, gguf, gguf_type, threads, max_context, lib=None, kv_type=None, **_):
         self.gguf, self.gguf_type, self.threads, self.max_context = gguf, gguf_type, threads, max_context
+        self.kv_type = kv_type  # llama.cpp's name of the KV cache type; None: its default
         self.llm = None
         if lib:  # read by llama_cpp at its import, which comes later (load): this process runs this engine only
             os.environ["LLAMA_CPP_LIB_PATH"] = os.path.abspath(lib)
@@ -22,17 +26,20 @@ class LlamaCppEngine:
     def load(self) -> float:
         from llama_cpp import Llama
 
+        kv = {"type_k": GGML_TYPES[self.kv_type], "type_v": GGML_TYPES[self.kv_type]} if self.kv_type else {}
         self.llm = None
         t0 = time.perf_counter()
         self.llm = Llama(model_path=self.gguf, n_threads=self.threads, n_threads_batch=self.threads,
                          n_ctx=self.max_context, n_batch=512, n_ubatch=512, logits_all=False,
-                         flash_attn=True, verbose=False)
+                         flash_attn=True, verbose=False, **kv)
         return time.perf_counter() - t0
 
     def info(self) -> dict:
         import llama_cpp
 
-        return {"weights": self.gguf_type, "path": self.gguf, "file_bytes": os.path.getsize(self.gguf),
+        # the cache type the context was made with (K's; V's is the same), llama.cpp's default included
+        kv = {v: k for k, v in GGML_TYPES.items()}.get(self.llm.context_params.type_k, "?")
+        return {"weights": self.gguf_type, "path": self.gguf, "file_bytes": os.path.getsize(self.gguf), "kv_dtype": kv,
                 "version": f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}",
                 "vocab_size": self.llm.n_vocab(), **build_info(llama_cpp)}
 

@@ -41,6 +41,8 @@ def machine_lines(res: Results) -> list:
     files = {engine: sorted({f"{s.info['weights']} = {s.info['path']}" for s in res.setups
                              if s.engine == engine and s.info}) for engine in ("llama.cpp", "ctranslate2")}
     ggufs, ct2 = files["llama.cpp"], files["ctranslate2"]
+    kv = list(dict.fromkeys(f"{s.engine} at {s.dtype}: {s.info['kv_dtype']}" for s in res.setups
+                            if "kv_dtype" in s.info))
     builds = sorted({f"{s.info['library']}: {' '.join(build_features(s.info['system_info'])) or '?'}"
                      for s in res.setups if s.engine == "llama.cpp" and "system_info" in s.info})
     lines = ["| | |", "|---|---|",
@@ -63,6 +65,9 @@ def machine_lines(res: Results) -> list:
                      + " (`gally quantize` of the folder above, made once; loaded zero-copy) |")
     if weights:
         lines.append("| weights read per token | " + ", ".join(f"{w}: {b / 1e6:.1f} MB" for w, b in weights) + " |")
+    if kv:
+        chosen = f"--kv-dtype {res.options.kv_dtype}" if res.options.kv_dtype else "each engine's default"
+        lines.append(f"| KV cache | {'; '.join(kv)} ({chosen}) |")
     if versions:
         lines.append("| peers | " + "; ".join(versions) + " |")
     if builds:
@@ -174,9 +179,9 @@ def markdown(res: Results, title: str = "gally bench") -> str:
     out += ["", "## Start-up and memory", "", "Load: the engine's load call on a cached model, page cache warm, timed "
             "in a process of its own; peak RSS is the measured process's, which loaded once. TTFT: a fresh context, "
             "the prompt, and the argmax of its last logits. File: the weight file(s) the engine maps or reads. "
-            "KV cache: what one benchmark session allocates (gally: f32, at the run's context). RSS − file − KV: "
-            "what the process holds beyond them, where every weight is a view into the file; the target for "
-            f"int8/int4 is ≤ {RSS_OVERHEAD_TARGET >> 20} MB. MB: 2^20 bytes.", ""]
+            "KV cache: what one benchmark session allocates (gally: of the header's KV cache type, at the run's "
+            "context). RSS − file − KV: what the process holds beyond them, where every weight is a view into the "
+            f"file; the target for int8/int4 is ≤ {RSS_OVERHEAD_TARGET >> 20} MB. MB: 2^20 bytes.", ""]
     out += setup_lines(res)
     return "\n".join(out) + "\n"
 

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..model import DTYPES, QUANTIZED
+from ..model import DTYPES, KV_DTYPES, QUANTIZED
 from . import derived, llama_bench, machine, peer_ct2, peer_gguf
 from .stats import Stat, rates
 from .worker import Worker, WorkerError
@@ -45,6 +45,7 @@ class Options:
     bandwidth_bytes: int = 1 << 30
     shape: Optional[str] = None  # random weights in this model's shapes (random_model.SHAPES) instead of `model`
     sequential: bool = False     # engines one after another instead of side by side (models near the RAM)
+    kv_dtype: Optional[str] = None  # KV cache type of gally and the llama.cpp peers (None: each engine's default)
 
     def validate(self) -> None:
         def ints(name, values, low):
@@ -70,6 +71,8 @@ class Options:
         bad = [d for d in self.dtypes if d not in DTYPES] or ([] if self.dtypes else ["(none)"])
         if bad:
             raise ValueError(f"dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"--kv-dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
         bad = [p for p in self.peers if p not in PEERS]
         if bad:
             raise ValueError(f"peer {bad[0]!r} is not one of {', '.join(PEERS)}")
@@ -220,7 +223,8 @@ def _peer_specs(opts, dtype, folder, status, log) -> dict:
     absent. gally loads int8/int4 from a stored `gally quantize` folder (zero-copy), not quantizing at load."""
     model = derived.quantized_folder(folder, dtype, log=log) if dtype in QUANTIZED else (
         folder if opts.shape else opts.model)
-    specs = {"gally": {"model": model, "dtype": dtype}}
+    specs = {"gally": {"model": model, "dtype": dtype, "kv_dtype": opts.kv_dtype}}
+    kv_type = peer_gguf.LLAMA_KV_TYPES[opts.kv_dtype] if opts.kv_dtype else None
     gguf = ct2 = None
     for peer in opts.peers:
         why = installed(peer)
@@ -248,13 +252,15 @@ def _peer_specs(opts, dtype, folder, status, log) -> dict:
             continue
         status[peer][dtype] = "measured"
         if peer == "llama.cpp":
-            specs[peer] = {"gguf": gguf, "gguf_type": peer_gguf.LLAMA_TYPES.get(dtype, "?"), "lib": opts.llama_cpp_lib}
+            specs[peer] = {"gguf": gguf, "gguf_type": peer_gguf.LLAMA_TYPES.get(dtype, "?"), "lib": opts.llama_cpp_lib,
+                           "kv_type": kv_type}
         elif peer == "transformers":
             specs[peer] = {"folder": folder, "dtype": dtype}
         elif peer == "ctranslate2":
             specs[peer] = {"folder": ct2, "compute_type": peer_ct2.CT2_TYPES[dtype]}
         else:
-            specs[peer] = {"gguf": gguf, "tool": peer_gguf.find_tool("llama-bench", opts.llama_cpp_bin, opts.llama_cpp)}
+            specs[peer] = {"gguf": gguf, "tool": peer_gguf.find_tool("llama-bench", opts.llama_cpp_bin, opts.llama_cpp),
+                           "kv_type": kv_type}
     return specs
 
 
@@ -410,7 +416,8 @@ def _llama_bench_rows(opts, dtype, threads, spec, results, log) -> None:
     log(f"[{dtype} t{threads}] llama-bench")
     try:
         stats, about = llama_bench.run_llama_bench(spec["tool"], spec["gguf"], [p for p in opts.prompts if p],
-                                            [n for n in opts.gens if n], opts.depths, threads, opts.reps)
+                                                   [n for n in opts.gens if n], opts.depths, threads, opts.reps,
+                                                   spec["kv_type"])
     except (RuntimeError, ValueError, KeyError) as e:
         results.peers["llama-bench"][dtype] = f"failed: {e}"
         return

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -47,8 +48,8 @@ class KvPoolExhausted : public std::runtime_error {
 };
 
 // The blocks of one model's sequences, up to max_blocks in use at once. A block's memory is
-// mapped when first acquired and kept for reuse when released (trim() gives it back).
-// Thread-safe: sessions in several threads share it.
+// mapped (in an arena of blocks) when first acquired and kept for reuse when released (trim()
+// gives it back). Thread-safe: sessions in several threads share it.
 class KvPool {
  public:
   KvPool(const KvShape& shape, size_t max_blocks);
@@ -73,16 +74,23 @@ class KvPool {
     std::lock_guard<std::mutex> lock(mu_);
     return data_[id];
   }
-  void trim();  // unmaps the free blocks
+  void trim();  // gives the free blocks' memory back
 
  private:
+  static constexpr size_t ARENA_BYTES = size_t(32) << 20;
+  void map_arena();  // under the lock
+
   KvShape shape_;
   size_t max_blocks_;
   mutable std::mutex mu_;
-  std::vector<void*> data_;  // by id; null for an id whose memory was trimmed
-  std::vector<int> refs_;    // by id
-  std::vector<int> free_;    // released ids (with or without memory)
+  std::vector<void*> data_;   // by id
+  std::vector<bool> backed_;  // by id: false once trimmed, until acquired again
+  std::vector<int> refs_;     // by id
+  std::vector<int> free_;     // released ids (with or without memory)
   size_t in_use_ = 0;
+  std::vector<std::pair<void*, size_t>> arenas_;  // mapped: start, bytes
+  char* arena_next_ = nullptr;                    // the next block of the last arena
+  size_t arena_left_ = 0;                         // blocks left in it
 };
 
 // One sequence's cache: blocks from a pool covering positions [0, blocks · block_rows).

@@ -104,6 +104,24 @@ def test_kv_memory_follows_the_tokens(folder):
     assert model.kv_cache_usage()["allocated"] == allocated  # freed blocks are reused, not mapped anew
 
 
+def test_trim_gives_the_free_blocks_back(folder):
+    """KvPool.trim returns the memory of the blocks no sequence holds; the sequences still held
+    keep theirs, and blocks taken again afterwards work as new."""
+    model = gally.load(folder, threads=2)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, VOCAB, 200) for _ in range(4)]
+    sessions = [model.session() for _ in prompts]
+    want = [s.append(p) for s, p in zip(sessions, prompts)]
+    del sessions[:2]
+    usage = model.kv_cache_usage()
+    assert usage["allocated"] > usage["in_use"] == 2 * 208 * model.kv_bytes_per_token
+    model._pool.trim()
+    assert model.kv_cache_usage()["allocated"] == usage["in_use"]
+    for prompt, logits in zip(prompts, want):  # fresh sessions on the trimmed blocks
+        assert np.array_equal(model.session().append(prompt), logits)
+    assert model.kv_cache_usage()["allocated"] == usage["in_use"] + 208 * model.kv_bytes_per_token
+
+
 def test_full_pool_is_an_error_that_changes_nothing(folder):
     model = gally.load(folder, threads=2, kv_cache_bytes=4 * 16 * 2 * 2 * 2 * 16 * 4)  # 4 blocks of 16 positions
     assert model.kv_cache_bytes // model.kv_bytes_per_token == 64

@@ -62,8 +62,9 @@ def rotate(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.nda
     return x * cos + rotated * sin
 
 
-def forward(folder: str, tokens: list[int], weights: dict | None = None) -> np.ndarray:
-    """Logits [T, vocab] for the whole sequence, computed from scratch."""
+def forward(folder: str, tokens: list[int], weights: dict | None = None, kv_round=None) -> np.ndarray:
+    """Logits [T, vocab] for the whole sequence, computed from scratch. kv_round: the values a KV
+    cache holds for the keys and values [T, kv_heads, head_dim] (default: them, exactly)."""
     cfg = json.load(open(os.path.join(folder, "config.json")))
     w = weights or load_weights(folder)
     D, H = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -87,6 +88,8 @@ def forward(folder: str, tokens: list[int], weights: dict | None = None) -> np.n
         k = linear(h, p + "self_attn.k_proj").reshape(T, KV, hd)
         v = linear(h, p + "self_attn.v_proj").reshape(T, KV, hd)
         q, k = rotate(q, pos, inv_freq), rotate(k, pos, inv_freq)
+        if kv_round:
+            k, v = kv_round(k), kv_round(v)
         out = np.empty((T, H, hd))
         for head in range(H):
             kvh = head // (H // KV)

@@ -212,6 +212,27 @@ def test_compact_kv_cache(folder, kv_dtype):
         gally.load(folder, kv_dtype="int4")
 
 
+@pytest.mark.parametrize("kv_dtype", ["bf16", "f16", "int8"])
+def test_compact_kv_cache_against_numpy(folder, kv_dtype):
+    """Each compact cache's logits, prompt and decode steps, match the independent NumPy forward pass
+    whose keys and values are rounded as that cache holds them (test_kernels.kv_rounded, from the f32
+    values): far closer than to the f32 cache's."""
+    from test_kernels import kv_rounded
+
+    model, exact = gally.load(folder, threads=2, kv_dtype=kv_dtype), gally.load(folder, threads=2)
+    ids = list(np.random.default_rng(6).integers(0, VOCAB, 40))
+    s, f = model.session(), exact.session()
+    got = [s.append(ids[:33]), *(s.append([i]) for i in ids[33:])]
+    f32 = [f.append(ids[:33]), *(f.append([i]) for i in ids[33:])]
+    def rounded(a):  # [T, kv_heads, head_dim] → per row, from f32
+        return kv_rounded(a.astype(np.float32).reshape(-1, a.shape[-1]), kv_dtype).reshape(a.shape)
+
+    want = forward(folder, ids, kv_round=rounded)[32:]
+    err = max(np.abs(g - w).max() for g, w in zip(got, want))
+    off = max(np.abs(g - w).max() for g, w in zip(got, f32))
+    assert err < 1e-4 and err < off / 20, (err, off)
+
+
 def test_a_long_context_splits_its_decode_attention(folder):
     """Past 512 keys a decode step's attention is computed in parts over the threads and merged:
     the same as the independent NumPy forward pass, and the same at 1 and 3 threads."""

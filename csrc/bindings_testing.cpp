@@ -87,7 +87,7 @@ struct Weights {
 };
 
 // K, V [n, d] copied into a cache of blocks of block_rows positions in `dtype` (f32, bf16 or f16,
-// rounded to nearest even), as a KvCache lays one head out: each block [k | v][block_rows][d], the
+// rounded to nearest even, or int8), as a KvCache lays one head out: each block [k | v][block_rows][row], the
 // blocks in reverse order in memory so that a kernel that assumed one contiguous run would read the
 // wrong rows.
 struct PagedKv {
@@ -351,7 +351,7 @@ void add_testing_module(py::module_& m) {
   t.def(
       "kernel_convert_row",
       [](const std::string& isa, Array<float> x, const std::string& to) {
-        // x in `to`: f32, uint16 bit patterns (bf16, f16), or the bytes of an int8 row (codes, f32 scale)
+        // x in `to`: f32, uint16 bit patterns (bf16, f16), or the bytes of an int8 row (codes, bf16 scales)
         const DType t = parse_kv_dtype(to);
         py::array out = t == DType::F32  ? py::array(py::dtype::of<float>(), x.size())
                         : t == DType::Q8 ? py::array(py::dtype::of<uint8_t>(), kv_row_elements(t, x.size()))

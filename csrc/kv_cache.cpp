@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -102,7 +103,8 @@ void KvPool::map_arena() {
   char* start = (char*)(((uintptr_t)p + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE);
   if (start > (char*)p) ::munmap(p, start - (char*)p);
   ::munmap(start + bytes, (char*)p + HUGE_PAGE - start);
-  ::madvise(start, bytes, MADV_HUGEPAGE);  // a hint: without THP the arena keeps its small pages
+  const char* huge = std::getenv("GALLY_HUGEPAGES");  // "0": small pages, as for the weights (README)
+  if (!huge || std::string(huge) != "0") ::madvise(start, bytes, MADV_HUGEPAGE);  // a hint: without THP, small pages
   arenas_.emplace_back(start, bytes);
   arena_next_ = start, arena_left_ = blocks;
 }
@@ -114,8 +116,7 @@ void KvPool::trim() {
     if (backed_[id]) {  // the whole pages within the block go back to the system, read as zeros again
       const uintptr_t a = ((uintptr_t)data_[id] + page - 1) / page * page,
                       b = ((uintptr_t)data_[id] + block_bytes()) / page * page;
-      if (a < b) ::madvise((void*)a, b - a, MADV_DONTNEED);
-      backed_[id] = false;
+      if (a < b && ::madvise((void*)a, b - a, MADV_DONTNEED) == 0) backed_[id] = false;
     }
 }
 

@@ -7,7 +7,7 @@
 // truncated or dropped. A block holds
 //     [layers][k | v][kv_heads][block_rows][row] elements of the pool's dtype
 // (a row of head_dim f32, or bf16 / f16 for a compact cache: half the bytes per token; or int8
-// codes and their f32 scale, kernels.h kv_row_elements: about a quarter),
+// codes and a bf16 scale per 32, kernels.h kv_row_elements: about a quarter),
 // so that within a block one head's keys (and values) are contiguous rows: the attention kernels
 // stream a block at a time (kernels.h, KvHead). Sequences with a common prefix share its full
 // blocks (fork); a shared block is copied before it is written (prepare).
@@ -74,7 +74,9 @@ class KvPool {
     std::lock_guard<std::mutex> lock(mu_);
     return data_[id];
   }
-  void trim();  // gives the free blocks' memory back
+  // Gives the free blocks' memory back, best effort: the whole pages within each (a block smaller
+  // than a page keeps its memory), and where they lay in a huge page, when the kernel splits it.
+  void trim();
 
  private:
   static constexpr size_t ARENA_BYTES = size_t(32) << 20;

@@ -20,8 +20,8 @@
 //                                                      parts of the keys, merged by attention_merge; probs NaN
 //                                                      unless parts = 1)
 //   attention_causal [nq ctx0 d block_rows kv] (scale) Q K V → out probs (−1 past each row's keys)
-//   convert_row [n to]                                x → x in `to` (f32, 16-bit patterns, or int8 codes + f32 scale)
-// kv and to: 0 f32, 1 bf16, 2 f16. The attention ops copy K, V into a paged cache of blocks of
+//   convert_row [n to]                                x → x in `to` (f32, 16-bit patterns, or int8 codes + bf16 scales)
+// kv and to: 0 f32, 1 bf16, 2 f16, 3 int8. The attention ops copy K, V into a paged cache of blocks of
 // block_rows positions in that type (kernels.h KvHead), laid out as bindings_testing.cpp's PagedKv
 // lays them: the blocks in reverse order in memory.
 //   silu_mul [n]                                      g u → g

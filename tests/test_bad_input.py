@@ -454,5 +454,5 @@ def test_context_larger_than_the_machine_is_refused_with_the_bytes(tmp_path, mon
     monkeypatch.setattr(model_mod, "physical_memory", lambda: 1 << 27)
     with pytest.raises(ValueError, match=r"\(256 bytes a token\).*or kv_dtype int8 for about half the bytes"):
         gally.load(folder, max_context=1 << 20, kv_cache_bytes=1 << 40, kv_dtype="f16")
-    with pytest.raises(ValueError, match=r"\(160 bytes a token\).*of memory; give a smaller max_context \(-c\)$"):
+    with pytest.raises(ValueError, match=r"\(144 bytes a token\).*of memory; give a smaller max_context \(-c\)$"):
         gally.load(folder, max_context=1 << 20, kv_cache_bytes=1 << 40, kv_dtype="int8")

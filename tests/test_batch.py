@@ -104,22 +104,28 @@ def test_kv_memory_follows_the_tokens(folder):
     assert model.kv_cache_usage()["allocated"] == allocated  # freed blocks are reused, not mapped anew
 
 
-def test_trim_gives_the_free_blocks_back(folder):
-    """KvPool.trim returns the memory of the blocks no sequence holds; the sequences still held
-    keep theirs, and blocks taken again afterwards work as new."""
-    model = gally.load(folder, threads=2)
+@pytest.mark.parametrize("kv_dtype", ["f32", "int8"])
+def test_trim_gives_the_free_blocks_back(folder, kv_dtype):
+    """KvPool.trim returns the memory of the blocks no sequence holds (f32: blocks of two whole pages;
+    int8: blocks smaller than a page, which keep theirs); the sequences still held keep their cache,
+    and blocks taken again afterwards work as new."""
+    model = gally.load(folder, threads=2, kv_dtype=kv_dtype)
     rng = np.random.default_rng(5)
-    prompts = [rng.integers(0, VOCAB, 200) for _ in range(4)]
+    prompts = [list(rng.integers(0, VOCAB, 200)) for _ in range(4)]
     sessions = [model.session() for _ in prompts]
     want = [s.append(p) for s, p in zip(sessions, prompts)]
     del sessions[:2]
     usage = model.kv_cache_usage()
     assert usage["allocated"] > usage["in_use"] == 2 * 208 * model.kv_bytes_per_token
     model._pool.trim()
-    assert model.kv_cache_usage()["allocated"] == usage["in_use"]
+    whole_pages = model._pool.block_bytes >= 2 * 4096
+    assert (model.kv_cache_usage()["allocated"] == usage["in_use"]) == whole_pages
+    for prompt, s in zip(prompts[2:], sessions):  # the held ones go on
+        fresh = model.session()
+        fresh.append(prompt)
+        assert np.array_equal(s.append([7]), fresh.append([7]))
     for prompt, logits in zip(prompts, want):  # fresh sessions on the trimmed blocks
         assert np.array_equal(model.session().append(prompt), logits)
-    assert model.kv_cache_usage()["allocated"] == usage["in_use"] + 208 * model.kv_bytes_per_token
 
 
 def test_full_pool_is_an_error_that_changes_nothing(folder):
@@ -193,13 +199,14 @@ def test_bad_batches_are_refused(folder):
 
 @pytest.mark.parametrize("kv_dtype", ["bf16", "f16", "int8"])
 def test_compact_kv_cache(folder, kv_dtype):
-    """A bf16 / f16 KV cache: half the bytes per token; int8: a row of head_dim codes and an f32 scale.
+    """A bf16 / f16 KV cache: half the bytes per token; int8: a row of head_dim codes and a bf16 scale
+    per 32.
     Logits within the rounding of the keys and values of the f32 cache's, and batches still exactly
     each sequence alone."""
     f32 = gally.load(folder, threads=2)
     model = gally.load(folder, threads=2, kv_dtype=kv_dtype)
     head_dim = f32.config.head_dim
-    row = 2 * head_dim if kv_dtype != "int8" else head_dim + 4  # bytes
+    row = 2 * head_dim if kv_dtype != "int8" else head_dim + 2 * -(-head_dim // 32)  # bytes
     assert model.kv_dtype == kv_dtype and model.kv_bytes_per_token * 4 * head_dim == f32.kv_bytes_per_token * row
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, VOCAB, n) for n in (1, 6, 30)]

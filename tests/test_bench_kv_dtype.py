@@ -127,9 +127,9 @@ def test_gally_and_llama_bench_run_with_the_same_cache(folder, tools, tmp_path, 
         (e, t) for e in ("gally", "llama-bench") for t in ("pp4", "tg2")}
     (setup,) = data["setups"]
     # the KV bytes of the start-up table follow the type: 2 layers × (k, v) × 2 KV heads × a row of 16
-    # elements, at the run's context (256); an int8 row is 16 codes and one f32 scale
+    # elements, at the run's context (256); an int8 row is 16 codes and one bf16 scale
     per_token = gally.load(folder, dtype="bf16", threads=1, kv_dtype=gally_kv).kv_bytes_per_token
-    assert per_token == 2 * 2 * 2 * {"f32": 64, "f16": 32, "int8": 20}[gally_kv]
+    assert per_token == 2 * 2 * 2 * {"f32": 64, "f16": 32, "int8": 18}[gally_kv]
     assert setup["info"]["kv_dtype"] == gally_kv and setup["info"]["kv_bytes"] == 256 * per_token
     chosen = f"--kv-dtype {kv}" if kv else "each engine's default"
     assert f"| KV cache | gally at bf16: {gally_kv} ({chosen}) |" in out.read_text()

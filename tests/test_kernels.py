@@ -313,13 +313,22 @@ def test_bf16_attention_equals_scalar_twin(block_rows):
 
 # ---- compact KV caches: bf16, f16 and int8 keys and values ----
 
+KV_GROUP = 32  # elements per scale of an int8 cache row (kernels.h)
+
+
 def int8_rows(a):
-    """An int8 cache's rows for a [n, d] (kernels.h quantize_kv_row): codes round(x · 127/max|x|),
-    to nearest even, and the scale max|x| / 127, all in f32."""
-    amax = np.abs(a).max(-1, keepdims=True).astype(np.float32)
-    with np.errstate(divide="ignore"):
-        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-    return np.rint(a * inv).astype(np.int8), (amax / np.float32(127)).astype(np.float32)
+    """An int8 cache's rows for a [n, d] (kernels.h quantize_kv_row): per group of 32 elements the
+    scale max|x| / 127 rounded to bf16, and the codes x / scale rounded to nearest even, in f32.
+    Returns codes [n, d] int8 and scales [n, groups] f32."""
+    n, d = a.shape
+    groups = -(-d // KV_GROUP)
+    padded = np.zeros((n, groups * KV_GROUP), np.float32)
+    padded[:, :d] = a
+    g = padded.reshape(n, groups, KV_GROUP)
+    scale = round_bf16(np.abs(g).max(-1) / np.float32(127))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        codes = np.where(scale[..., None] > 0, np.clip(np.rint(g / scale[..., None]), -127, 127), 0)
+    return codes.reshape(n, -1)[:, :d].astype(np.int8), scale
 
 
 def kv_rounded(a, kv_dtype):
@@ -330,7 +339,7 @@ def kv_rounded(a, kv_dtype):
         return a.astype(np.float16).astype(np.float32)
     if kv_dtype == "int8":
         codes, scale = int8_rows(a)
-        return codes.astype(np.float32) * scale
+        return codes.astype(np.float32) * np.repeat(scale, KV_GROUP, axis=1)[:, : a.shape[1]]
     return a
 
 
@@ -358,25 +367,31 @@ def test_convert_row_rounds_to_nearest_even(core, isa, to):
 
 @each_set()
 def test_convert_row_to_int8(core, isa):
-    """An int8 cache row: codes rounded to nearest even at 127 / max|x|, then the f32 scale max|x| / 127;
-    a row of zeros all zero, and a row holding an infinity or a NaN reads back as NaN (scale NaN)."""
+    """An int8 cache row: codes, then a bf16 scale per group of 32 (max|x| / 127), the codes x / scale
+    rounded to nearest even, ties included; a group of zeros all zero, and a group holding an
+    infinity or a NaN zero codes and a NaN scale (it reads back as NaN), the other groups as ever."""
     rng = np.random.default_rng(33)
-    for n in SIZES + [64, 128]:
+    for n in SIZES + [64, 80, 128]:
+        groups = -(-n // KV_GROUP)
         x = (rng.standard_normal((3, n)) * 10.0 ** rng.uniform(-6, 4, (3, 1))).astype(np.float32)
-        x[1, : n // 2] = np.round(x[1, : n // 2] * 2) / 2 * x[1].max() / 127  # ties at the code grid
+        s = np.float32(1.5 * 2.0**-3)  # a bf16 value: halves of it are ties of x / scale
+        x[1] = rng.integers(-254, 255, n) / 2 * s
+        x[1, ::KV_GROUP] = 127 * s  # each group's max|x|: its scale is exactly s
         for row in x:
             got = core.kernel_convert_row(isa, row, "int8")
             codes, scale = int8_rows(row[None])
-            assert got.size == n + 4
+            assert got.size == n + 2 * groups
             assert np.array_equal(got[:n].view(np.int8), codes[0]), n
-            assert got[n:].view(np.float32)[0] == scale[0, 0]
+            assert np.array_equal(got[n:].view(np.uint16), bf16_bits(scale[0])), n
     zero = core.kernel_convert_row(isa, np.zeros(40, np.float32), "int8")
     assert not zero.any()
     for bad in (np.inf, -np.inf, np.nan):
         row = np.ones(40, np.float32)
         row[7] = bad
         got = core.kernel_convert_row(isa, row, "int8")
-        assert not got[:40].any() and np.isnan(got[40:].view(np.float32)[0])
+        scales = got[40:].view(np.uint16)
+        assert not got[:32].any() and np.isnan(as_float32("BF16", scales[:1]))[0]
+        assert (got[32:40].view(np.int8) == 127).all() and scales[1] == bf16_bits(np.float32([1 / 127]))[0]
 
 
 @each_set()

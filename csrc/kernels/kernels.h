@@ -70,7 +70,7 @@ constexpr int KV_BLOCK_ALIGN = 16;  // rows of a cache block are a multiple of t
 // blocks of `block_rows` positions; within a block a head's keys are contiguous rows of `ld`
 // elements of `dtype`, and so are its values: key j is at blocks[j / block_rows] + keys +
 // (j % block_rows) · ld elements. A row of f32, or bf16 / f16 for a compact cache, is the head's
-// d elements (ld = d); an int8 row (Q8) is d codes and the row's f32 scale (kv_row_elements).
+// d elements (ld = d); an int8 row (Q8) is d codes and their scales (kv_row_elements).
 // block_rows is a multiple of KV_BLOCK_ALIGN, so that no register tile of keys crosses a block.
 struct KvHead {
   const void* const* blocks;
@@ -88,29 +88,26 @@ struct KvHead {
   }
 };
 
-// The 8-bit KV cache (DType::Q8): a row of d elements is stored as d int8 codes, then its scale
-// (f32, unaligned): element i is code_i · scale, with scale = max|x| / 127 over the row. 8.5 bits
-// per element for a head of 64, as llama.cpp's q8_0 cache (a scale per 32).
-inline long kv_row_elements(DType t, long d) { return t == DType::Q8 ? d + long(sizeof(float)) : d; }
+// The 8-bit KV cache (DType::Q8): a row of d elements is stored as d int8 codes, then a bf16
+// scale for each group of KV_GROUP elements (the last group may be shorter): element i is
+// code_i · scale_(i / KV_GROUP), with scale = max|x| / 127 over the group, rounded to bf16. 8.5 bits
+// per element, as llama.cpp's q8_0 cache (an f16 scale per 32); a group's own scale keeps a few
+// large dimensions of the keys from flattening the rest of the row.
+constexpr int KV_GROUP = 32;
+inline long kv_groups(long d) { return (d + KV_GROUP - 1) / KV_GROUP; }
+inline long kv_row_elements(DType t, long d) { return t == DType::Q8 ? d + long(sizeof(uint16_t)) * kv_groups(d) : d; }
 inline size_t kv_element_size(DType t) { return t == DType::F32 ? 4 : t == DType::Q8 ? 1 : 2; }
-inline float kv_row_scale(const int8_t* row, int d) {
-  float s;
-  std::memcpy(&s, row + d, sizeof s);
-  return s;
+// The scale of element i's group in an int8 row of d elements. static: each kernel set's file
+// compiles its own copy with its own instructions, which the linker must not merge into one.
+static inline float kv_group_scale(const int8_t* row, int i, int d) {
+  uint16_t s;
+  std::memcpy(&s, row + d + sizeof s * (i / KV_GROUP), sizeof s);
+  return bf16_to_f32(s);
 }
-// x [n] → an int8 row: rounded to nearest even, as every kernel set reads it. A row holding an
-// infinity or a NaN gets a NaN scale, so that it reads back as NaN (as a float cache's would).
-inline void quantize_kv_row(const float* x, int8_t* out, int n) {
-  float amax = 0;
-  bool finite = true;
-  for (int i = 0; i < n; ++i) {
-    finite = finite && std::isfinite(x[i]);
-    amax = std::fmax(amax, std::fabs(x[i]));
-  }
-  const float inv = finite && amax > 0 ? 127.0f / amax : 0.0f, scale = finite ? amax / 127.0f : NAN;
-  for (int i = 0; i < n; ++i) out[i] = int8_t(std::nearbyint(x[i] * inv));
-  std::memcpy(out + n, &scale, sizeof scale);
-}
+// x [n] → an int8 row: codes x / (the group's bf16 scale), rounded to nearest even, as every
+// kernel set writes it (kernels_generic.cpp). A group holding an infinity or a NaN gets a NaN scale
+// and zero codes, so that it reads back as NaN (as a float cache's would).
+void quantize_kv_row(const float* x, int8_t* out, int n);
 
 // Merges the parts of attention_part over a split of the keys and normalises: for each of `heads`
 // queries, out = Σ_p e^(m_p − M) · o_p / Σ_p e^(m_p − M) · l_p with M = max_p m_p. parts [n_parts]
@@ -182,8 +179,8 @@ struct Kernels {
   // g[i] = silu(g[i]) · u[i] = g / (1 + e^-g) · u    g, u [n]
   void (*silu_mul)(float* g, const float* u, int n);
 
-  // out [n] = x [n] in `to` (F32, BF16 or F16; rounded to nearest even): a key or value vector on
-  // its way into a compact KV cache.
+  // out = x [n] in `to` (F32, BF16 or F16, rounded to nearest even; or Q8, quantize_kv_row: out
+  // holds kv_row_elements(Q8, n) bytes): a key or value vector on its way into a KV cache.
   void (*convert_row)(const float* x, void* out, DType to, int n);
 
   // x [n, n_in] f32 → xq [n, n_in] int16, xs and xsum [n, n_in/32]    (n_in a multiple of 32)

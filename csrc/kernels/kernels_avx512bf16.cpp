@@ -222,10 +222,10 @@ inline __m512 load16(const KvHead& kv, long j, int d, int i, bool key) {
       const uint16_t* p = (key ? kv.key<uint16_t>(j) : kv.value<uint16_t>(j)) + i;
       return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
     }
-    case DType::Q8: {  // code · the row's scale
+    case DType::Q8: {  // code · its group's scale
       const int8_t* row = key ? kv.key<int8_t>(j) : kv.value<int8_t>(j);
       return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(row + i)))),
-                           _mm512_set1_ps(kv_row_scale(row, d)));
+                           _mm512_set1_ps(kv_group_scale(row, i, d)));
     }
     default: return _mm512_loadu_ps((key ? kv.key<float>(j) : kv.value<float>(j)) + i);
   }

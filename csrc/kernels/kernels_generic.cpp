@@ -75,21 +75,15 @@ struct KvF16 {
   using T = uint16_t;
   static float get(const T* p) { return f16_to_f32(*p); }
 };
-// The int8 cache (kernels.h): get() is the code; a row's sums are scaled after by its scale.
+// The int8 cache (kernels.h): code · its group's scale.
 struct KvQ8 {
   using T = int8_t;
-  static float get(const T* p) { return *p; }
 };
-// x times the scale of a row of a cache of element type E: an int8 row's own; a float row's x as it is.
-template <class E>
-float row_scaled(float x, const typename E::T* row, int d) {
-  if constexpr (std::is_same_v<E, KvQ8>) return x * kv_row_scale(row, d);
-  else return x;
-}
-// Element i of a row as f32 (an int8 row's code times its scale).
+// Element i of a KV row of d elements, as f32.
 template <class E>
 float element(const typename E::T* row, int i, int d) {
-  return row_scaled<E>(E::get(row + i), row, d);
+  if constexpr (std::is_same_v<E, KvQ8>) return row[i] * kv_group_scale(row, i, d);
+  else return E::get(row + i);
 }
 
 // f(E) with the element reader of the cache's dtype.
@@ -115,7 +109,7 @@ void attention_t(const float* q, const KvHead& kv, int n, int d, float scale, fl
     const T* K = kv.key<T>(b0);
     for (int j = 0; j < rows; ++j) {
       const T* k = K + j * kv.ld;
-      probs[b0 + j] = row_scaled<E>(scale, k, d) * dot(q, d, [k](int i) { return E::get(k + i); });
+      probs[b0 + j] = scale * dot(q, d, [k, d](int i) { return element<E>(k, i, d); });
       mx = std::fmax(mx, probs[b0 + j]);
     }
   });
@@ -128,8 +122,7 @@ void attention_t(const float* q, const KvHead& kv, int n, int d, float scale, fl
     const T* V = kv.value<T>(b0);
     for (int j = 0; j < rows; ++j) {
       const T* v = V + j * kv.ld;
-      const float p = row_scaled<E>(probs[b0 + j], v, d);
-      for (int i = 0; i < d; ++i) out[i] += p * E::get(v + i);
+      for (int i = 0; i < d; ++i) out[i] += probs[b0 + j] * element<E>(v, i, d);
     }
   });
 }
@@ -161,7 +154,7 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
       const T* K = kv.key<T>(j0);
       for (int j = 0; j < rows; ++j) {
         const T* k = K + j * kv.ld;
-        s[j0 - k0 + j] = row_scaled<E>(scale, k, d) * dot(qh, d, [k](int i) { return E::get(k + i); });
+        s[j0 - k0 + j] = scale * dot(qh, d, [k, d](int i) { return element<E>(k, i, d); });
         mx = std::fmax(mx, s[j0 - k0 + j]);
       }
     });
@@ -174,8 +167,7 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
       const T* Vr = kv.value<T>(j0);
       for (int j = 0; j < rows; ++j) {
         const T* v = Vr + j * kv.ld;
-        const float p = row_scaled<E>(s[j0 - k0 + j], v, d);
-        for (int i = 0; i < d; ++i) o[i] += p * E::get(v + i);
+        for (int i = 0; i < d; ++i) o[i] += s[j0 - k0 + j] * element<E>(v, i, d);
       }
     });
   }
@@ -196,6 +188,27 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& k
       for (int j = 0; j < ctx0 + i; ++j) probs[i * ldp + j] = scratch[j];
   }
 }
+
+}  // namespace
+
+void quantize_kv_row(const float* x, int8_t* out, int n) {
+  for (int g0 = 0; g0 < n; g0 += KV_GROUP) {
+    const int g1 = std::min(g0 + KV_GROUP, n);
+    float amax = 0;
+    bool finite = true;
+    for (int i = g0; i < g1; ++i) {
+      finite = finite && std::isfinite(x[i]);
+      amax = std::fmax(amax, std::fabs(x[i]));
+    }
+    const uint16_t scale = f32_to_bf16(finite ? amax / 127.0f : NAN);
+    const float s = bf16_to_f32(scale);
+    for (int i = g0; i < g1; ++i)  // |x / s| ≤ 127 · (1 + 2^-8), clamped for the rounding of the scale
+      out[i] = finite && s > 0 ? int8_t(std::fmax(-127.0f, std::fmin(127.0f, std::nearbyint(x[i] / s)))) : 0;
+    std::memcpy(out + n + sizeof scale * (g0 / KV_GROUP), &scale, sizeof scale);
+  }
+}
+
+namespace {
 
 void convert_row(const float* x, void* out, DType to, int n) {
   if (to == DType::BF16)

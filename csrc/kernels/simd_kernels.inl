@@ -226,17 +226,21 @@ void rope(float* v, const float* cos, const float* sin, int d) {
   }
 }
 
-// The int8 KV cache's rows (kernels.h): the codes as f32, each row's sums scaled after by its scale.
+// The int8 KV cache's rows (kernels.h): code · its group's scale.
 struct KvQ8 {
   using T = int8_t;
-  static V load(const T* p) { return S::load_i8(p); }
-  static float scalar(const T* p) { return *p; }
 };
-// x times the scale of a row of a cache of element type E: an int8 row's own; a float row's x as it is.
+// Elements [i, i + N) (or element i) of a KV row of d elements of a cache of element type E, as f32.
+// A vector lies within one group of an int8 row (N divides KV_GROUP).
 template <class E>
-inline float row_scaled(float x, const typename E::T* row, int d) {
-  if constexpr (std::is_same_v<E, KvQ8>) return x * kv_row_scale(row, d);
-  else return x;
+inline V kv_load(const typename E::T* row, int i, int d) {
+  if constexpr (std::is_same_v<E, KvQ8>) return S::mul(S::load_i8(row + i), S::set1(kv_group_scale(row, i, d)));
+  else return E::load(row + i);
+}
+template <class E>
+inline float kv_scalar(const typename E::T* row, int i, int d) {
+  if constexpr (std::is_same_v<E, KvQ8>) return row[i] * kv_group_scale(row, i, d);
+  else return E::scalar(row + i);
 }
 
 // The cache's element type as a loader (WeightF32, WeightBF16, WeightF16, KvQ8), for f(E{}).
@@ -258,7 +262,6 @@ constexpr int ATT_VECS = S::N >= 16 ? 4 : 2;
 // s[h][j] = scale · K_j · q_h for KP keys j of a run (rows ld elements apart, d a multiple of N) and
 // hn ≤ ATT_HEADS heads, raising mx[h] to the largest. Each key's score is one accumulator over the
 // dimensions in order, its lanes then added by S::sums' tree: the same operations whatever KP.
-// An int8 key's sum is scaled by (scale · its row's scale).
 template <class E, int KP>
 inline void scores(const float* q, int ldq, int hn, const typename E::T* K, long ld, int d, float scale,
                    float* const* s, float* mx) {
@@ -267,7 +270,7 @@ inline void scores(const float* q, int ldq, int hn, const typename E::T* K, long
     for (int h = 0; h < ATT_HEADS; ++h) a[u][h] = S::zero();
   for (int i = 0; i < d; i += S::N) {
     V k[KP];
-    for (int u = 0; u < KP; ++u) k[u] = E::load(K + u * ld + i);
+    for (int u = 0; u < KP; ++u) k[u] = kv_load<E>(K + u * ld, i, d);
     for (int h = 0; h < ATT_HEADS; ++h)
       if (h < hn) {
         const V qv = S::load(q + (long)h * ldq + i);
@@ -285,18 +288,15 @@ inline void scores(const float* q, int ldq, int hn, const typename E::T* K, long
     }
     S::store(sum + p * S::N, S::sums(v));
   }
-  float ks[KP];
-  for (int u = 0; u < KP; ++u) ks[u] = row_scaled<E>(scale, K + u * ld, d);
   for (int h = 0; h < hn; ++h)
     for (int u = 0; u < KP; ++u) {
-      s[h][u] = ks[u] * sum[h * KP + u];
+      s[h][u] = scale * sum[h * KP + u];
       mx[h] = s[h][u] > mx[h] ? s[h][u] : mx[h];
     }
 }
 
 // o[h] += Σ_j e[h][j] · V_j for `rows` value rows (ld elements apart) and hn ≤ ATT_HEADS heads, over
-// dimensions [i, i + NV·N): each value vector loaded once for all the heads (an int8 row's weight
-// e[h][j] times its scale).
+// dimensions [i, i + NV·N): each value vector loaded once for all the heads.
 template <class E, int NV>
 inline void weighted_values(const float* const* e, float* const* o, int hn, const typename E::T* Vr, long ld, int rows,
                             int d, int i) {
@@ -305,11 +305,10 @@ inline void weighted_values(const float* const* e, float* const* o, int hn, cons
     for (int c = 0; c < NV; ++c) acc[h][c] = S::load(o[h] + i + c * S::N);
   for (int j = 0; j < rows; ++j) {
     V v[NV];
-    const typename E::T* row = Vr + j * ld;
-    for (int c = 0; c < NV; ++c) v[c] = E::load(row + i + c * S::N);
+    for (int c = 0; c < NV; ++c) v[c] = kv_load<E>(Vr + j * ld, i + c * S::N, d);
     for (int h = 0; h < ATT_HEADS; ++h)
       if (h < hn) {
-        const V p = S::set1(row_scaled<E>(e[h][j], row, d));
+        const V p = S::set1(e[h][j]);
         for (int c = 0; c < NV; ++c) acc[h][c] = S::fma(p, v[c], acc[h][c]);
       }
   }
@@ -357,7 +356,10 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
       for (; j < rows; ++j)  // d not a multiple of the vector
         for (int h = 0; h < hn; ++h) {
           float& sj = scratch[(long)(h0 + h) * n + (j0 - k0) + j];
-          sj = row_scaled<E>(scale, K + j * kv.ld, d) * dot<E>(q + (long)(h0 + h) * ldq, K + j * kv.ld, d);
+          const float* qh = q + (long)(h0 + h) * ldq;
+          float dot = 0;
+          for (int i = 0; i < d; ++i) dot += qh[i] * kv_scalar<E>(K + j * kv.ld, i, d);
+          sj = scale * dot;
           m[h0 + h] = sj > m[h0 + h] ? sj : m[h0 + h];
         }
     }
@@ -394,10 +396,7 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
       for (; i + S::N <= d; i += S::N) weighted_values<E, 1>(e, o, hn, Vr, kv.ld, rows, d, i);
       for (; i < d; ++i)
         for (int h = 0; h < hn; ++h)
-          for (int j = 0; j < rows; ++j) {
-            const T* row = Vr + j * kv.ld;
-            o[h][i] += row_scaled<E>(e[h][j], row, d) * E::scalar(row + i);
-          }
+          for (int j = 0; j < rows; ++j) o[h][i] += e[h][j] * kv_scalar<E>(Vr + j * kv.ld, i, d);
     }
     j0 = end;
   }
@@ -543,16 +542,8 @@ void attention_causal(const float* Q, int ldq, int nq, int ctx0, const KvHead& k
       const T *k = kv.key<T>(j), *v = kv.value<T>(j);
       float *kf = keys + j * d, *vf = values + j * d;
       int i = 0;
-      if constexpr (std::is_same_v<E, KvQ8>) {  // code · the row's scale
-        const float ks = kv_row_scale(k, d), vs = kv_row_scale(v, d);
-        const V ksv = S::set1(ks), vsv = S::set1(vs);
-        for (; i + S::N <= d; i += S::N)
-          S::store(kf + i, S::mul(E::load(k + i), ksv)), S::store(vf + i, S::mul(E::load(v + i), vsv));
-        for (; i < d; ++i) kf[i] = E::scalar(k + i) * ks, vf[i] = E::scalar(v + i) * vs;
-      } else {
-        for (; i + S::N <= d; i += S::N) S::store(kf + i, E::load(k + i)), S::store(vf + i, E::load(v + i));
-        for (; i < d; ++i) kf[i] = E::scalar(k + i), vf[i] = E::scalar(v + i);
-      }
+      for (; i + S::N <= d; i += S::N) S::store(kf + i, kv_load<E>(k, i, d)), S::store(vf + i, kv_load<E>(v, i, d));
+      for (; i < d; ++i) kf[i] = kv_scalar<E>(k, i, d), vf[i] = kv_scalar<E>(v, i, d);
     }
   });
   const void* block = keys;

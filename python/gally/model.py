@@ -453,8 +453,8 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     what the KV cache pool holds. kv_cache_bytes: the most memory the KV caches of all sequences
     together hold; default, a quarter of the machine's memory. A sequence's cache grows with the
     tokens it holds. kv_dtype: the KV cache's element type, "f32", "bf16" or "f16" (half the
-    bytes per token), or "int8" (a row's elements as int8 codes under one f32 scale: 17/64 of the
-    bytes at a head of 64); default f32 for f32 weights, else f16. A max_context past the positions the
+    bytes per token), or "int8" (int8 codes under a bf16 scale per 32: 17/64 of f32's bytes);
+    default f32 for f32 weights, else f16. A max_context past the positions the
     model was trained for (Config.trained_context) is refused: its output degrades there; with
     force_context it is allowed, with a warning. threads is at most MAX_THREADS, max_context at
     most MAX_CONTEXT. check_tensors: reads every weight once and raises ValueError naming the first

@@ -24,8 +24,8 @@ from .derived import PeerUnavailable, folder_for, run_tool, source_name
 
 # gally dtype → llama.cpp type of the peer's weights
 LLAMA_TYPES = {"f32": "F32", "bf16": "BF16", "f16": "F16", "int8": "Q8_0", "int4": "Q4_0"}
-# gally KV cache type → llama.cpp's (-ctk/-ctv); int8 ↔ q8_0: 8-bit codes under a scale (gally: one f32 a row of
-# head_dim, llama.cpp: one f16 a block of 32)
+# gally KV cache type → llama.cpp's (-ctk/-ctv); int8 ↔ q8_0: 8-bit codes under a scale per 32 (gally's bf16,
+# llama.cpp's f16)
 LLAMA_KV_TYPES = {"f32": "f32", "bf16": "bf16", "f16": "f16", "int8": "q8_0"}
 LLAMA_KV_DEFAULT = "f16"  # llama.cpp's cache type when none is given
 

@@ -39,7 +39,6 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record& re
   const ModelConfig& c = model.config;
   const int HD = c.head_dim, NKV = c.num_key_value_heads, group = c.num_attention_heads / NKV;
   use_bf16_attention = bf16_prompt && HD % 32 == 0 && ops.attention_causal_bf16;
-  const int block = use_bf16_attention ? ATTENTION_BLOCK_BF16 : ATTENTION_BLOCK;
   attention_items.clear(), decode_units.clear(), decode_merges.clear();
   long need = 0;  // attention scratch per thread
   int slots = 0;
@@ -48,6 +47,8 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record& re
     for (int t = 0; t < sl.count; ++t) token_seq.data()[sl.first + t] = s;
     const long context = sl.position + sl.count;  // keys the slice's last query sees
     if (sl.count >= ATTENTION_BLOCK_MIN) {
+      const bool converted = use_bf16_attention || sl.cache->shape().dtype != DType::F32;
+      const int block = converted ? ATTENTION_BLOCK_CONVERTED : ATTENTION_BLOCK;
       for (int t0 = 0; t0 < sl.count; t0 += block)
         attention_items.push_back({s, sl.first + t0, std::min(block, sl.count - t0)});
       need = std::max(need, use_bf16_attention ? attention_bf16_scratch_floats(context, HD)

@@ -449,3 +449,27 @@ def test_random_model_tokenizer_is_a_sentencepiece_model():
     trainer = dict(_protobuf_fields(dict(fields)[2]))
     assert trainer == {3: 1, 4: len(pieces)}  # model_type UNIGRAM, vocab_size
     assert dict(_protobuf_fields(dict(fields)[3]))[1] == b"identity"
+
+
+def test_a_given_peer_gguf_is_named_by_its_file_type(tmp_path):
+    """--gguf int4=FILE labels the peer's weights by the file's general.file_type (a Q4_K_M is not
+    the harness's Q4_0); a file without one, or not a GGUF, keeps the harness's name for the dtype."""
+    import gguf
+
+    from gally.bench import peer_gguf
+
+    def write(name, file_type=None):
+        w = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        if file_type is not None:
+            w.add_file_type(file_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return str(tmp_path / name)
+
+    assert peer_gguf.type_of(write("k.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M), "int4") == "Q4_K_M"
+    assert peer_gguf.type_of(write("f.gguf", gguf.LlamaFileType.ALL_F32), "f32") == "F32"
+    assert peer_gguf.type_of(write("none.gguf"), "int4") == "Q4_0"
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf")
+    assert peer_gguf.type_of(str(tmp_path / "junk.gguf"), "int8") == "Q8_0"

@@ -167,8 +167,8 @@ def _block(opts, res, dtype, threads, model, inputs, tool, gguf, log) -> None:
                                      info["kv_dtype"]))
         if len(peer[b]) == opts.reps:
             pp, tg = Stat.of([x for x, _ in peer[b]]), Stat.of([y for _, y in peer[b]])
-            res.rows.append(BatchRow("llama-batched-bench", dtype, peer_gguf.LLAMA_TYPES.get(dtype, "?"), threads, b,
-                                     pp, tg, tg.scaled(1 / b), kv_type or peer_gguf.LLAMA_KV_DEFAULT))
+            res.rows.append(BatchRow("llama-batched-bench", dtype, peer_gguf.type_of(gguf, dtype), threads, b, pp, tg,
+                                     tg.scaled(1 / b), kv_type or peer_gguf.LLAMA_KV_DEFAULT))
 
 
 def _load_average():

@@ -30,6 +30,20 @@ LLAMA_KV_TYPES = {"f32": "f32", "bf16": "bf16", "f16": "f16", "int8": "q8_0"}
 LLAMA_KV_DEFAULT = "f16"  # llama.cpp's cache type when none is given
 
 
+def type_of(gguf_path: str, dtype: str) -> str:
+    """The llama.cpp type of a peer GGUF's weights as its general.file_type names it ("Q4_K_M" for a
+    file given with --gguf int4=...), else the type the harness makes for dtype (LLAMA_TYPES)."""
+    from gguf import LlamaFileType
+
+    from ..gguf_import import metadata, open_gguf
+
+    try:
+        name = LlamaFileType(int(metadata(open_gguf(gguf_path)).get("general.file_type", -1))).name
+    except ValueError:  # no file type, or one this gguf release does not know
+        return LLAMA_TYPES.get(dtype, "?")
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
 def cache_flags(kv_type: str | None) -> list:
     """A llama.cpp tool's flags for a KV cache of `kv_type` (None: none, its default), flash attention on:
     a quantized V cache needs it, and the llama-cpp-python peer runs with it."""

@@ -252,7 +252,7 @@ def _peer_specs(opts, dtype, folder, status, log) -> dict:
             continue
         status[peer][dtype] = "measured"
         if peer == "llama.cpp":
-            specs[peer] = {"gguf": gguf, "gguf_type": peer_gguf.LLAMA_TYPES.get(dtype, "?"), "lib": opts.llama_cpp_lib,
+            specs[peer] = {"gguf": gguf, "gguf_type": peer_gguf.type_of(gguf, dtype), "lib": opts.llama_cpp_lib,
                            "kv_type": kv_type}
         elif peer == "transformers":
             specs[peer] = {"folder": folder, "dtype": dtype}
@@ -422,7 +422,7 @@ def _llama_bench_rows(opts, dtype, threads, spec, results, log) -> None:
         results.peers["llama-bench"][dtype] = f"failed: {e}"
         return
     results.peers["llama-bench"][dtype] = f"measured ({about})"
-    weights = peer_gguf.LLAMA_TYPES.get(dtype, "?")
+    weights = peer_gguf.type_of(spec["gguf"], dtype)
     for test in tests_of(opts):
         stat = stats.get((test.kind, test.tokens, test.depth))
         if stat is not None:

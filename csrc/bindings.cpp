@@ -97,6 +97,12 @@ double read_bandwidth(size_t bytes, int threads, int repeats) {
   return best;
 }
 
+// The shape of a KV cache of `dtype` ("f32" | "bf16" | "f16" | "int8") for the model.
+KvShape kv_shape(const Model& model, const std::string& dtype) {
+  const ModelConfig& c = model.config;
+  return KvShape{c.num_hidden_layers, c.num_key_value_heads, c.head_dim, KV_BLOCK_ROWS, parse_kv_dtype(dtype)};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -257,21 +263,12 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<KvPool, std::shared_ptr<KvPool>>(m, "KvPool")
       .def(py::init([](const Model& model, size_t max_blocks, const std::string& dtype) {
-             const ModelConfig& c = model.config;
-             return std::make_shared<KvPool>(
-                 KvShape{c.num_hidden_layers, c.num_key_value_heads, c.head_dim, KV_BLOCK_ROWS, parse_kv_dtype(dtype)},
-                 max_blocks);
+             return std::make_shared<KvPool>(kv_shape(model, dtype), max_blocks);
            }),
            py::arg("model"), py::arg("max_blocks"), py::arg("dtype") = "f32")
       .def_static(
           "bytes_per_block",
-          [](const Model& model, const std::string& dtype) {
-            const ModelConfig& c = model.config;
-            return KvPool(KvShape{c.num_hidden_layers, c.num_key_value_heads, c.head_dim, KV_BLOCK_ROWS,
-                                  parse_kv_dtype(dtype)},
-                          1)
-                .block_bytes();
-          },
+          [](const Model& model, const std::string& dtype) { return kv_shape(model, dtype).block_bytes(); },
           py::arg("model"), py::arg("dtype"))
       .def_property_readonly("dtype", [](const KvPool& p) { return std::string(dtype_name(p.shape().dtype)); })
       .def_property_readonly("block_rows", [](const KvPool& p) { return p.shape().block_rows; })

@@ -88,14 +88,14 @@ int KvPool::refs(int id) const {
 
 // Blocks come from arenas of about ARENA_BYTES, each aligned to and advised into 2 MiB pages
 // (where the kernel grants them; a mapping per block, smaller than a huge page, never got one). A
-// decode step at depth 8160 reads a few KB of each of 510 blocks per layer and KV head, each of
-// which was a TLB miss in 4 KiB pages: SmolLM2 bf16 at that depth decodes 2-7% faster.
+// decode step at depth 8160 reads a few KB of each of 510 blocks per layer and KV head, in 4 KiB
+// pages a page apiece for the TLB: SmolLM2 bf16 at that depth decodes 2-7% faster.
 void KvPool::map_arena() {
   constexpr size_t HUGE_PAGE = size_t(2) << 20;
   const size_t blocks = std::min(max_blocks_ - data_.size(), std::max<size_t>(1, ARENA_BYTES / block_bytes()));
   const size_t bytes = (blocks * block_bytes() + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
-  // Anonymous pages, zero-filled on first touch: a block costs memory as positions fill it. One
-  // huge page more than needed, so that the arena can start at a huge page's boundary.
+  // Anonymous pages, zero-filled on first touch: the arena costs memory as blocks fill it, a huge
+  // page at a time. One huge page more than needed, so that it can start at a huge page's boundary.
   void* p = ::mmap(nullptr, bytes + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED)
     throw KvPoolExhausted("the system has no memory for more KV cache blocks of " +

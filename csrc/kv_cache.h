@@ -34,6 +34,7 @@ struct KvShape {
   long row_elements() const { return kv_row_elements(dtype, head_dim); }
   size_t block_elements() const { return size_t(layers) * 2 * kv_heads * block_rows * row_elements(); }
   size_t element_size() const { return kv_element_size(dtype); }
+  size_t block_bytes() const { return block_elements() * element_size(); }
   long keys(int layer, int head) const { return (long(layer) * 2 * kv_heads + head) * block_rows * row_elements(); }
   long values(int layer, int head) const { return keys(layer, head) + long(kv_heads) * block_rows * row_elements(); }
 };
@@ -58,7 +59,7 @@ class KvPool {
   KvPool& operator=(const KvPool&) = delete;
 
   const KvShape& shape() const { return shape_; }
-  size_t block_bytes() const { return shape_.block_elements() * shape_.element_size(); }
+  size_t block_bytes() const { return shape_.block_bytes(); }
   size_t max_blocks() const { return max_blocks_; }
   size_t in_use() const;     // blocks held by some sequence
   size_t allocated() const;  // blocks with memory: in use, or free and kept for reuse

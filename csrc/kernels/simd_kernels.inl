@@ -242,6 +242,20 @@ inline float kv_scalar(const typename E::T* row, int i, int d) {
   if constexpr (std::is_same_v<E, KvQ8>) return row[i] * kv_group_scale(row, i, d);
   else return E::scalar(row + i);
 }
+// Σ q[i] · row[i] over a KV row of d elements: dot<E>'s two accumulators, read through kv_load.
+template <class E>
+inline float kv_dot(const float* q, const typename E::T* row, int d) {
+  V acc0 = S::zero(), acc1 = S::zero();
+  int i = 0;
+  for (; i + 2 * S::N <= d; i += 2 * S::N) {
+    acc0 = S::fma(S::load(q + i), kv_load<E>(row, i, d), acc0);
+    acc1 = S::fma(S::load(q + i + S::N), kv_load<E>(row, i + S::N, d), acc1);
+  }
+  for (; i + S::N <= d; i += S::N) acc0 = S::fma(S::load(q + i), kv_load<E>(row, i, d), acc0);
+  float s = S::sum(S::add(acc0, acc1));
+  for (; i < d; ++i) s += q[i] * kv_scalar<E>(row, i, d);
+  return s;
+}
 
 // The cache's element type as a loader (WeightF32, WeightBF16, WeightF16, KvQ8), for f(E{}).
 template <class F>
@@ -356,10 +370,7 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
       for (; j < rows; ++j)  // d not a multiple of the vector
         for (int h = 0; h < hn; ++h) {
           float& sj = scratch[(long)(h0 + h) * n + (j0 - k0) + j];
-          const float* qh = q + (long)(h0 + h) * ldq;
-          float dot = 0;
-          for (int i = 0; i < d; ++i) dot += qh[i] * kv_scalar<E>(K + j * kv.ld, i, d);
-          sj = scale * dot;
+          sj = scale * kv_dot<E>(q + (long)(h0 + h) * ldq, K + j * kv.ld, d);
           m[h0 + h] = sj > m[h0 + h] ? sj : m[h0 + h];
         }
     }

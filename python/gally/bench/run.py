@@ -225,7 +225,7 @@ def _peer_specs(opts, dtype, folder, status, log) -> dict:
         folder if opts.shape else opts.model)
     specs = {"gally": {"model": model, "dtype": dtype, "kv_dtype": opts.kv_dtype}}
     kv_type = peer_gguf.LLAMA_KV_TYPES[opts.kv_dtype] if opts.kv_dtype else None
-    gguf = ct2 = None
+    gguf = gguf_type = ct2 = None
     for peer in opts.peers:
         why = installed(peer)
         if not why and peer in ("llama.cpp", "llama-bench"):
@@ -235,6 +235,7 @@ def _peer_specs(opts, dtype, folder, status, log) -> dict:
                 try:
                     gguf = opts.ggufs.get(dtype) or peer_gguf.peer_gguf(folder, dtype, opts.llama_cpp,
                                                                        opts.llama_cpp_bin, log=log)
+                    gguf_type = peer_gguf.type_of(gguf, dtype)
                 except peer_gguf.PeerUnavailable as e:
                     gguf = e
             if isinstance(gguf, Exception):
@@ -252,15 +253,14 @@ def _peer_specs(opts, dtype, folder, status, log) -> dict:
             continue
         status[peer][dtype] = "measured"
         if peer == "llama.cpp":
-            specs[peer] = {"gguf": gguf, "gguf_type": peer_gguf.type_of(gguf, dtype), "lib": opts.llama_cpp_lib,
-                           "kv_type": kv_type}
+            specs[peer] = {"gguf": gguf, "gguf_type": gguf_type, "lib": opts.llama_cpp_lib, "kv_type": kv_type}
         elif peer == "transformers":
             specs[peer] = {"folder": folder, "dtype": dtype}
         elif peer == "ctranslate2":
             specs[peer] = {"folder": ct2, "compute_type": peer_ct2.CT2_TYPES[dtype]}
         else:
-            specs[peer] = {"gguf": gguf, "tool": peer_gguf.find_tool("llama-bench", opts.llama_cpp_bin, opts.llama_cpp),
-                           "kv_type": kv_type}
+            specs[peer] = {"gguf": gguf, "gguf_type": gguf_type, "kv_type": kv_type,
+                           "tool": peer_gguf.find_tool("llama-bench", opts.llama_cpp_bin, opts.llama_cpp)}
     return specs
 
 
@@ -422,7 +422,7 @@ def _llama_bench_rows(opts, dtype, threads, spec, results, log) -> None:
         results.peers["llama-bench"][dtype] = f"failed: {e}"
         return
     results.peers["llama-bench"][dtype] = f"measured ({about})"
-    weights = peer_gguf.type_of(spec["gguf"], dtype)
+    weights = spec["gguf_type"]
     for test in tests_of(opts):
         stat = stats.get((test.kind, test.tokens, test.depth))
         if stat is not None:

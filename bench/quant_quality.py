@@ -38,7 +38,8 @@ from gally import cache, perplexity, quantize, safetensors_file, sources
 from gally.dtypes import as_float32
 
 LAYER = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
-GALLY_KINDS = ("int8", "int4", "int4-pure", "int4-v1")  # int4-pure: `gally quantize --to int4 --pure`
+# int4-pure: `gally quantize --to int4 --pure`; int4-uncalibrated: `--no-calibration` (every input column alike)
+GALLY_KINDS = ("int8", "int4", "int4-pure", "int4-uncalibrated", "int4-v1")
 # llama-quantize's default choices per tensor: on SmolLM2, whose rows of 576 are no multiple of
 # the k-quants' 256, Q4_K_S and Q4_K_M store q/k/v/o/gate/up as Q5_0 (its fallback) and only
 # down_proj (1536 inputs) as Q4_K (Q4_K_M: v_proj Q8_0 and down_proj Q6_K in 14 of the 30 layers).
@@ -75,7 +76,9 @@ def gally_rows(base_folder: str, work: str, text: str, ctx: int, threads: int) -
         folder = os.path.join(work, f"gally-{kind}")
         start = time.perf_counter()
         if not os.path.isdir(folder):
-            quantize.quantize_folder(base_folder, folder, kind.removesuffix("-pure"), pure=kind.endswith("-pure"))
+            quantize.quantize_folder(base_folder, folder, kind.split("-")[0] if kind != "int4-v1" else kind,
+                                     pure=kind.endswith("-pure"),
+                                     calibration=None if kind.endswith("-uncalibrated") else "self")
         made = time.perf_counter() - start
         bits = quantize.bits_per_weight(quantize.read_checkpoint(folder))
         layers_bpw, model_bpw = bits["layers"], bits["model"]

@@ -298,7 +298,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "forward",
           [](Runner& r, Sequence& s, Array<int32_t> tokens, py::array_t<float, py::array::c_style> logits,
-             bool all_logits, py::object hidden, py::object attention, py::object mlp) {
+             bool all_logits, py::object hidden, py::object attention, py::object mlp, py::object squares) {
             // One sequence; logits [vocab], or [n, vocab] with all_logits.
             const ModelConfig& c = s.model().config;
             require(tokens.ndim() == 1, "token_ids must be one-dimensional");
@@ -308,6 +308,7 @@ PYBIND11_MODULE(_core, m) {
             Record rec;
             const size_t ctx = size_t(s.position()) + n;
             py::array_t<float, py::array::c_style> h, a, f;
+            py::array_t<double, py::array::c_style> sq;
             if (!hidden.is_none()) {
               h = hidden.cast<py::array_t<float, py::array::c_style>>();
               require(size_t(h.size()) == size_t(c.num_hidden_layers + 1) * n * c.hidden_size,
@@ -326,6 +327,14 @@ PYBIND11_MODULE(_core, m) {
                       "mlp_activations buffer must have shape [layers, n, intermediate]");
               rec.mlp = f.mutable_data();
             }
+            if (!squares.is_none()) {
+              sq = squares.cast<py::array_t<double, py::array::c_style>>();
+              const size_t per_layer =
+                  2 * size_t(c.hidden_size) + size_t(c.num_attention_heads) * c.head_dim + size_t(c.intermediate_size);
+              require(size_t(sq.size()) == size_t(c.num_hidden_layers) * per_layer,
+                      "input_squares buffer must have shape [layers, 2 * hidden + heads * head_dim + intermediate]");
+              rec.squares = sq.mutable_data();
+            }
             float* out = logits.mutable_data();
             // The ids are copied before the GIL is released: another thread may change the caller's array.
             const std::vector<int32_t> ids(tokens.data(), tokens.data() + n);
@@ -335,7 +344,7 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("sequence"), py::arg("tokens"), py::arg("logits"), py::arg("all_logits") = false,
           py::arg("hidden_states") = py::none(), py::arg("attentions") = py::none(),
-          py::arg("mlp_activations") = py::none())
+          py::arg("mlp_activations") = py::none(), py::arg("input_squares") = py::none())
       .def(
           "forward_batch",
           [](Runner& r, const std::vector<Sequence*>& seqs, Array<int32_t> tokens, Array<int32_t> counts,

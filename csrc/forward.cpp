@@ -71,9 +71,12 @@ struct Pass {
   // in its sequence and takes their values (v) in proportion.
   void attention(int l) {
     const LayerWeights& L = m.layers[l];
-    const MatmulInput h = ws.matmul_input(ops, normalized(L.input_layernorm), n, batch.n_rowwise, D);
+    const float* xn = normalized(L.input_layernorm);
+    record_squares(l, 0, xn, D);
+    const MatmulInput h = ws.matmul_input(ops, xn, n, batch.n_rowwise, D);
     project_qkv(l, h);
     attend(l);
+    record_squares(l, D, ws.att.data(), QD);
     matmul_parallel(ops, L.o_proj, ws.matmul_input(ops, ws.att.data(), n, batch.n_rowwise, QD), n, L.o_bias,
                     ws.x.data(), true);
   }
@@ -161,7 +164,9 @@ struct Pass {
   // up, so it applies the SwiGLU to them at once.
   void feed_forward(int l) {
     const LayerWeights& L = m.layers[l];
-    const MatmulInput h = ws.matmul_input(ops, normalized(L.post_attention_layernorm), n, batch.n_rowwise, D);
+    const float* xn = normalized(L.post_attention_layernorm);
+    record_squares(l, D + QD, xn, D);
+    const MatmulInput h = ws.matmul_input(ops, xn, n, batch.n_rowwise, D);
     const int nr = batch.n_rowwise;
     auto gate_up = [&](int r0, int r1, int t0, int t1) {  // rows [r0, r1) of tokens [t0, t1)
       if (r0 >= r1 || t0 >= t1) return;
@@ -184,6 +189,7 @@ struct Pass {
     }
     par::barrier();
     if (rec.mlp) record_rows(rec.mlp + (size_t(l) * rec.n + rec.offset) * F, ws.gate.data(), F);
+    record_squares(l, 2 * D + QD, ws.gate.data(), F);
     matmul_parallel(ops, L.down_proj, ws.matmul_input(ops, ws.gate.data(), n, nr, F), n, L.down_bias, ws.x.data(),
                     true);
   }
@@ -209,6 +215,24 @@ struct Pass {
         n, [&](int t) { std::memcpy(dst + size_t(t) * width, src + size_t(t) * width, sizeof(float) * width); });
   }
 
+  // rec.squares[l][at + j] += Σ_t in[t, j]², for the n rows of in [n, width] (see Record). A
+  // thread owns a run of columns; the barrier first lets every thread's writes to `in` land.
+  void record_squares(int l, int at, const float* in, int width) {
+    if (!rec.squares) return;
+    par::barrier();
+    double* dst = rec.squares + size_t(l) * (2 * D + QD + F) + at;
+    const int blocks = (width + SQUARES_BLOCK - 1) / SQUARES_BLOCK;
+    par::for_static(blocks, [&](int b) {
+      const int j0 = b * SQUARES_BLOCK, j1 = std::min(width, j0 + SQUARES_BLOCK);
+      for (int t = 0; t < n; ++t)
+        for (int j = j0; j < j1; ++j) {
+          const double v = in[size_t(t) * width + j];
+          dst[j] += v * v;
+        }
+    });
+  }
+
+  static constexpr int SQUARES_BLOCK = 64;     // columns per unit of record_squares
   static constexpr int ROW_BLOCK_SWIGLU = 16;  // gate/up rows per block for a few tokens
 };
 

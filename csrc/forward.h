@@ -40,8 +40,13 @@ struct Record {
   float* hidden = nullptr;     // [layers + 1, n, hidden]: the embeddings, then each layer's output
   float* attention = nullptr;  // [layers, heads, n, context]: softmax weights, 0 where masked
   float* mlp = nullptr;        // [layers, n, intermediate]: silu(gate) ⊙ up, the feed-forward's expansion
+  // [layers, 2 · hidden + heads · head_dim + intermediate]: Σ x² over the tokens, added to, for each
+  // column of the four matmul inputs of a layer in turn: RMSNorm(x) into q/k/v, the attention's
+  // output into o_proj, RMSNorm(x) into gate/up, silu(gate) ⊙ up into down_proj (the activation
+  // statistics `gally quantize` weights int4's errors by).
+  double* squares = nullptr;
   int offset = 0, n = 0, context = 0;
-  bool any() const { return hidden || attention || mlp; }
+  bool any() const { return hidden || attention || mlp || squares; }
 };
 
 // n elements left uninitialised: a large buffer's pages are mapped only when first written.

@@ -62,9 +62,10 @@ def rotate(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.nda
     return x * cos + rotated * sin
 
 
-def forward(folder: str, tokens: list[int], weights: dict | None = None, kv_round=None) -> np.ndarray:
+def forward(folder: str, tokens: list[int], weights: dict | None = None, kv_round=None, inputs=None) -> np.ndarray:
     """Logits [T, vocab] for the whole sequence, computed from scratch. kv_round: the values a KV
-    cache holds for the keys and values [T, kv_heads, head_dim] (default: them, exactly)."""
+    cache holds for the keys and values [T, kv_heads, head_dim] (default: them, exactly).
+    inputs(name, x): called with every linear layer's name and input x [T, in]."""
     cfg = json.load(open(os.path.join(folder, "config.json")))
     w = weights or load_weights(folder)
     D, H = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -76,6 +77,8 @@ def forward(folder: str, tokens: list[int], weights: dict | None = None, kv_roun
     pos = np.arange(T, dtype=np.float64)
 
     def linear(x, name):
+        if inputs:
+            inputs(name, x)
         y = x @ w[name + ".weight"].T
         return y + w[name + ".bias"] if name + ".bias" in w else y
 

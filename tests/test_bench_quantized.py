@@ -41,9 +41,12 @@ def test_gally_loads_the_stored_quantized_folder_zero_copy(result, home, folder)
     for s in (s for s in result.setups if s.engine == "gally"):
         path = result.quantized[s.dtype]
         assert path == derived.quantized_folder(folder, s.dtype)  # cached: the same folder again
-        # int4 names its format's version: a cache from before version 2 holds version 1's int4
+        # int4 names its format's version (a cache from before version 2 holds version 1's int4) and
+        # its calibration (a real model's: not random-* weights)
         assert path.startswith(os.path.join(home, "bench", ""))
-        assert path.endswith({"int8": "-gally-int8", "int4": "-gally-int4-v2"}[s.dtype])
+        assert path.endswith({"int8": "-gally-int8", "int4": "-gally-int4-v2-calibrated"}[s.dtype])
+        if s.dtype == "int4":
+            assert quantize.read_checkpoint(path).metadata[quantize.METADATA_CALIBRATION].startswith("self-sampled")
         assert quantize.read_checkpoint(path).quant_type == s.dtype
         assert s.info["path"] == path and s.info["copied_bytes"] == 0 and s.weights == s.dtype
         assert s.info["file_bytes"] == os.path.getsize(os.path.join(path, "model.safetensors"))

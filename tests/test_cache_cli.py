@@ -65,10 +65,11 @@ def test_quantized_gguf_is_cached_once(home, tiny_gguf, capfd, dtype):
     first = gally.load(tiny_gguf, dtype=dtype)
     err = capfd.readouterr().err
     assert first.path.startswith(os.path.join(home, "models"))
-    assert os.path.basename(first.path).endswith(f"-{dtype}-q{quantize.VERSION}")  # keyed by the format version
+    # keyed by the format version (and int4's calibration, which makes an int8 entry first)
+    assert os.path.basename(first.path).endswith(f"-{dtype}-q{quantize.VERSION}" + "-calibrated" * (dtype == "int4"))
     assert quantize.read_checkpoint(first.path).quant_type == dtype
     # one line: what, where, how large; no progress bar when stderr is not a terminal
-    assert err.count("\n") == 1 and "\r" not in err
+    assert err.count("\n") == 1 + (dtype == "int4") and "\r" not in err
     assert f"quantizing tiny.gguf to {dtype} into {first.path} (" in err and "B, once;" in err
     assert "gally cache" in err
     again = gally.load(tiny_gguf, dtype=dtype)
@@ -83,6 +84,8 @@ def test_quantized_gguf_is_cached_once(home, tiny_gguf, capfd, dtype):
 def test_convert_writes_a_quantized_folder_equal_to_gally_quantize(home, tiny_gguf, tmp_path, capsys):
     assert cli.main(["convert", tiny_gguf, str(tmp_path / "direct"), "--dtype", "int4"]) == 0
     assert cli.main(["quantize", sources.resolve(tiny_gguf), str(tmp_path / "two-step"), "--to", "int4"]) == 0
+    calibration = quantize.read_checkpoint(str(tmp_path / "direct")).metadata[quantize.METADATA_CALIBRATION]
+    assert calibration == "self-sampled, 4 x 256 tokens, seed 0"
     _, direct = quantize.load_arrays(str(tmp_path / "direct"))
     _, two_step = quantize.load_arrays(str(tmp_path / "two-step"))
     assert direct.keys() == two_step.keys()
@@ -139,16 +142,17 @@ def test_cache_lists_entries_and_removes_them(home, tiny_gguf, capsys):
     assert "is empty" in capsys.readouterr().out
     f32 = gally.load(tiny_gguf).path
     int4 = gally.load(tiny_gguf, dtype="int4").path
+    int8 = sources.resolve(tiny_gguf, "int8")  # int4's calibration ran it: made on the way
     capsys.readouterr()
     assert cli.main(["cache"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["NAME", "KIND", "DTYPE", "SIZE", "LAST", "USED", "PATH"]
     rows = {line.split()[0]: line for line in out[1:-1]}
-    assert set(rows) == {os.path.basename(f32), os.path.basename(int4)}
+    assert set(rows) == {os.path.basename(f32), os.path.basename(int4), os.path.basename(int8)}
     assert rows[os.path.basename(int4)].split()[1:3] == ["model", "int4"]
     assert rows[os.path.basename(f32)].rstrip().endswith(f32)
     human = cache.human_bytes
-    assert out[-1].startswith(f"2 entries, {human(sum(e.size for e in cache.entries()))} in {home}")
+    assert out[-1].startswith(f"3 entries, {human(sum(e.size for e in cache.entries()))} in {home}")
     assert [human(n) for n in (999, 505_100, 96_651_048, 2.2e9)] == ["999 B", "505.1 kB", "96.7 MB", "2.2 GB"]
 
     with pytest.raises(SystemExit):  # argparse: rm needs names or --all

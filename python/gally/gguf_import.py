@@ -319,10 +319,11 @@ def _stored_bytes(name: str, t, dtype: str, layers: int) -> int:
 
 
 def convert(path: str, out_dir: str, dtype: str = "f32", progress: Optional[bool] = None,
-            announce: Optional[Callable[[int], None]] = None) -> str:
+            announce: Optional[Callable[[int], None]] = None, calibration=None) -> str:
     """Writes the Hugging Face folder for GGUF file `path` at `out_dir` (which must not exist, or be
     empty) in weights of `dtype` ("f32", "bf16" or "f16"; norms and biases stay float32; "int8" or
-    "int4": the gally-quant folder `gally quantize` would make of the f32 conversion). The folder
+    "int4": the gally-quant folder `gally quantize` would make of the f32 conversion, int4 with the
+    quantize.Calibration `calibration` when given). The folder
     appears whole or not at all. progress: a bar on stderr once the work has taken a second
     (default: when stderr is a terminal). announce: called with the bytes it will write, before
     writing them."""
@@ -341,11 +342,12 @@ def convert(path: str, out_dir: str, dtype: str = "f32", progress: Optional[bool
     if announce is not None:
         announce(plan.out_bytes)
     with cache.building(out_dir) as tmp:
-        write_folder(plan, path, tmp, dtype, progress)
+        write_folder(plan, path, tmp, dtype, progress, calibration)
     return out_dir
 
 
-def write_folder(plan: _Plan, path: str, folder: str, dtype: str, progress: Optional[bool] = None) -> None:
+def write_folder(plan: _Plan, path: str, folder: str, dtype: str, progress: Optional[bool] = None,
+                 calibration=None) -> None:
     """Writes config, tokenizer and weights of `plan` into the existing empty `folder`."""
     _write_json(os.path.join(folder, "config.json"), plan.config)
     try:
@@ -357,7 +359,7 @@ def write_folder(plan: _Plan, path: str, folder: str, dtype: str, progress: Opti
     if plan.eos_ids:
         generation["eos_token_id"] = plan.eos_ids if len(plan.eos_ids) > 1 else plan.eos_ids[0]
     _write_json(os.path.join(folder, "generation_config.json"), generation)
-    _write_weights(plan, path, folder, dtype, progress)
+    _write_weights(plan, path, folder, dtype, progress, calibration)
 
 
 def _float_tensors(plan: _Plan, path: str) -> Iterator[tuple[str, Any, np.ndarray]]:
@@ -372,7 +374,7 @@ def _float_tensors(plan: _Plan, path: str) -> Iterator[tuple[str, Any, np.ndarra
         yield name, t, w
 
 
-def _write_quantized(plan: _Plan, path: str, folder: str, to: str, progress: Optional[bool]) -> None:
+def _write_quantized(plan: _Plan, path: str, folder: str, to: str, progress: Optional[bool], calibration) -> None:
     """One model.safetensors in the gally-quant format: each weight quantized as it is dequantized,
     so that memory holds the quantized model and one float32 tensor."""
     from .quantize import quantize_tensors
@@ -382,15 +384,15 @@ def _write_quantized(plan: _Plan, path: str, folder: str, to: str, progress: Opt
     with progress_bar(plan.out_bytes, f"quantizing {os.path.basename(path)} to {to}", progress) as bar:
         for name, t, w in _float_tensors(plan, path):
             out, metadata = quantize_tensors({name: ("F32", np.ascontiguousarray(w))}, to,
-                                             layers=plan.config["num_hidden_layers"])
+                                             layers=plan.config["num_hidden_layers"], calibration=calibration)
             tensors.update(out)
             bar.update(_stored_bytes(name, t, to, plan.config["num_hidden_layers"]))
     safetensors_file.write_file(os.path.join(folder, "model.safetensors"), tensors, metadata)
 
 
-def _write_weights(plan: _Plan, path: str, folder: str, dtype: str, progress: Optional[bool]) -> None:
+def _write_weights(plan: _Plan, path: str, folder: str, dtype: str, progress: Optional[bool], calibration) -> None:
     if dtype in QUANTIZED:
-        _write_quantized(plan, path, folder, dtype, progress)
+        _write_quantized(plan, path, folder, dtype, progress, calibration)
         return
     shard: dict[str, np.ndarray] = {}
     shard_bytes = 0

@@ -152,25 +152,32 @@ class Session:
 
     def forward(self, token_ids: Union[int, Sequence[int], np.ndarray], *, all_logits: bool = False,
                 hidden_states: Optional[np.ndarray] = None,
-                attentions: Optional[np.ndarray] = None, mlp_activations: Optional[np.ndarray] = None) -> np.ndarray:
+                attentions: Optional[np.ndarray] = None, mlp_activations: Optional[np.ndarray] = None,
+                input_squares: Optional[np.ndarray] = None) -> np.ndarray:
         """append() with options: all_logits returns [n, vocab_size]; hidden_states (float32
         [layers + 1, n, hidden]), attentions (float32 [layers, heads, n, position + n], zeroed) and
         mlp_activations (float32 [layers, n, intermediate]) are filled when given: the embeddings
-        then each layer's output; each head's softmax; each layer's silu(gate) ⊙ up."""
+        then each layer's output; each head's softmax; each layer's silu(gate) ⊙ up.
+        input_squares (float64 [layers, 2·hidden + heads·head_dim + intermediate]) is added to:
+        Σ x² over the tokens for each column of a layer's four matmul inputs in turn, RMSNorm(x)
+        into q/k/v, the attention's output into o_proj, RMSNorm(x) into gate/up, silu(gate) ⊙ up
+        into down_proj (quantize.calibrate's statistics)."""
         cfg = self.model.config
         ids = token_array(token_ids, cfg.vocab_size)
-        for name, buf in (("hidden_states", hidden_states), ("attentions", attentions),
-                          ("mlp_activations", mlp_activations)):
-            if buf is not None and (not isinstance(buf, np.ndarray) or buf.dtype != np.float32
+        for name, buf, dtype in (("hidden_states", hidden_states, np.float32), ("attentions", attentions, np.float32),
+                                 ("mlp_activations", mlp_activations, np.float32),
+                                 ("input_squares", input_squares, np.float64)):
+            if buf is not None and (not isinstance(buf, np.ndarray) or buf.dtype != dtype
                                     or not buf.flags.c_contiguous or not buf.flags.writeable):
-                raise ValueError(f"{name} must be a writable C-contiguous float32 numpy array")
+                raise ValueError(f"{name} must be a writable C-contiguous {np.dtype(dtype).name} numpy array")
         logits = np.empty((len(ids), cfg.vocab_size) if all_logits else cfg.vocab_size, dtype=np.float32)
         with self._locked():
             check_context(self._seq.position, len(ids), self._seq.max_context)
             if self._runner is None:
                 self._runner = _core.Runner(self.model._core, min(self._seq.max_context, MAX_PASS_TOKENS))
             try:
-                self._runner.forward(self._seq, ids, logits, all_logits, hidden_states, attentions, mlp_activations)
+                self._runner.forward(self._seq, ids, logits, all_logits, hidden_states, attentions, mlp_activations,
+                                     input_squares)
             except MemoryError:  # std::bad_alloc: say what was asked of memory, not just that it failed
                 position = self._seq.position
                 raise MemoryError(f"out of memory running {len(ids)} tokens after {position}: this sequence's KV cache "
@@ -490,7 +497,7 @@ def load(source: Optional[str] = None, dtype: Optional[str] = None, threads: Opt
     tensors = safetensors_file.open_checkpoint(folder)
     if check_tensors:
         safetensors_file.check_finite(tensors, folder)
-    tensors, dtype = _quantization(folder, tensors, dtype)
+    tensors, dtype = _quantization(folder, tensors, dtype, threads)
     try:
         core = _core.Model(cfg.core_config(), tensors, dtype or "", threads)
     except ValueError as e:
@@ -527,9 +534,10 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def _quantization(folder: str, tensors: dict, dtype: Optional[str]) -> tuple[dict, Optional[str]]:
+def _quantization(folder: str, tensors: dict, dtype: Optional[str], threads: int) -> tuple[dict, Optional[str]]:
     """Checks a quantized checkpoint's format (tag, scales, group sizes), or quantizes a float
-    one when dtype asks for int8/int4. Returns the tensors and the dtype for the float ones."""
+    one when dtype asks for int8/int4 (int4 calibrated as `gally quantize` does, on the float
+    model run with `threads`). Returns the tensors and the dtype for the float ones."""
     from . import quantize
 
     stored = quantize.read_checkpoint(folder)
@@ -541,7 +549,8 @@ def _quantization(folder: str, tensors: dict, dtype: Optional[str]) -> tuple[dic
     if dtype not in QUANTIZED:
         return tensors, dtype
     arrays = {name: (t.dtype, t.numpy()) for name, t in tensors.items()}
-    out, _ = quantize.quantize_tensors(arrays, dtype)
+    calibration = quantize.calibrate(quantize.calibration_model(folder, threads)) if dtype == "int4" else None
+    out, _ = quantize.quantize_tensors(arrays, dtype, calibration=calibration)
     return {name: tensors[name] if name in tensors and out[name][1] is arrays[name][1]
             else _core.tensor_from_numpy(name, dt, a) for name, (dt, a) in out.items()}, None
 

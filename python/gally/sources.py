@@ -99,7 +99,8 @@ def entry_name(gguf_name: str, sha256: str, dtype: str) -> str:
     from .quantize import VERSION
 
     stem = re.sub(r"[^\w.-]", "_", os.path.splitext(os.path.basename(gguf_name))[0])
-    return f"{stem}-{sha256[:16]}-{dtype}" + (f"-q{VERSION}" if dtype in gguf_import.QUANTIZED else "")
+    quantized = f"-q{VERSION}" + ("-calibrated" if dtype == "int4" else "")
+    return f"{stem}-{sha256[:16]}-{dtype}" + (quantized if dtype in gguf_import.QUANTIZED else "")
 
 
 def gguf_folder(path: str, dtype: str = "f32", sha256: Optional[str] = None) -> str:
@@ -122,7 +123,12 @@ def gguf_folder(path: str, dtype: str = "f32", sha256: Optional[str] = None) -> 
             print(f"gally: {verb} {os.path.basename(path)} to {dtype} into {final} ({cache.human_bytes(size)}, once; "
                   f"`gally cache` lists and removes what the cache holds)", file=sys.stderr, flush=True)
 
-        gguf_import.convert(path, final, dtype, announce=announce)
+        calibration = None
+        if dtype == "int4":  # calibrated on the int8 conversion, which stays in the cache
+            from . import quantize
+
+            calibration = quantize.calibrate(quantize.calibration_model(gguf_folder(path, "int8", sha256)))
+        gguf_import.convert(path, final, dtype, announce=announce, calibration=calibration)
     return final
 
 

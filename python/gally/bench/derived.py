@@ -48,8 +48,10 @@ def quantized_folder(source: str, dtype: str, cache_dir: str | None = None, log=
         if stored.quant_type != dtype:
             raise ValueError(f"{source} is quantized to {stored.quant_type}; it cannot be benchmarked as {dtype}")
         return source
-    # int4 names its format version: a cache made by an older gally holds version 1's int4
-    suffix = f"-v{quantize.VERSION}" if dtype == "int4" else ""
+    # int4 names its format version (a cache made by an older gally holds version 1's int4) and its
+    # calibration; random weights (random_folder) skip it, which would only cost minutes at 8B
+    random = os.path.basename(os.path.normpath(source)).startswith("random-")
+    suffix = f"-v{quantize.VERSION}" + ("" if random else "-calibrated") if dtype == "int4" else ""
     out = os.path.join(folder_for(source, cache_dir), f"{source_name(source)}-gally-{dtype}{suffix}")
     if os.path.isfile(os.path.join(out, "model.safetensors")):
         return out
@@ -57,7 +59,7 @@ def quantized_folder(source: str, dtype: str, cache_dir: str | None = None, log=
         if not os.path.isfile(os.path.join(out, "model.safetensors")):  # another run may have made it meanwhile
             if log:
                 log(f"making {out} with gally quantize --to {dtype}")
-            quantize.quantize_folder(source, out, dtype)  # appears whole or not at all
+            quantize.quantize_folder(source, out, dtype, calibration=None if random else "self")  # whole or not at all
     return out
 
 

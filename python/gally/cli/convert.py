@@ -4,8 +4,11 @@ folder (gguf_import.convert)."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..gguf_import import DTYPES, QUANTIZED, convert
+from ..quantize import quantize_folder
+from ..sources import gguf_file
 
 
 def add_parser(subparsers) -> None:
@@ -21,5 +24,9 @@ def add_parser(subparsers) -> None:
 
 
 def convert_command(args: argparse.Namespace) -> int:
-    print(convert(args.gguf, args.out_dir, args.dtype))
+    if args.dtype == "int4" and os.path.isfile(args.gguf) and gguf_file(args.gguf):  # calibrated, as gally quantize
+        quantize_folder(args.gguf, args.out_dir, args.dtype)
+        print(args.out_dir)
+    else:
+        print(convert(args.gguf, args.out_dir, args.dtype))
     return 0

@@ -6,26 +6,40 @@ import argparse
 import os
 import time
 
-from ..quantize import KINDS, bits_per_weight, quantize_folder
+from ..quantize import KINDS, bits_per_weight, calibrate, calibration_model, quantize_folder
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("quantize", help="write an int8 or int4 copy of a model",
                               description="Quantize a model's weight matrices to int8 (groups of 32, float16 "
                                           "scales) or int4 (4.5 bits per weight: groups of 32 with 6-bit scales "
-                                          "and mins in super-blocks of 8 groups; int4-v1, 5.0 bits: llama.cpp's Q4_1 "
-                                          "layout) into a new model folder that gally loads.")
+                                          "and mins in super-blocks of 8 groups, fitted to the errors that matter "
+                                          "most for the activations the model produces; int4-v1, 5.0 bits: "
+                                          "llama.cpp's Q4_1 layout) into a new model folder that gally loads.")
     p.add_argument("source", metavar="SRC", help="model folder, .gguf file or alias")
     p.add_argument("out_dir", metavar="OUT", help="the folder to create (must not exist or be empty)")
     p.add_argument("--to", required=True, choices=KINDS, help="int8, int4 or int4-v1 (gally-quant version 1's int4)")
     p.add_argument("--pure", action="store_true", help="every layer matrix in the --to kind (int4 otherwise keeps "
                    "v_proj and some down_proj in int8: see gally/quantize.py)")
+    calibration = p.add_mutually_exclusive_group()
+    calibration.add_argument("--calibration-text", metavar="FILE", default=None,
+                             help="int4: weigh each input column's errors by its activations on this text "
+                                  "(default: on sequences the model samples itself)")
+    calibration.add_argument("--no-calibration", action="store_true",
+                             help="int4: every input column's errors weigh alike")
     p.set_defaults(func=quantize_command)
 
 
 def quantize_command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    layout = quantize_folder(args.source, args.out_dir, args.to, args.pure)
+    calibration = None if args.no_calibration else "self"
+    if args.calibration_text is not None:
+        if args.to != "int4":
+            raise ValueError(f"--calibration-text applies to --to int4 only, not {args.to}")
+        with open(args.calibration_text, encoding="utf-8") as f:
+            text = f.read()
+        calibration = calibrate(calibration_model(args.source), text)
+    layout = quantize_folder(args.source, args.out_dir, args.to, args.pure, calibration=calibration)
     size = os.path.getsize(layout.path)
     weights = sum(m.shape[0] * m.shape[1] for m in layout.matrices.values())
     bits = bits_per_weight(layout)

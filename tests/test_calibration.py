@@ -1,0 +1,203 @@
+"""int4's calibration: the activation statistics the engine records (Session.forward's
+input_squares) against the NumPy reference, the importance-weighted int4 fit, calibrate(), and
+the ways to int4 that use them (gally quantize, gally convert, gally.load(dtype="int4"))."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import gally
+import reference_numpy as ref
+from conftest import make_checkpoint
+from gally import cli, quantize as qz
+
+MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj")
+
+
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(97)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok.to_str()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder, weights = make_checkpoint(tmp_path_factory.mktemp("calibration"))
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        f.write(_tokenizer_json())
+    return folder, weights
+
+
+def _reference_squares(folder, weights, windows) -> dict:
+    """{weight name: mean x² per input column} from the NumPy forward pass of each window."""
+    sums, count = {}, 0
+    for ids in windows:
+        def seen(name, x):
+            sums[name + ".weight"] = sums.get(name + ".weight", 0) + (x * x).sum(axis=0)
+        ref.forward(folder, ids, weights, inputs=seen)
+        count += len(ids)
+    return {name: s / count for name, s in sums.items() if name.startswith("model.layers.")}
+
+
+def test_input_squares_match_the_reference(tiny, isa):
+    """Prompt chunks through the GEMM, a single token row-wise: every column of the four matmul
+    inputs of each layer, summed over all of them."""
+    folder, weights = tiny
+    model = gally.load(folder)
+    c = model.config
+    ids = [int(i) for i in np.random.default_rng(1).integers(3, 97, 40)]
+    squares = np.zeros((c.num_hidden_layers, 2 * c.hidden_size + c.num_attention_heads * c.head_dim
+                        + c.intermediate_size))
+    session = model.session(64)
+    for part in (ids[:30], ids[30:31], ids[31:]):
+        session.forward(part, input_squares=squares)
+    want = _reference_squares(folder, weights, [ids])
+    d, qd = c.hidden_size, c.num_attention_heads * c.head_dim
+    for layer in range(c.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        for name, (a, b) in (("self_attn.q_proj", (0, d)), ("self_attn.o_proj", (d, d + qd)),
+                             ("mlp.up_proj", (d + qd, 2 * d + qd)), ("mlp.down_proj", (2 * d + qd, squares.shape[1]))):
+            np.testing.assert_allclose(squares[layer, a:b] / len(ids), want[p + name + ".weight"], rtol=2e-5,
+                                       err_msg=p + name)
+
+
+def test_input_squares_bad_buffers(tiny):
+    model = gally.load(tiny[0])
+    session = model.session(16)
+    c = model.config
+    good = (c.num_hidden_layers, 2 * c.hidden_size + c.num_attention_heads * c.head_dim + c.intermediate_size)
+    with pytest.raises(ValueError, match="input_squares must be a writable C-contiguous float64"):
+        session.forward([1, 2], input_squares=np.zeros(good, np.float32))
+    with pytest.raises(ValueError, match="input_squares buffer must have shape"):
+        session.forward([1, 2], input_squares=np.zeros((good[0], good[1] - 1)))
+    assert session.position == 0  # refused before running
+
+
+def test_calibrate_matches_the_reference_and_repeats(tiny):
+    folder, weights = tiny
+    model = gally.load(folder)
+    text = " ".join(f"w{i % 90 + 3}" for i in range(70))
+    cal = qz.calibrate(model, text, length=32)
+    assert cal.source == "text, 70 tokens in windows of 32"
+    ids = model.tokenizer.encode(text)
+    want = _reference_squares(folder, weights, [ids[0:32], ids[32:64], ids[64:]])
+    assert sorted(cal.squares) == sorted(f"model.layers.{i}.{m}.weight" for i in range(2) for m in MATRICES)
+    for name, squares in cal.squares.items():
+        np.testing.assert_allclose(squares, want[name], rtol=2e-5, err_msg=name)
+        np.testing.assert_array_equal(cal.importance(name), np.sqrt(squares))
+    # self-sampled: every sequence its own seed, the same ones again on a second call
+    a, b = qz.calibrate(model, samples=3, length=20), qz.calibrate(model, samples=3, length=20)
+    assert a.source == "self-sampled, 3 x 20 tokens, seed 0"
+    for name in a.squares:
+        np.testing.assert_array_equal(a.squares[name], b.squares[name])
+    samples = qz._self_samples(model, 3, 20, 0)
+    assert [len(s) for s in samples] == [20] * 3 and all(s[0] == 1 for s in samples)  # config's BOS first
+    assert len({tuple(s) for s in samples}) == 3
+    other = qz.calibrate(model, samples=3, length=20, seed=5).squares
+    assert any(not np.array_equal(other[n], a.squares[n]) for n in a.squares)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(text=""), "holds no tokens"),
+    (dict(samples=0), "samples must be a positive integer"),
+    (dict(length=True), "length must be a positive integer"),
+])
+def test_calibrate_bad_input(tiny, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        qz.calibrate(gally.load(tiny[0]), **kwargs)
+
+
+def test_calibration_text_needs_a_tokenizer(tmp_path):
+    folder, _ = make_checkpoint(tmp_path / "m")
+    with pytest.raises(ValueError, match="no tokenizer.json to read a calibration text with"):
+        qz.calibrate(gally.load(folder), "w1 w2")
+
+
+def test_importance_weighted_fit():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    plain = qz.dequantize_int4(*qz.quantize_int4(w))
+    # all columns alike: the unweighted fit exactly; all zero: no information, the same
+    for same in (np.full(256, 3.0), np.zeros(256)):
+        np.testing.assert_array_equal(qz.dequantize_int4(*qz.quantize_int4(w, importance=same)), plain)
+    # columns of very different importance: the weighted error falls well below the plain fit's
+    importance = np.exp(2 * rng.standard_normal(256))
+    weighted = qz.dequantize_int4(*qz.quantize_int4(w, importance=importance))
+
+    def cost(deq):
+        return float((importance * (deq - w) ** 2).sum())
+
+    assert cost(weighted) < 0.8 * cost(plain)
+    assert np.mean((weighted - w) ** 2) > np.mean((plain - w) ** 2)  # paid for on the columns that matter less
+
+
+@pytest.mark.parametrize("importance, message", [
+    (np.ones(255), r"importance must have shape \[256\]"),
+    (np.r_[np.ones(255), -1.0], "importance must be finite and non-negative"),
+    (np.r_[np.ones(255), np.nan], "importance must be finite and non-negative"),
+])
+def test_importance_bad_input(importance, message):
+    with pytest.raises(ValueError, match="tensor 'x': " + message):
+        qz.quantize_int4(np.ones((4, 256), np.float32), "x", importance=importance)
+
+
+def _arrays(folder):
+    return qz.load_arrays(folder)[1]
+
+
+def test_every_way_to_int4_is_calibrated_alike(tiny, tmp_path):
+    """gally quantize (default: self-sampled on the int8 model), its parts by hand, and
+    gally.load(dtype="int4") of the float folder write the same int4."""
+    folder, weights = tiny
+    out = str(tmp_path / "q")
+    layout = qz.quantize_folder(folder, out, "int4")
+    assert layout.metadata[qz.METADATA_CALIBRATION] == "self-sampled, 4 x 256 tokens, seed 0"
+    by_hand, _ = qz.quantize_tensors({n: ("F32", w.astype(np.float32)) for n, w in weights.items()}, "int4",
+                                     calibration=qz.calibrate(qz.calibration_model(folder)))
+    stored = _arrays(out)
+    assert stored.keys() == by_hand.keys()
+    for name, (_, a) in by_hand.items():
+        assert stored[name].tobytes() == np.ascontiguousarray(a).tobytes(), name
+    ids = np.arange(3, 40)
+    np.testing.assert_array_equal(gally.load(folder, dtype="int4").logits(ids), gally.load(out).logits(ids))
+    plain = str(tmp_path / "plain")
+    assert qz.quantize_folder(folder, plain, "int4", calibration=None).metadata[qz.METADATA_CALIBRATION] == "none"
+    unweighted = _arrays(plain)
+    up = "model.layers.0.mlp.up_proj.qweight"
+    assert not np.array_equal(stored[up], unweighted[up])  # the calibration changed the fit
+    v = "model.layers.0.self_attn.v_proj.qweight"
+    np.testing.assert_array_equal(stored[v], unweighted[v])  # int8: no fit to weigh
+
+
+def test_cli_calibration_options(tiny, tmp_path, capsys):
+    folder, _ = tiny
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(f"w{i % 90 + 3}" for i in range(50)))
+    out = tmp_path / "text"
+    assert cli.main(["quantize", folder, str(out), "--to", "int4", "--calibration-text", str(text)]) == 0
+    metadata = qz.read_checkpoint(str(out)).metadata
+    assert metadata[qz.METADATA_CALIBRATION] == "text, 50 tokens in windows of 256"
+    assert cli.main(["quantize", folder, str(tmp_path / "none"), "--to", "int4", "--no-calibration"]) == 0
+    assert qz.read_checkpoint(str(tmp_path / "none")).metadata[qz.METADATA_CALIBRATION] == "none"
+    capsys.readouterr()
+    # bad input: a clear error, and no folder left behind
+    assert cli.main(["quantize", folder, str(tmp_path / "a"), "--to", "int8", "--calibration-text", str(text)]) == 1
+    assert "--calibration-text applies to --to int4 only, not int8" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.txt")
+    assert cli.main(["quantize", folder, str(tmp_path / "b"), "--to", "int4", "--calibration-text", missing]) == 1
+    assert "missing.txt" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert cli.main(["quantize", folder, str(tmp_path / "c"), "--to", "int4", "--calibration-text", str(empty)]) == 1
+    assert "the calibration text holds no tokens" in capsys.readouterr().err
+    assert not any(os.path.exists(tmp_path / n) for n in "abc")
+    with pytest.raises(SystemExit):  # argparse: one or the other
+        cli.main(["quantize", folder, str(tmp_path / "d"), "--to", "int4", "--no-calibration",
+                  "--calibration-text", str(text)])

@@ -44,7 +44,7 @@ def test_gally_loads_the_stored_quantized_folder_zero_copy(result, home, folder)
         # int4 names its format's version (a cache from before version 2 holds version 1's int4) and
         # its calibration (a real model's: not random-* weights)
         assert path.startswith(os.path.join(home, "bench", ""))
-        assert path.endswith({"int8": "-gally-int8", "int4": "-gally-int4-v2-calibrated"}[s.dtype])
+        assert path.endswith({"int8": "-gally-int8", "int4": "-gally-int4-v2-ends2-calibrated"}[s.dtype])
         if s.dtype == "int4":
             assert quantize.read_checkpoint(path).metadata[quantize.METADATA_CALIBRATION].startswith("self-sampled")
         assert quantize.read_checkpoint(path).quant_type == s.dtype

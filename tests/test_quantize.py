@@ -141,14 +141,17 @@ def test_int4_v2_codes_pack_as_the_kernels_read_them():
 
 
 def test_int4_keeps_v_proj_and_some_down_proj_in_int8():
-    """llama.cpp's Q4_K_M layers with more bits: the first and last eighth, every third between."""
-    assert [i for i in range(30) if qz.more_bits(i, 30)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    """down_proj of the first two and last two layers."""
+    assert [i for i in range(30) if qz.more_bits(i, 30)] == [0, 1, 28, 29]
+    assert [i for i in range(3) if qz.more_bits(i, 3)] == [0, 1, 2]
     shape = (576, 1536)
-    assert qz.kind_for("model.layers.5.mlp.down_proj.weight", shape, "int4", 30) == "int8"
-    assert qz.kind_for("model.layers.6.mlp.down_proj.weight", shape, "int4", 30) == "int4"
+    assert qz.kind_for("model.layers.1.mlp.down_proj.weight", shape, "int4", 30) == "int8"
+    assert qz.kind_for("model.layers.28.mlp.down_proj.weight", shape, "int4", 30) == "int8"
+    assert qz.kind_for("model.layers.2.mlp.down_proj.weight", shape, "int4", 30) == "int4"
+    assert qz.kind_for("model.layers.27.mlp.down_proj.weight", shape, "int4", 30) == "int4"
     assert qz.kind_for("model.layers.6.self_attn.v_proj.weight", (192, 576), "int4", 30) == "int8"
     assert qz.kind_for("model.layers.6.self_attn.k_proj.weight", (192, 576), "int4", 30) == "int4"
-    assert qz.kind_for("model.layers.5.mlp.down_proj.weight", shape, "int4-v1", 30) == "int4-v1"
+    assert qz.kind_for("model.layers.1.mlp.down_proj.weight", shape, "int4-v1", 30) == "int4-v1"
 
 
 def test_nibble_order():
@@ -217,8 +220,8 @@ def test_quantize_folder(source, tmp_path, to):
     assert sorted(layout.plain) == sorted(n for n in weights if weights[n].ndim == 1)
     for name, m in layout.matrices.items():
         assert m.kind == qz.kind_for(name, weights[name].shape, to, 2)
-        v_or_last_down = name.endswith("v_proj.weight") or name == "model.layers.1.mlp.down_proj.weight"
-        assert m.kind == ("int8" if "embed" in name or (to == "int4" and v_or_last_down) else to)
+        v_or_down = name.endswith(("v_proj.weight", "down_proj.weight"))  # 2 layers: both ends
+        assert m.kind == ("int8" if "embed" in name or (to == "int4" and v_or_down) else to)
         assert m.shape == weights[name].shape and m.group_size == 32
         assert m.qweight == name[:-len("weight")] + "qweight" and m.scales == name[:-len("weight")] + "scales"
         assert m.mins == (name[:-len("weight")] + "mins" if m.kind != "int8" else None)
@@ -245,9 +248,9 @@ def test_bf16_source_and_cli(tmp_path, capsys):
     w = weights["model.layers.0.self_attn.q_proj.weight"].astype(np.float32)
     np.testing.assert_array_equal(qz.dequantize_checkpoint(str(out))["model.layers.0.self_attn.q_proj.weight"],
                                   qz.dequantize_int4(*qz.quantize_int4(w)))
-    # v_proj (32 × 64) of both layers and down_proj (64 × 96) of layer 1 (more_bits) in int8:
-    # (51200 · 4.5 + 10240 · 8.5) / 61440 bits
-    assert "bits per weight: layer matrices 5.17 (int4 4.50, int8 8.50)" in printed
+    # v_proj (32 × 64) and down_proj (64 × 96) of both layers (more_bits) in int8:
+    # (45056 · 4.5 + 16384 · 8.5) / 61440 bits
+    assert "bits per weight: layer matrices 5.57 (int4 4.50, int8 8.50)" in printed
     assert cli.main(["quantize", folder, str(tmp_path / "v1"), "--to", "int4-v1"]) == 0
     assert "bits per weight: layer matrices 5.00 (int4-v1 5.00)" in capsys.readouterr().out
 

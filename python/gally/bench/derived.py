@@ -48,10 +48,12 @@ def quantized_folder(source: str, dtype: str, cache_dir: str | None = None, log=
         if stored.quant_type != dtype:
             raise ValueError(f"{source} is quantized to {stored.quant_type}; it cannot be benchmarked as {dtype}")
         return source
-    # int4 names its format version (a cache made by an older gally holds version 1's int4) and its
-    # calibration; random weights (random_folder) skip it, which would only cost minutes at 8B
+    # int4 names its format version (a cache made by an older gally holds version 1's int4), which
+    # down_proj stay int8, and its calibration; random weights (random_folder) skip that, which
+    # would only cost minutes at 8B
     random = os.path.basename(os.path.normpath(source)).startswith("random-")
-    suffix = f"-v{quantize.VERSION}" + ("" if random else "-calibrated") if dtype == "int4" else ""
+    suffix = (f"-v{quantize.VERSION}-ends{quantize.MORE_BITS_ENDS}" + ("" if random else "-calibrated")
+              if dtype == "int4" else "")
     out = os.path.join(folder_for(source, cache_dir), f"{source_name(source)}-gally-{dtype}{suffix}")
     if os.path.isfile(os.path.join(out, "model.safetensors")):
         return out

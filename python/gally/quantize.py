@@ -94,6 +94,7 @@ import dataclasses
 import os
 import re
 import shutil
+import sys
 from typing import Optional
 
 import numpy as np
@@ -349,8 +350,8 @@ def quantize_int4(w: np.ndarray, name: str = "weight", importance: Optional[np.n
     m = dmin·mc with float16 d, dmin and 6-bit codes sc, mc (_fit_super); q is then rounded against
     the stored s and m. The sign of dmin is that of the super-block's largest |m|; a group whose m
     has the other sign gets mc = 0.
-    importance: float [cols], how much an error in each input column costs (Calibration: the mean
-    of x² over the column's activations): every fit above minimises Σ importance·error² instead.
+    importance: float [cols], how much an error in each input column costs (Calibration.importance:
+    the RMS of the column's activations): every fit above minimises Σ importance·error² instead.
     Returns qweight uint8 [rows, cols/2] (pack_int4's order), d and dmin float16 [blocks], codes
     uint8 [blocks, 12] (pack_codes), blocks = ceil(rows · cols / 256)."""
     g = _groups(w, GROUP_SIZE["int4"], name)
@@ -410,10 +411,11 @@ class Calibration:
     the checkpoint's metadata.
 
     The importance is the root of that mean, the column's RMS activation, not the mean itself:
-    fitting to the calibration's own statistics overshoots on other text. Dithered SmolLM2
-    (bench/quant_quality.py, KLD on the article | the GPL, ctx 512), int4 with mean x² against its
-    root: 4 self-sampled sequences of 256 tokens 0.039 | 0.221 against 0.044 | 0.168; 8 of 512
-    0.046 | 0.165 with the root; no calibration 0.082 | 0.229, llama.cpp's Q4_K_M 0.059 | 0.185."""
+    fitted to the calibration's own statistics, int4 overshoots on other text. Measured on
+    dithered SmolLM2 (bench/quant_quality.py, KLD on the article | the GPL, ctx 512) with the
+    int8 down_proj of llama.cpp's Q4_K_M choice: the mean 0.039 | 0.221 against the root 0.044 |
+    0.168 (4 self-sampled sequences of 256 tokens; 8 of 512: 0.046 | 0.165 with the root); no
+    calibration 0.082 | 0.229."""
     squares: dict
     source: str
 
@@ -806,6 +808,9 @@ def quantize_folder(source: str, out_dir: str, to: str, pure: bool = False, prog
     if to != "int4":
         calibration = None
     elif calibration == "self":
+        if progress or (progress is None and sys.stderr.isatty()):  # it takes minutes at 8B
+            print(f"gally: calibrating int4 on {CALIBRATION_SAMPLES} sequences of {CALIBRATION_LENGTH} tokens that "
+                  f"the model samples itself (--no-calibration skips it)", file=sys.stderr, flush=True)
         calibration = calibrate(calibration_model(source))
     if gguf is not None:  # straight from the GGUF file: no float32 conversion is written on the way
         gguf_import.convert(gguf, out_dir, to, progress, calibration=calibration)

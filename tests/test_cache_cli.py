@@ -66,10 +66,11 @@ def test_quantized_gguf_is_cached_once(home, tiny_gguf, capfd, dtype):
     err = capfd.readouterr().err
     assert first.path.startswith(os.path.join(home, "models"))
     # keyed by the format version (and int4's calibration, which makes an int8 entry first)
-    assert os.path.basename(first.path).endswith(f"-{dtype}-q{quantize.VERSION}" + "-calibrated" * (dtype == "int4"))
+    suffix = f"-{dtype}-q{quantize.VERSION}" + "-ends2-calibrated" * (dtype == "int4")
+    assert os.path.basename(first.path).endswith(suffix)
     assert quantize.read_checkpoint(first.path).quant_type == dtype
     # one line: what, where, how large; no progress bar when stderr is not a terminal
-    assert err.count("\n") == 1 + (dtype == "int4") and "\r" not in err
+    assert err.count("\n") == 1 + 2 * (dtype == "int4") and "\r" not in err  # int4: the int8 entry, calibrating
     assert f"quantizing tiny.gguf to {dtype} into {first.path} (" in err and "B, once;" in err
     assert "gally cache" in err
     again = gally.load(tiny_gguf, dtype=dtype)

@@ -46,33 +46,35 @@ def _reference_squares(folder, weights, windows) -> dict:
     return {name: s / count for name, s in sums.items() if name.startswith("model.layers.")}
 
 
-def test_input_squares_match_the_reference(tiny, isa):
-    """Prompt chunks through the GEMM, a single token row-wise: every column of the four matmul
-    inputs of each layer, summed over all of them."""
-    folder, weights = tiny
-    model = gally.load(folder)
+@pytest.mark.parametrize("shape", [{}, {"head_dim": 32},
+                                   {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}],
+                         ids=["llama", "head_dim-32", "qwen2"])
+def test_input_squares_match_the_reference(tmp_path, shape, isa):
+    """Prompt chunks through the GEMM, a single token row-wise (each of 3 threads normalising it
+    into its own buffer): every column of the four matmul inputs of each layer, summed over all
+    of them. head_dim 32: the attention's output (heads · head_dim = 128) is wider than hidden."""
+    folder, weights = make_checkpoint(tmp_path / "m", **shape)
+    model = gally.load(folder, threads=3)
     c = model.config
     ids = [int(i) for i in np.random.default_rng(1).integers(3, 97, 40)]
-    squares = np.zeros((c.num_hidden_layers, 2 * c.hidden_size + c.num_attention_heads * c.head_dim
-                        + c.intermediate_size))
+    columns, width = qz.input_columns(c)
+    assert width == 2 * 64 + c.num_attention_heads * c.head_dim + 96
+    squares = np.zeros((c.num_hidden_layers, width))
     session = model.session(64)
     for part in (ids[:30], ids[30:31], ids[31:]):
         session.forward(part, input_squares=squares)
     want = _reference_squares(folder, weights, [ids])
-    d, qd = c.hidden_size, c.num_attention_heads * c.head_dim
+    assert len(want) == 7 * c.num_hidden_layers
     for layer in range(c.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        for name, (a, b) in (("self_attn.q_proj", (0, d)), ("self_attn.o_proj", (d, d + qd)),
-                             ("mlp.up_proj", (d + qd, 2 * d + qd)), ("mlp.down_proj", (2 * d + qd, squares.shape[1]))):
-            np.testing.assert_allclose(squares[layer, a:b] / len(ids), want[p + name + ".weight"], rtol=2e-5,
-                                       err_msg=p + name)
+        for name, (a, b) in columns.items():
+            key = f"model.layers.{layer}.{name}.weight"
+            np.testing.assert_allclose(squares[layer, a:b] / len(ids), want[key], rtol=2e-5, err_msg=key)
 
 
 def test_input_squares_bad_buffers(tiny):
     model = gally.load(tiny[0])
     session = model.session(16)
-    c = model.config
-    good = (c.num_hidden_layers, 2 * c.hidden_size + c.num_attention_heads * c.head_dim + c.intermediate_size)
+    good = (model.config.num_hidden_layers, qz.input_columns(model.config)[1])
     with pytest.raises(ValueError, match="input_squares must be a writable C-contiguous float64"):
         session.forward([1, 2], input_squares=np.zeros(good, np.float32))
     with pytest.raises(ValueError, match="input_squares buffer must have shape"):
@@ -87,7 +89,8 @@ def test_calibrate_matches_the_reference_and_repeats(tiny):
     cal = qz.calibrate(model, text, length=32)
     assert cal.source == "text, 70 tokens in windows of 32"
     ids = model.tokenizer.encode(text)
-    want = _reference_squares(folder, weights, [ids[0:32], ids[32:64], ids[64:]])
+    assert len(ids) == 70
+    want = _reference_squares(folder, weights, [[1] + ids[0:31], [1] + ids[31:62], [1] + ids[62:]])  # BOS first
     assert sorted(cal.squares) == sorted(f"model.layers.{i}.{m}.weight" for i in range(2) for m in MATRICES)
     for name, squares in cal.squares.items():
         np.testing.assert_allclose(squares, want[name], rtol=2e-5, err_msg=name)
@@ -198,6 +201,16 @@ def test_cli_calibration_options(tiny, tmp_path, capsys):
     assert cli.main(["quantize", folder, str(tmp_path / "c"), "--to", "int4", "--calibration-text", str(empty)]) == 1
     assert "the calibration text holds no tokens" in capsys.readouterr().err
     assert not any(os.path.exists(tmp_path / n) for n in "abc")
+    # an output folder in the way is refused before the calibration runs (its message, not load's)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("")
+    assert cli.main(["quantize", folder, str(taken), "--to", "int4", "--calibration-text", str(text)]) == 1
+    assert "already exists; choose a new output folder" in capsys.readouterr().err
+    assert os.listdir(taken) == ["x"]
+    already = str(tmp_path / "text")  # quantized above
+    assert cli.main(["quantize", already, str(tmp_path / "e"), "--to", "int4", "--calibration-text", str(text)]) == 1
+    assert "already quantized; quantize from an f32, bf16 or f16 checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: one or the other
         cli.main(["quantize", folder, str(tmp_path / "d"), "--to", "int4", "--no-calibration",
                   "--calibration-text", str(text)])

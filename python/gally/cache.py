@@ -215,7 +215,7 @@ def check_free_space(path: str, needed: int, what: str) -> None:
 
 # The folders of GALLY_HOME that hold entries, and what each entry is.
 KINDS = {"models": "model", "gguf": "gguf", "bench": "bench"}
-_DTYPE_SUFFIX = re.compile(r"-(f32|bf16|f16|int8|int4)(-q\d+)?(-calibrated)?$")
+_DTYPE_SUFFIX = re.compile(r"-(f32|bf16|f16|int8|int4)(-q\d+)?(-ends\d+)?(-calibrated)?$")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -536,8 +536,8 @@ def _mib(n: int) -> str:
 
 def _quantization(folder: str, tensors: dict, dtype: Optional[str], threads: int) -> tuple[dict, Optional[str]]:
     """Checks a quantized checkpoint's format (tag, scales, group sizes), or quantizes a float
-    one when dtype asks for int8/int4 (int4 calibrated as `gally quantize` does, on the float
-    model run with `threads`). Returns the tensors and the dtype for the float ones."""
+    one when dtype asks for int8/int4 (int4 calibrated as `gally quantize` does, on the model's
+    int8 quantization run with `threads`). Returns the tensors and the dtype for the float ones."""
     from . import quantize
 
     stored = quantize.read_checkpoint(folder)

@@ -362,10 +362,14 @@ def quantize_int4(w: np.ndarray, name: str = "weight", importance: Optional[np.n
     s, m, sqq, sa = (np.zeros(blocks * SUPER_GROUPS) for _ in range(4))
     imp = None if importance is None else _column_weights(importance, w.shape[1], name)
     if imp is not None:
-        imp = np.broadcast_to(imp.reshape(1, -1, size), g.shape).reshape(-1, size)
+        imp = imp.reshape(-1, size)  # [cols / 32, 32]: group f of the matrix is columns of group f % (cols / 32)
+
+    def weights(groups: np.ndarray) -> Optional[np.ndarray]:  # the importance of flat[groups], [len, 32]
+        return None if imp is None else imp[groups % len(imp)]
+
     for i in range(0, n, _CHUNK // size):
         j = min(n, i + _CHUNK // size)
-        s[i:j], m[i:j], sqq[i:j], sa[i:j] = _fit_groups(flat[i:j], a=None if imp is None else imp[i:j])
+        s[i:j], m[i:j], sqq[i:j], sa[i:j] = _fit_groups(flat[i:j], a=weights(np.arange(i, j)))
     s, m, sqq, sa = (a.reshape(blocks, SUPER_GROUPS) for a in (s, m, sqq, sa))
     present = (np.arange(blocks * SUPER_GROUPS) < n).reshape(blocks, SUPER_GROUPS)
     extreme = np.take_along_axis(m, np.abs(m).argmax(axis=1)[:, None], axis=1)[:, 0]
@@ -374,7 +378,7 @@ def quantize_int4(w: np.ndarray, name: str = "weight", importance: Optional[np.n
     if other.any():
         s, m, sqq, sa = (a.reshape(-1) for a in (s, m, sqq, sa))
         s[other], m[other], sqq[other], sa[other] = _fit_groups(flat[other[:n]], zero_min=True,
-                                                              a=None if imp is None else imp[other[:n]])
+                                                              a=weights(np.flatnonzero(other[:n])))
         s, m, sqq, sa = (a.reshape(blocks, SUPER_GROUPS) for a in (s, m, sqq, sa))
     d, sc = _fit_super(s, np.maximum(sqq, 1e-30) * present, name, "scale")
     dmin_abs, mc = _fit_super(np.maximum(m * sign[:, None], 0.0), np.maximum(sa, 1e-30) * present, name, "minimum")
@@ -413,9 +417,9 @@ class Calibration:
     The importance is the root of that mean, the column's RMS activation, not the mean itself:
     fitted to the calibration's own statistics, int4 overshoots on other text. Measured on
     dithered SmolLM2 (bench/quant_quality.py, KLD on the article | the GPL, ctx 512) with the
-    int8 down_proj of llama.cpp's Q4_K_M choice: the mean 0.039 | 0.221 against the root 0.044 |
-    0.168 (4 self-sampled sequences of 256 tokens; 8 of 512: 0.046 | 0.165 with the root); no
-    calibration 0.082 | 0.229."""
+    int8 down_proj of llama.cpp's Q4_K_M choice and statistics of the f32 model: the mean 0.039 |
+    0.221 against the root 0.044 | 0.168 (4 self-sampled sequences of 256 tokens; 8 of 512: 0.046
+    | 0.165 with the root); no calibration 0.082 | 0.229."""
     squares: dict
     source: str
 
@@ -426,11 +430,12 @@ class Calibration:
 
 def calibrate(model, text: Optional[str] = None, samples: int = CALIBRATION_SAMPLES,
               length: int = CALIBRATION_LENGTH, seed: int = 0) -> Calibration:
-    """Runs `model` (a gally.Model: the float or int8 model about to be quantized to int4) over
-    calibration tokens and records, for each layer, the mean x² of every column of its four
-    matmul inputs (Session.forward's input_squares): `text`'s tokens in windows of `length`, or,
-    with no text, `samples` sequences of `length` tokens that the model samples itself from its
-    BOS token (temperature 1, no filters, `seed` + i for sequence i), so that no data is needed.
+    """Runs `model` (a gally.Model: calibration_model() of the checkpoint to be quantized to int4)
+    over calibration tokens and records, for each layer, the mean x² of every column of its four
+    matmul inputs (Session.forward's input_squares): `text`'s tokens in windows of `length`, each
+    after the BOS token where the model has one, or, with no text, `samples` sequences of
+    `length` tokens that the model samples itself from its BOS token (temperature 1, no filters,
+    `seed` + i for sequence i), so that no data is needed.
     On dithered SmolLM2 (bench/quant_quality.py) the self-sampled statistics cut int4's KL
     divergence as much as a text's do (the README's Precision section)."""
     for value, what in ((samples, "samples"), (length, "length")):
@@ -443,21 +448,33 @@ def calibrate(model, text: Optional[str] = None, samples: int = CALIBRATION_SAMP
         ids = list(model.tokenizer.encode(text))
         if not ids:
             raise ValueError("the calibration text holds no tokens")
-        windows = [ids[i:i + length] for i in range(0, len(ids), length)]
+        bos = [] if c.bos_token_id is None else [c.bos_token_id]
+        step = max(1, length - len(bos))
+        windows = [bos + ids[i:i + step] for i in range(0, len(ids), step)]
         source = f"text, {len(ids)} tokens in windows of {length}"
     else:
         windows = _self_samples(model, samples, length, seed)
         source = f"self-sampled, {samples} x {length} tokens, seed {seed}"
-    d, qd, f = c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size
-    squares = np.zeros((c.num_hidden_layers, 2 * d + qd + f))
+    columns, width = input_columns(c)
+    squares = np.zeros((c.num_hidden_layers, width))
     for w in windows:
         model.session(len(w)).forward(w, input_squares=squares)
     squares /= sum(len(w) for w in windows)
-    inputs = {"self_attn.q_proj": (0, d), "self_attn.k_proj": (0, d), "self_attn.v_proj": (0, d),
-              "self_attn.o_proj": (d, d + qd), "mlp.gate_proj": (d + qd, 2 * d + qd),
-              "mlp.up_proj": (d + qd, 2 * d + qd), "mlp.down_proj": (2 * d + qd, 2 * d + qd + f)}
+    if not np.isfinite(squares).all():
+        raise ValueError(f"{model.path}: the calibration run's activations overflowed (an infinity or NaN); "
+                         f"quantize without calibration")
     return Calibration({f"model.layers.{layer}.{matrix}.weight": squares[layer, a:b].copy()
-                        for layer in range(c.num_hidden_layers) for matrix, (a, b) in inputs.items()}, source)
+                        for layer in range(c.num_hidden_layers) for matrix, (a, b) in columns.items()}, source)
+
+
+def input_columns(config) -> tuple[dict[str, tuple[int, int]], int]:
+    """Where each layer matrix's input lies in a row of Session.forward's input_squares, and the
+    row's width: RMSNorm(x) into q/k/v, the attention's output into o_proj, RMSNorm(x) into
+    gate/up, silu(gate) ⊙ up into down_proj (csrc/forward.h, Record::squares)."""
+    d, qd, f = config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size
+    attn, out, mlp, down = (0, d), (d, d + qd), (d + qd, 2 * d + qd), (2 * d + qd, 2 * d + qd + f)
+    return ({"self_attn.q_proj": attn, "self_attn.k_proj": attn, "self_attn.v_proj": attn, "self_attn.o_proj": out,
+             "mlp.gate_proj": mlp, "mlp.up_proj": mlp, "mlp.down_proj": down}, 2 * d + qd + f)
 
 
 def _self_samples(model, samples: int, length: int, seed: int) -> list[list[int]]:
@@ -783,20 +800,26 @@ def calibration_model(source: str, threads: Optional[int] = None):
 
 
 def quantize_folder(source: str, out_dir: str, to: str, pure: bool = False, progress: Optional[bool] = None,
-                    calibration="self") -> QuantizedCheckpoint:
+                    calibration="self", calibration_text: Optional[str] = None) -> QuantizedCheckpoint:
     """Writes the model folder `out_dir` (which must not exist, or be empty): `source`'s config and
     tokenizer files, and model.safetensors quantized to `to` ("int8", "int4" or "int4-v1"; pure: see
     kind_for). source: a model folder, a .gguf file or an alias, as gally.load takes. calibration
-    (int4 only): "self", statistics of sequences the model samples itself (calibrate()); a
-    Calibration; or None, every column alike. The folder appears whole or not at all. progress: a
-    bar on stderr once it has taken a second (default: when stderr is a terminal)."""
+    (int4 only): "self", statistics of sequences the model samples itself (calibrate()); "text",
+    of calibration_text; a Calibration; or None, every column alike. Calibrating a .gguf source
+    runs its int8 conversion, which stays in the cache (calibration_model). The folder appears
+    whole or not at all. progress: a bar on stderr once it has taken a second (default: when
+    stderr is a terminal)."""
     from . import cache, gguf_import, safetensors_file, sources
     from .progress import progress_bar
 
     if to not in KINDS:
         raise ValueError(f"to must be one of {', '.join(KINDS)}, got {to!r}")
-    if not (calibration is None or calibration == "self" or isinstance(calibration, Calibration)):
-        raise ValueError(f"calibration must be 'self', a Calibration or None, got {calibration!r}")
+    if not (calibration is None or calibration in ("self", "text") or isinstance(calibration, Calibration)):
+        raise ValueError(f"calibration must be 'self', 'text', a Calibration or None, got {calibration!r}")
+    if (calibration == "text") != (calibration_text is not None):
+        raise ValueError("calibration_text goes with calibration='text', and only with it")
+    if calibration == "text" and to != "int4":
+        raise ValueError(f"a calibration text applies to int4 only, not {to}")
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ValueError(f"{out_dir}: already exists; choose a new output folder")
@@ -807,11 +830,12 @@ def quantize_folder(source: str, out_dir: str, to: str, pure: bool = False, prog
             raise ValueError(f"{folder}: already quantized; quantize from an f32, bf16 or f16 checkpoint")
     if to != "int4":
         calibration = None
-    elif calibration == "self":
+    elif calibration in ("self", "text"):
         if progress or (progress is None and sys.stderr.isatty()):  # it takes minutes at 8B
-            print(f"gally: calibrating int4 on {CALIBRATION_SAMPLES} sequences of {CALIBRATION_LENGTH} tokens that "
-                  f"the model samples itself (--no-calibration skips it)", file=sys.stderr, flush=True)
-        calibration = calibrate(calibration_model(source))
+            what = "the text" if calibration == "text" else (f"{CALIBRATION_SAMPLES} sequences of {CALIBRATION_LENGTH} "
+                                                             f"tokens that the model samples itself")
+            print(f"gally: calibrating int4 on {what} (--no-calibration skips it)", file=sys.stderr, flush=True)
+        calibration = calibrate(calibration_model(source), calibration_text)
     if gguf is not None:  # straight from the GGUF file: no float32 conversion is written on the way
         gguf_import.convert(gguf, out_dir, to, progress, calibration=calibration)
         return read_checkpoint(out_dir)

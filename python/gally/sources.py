@@ -95,11 +95,12 @@ def gguf_file(source: Optional[str] = None) -> Optional[str]:
 
 def entry_name(gguf_name: str, sha256: str, dtype: str) -> str:
     """The name of a GGUF file's conversion under GALLY_HOME/models: its stem, SHA-256 and dtype,
-    and for int8/int4 the gally-quant format version (a new format makes a new entry)."""
-    from .quantize import VERSION
+    for int8/int4 the gally-quant format version (a new format makes a new entry), and for int4
+    how many layers at each end keep an int8 down_proj and that it is calibrated."""
+    from .quantize import MORE_BITS_ENDS, VERSION
 
     stem = re.sub(r"[^\w.-]", "_", os.path.splitext(os.path.basename(gguf_name))[0])
-    quantized = f"-q{VERSION}" + ("-calibrated" if dtype == "int4" else "")
+    quantized = f"-q{VERSION}" + (f"-ends{MORE_BITS_ENDS}-calibrated" if dtype == "int4" else "")
     return f"{stem}-{sha256[:16]}-{dtype}" + (quantized if dtype in gguf_import.QUANTIZED else "")
 
 
@@ -127,7 +128,10 @@ def gguf_folder(path: str, dtype: str = "f32", sha256: Optional[str] = None) -> 
         if dtype == "int4":  # calibrated on the int8 conversion, which stays in the cache
             from . import quantize
 
-            calibration = quantize.calibrate(quantize.calibration_model(gguf_folder(path, "int8", sha256)))
+            int8 = quantize.calibration_model(gguf_folder(path, "int8", sha256))
+            print(f"gally: calibrating int4 on {quantize.CALIBRATION_SAMPLES} sequences of "
+                  f"{quantize.CALIBRATION_LENGTH} tokens that the model samples itself", file=sys.stderr, flush=True)
+            calibration = quantize.calibrate(int8)
         gguf_import.convert(path, final, dtype, announce=announce, calibration=calibration)
     return final
 

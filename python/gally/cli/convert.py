@@ -20,12 +20,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES) + QUANTIZED, default="f32",
                    help="dtype of the weight matrices (default f32; norms and biases stay f32; int8/int4: as "
                         "`gally quantize` writes them)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="int4: every input column's errors weigh alike (default: calibrated as gally quantize does, "
+                        "on the file's int8 conversion, which stays in the cache)")
     p.set_defaults(func=convert_command)
 
 
 def convert_command(args: argparse.Namespace) -> int:
     if args.dtype == "int4" and os.path.isfile(args.gguf) and gguf_file(args.gguf):  # calibrated, as gally quantize
-        quantize_folder(args.gguf, args.out_dir, args.dtype)
+        quantize_folder(args.gguf, args.out_dir, args.dtype, calibration=None if args.no_calibration else "self")
         print(args.out_dir)
     else:
         print(convert(args.gguf, args.out_dir, args.dtype))

@@ -6,7 +6,7 @@ import argparse
 import os
 import time
 
-from ..quantize import KINDS, bits_per_weight, calibrate, calibration_model, quantize_folder
+from ..quantize import KINDS, bits_per_weight, quantize_folder
 
 
 def add_parser(subparsers) -> None:
@@ -32,14 +32,14 @@ def add_parser(subparsers) -> None:
 
 def quantize_command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    calibration = None if args.no_calibration else "self"
+    calibration, text = (None if args.no_calibration else "self"), None
     if args.calibration_text is not None:
         if args.to != "int4":
             raise ValueError(f"--calibration-text applies to --to int4 only, not {args.to}")
         with open(args.calibration_text, encoding="utf-8") as f:
-            text = f.read()
-        calibration = calibrate(calibration_model(args.source), text)
-    layout = quantize_folder(args.source, args.out_dir, args.to, args.pure, calibration=calibration)
+            calibration, text = "text", f.read()
+    layout = quantize_folder(args.source, args.out_dir, args.to, args.pure, calibration=calibration,
+                             calibration_text=text)
     size = os.path.getsize(layout.path)
     weights = sum(m.shape[0] * m.shape[1] for m in layout.matrices.values())
     bits = bits_per_weight(layout)

@@ -329,9 +329,7 @@ PYBIND11_MODULE(_core, m) {
             }
             if (!squares.is_none()) {
               sq = squares.cast<py::array_t<double, py::array::c_style>>();
-              const size_t per_layer =
-                  2 * size_t(c.hidden_size) + size_t(c.num_attention_heads) * c.head_dim + size_t(c.intermediate_size);
-              require(size_t(sq.size()) == size_t(c.num_hidden_layers) * per_layer,
+              require(size_t(sq.size()) == size_t(c.num_hidden_layers) * Record::squares_width(c),
                       "input_squares buffer must have shape [layers, 2 * hidden + heads * head_dim + intermediate]");
               rec.squares = sq.mutable_data();
             }

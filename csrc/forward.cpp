@@ -220,7 +220,7 @@ struct Pass {
   void record_squares(int l, int at, const float* in, int width) {
     if (!rec.squares) return;
     par::barrier();
-    double* dst = rec.squares + size_t(l) * (2 * D + QD + F) + at;
+    double* dst = rec.squares + size_t(l) * Record::squares_width(c) + at;
     const int blocks = (width + SQUARES_BLOCK - 1) / SQUARES_BLOCK;
     par::for_static(blocks, [&](int b) {
       const int j0 = b * SQUARES_BLOCK, j1 = std::min(width, j0 + SQUARES_BLOCK);

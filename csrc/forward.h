@@ -47,6 +47,10 @@ struct Record {
   double* squares = nullptr;
   int offset = 0, n = 0, context = 0;
   bool any() const { return hidden || attention || mlp || squares; }
+  // The width of a layer's row of `squares`.
+  static size_t squares_width(const ModelConfig& c) {
+    return 2 * size_t(c.hidden_size) + size_t(c.num_attention_heads) * c.head_dim + size_t(c.intermediate_size);
+  }
 };
 
 // n elements left uninitialised: a large buffer's pages are mapped only when first written.

@@ -99,6 +99,15 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return w
 
 
+def word_tokenizer_json(vocab_size: int = DEFAULT_CONFIG["vocab_size"]) -> str:
+    """A tokenizer.json for the random checkpoints: words w0 … w{vocab_size − 1}, split at spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok.to_str()
+
+
 def make_checkpoint(folder, dtype: str = "F32", seed: int = 0, **overrides):
     """Writes config.json + model.safetensors with random weights into `folder`.
     Returns (folder, weights as stored, float64) for the NumPy reference."""

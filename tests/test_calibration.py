@@ -11,27 +11,18 @@ import pytest
 
 import gally
 import reference_numpy as ref
-from conftest import make_checkpoint
+from conftest import make_checkpoint, word_tokenizer_json
 from gally import cli, quantize as qz
 
 MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
             "mlp.up_proj", "mlp.down_proj")
 
 
-def _tokenizer_json() -> str:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(97)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return tok.to_str()
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder, weights = make_checkpoint(tmp_path_factory.mktemp("calibration"))
     with open(os.path.join(folder, "tokenizer.json"), "w") as f:
-        f.write(_tokenizer_json())
+        f.write(word_tokenizer_json())
     return folder, weights
 
 

@@ -11,7 +11,7 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import make_checkpoint
+from conftest import make_checkpoint, word_tokenizer_json
 from gally import cli, quantize as qz, safetensors_file
 
 
@@ -193,10 +193,8 @@ TIED = dict(tie_word_embeddings=True)
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A random checkpoint (hidden 64, ffn 96, vocab 97, tied) with tokenizer-like side files."""
-    from tokenizers import Tokenizer, models
-
     folder, weights = make_checkpoint(tmp_path_factory.mktemp("quant_src"), **TIED)
-    tokenizer = Tokenizer(models.WordLevel({"a": 0}, unk_token="a")).to_str()  # int4's calibration runs the model
+    tokenizer = word_tokenizer_json()  # int4's calibration runs the model
     for name, text in (("tokenizer.json", tokenizer), ("tokenizer_config.json", "{}"), ("chat_template.jinja", "x")):
         with open(os.path.join(folder, name), "w") as f:
             f.write(text)

@@ -158,10 +158,9 @@ class Session:
         [layers + 1, n, hidden]), attentions (float32 [layers, heads, n, position + n], zeroed) and
         mlp_activations (float32 [layers, n, intermediate]) are filled when given: the embeddings
         then each layer's output; each head's softmax; each layer's silu(gate) ⊙ up.
-        input_squares (float64 [layers, 2·hidden + heads·head_dim + intermediate]) is added to:
-        Σ x² over the tokens for each column of a layer's four matmul inputs in turn, RMSNorm(x)
-        into q/k/v, the attention's output into o_proj, RMSNorm(x) into gate/up, silu(gate) ⊙ up
-        into down_proj (quantize.calibrate's statistics)."""
+        input_squares (float64 [layers, width]) is added to: Σ x² over the tokens for each column
+        of a layer's four matmul inputs, laid out as quantize.input_columns(config) says (the
+        statistics quantize.calibrate collects)."""
         cfg = self.model.config
         ids = token_array(token_ids, cfg.vocab_size)
         for name, buf, dtype in (("hidden_states", hidden_states, np.float32), ("attentions", attentions, np.float32),

@@ -791,6 +791,13 @@ _COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 QUANTIZE_THREADS = 4  # the most tensors quantize_folder quantizes at once (up to the physical cores)
 
 
+def announce_calibration(text: bool = False) -> None:
+    """One line on stderr: int4 is being calibrated (which takes minutes at 8B), and on what."""
+    what = "the text" if text else (f"{CALIBRATION_SAMPLES} sequences of {CALIBRATION_LENGTH} tokens that the "
+                                    f"model samples itself")
+    print(f"gally: calibrating int4 on {what} (--no-calibration skips it)", file=sys.stderr, flush=True)
+
+
 def calibration_model(source: str, threads: Optional[int] = None):
     """The model calibrate() runs for quantizing `source` to int4: its int8 quantization (KLD 0.004
     from f32 on dithered SmolLM2, and half bf16's bytes a token to read), made in memory from a
@@ -835,9 +842,7 @@ def quantize_folder(source: str, out_dir: str, to: str, pure: bool = False, prog
         calibration = None
     elif calibration in ("self", "text"):
         if progress or (progress is None and sys.stderr.isatty()):  # it takes minutes at 8B
-            what = "the text" if calibration == "text" else (f"{CALIBRATION_SAMPLES} sequences of {CALIBRATION_LENGTH} "
-                                                             f"tokens that the model samples itself")
-            print(f"gally: calibrating int4 on {what} (--no-calibration skips it)", file=sys.stderr, flush=True)
+            announce_calibration(calibration_text is not None)
         calibration = calibrate(calibration_model(source), calibration_text)
     if gguf is not None:  # straight from the GGUF file: no float32 conversion is written on the way
         gguf_import.convert(gguf, out_dir, to, progress, calibration=calibration)

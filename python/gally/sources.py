@@ -129,8 +129,7 @@ def gguf_folder(path: str, dtype: str = "f32", sha256: Optional[str] = None) -> 
             from . import quantize
 
             int8 = quantize.calibration_model(gguf_folder(path, "int8", sha256))
-            print(f"gally: calibrating int4 on {quantize.CALIBRATION_SAMPLES} sequences of "
-                  f"{quantize.CALIBRATION_LENGTH} tokens that the model samples itself", file=sys.stderr, flush=True)
+            quantize.announce_calibration()
             calibration = quantize.calibrate(int8)
         gguf_import.convert(path, final, dtype, announce=announce, calibration=calibration)
     return final

@@ -23,6 +23,16 @@ def quantize_acts(x):
     return q.reshape(x.shape), (amax / np.float32(32767)).astype(np.float32), g.sum(-1)
 
 
+def requantize_bytes(xq, xs):
+    """NumPy statement of how int4 weights' kernels requantize the int16 activations to int8 (csrc/kernels/common.h):
+    each value · 127/32767 rounded to even, each scale · 32767/127, in f32; the sums those of the int8 values."""
+    x8 = np.rint(xq.astype(np.float32) * (np.float32(127) / np.float32(32767))).astype(np.int16)
+    xs8 = xs * (np.float32(32767) / np.float32(127))
+    xsum8 = xs8 * x8.reshape(*xs.shape, G).sum(-1, dtype=np.int32).astype(np.float32)
+    assert np.abs(x8).max() <= 127
+    return x8, xs8, xsum8
+
+
 def random_q8(rng, rows, cols):
     q = rng.integers(-127, 128, (rows, cols)).astype(np.int8)
     s = (rng.uniform(0.001, 0.02, (rows, cols // G))).astype(np.float16)
@@ -96,12 +106,13 @@ def test_quantized_matmul_against_numpy(core, isa, kind):
     for n_tok, rows, cols in ((1, 7, 32), (1, 13, 96), (3, 9, 64), (5, 17, 160), (9, 6, 576), (2, 5, 800)):
         x = rng.standard_normal((n_tok, cols)).astype(np.float32)
         xq, xs, xsum = core.kernel_quantize_rows("generic", x)
-        xhat = xq.reshape(n_tok, -1, G) * xs[..., None].astype(np.float64)
         q, s, m, codes, group_mins, w = random_weights(rng, kind, rows, cols)
+        xv, xsv, xsumv = (xq, xs, xsum) if kind == "int8" else requantize_bytes(xq, xs)  # what int4 weights meet
+        xhat = xv.reshape(n_tok, -1, G) * xsv[..., None].astype(np.float64)
         want = xhat.reshape(n_tok, cols) @ w.T
-        if group_mins is not None:  # the min term uses the exact Σx of each group
+        if group_mins is not None:  # the min term uses the sum of the requantized values of each group
             wq = w - np.repeat(group_mins, G, axis=1)
-            want = xhat.reshape(n_tok, cols) @ wq.T + xsum.astype(np.float64) @ group_mins.T
+            want = xhat.reshape(n_tok, cols) @ wq.T + xsumv.astype(np.float64) @ group_mins.T
         y = np.full((n_tok, rows), np.nan, np.float32)
         core.kernel_matmul_quantized(isa, xq, xs, xsum, q, s, m, y, 0, rows, codes=codes)
         assert np.allclose(y, want, rtol=1e-5, atol=1e-5), (kind, n_tok, rows, cols)
@@ -197,7 +208,6 @@ def test_prompt_gemm_on_quantized_activations(isa, kind):
     VNNI has none for int8 weights, and a set without one says so."""
     T = _core.testing
     rng = np.random.default_rng(11)
-    bytes_form = T.kernel_has_gemm_q(isa) and kind != "int8"  # int4 weights meet int8 activations
     if not T.kernel_has_gemm_q(isa) or (kind == "int8" and not T.kernel_gemm_q_int8(isa)):
         x = rng.standard_normal((4, 64)).astype(np.float32)
         q, s, m, codes, _, _ = random_weights(rng, kind, 3, 64)
@@ -213,13 +223,8 @@ def test_prompt_gemm_on_quantized_activations(isa, kind):
         xq, xs, xsum = T.kernel_quantize_rows(isa, x)
         q, s, m, codes, _, _ = random_weights(rng, kind, rows, cols)
         b = rng.standard_normal(rows).astype(np.float32)
-        x8, xs8, xsum8 = xq, xs, xsum
-        if bytes_form:  # each int16 value · 127/32767 rounded to even, each scale · 32767/127, in f32; the sums
-            x8 = np.rint(xq.astype(np.float32) * (np.float32(127) / np.float32(32767))).astype(np.int16)
-            xs8 = xs * (np.float32(32767) / np.float32(127))
-            xsum8 = xs8 * x8.reshape(n_tok, groups, 32).sum(2, dtype=np.int32).astype(np.float32)
-            assert np.abs(x8).max() <= 127
-        rowwise = T.kernel_matmul_quantized("generic", x8, xs8, xsum8, q, s, m,
+        # the row-wise kernels requantize for int4 weights as the GEMM does (requantize_bytes)
+        rowwise = T.kernel_matmul_quantized("generic", xq, xs, xsum, q, s, m,
                                             np.zeros((n_tok, rows), np.float32), 0, rows, codes=codes, bias=b)
         y = np.full((n_tok, rows), 3.0, np.float32)
         T.kernel_matmul_quantized(isa, xq, xs, xsum, q, s, m, y, r0, rows, codes=codes, gemm=True, bias=b,

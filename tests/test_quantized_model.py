@@ -1,7 +1,7 @@
 """Quantized models in the engine: int8/int4 checkpoints (int4 version 2, and version 1's "int4-v1")
 load zero-copy and give the logits of their dequantized weights (activations go to int16, which is
-near exact), equal to quantizing at load; version 1 files still load; bad quantized files are clear
-errors."""
+near exact; int4 weights meet them requantized to int8), equal to quantizing at load; version 1
+files still load; bad quantized files are clear errors."""
 
 from __future__ import annotations
 
@@ -41,10 +41,11 @@ def test_quantized_checkpoint_matches_its_dequantized_weights(tmp_path, isa, kin
     int8_activations = _core.testing.kernel_has_gemm_q(isa) and kind != "int8"
     tol = 0.1 if int8_activations else 3e-2 if isa == "avx512bf16" else 2e-3
     assert np.abs(got - want).max() <= tol
-    # one token at a time goes through the integer decode kernels (int16 activations)
+    # one token at a time goes through the integer decode kernels: int16 activations, which int4 weights meet
+    # requantized to int8, as the GEMM's (measured: int8 9e-4 at most, int4 0.054 on every set)
     s = model.session()
     steps = np.stack([s.append([t]) for t in TOKENS])
-    assert np.abs(steps - want).max() <= 2e-3
+    assert np.abs(steps - want).max() <= (2e-3 if kind == "int8" else 0.1)
     # quantizing at load gives the stored checkpoint's logits exactly
     assert np.array_equal(gally.load(src, dtype=kind, threads=2).logits(TOKENS), got)
 
@@ -126,8 +127,8 @@ def test_version_1_checkpoint_still_loads(tmp_path):
     for dtype in (None, "int4-v1", "int4"):
         model = gally.load(out, dtype=dtype, threads=2)
         assert model.dtype == "int4-v1" and model.copied_bytes == 0
-        s = model.session()
-        assert np.abs(np.stack([s.append([t]) for t in TOKENS]) - want).max() <= 2e-3
+        s = model.session()  # int4 decode: int8 activations (as above)
+        assert np.abs(np.stack([s.append([t]) for t in TOKENS]) - want).max() <= 0.1
 
 
 def test_engine_checks_quantized_shapes(tmp_path):

@@ -55,10 +55,13 @@ def test_int4_logits_are_those_of_its_weights(int4_folders, isa):
     bf16_attention = isa in ("avx512bf16", "avx512bf16fma", "neonbf16")
     tolerance = 1.5 if _core.testing.kernel_has_gemm_q(isa) else 1.0 if bf16_attention else 1e-4
     assert np.abs(got - want).max() <= tolerance
-    # token by token through the integer decode kernels (int16 activations; measured: 0.015 at most)
+    # token by token through the integer decode kernels, on the activations requantized to int8 as the GEMM's
+    # (measured: 0.58 at most on the AVX-512 sets, 0.71 generic, 0.97 avx2; top tokens all the same; 0.015 at
+    # most when they took the int16 activations)
     s = model.session()
     steps = np.stack([s.append([t]) for t in ids[:12]])
-    assert np.abs(steps - want[:12]).max() <= 4e-2
+    assert (steps.argmax(1) == want[:12].argmax(1)).mean() >= 0.9
+    assert np.abs(steps - want[:12]).max() <= 1.5
 
 
 def test_int4_stays_close_to_f32(smollm, int4_folders):

@@ -3,7 +3,9 @@
 // bf16 and f16 widened), which the scalar kernels use and the prefill GEMMs use for int8/int4 a
 // chunk of rows at a time; and the GEMMs' tile store.
 #pragma once
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "kernels/kernels.h"
 
@@ -17,6 +19,43 @@ inline int q4k_code(const uint8_t* codes, int j, int part) {
   uint32_t high;
   std::memcpy(&high, codes + QK_GROUPS, 4);
   return ((codes[j] >> (4 * part)) & 0xf) | ((high >> (16 * part + 2 * j)) & 3) << 4;
+}
+
+// Int4 weights meet int8 activations: `groups` groups of int16 activations (kernels.h) requantized,
+// each value x · 127 / ACT_INT16_MAX rounded to even (|x| ≤ ACT_INT16_MAX, so within ±127), each
+// scale widened by ACT_INT16_MAX / 127, and sum = that scale · Σ q, the sum of the int8 values
+// (gemm_q_bytes.inl says why not the exact Σx). The prompt GEMMs (gemm_q_bytes.inl) form the same
+// values in vectors; the decode kernels take them from here (Q: int8_t, or int16_t for the kernels
+// that multiply int16). static: each kernel set's file compiles its own copy with its own
+// instructions, which the linker must not merge into one.
+template <class Q>
+static inline void requantize_bytes(const int16_t* xq, const float* xs, long groups, Q* q, float* s, float* sum) {
+  for (long g = 0; g < groups; ++g) {
+    int32_t total = 0;
+    for (int i = 0; i < QGROUP; ++i) {
+      const int v = int(std::nearbyint(float(xq[g * QGROUP + i]) * (127.0f / ACT_INT16_MAX)));
+      q[g * QGROUP + i] = Q(v);
+      total += v;
+    }
+    s[g] = xs[g] * (ACT_INT16_MAX / 127.0f);
+    sum[g] = s[g] * float(total);
+  }
+}
+
+// requantize_bytes into this thread's buffers, valid until its next call.
+template <class Q>
+struct ByteActs {
+  const Q* q;
+  const float *s, *sum;
+};
+template <class Q>
+static inline ByteActs<Q> requantized(const int16_t* xq, const float* xs, long groups) {
+  static thread_local std::vector<Q> q;
+  static thread_local std::vector<float> f;
+  q.resize(size_t(groups) * QGROUP);
+  f.resize(2 * size_t(groups));
+  requantize_bytes(xq, xs, groups, q.data(), f.data(), f.data() + groups);
+  return {q.data(), f.data(), f.data() + groups};
 }
 
 // Group g of row r of an int8 / int4 matrix of `groups` groups a row: w = s·q + m (int8: m = 0).

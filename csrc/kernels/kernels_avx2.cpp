@@ -119,8 +119,11 @@ struct S {
 };
 using V = S::V;
 
-// acc + vpmaddwd(a, b) (quant_kernels.inl)
+// acc + vpmaddwd(a, b), and acc + the quads of u8 · s8 products (quant_kernels.inl)
 inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+inline __m256i dot_quads(__m256i acc, __m256i u, __m256i s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
 
 #include "kernels/simd_kernels.inl"
 

@@ -99,9 +99,16 @@ struct S {
 };
 using V = S::V;
 
-// acc + vpmaddwd(a, b) in 8 and in 16 int32 lanes (quant_kernels.inl, quant_rows_avx512.inl)
+// acc + vpmaddwd(a, b), and acc + the quads of u8 · s8 products (vpmaddubsw, then vpmaddwd by ones),
+// in 8 and in 16 int32 lanes (quant_kernels.inl, quant_rows_avx512.inl)
 inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
 inline __m512i dot_pairs16(__m512i acc, __m512i a, __m512i b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
+inline __m256i dot_quads(__m256i acc, __m256i u, __m256i s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+inline __m512i dot_quads16(__m512i acc, __m512i u, __m512i s) {
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+}
 
 #include "kernels/simd_kernels.inl"
 

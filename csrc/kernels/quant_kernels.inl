@@ -3,11 +3,16 @@
 // exact in int32. Compiled per instruction set. The math matches the scalar twins in
 // kernels_generic.cpp.
 //
-// The including file defines dot_pairs(acc, a, b) = acc + vpmaddwd(a, b) in 8 int32 lanes: a
-// vpaddd after the vpmaddwd on AVX2, one vpdpwssd where the CPU has VNNI (kernels_vnni.cpp), and
-// includes <cmath>, <cstring>, <vector> and kernels/common.h. The AVX-512 sets define
-// GALLY_QUANT_ROWS_AVX512 and take quant_rows_avx512.inl's matmul_q, which adds a path for
-// batches of several tokens to matmul_q_rows here.
+// int4 weights meet the activations requantized to int8 (common.h's requantized, as the prompt
+// GEMMs requantize them): a group is one register of 32 codes in bytes against 32 int8 values,
+// multiplied and summed in quads by vpdpbusd (vpmaddubsw and vpmaddwd without VNNI), exact in int32.
+//
+// The including file defines dot_pairs(acc, a, b) = acc + vpmaddwd(a, b) and dot_quads(acc, u, s)
+// = acc + the sums of four u8 · s8 products, in 8 int32 lanes: a vpaddd after the vpmaddwd (after
+// vpmaddubsw and a vpmaddwd by ones) on AVX2, one vpdpwssd (vpdpbusd) where the CPU has VNNI
+// (kernels_*vnni.cpp), and includes <cmath>, <cstring>, <vector> and kernels/common.h. The AVX-512
+// sets define GALLY_QUANT_ROWS_AVX512 and take quant_rows_avx512.inl's matmul_q, which adds a path
+// for batches of several tokens to matmul_q_rows here.
 
 inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -85,17 +90,32 @@ inline Half16 load_q8(const int8_t* p) {
           _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(p + 16)))};
 }
 
-// Byte i of a packed int4 group holds element i (low nibble) and element i + 16 (high nibble);
-// widened to 16 bits first, the high nibble is a plain shift.
-inline Half16 load_q4(const uint8_t* p) {
-  const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p));
-  return {_mm256_and_si256(v, _mm256_set1_epi16(0x0f)), _mm256_srli_epi16(v, 4)};
+// A packed int4 group's 32 codes in bytes, in order: the low nibbles (codes 0-15), then the high.
+inline __m256i load_codes(const uint8_t* p) {
+  const __m128i bytes = _mm_loadu_si128((const __m128i*)p), low = _mm_set1_epi8(0x0f);
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(bytes, low)),
+                                 _mm_and_si128(_mm_srli_epi16(bytes, 4), low), 1);
 }
+
+// The activations' element type: int16 against int8 weights, int8 (requantized) against int4.
+template <DType T>
+using Act = std::conditional_t<T == DType::Q8, int16_t, int8_t>;
 
 // The exact integer dot product of one weight group with one activation group, in 8 int32 lanes.
 inline __m256i group_dot(const Half16& w, const int16_t* x) {
   return dot_pairs(_mm256_madd_epi16(w.lo, _mm256_loadu_si256((const __m256i*)x)), w.hi,
                    _mm256_loadu_si256((const __m256i*)(x + 16)));
+}
+inline __m256i group_dot(__m256i codes, const int8_t* x) {
+  return dot_quads(_mm256_setzero_si256(), codes, _mm256_loadu_si256((const __m256i*)x));
+}
+
+// Group rg (row · groups + group) of W as group_dot takes it: int8 as two halves of int16, int4 as
+// its codes in bytes.
+template <DType T>
+inline auto load_weights(const WeightsRef& W, long rg) {
+  if constexpr (T == DType::Q8) return load_q8((const int8_t*)W.data + rg * QGROUP);
+  else return load_codes((const uint8_t*)W.data + rg * (QGROUP / 2));
 }
 
 // [Σ d0, Σ d1, …, Σ d7]: eight groups' lane sums in one register, so that their scales apply
@@ -109,13 +129,11 @@ inline __m256i sum_lanes8(const __m256i d[8]) {
 // One row against one token's activations: its groups eight at a time, the scales and int4 mins
 // as vectors (Q8/Q4: float16 from W; Q4K: f32 from fs and fm, the row's q4k_row_scales).
 template <DType T>
-inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups, int r,
+inline float q_row(const Act<T>* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups, int r,
                    const float* fs, const float* fm) {
   constexpr bool Q4 = T != DType::Q8;
   const long rg0 = long(r) * groups;
-  auto load = [&](long rg) {
-    return Q4 ? load_q4((const uint8_t*)W.data + rg * (QGROUP / 2)) : load_q8((const int8_t*)W.data + rg * QGROUP);
-  };
+  auto load = [&](long rg) { return load_weights<T>(W, rg); };
   __m256 acc = _mm256_setzero_ps();
   int g = 0;
   for (; g + 8 <= groups; g += 8) {
@@ -156,13 +174,11 @@ inline float q_row(const int16_t* xq, const float* xs, const float* xsum, const 
 // q_row's, in the same order (the integer dot products are exact), so a token's result does not
 // depend on the others (a batch's decode steps get what each gets alone).
 template <DType T>
-inline void q_row_tokens(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups, int r,
+inline void q_row_tokens(const Act<T>* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups, int r,
                          const float* fs, const float* fm, int nt, float* s) {
   constexpr bool Q4 = T != DType::Q8;
   const long rg0 = long(r) * groups, tg = groups;
-  auto load = [&](long rg) {
-    return Q4 ? load_q4((const uint8_t*)W.data + rg * (QGROUP / 2)) : load_q8((const int8_t*)W.data + rg * QGROUP);
-  };
+  auto load = [&](long rg) { return load_weights<T>(W, rg); };
   __m256 acc[ROW_TOKENS];
   for (int t = 0; t < nt; ++t) acc[t] = _mm256_setzero_ps();
   int g = 0;
@@ -174,7 +190,7 @@ inline void q_row_tokens(const int16_t* xq, const float* xs, const float* xsum, 
     }
     __m256i d[ROW_TOKENS][8];
     for (int u = 0; u < 8; ++u) {
-      const Half16 w = load(rg0 + g + u);
+      const auto w = load(rg0 + g + u);
       for (int t = 0; t < nt; ++t) d[t][u] = group_dot(w, xq + (t * tg + g + u) * QGROUP);
     }
     __m256 ws, wm = _mm256_setzero_ps();
@@ -192,7 +208,7 @@ inline void q_row_tokens(const int16_t* xq, const float* xs, const float* xsum, 
   }
   for (int t = 0; t < nt; ++t) s[t] = sum8(acc[t]);
   for (; g < groups; ++g) {
-    const Half16 w = load(rg0 + g);
+    const auto w = load(rg0 + g);
     const float gs = T == DType::Q4K ? fs[g] : _cvtsh_ss(W.scales[rg0 + g]);
     const float gm = !Q4 ? 0.0f : T == DType::Q4K ? fm[g] : _cvtsh_ss(W.mins[rg0 + g]);
     for (int t = 0; t < nt; ++t) {
@@ -209,7 +225,7 @@ inline void q_row_tokens(const int16_t* xq, const float* xs, const float* xsum, 
 // A few tokens (decode steps; batches of GEMM_MIN_TOKENS or more take the GEMM): row by row, each
 // row multiplied by every token while it is in L1, up to ROW_TOKENS tokens per pass over it.
 template <DType T>
-void matmul_q_rows(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+void matmul_q_rows(const Act<T>* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
                    int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
   const int groups = n_in / QGROUP;
   static thread_local std::vector<float> buf;  // Q4K: a row's scales and mins
@@ -237,7 +253,7 @@ void matmul_q_rows(const int16_t* xq, const float* xs, const float* xsum, const 
 #include "kernels/quant_rows_avx512.inl"
 #else
 template <DType T>
-void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+void matmul_q(const Act<T>* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
               int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
   matmul_q_rows<T>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }
@@ -251,10 +267,14 @@ void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint1
 void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
                const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                bool accumulate) {
-  matmul_q<DType::Q4>(xq, xs, xsum, WeightsRef{Wq, DType::Q4, Ws, Wm}, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  const ByteActs<int8_t> a = requantized<int8_t>(xq, xs, long(n_tok) * (n_in / QGROUP));
+  (void)xsum;
+  matmul_q<DType::Q4>(a.q, a.s, a.sum, WeightsRef{Wq, DType::Q4, Ws, Wm}, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }
 
 void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
                 int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
-  matmul_q<DType::Q4K>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  const ByteActs<int8_t> a = requantized<int8_t>(xq, xs, long(n_tok) * (n_in / QGROUP));
+  (void)xsum;
+  matmul_q<DType::Q4K>(a.q, a.s, a.sum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }

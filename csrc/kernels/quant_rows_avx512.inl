@@ -8,13 +8,20 @@
 // every row, and a token's group dot for all 16 rows is 16 vpmaddwd/vpdpwssd with its pair k
 // broadcast; the transpose serves every token, and no sum is reduced across lanes.
 //
+// int4 weights meet int8 activations (quant_kernels.inl): a group's 16 rows of packed codes are
+// loaded four rows to a register and transposed as dwords, then split into nibbles, so that register
+// k holds codes 4k … 4k + 3 of every row (k < 4 the low nibbles, codes 16 + … the high), and a
+// token's group dot is 8 vpdpbusd with its quad k broadcast: a quarter of the int16 transpose's
+// shuffles and half its multiplies.
+//
 // A token's result must not depend on the batch it is in, so the tile sums in q_row's order: the
 // integer dots are exact, and q_row's float sums, lane u of its accumulator taking groups u, u + 8,
 // …, then sum8 and the tail groups, are here eight accumulators a_u with rows in the lanes, added
 // as sum8 adds its lanes, then the tail groups, each fused as q_row's.
 //
 // The including file (kernels_avx512.cpp, kernels_avx512vnni.cpp) defines
-// dot_pairs16(acc, a, b) = acc + vpmaddwd(a, b) in 16 int32 lanes and includes transpose_avx512.h.
+// dot_pairs16(acc, a, b) = acc + vpmaddwd(a, b) and dot_quads16(acc, u, s) (quant_kernels.inl's
+// dot_quads) in 16 int32 lanes, and includes transpose_avx512.h.
 
 constexpr int TILE_ROWS = 16;    // rows per tile, one per lane
 constexpr int LANE_TOKENS = 3;   // batches of at least this many tokens transpose the tile's weights
@@ -81,12 +88,35 @@ inline __m512 add_group(__m512 acc, __m512i dot, __m512 sg, __m512 mg, float xs,
   return Q4 ? _mm512_fmadd_ps(mg, _mm512_set1_ps(xsum), acc) : acc;
 }
 
+// Group g of the 16 rows at rg0 (row · groups) of an int4 matrix: w[k] (k < 8) holds quad k of each
+// row's codes in its lane. Row 4l + m lies in 128-bit lane l of register m, so that after the
+// in-lane dword transposes lane 4l + m of w[k] is row 4l + m.
+inline void codes_transposed(const WeightsRef& W, const long* rg0, int g, __m512i w[8]) {
+  const uint8_t* q = (const uint8_t*)W.data;
+  auto group = [&](int i) { return _mm_loadu_si128((const __m128i*)(q + (rg0[i] + g) * (QGROUP / 2))); };
+  __m512i z[4];
+  for (int m = 0; m < 4; ++m) {
+    const __m256i lo = _mm256_inserti128_si256(_mm256_castsi128_si256(group(m)), group(4 + m), 1);
+    const __m256i hi = _mm256_inserti128_si256(_mm256_castsi128_si256(group(8 + m)), group(12 + m), 1);
+    z[m] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+  const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+  const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+  const __m512i p[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2), _mm512_unpacklo_epi64(t1, t3),
+                        _mm512_unpackhi_epi64(t1, t3)};  // p[k]: packed dword k (codes 4k … and 16 + 4k …)
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  for (int k = 0; k < 4; ++k) {
+    w[k] = _mm512_and_si512(p[k], low);
+    w[4 + k] = _mm512_and_si512(_mm512_srli_epi16(p[k], 4), low);
+  }
+}
+
 // out[t] (lane i: row i of the tile) for nt ≤ L tokens: q_row's sums. s, m: tile_scales; lane_acc:
 // scratch of 8 · L registers for the eight accumulators. The next tile's next_bytes at `next` are
 // fetched meanwhile, a groups-th of them per group (the walk over the tile's rows is too scattered
 // for the hardware prefetchers: SmolLM2's int8 lm_head, 8 tokens, one thread: 1.9× the speed).
 template <DType T, int L, bool FULL>
-inline void tile_dots(int n_tok, const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups,
+inline void tile_dots(int n_tok, const Act<T>* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups,
                       const long* rg0, const float* s, const float* m, const char* next, long next_bytes,
                       __m512* lane_acc, __m512* out) {
   const int nt = FULL ? L : n_tok;  // a compile-time count for a full pass
@@ -101,10 +131,25 @@ inline void tile_dots(int n_tok, const int16_t* xq, const float* xs, const float
     for (long p = next_bytes * done / groups & ~63L; p < next_bytes * (done + 1) / groups; p += 64)
       _mm_prefetch(next + p, _MM_HINT_T0);
     ++done;
+    const __m512 sg = group_scales(g), mg = group_mins(g);
+    if constexpr (Q4) {
+      __m512i w[8];
+      codes_transposed(W, rg0, g, w);
+      for (int t = 0; t < nt; ++t) {
+        const int32_t* x = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
+        __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+        for (int k = 0; k < 8; k += 2) {
+          d0 = dot_quads16(d0, w[k], _mm512_set1_epi32(x[k]));
+          d1 = dot_quads16(d1, w[k + 1], _mm512_set1_epi32(x[k + 1]));
+        }
+        const long tg = long(t) * groups + g;
+        acc[t] = add_group<true>(acc[t], _mm512_add_epi32(d0, d1), sg, mg, xs[tg], xsum[tg]);
+      }
+      return;
+    }
     __m512i w[16], pairs[16];
     for (int i = 0; i < 16; ++i) w[i] = load_group32<T>(W, rg0[i] + g);
     transpose16x16(w, pairs);
-    const __m512 sg = group_scales(g), mg = group_mins(g);
     for (int t = 0; t < nt; ++t) {
       const int32_t* x = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
       __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
@@ -135,7 +180,7 @@ inline void tile_dots(int n_tok, const int16_t* xq, const float* xs, const float
 // are not stored), TILE_TOKENS tokens per pass over a tile; passes of fewer than LANE_TOKENS tokens
 // row by row.
 template <DType T>
-void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+void matmul_q(const Act<T>* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
               int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
   if (n_tok < LANE_TOKENS) return matmul_q_rows<T>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
   const int groups = n_in / QGROUP, pad = (groups + 15) / 16 * 16;

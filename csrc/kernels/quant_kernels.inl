@@ -126,6 +126,45 @@ inline __m256i sum_lanes8(const __m256i d[8]) {
   return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
+// A group of 32 int16 activations requantized to int8 as common.h's requantize_bytes does (the same
+// f32 products, rounded to even by vcvtps2dq as nearbyint rounds), the bytes in order.
+inline __m256i requant_group(const int16_t* x) {
+  const __m256 r = _mm256_set1_ps(127.0f / ACT_INT16_MAX);
+  auto requant = [&](__m128i v) {  // 8 int16 → f32 · r → int32
+    return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(v)), r));
+  };
+  const __m256i v0 = _mm256_loadu_si256((const __m256i*)x), v1 = _mm256_loadu_si256((const __m256i*)(x + 16));
+  // packs interleave 128-bit lanes; the permutes restore the values' order
+  const __m256i a = _mm256_permute4x64_epi64(
+      _mm256_packs_epi32(requant(_mm256_castsi256_si128(v0)), requant(_mm256_extracti128_si256(v0, 1))), 0xd8);
+  const __m256i b = _mm256_permute4x64_epi64(
+      _mm256_packs_epi32(requant(_mm256_castsi256_si128(v1)), requant(_mm256_extracti128_si256(v1, 1))), 0xd8);
+  return _mm256_permute4x64_epi64(_mm256_packs_epi16(a, b), 0xd8);
+}
+
+// Eight int32 partial sums of a group's 32 int8 values (exact).
+inline __m256i byte_sums(__m256i bytes) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), bytes), _mm256_set1_epi16(1));
+}
+
+// common.h's requantized in vectors: int4 weights' activations, this thread's buffers.
+inline ByteActs<int8_t> requantized_bytes(const int16_t* xq, const float* xs, long groups) {
+  static thread_local std::vector<int8_t> q;
+  static thread_local std::vector<float> f;
+  q.resize(size_t(groups) * QGROUP);
+  f.resize(2 * size_t(groups));
+  for (long g = 0; g < groups; ++g) {
+    const __m256i bytes = requant_group(xq + g * QGROUP), sums = byte_sums(bytes);
+    _mm256_storeu_si256((__m256i*)(q.data() + g * QGROUP), bytes);
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+    h = _mm_hadd_epi32(h, h);
+    h = _mm_hadd_epi32(h, h);
+    f[g] = xs[g] * (ACT_INT16_MAX / 127.0f);
+    f[groups + g] = f[g] * float(_mm_cvtsi128_si32(h));
+  }
+  return {q.data(), f.data(), f.data() + groups};
+}
+
 // One row against one token's activations: its groups eight at a time, the scales and int4 mins
 // as vectors (Q8/Q4: float16 from W; Q4K: f32 from fs and fm, the row's q4k_row_scales).
 template <DType T>
@@ -267,14 +306,14 @@ void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint1
 void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
                const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                bool accumulate) {
-  const ByteActs<int8_t> a = requantized<int8_t>(xq, xs, long(n_tok) * (n_in / QGROUP));
+  const ByteActs<int8_t> a = requantized_bytes(xq, xs, long(n_tok) * (n_in / QGROUP));
   (void)xsum;
   matmul_q<DType::Q4>(a.q, a.s, a.sum, WeightsRef{Wq, DType::Q4, Ws, Wm}, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }
 
 void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
                 int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
-  const ByteActs<int8_t> a = requantized<int8_t>(xq, xs, long(n_tok) * (n_in / QGROUP));
+  const ByteActs<int8_t> a = requantized_bytes(xq, xs, long(n_tok) * (n_in / QGROUP));
   (void)xsum;
   matmul_q<DType::Q4K>(a.q, a.s, a.sum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }

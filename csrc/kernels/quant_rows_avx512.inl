@@ -41,42 +41,44 @@ inline __m512i load_group32(const WeightsRef& W, long rg) {
   }
 }
 
-// Floats of tile_scales' row_buf: each of 16 rows 2 · q4k_stride(groups) + 8 floats apart (Q4K's
-// decoded super-blocks start up to 7 groups before the row's first), and a block of 16 past the end.
-inline long tile_rows_floats(int groups) { return 8 + 16L * (2 * q4k_stride(groups) + 8) + 16; }
+// Floats of tile_scales' row_buf: two planes (scales, mins) of a tile's 16 rows of groups, each
+// with up to 7 groups of Q4K's first super-block before them and a block of 16 past the end.
+inline long tile_plane_floats(int groups) { return 16L * groups + 32; }
+inline long tile_rows_floats(int groups) { return 2 * tile_plane_floats(groups); }
 
 // The scales (and int4 mins) of a tile's rows as f32, group-major: s[g · 16 + i] for row i of the
-// tile. Rows past the tile's `rows` repeat its last row. Each row's are first decoded into row_buf
-// (tile_rows_floats), scales at R + i · ld and mins at R + i · ld + mins_at, then transposed.
+// tile. Rows past the tile's `rows` repeat its last row. The tile's rows are consecutive, so their
+// groups are one run of the matrix's: decoded into row_buf (tile_rows_floats) at once (Q4K: each
+// super-block once, where row by row the one a row boundary splits was decoded twice), then
+// transposed with the rows `groups` floats apart.
 template <DType T>
 void tile_scales(const WeightsRef& W, int groups, int r, int rows, float* s, float* m, float* row_buf) {
   constexpr bool Q4 = T != DType::Q8;
-  const int mins_at = q4k_stride(groups);  // ≥ groups + 15: room for a whole block of 16
-  const long ld = 2L * mins_at + 8;
-  float* R = row_buf + 8;
-  for (int i = 0; i < TILE_ROWS; ++i) {
-    const long row = r + (i < rows ? i : rows - 1);
-    float* rs = R + i * ld;
-    if (T == DType::Q4K) {  // the super-blocks' codes decoded in place: the row's scales land at rs
-      const int off = int(row * groups % QK_GROUPS);
-      q4k_row_scales(W, groups, row, rs - off);
-      continue;
-    }
-    for (int g = 0; g < groups; g += 16) {
-      const __mmask16 k = groups - g >= 16 ? 0xffff : __mmask16((1u << (groups - g)) - 1);
-      const long rg = row * groups + g;
-      _mm512_storeu_ps(rs + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, W.scales + rg)));
-      if (Q4) _mm512_storeu_ps(rs + mins_at + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, W.mins + rg)));
+  const long f0 = long(r) * groups, n = long(rows) * groups;
+  float *S = row_buf, *M = row_buf + tile_plane_floats(groups);
+  int off = 0;  // Q4K: the tile's first group within its super-block
+  if constexpr (T == DType::Q4K) {
+    const long sb0 = f0 / QK_GROUPS;
+    off = int(f0 - sb0 * QK_GROUPS);
+    for (long i = 0; i * QK_GROUPS < off + n; ++i) super_block8(W, sb0 + i, S + i * QK_GROUPS, M + i * QK_GROUPS);
+  } else {
+    for (long i = 0; i < n; i += 16) {
+      const __mmask16 k = n - i >= 16 ? 0xffff : __mmask16((1u << (n - i)) - 1);
+      _mm512_storeu_ps(S + i, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, W.scales + f0 + i)));
+      if (Q4) _mm512_storeu_ps(M + i, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, W.mins + f0 + i)));
     }
   }
-  for (int g = 0; g < groups; g += 16) {  // a last block of fewer than 16 reads padding, not stored
-    const int n = groups - g < 16 ? groups - g : 16;
-    __m512i col[16];
-    transpose16x16(R + g, ld, col);
-    for (int c = 0; c < n; ++c) _mm512_storeu_si512(s + long(g + c) * 16, col[c]);
-    if (!Q4) continue;
-    transpose16x16(R + mins_at + g, ld, col);
-    for (int c = 0; c < n; ++c) _mm512_storeu_si512(m + long(g + c) * 16, col[c]);
+  S += off, M += off;
+  for (int plane = 0; plane < (Q4 ? 2 : 1); ++plane) {
+    float* P = plane ? M : S;
+    for (int i = rows; i < TILE_ROWS; ++i) std::memcpy(P + long(i) * groups, P + long(rows - 1) * groups, 4L * groups);
+    std::memset(P + long(TILE_ROWS) * groups, 0, 16 * sizeof(float));  // what a last block of < 16 groups reads past
+    for (int g = 0; g < groups; g += 16) {
+      const int nb = groups - g < 16 ? groups - g : 16;
+      __m512i col[16];
+      transpose16x16(P + g, groups, col);
+      for (int c = 0; c < nb; ++c) _mm512_storeu_si512((plane ? m : s) + long(g + c) * 16, col[c]);
+    }
   }
 }
 

@@ -11,8 +11,8 @@
 // = acc + the sums of four u8 · s8 products, in 8 int32 lanes: a vpaddd after the vpmaddwd (after
 // vpmaddubsw and a vpmaddwd by ones) on AVX2, one vpdpwssd (vpdpbusd) where the CPU has VNNI
 // (kernels_*vnni.cpp), and includes <cmath>, <cstring>, <vector> and kernels/common.h. The AVX-512
-// sets define GALLY_QUANT_ROWS_AVX512 and take quant_rows_avx512.inl's matmul_q, which adds a path
-// for batches of several tokens to matmul_q_rows here.
+// sets define GALLY_QUANT_ROWS_AVX512 and take quant_rows_avx512.inl's matmul_q, the AVX2 sets
+// quant_rows_avx2.inl's: each adds a path for batches of several tokens to matmul_q_rows here.
 
 inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -227,11 +227,10 @@ inline void q_row_tokens(const Act<T>* xq, const float* xs, const float* xsum, c
       const char* ahead = (const char*)W.data + (rg0 + g) * bytes + PREFETCH;
       for (int b = 0; b < 8 * bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
-    __m256i d[ROW_TOKENS][8];
-    for (int u = 0; u < 8; ++u) {
-      const auto w = load(rg0 + g + u);
-      for (int t = 0; t < nt; ++t) d[t][u] = group_dot(w, xq + (t * tg + g + u) * QGROUP);
-    }
+    // the eight groups' weights loaded once, then each token's dots summed at once (what a token
+    // keeps between groups is its accumulator, not eight dots: registers for int4's eight codes)
+    decltype(load(0)) w[8];
+    for (int u = 0; u < 8; ++u) w[u] = load(rg0 + g + u);
     __m256 ws, wm = _mm256_setzero_ps();
     if (T == DType::Q4K) {
       ws = _mm256_loadu_ps(fs + g), wm = _mm256_loadu_ps(fm + g);
@@ -240,8 +239,10 @@ inline void q_row_tokens(const Act<T>* xq, const float* xs, const float* xsum, c
       if (Q4) wm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(W.mins + rg0 + g)));
     }
     for (int t = 0; t < nt; ++t) {
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(d[t])),
-                               _mm256_mul_ps(ws, _mm256_loadu_ps(xs + t * tg + g)), acc[t]);
+      __m256i d[8];
+      for (int u = 0; u < 8; ++u) d[u] = group_dot(w[u], xq + (t * tg + g + u) * QGROUP);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(d)), _mm256_mul_ps(ws, _mm256_loadu_ps(xs + t * tg + g)),
+                               acc[t]);
       if (Q4) acc[t] = _mm256_fmadd_ps(wm, _mm256_loadu_ps(xsum + t * tg + g), acc[t]);
     }
   }
@@ -291,11 +292,7 @@ void matmul_q_rows(const Act<T>* xq, const float* xs, const float* xsum, const W
 #if defined(GALLY_QUANT_ROWS_AVX512)
 #include "kernels/quant_rows_avx512.inl"
 #else
-template <DType T>
-void matmul_q(const Act<T>* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
-              int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
-  matmul_q_rows<T>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
-}
+#include "kernels/quant_rows_avx2.inl"
 #endif
 
 void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,

@@ -24,17 +24,16 @@ inline int q4k_code(const uint8_t* codes, int j, int part) {
 // Int4 weights meet int8 activations: `groups` groups of int16 activations (kernels.h) requantized,
 // each value x · 127 / ACT_INT16_MAX rounded to even (|x| ≤ ACT_INT16_MAX, so within ±127), each
 // scale widened by ACT_INT16_MAX / 127, and sum = that scale · Σ q, the sum of the int8 values
-// (gemm_q_bytes.inl says why not the exact Σx). The prompt GEMMs (gemm_q_bytes.inl) form the same
-// values in vectors; the decode kernels take them from here (Q: int8_t, or int16_t for the kernels
-// that multiply int16). static: each kernel set's file compiles its own copy with its own
+// (gemm_q_bytes.inl says why not the exact Σx). The x86 sets form the same values in vectors
+// (quant_kernels.inl requant_group); the generic and NEON sets take them from here, held in int16
+// for their int16 kernels. static: each kernel set's file compiles its own copy with its own
 // instructions, which the linker must not merge into one.
-template <class Q>
-static inline void requantize_bytes(const int16_t* xq, const float* xs, long groups, Q* q, float* s, float* sum) {
+static inline void requantize_bytes(const int16_t* xq, const float* xs, long groups, int16_t* q, float* s, float* sum) {
   for (long g = 0; g < groups; ++g) {
     int32_t total = 0;
     for (int i = 0; i < QGROUP; ++i) {
       const int v = int(std::nearbyint(float(xq[g * QGROUP + i]) * (127.0f / ACT_INT16_MAX)));
-      q[g * QGROUP + i] = Q(v);
+      q[g * QGROUP + i] = int16_t(v);
       total += v;
     }
     s[g] = xs[g] * (ACT_INT16_MAX / 127.0f);
@@ -42,15 +41,15 @@ static inline void requantize_bytes(const int16_t* xq, const float* xs, long gro
   }
 }
 
-// requantize_bytes into this thread's buffers, valid until its next call.
+// Requantized activations in this thread's buffers, valid until its next call: the values (int8, or
+// int8 values held in int16), the group scales and sums.
 template <class Q>
 struct ByteActs {
   const Q* q;
   const float *s, *sum;
 };
-template <class Q>
-static inline ByteActs<Q> requantized(const int16_t* xq, const float* xs, long groups) {
-  static thread_local std::vector<Q> q;
+static inline ByteActs<int16_t> requantized(const int16_t* xq, const float* xs, long groups) {
+  static thread_local std::vector<int16_t> q;
   static thread_local std::vector<float> f;
   q.resize(size_t(groups) * QGROUP);
   f.resize(2 * size_t(groups));

@@ -1,12 +1,12 @@
 // The int8/int4 decode kernels of quant_kernels.inl with AVX512-VNNI and AVX512-VL
 // (EVEX-encoded, on 256-bit registers; Cascade Lake and later, Zen 4):
 // vpdpwssd multiplies int16 pairs and adds them to int32 lanes in one instruction, where AVX2
-// takes vpmaddwd then vpaddd; vpdpbusd (int4 codes × their int8 activations) byte quads, where AVX2
-// takes vpmaddubsw, vpmaddwd and vpaddd. Compiled with those flags; isa.cpp puts these into the "avx512vnni"
-// kernel set only where CPUID reports the flag. Measured on a Sapphire Rapids core: +5-10% on
-// weights in cache (int8 24 → 26 GB/s, int4 14 → 15); SmolLM2 decode, bound by memory, unchanged.
-// Also the prompts' GEMM into int8/int4 weights on the same activations (gemm_q_avx512.inl),
-// where vpdpwssd's 32 products an instruction count most.
+// takes vpmaddwd then vpaddd; vpdpbusd does so for quads of bytes (int4 codes × their int8
+// activations), where AVX2 takes vpmaddubsw, vpmaddwd and vpaddd. Compiled with those flags;
+// isa.cpp puts these into the "avx512vnni" kernel set only where CPUID reports the flag. Measured on a Sapphire Rapids
+// core: +5-10% on weights in cache (int8 24 → 26 GB/s, int4 14 → 15); SmolLM2 decode, bound by memory, unchanged. Also
+// the prompts' GEMM into int8/int4 weights on the same activations (gemm_q_avx512.inl), where vpdpwssd's 32 products an
+// instruction count most.
 #include <immintrin.h>
 
 #include <cmath>

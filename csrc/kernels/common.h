@@ -25,18 +25,18 @@ inline int q4k_code(const uint8_t* codes, int j, int part) {
 // each value x · 127 / ACT_INT16_MAX rounded to even (|x| ≤ ACT_INT16_MAX, so within ±127), each
 // scale widened by ACT_INT16_MAX / 127, and sum = that scale · Σ q, the sum of the int8 values
 // (gemm_q_bytes.inl says why not the exact Σx). The x86 sets form the same values in vectors
-// (quant_kernels.inl requant_group); the generic and NEON sets take them from here, held in int16
+// (quant_kernels.inl requant_group, requantized_bytes); the generic and NEON sets take them from here, held in int16
 // for their int16 kernels. static: each kernel set's file compiles its own copy with its own
 // instructions, which the linker must not merge into one.
-static inline void requantize_bytes(const int16_t* xq, const float* xs, long groups, int16_t* q, float* s, float* sum) {
+static inline void requantize_int8(const int16_t* xq, const float* xs, long groups, int16_t* q, float* s, float* sum) {
   for (long g = 0; g < groups; ++g) {
     int32_t total = 0;
     for (int i = 0; i < QGROUP; ++i) {
-      const int v = int(std::nearbyint(float(xq[g * QGROUP + i]) * (127.0f / ACT_INT16_MAX)));
+      const int v = int(std::nearbyint(float(xq[g * QGROUP + i]) * REQUANT));
       q[g * QGROUP + i] = int16_t(v);
       total += v;
     }
-    s[g] = xs[g] * (ACT_INT16_MAX / 127.0f);
+    s[g] = xs[g] * REQUANT_SCALE;
     sum[g] = s[g] * float(total);
   }
 }
@@ -48,12 +48,12 @@ struct ByteActs {
   const Q* q;
   const float *s, *sum;
 };
-static inline ByteActs<int16_t> requantized(const int16_t* xq, const float* xs, long groups) {
+static inline ByteActs<int16_t> requantized_int8(const int16_t* xq, const float* xs, long groups) {
   static thread_local std::vector<int16_t> q;
   static thread_local std::vector<float> f;
   q.resize(size_t(groups) * QGROUP);
   f.resize(2 * size_t(groups));
-  requantize_bytes(xq, xs, groups, q.data(), f.data(), f.data() + groups);
+  requantize_int8(xq, xs, groups, q.data(), f.data(), f.data() + groups);
   return {q.data(), f.data(), f.data() + groups};
 }
 

@@ -21,8 +21,9 @@
 // With 16 registers a tile is 6 rows × 2 vectors (12 dots + 2 activations + 1 weight), or 12 rows
 // × 1 vector; for int4 4 × 2 or 8 × 1. The sums wait in memory between groups.
 //
-// The including file defines QGEMM_VNNI, dot_pairs (vpdpwssd where QGEMM_VNNI) and, where
-// QGEMM_VNNI, dot_quads (vpdpbusd); and includes quant_kernels.inl (load_q8, q4k_row_scales).
+// The including file defines QGEMM_VNNI, dot_pairs (vpdpwssd where QGEMM_VNNI) and dot_quads
+// (vpdpbusd where QGEMM_VNNI); and includes quant_kernels.inl (load_q8, q4k_row_scales,
+// requant_group, byte_sums).
 
 namespace qgemm {
 

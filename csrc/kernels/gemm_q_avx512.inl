@@ -16,8 +16,8 @@
 //   of SmolLM2 (GPL text, ctx 512) int4 18.244 → 18.271; on weights off the 4-bit grid, KLD
 //   against f32 +1.3% (bench/quant_quality.py), for 1.3-1.45× the int4 prefill.
 // - The weights are widened a chunk of 64 rows at a time (wq[row], in memory order within a
-//   group as load_group32 gives them: int16, or int4's codes as bytes), with their scales (and int4
-//   mins) group-major per block of 16 rows from tile_scales (quant_rows_avx512.inl).
+//   group: int8 as int16 (load_group32), int4's codes as bytes (widen_row_codes)), with their
+//   scales (and int4 mins) group-major per block of 16 rows from tile_scales (quant_rows_avx512.inl).
 // - A register tile of R rows × V vectors of tokens: for each group, 16 vpdpwssd steps (int4: 8
 //   vpdpbusd, the codes unsigned, the activations signed) with a row's word broadcast give R·V
 //   integer dots in int32 lanes; each is then converted and added to its f32 sum as
@@ -158,7 +158,7 @@ inline void store_chunk(const float* out, int rows, int nt, const float* b, floa
 
 // A row's int8 groups [rg0, rg0 + groups) as int16 in memory order (load_group32's), into out.
 inline void widen_row(const WeightsRef& W, long rg0, int groups, int16_t* out) {
-  for (int g = 0; g < groups; ++g) _mm512_storeu_si512(out + g * QGROUP, load_group32<DType::Q8>(W, rg0 + g));
+  for (int g = 0; g < groups; ++g) _mm512_storeu_si512(out + g * QGROUP, load_group32(W, rg0 + g));
 }
 
 template <DType T>

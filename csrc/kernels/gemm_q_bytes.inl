@@ -51,7 +51,7 @@ inline void pack_tile_bytes(const int16_t* xq, int nt, int groups, int tw, int32
       const __m256i total =
           _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
       float* sc = st + g * tw + j0;
-      const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(sc), _mm256_set1_ps(ACT_INT16_MAX / 127.0f));
+      const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(sc), _mm256_set1_ps(REQUANT_SCALE));
       _mm256_storeu_ps(sc, scale);
       _mm256_storeu_ps(mt + g * tw + j0, _mm256_mul_ps(scale, _mm256_cvtepi32_ps(total)));
       // transpose: row p of the block = word p of each token

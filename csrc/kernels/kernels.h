@@ -15,11 +15,15 @@ namespace gally {
 // also a float16 min): int8 w = scale·q with q ∈ [-127, 127]; int4 w = scale·q + min with
 // q ∈ [0, 15], two per byte: byte i of a group holds q_i (low nibble) and q_{i+16} (high).
 // Activations are quantized per group to int16 (xq = round(x·32767/max|x|), xs = max|x|/32767,
-// and xsum = Σx for int4's min term), so that a group's dot product is exact in integers. int16
-// rather than int8 activations: measured on SmolLM2, int8 activations cost int4 1.8% perplexity,
-// int16 activations nothing measurable; decode is bound by the weights' bytes either way.
+// and xsum = Σx), so that a group's dot product with int8 weights is exact in integers (int8
+// activations cost int8 weights their near-exactness). int4 weights meet those activations
+// requantized to int8 (common.h requantize_int8): q = round(xq·127/32767) to even, scale
+// xs·32767/127, sum = scale·Σq for the min term (xsum goes unused), four byte products to an
+// instruction; in prompts and decode steps alike.
 constexpr int QGROUP = 32;
-constexpr float ACT_INT16_MAX = 32767.0f;  // int16 activations lie in [-32767, 32767]
+constexpr float ACT_INT16_MAX = 32767.0f;                // int16 activations lie in [-32767, 32767]
+constexpr float REQUANT = 127.0f / ACT_INT16_MAX;        // int16 value → int8 value (rounded to even)
+constexpr float REQUANT_SCALE = ACT_INT16_MAX / 127.0f;  // int16 scale → int8 scale
 
 // Q4K (int4, gally-quant v2, 4.5 bits per weight): the nibbles exactly as Q4's, but the matrix's
 // groups, numbered row-major (f = row · n_in/QGROUP + group), form super-blocks of QK_GROUPS
@@ -191,8 +195,8 @@ struct Kernels {
   void (*matmul_q8)(const int16_t* xq, const float* xs, const int8_t* Wq, const uint16_t* Ws, const float* b, float* y,
                     int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
 
-  // As matmul_q8 plus the min term Σ_g xsum[t,g]·wm[r,g]; Wq uint8 [n_out, n_in/2] (packed),
-  // Ws, Wm float16 [n_out, n_in/32]
+  // As matmul_q8 on the activations requantized to int8 (above), plus the min term Σ_g sum[t,g]·wm[r,g]
+  // of their sums (xsum is not read); Wq uint8 [n_out, n_in/2] (packed), Ws, Wm float16 [n_out, n_in/32]
   void (*matmul_q4)(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
                     const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                     bool accumulate);

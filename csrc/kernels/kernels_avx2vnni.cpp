@@ -3,9 +3,10 @@
 // vpdpwssd multiplies int16 pairs and adds them to int32 lanes in one instruction, where AVX2
 // takes vpmaddwd then vpaddd; vpdpbusd does so for quads of bytes (int4 codes × their int8
 // activations), where AVX2 takes vpmaddubsw, vpmaddwd and vpaddd. Compiled with those flags;
-// isa.cpp puts these into the "avx2vnni" kernel set only where CPUID reports the flag. Measured on a Sapphire Rapids
-// core: +5-10% on weights in cache (int8 24 → 26 GB/s, int4 14 → 15); SmolLM2 decode, bound by memory, unchanged. Also
-// the prompts' GEMM into int8/int4 weights on the same activations (gemm_q_avx2.inl).
+// isa.cpp puts these into the "avx2vnni" kernel set only where CPUID reports the flag.
+// Measured on a Sapphire Rapids core, when int4 too took int16 activations: +5-10% on weights in
+// cache (int8 24 → 26 GB/s, int4 14 → 15); SmolLM2 decode, bound by memory, unchanged. Also the
+// prompts' GEMM into int8/int4 weights on the same activations (gemm_q_avx2.inl).
 #include <immintrin.h>
 
 #include <cmath>
@@ -25,7 +26,7 @@ constexpr bool QGEMM_VNNI = true;  // gemm_q_avx2.inl: vpdpwssd and vpdpbusd
 
 #include "kernels/quant_kernels.inl"
 
-// after quant_kernels.inl, whose load_q8 and q4k_row_scales it uses
+// after quant_kernels.inl, whose load_q8, q4k_row_scales, requant_group and byte_sums it uses
 #include "kernels/gemm_q_avx2.inl"
 
 }  // namespace avx2vnni

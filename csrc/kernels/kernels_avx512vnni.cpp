@@ -3,14 +3,16 @@
 // vpdpwssd multiplies int16 pairs and adds them to int32 lanes in one instruction, where AVX2
 // takes vpmaddwd then vpaddd; vpdpbusd does so for quads of bytes (int4 codes × their int8
 // activations), where AVX2 takes vpmaddubsw, vpmaddwd and vpaddd. Compiled with those flags;
-// isa.cpp puts these into the "avx512vnni" kernel set only where CPUID reports the flag. Measured on a Sapphire Rapids
-// core: +5-10% on weights in cache (int8 24 → 26 GB/s, int4 14 → 15); SmolLM2 decode, bound by memory, unchanged. Also
-// the prompts' GEMM into int8/int4 weights on the same activations (gemm_q_avx512.inl), where vpdpwssd's 32 products an
-// instruction count most.
+// isa.cpp puts these into the "avx512vnni" kernel set only where CPUID reports the flag.
+// Measured on a Sapphire Rapids core, when int4 too took int16 activations: +5-10% on weights in
+// cache (int8 24 → 26 GB/s, int4 14 → 15); SmolLM2 decode, bound by memory, unchanged. Also the
+// prompts' GEMM into int8/int4 weights on the same activations (gemm_q_avx512.inl), where
+// vpdpwssd's 32 products an instruction count most.
 #include <immintrin.h>
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/common.h"

@@ -238,7 +238,7 @@ void quantize_rows(const float* x, int n, int n_in, int16_t* xq, float* xs, floa
 }
 
 // Σ_g s_g·xs[t,g]·(xq[t,g] · q[r,g]) + m_g·xsum[t,g] with the group scales and mins of W's type
-// (common.h's group_scale). int4 weights take the activations requantized to int8 (requantized).
+// (common.h's group_scale). int4 weights take the activations requantized to int8 (common.h requantized_int8).
 template <DType T>
 void matmul_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
               int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
@@ -275,14 +275,14 @@ void matmul_q8(const int16_t* xq, const float* xs, const int8_t* Wq, const uint1
 void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* Wq, const uint16_t* Ws,
                const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                bool accumulate) {
-  const ByteActs<int16_t> a = requantized(xq, xs, long(n_tok) * (n_in / QGROUP));
+  const ByteActs<int16_t> a = requantized_int8(xq, xs, long(n_tok) * (n_in / QGROUP));
   (void)xsum;
   matmul_q<DType::Q4>(a.q, a.s, a.sum, WeightsRef{Wq, DType::Q4, Ws, Wm}, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }
 
 void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
                 int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
-  const ByteActs<int16_t> a = requantized(xq, xs, long(n_tok) * (n_in / QGROUP));
+  const ByteActs<int16_t> a = requantized_int8(xq, xs, long(n_tok) * (n_in / QGROUP));
   (void)xsum;
   matmul_q<DType::Q4K>(a.q, a.s, a.sum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }

@@ -1,16 +1,15 @@
-// Kernels for int8 and int4 (Q4 and Q4K) weights times int16 activations (kernels.h), over 256-bit integer
-// registers: a group of 32 is two halves of 16 int16, multiplied and summed in pairs by vpmaddwd,
-// exact in int32. Compiled per instruction set. The math matches the scalar twins in
-// kernels_generic.cpp.
-//
-// int4 weights meet the activations requantized to int8 (common.h's requantized, as the prompt
-// GEMMs requantize them): a group is one register of 32 codes in bytes against 32 int8 values,
-// multiplied and summed in quads by vpdpbusd (vpmaddubsw and vpmaddwd without VNNI), exact in int32.
+// Kernels for int8 and int4 (Q4 and Q4K) weights times the activations (kernels.h), over 256-bit
+// integer registers. int8 weights: their int16 activations, a group of 32 as two halves of 16 int16,
+// multiplied and summed in pairs by vpmaddwd, exact in int32. int4 weights: those activations
+// requantized to int8 (requantized_bytes, as the prompt GEMMs requantize them), a group one register
+// of 32 codes in bytes against 32 int8 values, multiplied and summed in quads by vpdpbusd
+// (vpmaddubsw and vpmaddwd without VNNI), exact in int32. Compiled per instruction set. The math
+// matches the scalar twins in kernels_generic.cpp.
 //
 // The including file defines dot_pairs(acc, a, b) = acc + vpmaddwd(a, b) and dot_quads(acc, u, s)
 // = acc + the sums of four u8 · s8 products, in 8 int32 lanes: a vpaddd after the vpmaddwd (after
 // vpmaddubsw and a vpmaddwd by ones) on AVX2, one vpdpwssd (vpdpbusd) where the CPU has VNNI
-// (kernels_*vnni.cpp), and includes <cmath>, <cstring>, <vector> and kernels/common.h. The AVX-512
+// (kernels_*vnni.cpp), and includes <cmath>, <cstring>, <type_traits>, <vector> and kernels/common.h. The AVX-512
 // sets define GALLY_QUANT_ROWS_AVX512 and take quant_rows_avx512.inl's matmul_q, the AVX2 sets
 // quant_rows_avx2.inl's: each adds a path for batches of several tokens to matmul_q_rows here.
 
@@ -126,10 +125,18 @@ inline __m256i sum_lanes8(const __m256i d[8]) {
   return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
-// A group of 32 int16 activations requantized to int8 as common.h's requantize_bytes does (the same
+// The sum of eight int32 lanes.
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  h = _mm_hadd_epi32(h, h);
+  h = _mm_hadd_epi32(h, h);
+  return _mm_cvtsi128_si32(h);
+}
+
+// A group of 32 int16 activations requantized to int8 as common.h's requantize_int8 does (the same
 // f32 products, rounded to even by vcvtps2dq as nearbyint rounds), the bytes in order.
 inline __m256i requant_group(const int16_t* x) {
-  const __m256 r = _mm256_set1_ps(127.0f / ACT_INT16_MAX);
+  const __m256 r = _mm256_set1_ps(REQUANT);
   auto requant = [&](__m128i v) {  // 8 int16 → f32 · r → int32
     return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(v)), r));
   };
@@ -147,7 +154,8 @@ inline __m256i byte_sums(__m256i bytes) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), bytes), _mm256_set1_epi16(1));
 }
 
-// common.h's requantized in vectors: int4 weights' activations, this thread's buffers.
+// common.h's requantized_int8 in vectors, the values in int8: int4 weights' activations, in this
+// thread's buffers, valid until its next call.
 inline ByteActs<int8_t> requantized_bytes(const int16_t* xq, const float* xs, long groups) {
   static thread_local std::vector<int8_t> q;
   static thread_local std::vector<float> f;
@@ -156,11 +164,8 @@ inline ByteActs<int8_t> requantized_bytes(const int16_t* xq, const float* xs, lo
   for (long g = 0; g < groups; ++g) {
     const __m256i bytes = requant_group(xq + g * QGROUP), sums = byte_sums(bytes);
     _mm256_storeu_si256((__m256i*)(q.data() + g * QGROUP), bytes);
-    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
-    h = _mm_hadd_epi32(h, h);
-    h = _mm_hadd_epi32(h, h);
-    f[g] = xs[g] * (ACT_INT16_MAX / 127.0f);
-    f[groups + g] = f[g] * float(_mm_cvtsi128_si32(h));
+    f[g] = xs[g] * REQUANT_SCALE;
+    f[groups + g] = f[g] * float(hsum_epi32(sums));
   }
   return {q.data(), f.data(), f.data() + groups};
 }
@@ -197,12 +202,9 @@ inline float q_row(const Act<T>* xq, const float* xs, const float* xsum, const W
   }
   float s = sum8(acc);
   for (; g < groups; ++g) {
-    __m256i d = group_dot(load(rg0 + g), xq + long(g) * QGROUP);
-    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
-    h = _mm_hadd_epi32(h, h);
-    h = _mm_hadd_epi32(h, h);
+    const int32_t d = hsum_epi32(group_dot(load(rg0 + g), xq + long(g) * QGROUP));
     const float gs = T == DType::Q4K ? fs[g] : _cvtsh_ss(W.scales[rg0 + g]);
-    s = std::fma(float(_mm_cvtsi128_si32(h)), xs[g] * gs, s);  // fused, as quant_rows_avx512.inl's lanes
+    s = std::fma(float(d), xs[g] * gs, s);  // fused, as quant_rows_avx512.inl's lanes
     if (Q4) s = std::fma(xsum[g], T == DType::Q4K ? fm[g] : _cvtsh_ss(W.mins[rg0 + g]), s);
   }
   return s;
@@ -252,11 +254,8 @@ inline void q_row_tokens(const Act<T>* xq, const float* xs, const float* xsum, c
     const float gs = T == DType::Q4K ? fs[g] : _cvtsh_ss(W.scales[rg0 + g]);
     const float gm = !Q4 ? 0.0f : T == DType::Q4K ? fm[g] : _cvtsh_ss(W.mins[rg0 + g]);
     for (int t = 0; t < nt; ++t) {
-      __m256i d = group_dot(w, xq + (t * tg + g) * QGROUP);
-      __m128i h = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
-      h = _mm_hadd_epi32(h, h);
-      h = _mm_hadd_epi32(h, h);
-      s[t] = std::fma(float(_mm_cvtsi128_si32(h)), xs[t * tg + g] * gs, s[t]);
+      const int32_t d = hsum_epi32(group_dot(w, xq + (t * tg + g) * QGROUP));
+      s[t] = std::fma(float(d), xs[t * tg + g] * gs, s[t]);
       if (Q4) s[t] = std::fma(xsum[t * tg + g], gm, s[t]);
     }
   }

@@ -1,5 +1,5 @@
 // Kernels for int8 and int4 (Q4, Q4K) weights times int16 activations (kernels.h; int4 weights those
-// activations requantized to int8, common.h's requantized) on NEON, compiled per
+// activations requantized to int8, common.h's requantized_int8) on NEON, compiled per
 // instruction set like quant_kernels.inl (its AVX2 counterpart); the math matches the scalar
 // twins in kernels_generic.cpp.
 //
@@ -103,14 +103,14 @@ void matmul_q4(const int16_t* xq, const float* xs, const float* xsum, const uint
                const uint16_t* Wm, const float* b, float* y, int n_tok, int n_in, int ldy, int r0, int r1,
                bool accumulate) {
   // int4 weights meet the activations requantized to int8, here held in int16 (common.h)
-  const ByteActs<int16_t> a = requantized(xq, xs, long(n_tok) * (n_in / QGROUP));
+  const ByteActs<int16_t> a = requantized_int8(xq, xs, long(n_tok) * (n_in / QGROUP));
   (void)xsum;
   matmul_q<DType::Q4>(a.q, a.s, a.sum, WeightsRef{Wq, DType::Q4, Ws, Wm}, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }
 
 void matmul_q4k(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
                 int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
-  const ByteActs<int16_t> a = requantized(xq, xs, long(n_tok) * (n_in / QGROUP));
+  const ByteActs<int16_t> a = requantized_int8(xq, xs, long(n_tok) * (n_in / QGROUP));
   (void)xsum;
   matmul_q<DType::Q4K>(a.q, a.s, a.sum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
 }

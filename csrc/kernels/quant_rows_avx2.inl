@@ -4,14 +4,16 @@
 // tokens take a tile of 8 rows with one row in each lane: a group's 8 rows of packed codes are
 // loaded two rows to a register and transposed as dwords, then split into nibbles, so that register
 // k holds codes 4k … 4k + 3 of every row, and a token's group dot for all 8 rows is 8 vpmaddubsw
-// with its quad k of int8 activations broadcast: no lane sums,
-// where row by row each token's eight groups need them (sum_lanes8), and the weights' nibbles split once for every
-// token. vpmaddubsw's int16 pair sums (|q·x + q'·x'| ≤ 2 · 15 · 127) add up over the 8 quads within int16 (≤ 30480),
-// then vpmaddwd by ones makes them the group's exact int32 dot.
+// with its quad k of int8 activations broadcast (in the avx2vnni set too: 8 vpdpbusd measured no
+// faster): no lane sums, where row by row each token's eight groups need them (sum_lanes8), and
+// the weights' nibbles split once for every token. vpmaddubsw's int16 pair sums
+// (|q·x + q'·x'| ≤ 2 · 15 · 127) add up over the 8 quads within int16 (≤ 30480), then vpmaddwd by
+// ones makes them the group's exact int32 dot.
 //
 // A token's result must not depend on the batch it is in, so the tile sums in q_row's order, as the
 // AVX-512 tile does: eight accumulators a_u (groups u, u + 8, …) with rows in the lanes, added as
-// sum8 adds its lanes, then the tail groups, each fused as q_row's.
+// sum8 adds its lanes, then the tail groups, each fused as q_row's. tile8_scales and tile8_dots
+// follow tile_scales and tile_dots there, in 8 lanes.
 
 constexpr int TILE8_ROWS = 8;    // rows per tile, one per lane
 constexpr int TILE8_TOKENS = 8;  // tokens per pass over a tile

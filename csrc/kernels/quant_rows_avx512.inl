@@ -1,11 +1,12 @@
 // matmul_q of the AVX-512 sets: the row-wise int8 and int4 (Q4, Q4K) products of a few tokens,
-// the decode steps of one or more sequences, with int16 activations (kernels.h).
+// the decode steps of one or more sequences, on int16 activations (int4 weights: requantized to
+// int8; kernels.h).
 //
 // Fewer than LANE_TOKENS tokens take matmul_q_rows (quant_kernels.inl), one row at a time:
 // the weights stream through in memory order, which a decode step bound by memory needs. More
-// tokens take a tile of 16 rows with one row in each lane: each group's 16 rows of weights are
-// widened to 32 int16 each and transposed (transpose_avx512.h), so that register k holds pair k of
-// every row, and a token's group dot for all 16 rows is 16 vpmaddwd/vpdpwssd with its pair k
+// tokens take a tile of 16 rows with one row in each lane: for int8 weights each group's 16 rows
+// are widened to 32 int16 each and transposed (transpose_avx512.h), so that register k holds pair k
+// of every row, and a token's group dot for all 16 rows is 16 vpmaddwd/vpdpwssd with its pair k
 // broadcast; the transpose serves every token, and no sum is reduced across lanes.
 //
 // int4 weights meet int8 activations (quant_kernels.inl): a group's 16 rows of packed codes are
@@ -27,18 +28,10 @@ constexpr int TILE_ROWS = 16;    // rows per tile, one per lane
 constexpr int LANE_TOKENS = 3;   // batches of at least this many tokens transpose the tile's weights
 constexpr int TILE_TOKENS = 16;  // tokens per pass over a tile: each group's transpose serves them all
 
-// Group rg (row · groups + group) of W widened to 32 int16 in natural order: dword k holds
+// Group rg (row · groups + group) of an int8 W widened to 32 int16 in natural order: dword k holds
 // weights 2k and 2k + 1.
-template <DType T>
 inline __m512i load_group32(const WeightsRef& W, long rg) {
-  if constexpr (T == DType::Q8) {
-    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)((const int8_t*)W.data + rg * QGROUP)));
-  } else {  // byte i holds weights i (low nibble) and i + 16 (high): both halves from one broadcast
-    const __m128i bytes = _mm_loadu_si128((const __m128i*)((const uint8_t*)W.data + rg * (QGROUP / 2)));
-    const __m512i v = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(bytes));
-    const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-    return _mm512_and_si512(_mm512_srlv_epi16(v, shift), _mm512_set1_epi16(0x0f));
-  }
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)((const int8_t*)W.data + rg * QGROUP)));
 }
 
 // Floats of tile_scales' row_buf: two planes (scales, mins) of a tile's 16 rows of groups, each
@@ -147,20 +140,20 @@ inline void tile_dots(int n_tok, const Act<T>* xq, const float* xs, const float*
         const long tg = long(t) * groups + g;
         acc[t] = add_group<true>(acc[t], _mm512_add_epi32(d0, d1), sg, mg, xs[tg], xsum[tg]);
       }
-      return;
-    }
-    __m512i w[16], pairs[16];
-    for (int i = 0; i < 16; ++i) w[i] = load_group32<T>(W, rg0[i] + g);
-    transpose16x16(w, pairs);
-    for (int t = 0; t < nt; ++t) {
-      const int32_t* x = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
-      __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
-      for (int k = 0; k < 16; k += 2) {
-        d0 = dot_pairs16(d0, pairs[k], _mm512_set1_epi32(x[k]));
-        d1 = dot_pairs16(d1, pairs[k + 1], _mm512_set1_epi32(x[k + 1]));
+    } else {
+      __m512i w[16], pairs[16];
+      for (int i = 0; i < 16; ++i) w[i] = load_group32(W, rg0[i] + g);
+      transpose16x16(w, pairs);
+      for (int t = 0; t < nt; ++t) {
+        const int32_t* x = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
+        __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+        for (int k = 0; k < 16; k += 2) {
+          d0 = dot_pairs16(d0, pairs[k], _mm512_set1_epi32(x[k]));
+          d1 = dot_pairs16(d1, pairs[k + 1], _mm512_set1_epi32(x[k + 1]));
+        }
+        const long tg = long(t) * groups + g;
+        acc[t] = add_group<false>(acc[t], _mm512_add_epi32(d0, d1), sg, mg, xs[tg], 0.0f);
       }
-      const long tg = long(t) * groups + g;
-      acc[t] = add_group<Q4>(acc[t], _mm512_add_epi32(d0, d1), sg, mg, xs[tg], Q4 ? xsum[tg] : 0.0f);
     }
   };
   for (int u = 0; u < 8; ++u) {  // accumulator u: groups u, u + 8, … (the tile is in L1 or L2 after u = 0)

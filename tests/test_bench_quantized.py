@@ -42,7 +42,7 @@ def test_gally_loads_the_stored_quantized_folder_zero_copy(result, home, folder)
         path = result.quantized[s.dtype]
         assert path == derived.quantized_folder(folder, s.dtype)  # cached: the same folder again
         # int4 names its format's version (a cache from before version 2 holds version 1's int4) and
-        # its calibration (a real model's: not random-* weights)
+        # its calibration (a real model: calibrated; --shape's random weights are not)
         assert path.startswith(os.path.join(home, "bench", ""))
         assert path.endswith({"int8": "-gally-int8", "int4": "-gally-int4-v2-ends2-calibrated"}[s.dtype])
         if s.dtype == "int4":
@@ -59,6 +59,9 @@ def test_quantized_folder_is_made_once(result, folder):
     before = os.stat(path).st_mtime_ns
     assert derived.quantized_folder(folder, "int4") == os.path.dirname(path)
     assert os.stat(path).st_mtime_ns == before
+    plain = derived.quantized_folder(folder, "int4", calibrate=False)  # as for random weights: another entry
+    assert plain.endswith("-gally-int4-v2-ends2")
+    assert quantize.read_checkpoint(plain).metadata[quantize.METADATA_CALIBRATION] == "none"
 
 
 def test_start_up_table_reads_off_rss_beyond_file_and_kv(result):

@@ -548,7 +548,7 @@ def _quantization(folder: str, tensors: dict, dtype: Optional[str], threads: int
     if dtype not in QUANTIZED:
         return tensors, dtype
     arrays = {name: (t.dtype, t.numpy()) for name, t in tensors.items()}
-    calibration = quantize.calibrate(quantize.calibration_model(folder, threads)) if dtype == "int4" else None
+    calibration = quantize.calibrate_source(folder, threads=threads) if dtype == "int4" else None
     out, _ = quantize.quantize_tensors(arrays, dtype, calibration=calibration)
     return {name: tensors[name] if name in tensors and out[name][1] is arrays[name][1]
             else _core.tensor_from_numpy(name, dt, a) for name, (dt, a) in out.items()}, None

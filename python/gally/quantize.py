@@ -458,8 +458,10 @@ def calibrate(model, text: Optional[str] = None, samples: int = CALIBRATION_SAMP
         source = f"self-sampled, {samples} x {length} tokens, seed {seed}"
     columns, width = input_columns(c)
     squares = np.zeros((c.num_hidden_layers, width))
+    session = model.session(max(len(w) for w in windows))  # one cache for every window
     for w in windows:
-        model.session(len(w)).forward(w, input_squares=squares)
+        session.reset()
+        session.forward(w, input_squares=squares)
     squares /= sum(len(w) for w in windows)
     if not np.isfinite(squares).all():
         raise ValueError(f"{model.path}: the calibration run's activations overflowed (an infinity or NaN); "
@@ -808,13 +810,22 @@ def calibration_model(source: str, threads: Optional[int] = None):
     return load(source, dtype="int8", threads=threads)
 
 
+def calibrate_source(source: str, text: Optional[str] = None, threads: Optional[int] = None,
+                     announce: Optional[bool] = None) -> Calibration:
+    """calibrate(calibration_model(source), text): what every way to int4 runs, saying so on stderr
+    first (announce_calibration; default: when stderr is a terminal)."""
+    if announce or (announce is None and sys.stderr.isatty()):
+        announce_calibration(text is not None)
+    return calibrate(calibration_model(source, threads), text)
+
+
 def quantize_folder(source: str, out_dir: str, to: str, pure: bool = False, progress: Optional[bool] = None,
                     calibration="self", calibration_text: Optional[str] = None) -> QuantizedCheckpoint:
     """Writes the model folder `out_dir` (which must not exist, or be empty): `source`'s config and
     tokenizer files, and model.safetensors quantized to `to` ("int8", "int4" or "int4-v1"; pure: see
     kind_for). source: a model folder, a .gguf file or an alias, as gally.load takes. calibration
-    (int4 only): "self", statistics of sequences the model samples itself (calibrate()); "text",
-    of calibration_text; a Calibration; or None, every column alike. Calibrating a .gguf source
+    (int4 only): "self", statistics of calibration_text's tokens, or without one of sequences the
+    model samples itself (calibrate()); a Calibration; or None, every column alike. Calibrating a .gguf source
     runs its int8 conversion, which stays in the cache (calibration_model). The folder appears
     whole or not at all. progress: a bar on stderr once it has taken a second (default: when
     stderr is a terminal)."""
@@ -824,12 +835,11 @@ def quantize_folder(source: str, out_dir: str, to: str, pure: bool = False, prog
 
     if to not in KINDS:
         raise ValueError(f"to must be one of {', '.join(KINDS)}, got {to!r}")
-    if not (calibration is None or calibration in ("self", "text") or isinstance(calibration, Calibration)):
-        raise ValueError(f"calibration must be 'self', 'text', a Calibration or None, got {calibration!r}")
-    if (calibration == "text") != (calibration_text is not None):
-        raise ValueError("calibration_text goes with calibration='text', and only with it")
-    if calibration == "text" and to != "int4":
-        raise ValueError(f"a calibration text applies to int4 only, not {to}")
+    if not (calibration is None or calibration == "self" or isinstance(calibration, Calibration)):
+        raise ValueError(f"calibration must be 'self', a Calibration or None, got {calibration!r}")
+    if calibration_text is not None and (calibration != "self" or to != "int4"):
+        raise ValueError(f"a calibration text applies to int4 with calibration='self' only, not {to} "
+                         f"with {calibration!r}")
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ValueError(f"{out_dir}: already exists; choose a new output folder")
@@ -840,10 +850,8 @@ def quantize_folder(source: str, out_dir: str, to: str, pure: bool = False, prog
             raise ValueError(f"{folder}: already quantized; quantize from an f32, bf16 or f16 checkpoint")
     if to != "int4":
         calibration = None
-    elif calibration in ("self", "text"):
-        if progress or (progress is None and sys.stderr.isatty()):  # it takes minutes at 8B
-            announce_calibration(calibration_text is not None)
-        calibration = calibrate(calibration_model(source), calibration_text)
+    elif calibration == "self":  # it takes minutes at 8B: said as the progress bar is shown
+        calibration = calibrate_source(source, calibration_text, announce=progress)
     if gguf is not None:  # straight from the GGUF file: no float32 conversion is written on the way
         gguf_import.convert(gguf, out_dir, to, progress, calibration=calibration)
         return read_checkpoint(out_dir)

@@ -128,9 +128,7 @@ def gguf_folder(path: str, dtype: str = "f32", sha256: Optional[str] = None) -> 
         if dtype == "int4":  # calibrated on the int8 conversion, which stays in the cache
             from . import quantize
 
-            int8 = quantize.calibration_model(gguf_folder(path, "int8", sha256))
-            quantize.announce_calibration()
-            calibration = quantize.calibrate(int8)
+            calibration = quantize.calibrate_source(gguf_folder(path, "int8", sha256), announce=True)
         gguf_import.convert(path, final, dtype, announce=announce, calibration=calibration)
     return final
 

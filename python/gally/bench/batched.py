@@ -98,7 +98,7 @@ def run_batched(opts, batches: list, command: str = "", log: Callable[[str], Non
         rng = np.random.default_rng(opts.seed)
         inputs = {b: (rng.integers(0, vocab, (b, prompt)).tolist(), rng.integers(0, vocab, (b, gen)).tolist())
                   for b in batches}
-        model = derived.quantized_folder(folder, dtype, log=log) if dtype in QUANTIZED else (
+        model = derived.quantized_folder(folder, dtype, log=log, calibrate=not opts.shape) if dtype in QUANTIZED else (
             folder if opts.shape else opts.model)
         tool, gguf = None, None
         if "llama.cpp" in opts.peers:

@@ -38,9 +38,10 @@ def folder_for(source: str, cache_dir: str | None = None) -> str:
     return os.path.join(cache_dir or os.path.join(gally_home(), "bench"), f"{source_name(source)}-{h.hexdigest()[:12]}")
 
 
-def quantized_folder(source: str, dtype: str, cache_dir: str | None = None, log=None) -> str:
+def quantized_folder(source: str, dtype: str, cache_dir: str | None = None, log=None, calibrate: bool = True) -> str:
     """The folder `gally quantize SOURCE OUT --to dtype` writes, made once; `source` itself when it
-    is already quantized to `dtype`."""
+    is already quantized to `dtype`. calibrate=False: int4 as `--no-calibration` writes it (for random
+    weights, where calibration costs minutes at 8B and buys nothing)."""
     from .. import cache, quantize
 
     stored = quantize.read_checkpoint(source)
@@ -48,11 +49,9 @@ def quantized_folder(source: str, dtype: str, cache_dir: str | None = None, log=
         if stored.quant_type != dtype:
             raise ValueError(f"{source} is quantized to {stored.quant_type}; it cannot be benchmarked as {dtype}")
         return source
-    # int4 names its format version (a cache made by an older gally holds version 1's int4), which
-    # down_proj stay int8, and its calibration; random weights (random_folder) skip that, which
-    # would only cost minutes at 8B
-    random = os.path.basename(os.path.normpath(source)).startswith("random-")
-    suffix = (f"-v{quantize.VERSION}-ends{quantize.MORE_BITS_ENDS}" + ("" if random else "-calibrated")
+    # int4's name says its format version (a cache made by an older gally holds version 1's int4),
+    # which down_proj stay int8, and whether it is calibrated
+    suffix = (f"-v{quantize.VERSION}-ends{quantize.MORE_BITS_ENDS}" + ("-calibrated" if calibrate else "")
               if dtype == "int4" else "")
     out = os.path.join(folder_for(source, cache_dir), f"{source_name(source)}-gally-{dtype}{suffix}")
     if os.path.isfile(os.path.join(out, "model.safetensors")):
@@ -61,7 +60,8 @@ def quantized_folder(source: str, dtype: str, cache_dir: str | None = None, log=
         if not os.path.isfile(os.path.join(out, "model.safetensors")):  # another run may have made it meanwhile
             if log:
                 log(f"making {out} with gally quantize --to {dtype}")
-            quantize.quantize_folder(source, out, dtype, calibration=None if random else "self")  # whole or not at all
+            # whole or not at all
+            quantize.quantize_folder(source, out, dtype, calibration="self" if calibrate else None)
     return out
 
 

@@ -221,7 +221,7 @@ def _fill_bandwidth_fractions(results: Results) -> None:
 def _peer_specs(opts, dtype, folder, status, log) -> dict:
     """engine → the spec its worker starts from (threads filled in later); status[peer][dtype] says why a peer is
     absent. gally loads int8/int4 from a stored `gally quantize` folder (zero-copy), not quantizing at load."""
-    model = derived.quantized_folder(folder, dtype, log=log) if dtype in QUANTIZED else (
+    model = derived.quantized_folder(folder, dtype, log=log, calibrate=not opts.shape) if dtype in QUANTIZED else (
         folder if opts.shape else opts.model)
     specs = {"gally": {"model": model, "dtype": dtype, "kv_dtype": opts.kv_dtype}}
     kv_type = peer_gguf.LLAMA_KV_TYPES[opts.kv_dtype] if opts.kv_dtype else None

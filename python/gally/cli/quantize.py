@@ -34,10 +34,10 @@ def quantize_command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     calibration, text = (None if args.no_calibration else "self"), None
     if args.calibration_text is not None:
-        if args.to != "int4":
+        if args.to != "int4":  # said in the options' words (quantize_folder says it in its own)
             raise ValueError(f"--calibration-text applies to --to int4 only, not {args.to}")
         with open(args.calibration_text, encoding="utf-8") as f:
-            calibration, text = "text", f.read()
+            text = f.read()
     layout = quantize_folder(args.source, args.out_dir, args.to, args.pure, calibration=calibration,
                              calibration_text=text)
     size = os.path.getsize(layout.path)

@@ -253,7 +253,6 @@ void add_testing_module(py::module_& m) {
                            Ws.data(), q4 ? m.data() : nullptr, q4k ? c.data() : nullptr};
         const float* bp = bias.is_none() ? nullptr : b.data();
         float* out = y.mutable_data();
-        require(!gemm || k.takes_gemm_q(W.dtype), std::string(k.name) + " has no gemm_q for int8 weights");
         if (gemm) k.gemm_q(xq.data(), xs.data(), xsum.data(), W, bp, out, n_tok, n_in, n_out, r0, r1, accumulate);
         else if (q4k)
           k.matmul_q4k(xq.data(), xs.data(), xsum.data(), W, bp, out, n_tok, n_in, n_out, r0, r1, accumulate);
@@ -269,12 +268,6 @@ void add_testing_module(py::module_& m) {
       py::arg("y"), py::arg("r0"), py::arg("r1"), py::arg("codes") = py::none(), py::arg("gemm") = false,
       py::arg("bias") = py::none(), py::arg("accumulate") = false);
   t.def("kernel_has_gemm_q", [](const std::string& isa) { return kernels_named(isa).gemm_q != nullptr; });
-  // Whether isa's gemm_q takes int8 weights (on the int16 activations); else it takes int4 weights
-  // only, their activations requantized to int8.
-  t.def("kernel_gemm_q_int8", [](const std::string& isa) {
-    const Kernels& k = kernels_named(isa);
-    return k.gemm_q != nullptr && k.gemm_q_int8;
-  });
   t.def("kernel_rmsnorm", [](const std::string& isa, Array<float> x, Array<float> w, float eps) {
     require(x.size() == w.size(), "x and w differ in size");
     Array<float> out(x.size());

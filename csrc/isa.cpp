@@ -111,7 +111,7 @@ const CpuFlags& cpu() {
 const Kernels& avx2vnni() {
   static const Kernels k = [] {
     Kernels k = with_quant(kernels_avx2, "avx2vnni", avx2vnni::matmul_q8, avx2vnni::matmul_q4, avx2vnni::matmul_q4k);
-    k.gemm_q = avx2vnni::gemm_q, k.gemm_q_int8 = true;  // on the int16 activations, where avx2's takes int4 only
+    k.gemm_q = avx2vnni::gemm_q;
     return k;
   }();
   return k;

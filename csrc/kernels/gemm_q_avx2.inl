@@ -1,22 +1,20 @@
-// The prefill GEMM for int4 (Q4, Q4K) weights, and with AVX-VNNI for int8 (Q8) too:
-// gemm_q_avx512.inl's layout and arithmetic in 8 lanes and 16 registers. The tokens are in the
-// lanes; each group's steps (a row's weights broadcast) give exact integer dots, scaled into f32
-// sums as acc += (float(dot) · xs_token) · s_row (+ xsum_token · m_row for int4); every lane does
-// the same operations, so a token's result does not depend on the rest of the batch.
+// The prefill GEMM for int8 (Q8) and int4 (Q4, Q4K) weights: gemm_q_avx512.inl's layout and arithmetic in 8 lanes and
+// 16 registers. The tokens are in the lanes; each group's steps (a row's weights broadcast) give exact integer dots,
+// scaled into f32 sums as acc += (float(dot) · xs_token) · s_row (+ xsum_token · m_row for int4); every lane does the
+// same operations, so a token's result does not depend on the rest of the batch.
 //
 // Two forms of the activations (for the including file's set, QGEMM_VNNI):
-// - int8 weights (AVX-VNNI only): the int16 activations as they come, 16 vpdpwssd steps per group
-//   of a row's int16 weight pair; 256-bit vpdpwssd multiplies 16 pairs, twice an FMA's 8 floats.
-//   One Sapphire Rapids core (128 tokens, 576 to 8192 inputs): 72-82 GMAC/s, against 40-54
-//   through gemm.inl's f32 tiles.
+// - int8 weights: the int16 activations as they come, 16 steps per group of a row's int16 weight
+//   pair; 256-bit vpdpwssd multiplies 16 pairs, twice an FMA's 8 floats. One Sapphire Rapids core
+//   (128 tokens, 576 to 8192 inputs): 72-82 GMAC/s, against 40-54 through gemm.inl's f32 tiles.
+//   Without VNNI, vpmaddwd + vpaddd (each add kept in its place: GCC would otherwise keep every
+//   product and spill them): 65-68 GMAC/s against gemm.inl's 51-57 on the same core.
 // - int4 weights: each token's group requantized to int8 (its int16 values · 127 / ACT_INT16_MAX,
 //   rounded; the scale · ACT_INT16_MAX / 127), and 8 steps per group of a row's four unsigned 4-bit
 //   codes times four int8 values: with AVX-VNNI one vpdpbusd into int32; on AVX2 a vpmaddubsw, 32
 //   products into 16 int16 sums that add up without saturating (8 · 2 · 15 · 127 < 2¹⁵), then one
 //   vpmaddwd by ones into int32 a group. One core: AVX-VNNI 101-102 GMAC/s (72 on the int16
-//   pairs); AVX2 83-94 against gemm.inl's 43-50 (vpmaddwd + vpaddd on the int16 pairs: 40). On
-//   AVX2, int8 weights, whose products of two signed bytes vpmaddubsw cannot take whole, keep
-//   gemm.inl (Kernels::gemm_q_int8 false).
+//   pairs); AVX2 83-94 against gemm.inl's 43-50.
 //
 // With 16 registers a tile is 6 rows × 2 vectors (12 dots + 2 activations + 1 weight), or 12 rows
 // × 1 vector; for int4 4 × 2 or 8 × 1. The sums wait in memory between groups.
@@ -90,6 +88,7 @@ inline void tile(const int32_t* xt, const float* st, const float* mt, const Weig
         for (int v = 0; v < VV; ++v)
           if constexpr (!Q4) {
             dot[i][v] = dot_pairs(dot[i][v], wv, xv[v]);
+            if constexpr (!QGEMM_VNNI) __asm__("" : "+x"(dot[i][v]));
           } else if constexpr (QGEMM_VNNI) {
             dot[i][v] = dot_quads(dot[i][v], wv, xv[v]);
           } else {
@@ -203,10 +202,7 @@ void gemm(const int16_t* xq, const float* xs, const float* xsum, const WeightsRe
 void gemm_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
             int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
   switch (W.dtype) {
-    case DType::Q8:
-      if constexpr (QGEMM_VNNI)
-        return qgemm::gemm<DType::Q8>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
-      return;  // never sent here: Kernels::gemm_q_int8 is false
+    case DType::Q8: return qgemm::gemm<DType::Q8>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
     case DType::Q4: return qgemm::gemm<DType::Q4>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
     case DType::Q4K: return qgemm::gemm<DType::Q4K>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
     default: return;

@@ -227,12 +227,7 @@ struct Kernels {
   // widens the weights.
   void (*gemm_q)(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
                  int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) = nullptr;
-  // Whether gemm_q takes Q8 weights. Where not (AVX2 without VNNI, whose vpmaddubsw cannot multiply
-  // two signed bytes whole: gemm_q_avx2.inl), int8 prompts go to matmul.
-  bool gemm_q_int8 = true;
-  bool takes_gemm_q(DType t) const {
-    return gemm_q && (t == DType::Q4 || t == DType::Q4K || (t == DType::Q8 && gemm_q_int8));
-  }
+  bool takes_gemm_q(DType t) const { return gemm_q && (t == DType::Q8 || t == DType::Q4 || t == DType::Q4K); }
 };
 
 extern const Kernels kernels_generic;

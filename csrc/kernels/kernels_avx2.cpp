@@ -129,7 +129,8 @@ inline __m256i dot_quads(__m256i acc, __m256i u, __m256i s) {
 
 #include "kernels/quant_kernels.inl"
 
-// after quant_kernels.inl: the int4 prompts' GEMM on int8 activations (vpmaddubsw)
+// after quant_kernels.inl: the int8 prompts' GEMM on the int16 activations (vpmaddwd + vpaddd), the int4
+// prompts' on them requantized to int8 (vpmaddubsw)
 constexpr bool QGEMM_VNNI = false;
 #include "kernels/gemm_q_avx2.inl"
 
@@ -151,7 +152,6 @@ const Kernels kernels_avx2 = {
     .matmul_q4 = avx2::matmul_q4,
     .matmul_q4k = avx2::matmul_q4k,
     .gemm_q = avx2::gemm_q,
-    .gemm_q_int8 = false,
 };
 
 }  // namespace gally

@@ -1,7 +1,8 @@
-// The prefill GEMM for int8 (Q8) and int4 (Q4, Q4K) weights: gemm_q_avx512.inl's layout and arithmetic in 8 lanes and
-// 16 registers. The tokens are in the lanes; each group's steps (a row's weights broadcast) give exact integer dots,
-// scaled into f32 sums as acc += (float(dot) · xs_token) · s_row (+ xsum_token · m_row for int4); every lane does the
-// same operations, so a token's result does not depend on the rest of the batch.
+// The prefill GEMM for int8 (Q8) and int4 (Q4, Q4K) weights: gemm_q_avx512.inl's layout and
+// arithmetic in 8 lanes and 16 registers. The tokens are in the lanes; each group's steps (a row's
+// weights broadcast) give exact integer dots, scaled into f32 sums as
+// acc += (float(dot) · xs_token) · s_row (+ xsum_token · m_row for int4); every lane does the same
+// operations, so a token's result does not depend on the rest of the batch.
 //
 // Two forms of the activations (for the including file's set, QGEMM_VNNI):
 // - int8 weights: the int16 activations as they come, 16 steps per group of a row's int16 weight

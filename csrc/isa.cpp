@@ -63,13 +63,17 @@ CpuFlags detect() {
   return f;
 }
 #elif defined(GALLY_AARCH64)
-const std::vector<std::string> FLAG_NAMES = {"asimd", "asimddp", "bf16"};
+const std::vector<std::string> FLAG_NAMES = {"asimd", "asimddp", "bf16", "i8mm"};
 
 #if defined(__linux__)
 CpuFlags detect() {
   const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
-  // Linux's arch/arm64 hwcap bits: HWCAP_ASIMD 1 << 1, HWCAP_ASIMDDP 1 << 20, HWCAP2_BF16 1 << 14
-  return {{"asimd", ((hw >> 1) & 1) != 0}, {"asimddp", ((hw >> 20) & 1) != 0}, {"bf16", ((hw2 >> 14) & 1) != 0}};
+  // Linux's arch/arm64 hwcap bits: HWCAP_ASIMD 1 << 1, HWCAP_ASIMDDP 1 << 20, HWCAP2_I8MM 1 << 13,
+  // HWCAP2_BF16 1 << 14
+  return {{"asimd", ((hw >> 1) & 1) != 0},
+          {"asimddp", ((hw >> 20) & 1) != 0},
+          {"bf16", ((hw2 >> 14) & 1) != 0},
+          {"i8mm", ((hw2 >> 13) & 1) != 0}};
 }
 #elif defined(__APPLE__)
 bool sysctl_flag(const char* name) {
@@ -81,10 +85,11 @@ bool sysctl_flag(const char* name) {
 CpuFlags detect() {
   return {{"asimd", true},  // every Apple arm64 CPU
           {"asimddp", sysctl_flag("hw.optional.arm.FEAT_DotProd")},
-          {"bf16", sysctl_flag("hw.optional.arm.FEAT_BF16")}};
+          {"bf16", sysctl_flag("hw.optional.arm.FEAT_BF16")},
+          {"i8mm", sysctl_flag("hw.optional.arm.FEAT_I8MM")}};
 }
 #else
-CpuFlags detect() { return {{"asimd", true}, {"asimddp", false}, {"bf16", false}}; }
+CpuFlags detect() { return {{"asimd", true}, {"asimddp", false}, {"bf16", false}, {"i8mm", false}}; }
 #endif
 #else
 const std::vector<std::string> FLAG_NAMES = {};
@@ -166,6 +171,16 @@ const Kernels& neonbf16() {
   }();
   return k;
 }
+
+const Kernels& neoni8mm() {
+  static const Kernels k = [] {
+    Kernels k = neonbf16();
+    k.name = "neoni8mm";
+    k.gemm_q = neoni8mm::gemm_q;
+    return k;
+  }();
+  return k;
+}
 #endif
 
 // The table of a set by name (null for an unknown name), whether or not this CPU can run it.
@@ -182,6 +197,7 @@ const Kernels* table(const std::string& name) {
   if (name == "neon") return &kernels_neon;
   if (name == "neondot") return &neondot();
   if (name == "neonbf16") return &neonbf16();
+  if (name == "neoni8mm") return &neoni8mm();
 #endif
   return nullptr;
 }
@@ -223,6 +239,8 @@ std::vector<std::string> kernel_sets_for(const CpuFlags& flags) {
   if (neon) sets.push_back("neon");
   if (dot) sets.push_back("neondot");
   if (dot && has("bf16")) sets.push_back("neonbf16");  // every CPU with bf16 has dotprod too
+  // Armv8.6 makes I8MM and BF16 mandatory together: every CPU known with one has the other
+  if (dot && has("bf16") && has("i8mm")) sets.push_back("neoni8mm");
 #endif
   return sets;
 }

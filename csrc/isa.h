@@ -21,7 +21,8 @@ CpuFlags cpu_flags();
 // AVX512-VNNI), then with AVX512-BF16 "avx512bf16fma" (a prompt's attention in bf16) and
 // "avx512bf16" (+ vdpbf16ps for the prompts of bf16 weights), in this order except on Intel; on
 // aarch64 "neon", "neondot" (+ sdot for the int8/int4 decode), "neonbf16" (+ bfdot for the
-// prefill). A flag missing from `flags` counts as absent; an unknown name throws.
+// prefill), "neoni8mm" (+ smmla for the int8/int4 prompts). A flag missing from `flags` counts as absent; an unknown
+// name throws.
 std::vector<std::string> kernel_sets_for(const CpuFlags& flags);
 
 // kernel_sets_for(cpu_flags()).

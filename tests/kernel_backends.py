@@ -24,17 +24,18 @@ from gally import _core
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NATIVE_SETS = list(_core.available_isas())
-# The sets of qemu-aarch64 -cpu max (asimd, asimddp and bf16 all reported)
-AARCH64_SETS = ["generic", "neon", "neondot", "neonbf16"]
+# The sets of qemu-aarch64 -cpu max (asimd, asimddp, bf16 and i8mm all reported)
+AARCH64_SETS = ["generic", "neon", "neondot", "neonbf16", "neoni8mm"]
 # CPUs qemu-aarch64 emulates, with the flags their hardware capabilities report
 QEMU_CPUS = {
-    "cortex-a53": {"asimd": True, "asimddp": False, "bf16": False},
-    "cortex-a76": {"asimd": True, "asimddp": True, "bf16": False},
-    "max": {"asimd": True, "asimddp": True, "bf16": True},
+    "cortex-a53": {"asimd": True, "asimddp": False, "bf16": False, "i8mm": False},
+    "cortex-a76": {"asimd": True, "asimddp": True, "bf16": False, "i8mm": False},
+    "max": {"asimd": True, "asimddp": True, "bf16": True, "i8mm": True},
 }
 KV_TYPES = {"f32": 0, "bf16": 1, "f16": 2, "int8": 3}
 WTYPES = {"f32": 0, "bf16": 1, "f16": 2, "int8": 3, "int4-v1": 4, "int4": 5}
-BF16_PREFILL_SETS = ("avx512bf16", "neonbf16")  # round a batch's activations to bf16 (kernels.h)
+# the sets that round a batch's activations to bf16 (kernels.h)
+BF16_PREFILL_SETS = ("avx512bf16", "neonbf16", "neoni8mm")
 
 
 def pairs(simd_only: bool = False) -> list:
@@ -150,10 +151,15 @@ class Aarch64Core:
         return (np.frombuffer(q, np.int16).reshape(x.shape), np.frombuffer(s, np.float32).reshape(g),
                 np.frombuffer(total, np.float32).reshape(g))
 
-    def kernel_matmul_quantized(self, isa, xq, xs, xsum, Wq, Ws, Wm, y, r0, r1, codes=None):
+    def kernel_has_gemm_q(self, isa):
+        return self.r.call("has_gemm_q", isa)[0] == b"1"
+
+    def kernel_matmul_quantized(self, isa, xq, xs, xsum, Wq, Ws, Wm, y, r0, r1, codes=None, gemm=False, bias=None,
+                                accumulate=False):
         kind = 2 if codes is not None else 1 if Wm is not None else 0  # int4, int4-v1, int8
-        ints = [xq.shape[0], xq.shape[1], Wq.shape[0], kind, r0, r1]
-        arrays = [np.ascontiguousarray(xq, np.int16), f32(xs), f32(xsum), Wq, Ws, Wm, f32(y), codes]
+        ints = [xq.shape[0], xq.shape[1], Wq.shape[0], kind, r0, r1, gemm, accumulate]
+        arrays = [np.ascontiguousarray(xq, np.int16), f32(xs), f32(xsum), Wq, Ws, Wm, f32(y), codes,
+                  None if bias is None else f32(bias)]
         (out,) = self.r.call("matmul_quantized", isa, ints, (), arrays)
         y[...] = np.frombuffer(out, np.float32).reshape(y.shape)
         return y

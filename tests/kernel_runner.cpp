@@ -12,8 +12,10 @@
 //                                                     (wtype: 0 f32 1 bf16 2 f16 3 int8 4 int4 v1 5 int4 v2)
 //   matmul_many [n_tok n_in count (rows wtype r0 r1 acc)…]  x (W y)… → y…
 //   quantize_rows [n n_in]                            x → xq xs xsum
-//   matmul_quantized [n_tok n_in rows kind r0 r1]     xq xs xsum Wq Ws Wm y codes → y
-//                                                     (kind: 0 int8, 1 int4 v1, 2 int4 v2)
+//   matmul_quantized [n_tok n_in rows kind r0 r1 gemm acc]  xq xs xsum Wq Ws Wm y codes b → y
+//                                                     (kind: 0 int8, 1 int4 v1, 2 int4 v2; gemm: through
+//                                                     Kernels::gemm_q; b empty for none)
+//   has_gemm_q                                        → "1" where the set has Kernels::gemm_q, else "0"
 //   rmsnorm [n] (eps)                                 x w → out
 //   rope [d]                                          v cos sin → v
 //   attention [heads n d block_rows kv parts] (scale)  q K V → out probs (attention_part over `parts` equal
@@ -200,19 +202,32 @@ std::vector<Bytes> run(const Case& c) {
     const auto Ws = as<uint16_t>(a[4]), Wm = as<uint16_t>(a[5]);
     const auto codes = as<uint8_t>(a[7]);
     auto y = as<float>(a[6]);
+    const auto b = as<float>(a[8]);
+    need(i.size() == 8 && a.size() == 9, "matmul_quantized: 8 integers, 9 arrays");
     need(xq.size() == size_t(n_tok) * n_in && y.size() == size_t(n_tok) * rows, "matmul_quantized: shapes disagree");
-    if (i[3] == 2)
-      k.matmul_q4k(xq.data(), xs.data(), xsum.data(),
-                   WeightsRef{a[3].data(), DType::Q4K, Ws.data(), Wm.data(), codes.data()}, nullptr, y.data(), n_tok,
-                   n_in, rows, int(i[4]), int(i[5]), false);
-    else if (i[3])
-      k.matmul_q4(xq.data(), xs.data(), xsum.data(), (const uint8_t*)a[3].data(), Ws.data(), Wm.data(), nullptr,
-                  y.data(), n_tok, n_in, rows, int(i[4]), int(i[5]), false);
-    else
-      k.matmul_q8(xq.data(), xs.data(), (const int8_t*)a[3].data(), Ws.data(), nullptr, y.data(), n_tok, n_in, rows,
-                  int(i[4]), int(i[5]), false);
+    need(b.empty() || b.size() == size_t(rows), "matmul_quantized: the bias must have one value a row");
+    const float* bp = b.empty() ? nullptr : b.data();
+    const bool acc = i[7] != 0;
+    const WeightsRef W{a[3].data(),
+                       i[3] == 2 ? DType::Q4K
+                       : i[3]    ? DType::Q4
+                                 : DType::Q8,
+                       Ws.data(), i[3] ? Wm.data() : nullptr, i[3] == 2 ? codes.data() : nullptr};
+    if (i[6]) {
+      need(k.gemm_q != nullptr, (std::string(k.name) + " has no gemm_q").c_str());
+      k.gemm_q(xq.data(), xs.data(), xsum.data(), W, bp, y.data(), n_tok, n_in, rows, int(i[4]), int(i[5]), acc);
+    } else if (i[3] == 2) {
+      k.matmul_q4k(xq.data(), xs.data(), xsum.data(), W, bp, y.data(), n_tok, n_in, rows, int(i[4]), int(i[5]), acc);
+    } else if (i[3]) {
+      k.matmul_q4(xq.data(), xs.data(), xsum.data(), (const uint8_t*)a[3].data(), Ws.data(), Wm.data(), bp, y.data(),
+                  n_tok, n_in, rows, int(i[4]), int(i[5]), acc);
+    } else {
+      k.matmul_q8(xq.data(), xs.data(), (const int8_t*)a[3].data(), Ws.data(), bp, y.data(), n_tok, n_in, rows,
+                  int(i[4]), int(i[5]), acc);
+    }
     return {bytes_of(y)};
   }
+  if (c.op == "has_gemm_q") return {text(k.gemm_q ? "1" : "0")};
   if (c.op == "rmsnorm") {
     const auto x = as<float>(a[0]), w = as<float>(a[1]);
     std::vector<float> out(x.size());

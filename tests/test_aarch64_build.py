@@ -16,7 +16,8 @@ import pytest
 from kernel_backends import ROOT, missing_tools
 
 # CMakeLists.txt's per-file flags for the aarch64 kernel sets
-FLAGS = {"kernels_neondot.cpp": ["-march=armv8.2-a+dotprod"], "kernels_neonbf16.cpp": ["-march=armv8.2-a+dotprod+bf16"]}
+FLAGS = {"kernels_neondot.cpp": ["-march=armv8.2-a+dotprod"], "kernels_neonbf16.cpp": ["-march=armv8.2-a+dotprod+bf16"],
+         "kernels_neoni8mm.cpp": ["-march=armv8.2-a+dotprod+bf16+i8mm"]}
 
 
 def test_every_source_compiles_for_aarch64():
@@ -32,7 +33,8 @@ def test_every_source_compiles_for_aarch64():
         cmake = f.read()
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
     sources += [os.path.join(ROOT, "csrc", "kernels", n) for n in ("kernels_generic.cpp", "kernels_neon.cpp",
-                                                                   "kernels_neondot.cpp", "kernels_neonbf16.cpp")]
+                                                                   "kernels_neondot.cpp", "kernels_neonbf16.cpp",
+                                                                   "kernels_neoni8mm.cpp")]
     for name, flags in FLAGS.items():  # the flags above are CMakeLists.txt's
         assert f'csrc/kernels/{name} PROPERTIES\n    COMPILE_OPTIONS "{";".join(flags)}"' in cmake, name
     base = ["aarch64-linux-gnu-g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-fopenmp",

@@ -27,7 +27,8 @@ REQUIRES = {
         "avx512bf16": {"os_ymm", "avx2", "fma", "f16c", "os_zmm", "avx512f", "avx512dq", "avx512bw", "avx512vl",
                        "avx512_vnni", "avx512_bf16"},
     },
-    "aarch64": {"neon": {"asimd"}, "neondot": {"asimd", "asimddp"}, "neonbf16": {"asimd", "asimddp", "bf16"}},
+    "aarch64": {"neon": {"asimd"}, "neondot": {"asimd", "asimddp"}, "neonbf16": {"asimd", "asimddp", "bf16"},
+                "neoni8mm": {"asimd", "asimddp", "bf16", "i8mm"}},
 }
 ARCH = "x86" if "avx2" in _core.cpu_flags() else "aarch64" if "asimd" in _core.cpu_flags() else None
 needs_arch = pytest.mark.skipif(ARCH is None, reason=f"no SIMD kernel sets on {platform.machine()}")

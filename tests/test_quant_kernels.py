@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gally import _core
 from gally.dtypes import round_bf16
-from kernel_backends import NATIVE_SETS, bf16_prefill, each_set
+from kernel_backends import bf16_prefill, each_set
 
 G = 32
 
@@ -196,44 +195,44 @@ def test_quantized_weights_with_float_activations(core, isa, kind):
                                atol=tol * np.sqrt(cols))
 
 
-@pytest.mark.parametrize("isa", NATIVE_SETS)
+@each_set()
 @pytest.mark.parametrize("kind", KINDS)
-def test_prompt_gemm_on_quantized_activations(isa, kind):
+def test_prompt_gemm_on_quantized_activations(core, isa, kind):
     """Kernels::gemm_q, the prompts' GEMM into int8/int4 weights (tokens in the lanes): the row-wise
-    kernels' sums within float rounding, for partial token tiles (AVX-512 48 tokens, AVX2 16), row chunks
-    (AVX-512 64 rows in blocks of 16, AVX2 48), k blocks of 8 or 16 groups and a tail, a bias, a row range
+    kernels' sums within float rounding, for partial token tiles (AVX-512 48 tokens, AVX2 16, neoni8mm 8), row
+    chunks (AVX-512 64 rows in blocks of 16, AVX2 48, neoni8mm 64 in pairs, odd counts leaving half a pair),
+    k blocks of 8 or 16 groups and a tail, a bias, a row range
     accumulated into y that leaves the other rows alone; and each token's outputs bit for bit those it gets
-    alone. int8 weights meet the int16 activations (vpdpwssd; vpmaddwd + vpaddd on AVX2); int4 weights those
-    requantized to int8 (vpdpbusd; vpmaddubsw on AVX2): the row-wise sums of those int8 values, scales and
-    sums. A set without one says so."""
-    T = _core.testing
+    alone. int8 weights meet the int16 activations (vpdpwssd; vpmaddwd + vpaddd on AVX2; on neoni8mm their
+    two bytes by smmla and usmmla); int4 weights those requantized to int8 (vpdpbusd; vpmaddubsw on AVX2;
+    usmmla on neoni8mm): the row-wise sums of those int8 values, scales and sums. A set without one says so."""
     rng = np.random.default_rng(11)
-    if not T.kernel_has_gemm_q(isa):
+    if not core.kernel_has_gemm_q(isa):
         x = rng.standard_normal((4, 64)).astype(np.float32)
         q, s, m, codes, _, _ = random_weights(rng, kind, 3, 64)
         with pytest.raises(ValueError, match="has no gemm_q"):
-            T.kernel_matmul_quantized(isa, *T.kernel_quantize_rows(isa, x), q, s, m, np.zeros((4, 3), np.float32),
-                                      0, 3, codes=codes, gemm=True)
+            core.kernel_matmul_quantized(isa, *core.kernel_quantize_rows(isa, x), q, s, m,
+                                         np.zeros((4, 3), np.float32), 0, 3, codes=codes, gemm=True)
         return
     for n_tok, groups, rows, r0 in ((4, 1, 3, 0), (5, 3, 16, 0), (16, 8, 17, 2), (17, 9, 37, 5), (48, 18, 20, 0),
                                     (49, 20, 33, 16), (100, 17, 5, 1), (33, 2, 64, 31), (20, 5, 150, 7)):
         cols = 32 * groups
         x = (rng.standard_normal((n_tok, cols)) * rng.uniform(0.1, 10, (n_tok, 1))).astype(np.float32)
-        xq, xs, xsum = T.kernel_quantize_rows(isa, x)
+        xq, xs, xsum = core.kernel_quantize_rows(isa, x)
         q, s, m, codes, _, _ = random_weights(rng, kind, rows, cols)
         b = rng.standard_normal(rows).astype(np.float32)
         # the row-wise kernels requantize for int4 weights as the GEMM does (requantize_bytes)
-        rowwise = T.kernel_matmul_quantized("generic", xq, xs, xsum, q, s, m,
-                                            np.zeros((n_tok, rows), np.float32), 0, rows, codes=codes, bias=b)
+        rowwise = core.kernel_matmul_quantized("generic", xq, xs, xsum, q, s, m,
+                                               np.zeros((n_tok, rows), np.float32), 0, rows, codes=codes, bias=b)
         y = np.full((n_tok, rows), 3.0, np.float32)
-        T.kernel_matmul_quantized(isa, xq, xs, xsum, q, s, m, y, r0, rows, codes=codes, gemm=True, bias=b,
-                                  accumulate=True)
+        core.kernel_matmul_quantized(isa, xq, xs, xsum, q, s, m, y, r0, rows, codes=codes, gemm=True, bias=b,
+                                     accumulate=True)
         assert (y[:, :r0] == 3).all(), (kind, n_tok, groups, rows)
         scale = np.abs(rowwise).max()
         assert np.allclose(y[:, r0:], 3 + rowwise[:, r0:], rtol=1e-5, atol=1e-5 * scale), (kind, n_tok, groups, rows)
-        y = T.kernel_matmul_quantized(isa, xq, xs, xsum, q, s, m, np.zeros((n_tok, rows), np.float32), 0, rows,
-                                      codes=codes, gemm=True)
+        y = core.kernel_matmul_quantized(isa, xq, xs, xsum, q, s, m, np.zeros((n_tok, rows), np.float32), 0, rows,
+                                         codes=codes, gemm=True)
         for t in (0, n_tok // 2, n_tok - 1):
-            alone = T.kernel_matmul_quantized(isa, xq[t:t + 1], xs[t:t + 1], xsum[t:t + 1], q, s, m,
-                                              np.zeros((1, rows), np.float32), 0, rows, codes=codes, gemm=True)
+            alone = core.kernel_matmul_quantized(isa, xq[t:t + 1], xs[t:t + 1], xsum[t:t + 1], q, s, m,
+                                                 np.zeros((1, rows), np.float32), 0, rows, codes=codes, gemm=True)
             assert np.array_equal(y[t], alone[0]), (kind, n_tok, groups, rows, t)

@@ -305,6 +305,11 @@ void matmul(const float* x, const WeightsRef& W, const float* b, float* y, int n
             bool accumulate);
 void matmul_many(const float* x, int n_tok, int n_in, const MatmulOut* outs, int count);
 }  // namespace neonbf16
+// The "neoni8mm" set is "neonbf16" with this gemm_q: smmla and usmmla (kernels_neoni8mm.cpp).
+namespace neoni8mm {
+void gemm_q(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
+            int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate);
+}  // namespace neoni8mm
 #endif
 
 }  // namespace gally

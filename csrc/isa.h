@@ -12,7 +12,7 @@ namespace gally {
 // "os_ymm", "os_zmm" (XGETBV: the OS saves the wider registers), "avx2", "fma", "f16c",
 // "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx_vnni", "avx512_vnni", "avx512_bf16"
 // (CPUID) and "intel" (the vendor, which orders the bf16 sets); on aarch64 "asimd", "asimddp",
-// "bf16" (getauxval on Linux, sysctl on macOS).
+// "bf16", "i8mm" (getauxval on Linux, sysctl on macOS).
 using CpuFlags = std::map<std::string, bool>;
 CpuFlags cpu_flags();
 
@@ -21,8 +21,8 @@ CpuFlags cpu_flags();
 // AVX512-VNNI), then with AVX512-BF16 "avx512bf16fma" (a prompt's attention in bf16) and
 // "avx512bf16" (+ vdpbf16ps for the prompts of bf16 weights), in this order except on Intel; on
 // aarch64 "neon", "neondot" (+ sdot for the int8/int4 decode), "neonbf16" (+ bfdot for the
-// prefill), "neoni8mm" (+ smmla for the int8/int4 prompts). A flag missing from `flags` counts as absent; an unknown
-// name throws.
+// prefill), "neoni8mm" (+ smmla/usmmla for the int8/int4 prompts). A flag missing from `flags` counts as absent; an
+// unknown name throws.
 std::vector<std::string> kernel_sets_for(const CpuFlags& flags);
 
 // kernel_sets_for(cpu_flags()).

@@ -234,6 +234,6 @@ def core(request, backend):
 
 def bf16_prefill(isa: str, wtype: str, n_tok: int) -> bool:
     """True where a set rounds a batch's activations (and weights) to bf16: 4 tokens or more with bf16, int8 or int4
-    weights on avx512bf16 and neonbf16."""
+    weights on avx512bf16, neonbf16 and neoni8mm (neonbf16's matmul)."""
     return isa in BF16_PREFILL_SETS and wtype in ("bf16", "int8", "int4", "int4-v1") and n_tok >= 4
 

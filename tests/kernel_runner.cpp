@@ -196,6 +196,7 @@ std::vector<Bytes> run(const Case& c) {
     return {bytes_of(q), bytes_of(s), bytes_of(sum)};
   }
   if (c.op == "matmul_quantized") {
+    need(i.size() == 8 && a.size() == 9, "matmul_quantized: 8 integers, 9 arrays");
     const int n_tok = int(i[0]), n_in = int(i[1]), rows = int(i[2]);
     const auto xq = as<int16_t>(a[0]);
     const auto xs = as<float>(a[1]), xsum = as<float>(a[2]);
@@ -203,7 +204,6 @@ std::vector<Bytes> run(const Case& c) {
     const auto codes = as<uint8_t>(a[7]);
     auto y = as<float>(a[6]);
     const auto b = as<float>(a[8]);
-    need(i.size() == 8 && a.size() == 9, "matmul_quantized: 8 integers, 9 arrays");
     need(xq.size() == size_t(n_tok) * n_in && y.size() == size_t(n_tok) * rows, "matmul_quantized: shapes disagree");
     need(b.empty() || b.size() == size_t(rows), "matmul_quantized: the bias must have one value a row");
     const float* bp = b.empty() ? nullptr : b.data();

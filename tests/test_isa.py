@@ -95,7 +95,7 @@ def test_gally_isa_forces_a_set_and_names_the_available_ones():
 
 @pytest.mark.parametrize("cpu", sorted(QEMU_CPUS))
 def test_aarch64_sets_follow_the_hardware_capabilities(aarch64_runner, cpu):
-    """The cross-compiled kernels under qemu-aarch64 emulating CPUs with and without dotprod and bf16:
+    """The cross-compiled kernels under qemu-aarch64 emulating CPUs with and without dotprod, bf16 and i8mm:
     getauxval's flags as the emulated CPU reports them, only the sets they allow, the best selected."""
     runner = Runner(aarch64_runner, cpu)
     try:

@@ -16,7 +16,7 @@ SIZES = list(range(1, 36))  # 1 … 2 × 16 lanes + 3
 
 
 def effective_x(isa, x, wtype):
-    """avx512bf16 and neonbf16 round the activations of a batch (≥ 4 tokens) with bf16, int8 or int4
+    """avx512bf16, neonbf16 and neoni8mm round the activations of a batch (≥ 4 tokens) with bf16, int8 or int4
     weights to bf16 for their bf16 dot products."""
     return round_bf16(x) if bf16_prefill(isa, wtype, x.shape[0]) else x
 

@@ -172,7 +172,7 @@ def test_quantized_simd_equals_scalar_twin(core, isa, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_quantized_weights_with_float_activations(core, isa, kind):
     """The prefill GEMM multiplies f32 activations by the dequantized weights: exactly (to f32
-    rounding) except on avx512bf16 and neonbf16, which round both to bf16 from 4 tokens on."""
+    rounding) except on avx512bf16, neonbf16 and neoni8mm, which round both to bf16 from 4 tokens on."""
     rng = np.random.default_rng(3)
     for n_tok in (1, 3, 4, 5, 16, 49, 50):
         for rows, cols in ((1, 32), (7, 64), (9, 96), (17, 160), (5, 576)):
@@ -201,11 +201,11 @@ def test_prompt_gemm_on_quantized_activations(core, isa, kind):
     """Kernels::gemm_q, the prompts' GEMM into int8/int4 weights (tokens in the lanes): the row-wise
     kernels' sums within float rounding, for partial token tiles (AVX-512 48 tokens, AVX2 16, neoni8mm 8), row
     chunks (AVX-512 64 rows in blocks of 16, AVX2 48, neoni8mm 64 in pairs, odd counts leaving half a pair),
-    k blocks of 8 or 16 groups and a tail, a bias, a row range
-    accumulated into y that leaves the other rows alone; and each token's outputs bit for bit those it gets
-    alone. int8 weights meet the int16 activations (vpdpwssd; vpmaddwd + vpaddd on AVX2; on neoni8mm their
-    two bytes by smmla and usmmla); int4 weights those requantized to int8 (vpdpbusd; vpmaddubsw on AVX2;
-    usmmla on neoni8mm): the row-wise sums of those int8 values, scales and sums. A set without one says so."""
+    k blocks of 8 or 16 groups and a tail, a bias, a row range accumulated into y and a middle one written
+    over it, each leaving the other rows alone; and each token's outputs bit for bit those it gets alone.
+    int8 weights meet the int16 activations (vpdpwssd; vpmaddwd + vpaddd on AVX2; on neoni8mm their two
+    bytes by smmla and usmmla); int4 weights those requantized to int8 (vpdpbusd; vpmaddubsw on AVX2; usmmla
+    on neoni8mm): the row-wise sums of those int8 values, scales and sums. A set without one says so."""
     rng = np.random.default_rng(11)
     if not core.kernel_has_gemm_q(isa):
         x = rng.standard_normal((4, 64)).astype(np.float32)
@@ -230,6 +230,12 @@ def test_prompt_gemm_on_quantized_activations(core, isa, kind):
         assert (y[:, :r0] == 3).all(), (kind, n_tok, groups, rows)
         scale = np.abs(rowwise).max()
         assert np.allclose(y[:, r0:], 3 + rowwise[:, r0:], rtol=1e-5, atol=1e-5 * scale), (kind, n_tok, groups, rows)
+        # a middle row range, neither accumulated nor biased: what was in y is overwritten, and only there
+        r1 = max(r0 + 1, rows - 3)
+        y = core.kernel_matmul_quantized(isa, xq, xs, xsum, q, s, m, np.full((n_tok, rows), np.nan, np.float32), r0,
+                                         r1, codes=codes, gemm=True)
+        assert np.isnan(y[:, :r0]).all() and np.isnan(y[:, r1:]).all(), (kind, n_tok, groups, rows)
+        assert np.allclose(y[:, r0:r1], (rowwise - b)[:, r0:r1], rtol=1e-5, atol=1e-5 * scale), (kind, n_tok, rows)
         y = core.kernel_matmul_quantized(isa, xq, xs, xsum, q, s, m, np.zeros((n_tok, rows), np.float32), 0, rows,
                                          codes=codes, gemm=True)
         for t in (0, n_tok // 2, n_tok - 1):

@@ -44,10 +44,10 @@ def test_int4_logits_are_those_of_its_weights(int4_folders, isa):
     assert model.dtype == "int4" and model.copied_bytes == 0
     ids = model.tokenizer.encode(text)[:40]
     want = exact.logits(ids)
-    # the prompt through the GEMM: where the set has a gemm_q (x86 but plain AVX-512), the int8 matrices on the
-    # decode kernels' int16 activations and the int4 ones on those requantized to int8 (measured: 0.80 at most on
-    # avx2, whose int8 matrices take f32, 0.83 on avx2vnni, 1.25 on avx512vnni, 1.07 on the bf16 sets; top tokens
-    # the same 92.5-97.5%; 0.016 when all were on int16); else the dequantized weights exactly (measured: equal).
+    # the prompt through the GEMM: where the set has a gemm_q (x86 but plain AVX-512; neoni8mm), the int8 matrices
+    # on the decode kernels' int16 activations and the int4 ones on those requantized to int8 (measured: 1.08 at
+    # most on avx2 and avx2vnni, which take the same sums, 1.30 on avx512vnni, 1.17 on the bf16 sets; top tokens the
+    # same 97.5-100%; 0.016 when all were on int16); else the dequantized weights exactly (measured: equal).
     # The bf16 sets' prompt attention rounds to bf16 (measured, all on int16: 0.30 at most on avx512bf16, 0.42 on
     # avx512bf16fma; 0.50 when the GEMM rounded activations and weights to bf16 too, 97.5% of top tokens the same)
     got = model.logits(ids)

@@ -9,7 +9,8 @@
 //   pair; 256-bit vpdpwssd multiplies 16 pairs, twice an FMA's 8 floats. One Sapphire Rapids core
 //   (128 tokens, 576 to 8192 inputs): 72-82 GMAC/s, against 40-54 through gemm.inl's f32 tiles.
 //   Without VNNI, vpmaddwd + vpaddd (each add kept in its place: GCC would otherwise keep every
-//   product and spill them): 65-68 GMAC/s against gemm.inl's 51-57 on the same core.
+//   product and spill them): one core of the same CPU, 128-256 tokens and 576 to 4096 inputs,
+//   65-70 GMAC/s against gemm.inl's 48-58.
 // - int4 weights: each token's group requantized to int8 (its int16 values · 127 / ACT_INT16_MAX,
 //   rounded; the scale · ACT_INT16_MAX / 127), and 8 steps per group of a row's four unsigned 4-bit
 //   codes times four int8 values: with AVX-VNNI one vpdpbusd into int32; on AVX2 a vpmaddubsw, 32

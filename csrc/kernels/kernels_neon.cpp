@@ -1,7 +1,7 @@
 // ARM NEON (AArch64 Advanced SIMD) kernels: 4 f32 lanes, which every aarch64 CPU has. The
 // int8/int4 decode multiplies its int16 activations by the widened weights with smlal (int16 ×
-// int16 summed into int32). kernels_neondot.cpp and kernels_neonbf16.cpp add the dot-product
-// extensions where the CPU has them (isa.cpp).
+// int16 summed into int32). kernels_neondot.cpp, kernels_neonbf16.cpp and kernels_neoni8mm.cpp add
+// the dot-product and matrix-multiply extensions where the CPU has them (isa.cpp).
 #include <arm_neon.h>
 
 #include <algorithm>

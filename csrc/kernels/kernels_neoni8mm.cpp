@@ -66,7 +66,7 @@ inline void widen_codes(const uint8_t* q, int8_t* out) {
 
 // The activations of one tile, tokens [t0, t0 + nt), as pairs' steps (zero past nt): for int8 two
 // planes, the high bytes then the low bytes of the int16 values; for int4 the requantized values.
-// Plane p of group g, step s, token pair q at xt[((p · groups + g) · STEPS + s) · TQ + q) · 16]; the
+// Plane p of group g, step s, token pair q at xt[(((p · groups + g) · STEPS + s) · TQ + q) · 16]; the
 // per-lane scales and sums of group g, pair q at st, mt[(g · TQ + q) · 4].
 template <bool Q4>
 void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int nt, int groups, int8_t* xt, float* st,
@@ -81,7 +81,7 @@ void pack_tile(const int16_t* xq, const float* xs, const float* xsum, int nt, in
         for (int i = 0; i < QGROUP; ++i) {
           const int v = j < nt ? xq[long(j) * n_in + long(g) * QGROUP + i] : 0;
           hi[m][i] = Q4 ? int8_t(v) : int8_t(v >> 8);  // int4: values already within ±127
-          lo[m][i] = int8_t(uint8_t(v & 255));
+          if (!Q4) lo[m][i] = int8_t(uint8_t(v & 255));
         }
       }
       const long at = (long(g) * STEPS * TQ + q) * BLOCK;

@@ -295,6 +295,7 @@ PYBIND11_MODULE(_core, m) {
                [](std::shared_ptr<Model> model, int max_tokens) { return new Runner(std::move(model), max_tokens); }),
            py::arg("model"), py::arg("max_tokens"))
       .def_property_readonly("max_tokens", &Runner::max_tokens)
+      .def_property_readonly("gemm_min_tokens", &Runner::gemm_min_tokens)
       .def(
           "forward",
           [](Runner& r, Sequence& s, Array<int32_t> tokens, py::array_t<float, py::array::c_style> logits,

@@ -4,6 +4,7 @@
 #include <memory>
 #include <vector>
 
+#include "isa.h"
 #include "kv_cache.h"
 #include "model.h"
 #include "parallel_matmul.h"
@@ -21,12 +22,16 @@ struct SequenceSlice {
   int first, count;
 };
 
+// Slices of fewer tokens than this take the row-wise matmuls with the selected kernel set
+// (kernels.h GEMM_MIN_TOKENS, FLOAT_GEMM_MIN_TOKENS).
+inline int gemm_min_tokens(const Model& m) { return m.quantized() ? GEMM_MIN_TOKENS : kernels().float_gemm_min_tokens; }
+
 struct Batch {
   const int32_t* tokens = nullptr;  // [n] ids, checked against the vocabulary
   int n = 0;
   const SequenceSlice* seqs = nullptr;  // [n_seqs], covering tokens 0 … n−1 in order
   int n_seqs = 0;
-  int n_rowwise = 0;                // tokens [0, n_rowwise) form slices of < GEMM_MIN_TOKENS: row-wise matmuls
+  int n_rowwise = 0;                // tokens [0, n_rowwise) form slices of < gemm_min_tokens: row-wise matmuls
   const int* logit_rows = nullptr;  // [n_logits] tokens whose next-token logits are wanted
   int n_logits = 0;
   int n_logits_rowwise = 0;  // the first of them take the row-wise lm_head

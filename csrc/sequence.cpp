@@ -36,6 +36,8 @@ Runner::Runner(std::shared_ptr<const Model> model, int max_tokens) : m_(std::mov
   std::iota(rows_.begin(), rows_.end(), 0);
 }
 
+int Runner::gemm_min_tokens() const { return gally::gemm_min_tokens(*m_); }
+
 namespace {
 
 void check(const ModelConfig& c, const Sequence& s, int index, const int32_t* tokens, int n) {
@@ -84,6 +86,7 @@ void Runner::forward(Sequence* const* seqs, int n_seqs, const int32_t* tokens, c
       throw;
     }
   }
+  const int rowwise_below = gemm_min_tokens();
   if (n_seqs == 1) {  // one sequence: passes of up to max_tokens tokens
     Sequence& s = *seqs[0];
     Record rec = record;
@@ -93,14 +96,14 @@ void Runner::forward(Sequence* const* seqs, int n_seqs, const int32_t* tokens, c
       const int chunk = std::min(ws_.max_tokens, n - done);
       const SequenceSlice slice{&s.cache_, s.pos_, 0, chunk};
       Batch batch{tokens + done, chunk, &slice, 1};
-      batch.n_rowwise = chunk < GEMM_MIN_TOKENS ? chunk : 0;
+      batch.n_rowwise = chunk < rowwise_below ? chunk : 0;
       if (all_logits) {
         batch.logit_rows = rows_.data(), batch.n_logits = chunk;
         batch.logits = logits + size_t(done) * c.vocab_size;
       } else if (done + chunk == n) {
         batch.logit_rows = rows_.data() + chunk - 1, batch.n_logits = 1, batch.logits = logits;
       }
-      batch.n_logits_rowwise = batch.n_logits < GEMM_MIN_TOKENS ? batch.n_logits : 0;
+      batch.n_logits_rowwise = batch.n_logits < rowwise_below ? batch.n_logits : 0;
       rec.offset = done;
       gally::forward(*m_, batch, ws_, rec);
       s.pos_ += chunk;
@@ -111,7 +114,7 @@ void Runner::forward(Sequence* const* seqs, int n_seqs, const int32_t* tokens, c
   // prompt chunks after them, through the GEMM. Logits stay in the caller's order.
   order_.resize(n_seqs);
   std::iota(order_.begin(), order_.end(), 0);
-  std::stable_partition(order_.begin(), order_.end(), [&](int i) { return counts[i] < GEMM_MIN_TOKENS; });
+  std::stable_partition(order_.begin(), order_.end(), [&](int i) { return counts[i] < rowwise_below; });
   std::vector<long> offset(n_seqs + 1, 0);  // where each sequence's tokens start in `tokens`
   for (int i = 0; i < n_seqs; ++i) offset[i + 1] = offset[i] + counts[i];
   batch_tokens_.resize(total);
@@ -123,7 +126,7 @@ void Runner::forward(Sequence* const* seqs, int n_seqs, const int32_t* tokens, c
     std::copy(tokens + offset[i], tokens + offset[i + 1], batch_tokens_.begin() + first);
     slices_[k] = SequenceSlice{&seqs[i]->cache_, seqs[i]->pos_, first, counts[i]};
     last_rows_[i] = first + counts[i] - 1;
-    if (counts[i] < GEMM_MIN_TOKENS) rowwise = first + counts[i];
+    if (counts[i] < rowwise_below) rowwise = first + counts[i];
     first += counts[i];
   }
   Batch batch{batch_tokens_.data(), int(total), slices_.data(), n_seqs};

@@ -36,6 +36,8 @@ class Runner {
  public:
   Runner(std::shared_ptr<const Model> model, int max_tokens);
   int max_tokens() const { return ws_.max_tokens; }
+  // Slices of fewer tokens take the row-wise matmuls (forward.h gemm_min_tokens).
+  int gemm_min_tokens() const;
 
   // Appends counts[i] tokens to seqs[i], taken in order from `tokens`, and writes the logits of
   // each sequence's last token to logits [n_seqs, vocab] — or, with all_logits (one sequence),

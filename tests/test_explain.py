@@ -98,11 +98,13 @@ def test_the_last_layer_of_the_logit_lens_is_the_models_prediction(explained):
     want = softmax(model.logits(e.tokens.ids))  # [n, vocab]
     lens = e.layers
     got = np.take_along_axis(want, lens.top_ids[-1], axis=1)
-    assert np.allclose(lens.top_probs[-1], got, atol=1e-6)
+    # float rounding apart: a short prompt's lm_head goes row-wise, the lens's blocks of rows through the GEMM
+    # (measured: 3e-6 at most)
+    assert np.allclose(lens.top_probs[-1], got, rtol=2e-5, atol=1e-6)
     assert np.array_equal(lens.top_ids[-1, :, 0], want.argmax(axis=1))
     entropy = -(want * np.log2(np.where(want > 0, want, 1))).sum(axis=1)
     assert np.allclose(lens.entropy[-1], entropy, atol=1e-4)
-    assert np.allclose(lens.final_prob[-1], want.max(axis=1), atol=1e-6)
+    assert np.allclose(lens.final_prob[-1], want.max(axis=1), rtol=2e-5, atol=1e-6)
     # the prediction section's distribution is the last position's
     assert np.allclose(e.prediction.probs, want[-1], atol=1e-6)
     assert (np.diff(lens.top_probs, axis=2) <= 0).all()  # candidates best first

@@ -44,6 +44,24 @@ def test_logits_match_reference(tmp_path, isa, variant):
     assert np.abs(got - want).max() <= 1e-3
 
 
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "int8"])
+def test_short_prompts_take_the_row_wise_kernels(tmp_path, isa, dtype):
+    """A float model's prompts of fewer than 16 tokens (17 on the AVX-512 sets) take the row-wise kernels,
+    whose token tiles are never mostly empty, a quantized model's fewer than 4 (kernels.h): their logits
+    against the NumPy reference, just below and at the boundary."""
+    folder, w = make_checkpoint(tmp_path)
+    model = gally.load(folder, dtype=dtype, threads=2)
+    runner = model.runner()
+    want_min = 4 if dtype == "int8" else 17 if isa.startswith("avx512") else 16
+    assert runner.gemm_min_tokens == want_min
+    tokens = (TOKENS * 2)[:want_min]
+    want = forward(folder, tokens, w)
+    tol = {"f32": 1e-4, "bf16": 0.05, "int8": 0.1}[dtype]  # measured 1.3e-6, 0.019 (rounded weights), 0.041
+    for n in (want_min - 1, want_min):
+        got = model.logits(tokens[:n])
+        assert np.abs(got - want[:n]).max() <= tol, (n, np.abs(got - want[:n]).max())
+
+
 @pytest.mark.parametrize("stored", ["F32", "BF16", "F16"])
 @pytest.mark.parametrize("dtype", [None, "f32", "bf16", "f16"])
 def test_storage_and_compute_dtypes(tmp_path, isa, stored, dtype):

@@ -64,6 +64,16 @@ struct MatmulOut {
 // quantized weights and multiplies the f32 activations, or Kernels::gemm_q); smaller ones multiply
 // row by row.
 constexpr int GEMM_MIN_TOKENS = 4;
+// A model whose matmul weights are all f32, bf16 or f16 sends slices of fewer than
+// Kernels::float_gemm_min_tokens tokens (short prompts, short chunks) row-wise too (Runner,
+// forward.h gemm_min_tokens): there the GEMM's token tiles run mostly empty, and the row-wise
+// kernel, which reads each weight once for all the tokens, is faster. One core, bf16 weights,
+// SmolLM2's and the Llama 3B and 8B shapes, row-wise against GEMM: 8 tokens AVX-512 35-48 GMAC/s
+// against 11-16, AVX2 31-35 against 18-33; 16 tokens AVX-512 36-46 against 22-31, AVX2 29-38
+// against 29-46. SmolLM2 pp16, 2 threads: AVX-512 bf16 +37%, f32 +24% row-wise; AVX2 bf16 -7%, f32
+// +4%: so 17 for the AVX-512 sets, 16 elsewhere. Quantized models keep GEMM_MIN_TOKENS: their
+// prompts take gemm_q.
+constexpr int FLOAT_GEMM_MIN_TOKENS = 16;
 // A batch split between threads is split at multiples of GEMM_SPLIT_TOKENS tokens, which every
 // GEMM's token tile divides (16, 24 or 48 tokens) and Kernels::pack's tile equals.
 constexpr int GEMM_SPLIT_TOKENS = 48;
@@ -228,6 +238,10 @@ struct Kernels {
   void (*gemm_q)(const int16_t* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
                  int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) = nullptr;
   bool takes_gemm_q(DType t) const { return gemm_q && (t == DType::Q8 || t == DType::Q4 || t == DType::Q4K); }
+
+  // Slices of fewer tokens than this take the row-wise matmuls in a model of f32, bf16 or f16
+  // weights (FLOAT_GEMM_MIN_TOKENS).
+  int float_gemm_min_tokens = FLOAT_GEMM_MIN_TOKENS;
 };
 
 extern const Kernels kernels_generic;

@@ -137,6 +137,7 @@ const Kernels kernels_avx512 = {
     .matmul_q8 = avx512::matmul_q8,
     .matmul_q4 = avx512::matmul_q4,
     .matmul_q4k = avx512::matmul_q4k,
+    .float_gemm_min_tokens = FLOAT_GEMM_MIN_TOKENS + 1,  // 16 tokens row-wise too (kernels.h)
 };
 
 }  // namespace gally

@@ -217,6 +217,12 @@ class Runner:
         self.max_tokens = MAX_PASS_TOKENS if max_tokens is None else _check_positive_int(max_tokens, "max_tokens")
         self._core = _core.Runner(model._core, self.max_tokens)
 
+    @property
+    def gemm_min_tokens(self) -> int:
+        """A prompt's slices of fewer tokens take the row-wise kernels (csrc/kernels/kernels.h): 4 in a
+        quantized model, 16 or 17 in a float one, by kernel set."""
+        return self._core.gemm_min_tokens
+
     def forward(self, sessions: Sequence[Session], token_ids: Sequence) -> np.ndarray:
         """Appends token_ids[i] to sessions[i]; returns float32 logits [len(sessions), vocab_size],
         each session's last token. One session may bring more than max_tokens tokens; several

@@ -34,10 +34,6 @@ import numpy as np
 from . import sampling
 from .options import GenerationParams
 
-# A prompt chunk shorter than this (and not the prompt's end) waits for the next step: chunks of
-# this size or more take the GEMM, as the whole prompt would alone (csrc/parallel_matmul.h).
-MIN_CHUNK = 4
-
 
 @dataclasses.dataclass
 class TokenLogprob:
@@ -265,15 +261,16 @@ class Scheduler:
             self.running.append(r)
 
     def _batch(self):
-        """This pass's tokens: one for each request that is decoding, then prompt chunks (at least
-        MIN_CHUNK tokens, or a prompt's end) while the token budget lasts."""
+        """This pass's tokens: one for each request that is decoding, then prompt chunks while the token
+        budget lasts. A chunk shorter than the runner's gemm_min_tokens (and not the prompt's end) waits
+        for the next step: chunks of that size or more take the GEMM, as the whole prompt would alone."""
         budget = self.runner.max_tokens
         members, sessions, tokens = [], [], []
         running = self.running if len(self.running) == 1 else sorted(self.running, key=lambda r: r.to_feed > 1)
         for r in running:  # decode steps first (the sort is stable)
             n = r.to_feed
             take = min(n, budget)
-            if take == 0 or (take < n and take < MIN_CHUNK):
+            if take == 0 or (take < n and take < self.runner.gemm_min_tokens):
                 continue
             members.append(r), sessions.append(r.session), tokens.append(r.next_tokens(take))
             budget -= take

@@ -238,8 +238,7 @@ struct Pass {
 
 }  // namespace
 
-void forward(const Model& model, const Batch& batch, Workspace& ws, const Record& record) {
-  const Kernels& ops = kernels();  // one set for the whole pass, whatever another thread selects meanwhile
+void forward(const Model& model, const Kernels& ops, const Batch& batch, Workspace& ws, const Record& record) {
   ws.prepare(ops, batch, record);
   par::region(model.threads, [&] {
     Pass pass(model, ops, batch, ws, record);
@@ -264,7 +263,7 @@ void unembed(const Model& model, const float* hidden, int n, float* logits, Work
     std::memcpy(ws.x.data(), hidden + size_t(done) * D, sizeof(float) * count * D);
     Batch batch;
     batch.n = count, batch.logit_rows = rows.data(), batch.n_logits = count;
-    batch.n_logits_rowwise = count < gemm_min_tokens(model) ? count : 0;
+    batch.n_logits_rowwise = count < gemm_min_tokens(model, ops) ? count : 0;
     batch.logits = logits + size_t(done) * model.config.vocab_size;
     const Record none;
     ws.prepare(ops, batch, none);  // sizes the buffer a bf16 prompt's activations are packed into

@@ -22,9 +22,11 @@ struct SequenceSlice {
   int first, count;
 };
 
-// Slices of fewer tokens than this take the row-wise matmuls with the selected kernel set
-// (kernels.h GEMM_MIN_TOKENS, FLOAT_GEMM_MIN_TOKENS).
-inline int gemm_min_tokens(const Model& m) { return m.quantized() ? GEMM_MIN_TOKENS : kernels().float_gemm_min_tokens; }
+// Slices of fewer tokens than this take the row-wise matmuls with kernel set `ops` (kernels.h
+// GEMM_MIN_TOKENS, FLOAT_GEMM_MIN_TOKENS).
+inline int gemm_min_tokens(const Model& m, const Kernels& ops) {
+  return m.quantized() ? GEMM_MIN_TOKENS : ops.float_gemm_min_tokens;
+}
 
 struct Batch {
   const int32_t* tokens = nullptr;  // [n] ids, checked against the vocabulary
@@ -86,7 +88,9 @@ constexpr int ATTENTION_BLOCK = 16;
 // compact cache's to f32 once per item: larger items for both (SmolLM2, f16 cache, 2 threads:
 // GALLY_ISA=avx2 bf16 pp2048 +7-12%, avx512vnni int8 pp4096 +31%, pp256 within 3%)
 constexpr int ATTENTION_BLOCK_CONVERTED = 64;
-constexpr int ATTENTION_BLOCK_MIN = GEMM_MIN_TOKENS;  // the row-wise slices
+// (the quantized models' row-wise slices; a float model's row-wise slices of 4-16 tokens still take
+// attention_causal: its lanes are queries, a few of which fill them better than one at a time)
+constexpr int ATTENTION_BLOCK_MIN = GEMM_MIN_TOKENS;
 // Keys per unit of a decode step's attention: a context of 8192 splits into 16 units per KV head.
 // The split depends on the context alone, so a token's result does not depend on the threads.
 constexpr int KEYS_PER_PART = 512;
@@ -151,8 +155,10 @@ struct Workspace {
 
 // Runs the batch's tokens through the model: appends each token's keys and values to its
 // sequence's cache and writes the logits of batch.logit_rows. Each slice's cache must hold its
-// positions (KvCache capacity); record only for a batch of one sequence.
-void forward(const Model& model, const Batch& batch, Workspace& ws, const Record& record);
+// positions (KvCache capacity); record only for a batch of one sequence. ops: one kernel set for
+// the whole pass, whatever another thread selects meanwhile (the one that chose the row-wise
+// tokens, gemm_min_tokens).
+void forward(const Model& model, const Kernels& ops, const Batch& batch, Workspace& ws, const Record& record);
 
 // logits [n, vocab] = lm_head(RMSNorm(hidden)) for residual-stream vectors hidden [n, hidden_size]:
 // the prediction step alone, as the forward pass makes it (the logit lens of `gally explain`).

@@ -36,7 +36,7 @@ Runner::Runner(std::shared_ptr<const Model> model, int max_tokens) : m_(std::mov
   std::iota(rows_.begin(), rows_.end(), 0);
 }
 
-int Runner::gemm_min_tokens() const { return gally::gemm_min_tokens(*m_); }
+int Runner::gemm_min_tokens() const { return gally::gemm_min_tokens(*m_, kernels()); }
 
 namespace {
 
@@ -86,7 +86,10 @@ void Runner::forward(Sequence* const* seqs, int n_seqs, const int32_t* tokens, c
       throw;
     }
   }
-  const int rowwise_below = gemm_min_tokens();
+  // one kernel set for the whole call (its passes' kernels and which tokens go row-wise), whatever
+  // another thread selects meanwhile
+  const Kernels& ops = kernels();
+  const int rowwise_below = gally::gemm_min_tokens(*m_, ops);
   if (n_seqs == 1) {  // one sequence: passes of up to max_tokens tokens
     Sequence& s = *seqs[0];
     Record rec = record;
@@ -105,7 +108,7 @@ void Runner::forward(Sequence* const* seqs, int n_seqs, const int32_t* tokens, c
       }
       batch.n_logits_rowwise = batch.n_logits < rowwise_below ? batch.n_logits : 0;
       rec.offset = done;
-      gally::forward(*m_, batch, ws_, rec);
+      gally::forward(*m_, ops, batch, ws_, rec);
       s.pos_ += chunk;
     }
     return;
@@ -133,7 +136,7 @@ void Runner::forward(Sequence* const* seqs, int n_seqs, const int32_t* tokens, c
   batch.n_rowwise = rowwise;
   batch.logit_rows = last_rows_.data(), batch.n_logits = n_seqs, batch.n_logits_rowwise = n_seqs;
   batch.logits = logits;
-  gally::forward(*m_, batch, ws_, Record{});
+  gally::forward(*m_, ops, batch, ws_, Record{});
   for (int i = 0; i < n_seqs; ++i) seqs[i]->pos_ += counts[i];
 }
 

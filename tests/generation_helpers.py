@@ -108,8 +108,9 @@ class ScriptedModel:
 class ScriptedRunner:
     """Runner stand-in: each session's append, one after another."""
 
-    def __init__(self, max_tokens):
+    def __init__(self, max_tokens, gemm_min_tokens=4):
         self.max_tokens = max_tokens
+        self.gemm_min_tokens = gemm_min_tokens
 
     def forward_checked(self, sessions, token_ids, counts):
         starts = np.cumsum([0] + list(counts))

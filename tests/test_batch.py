@@ -52,13 +52,14 @@ def run_batched(model, prompts, steps):
 def test_batch_equals_each_sequence_alone(folder, isa, dtype):
     """Prompts of 1 to 30 tokens in one pass, then decode steps together: every logit of every
     sequence equals, bit for bit, the same sequence run alone. Decode steps and prompt chunks of
-    fewer than 4 tokens take the row-wise kernels in both; longer chunks the GEMM in both."""
+    fewer than Runner.gemm_min_tokens (4; float models 16, or 17 on AVX-512: both sides of each limit
+    here) take the row-wise kernels in both; longer chunks the GEMM in both."""
     before = _core.selected_isa()
     _core.select_isa(isa)
     try:
         model = gally.load(folder, dtype=dtype, threads=2)
         rng = np.random.default_rng(1)
-        prompts = [rng.integers(0, VOCAB, n) for n in (1, 3, 7, 30, 5, 2, 4)]
+        prompts = [rng.integers(0, VOCAB, n) for n in (1, 3, 7, 30, 5, 2, 4, 15, 16, 17)]
         batched = run_batched(model, prompts, 3)
         for prompt, got in zip(prompts, batched):
             want = run_alone(model, prompt, 3)

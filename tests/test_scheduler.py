@@ -101,6 +101,22 @@ def test_a_long_prompt_is_prefilled_in_chunks_without_stalling(model):
     assert short.generated[:steps + 1] == model.generate("Hello", max_new_tokens=steps + 1, **GREEDY).token_ids
 
 
+@pytest.mark.parametrize("budget", [4, 8])
+def test_a_pass_smaller_than_the_gemm_limit_still_prefills_a_long_prompt(model, budget):
+    """A float model's prompt chunks of fewer than gemm_min_tokens (16 or 17) wait for a larger budget; a
+    whole pass smaller than that takes what it can (a prompt longer than the pass is never left waiting)."""
+    sched = Scheduler(model, max_sequences=1, max_batch_tokens=budget)
+    assert sched.runner.gemm_min_tokens > budget
+    prompt = [int(t) for t in np.random.default_rng(1).integers(3, 300, 40)]
+    r = sched.add(prompt, params(model, max_new_tokens=1))
+    steps = 0
+    while not r.generated:
+        sched.step()
+        steps += 1
+        assert steps <= 40 // budget + 2
+    assert r.generated == model.generate(prompt, max_new_tokens=1, **GREEDY).token_ids
+
+
 def test_a_full_pool_preempts_and_every_request_still_finishes(tmp_path):
     """A pool of 6 blocks (96 positions) for four requests of ~40 positions each: the newest goes
     back to the queue whenever the pool is full, and every output is still its own."""

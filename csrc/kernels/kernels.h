@@ -60,9 +60,10 @@ struct MatmulOut {
   bool accumulate;
 };
 
-// Batches of at least this many tokens take the prefill GEMM (gemm.inl, which dequantizes
-// quantized weights and multiplies the f32 activations, or Kernels::gemm_q); smaller ones multiply
-// row by row.
+// Kernels::matmul takes the prefill GEMM for batches of at least this many tokens (gemm.inl, which
+// dequantizes quantized weights and multiplies the f32 activations, or Kernels::gemm_q); smaller
+// ones multiply row by row. The forward pass sends a float model's slices of up to 16 tokens row
+// by row before that (FLOAT_GEMM_MIN_TOKENS).
 constexpr int GEMM_MIN_TOKENS = 4;
 // A model whose matmul weights are all f32, bf16 or f16 sends slices of fewer than
 // Kernels::float_gemm_min_tokens tokens (short prompts, short chunks) row-wise too (Runner,

@@ -47,10 +47,11 @@ struct WeightF16 {
 // Llama-3.2-1B's shapes, 2 threads, AVX-512, bf16 1024 bytes ahead rather than 2048: +20%.
 constexpr int WEIGHT_PREFETCH = 512;
 
-// A row-wise product of several tokens (the decode steps of a batch) takes ROW_BLOCK rows and up
-// to ROW_PASS_TOKENS tokens per pass: two accumulators for each row and token, which leaves room
-// for the rows' vectors and a token's (AVX-512 and NEON: 24 + 3 + 1 of 32 registers; AVX2: 12 +
-// 2 + 1 of 16), and loads ROW_BLOCK + ROW_PASS_TOKENS vectors per ROW_BLOCK · ROW_PASS_TOKENS FMAs.
+// A row-wise product of several tokens (the decode steps of a batch, a float model's short prompt)
+// takes ROW_BLOCK rows and up to ROW_PASS_TOKENS tokens per pass: two accumulators for each row
+// and token, which leaves room for the rows' vectors and a token's (AVX-512 and NEON: 24 + 3 + 1
+// of 32 registers; AVX2: 12 + 2 + 1 of 16), and loads ROW_BLOCK + ROW_PASS_TOKENS vectors per
+// ROW_BLOCK · ROW_PASS_TOKENS FMAs.
 constexpr int ROW_BLOCK = S::N == 8 ? 2 : 3;
 constexpr int ROW_PASS_TOKENS = S::N == 8 ? 3 : 4;
 
@@ -132,8 +133,8 @@ inline void row_block(const float* x, const typename WL::T* W, const float* b, f
   }
 }
 
-// A few tokens (decode steps; batches of GEMM_MIN_TOKENS or more take the GEMM): one token row by
-// row, more ROW_BLOCK rows at a time.
+// A few tokens (decode steps, a float model's short prompts; Kernels::matmul sends batches of
+// GEMM_MIN_TOKENS or more to the GEMM): one token row by row, more ROW_BLOCK rows at a time.
 template <class WL>
 void matmul_rows(const float* x, const typename WL::T* W, const float* b, float* y, int n_tok, int n_in, int ldy,
                  int r0, int r1, bool accumulate) {

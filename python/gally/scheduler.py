@@ -167,7 +167,8 @@ class PrefixCache:
 class Scheduler:
     """Requests advanced together, one forward pass per step (see the module doc).
 
-    model: a gally.Model (anything with session(), runner(max_tokens), config, max_context).
+    model: a gally.Model (anything with session(), config, max_context, and runner(max_tokens), whose
+    runner has max_tokens, gemm_min_tokens and forward_checked).
     max_sequences: requests running at once; more wait. max_batch_tokens: tokens per pass (decode
     steps plus prompt chunks). prefix_cache: finished sessions kept for reuse (0: none)."""
 
@@ -263,14 +264,16 @@ class Scheduler:
     def _batch(self):
         """This pass's tokens: one for each request that is decoding, then prompt chunks while the token
         budget lasts. A chunk shorter than the runner's gemm_min_tokens (and not the prompt's end) waits
-        for the next step: chunks of that size or more take the GEMM, as the whole prompt would alone."""
+        for the next step: chunks of that size or more take the GEMM, as the whole prompt would alone.
+        A pass smaller than that limit takes what it can, rather than never scheduling a long prompt."""
         budget = self.runner.max_tokens
+        min_chunk = min(self.runner.gemm_min_tokens, budget)
         members, sessions, tokens = [], [], []
         running = self.running if len(self.running) == 1 else sorted(self.running, key=lambda r: r.to_feed > 1)
         for r in running:  # decode steps first (the sort is stable)
             n = r.to_feed
             take = min(n, budget)
-            if take == 0 or (take < n and take < self.runner.gemm_min_tokens):
+            if take == 0 or (take < n and take < min_chunk):
                 continue
             members.append(r), sessions.append(r.session), tokens.append(r.next_tokens(take))
             budget -= take

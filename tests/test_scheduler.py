@@ -101,6 +101,31 @@ def test_a_long_prompt_is_prefilled_in_chunks_without_stalling(model):
     assert short.generated[:steps + 1] == model.generate("Hello", max_new_tokens=steps + 1, **GREEDY).token_ids
 
 
+def test_prompt_chunks_are_long_enough_for_the_gemm(model):
+    """Every chunk of a prompt prefilled over several passes, its last included, has at least
+    gemm_min_tokens tokens where the pass allows, so that it takes the GEMM as the whole prompt would."""
+    sched = Scheduler(model, max_sequences=2, max_batch_tokens=32)
+    limit = sched.runner.gemm_min_tokens
+    fed = []
+    forward = sched.runner.forward_checked
+
+    def recording(sessions, token_ids, counts):
+        fed.append(list(counts))
+        return forward(sessions, token_ids, counts)
+
+    sched.runner.forward_checked = recording
+    short = sched.add(model.tokenizer.encode("Hello"), params(model, max_new_tokens=10))
+    sched.step()
+    prompt = [int(t) for t in np.random.default_rng(2).integers(3, 300, 40)]
+    r = sched.add(prompt, params(model, max_new_tokens=1))
+    while not r.generated:
+        sched.step()
+    chunks = [c for counts in fed[1:] for c in counts if c > 1]
+    assert sum(chunks) == 40 and min(chunks) >= limit, chunks  # 31 + 9 without the cut: 24 + 16 or 23 + 17
+    assert r.generated == model.generate(prompt, max_new_tokens=1, **GREEDY).token_ids
+    assert short.generated
+
+
 @pytest.mark.parametrize("budget", [4, 8])
 def test_a_pass_smaller_than_the_gemm_limit_still_prefills_a_long_prompt(model, budget):
     """A float model's prompt chunks of fewer than gemm_min_tokens (16 or 17) wait for a larger budget; a

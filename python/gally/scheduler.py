@@ -263,9 +263,10 @@ class Scheduler:
 
     def _batch(self):
         """This pass's tokens: one for each request that is decoding, then prompt chunks while the token
-        budget lasts. A chunk shorter than the runner's gemm_min_tokens (and not the prompt's end) waits
-        for the next step: chunks of that size or more take the GEMM, as the whole prompt would alone.
-        A pass smaller than that limit takes what it can, rather than never scheduling a long prompt."""
+        budget lasts. Chunks of at least the runner's gemm_min_tokens take the GEMM, as the whole prompt
+        would alone: a shorter chunk that is not the prompt's end waits for the next step, and a chunk
+        that would leave a shorter end is cut shorter itself where it can be. A pass smaller than that
+        limit takes what it can, rather than never scheduling a long prompt."""
         budget = self.runner.max_tokens
         min_chunk = min(self.runner.gemm_min_tokens, budget)
         members, sessions, tokens = [], [], []
@@ -273,6 +274,8 @@ class Scheduler:
         for r in running:  # decode steps first (the sort is stable)
             n = r.to_feed
             take = min(n, budget)
+            if take < n and n - take < min_chunk and n - min_chunk >= min_chunk:
+                take = n - min_chunk  # the prompt's last chunk long enough for the GEMM too
             if take == 0 or (take < n and take < min_chunk):
                 continue
             members.append(r), sessions.append(r.session), tokens.append(r.next_tokens(take))

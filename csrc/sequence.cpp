@@ -95,8 +95,13 @@ void Runner::forward(Sequence* const* seqs, int n_seqs, const int32_t* tokens, c
     Record rec = record;
     const int n = counts[0];
     rec.n = n, rec.context = s.pos_ + n;
-    for (int done = 0; done < n; done += ws_.max_tokens) {
-      const int chunk = std::min(ws_.max_tokens, n - done);
+    for (int done = 0, chunk = 0; done < n; done += chunk) {
+      chunk = std::min(ws_.max_tokens, n - done);
+      // a pass that would leave a last one shorter than rowwise_below (row-wise, where a longer one
+      // takes the GEMM) leaves it that long where it can, as the scheduler's chunks do
+      const int rest = n - done - chunk;
+      if (rest > 0 && rest < rowwise_below && chunk - (rowwise_below - rest) >= rowwise_below)
+        chunk -= rowwise_below - rest;
       const SequenceSlice slice{&s.cache_, s.pos_, 0, chunk};
       Batch batch{tokens + done, chunk, &slice, 1};
       batch.n_rowwise = chunk < rowwise_below ? chunk : 0;

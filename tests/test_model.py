@@ -124,6 +124,20 @@ def test_long_prompt_in_chunks(tmp_path):
     assert np.abs(got - want).max() <= 1e-3
 
 
+@pytest.mark.parametrize("dtype", ["f32", "int8"])
+def test_passes_of_a_long_prompt_take_the_gemm_as_the_whole_would(tmp_path, isa, dtype):
+    """A prompt longer than the runner's pass splits into passes, the last cut no shorter than
+    gemm_min_tokens where it can be (40 tokens, passes of 32: 24 + 16 or 23 + 17, not 32 + 8), so
+    that every token takes the GEMM as in one pass: the logits bit for bit those of one pass."""
+    folder, _ = make_checkpoint(tmp_path)
+    model = gally.load(folder, dtype=dtype, threads=2)
+    ids = (TOKENS * 3)[:40]
+    whole, parts = model.runner(64), model.runner(32)
+    a, b = model.session(), model.session()
+    assert np.array_equal(parts.forward([b], [ids]), whole.forward([a], [ids]))
+    assert np.array_equal(parts.forward([b], [[9]]), whole.forward([a], [[9]]))
+
+
 def test_two_sessions_in_two_threads(tmp_path):
     folder, w = make_checkpoint(tmp_path)
     model = gally.load(folder, threads=1)

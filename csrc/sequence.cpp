@@ -89,7 +89,7 @@ void Runner::forward(Sequence* const* seqs, int n_seqs, const int32_t* tokens, c
   // one kernel set for the whole call (its passes' kernels and which tokens go row-wise), whatever
   // another thread selects meanwhile
   const Kernels& ops = kernels();
-  const int rowwise_below = gally::gemm_min_tokens(*m_, ops);
+  const int gemm_min = gally::gemm_min_tokens(*m_, ops);
   if (n_seqs == 1) {  // one sequence: passes of up to max_tokens tokens
     Sequence& s = *seqs[0];
     Record rec = record;
@@ -97,21 +97,21 @@ void Runner::forward(Sequence* const* seqs, int n_seqs, const int32_t* tokens, c
     rec.n = n, rec.context = s.pos_ + n;
     for (int done = 0, chunk = 0; done < n; done += chunk) {
       chunk = std::min(ws_.max_tokens, n - done);
-      // a pass that would leave a last one shorter than rowwise_below (row-wise, where a longer one
-      // takes the GEMM) leaves it that long where it can, as the scheduler's chunks do
+      // a pass that would leave a last one shorter than gemm_min (row-wise, where a longer one
+      // takes the GEMM) stops gemm_min short of the end where it can, as the scheduler's chunks do
+      // (scheduler.py Scheduler._batch)
       const int rest = n - done - chunk;
-      if (rest > 0 && rest < rowwise_below && chunk - (rowwise_below - rest) >= rowwise_below)
-        chunk -= rowwise_below - rest;
+      if (rest > 0 && rest < gemm_min && n - done - gemm_min >= gemm_min) chunk = n - done - gemm_min;
       const SequenceSlice slice{&s.cache_, s.pos_, 0, chunk};
       Batch batch{tokens + done, chunk, &slice, 1};
-      batch.n_rowwise = chunk < rowwise_below ? chunk : 0;
+      batch.n_rowwise = chunk < gemm_min ? chunk : 0;
       if (all_logits) {
         batch.logit_rows = rows_.data(), batch.n_logits = chunk;
         batch.logits = logits + size_t(done) * c.vocab_size;
       } else if (done + chunk == n) {
         batch.logit_rows = rows_.data() + chunk - 1, batch.n_logits = 1, batch.logits = logits;
       }
-      batch.n_logits_rowwise = batch.n_logits < rowwise_below ? batch.n_logits : 0;
+      batch.n_logits_rowwise = batch.n_logits < gemm_min ? batch.n_logits : 0;
       rec.offset = done;
       gally::forward(*m_, ops, batch, ws_, rec);
       s.pos_ += chunk;
@@ -122,7 +122,7 @@ void Runner::forward(Sequence* const* seqs, int n_seqs, const int32_t* tokens, c
   // prompt chunks after them, through the GEMM. Logits stay in the caller's order.
   order_.resize(n_seqs);
   std::iota(order_.begin(), order_.end(), 0);
-  std::stable_partition(order_.begin(), order_.end(), [&](int i) { return counts[i] < rowwise_below; });
+  std::stable_partition(order_.begin(), order_.end(), [&](int i) { return counts[i] < gemm_min; });
   std::vector<long> offset(n_seqs + 1, 0);  // where each sequence's tokens start in `tokens`
   for (int i = 0; i < n_seqs; ++i) offset[i + 1] = offset[i] + counts[i];
   batch_tokens_.resize(total);
@@ -134,7 +134,7 @@ void Runner::forward(Sequence* const* seqs, int n_seqs, const int32_t* tokens, c
     std::copy(tokens + offset[i], tokens + offset[i + 1], batch_tokens_.begin() + first);
     slices_[k] = SequenceSlice{&seqs[i]->cache_, seqs[i]->pos_, first, counts[i]};
     last_rows_[i] = first + counts[i] - 1;
-    if (counts[i] < rowwise_below) rowwise = first + counts[i];
+    if (counts[i] < gemm_min) rowwise = first + counts[i];
     first += counts[i];
   }
   Batch batch{batch_tokens_.data(), int(total), slices_.data(), n_seqs};

@@ -4,8 +4,8 @@
 // takes vpmaddwd then vpaddd; vpdpbusd does so for quads of bytes (int4 codes × their int8
 // activations), where AVX2 takes vpmaddubsw, vpmaddwd and vpaddd. Compiled with those flags;
 // isa.cpp puts these into the "avx512vnni" kernel set only where CPUID reports the flag.
-// Measured on a Sapphire Rapids core, when int4 too took int16 activations: +5-10% on weights in
-// cache (int8 24 → 26 GB/s, int4 14 → 15); SmolLM2 decode, bound by memory, unchanged. Also the
+// Measured on a Sapphire Rapids core, int8 weights in cache: 24 → 26 GB/s; SmolLM2 decode, bound
+// by memory, unchanged. Also the
 // prompts' GEMM into int8/int4 weights on the same activations (gemm_q_avx512.inl), where
 // vpdpwssd's 32 products an instruction count most.
 #include <immintrin.h>

@@ -42,8 +42,8 @@ inline long tile_rows_floats(int groups) { return 2 * tile_plane_floats(groups);
 // The scales (and int4 mins) of a tile's rows as f32, group-major: s[g · 16 + i] for row i of the
 // tile. Rows past the tile's `rows` repeat its last row. The tile's rows are consecutive, so their
 // groups are one run of the matrix's: decoded into row_buf (tile_rows_floats) at once (Q4K: each
-// super-block once, where row by row the one a row boundary splits was decoded twice), then
-// transposed with the rows `groups` floats apart.
+// super-block once, also the one a row boundary splits), then transposed with the rows `groups`
+// floats apart.
 template <DType T>
 void tile_scales(const WeightsRef& W, int groups, int r, int rows, float* s, float* m, float* row_buf) {
   constexpr bool Q4 = T != DType::Q8;

@@ -275,7 +275,7 @@ class Scheduler:
             n = r.to_feed
             take = min(n, budget)
             if take < n and n - take < min_chunk and n - min_chunk >= min_chunk:
-                take = n - min_chunk  # the prompt's last chunk long enough for the GEMM too
+                take = n - min_chunk  # the prompt's last chunk long enough for the GEMM too (as Runner::forward)
             if take == 0 or (take < n and take < min_chunk):
                 continue
             members.append(r), sessions.append(r.session), tokens.append(r.next_tokens(take))

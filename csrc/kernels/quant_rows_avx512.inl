@@ -35,7 +35,7 @@ inline __m512i load_group32(const WeightsRef& W, long rg) {
 }
 
 // Floats of tile_scales' row_buf: two planes (scales, mins) of a tile's 16 rows of groups, each
-// with up to 7 groups of Q4K's first super-block before them and a block of 16 past the end.
+// with up to 7 groups of Q4K's first super-block before them and its last super-block's past the end.
 inline long tile_plane_floats(int groups) { return 16L * groups + 32; }
 inline long tile_rows_floats(int groups) { return 2 * tile_plane_floats(groups); }
 
@@ -43,7 +43,7 @@ inline long tile_rows_floats(int groups) { return 2 * tile_plane_floats(groups);
 // tile. Rows past the tile's `rows` repeat its last row. The tile's rows are consecutive, so their
 // groups are one run of the matrix's: decoded into row_buf (tile_rows_floats) at once (Q4K: each
 // super-block once, also the one a row boundary splits), then transposed with the rows `groups`
-// floats apart.
+// floats apart, 16 groups at a time; the groups past a multiple of 16 are gathered one by one.
 template <DType T>
 void tile_scales(const WeightsRef& W, int groups, int r, int rows, float* s, float* m, float* row_buf) {
   constexpr bool Q4 = T != DType::Q8;
@@ -62,16 +62,23 @@ void tile_scales(const WeightsRef& W, int groups, int r, int rows, float* s, flo
     }
   }
   S += off, M += off;
+  const __m512i row_at = _mm512_mullo_epi32(  // row i's first group, rows past `rows` at the last
+      _mm512_min_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                       _mm512_set1_epi32(rows - 1)),
+      _mm512_set1_epi32(groups));
+  const int full = groups / 16 * 16;
   for (int plane = 0; plane < (Q4 ? 2 : 1); ++plane) {
     float* P = plane ? M : S;
-    for (int i = rows; i < TILE_ROWS; ++i) std::memcpy(P + long(i) * groups, P + long(rows - 1) * groups, 4L * groups);
-    std::memset(P + long(TILE_ROWS) * groups, 0, 16 * sizeof(float));  // what a last block of < 16 groups reads past
-    for (int g = 0; g < groups; g += 16) {
-      const int nb = groups - g < 16 ? groups - g : 16;
+    float* out = plane ? m : s;
+    if (full > 0 && rows < TILE_ROWS)
+      for (int i = rows; i < TILE_ROWS; ++i) std::memcpy(P + long(i) * groups, P + long(rows - 1) * groups, 4L * full);
+    for (int g = 0; g < full; g += 16) {
       __m512i col[16];
       transpose16x16(P + g, groups, col);
-      for (int c = 0; c < nb; ++c) _mm512_storeu_si512((plane ? m : s) + long(g + c) * 16, col[c]);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(out + long(g + c) * 16, col[c]);
     }
+    // the last groups (SmolLM2's 18 a row leave 2) a gather each: a whole transpose would be mostly waste
+    for (int g = full; g < groups; ++g) _mm512_storeu_ps(out + long(g) * 16, _mm512_i32gather_ps(row_at, P + g, 4));
   }
 }
 
@@ -83,26 +90,59 @@ inline __m512 add_group(__m512 acc, __m512i dot, __m512 sg, __m512 mg, float xs,
   return Q4 ? _mm512_fmadd_ps(mg, _mm512_set1_ps(xsum), acc) : acc;
 }
 
-// Group g of the 16 rows at rg0 (row · groups) of an int4 matrix: w[k] (k < 8) holds quad k of each
-// row's codes in its lane. Row 4l + m lies in 128-bit lane l of register m, so that after the
-// in-lane dword transposes lane 4l + m of w[k] is row 4l + m.
-inline void codes_transposed(const WeightsRef& W, const long* rg0, int g, __m512i w[8]) {
-  const uint8_t* q = (const uint8_t*)W.data;
-  auto group = [&](int i) { return _mm_loadu_si128((const __m128i*)(q + (rg0[i] + g) * (QGROUP / 2))); };
+// Bytes [at, at + 16) of group g (group_bytes long) of each of a tile's 16 rows (rg0: row · groups),
+// transposed as dwords: p[k] lane i holds bytes at + 4k … at + 4k + 3 of row i. Row 4l + m is loaded
+// into 128-bit lane l of register m, so that after the in-lane dword transposes lane 4l + m is row
+// 4l + m.
+inline void dwords_transposed(const uint8_t* data, long group_bytes, const long* rg0, int g, int at, __m512i p[4]) {
+  auto chunk = [&](int i) { return _mm_loadu_si128((const __m128i*)(data + (rg0[i] + g) * group_bytes + at)); };
   __m512i z[4];
   for (int m = 0; m < 4; ++m) {
-    const __m256i lo = _mm256_inserti128_si256(_mm256_castsi128_si256(group(m)), group(4 + m), 1);
-    const __m256i hi = _mm256_inserti128_si256(_mm256_castsi128_si256(group(8 + m)), group(12 + m), 1);
+    const __m256i lo = _mm256_inserti128_si256(_mm256_castsi128_si256(chunk(m)), chunk(4 + m), 1);
+    const __m256i hi = _mm256_inserti128_si256(_mm256_castsi128_si256(chunk(8 + m)), chunk(12 + m), 1);
     z[m] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
   }
   const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
   const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
-  const __m512i p[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2), _mm512_unpacklo_epi64(t1, t3),
-                        _mm512_unpackhi_epi64(t1, t3)};  // p[k]: packed dword k (codes 4k … and 16 + 4k …)
+  p[0] = _mm512_unpacklo_epi64(t0, t2), p[1] = _mm512_unpackhi_epi64(t0, t2);
+  p[2] = _mm512_unpacklo_epi64(t1, t3), p[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+// Group g of the 16 rows at rg0 of an int4 matrix: w[k] (k < 8) holds quad k of each row's codes in
+// its lane (k < 4 the low nibbles of packed dword k, codes 4k …; k ≥ 4 the high, codes 16 + …).
+inline void codes_transposed(const WeightsRef& W, const long* rg0, int g, __m512i w[8]) {
+  __m512i p[4];
+  dwords_transposed((const uint8_t*)W.data, QGROUP / 2, rg0, g, 0, p);
   const __m512i low = _mm512_set1_epi8(0x0f);
   for (int k = 0; k < 4; ++k) {
     w[k] = _mm512_and_si512(p[k], low);
     w[4 + k] = _mm512_and_si512(_mm512_srli_epi16(p[k], 4), low);
+  }
+}
+
+// Group g of the 16 rows at rg0 of an int8 matrix as int16 pairs: row i's weights q_4k … q_4k+3 in
+// lane i of w[2k] as (q_4k, q_4k+2) and of w[2k + 1] as (q_4k+1, q_4k+3), each quad widened by two
+// word shifts in place: a dword transpose of the bytes and 24 shifts, where widening first and
+// transposing int16 pairs took 80 shuffles. The activations meet them in that order
+// (pairs_interleaved).
+inline void pairs_transposed(const WeightsRef& W, const long* rg0, int g, __m512i w[16]) {
+  for (int half = 0; half < 2; ++half) {
+    __m512i p[4];
+    dwords_transposed((const uint8_t*)W.data, QGROUP, rg0, g, 16 * half, p);
+    for (int k = 0; k < 4; ++k) {
+      w[8 * half + 2 * k] = _mm512_srai_epi16(_mm512_slli_epi16(p[k], 8), 8);  // the even bytes, sign-extended
+      w[8 * half + 2 * k + 1] = _mm512_srai_epi16(p[k], 8);                    // the odd
+    }
+  }
+}
+
+// n groups of int16 activations reordered as pairs_transposed pairs the weights: words 4k … 4k + 3
+// of a group become x_4k, x_4k+2, x_4k+1, x_4k+3.
+inline void pairs_interleaved(const int16_t* x, long n, int16_t* out) {
+  for (long i = 0; i < n; ++i) {
+    const __m512i v = _mm512_loadu_si512(x + i * QGROUP);
+    const __m512i lo = _mm512_shufflelo_epi16(v, _MM_SHUFFLE(3, 1, 2, 0));
+    _mm512_storeu_si512(out + i * QGROUP, _mm512_shufflehi_epi16(lo, _MM_SHUFFLE(3, 1, 2, 0)));
   }
 }
 
@@ -141,18 +181,17 @@ inline void tile_dots(int n_tok, const Act<T>* xq, const float* xs, const float*
         acc[t] = add_group<true>(acc[t], _mm512_add_epi32(d0, d1), sg, mg, xs[tg], xsum[tg]);
       }
     } else {
-      __m512i w[16], pairs[16];
-      for (int i = 0; i < 16; ++i) w[i] = load_group32(W, rg0[i] + g);
-      transpose16x16(w, pairs);
+      __m512i pairs[16];
+      pairs_transposed(W, rg0, g, pairs);
       for (int t = 0; t < nt; ++t) {
         const int32_t* x = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
-        __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
-        for (int k = 0; k < 16; k += 2) {
-          d0 = dot_pairs16(d0, pairs[k], _mm512_set1_epi32(x[k]));
-          d1 = dot_pairs16(d1, pairs[k + 1], _mm512_set1_epi32(x[k + 1]));
-        }
+        __m512i d[4];
+        for (int c = 0; c < 4; ++c) d[c] = dot_pairs16(_mm512_setzero_si512(), pairs[c], _mm512_set1_epi32(x[c]));
+        for (int k = 4; k < 16; k += 4)
+          for (int c = 0; c < 4; ++c) d[c] = dot_pairs16(d[c], pairs[k + c], _mm512_set1_epi32(x[k + c]));
         const long tg = long(t) * groups + g;
-        acc[t] = add_group<false>(acc[t], _mm512_add_epi32(d0, d1), sg, mg, xs[tg], 0.0f);
+        const __m512i dot = _mm512_add_epi32(_mm512_add_epi32(d[0], d[1]), _mm512_add_epi32(d[2], d[3]));
+        acc[t] = add_group<false>(acc[t], dot, sg, mg, xs[tg], 0.0f);
       }
     }
   };
@@ -183,6 +222,13 @@ void matmul_q(const Act<T>* xq, const float* xs, const float* xsum, const Weight
   static thread_local std::vector<float> buf;
   buf.resize(size_t(pad) * 16 * 2 + size_t(tile_rows_floats(groups)));
   float *s = buf.data(), *m = s + size_t(pad) * 16, *row_buf = m + size_t(pad) * 16;
+  const Act<T>* xt = xq;  // the tiles' activations: int8 weights' reordered (pairs_interleaved)
+  if constexpr (T == DType::Q8) {
+    static thread_local std::vector<int16_t> reordered;
+    reordered.resize(size_t(n_tok) * n_in);
+    pairs_interleaved(xq, long(n_tok) * groups, reordered.data());
+    xt = reordered.data();
+  }
   for (int r = r0; r < r1; r += TILE_ROWS) {
     const int rows = r1 - r < TILE_ROWS ? r1 - r : TILE_ROWS;
     const __mmask16 lanes = __mmask16((1u << rows) - 1);
@@ -206,7 +252,7 @@ void matmul_q(const Act<T>* xq, const float* xs, const float* xsum, const Weight
       const auto dots = nt == H  ? tile_dots<T, H, true>
                         : nt < H ? tile_dots<T, H, false>
                                  : tile_dots<T, TILE_TOKENS, false>;
-      dots(nt, xq + tg * QGROUP, xs + tg, T != DType::Q8 ? xsum + tg : nullptr, W, groups, rg0, s, m, next,
+      dots(nt, xt + tg * QGROUP, xs + tg, T != DType::Q8 ? xsum + tg : nullptr, W, groups, rg0, s, m, next,
            t0 == 0 ? next_bytes : 0, lane_acc, acc);
       for (int t = 0; t < nt; ++t) {
         float* o = y + long(t0 + t) * ldy + r;

@@ -34,6 +34,33 @@ inline __m512i load_group32(const WeightsRef& W, long rg) {
   return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)((const int8_t*)W.data + rg * QGROUP)));
 }
 
+// super_block8 (quant_kernels.inl) for super-blocks sb and sb + 1 at once, in 16 lanes.
+inline void super_blocks16(const WeightsRef& W, long sb, float* s, float* m) {
+  const uint8_t* c = W.codes + sb * QK_CODE_BYTES;
+  uint32_t high[2];
+  std::memcpy(&high[0], c + QK_GROUPS, 4);
+  std::memcpy(&high[1], c + QK_CODE_BYTES + QK_GROUPS, 4);
+  const __m128i bytes =
+      _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i*)c), _mm_loadl_epi64((const __m128i*)(c + QK_CODE_BYTES)));
+  const __m512i low = _mm512_cvtepu8_epi32(bytes);
+  const __m512i h = _mm512_inserti64x4(_mm512_set1_epi32(int(high[0])), _mm256_set1_epi32(int(high[1])), 1);
+  const __m512i shift = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
+  const __m512i three = _mm512_set1_epi32(3), fifteen = _mm512_set1_epi32(0xf);
+  const __m512i hs = _mm512_and_si512(_mm512_srlv_epi32(h, shift), three);
+  const __m512i hm = _mm512_and_si512(_mm512_srlv_epi32(h, _mm512_add_epi32(shift, _mm512_set1_epi32(16))), three);
+  const __m512i sc = _mm512_or_si512(_mm512_and_si512(low, fifteen), _mm512_slli_epi32(hs, 4));
+  const __m512i mc = _mm512_or_si512(_mm512_srli_epi32(low, 4), _mm512_slli_epi32(hm, 4));
+  // d and dmin of both: lanes 0-7 the first super-block's, 8-15 the second's
+  const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  uint32_t dd, mm;
+  std::memcpy(&dd, W.scales + sb, 4);
+  std::memcpy(&mm, W.mins + sb, 4);
+  const __m512 d = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(int(dd)))));
+  const __m512 dmin = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(int(mm)))));
+  _mm512_storeu_ps(s, _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc)));
+  _mm512_storeu_ps(m, _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mc)));
+}
+
 // Floats of tile_scales' row_buf: two planes (scales, mins) of a tile's 16 rows of groups, each
 // with up to 7 groups of Q4K's first super-block before them and its last super-block's past the end.
 inline long tile_plane_floats(int groups) { return 16L * groups + 32; }
@@ -53,7 +80,10 @@ void tile_scales(const WeightsRef& W, int groups, int r, int rows, float* s, flo
   if constexpr (T == DType::Q4K) {
     const long sb0 = f0 / QK_GROUPS;
     off = int(f0 - sb0 * QK_GROUPS);
-    for (long i = 0; i * QK_GROUPS < off + n; ++i) super_block8(W, sb0 + i, S + i * QK_GROUPS, M + i * QK_GROUPS);
+    const long count = (off + n + QK_GROUPS - 1) / QK_GROUPS;
+    long i = 0;
+    for (; i + 2 <= count; i += 2) super_blocks16(W, sb0 + i, S + i * QK_GROUPS, M + i * QK_GROUPS);
+    if (i < count) super_block8(W, sb0 + i, S + i * QK_GROUPS, M + i * QK_GROUPS);
   } else {
     for (long i = 0; i < n; i += 16) {
       const __mmask16 k = n - i >= 16 ? 0xffff : __mmask16((1u << (n - i)) - 1);

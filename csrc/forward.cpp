@@ -67,18 +67,38 @@ struct Pass {
     return ws.xb.data();
   }
 
+  // RMSNorm(x) with weights w as a block's matmul input (its squares recorded at `at`). A batch's
+  // tokens are normalised and quantized in one split over the threads, with one barrier; recording
+  // the squares needs every token normalised first.
+  MatmulInput block_input(int l, int at, const float* w) {
+    if (n == 1 || rec.squares) {
+      const float* xn = normalized(w);
+      record_squares(l, at, xn, D);
+      return ws.matmul_input(ops, xn, n, batch.n_rowwise, D);
+    }
+    return ws.matmul_input(ops, ws.xb.data(), n, batch.n_rowwise, D, [&](int t) {
+      ops.rmsnorm(ws.xb.data() + size_t(t) * D, ws.x.data() + size_t(t) * D, w, D, c.rms_norm_eps);
+    });
+  }
+
   // x += attention(RMSNorm(x)): each token asks its questions (q) of every earlier token's keys (k)
   // in its sequence and takes their values (v) in proportion.
   void attention(int l) {
     const LayerWeights& L = m.layers[l];
-    const float* xn = normalized(L.input_layernorm);
-    record_squares(l, 0, xn, D);
-    const MatmulInput h = ws.matmul_input(ops, xn, n, batch.n_rowwise, D);
-    project_qkv(l, h);
+    project_qkv(l, block_input(l, 0, L.input_layernorm));
     attend(l);
-    record_squares(l, D, ws.att.data(), QD);
-    matmul_parallel(ops, L.o_proj, ws.matmul_input(ops, ws.att.data(), n, batch.n_rowwise, QD), n, L.o_bias,
-                    ws.x.data(), true);
+    MatmulInput h;
+    if (n == 1 || rec.squares) {
+      par::for_static(int(ws.decode_merges.size()), [&](int i) { merge(ws.decode_merges[i]); });
+      record_squares(l, D, ws.att.data(), QD);
+      h = ws.matmul_input(ops, ws.att.data(), n, batch.n_rowwise, QD);
+    } else {  // each decode token's heads merged by the thread that quantizes it
+      h = ws.matmul_input(ops, ws.att.data(), n, batch.n_rowwise, QD, [&](int t) {
+        if (ws.token_merges[t] >= 0)
+          for (int i = 0; i < NKV; ++i) merge(ws.decode_merges[ws.token_merges[t] + i]);
+      });
+    }
+    matmul_parallel(ops, L.o_proj, h, n, L.o_bias, ws.x.data(), true);
   }
 
   // q, k, v = x̂ · W_qᵀ, W_kᵀ, W_vᵀ; q and k turned by RoPE (the position enters here); k and v
@@ -118,7 +138,7 @@ struct Pass {
   // att = softmax(q · kᵀ / √d) · v per sequence and head, each query over its sequence's keys up to
   // its own position (causal). Heads share a KV head in groups of NH / NKV (GQA). Prompt blocks
   // first (one unit per block and head), then decode steps (one unit per group and part of the
-  // keys), all in one dynamic schedule; then each decode step's parts are merged.
+  // keys), all in one dynamic schedule; each decode step's parts are merged afterwards (merge).
   void attend(int l) {
     const int blocked = int(ws.attention_items.size()) * NH, group = NH / NKV;
     float* scratch = ws.attention_scratch.data() + size_t(par::thread_id()) * ws.attention_floats;
@@ -147,11 +167,12 @@ struct Pass {
           for (int j = 0; j < u.k1; ++j) row[j] = scratch[size_t(h) * u.k1 + j] / sum[h];
         }
     });
-    par::for_static(int(ws.decode_merges.size()), [&](int i) {
-      const Workspace::DecodeMerge& g = ws.decode_merges[i];
-      attention_merge(ws.partials.data() + size_t(g.first_slot) * ws.part_floats, g.parts, ws.part_floats, group, HD,
-                      ws.att.data() + size_t(g.token) * QD + size_t(g.kv_head) * group * HD, HD);
-    });
+  }
+
+  // A decode token's attention output for one GQA group: its parts merged (attend).
+  void merge(const Workspace::DecodeMerge& g) {
+    attention_merge(ws.partials.data() + size_t(g.first_slot) * ws.part_floats, g.parts, ws.part_floats, NH / NKV, HD,
+                    ws.att.data() + size_t(g.token) * QD + size_t(g.kv_head) * (NH / NKV) * HD, HD);
   }
 
   // Row `token` of head `head`'s recorded attention weights in layer l.
@@ -164,9 +185,7 @@ struct Pass {
   // up, so it applies the SwiGLU to them at once.
   void feed_forward(int l) {
     const LayerWeights& L = m.layers[l];
-    const float* xn = normalized(L.post_attention_layernorm);
-    record_squares(l, D + QD, xn, D);
-    const MatmulInput h = ws.matmul_input(ops, xn, n, batch.n_rowwise, D);
+    const MatmulInput h = block_input(l, D + QD, L.post_attention_layernorm);
     const int nr = batch.n_rowwise;
     auto gate_up = [&](int r0, int r1, int t0, int t1) {  // rows [r0, r1) of tokens [t0, t1)
       if (r0 >= r1 || t0 >= t1) return;
@@ -197,11 +216,13 @@ struct Pass {
   // logits = lm_head(RMSNorm(x)) for the tokens that want them.
   void predict() {
     if (batch.n_logits == 0) return;
-    par::for_static(batch.n_logits, [&](int i) {
+    auto norm = [&](int i) {
       const size_t t = batch.logit_rows[i];
       ops.rmsnorm(ws.xb.data() + size_t(i) * D, ws.x.data() + t * D, m.norm, D, c.rms_norm_eps);
-    });
-    const MatmulInput h = ws.matmul_input(ops, ws.xb.data(), batch.n_logits, batch.n_logits_rowwise, D);
+    };
+    if (batch.n_logits == 1) par::for_static(1, norm);
+    const MatmulInput h = ws.matmul_input(ops, ws.xb.data(), batch.n_logits, batch.n_logits_rowwise, D,
+                                          batch.n_logits > 1 ? std::function<void(int)>(norm) : nullptr);
     matmul_parallel(ops, m.lm_head, h, batch.n_logits, nullptr, batch.logits, false);
   }
 

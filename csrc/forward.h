@@ -1,6 +1,7 @@
 // The forward pass over a batch of tokens from one or more sequences, and the scratch it runs in.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -105,8 +106,10 @@ struct Workspace {
   void prepare(const Kernels& ops, const Batch& batch, const Record& record);
 
   // The matmul input for in [n, n_in] whose first n_rowwise tokens go row-wise (MatmulInput),
-  // made by every thread of the region.
-  MatmulInput matmul_input(const Kernels& ops, const float* in, int n, int n_rowwise, int n_in);
+  // made by every thread of the region. make_row, where given, first writes row t of in (n > 1),
+  // in the same split over the threads as the quantization, which then needs no barrier of its own.
+  MatmulInput matmul_input(const Kernels& ops, const float* in, int n, int n_rowwise, int n_in,
+                           const std::function<void(int)>& make_row = nullptr);
 
   const Model& model;
   int max_tokens;
@@ -150,6 +153,7 @@ struct Workspace {
   std::vector<AttentionItem> attention_items;
   std::vector<DecodeUnit> decode_units;
   std::vector<DecodeMerge> decode_merges;
+  std::vector<int> token_merges;  // [n] a decode token's first merge (its KV heads' follow), or -1
   long part_floats = 0;
   Buffer<float> partials;  // [slots, part_floats]: o [group, head_dim], m [group], l [group]
 };

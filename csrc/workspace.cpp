@@ -40,6 +40,7 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record& re
   const int HD = c.head_dim, NKV = c.num_key_value_heads, group = c.num_attention_heads / NKV;
   use_bf16_attention = bf16_prompt && HD % 32 == 0 && ops.attention_causal_bf16;
   attention_items.clear(), decode_units.clear(), decode_merges.clear();
+  token_merges.assign(batch.n, -1);
   long need = 0;  // attention scratch per thread
   int slots = 0;
   for (int s = 0; s < batch.n_seqs; ++s) {
@@ -59,6 +60,7 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record& re
       const int keys = sl.position + t + 1;
       // recorded weights are normalised over the whole context: one part then
       const int per = record.attention ? keys : KEYS_PER_PART, parts = (keys + per - 1) / per;
+      token_merges[sl.first + t] = int(decode_merges.size());
       for (int h = 0; h < NKV; ++h) {
         decode_merges.push_back({sl.first + t, h, slots, parts});
         for (int p = 0; p < parts; ++p)
@@ -84,7 +86,8 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record& re
         ops.packed_size(max_tokens, std::max({c.hidden_size, c.num_attention_heads * HD, c.intermediate_size}))));
 }
 
-MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int n, int n_rowwise, int n_in) {
+MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int n, int n_rowwise, int n_in,
+                                    const std::function<void(int)>& make_row) {
   MatmulInput a{in, n_rowwise};
   const int gemm = n - n_rowwise;
   // GEMM tokens into int8/int4 weights take gemm_q where the set has one for them, in int16 as the
@@ -93,16 +96,32 @@ MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int n, 
   for (DType t : {DType::Q8, DType::Q4, DType::Q4K})
     q_gemm = q_gemm || ((model.quant_formats >> int(t) & 1) && ops.takes_gemm_q(t));
   q_gemm = q_gemm && gemm > 0 && n_in % QGROUP == 0;
-  if (gemm > 0 && bf16_prompt && ops.pack && !q_gemm) {  // the GEMM tokens laid out once, by all threads
+  const int quantized = !model.quantized() || n_in % QGROUP != 0 ? 0 : q_gemm ? n : n_rowwise;
+  const int groups = n_in / QGROUP;
+  auto quantize = [&](int t) {
+    ops.quantize_rows(in + size_t(t) * n_in, 1, n_in, xq.data() + size_t(t) * n_in,
+                      xq_scale.data() + size_t(t) * groups, xq_sum.data() + size_t(t) * groups);
+  };
+  const bool pack = gemm > 0 && bf16_prompt && ops.pack && !q_gemm;
+  if (make_row) {  // each row made, then quantized by the same thread: one barrier for both
+    par::for_static(n, [&](int t) {
+      make_row(t);
+      if (t < quantized && !pack) quantize(t);
+    });
+    if (!pack) {
+      if (quantized > 0) a.xq = xq.data(), a.xq_scale = xq_scale.data(), a.xq_sum = xq_sum.data(), a.xq_gemm = q_gemm;
+      return a;
+    }
+  }
+  if (pack) {  // the GEMM tokens laid out once, by all threads
     const int tiles = (gemm + GEMM_SPLIT_TOKENS - 1) / GEMM_SPLIT_TOKENS;
     const float* x = in + size_t(n_rowwise) * n_in;
     par::for_static(tiles, [&](int t) { ops.pack(x, gemm, n_in, t, t + 1, packed.data()); });
     a.packed = packed.data();
   }
-  if (!model.quantized() || n_in % QGROUP != 0 || (n_rowwise == 0 && !q_gemm)) return a;
+  if (quantized == 0) return a;
   // int16 activations, quantized once per step (by every thread into its own buffer for a lone
   // token, split over the threads otherwise).
-  const int groups = n_in / QGROUP;
   if (n == 1) {
     const size_t id = par::thread_id();
     int16_t* xq1 = xq_thread.data() + id * qdim;
@@ -111,10 +130,7 @@ MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int n, 
     a.xq = xq1, a.xq_scale = s, a.xq_sum = s + qdim / QGROUP;
     return a;
   }
-  par::for_static(q_gemm ? n : n_rowwise, [&](int t) {
-    ops.quantize_rows(in + size_t(t) * n_in, 1, n_in, xq.data() + size_t(t) * n_in,
-                      xq_scale.data() + size_t(t) * groups, xq_sum.data() + size_t(t) * groups);
-  });
+  par::for_static(quantized, quantize);
   a.xq = xq.data(), a.xq_scale = xq_scale.data(), a.xq_sum = xq_sum.data(), a.xq_gemm = q_gemm;
   return a;
 }

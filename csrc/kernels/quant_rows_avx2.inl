@@ -102,10 +102,11 @@ inline void tile8_dots(int nt, const int8_t* xq, const float* xs, const float* x
                        __m256* lane_acc, __m256* out) {
   const int groups8 = groups / 8 * 8;
   const __m256i ones = _mm256_set1_epi16(1);
-  int done = 0;  // groups added so far
+  int done = 0;                                          // groups added so far
+  const long step = (next_bytes + groups - 1) / groups;  // bytes of the next tile fetched per group
   auto add = [&](__m256* acc, int g) {
-    for (long p = next_bytes * done / groups & ~63L; p < next_bytes * (done + 1) / groups; p += 64)
-      _mm_prefetch(next + p, _MM_HINT_T0);
+    const long end = step * (done + 1) < next_bytes ? step * (done + 1) : next_bytes;
+    for (long p = step * done & ~63L; p < end; p += 64) _mm_prefetch(next + p, _MM_HINT_T0);
     ++done;
     __m256i w[8];
     codes_transposed8(W, rg0, g, w);
@@ -121,10 +122,10 @@ inline void tile8_dots(int nt, const int8_t* xq, const float* xs, const float* x
     }
   };
   for (int u = 0; u < 8; ++u) {  // accumulator u: groups u, u + 8, …
-    __m256 acc[TILE8_TOKENS];
-    for (int t = 0; t < nt; ++t) acc[t] = _mm256_setzero_ps();
+    __m256 acc[TILE8_TOKENS];    // whole: loops of nt iterations here became rep stos / rep movs
+    for (int t = 0; t < TILE8_TOKENS; ++t) acc[t] = _mm256_setzero_ps();
     for (int g = u; g < groups8; g += 8) add(acc, g);
-    for (int t = 0; t < nt; ++t) lane_acc[u * TILE8_TOKENS + t] = acc[t];
+    for (int t = 0; t < TILE8_TOKENS; ++t) lane_acc[u * TILE8_TOKENS + t] = acc[t];
   }
   for (int t = 0; t < nt; ++t) {  // sum8: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
     const __m256* a = lane_acc + t;

@@ -187,14 +187,15 @@ inline void tile_dots(int n_tok, const Act<T>* xq, const float* xs, const float*
   const int nt = FULL ? L : n_tok;  // a compile-time count for a full pass
   constexpr bool Q4 = T != DType::Q8;
   const int groups8 = groups / 8 * 8;
-  int done = 0;  // groups added so far
+  int done = 0;                                          // groups added so far
+  const long step = (next_bytes + groups - 1) / groups;  // bytes of the next tile fetched per group
   auto group_scales = [&](int g) { return _mm512_loadu_ps(s + long(g) * 16); };
   auto group_mins = [&](int g) { return Q4 ? _mm512_loadu_ps(m + long(g) * 16) : _mm512_setzero_ps(); };
   // group g of every token into acc: the tile's 16 rows of it transposed, so that pairs[k] holds
   // pair k of each row, and a token's dots for all 16 rows are 16 vpdpwssd with its pair k broadcast
   auto add = [&](__m512* acc, int g) {
-    for (long p = next_bytes * done / groups & ~63L; p < next_bytes * (done + 1) / groups; p += 64)
-      _mm_prefetch(next + p, _MM_HINT_T0);
+    const long end = step * (done + 1) < next_bytes ? step * (done + 1) : next_bytes;
+    for (long p = step * done & ~63L; p < end; p += 64) _mm_prefetch(next + p, _MM_HINT_T0);
     ++done;
     const __m512 sg = group_scales(g), mg = group_mins(g);
     if constexpr (Q4) {

@@ -39,12 +39,13 @@ inline void transpose8x8(const float* in, long ld, __m256 out[8]) {
 }
 
 // Floats of tile8_scales' buffer: two planes (scales, mins) of a tile's 8 rows of groups, each with up
-// to 7 groups of Q4K's first super-block before them and a block of 8 past the end.
+// to 7 groups of Q4K's first super-block before them and its last super-block's past the end.
 inline long tile8_plane_floats(int groups) { return 8L * groups + 16; }
 
 // The scales and mins of an int4 tile's rows as f32, group-major: s[g · 8 + i] for row i. Rows past
 // `rows` repeat the last. The rows are consecutive, so their groups are one run of the matrix's:
-// widened (Q4) or decoded (Q4K, super_block8) in one pass into buf, then transposed.
+// widened (Q4) or decoded (Q4K, super_block8) in one pass into buf, then transposed 8 groups at a
+// time; the groups past a multiple of 8 are gathered one by one.
 template <DType T>
 void tile8_scales(const WeightsRef& W, int groups, int r, int rows, float* s, float* m, float* buf) {
   const long f0 = long(r) * groups, n = long(rows) * groups;
@@ -62,16 +63,22 @@ void tile8_scales(const WeightsRef& W, int groups, int r, int rows, float* s, fl
     }
     for (; i < n; ++i) S[i] = _cvtsh_ss(W.scales[f0 + i]), M[i] = _cvtsh_ss(W.mins[f0 + i]);
   }
+  const __m256i row_at = _mm256_mullo_epi32(  // row i's first group, rows past `rows` at the last
+      _mm256_min_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(rows - 1)),
+      _mm256_set1_epi32(groups));
+  const int full = groups / 8 * 8;
   for (int plane = 0; plane < 2; ++plane) {
     float* P = (plane ? M : S) + off;
-    for (int i = rows; i < TILE8_ROWS; ++i) std::memcpy(P + long(i) * groups, P + long(rows - 1) * groups, 4L * groups);
-    std::memset(P + long(TILE8_ROWS) * groups, 0, 8 * sizeof(float));  // what a last block of < 8 groups reads past
-    for (int g = 0; g < groups; g += 8) {
-      const int nb = groups - g < 8 ? groups - g : 8;
+    float* out = plane ? m : s;
+    if (full > 0)
+      for (int i = rows; i < TILE8_ROWS; ++i) std::memcpy(P + long(i) * groups, P + long(rows - 1) * groups, 4L * full);
+    for (int g = 0; g < full; g += 8) {
       __m256 col[8];
       transpose8x8(P + g, groups, col);
-      for (int c = 0; c < nb; ++c) _mm256_storeu_ps((plane ? m : s) + long(g + c) * 8, col[c]);
+      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + long(g + c) * 8, col[c]);
     }
+    // the last groups (SmolLM2's 18 a row leave 2) a gather each: a whole transpose would be mostly waste
+    for (int g = full; g < groups; ++g) _mm256_storeu_ps(out + long(g) * 8, _mm256_i32gather_ps(P + g, row_at, 4));
   }
 }
 

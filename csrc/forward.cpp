@@ -220,9 +220,7 @@ struct Pass {
       const size_t t = batch.logit_rows[i];
       ops.rmsnorm(ws.xb.data() + size_t(i) * D, ws.x.data() + t * D, m.norm, D, c.rms_norm_eps);
     };
-    if (batch.n_logits == 1) par::for_static(1, norm);
-    const MatmulInput h = ws.matmul_input(ops, ws.xb.data(), batch.n_logits, batch.n_logits_rowwise, D,
-                                          batch.n_logits > 1 ? std::function<void(int)>(norm) : nullptr);
+    const MatmulInput h = ws.matmul_input(ops, ws.xb.data(), batch.n_logits, batch.n_logits_rowwise, D, norm);
     matmul_parallel(ops, m.lm_head, h, batch.n_logits, nullptr, batch.logits, false);
   }
 

@@ -106,8 +106,8 @@ struct Workspace {
   void prepare(const Kernels& ops, const Batch& batch, const Record& record);
 
   // The matmul input for in [n, n_in] whose first n_rowwise tokens go row-wise (MatmulInput),
-  // made by every thread of the region. make_row, where given, first writes row t of in (n > 1),
-  // in the same split over the threads as the quantization, which then needs no barrier of its own.
+  // made by every thread of the region. make_row, where given, first writes row t of in, in the
+  // same split over the threads as the quantization, which then needs no barrier of its own.
   MatmulInput matmul_input(const Kernels& ops, const float* in, int n, int n_rowwise, int n_in,
                            const std::function<void(int)>& make_row = nullptr);
 

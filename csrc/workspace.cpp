@@ -103,16 +103,11 @@ MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int n, 
                       xq_scale.data() + size_t(t) * groups, xq_sum.data() + size_t(t) * groups);
   };
   const bool pack = gemm > 0 && bf16_prompt && ops.pack && !q_gemm;
-  if (make_row) {  // each row made, then quantized by the same thread: one barrier for both
+  if (make_row)  // each row made, then quantized by the same thread: one barrier for both
     par::for_static(n, [&](int t) {
       make_row(t);
-      if (t < quantized && !pack) quantize(t);
+      if (t < quantized) quantize(t);
     });
-    if (!pack) {
-      if (quantized > 0) a.xq = xq.data(), a.xq_scale = xq_scale.data(), a.xq_sum = xq_sum.data(), a.xq_gemm = q_gemm;
-      return a;
-    }
-  }
   if (pack) {  // the GEMM tokens laid out once, by all threads
     const int tiles = (gemm + GEMM_SPLIT_TOKENS - 1) / GEMM_SPLIT_TOKENS;
     const float* x = in + size_t(n_rowwise) * n_in;
@@ -122,7 +117,7 @@ MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int n, 
   if (quantized == 0) return a;
   // int16 activations, quantized once per step (by every thread into its own buffer for a lone
   // token, split over the threads otherwise).
-  if (n == 1) {
+  if (!make_row && n == 1) {
     const size_t id = par::thread_id();
     int16_t* xq1 = xq_thread.data() + id * qdim;
     float* s = xq_scale_thread.data() + 2 * id * (qdim / QGROUP);
@@ -130,7 +125,7 @@ MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int n, 
     a.xq = xq1, a.xq_scale = s, a.xq_sum = s + qdim / QGROUP;
     return a;
   }
-  par::for_static(quantized, quantize);
+  if (!make_row) par::for_static(quantized, quantize);
   a.xq = xq.data(), a.xq_scale = xq_scale.data(), a.xq_sum = xq_sum.data(), a.xq_gemm = q_gemm;
   return a;
 }

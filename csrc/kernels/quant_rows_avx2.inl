@@ -39,7 +39,8 @@ inline void transpose8x8(const float* in, long ld, __m256 out[8]) {
 }
 
 // Floats of tile8_scales' buffer: two planes (scales, mins) of a tile's 8 rows of groups, each with up
-// to 7 groups of Q4K's first super-block before them and its last super-block's past the end.
+// room for up to 7 groups of Q4K's first super-block before them and what the whole super-blocks or
+// 8-float stores of the last groups write past the end.
 inline long tile8_plane_floats(int groups) { return 8L * groups + 16; }
 
 // The scales and mins of an int4 tile's rows as f32, group-major: s[g · 8 + i] for row i. Rows past
@@ -70,8 +71,7 @@ void tile8_scales(const WeightsRef& W, int groups, int r, int rows, float* s, fl
   for (int plane = 0; plane < 2; ++plane) {
     float* P = (plane ? M : S) + off;
     float* out = plane ? m : s;
-    if (full > 0)
-      for (int i = rows; i < TILE8_ROWS; ++i) std::memcpy(P + long(i) * groups, P + long(rows - 1) * groups, 4L * full);
+    for (int i = rows; i < TILE8_ROWS; ++i) std::memcpy(P + long(i) * groups, P + long(rows - 1) * groups, 4L * full);
     for (int g = 0; g < full; g += 8) {
       __m256 col[8];
       transpose8x8(P + g, groups, col);

@@ -4,16 +4,16 @@
 //
 // Fewer than LANE_TOKENS tokens take matmul_q_rows (quant_kernels.inl), one row at a time:
 // the weights stream through in memory order, which a decode step bound by memory needs. More
-// tokens take a tile of 16 rows with one row in each lane: for int8 weights each group's 16 rows
-// are widened to 32 int16 each and transposed (transpose_avx512.h), so that register k holds pair k
-// of every row, and a token's group dot for all 16 rows is 16 vpmaddwd/vpdpwssd with its pair k
-// broadcast; the transpose serves every token, and no sum is reduced across lanes.
-//
-// int4 weights meet int8 activations (quant_kernels.inl): a group's 16 rows of packed codes are
-// loaded four rows to a register and transposed as dwords, then split into nibbles, so that register
-// k holds codes 4k … 4k + 3 of every row (k < 4 the low nibbles, codes 16 + … the high), and a
-// token's group dot is 8 vpdpbusd with its quad k broadcast: a quarter of the int16 transpose's
-// shuffles and half its multiplies.
+// tokens take a tile of 16 rows with one row in each lane: a group's 16 rows of bytes are loaded
+// four rows to a register and transposed as dwords, so that register k holds bytes 4k … 4k + 3 of
+// every row; the transpose serves every token, and no sum is reduced across lanes.
+// - int8 weights: each quad widened in place by word shifts into two registers of int16 pairs,
+//   (q_4k, q_4k+2) and (q_4k+1, q_4k+3) (pairs_transposed), which the token's activations, reordered
+//   to match (pairs_interleaved), meet broadcast a pair at a time: a group dot for all 16 rows is
+//   16 vpmaddwd/vpdpwssd.
+// - int4 weights meet int8 activations (quant_kernels.inl): the quads of packed codes split into
+//   nibbles, codes 4k … 4k + 3 of every row (k < 4 the low nibbles, codes 16 + … the high), and a
+//   group dot is 8 vpdpbusd with the token's quad k broadcast.
 //
 // A token's result must not depend on the batch it is in, so the tile sums in q_row's order: the
 // integer dots are exact, and q_row's float sums, lane u of its accumulator taking groups u, u + 8,
@@ -62,7 +62,8 @@ inline void super_blocks16(const WeightsRef& W, long sb, float* s, float* m) {
 }
 
 // Floats of tile_scales' row_buf: two planes (scales, mins) of a tile's 16 rows of groups, each
-// with up to 7 groups of Q4K's first super-block before them and its last super-block's past the end.
+// with room for up to 7 groups of Q4K's first super-block before them and what the whole
+// super-blocks or 16-float stores of the last groups write past the end.
 inline long tile_plane_floats(int groups) { return 16L * groups + 32; }
 inline long tile_rows_floats(int groups) { return 2 * tile_plane_floats(groups); }
 
@@ -100,8 +101,7 @@ void tile_scales(const WeightsRef& W, int groups, int r, int rows, float* s, flo
   for (int plane = 0; plane < (Q4 ? 2 : 1); ++plane) {
     float* P = plane ? M : S;
     float* out = plane ? m : s;
-    if (full > 0 && rows < TILE_ROWS)
-      for (int i = rows; i < TILE_ROWS; ++i) std::memcpy(P + long(i) * groups, P + long(rows - 1) * groups, 4L * full);
+    for (int i = rows; i < TILE_ROWS; ++i) std::memcpy(P + long(i) * groups, P + long(rows - 1) * groups, 4L * full);
     for (int g = 0; g < full; g += 16) {
       __m512i col[16];
       transpose16x16(P + g, groups, col);
@@ -191,8 +191,8 @@ inline void tile_dots(int n_tok, const Act<T>* xq, const float* xs, const float*
   const long step = (next_bytes + groups - 1) / groups;  // bytes of the next tile fetched per group
   auto group_scales = [&](int g) { return _mm512_loadu_ps(s + long(g) * 16); };
   auto group_mins = [&](int g) { return Q4 ? _mm512_loadu_ps(m + long(g) * 16) : _mm512_setzero_ps(); };
-  // group g of every token into acc: the tile's 16 rows of it transposed, so that pairs[k] holds
-  // pair k of each row, and a token's dots for all 16 rows are 16 vpdpwssd with its pair k broadcast
+  // group g of every token into acc: the tile's 16 rows of it transposed (codes_transposed,
+  // pairs_transposed), each register meeting the token's matching quad or pair broadcast
   auto add = [&](__m512* acc, int g) {
     const long end = step * (done + 1) < next_bytes ? step * (done + 1) : next_bytes;
     for (long p = step * done & ~63L; p < end; p += 64) _mm_prefetch(next + p, _MM_HINT_T0);

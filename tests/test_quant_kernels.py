@@ -121,8 +121,8 @@ def test_quantized_matmul_against_numpy(core, isa, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_token_gets_what_it_gets_alone(core, isa, kind):
     """The row-wise kernels take several tokens per pass over a row (a batch's decode steps), and
-    batches of three or more another path: tiles of 16 rows (AVX-512) or, for int4 weights, 8 rows (AVX2),
-    one per lane, up to 16 or 8 tokens per pass. Each token's outputs are bit for bit those of a call with
+    batches of three or more another path: tiles of 16 rows (AVX-512) or 8 rows (AVX2), one per lane, up to
+    16 or 8 tokens per pass. Each token's outputs are bit for bit those of a call with
     that token alone, whatever the batch (a pass of 8 or 16 tokens, fewer, and a remainder of 1 or 3), the
     rows (whole and partial tiles, a range that starts inside one) and the groups (blocks of 8 and a tail)."""
     rng = np.random.default_rng(7)

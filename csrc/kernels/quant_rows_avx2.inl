@@ -1,9 +1,11 @@
 // matmul_q of the AVX2 sets (quant_kernels.inl): the row-wise products of a few tokens, as on
-// AVX-512 (quant_rows_avx512.inl) but in 8 lanes. int8 weights, and passes of fewer than
-// LANE8_TOKENS tokens, take matmul_q_rows, one row at a time. int4 weights (Q4, Q4K) with more
-// tokens take a tile of 8 rows with one row in each lane: a group's 8 rows of packed codes are
-// loaded two rows to a register and transposed as dwords, then split into nibbles, so that register
-// k holds codes 4k … 4k + 3 of every row, and a token's group dot for all 8 rows is 8 vpmaddubsw
+// AVX-512 (quant_rows_avx512.inl) but in 8 lanes. Passes of fewer than LANE8_TOKENS tokens take
+// matmul_q_rows, one row at a time; more tokens a tile of 8 rows with one row in each lane: a
+// group's 8 rows of bytes are loaded two rows to a register and transposed as dwords. int8 weights'
+// quads are then widened in place into int16 pairs, (q_4k, q_4k+2) and (q_4k+1, q_4k+3), which the
+// reordered activations meet in 16 vpmaddwd (vpdpwssd on avx2vnni). int4 weights' quads are split
+// into nibbles, so that register k holds codes 4k … 4k + 3 of every row, and a token's group dot for
+// all 8 rows is 8 vpmaddubsw
 // with its quad k of int8 activations broadcast (in the avx2vnni set too: 8 vpdpbusd measured no
 // faster): no lane sums, where row by row each token's eight groups need them (sum_lanes8), and
 // the weights' nibbles split once for every token. vpmaddubsw's int16 pair sums
@@ -49,6 +51,7 @@ inline long tile8_plane_floats(int groups) { return 8L * groups + 16; }
 // time; the groups past a multiple of 8 are gathered one by one.
 template <DType T>
 void tile8_scales(const WeightsRef& W, int groups, int r, int rows, float* s, float* m, float* buf) {
+  constexpr bool Q4 = T != DType::Q8;
   const long f0 = long(r) * groups, n = long(rows) * groups;
   float *S = buf, *M = buf + tile8_plane_floats(groups);
   int off = 0;  // Q4K: the tile's first group within its super-block
@@ -60,15 +63,15 @@ void tile8_scales(const WeightsRef& W, int groups, int r, int rows, float* s, fl
     long i = 0;
     for (; i + 8 <= n; i += 8) {
       _mm256_storeu_ps(S + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(W.scales + f0 + i))));
-      _mm256_storeu_ps(M + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(W.mins + f0 + i))));
+      if (Q4) _mm256_storeu_ps(M + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(W.mins + f0 + i))));
     }
-    for (; i < n; ++i) S[i] = _cvtsh_ss(W.scales[f0 + i]), M[i] = _cvtsh_ss(W.mins[f0 + i]);
+    for (; i < n; ++i) S[i] = _cvtsh_ss(W.scales[f0 + i]), M[i] = Q4 ? _cvtsh_ss(W.mins[f0 + i]) : 0.0f;
   }
   const __m256i row_at = _mm256_mullo_epi32(  // row i's first group, rows past `rows` at the last
       _mm256_min_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(rows - 1)),
       _mm256_set1_epi32(groups));
   const int full = groups / 8 * 8;
-  for (int plane = 0; plane < 2; ++plane) {
+  for (int plane = 0; plane < (Q4 ? 2 : 1); ++plane) {
     float* P = (plane ? M : S) + off;
     float* out = plane ? m : s;
     for (int i = rows; i < TILE8_ROWS; ++i) std::memcpy(P + long(i) * groups, P + long(rows - 1) * groups, 4L * full);
@@ -82,18 +85,24 @@ void tile8_scales(const WeightsRef& W, int groups, int r, int rows, float* s, fl
   }
 }
 
-// Group g of the 8 rows at rg0 (row · groups): w[k] (k < 8) holds quad k of each row's codes in its
-// lane. Row 4l + i lies in 128-bit lane l of register i, so that after the in-lane dword
-// transposes lane 4l + i of w[k] is row 4l + i.
-inline void codes_transposed8(const WeightsRef& W, const long* rg0, int g, __m256i w[8]) {
-  const uint8_t* q = (const uint8_t*)W.data;
-  auto group = [&](int i) { return _mm_loadu_si128((const __m128i*)(q + (rg0[i] + g) * (QGROUP / 2))); };
+// Bytes [at, at + 16) of group g (group_bytes long) of each of a tile's 8 rows (rg0: row · groups),
+// transposed as dwords: p[k] lane i holds bytes at + 4k … at + 4k + 3 of row i. Row 4l + i lies in
+// 128-bit lane l of register i, so that after the in-lane dword transposes lane 4l + i is row 4l + i.
+inline void dwords_transposed8(const uint8_t* data, long group_bytes, const long* rg0, int g, int at, __m256i p[4]) {
+  auto chunk = [&](int i) { return _mm_loadu_si128((const __m128i*)(data + (rg0[i] + g) * group_bytes + at)); };
   __m256i z[4];
-  for (int i = 0; i < 4; ++i) z[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(group(i)), group(4 + i), 1);
+  for (int i = 0; i < 4; ++i) z[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(chunk(i)), chunk(4 + i), 1);
   const __m256i t0 = _mm256_unpacklo_epi32(z[0], z[1]), t1 = _mm256_unpackhi_epi32(z[0], z[1]);
   const __m256i t2 = _mm256_unpacklo_epi32(z[2], z[3]), t3 = _mm256_unpackhi_epi32(z[2], z[3]);
-  const __m256i p[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3),
-                        _mm256_unpackhi_epi64(t1, t3)};  // p[k]: packed dword k (codes 4k … and 16 + 4k …)
+  p[0] = _mm256_unpacklo_epi64(t0, t2), p[1] = _mm256_unpackhi_epi64(t0, t2);
+  p[2] = _mm256_unpacklo_epi64(t1, t3), p[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+// Group g of the 8 rows at rg0 of an int4 matrix: w[k] (k < 8) holds quad k of each row's codes in
+// its lane (k < 4 the low nibbles of packed dword k, codes 4k …; k ≥ 4 the high, codes 16 + …).
+inline void codes_transposed8(const WeightsRef& W, const long* rg0, int g, __m256i w[8]) {
+  __m256i p[4];
+  dwords_transposed8((const uint8_t*)W.data, QGROUP / 2, rg0, g, 0, p);
   const __m256i low = _mm256_set1_epi8(0x0f);
   for (int k = 0; k < 4; ++k) {
     w[k] = _mm256_and_si256(p[k], low);
@@ -101,10 +110,34 @@ inline void codes_transposed8(const WeightsRef& W, const long* rg0, int g, __m25
   }
 }
 
+// Group g of the 8 rows at rg0 of an int8 matrix as int16 pairs, as quant_rows_avx512.inl's
+// pairs_transposed: lane i of w[2k] holds (q_4k, q_4k+2) of row i and of w[2k + 1] (q_4k+1, q_4k+3).
+inline void pairs_transposed8(const WeightsRef& W, const long* rg0, int g, __m256i w[16]) {
+  for (int half = 0; half < 2; ++half) {
+    __m256i p[4];
+    dwords_transposed8((const uint8_t*)W.data, QGROUP, rg0, g, 16 * half, p);
+    for (int k = 0; k < 4; ++k) {
+      w[8 * half + 2 * k] = _mm256_srai_epi16(_mm256_slli_epi16(p[k], 8), 8);  // the even bytes, sign-extended
+      w[8 * half + 2 * k + 1] = _mm256_srai_epi16(p[k], 8);                    // the odd
+    }
+  }
+}
+
+// n groups of int16 activations reordered as pairs_transposed8 pairs the weights: words 4k … 4k + 3
+// of a group become x_4k, x_4k+2, x_4k+1, x_4k+3.
+inline void pairs_interleaved8(const int16_t* x, long n, int16_t* out) {
+  for (long i = 0; i < 2 * n; ++i) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(x + i * 16));
+    const __m256i lo = _mm256_shufflelo_epi16(v, _MM_SHUFFLE(3, 1, 2, 0));
+    _mm256_storeu_si256((__m256i*)(out + i * 16), _mm256_shufflehi_epi16(lo, _MM_SHUFFLE(3, 1, 2, 0)));
+  }
+}
+
 // out[t] (lane i: row i of the tile) for nt ≤ TILE8_TOKENS tokens: q_row's sums. s, m: tile8_scales;
 // lane_acc: scratch of 8 · TILE8_TOKENS registers. The next tile's next_bytes at `next` are fetched
 // meanwhile, a groups-th of them per group.
-inline void tile8_dots(int nt, const int8_t* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups,
+template <DType T>
+inline void tile8_dots(int nt, const Act<T>* xq, const float* xs, const float* xsum, const WeightsRef& W, int groups,
                        const long* rg0, const float* s, const float* m, const char* next, long next_bytes,
                        __m256* lane_acc, __m256* out) {
   const int groups8 = groups / 8 * 8;
@@ -115,17 +148,33 @@ inline void tile8_dots(int nt, const int8_t* xq, const float* xs, const float* x
     const long end = step * (done + 1) < next_bytes ? step * (done + 1) : next_bytes;
     for (long p = step * done & ~63L; p < end; p += 64) _mm_prefetch(next + p, _MM_HINT_T0);
     ++done;
-    __m256i w[8];
-    codes_transposed8(W, rg0, g, w);
-    const __m256 sg = _mm256_loadu_ps(s + long(g) * 8), mg = _mm256_loadu_ps(m + long(g) * 8);
-    for (int t = 0; t < nt; ++t) {
-      const int32_t* x = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
-      __m256i d16 = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(x[0]));
-      for (int k = 1; k < 8; ++k) d16 = _mm256_add_epi16(d16, _mm256_maddubs_epi16(w[k], _mm256_set1_epi32(x[k])));
-      const long tg = long(t) * groups + g;
-      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(d16, ones));
-      acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sg, _mm256_set1_ps(xs[tg])), acc[t]);
-      acc[t] = _mm256_fmadd_ps(mg, _mm256_set1_ps(xsum[tg]), acc[t]);
+    const __m256 sg = _mm256_loadu_ps(s + long(g) * 8);
+    if constexpr (T == DType::Q8) {
+      __m256i pairs[16];
+      pairs_transposed8(W, rg0, g, pairs);
+      for (int t = 0; t < nt; ++t) {
+        const int32_t* x = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
+        __m256i d[4];
+        for (int c = 0; c < 4; ++c) d[c] = _mm256_madd_epi16(pairs[c], _mm256_set1_epi32(x[c]));
+        for (int k = 4; k < 16; k += 4)
+          for (int c = 0; c < 4; ++c) d[c] = dot_pairs(d[c], pairs[k + c], _mm256_set1_epi32(x[k + c]));
+        const __m256i dot = _mm256_add_epi32(_mm256_add_epi32(d[0], d[1]), _mm256_add_epi32(d[2], d[3]));
+        const long tg = long(t) * groups + g;
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sg, _mm256_set1_ps(xs[tg])), acc[t]);
+      }
+    } else {
+      __m256i w[8];
+      codes_transposed8(W, rg0, g, w);
+      const __m256 mg = _mm256_loadu_ps(m + long(g) * 8);
+      for (int t = 0; t < nt; ++t) {
+        const int32_t* x = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
+        __m256i d16 = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(x[0]));
+        for (int k = 1; k < 8; ++k) d16 = _mm256_add_epi16(d16, _mm256_maddubs_epi16(w[k], _mm256_set1_epi32(x[k])));
+        const long tg = long(t) * groups + g;
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(d16, ones));
+        acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sg, _mm256_set1_ps(xs[tg])), acc[t]);
+        acc[t] = _mm256_fmadd_ps(mg, _mm256_set1_ps(xsum[tg]), acc[t]);
+      }
     }
   };
   for (int u = 0; u < 8; ++u) {  // accumulator u: groups u, u + 8, …
@@ -145,46 +194,49 @@ inline void tile8_dots(int nt, const int8_t* xq, const float* xs, const float* x
 }
 
 // Rows [r0, r1) in tiles of 8 (the last may hold fewer: its missing lanes repeat its last row and
-// are not stored), TILE8_TOKENS tokens per pass; int8 weights, and passes of fewer than LANE8_TOKENS
-// tokens, row by row.
+// are not stored), TILE8_TOKENS tokens per pass; passes of fewer than LANE8_TOKENS tokens row by row.
 template <DType T>
 void matmul_q(const Act<T>* xq, const float* xs, const float* xsum, const WeightsRef& W, const float* b, float* y,
               int n_tok, int n_in, int ldy, int r0, int r1, bool accumulate) {
-  if constexpr (T == DType::Q8) {
-    return matmul_q_rows<T>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
-  } else {
-    if (n_tok < LANE8_TOKENS) return matmul_q_rows<T>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
-    const int groups = n_in / QGROUP, pad = (groups + 7) / 8 * 8;
-    static thread_local std::vector<float> buf;  // the tile's scales and mins group-major; tile8_scales' buffer
-    buf.resize(size_t(pad) * 8 * 2 + 2 * size_t(tile8_plane_floats(groups)));
-    float *s = buf.data(), *m = s + size_t(pad) * 8, *scratch = m + size_t(pad) * 8;
-    const long row_bytes = long(groups) * (QGROUP / 2);
-    for (int r = r0; r < r1; r += TILE8_ROWS) {
-      const int rows = r1 - r < TILE8_ROWS ? r1 - r : TILE8_ROWS;
-      long rg0[TILE8_ROWS];
-      for (int i = 0; i < TILE8_ROWS; ++i) rg0[i] = long(r + (i < rows ? i : rows - 1)) * groups;
-      tile8_scales<T>(W, groups, r, rows, s, m, scratch);
-      const char* next = (const char*)W.data + long(r + rows) * row_bytes;  // the next tile's weights
-      const long next_bytes = (r1 - r - rows < TILE8_ROWS ? r1 - r - rows : TILE8_ROWS) * row_bytes;
-      for (int t0 = 0; t0 < n_tok; t0 += TILE8_TOKENS) {
-        const int nt = n_tok - t0 < TILE8_TOKENS ? n_tok - t0 : TILE8_TOKENS;
-        const long tg = long(t0) * groups;
-        if (nt < LANE8_TOKENS) {
-          matmul_q_rows<T>(xq + tg * QGROUP, xs + tg, xsum + tg, W, b, y + long(t0) * ldy, nt, n_in, ldy, r, r + rows,
-                           accumulate);
-          continue;
-        }
-        __m256 lane_acc[8 * TILE8_TOKENS], acc[TILE8_TOKENS];
-        tile8_dots(nt, xq + tg * QGROUP, xs + tg, xsum + tg, W, groups, rg0, s, m, next, t0 == 0 ? next_bytes : 0,
-                   lane_acc, acc);
-        for (int t = 0; t < nt; ++t) {
-          alignas(32) float v[TILE8_ROWS];
-          _mm256_store_ps(v, acc[t]);
-          float* o = y + long(t0 + t) * ldy + r;
-          for (int i = 0; i < rows; ++i) {
-            const float e = v[i] + (b ? b[r + i] : 0.0f);
-            o[i] = accumulate ? o[i] + e : e;
-          }
+  if (n_tok < LANE8_TOKENS) return matmul_q_rows<T>(xq, xs, xsum, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate);
+  constexpr bool Q4 = T != DType::Q8;
+  const int groups = n_in / QGROUP, pad = (groups + 7) / 8 * 8;
+  static thread_local std::vector<float> buf;  // the tile's scales and mins group-major; tile8_scales' buffer
+  buf.resize(size_t(pad) * 8 * 2 + 2 * size_t(tile8_plane_floats(groups)));
+  float *s = buf.data(), *m = s + size_t(pad) * 8, *scratch = m + size_t(pad) * 8;
+  const Act<T>* xt = xq;  // the tiles' activations: int8 weights' reordered (pairs_interleaved8)
+  if constexpr (!Q4) {
+    static thread_local std::vector<int16_t> reordered;
+    reordered.resize(size_t(n_tok) * n_in);
+    pairs_interleaved8(xq, long(n_tok) * groups, reordered.data());
+    xt = reordered.data();
+  }
+  const long row_bytes = long(groups) * (Q4 ? QGROUP / 2 : QGROUP);
+  for (int r = r0; r < r1; r += TILE8_ROWS) {
+    const int rows = r1 - r < TILE8_ROWS ? r1 - r : TILE8_ROWS;
+    long rg0[TILE8_ROWS];
+    for (int i = 0; i < TILE8_ROWS; ++i) rg0[i] = long(r + (i < rows ? i : rows - 1)) * groups;
+    tile8_scales<T>(W, groups, r, rows, s, m, scratch);
+    const char* next = (const char*)W.data + long(r + rows) * row_bytes;  // the next tile's weights
+    const long next_bytes = (r1 - r - rows < TILE8_ROWS ? r1 - r - rows : TILE8_ROWS) * row_bytes;
+    for (int t0 = 0; t0 < n_tok; t0 += TILE8_TOKENS) {
+      const int nt = n_tok - t0 < TILE8_TOKENS ? n_tok - t0 : TILE8_TOKENS;
+      const long tg = long(t0) * groups;
+      if (nt < LANE8_TOKENS) {
+        matmul_q_rows<T>(xq + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, W, b, y + long(t0) * ldy, nt, n_in, ldy,
+                         r, r + rows, accumulate);
+        continue;
+      }
+      __m256 lane_acc[8 * TILE8_TOKENS], acc[TILE8_TOKENS];
+      tile8_dots<T>(nt, xt + tg * QGROUP, xs + tg, Q4 ? xsum + tg : nullptr, W, groups, rg0, s, m, next,
+                    t0 == 0 ? next_bytes : 0, lane_acc, acc);
+      for (int t = 0; t < nt; ++t) {
+        alignas(32) float v[TILE8_ROWS];
+        _mm256_store_ps(v, acc[t]);
+        float* o = y + long(t0 + t) * ldy + r;
+        for (int i = 0; i < rows; ++i) {
+          const float e = v[i] + (b ? b[r + i] : 0.0f);
+          o[i] = accumulate ? o[i] + e : e;
         }
       }
     }

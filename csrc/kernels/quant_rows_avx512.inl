@@ -101,10 +101,20 @@ void tile_scales(const WeightsRef& W, int groups, int r, int rows, float* s, flo
   for (int plane = 0; plane < (Q4 ? 2 : 1); ++plane) {
     float* P = plane ? M : S;
     float* out = plane ? m : s;
-    for (int i = rows; i < TILE_ROWS; ++i) std::memcpy(P + long(i) * groups, P + long(rows - 1) * groups, 4L * full);
+    if (T == DType::Q4K)
+      for (int i = rows; i < TILE_ROWS; ++i) std::memcpy(P + long(i) * groups, P + long(rows - 1) * groups, 4L * full);
     for (int g = 0; g < full; g += 16) {
       __m512i col[16];
-      transpose16x16(P + g, groups, col);
+      if constexpr (T == DType::Q4K) {
+        transpose16x16(P + g, groups, col);
+      } else {  // from the float16s themselves: loads of what was just stored across two stores stall
+        const uint16_t* src = plane ? W.mins : W.scales;
+        __m512i row[16];
+        for (int i = 0; i < TILE_ROWS; ++i)
+          row[i] = _mm512_castps_si512(_mm512_cvtph_ps(
+              _mm256_loadu_si256((const __m256i*)(src + f0 + long(i < rows ? i : rows - 1) * groups + g))));
+        transpose16x16(row, col);
+      }
       for (int c = 0; c < 16; ++c) _mm512_storeu_si512(out + long(g + c) * 16, col[c]);
     }
     // the last groups (SmolLM2's 18 a row leave 2) a gather each: a whole transpose would be mostly waste

@@ -115,17 +115,19 @@ MatmulInput Workspace::matmul_input(const Kernels& ops, const float* in, int n, 
     a.packed = packed.data();
   }
   if (quantized == 0) return a;
-  // int16 activations, quantized once per step (by every thread into its own buffer for a lone
-  // token, split over the threads otherwise).
-  if (!make_row && n == 1) {
-    const size_t id = par::thread_id();
-    int16_t* xq1 = xq_thread.data() + id * qdim;
-    float* s = xq_scale_thread.data() + 2 * id * (qdim / QGROUP);
-    ops.quantize_rows(in, 1, n_in, xq1, s, s + qdim / QGROUP);
-    a.xq = xq1, a.xq_scale = s, a.xq_sum = s + qdim / QGROUP;
-    return a;
+  // int16 activations, quantized once per step (with make_row, above; by every thread into its own
+  // buffer for a lone token; split over the threads otherwise).
+  if (!make_row) {
+    if (n == 1) {
+      const size_t id = par::thread_id();
+      int16_t* xq1 = xq_thread.data() + id * qdim;
+      float* s = xq_scale_thread.data() + 2 * id * (qdim / QGROUP);
+      ops.quantize_rows(in, 1, n_in, xq1, s, s + qdim / QGROUP);
+      a.xq = xq1, a.xq_scale = s, a.xq_sum = s + qdim / QGROUP;
+      return a;
+    }
+    par::for_static(quantized, quantize);
   }
-  if (!make_row) par::for_static(quantized, quantize);
   a.xq = xq.data(), a.xq_scale = xq_scale.data(), a.xq_sum = xq_sum.data(), a.xq_gemm = q_gemm;
   return a;
 }

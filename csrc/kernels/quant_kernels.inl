@@ -149,6 +149,20 @@ inline __m256i requant_group(const int16_t* x) {
   return _mm256_permute4x64_epi64(_mm256_packs_epi16(a, b), 0xd8);
 }
 
+// n groups of int16 activations reordered as the int8 tiles pair the weights (quant_rows_avx2.inl,
+// quant_rows_avx512.inl: pairs_transposed): words 4k … 4k + 3 of a group become x_4k, x_4k+2, x_4k+1,
+// x_4k+3. In this thread's buffer, valid until its next call.
+inline const int16_t* pairs_interleaved(const int16_t* x, long n) {
+  static thread_local std::vector<int16_t> out;
+  out.resize(size_t(n) * QGROUP);
+  for (long i = 0; i < 2 * n; ++i) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(x + i * 16));
+    const __m256i lo = _mm256_shufflelo_epi16(v, _MM_SHUFFLE(3, 1, 2, 0));
+    _mm256_storeu_si256((__m256i*)(out.data() + i * 16), _mm256_shufflehi_epi16(lo, _MM_SHUFFLE(3, 1, 2, 0)));
+  }
+  return out.data();
+}
+
 // Eight int32 partial sums of a group's 32 int8 values (exact).
 inline __m256i byte_sums(__m256i bytes) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), bytes), _mm256_set1_epi16(1));

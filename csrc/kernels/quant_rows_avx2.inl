@@ -5,10 +5,9 @@
 // quads are then widened in place into int16 pairs, (q_4k, q_4k+2) and (q_4k+1, q_4k+3), which the
 // reordered activations meet in 16 vpmaddwd (vpdpwssd on avx2vnni). int4 weights' quads are split
 // into nibbles, so that register k holds codes 4k … 4k + 3 of every row, and a token's group dot for
-// all 8 rows is 8 vpmaddubsw
-// with its quad k of int8 activations broadcast (in the avx2vnni set too: 8 vpdpbusd measured no
-// faster): no lane sums, where row by row each token's eight groups need them (sum_lanes8), and
-// the weights' nibbles split once for every token. vpmaddubsw's int16 pair sums
+// all 8 rows is 8 vpmaddubsw with its quad k of int8 activations broadcast (in the avx2vnni set too: 8 vpdpbusd
+// measured no faster): no lane sums, where row by row each token's eight groups need them (sum_lanes8), and the
+// weights' nibbles split once for every token. vpmaddubsw's int16 pair sums
 // (|q·x + q'·x'| ≤ 2 · 15 · 127) add up over the 8 quads within int16 (≤ 30480), then vpmaddwd by
 // ones makes them the group's exact int32 dot.
 //
@@ -45,7 +44,7 @@ inline void transpose8x8(const float* in, long ld, __m256 out[8]) {
 // 8-float stores of the last groups write past the end.
 inline long tile8_plane_floats(int groups) { return 8L * groups + 16; }
 
-// The scales and mins of an int4 tile's rows as f32, group-major: s[g · 8 + i] for row i. Rows past
+// The scales (and int4 mins) of a tile's rows as f32, group-major: s[g · 8 + i] for row i. Rows past
 // `rows` repeat the last. The rows are consecutive, so their groups are one run of the matrix's:
 // widened (Q4) or decoded (Q4K, super_block8) in one pass into buf, then transposed 8 groups at a
 // time; the groups past a multiple of 8 are gathered one by one.
@@ -123,16 +122,6 @@ inline void pairs_transposed8(const WeightsRef& W, const long* rg0, int g, __m25
   }
 }
 
-// n groups of int16 activations reordered as pairs_transposed8 pairs the weights: words 4k … 4k + 3
-// of a group become x_4k, x_4k+2, x_4k+1, x_4k+3.
-inline void pairs_interleaved8(const int16_t* x, long n, int16_t* out) {
-  for (long i = 0; i < 2 * n; ++i) {
-    const __m256i v = _mm256_loadu_si256((const __m256i*)(x + i * 16));
-    const __m256i lo = _mm256_shufflelo_epi16(v, _MM_SHUFFLE(3, 1, 2, 0));
-    _mm256_storeu_si256((__m256i*)(out + i * 16), _mm256_shufflehi_epi16(lo, _MM_SHUFFLE(3, 1, 2, 0)));
-  }
-}
-
 // out[t] (lane i: row i of the tile) for nt ≤ TILE8_TOKENS tokens: q_row's sums. s, m: tile8_scales;
 // lane_acc: scratch of 8 · TILE8_TOKENS registers. The next tile's next_bytes at `next` are fetched
 // meanwhile, a groups-th of them per group.
@@ -204,13 +193,8 @@ void matmul_q(const Act<T>* xq, const float* xs, const float* xsum, const Weight
   static thread_local std::vector<float> buf;  // the tile's scales and mins group-major; tile8_scales' buffer
   buf.resize(size_t(pad) * 8 * 2 + 2 * size_t(tile8_plane_floats(groups)));
   float *s = buf.data(), *m = s + size_t(pad) * 8, *scratch = m + size_t(pad) * 8;
-  const Act<T>* xt = xq;  // the tiles' activations: int8 weights' reordered (pairs_interleaved8)
-  if constexpr (!Q4) {
-    static thread_local std::vector<int16_t> reordered;
-    reordered.resize(size_t(n_tok) * n_in);
-    pairs_interleaved8(xq, long(n_tok) * groups, reordered.data());
-    xt = reordered.data();
-  }
+  const Act<T>* xt = xq;  // the tiles' activations: int8 weights' reordered
+  if constexpr (!Q4) xt = pairs_interleaved(xq, long(n_tok) * groups);
   const long row_bytes = long(groups) * (Q4 ? QGROUP / 2 : QGROUP);
   for (int r = r0; r < r1; r += TILE8_ROWS) {
     const int rows = r1 - r < TILE8_ROWS ? r1 - r : TILE8_ROWS;

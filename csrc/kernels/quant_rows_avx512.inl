@@ -164,7 +164,7 @@ inline void codes_transposed(const WeightsRef& W, const long* rg0, int g, __m512
 // lane i of w[2k] as (q_4k, q_4k+2) and of w[2k + 1] as (q_4k+1, q_4k+3), each quad widened by two
 // word shifts in place: a dword transpose of the bytes and 24 shifts, where widening first and
 // transposing int16 pairs took 80 shuffles. The activations meet them in that order
-// (pairs_interleaved).
+// (quant_kernels.inl's pairs_interleaved).
 inline void pairs_transposed(const WeightsRef& W, const long* rg0, int g, __m512i w[16]) {
   for (int half = 0; half < 2; ++half) {
     __m512i p[4];
@@ -173,16 +173,6 @@ inline void pairs_transposed(const WeightsRef& W, const long* rg0, int g, __m512
       w[8 * half + 2 * k] = _mm512_srai_epi16(_mm512_slli_epi16(p[k], 8), 8);  // the even bytes, sign-extended
       w[8 * half + 2 * k + 1] = _mm512_srai_epi16(p[k], 8);                    // the odd
     }
-  }
-}
-
-// n groups of int16 activations reordered as pairs_transposed pairs the weights: words 4k … 4k + 3
-// of a group become x_4k, x_4k+2, x_4k+1, x_4k+3.
-inline void pairs_interleaved(const int16_t* x, long n, int16_t* out) {
-  for (long i = 0; i < n; ++i) {
-    const __m512i v = _mm512_loadu_si512(x + i * QGROUP);
-    const __m512i lo = _mm512_shufflelo_epi16(v, _MM_SHUFFLE(3, 1, 2, 0));
-    _mm512_storeu_si512(out + i * QGROUP, _mm512_shufflehi_epi16(lo, _MM_SHUFFLE(3, 1, 2, 0)));
   }
 }
 
@@ -263,13 +253,8 @@ void matmul_q(const Act<T>* xq, const float* xs, const float* xsum, const Weight
   static thread_local std::vector<float> buf;
   buf.resize(size_t(pad) * 16 * 2 + size_t(tile_rows_floats(groups)));
   float *s = buf.data(), *m = s + size_t(pad) * 16, *row_buf = m + size_t(pad) * 16;
-  const Act<T>* xt = xq;  // the tiles' activations: int8 weights' reordered (pairs_interleaved)
-  if constexpr (T == DType::Q8) {
-    static thread_local std::vector<int16_t> reordered;
-    reordered.resize(size_t(n_tok) * n_in);
-    pairs_interleaved(xq, long(n_tok) * groups, reordered.data());
-    xt = reordered.data();
-  }
+  const Act<T>* xt = xq;  // the tiles' activations: int8 weights' reordered
+  if constexpr (T == DType::Q8) xt = pairs_interleaved(xq, long(n_tok) * groups);
   for (int r = r0; r < r1; r += TILE_ROWS) {
     const int rows = r1 - r < TILE_ROWS ? r1 - r : TILE_ROWS;
     const __mmask16 lanes = __mmask16((1u << rows) - 1);

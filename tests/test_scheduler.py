@@ -142,6 +142,24 @@ def test_a_pass_smaller_than_the_gemm_limit_still_prefills_a_long_prompt(model, 
     assert r.generated == model.generate(prompt, max_new_tokens=1, **GREEDY).token_ids
 
 
+def test_decode_steps_leaving_less_than_the_gemm_limit_do_not_starve_a_prompt(model):
+    """8 requests decoding in passes of 20 tokens leave a prompt 12 a pass, fewer than gemm_min_tokens: the
+    prompt goes in chunks of 12 while they decode, instead of waiting for them to finish."""
+    sched = Scheduler(model, max_sequences=9, max_batch_tokens=20)
+    assert 20 - 8 < sched.runner.gemm_min_tokens
+    decoders = [sched.add([5 + i], params(model, max_new_tokens=60)) for i in range(8)]
+    while not all(d.generated for d in decoders):
+        sched.step()
+    prompt = [int(t) for t in np.random.default_rng(2).integers(3, 300, 40)]
+    r = sched.add(prompt, params(model, max_new_tokens=1))
+    steps = 0
+    while not r.generated:
+        sched.step()
+        steps += 1
+    assert steps <= 40 // 12 + 2 and not any(d.finished for d in decoders)
+    assert r.generated == model.generate(prompt, max_new_tokens=1, **GREEDY).token_ids
+
+
 def test_a_full_pool_preempts_and_every_request_still_finishes(tmp_path):
     """A pool of 6 blocks (96 positions) for four requests of ~40 positions each: the newest goes
     back to the queue whenever the pool is full, and every output is still its own."""

@@ -265,12 +265,14 @@ class Scheduler:
         """This pass's tokens: one for each request that is decoding, then prompt chunks while the token
         budget lasts. Chunks of at least the runner's gemm_min_tokens take the GEMM, as the whole prompt
         would alone: a shorter chunk that is not the prompt's end waits for the next step, and a chunk
-        that would leave a shorter end is cut shorter itself where it can be. A pass smaller than that
-        limit takes what it can, rather than never scheduling a long prompt."""
+        that would leave a shorter end is cut shorter itself where it can be. Where the decode steps leave
+        prompts less than that limit in every pass (a small budget), a chunk takes what it can, rather than
+        waiting for the decoding requests to finish."""
         budget = self.runner.max_tokens
-        min_chunk = min(self.runner.gemm_min_tokens, budget)
         members, sessions, tokens = [], [], []
         running = self.running if len(self.running) == 1 else sorted(self.running, key=lambda r: r.to_feed > 1)
+        decoding = sum(r.to_feed == 1 for r in running)
+        min_chunk = max(1, min(self.runner.gemm_min_tokens, budget - decoding))
         for r in running:  # decode steps first (the sort is stable)
             n = r.to_feed
             take = min(n, budget)

@@ -89,10 +89,9 @@ constexpr int ATTENTION_BLOCK = 16;
 // compact cache's to f32 once per item: larger items for both (SmolLM2, f16 cache, 2 threads:
 // GALLY_ISA=avx2 bf16 pp2048 +7-12%, avx512vnni int8 pp4096 +31%, pp256 within 3%)
 constexpr int ATTENTION_BLOCK_CONVERTED = 64;
-// (a quantized model's row-wise slices; a float model's slices of 4 to gemm_min_tokens − 1 tokens
-// take the row-wise matmuls but attention_causal, whose lanes 4 or more queries fill better than
-// one query at a time)
-constexpr int ATTENTION_BLOCK_MIN = GEMM_MIN_TOKENS;
+// A slice of 4 or more queries fills attention_causal's lanes better than one query at a time does,
+// whether its matmuls go row-wise (a float model's slices below gemm_min_tokens) or not.
+constexpr int ATTENTION_BLOCK_MIN = 4;
 // Keys per unit of a decode step's attention: a context of 8192 splits into 16 units per KV head.
 // The split depends on the context alone, so a token's result does not depend on the threads.
 constexpr int KEYS_PER_PART = 512;

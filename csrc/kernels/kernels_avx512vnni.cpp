@@ -5,9 +5,8 @@
 // activations), where AVX2 takes vpmaddubsw, vpmaddwd and vpaddd. Compiled with those flags;
 // isa.cpp puts these into the "avx512vnni" kernel set only where CPUID reports the flag.
 // Measured on a Sapphire Rapids core, int8 weights in cache: 24 → 26 GB/s; SmolLM2 decode, bound
-// by memory, unchanged. Also the
-// prompts' GEMM into int8/int4 weights on the same activations (gemm_q_avx512.inl), where
-// vpdpwssd's 32 products an instruction count most.
+// by memory, unchanged. Also the prompts' GEMM into int8/int4 weights on the same activations (gemm_q_avx512.inl),
+// where vpdpwssd's 32 products an instruction count most.
 #include <immintrin.h>
 
 #include <cmath>

@@ -126,20 +126,26 @@ def test_prompt_chunks_are_long_enough_for_the_gemm(model):
     assert short.generated
 
 
+def steps_to_prefill(model, sched, seed):
+    """Adds a random 40-token prompt for one new token and steps until it has it (at most 80 steps);
+    checks the token is what the prompt gives alone and returns the steps taken."""
+    prompt = [int(t) for t in np.random.default_rng(seed).integers(3, 300, 40)]
+    r = sched.add(prompt, params(model, max_new_tokens=1))
+    steps = 0
+    while not r.generated and steps < 80:
+        sched.step()
+        steps += 1
+    assert r.generated == model.generate(prompt, max_new_tokens=1, **GREEDY).token_ids
+    return steps
+
+
 @pytest.mark.parametrize("budget", [4, 8])
 def test_a_pass_smaller_than_the_gemm_limit_still_prefills_a_long_prompt(model, budget):
     """A float model's prompt chunks of fewer than gemm_min_tokens (16 or 17) wait for a larger budget; a
     whole pass smaller than that takes what it can (a prompt longer than the pass is never left waiting)."""
     sched = Scheduler(model, max_sequences=1, max_batch_tokens=budget)
     assert sched.runner.gemm_min_tokens > budget
-    prompt = [int(t) for t in np.random.default_rng(1).integers(3, 300, 40)]
-    r = sched.add(prompt, params(model, max_new_tokens=1))
-    steps = 0
-    while not r.generated:
-        sched.step()
-        steps += 1
-        assert steps <= 40 // budget + 2
-    assert r.generated == model.generate(prompt, max_new_tokens=1, **GREEDY).token_ids
+    assert steps_to_prefill(model, sched, seed=1) <= 40 // budget + 2
 
 
 def test_decode_steps_leaving_less_than_the_gemm_limit_do_not_starve_a_prompt(model):
@@ -150,14 +156,8 @@ def test_decode_steps_leaving_less_than_the_gemm_limit_do_not_starve_a_prompt(mo
     decoders = [sched.add([5 + i], params(model, max_new_tokens=60)) for i in range(8)]
     while not all(d.generated for d in decoders):
         sched.step()
-    prompt = [int(t) for t in np.random.default_rng(2).integers(3, 300, 40)]
-    r = sched.add(prompt, params(model, max_new_tokens=1))
-    steps = 0
-    while not r.generated:
-        sched.step()
-        steps += 1
-    assert steps <= 40 // 12 + 2 and not any(d.finished for d in decoders)
-    assert r.generated == model.generate(prompt, max_new_tokens=1, **GREEDY).token_ids
+    assert steps_to_prefill(model, sched, seed=2) <= 40 // 12 + 2
+    assert not any(d.finished for d in decoders)
 
 
 def test_a_full_pool_preempts_and_every_request_still_finishes(tmp_path):

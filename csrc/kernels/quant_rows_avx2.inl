@@ -20,12 +20,12 @@ constexpr int TILE8_ROWS = 8;    // rows per tile, one per lane
 constexpr int TILE8_TOKENS = 8;  // tokens per pass over a tile
 constexpr int LANE8_TOKENS = 3;  // passes of at least this many tokens take the tile
 
-// out[c] = column c of the 8 × 8 floats at in (rows ld floats apart).
-inline void transpose8x8(const float* in, long ld, __m256 out[8]) {
+// out[c] = column c of the 8 × 8 floats in rows.
+inline void transpose8x8(const __m256 rows[8], __m256 out[8]) {
   __m256 t[8], u[8];
   for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(_mm256_loadu_ps(in + i * ld), _mm256_loadu_ps(in + (i + 1) * ld));
-    t[i + 1] = _mm256_unpackhi_ps(_mm256_loadu_ps(in + i * ld), _mm256_loadu_ps(in + (i + 1) * ld));
+    t[i] = _mm256_unpacklo_ps(rows[i], rows[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(rows[i], rows[i + 1]);
   }
   for (int i = 0; i < 8; i += 4) {
     u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
@@ -73,10 +73,18 @@ void tile8_scales(const WeightsRef& W, int groups, int r, int rows, float* s, fl
   for (int plane = 0; plane < (Q4 ? 2 : 1); ++plane) {
     float* P = (plane ? M : S) + off;
     float* out = plane ? m : s;
-    for (int i = rows; i < TILE8_ROWS; ++i) std::memcpy(P + long(i) * groups, P + long(rows - 1) * groups, 4L * full);
     for (int g = 0; g < full; g += 8) {
-      __m256 col[8];
-      transpose8x8(P + g, groups, col);
+      __m256 row[8], col[8];
+      for (int i = 0; i < TILE8_ROWS; ++i) {
+        const long at = long(i < rows ? i : rows - 1) * groups + g;
+        if constexpr (T == DType::Q4K) {
+          row[i] = _mm256_loadu_ps(P + at);
+        } else {  // from the float16s themselves: loads of what was just stored across two stores stall
+          const uint16_t* src = plane ? W.mins : W.scales;
+          row[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + f0 + at)));
+        }
+      }
+      transpose8x8(row, col);
       for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + long(g + c) * 8, col[c]);
     }
     // the last groups (SmolLM2's 18 a row leave 2) a gather each: a whole transpose would be mostly waste

@@ -116,6 +116,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("has_avx512bf16", &cpu_has_avx512bf16);
   m.def("openmp", []() { return par::kOpenMP; });
   m.def("parallel_backend", []() { return par::backend(); });  // "openmp" or "threads" (parallel.h)
+  m.def("chunk_tokens", &chunk_tokens, py::arg("left"), py::arg("room"), py::arg("min_chunk"));
   m.def(
       "read_bandwidth",
       [](size_t bytes, int threads, int repeats) {

@@ -29,6 +29,16 @@ inline int gemm_min_tokens(const Model& m, const Kernels& ops) {
   return m.quantized() ? GEMM_MIN_TOKENS : ops.float_gemm_min_tokens;
 }
 
+// Tokens of a prompt's next pass: `left` to feed, at most `room` in this pass. A pass that would leave
+// a last one shorter than min_chunk (row-wise, where a longer one takes the GEMM) stops min_chunk short
+// of the end where it can. Runner::forward's passes and the scheduler's chunks (scheduler.py) both cut
+// here, so that a prompt goes through the same kernels whichever feeds it.
+inline int chunk_tokens(int left, int room, int min_chunk) {
+  const int take = left < room ? left : room;
+  if (take < left && left - take < min_chunk && left - min_chunk >= min_chunk) return left - min_chunk;
+  return take;
+}
+
 struct Batch {
   const int32_t* tokens = nullptr;  // [n] ids, checked against the vocabulary
   int n = 0;

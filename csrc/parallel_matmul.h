@@ -2,7 +2,7 @@
 //
 // y [n, rows] = x [n, cols] · Wᵀ. A batch's tokens come in two groups (MatmulInput):
 // - the row-wise tokens [0, n_rowwise): decode steps and other slices of fewer than
-//   gemm_min_tokens (forward.h: 4, or 16-17 in a model of float weights). They take the row-by-row kernels
+//   gemm_min_tokens (forward.h; a float model's limit is higher). They take the row-by-row kernels
 //   (Kernels::gemv, matmul_q8/q4), which read each weight row once for all of them and give each token exactly what it
 //   would get alone. The threads split W's rows, in blocks of ROW_BLOCK_GEMV: each streams its own contiguous part of
 //   the weights, which is all a bandwidth-bound step needs.

@@ -96,12 +96,7 @@ void Runner::forward(Sequence* const* seqs, int n_seqs, const int32_t* tokens, c
     const int n = counts[0];
     rec.n = n, rec.context = s.pos_ + n;
     for (int done = 0, chunk = 0; done < n; done += chunk) {
-      chunk = std::min(ws_.max_tokens, n - done);
-      // a pass that would leave a last one shorter than gemm_min (row-wise, where a longer one
-      // takes the GEMM) stops gemm_min short of the end where it can, as the scheduler's chunks do
-      // (scheduler.py Scheduler._batch)
-      const int rest = n - done - chunk;
-      if (rest > 0 && rest < gemm_min && n - done - gemm_min >= gemm_min) chunk = n - done - gemm_min;
+      chunk = chunk_tokens(n - done, ws_.max_tokens, gemm_min);
       const SequenceSlice slice{&s.cache_, s.pos_, 0, chunk};
       Batch batch{tokens + done, chunk, &slice, 1};
       batch.n_rowwise = chunk < gemm_min ? chunk : 0;

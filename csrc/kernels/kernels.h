@@ -63,7 +63,7 @@ struct MatmulOut {
 // Kernels::matmul takes the prefill GEMM for batches of at least this many tokens (gemm.inl, which
 // dequantizes quantized weights and multiplies the f32 activations, or Kernels::gemm_q); smaller
 // ones multiply row by row. The forward pass sends a float model's slices of fewer than
-// Kernels::float_gemm_min_tokens tokens (16; 17 on AVX-512) row by row before that.
+// Kernels::float_gemm_min_tokens tokens row by row before that.
 constexpr int GEMM_MIN_TOKENS = 4;
 // A model whose matmul weights are all f32, bf16 or f16 sends slices of fewer than
 // Kernels::float_gemm_min_tokens tokens (short prompts, short chunks) row-wise too (Runner,

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import sampling
+from . import _core, sampling
 from .options import GenerationParams
 
 
@@ -221,8 +221,6 @@ class Scheduler:
 
     def step(self) -> list[TokenEvent]:
         """One forward pass over the running requests; returns each one's new token (or its end)."""
-        from . import _core
-
         events, self._ended = self._ended, []
         self._admit()
         while True:
@@ -275,9 +273,7 @@ class Scheduler:
         min_chunk = max(1, min(self.runner.gemm_min_tokens, budget - decoding))
         for r in running:  # decode steps first (the sort is stable)
             n = r.to_feed
-            take = min(n, budget)
-            if take < n and n - take < min_chunk and n - min_chunk >= min_chunk:
-                take = n - min_chunk  # the prompt's last chunk long enough for the GEMM too (as Runner::forward)
+            take = _core.chunk_tokens(n, budget, min_chunk)  # cut as Runner::forward cuts a prompt
             if take == 0 or (take < n and take < min_chunk):
                 continue
             members.append(r), sessions.append(r.session), tokens.append(r.next_tokens(take))

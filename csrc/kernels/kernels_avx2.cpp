@@ -34,11 +34,11 @@ struct S {
     __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
     return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(v), e));
   }
+  // Σ v by sums' tree, so that one register's sum equals its lane of sums.
   static float sum(V v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    v = _mm256_add_ps(v, _mm256_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));  // x0 + x2, x1 + x3 in each half
+    v = _mm256_add_ps(v, _mm256_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
   }
   // out = [Σ v[0], …, Σ v[N − 1]]: N registers' lane sums at once, each by the same tree (within a
   // 128-bit lane (x0 + x2) + (x1 + x3), then the two lanes) wherever it stands.

@@ -35,7 +35,14 @@ struct S {
     __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
     return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(v), e));
   }
-  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+  // Σ v by sums' tree, so that one register's sum equals its lane of sums.
+  static float sum(V v) {
+    v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));  // x0 + x2, x1 + x3 in each lane
+    v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
+    v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1)));  // L0 + L1, L2 + L3
+    v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm512_cvtss_f32(v);
+  }
   // out = [Σ v[0], …, Σ v[N − 1]]: N registers' lane sums at once, each by the same tree (within a
   // 128-bit lane (x0 + x2) + (x1 + x3), then the lanes (L0 + L1) + (L2 + L3)) wherever it stands.
   static V sums(const V v[N]) {

@@ -99,12 +99,26 @@ inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw
     step(a0, k);
     k += S::N;
   }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NT; ++t) {
-      float& o = s[r * NT + t];
-      o = S::sum(S::add(a0[r][t], a1[r][t]));
-      for (int j = k; j < n; ++j) o = std::fma(x[t * ldx + j], WL::scalar(w + r * ldw + j), o);  // fused alike always
+  // sum(a0 + a1) of every row and token: N of them at a time by S::sums, one by S::sum (the same tree)
+  constexpr int ALL = R * NT;
+  if constexpr (ALL == 1) {
+    s[0] = S::sum(S::add(a0[0][0], a1[0][0]));
+  } else {
+    constexpr int PASSES = (ALL + S::N - 1) / S::N;
+    alignas(64) float sum[PASSES * S::N];
+    for (int p = 0; p < PASSES; ++p) {
+      V v[S::N];
+      for (int c = 0; c < S::N; ++c) {
+        const int j = p * S::N + c;
+        v[c] = j < ALL ? S::add(a0[j / NT][j % NT], a1[j / NT][j % NT]) : S::zero();
+      }
+      S::store(sum + p * S::N, S::sums(v));
     }
+    for (int j = 0; j < ALL; ++j) s[j] = sum[j];
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t)
+      for (int j = k; j < n; ++j) s[r * NT + t] = std::fma(x[t * ldx + j], WL::scalar(w + r * ldw + j), s[r * NT + t]);
 }
 
 // row_dots for nt ≤ NT tokens, nt known only at run time.

@@ -86,12 +86,15 @@ inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw
       for (int r = 0; r < R; ++r) a[r][t] = S::fma(wv[r], xv, a[r][t]);
     }
   };
-  const long ahead = R == 1 ? WEIGHT_PREFETCH : R * ldw;  // a block of rows: the next block
+  // A block of rows fetches the next block, into L2 only: its first pass over the tokens fetches it
+  // all, and into L1 those fetches stalled on the fill buffers (a batch of 8 f32 decode steps,
+  // AVX-512: +17%).
+  const long ahead = R == 1 ? WEIGHT_PREFETCH : R * ldw;
   int k = 0;
   for (; k + 2 * S::N <= n; k += 2 * S::N) {
     for (int r = 0; r < R; ++r)
       for (int b = 0; b < int(2 * S::N * sizeof(*w)); b += 64)
-        __builtin_prefetch((const char*)(w + r * ldw + k + ahead) + b);
+        __builtin_prefetch((const char*)(w + r * ldw + k + ahead) + b, 0, R == 1 ? 3 : 2);
     step(a0, k);
     step(a1, k + S::N);
   }

@@ -88,13 +88,15 @@ inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw
   };
   // A block of rows fetches the next block, into L2 only: its first pass over the tokens fetches it
   // all, and into L1 those fetches stalled on the fill buffers (a batch of 8 f32 decode steps,
-  // AVX-512: +17%).
+  // AVX-512: +17%). Its own rows it fetches into L1 512 bytes ahead of use (AVX2: +5%).
   const long ahead = R == 1 ? WEIGHT_PREFETCH : R * ldw;
   int k = 0;
   for (; k + 2 * S::N <= n; k += 2 * S::N) {
     for (int r = 0; r < R; ++r)
       for (int b = 0; b < int(2 * S::N * sizeof(*w)); b += 64)
         __builtin_prefetch((const char*)(w + r * ldw + k + ahead) + b, 0, R == 1 ? 3 : 2);
+    if constexpr (R > 1)
+      for (int r = 0; r < R; ++r) __builtin_prefetch((const char*)(w + r * ldw + k) + 512, 0, 3);
     step(a0, k);
     step(a1, k + S::N);
   }

@@ -37,7 +37,8 @@ class GallyEngine:
         return {"weights": m.dtype, "weight_bytes": m.weight_bytes, "copied_bytes": m.copied_bytes,
                 "path": m.path, "vocab_size": m.config.vocab_size,
                 "file_bytes": sum(os.path.getsize(f) for f in glob.glob(os.path.join(m.path, "*.safetensors"))),
-                "kv_bytes": kv_bytes, "kv_dtype": m.kv_dtype, "max_context": self.max_context}
+                "kv_bytes": kv_bytes, "kv_bytes_per_token": m.kv_bytes_per_token, "kv_dtype": m.kv_dtype,
+                "max_context": self.max_context}
 
     def _session(self, depth_ids):
         s = self.model.session(self.max_context)

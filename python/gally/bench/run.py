@@ -109,7 +109,7 @@ class Row:
     threads: int
     test: Test
     tok_s: Optional[Stat]
-    gb_s: Optional[Stat] = None  # weight bytes per token × rate (gally only)
+    gb_s: Optional[Stat] = None  # bytes read per token (weights and KV cache) × rate (gally only)
     bw_fraction: Optional[Stat] = None  # gb_s / the read bandwidth probed just before this block
     note: str = ""
 
@@ -297,8 +297,14 @@ def _rows(opts, dtype, threads, tests, setups, seconds, results) -> None:
                 continue
             row = Row(name, dtype, setup.weights, threads, test, rates(test.tokens, s))
             if name == "gally" and test.kind == "tg":
-                row.gb_s = row.tok_s.scaled(setup.info["weight_bytes"] / 1e9)
+                row.gb_s = row.tok_s.scaled(read_per_token(setup.info, test) / 1e9)
             results.rows.append(row)
+
+
+def read_per_token(info: dict, test: Test) -> float:
+    """Bytes a decode step of `test` reads on average: every weight, and the KV cache of the context
+    it attends to (depth + i + 1 positions at step i), which at depth 8192 rivals the weights."""
+    return info["weight_bytes"] + info.get("kv_bytes_per_token", 0) * (test.depth + (test.tokens + 1) / 2)
 
 
 def _finish_engine(opts, dtype, threads, workers, setups, gen_prompt, results, log) -> None:

@@ -168,7 +168,8 @@ def markdown(res: Results, title: str = "gally bench") -> str:
             "model forward with KV cache, last-position logits; ctranslate2: Generator.generate_batch, greedy, its "
             "argmax included), except in the Model.generate row. "
             "ppN: an N-token prompt at once; tgN: N single-token steps; @ dD: after D tokens already in the context. "
-            "GB/s: bytes read per token (the weights, and the KV cache of the context attended to) × decode rate. Peak RSS is each engine's own process, interpreter included.",
+            "GB/s: bytes read per token (the weights, and the KV cache of the context attended to) × decode rate. "
+            "Peak RSS is each engine's own process, interpreter included.",
             "", "## Throughput", ""] + throughput_lines(res)
     ratios = ratio_lines(res)
     if ratios:

@@ -65,6 +65,20 @@ inline void keep_in_register(V& v) {
 #endif
 }
 
+// out[i] = the lane sum of register vec(i), i < ALL: S::sums N
+// registers at a time, each sum by the same tree as one S::sum.
+template <int ALL, class F>
+inline void lane_sums(F vec, float* out) {
+  constexpr int PASSES = (ALL + S::N - 1) / S::N;
+  alignas(64) float sum[PASSES * S::N];
+  for (int p = 0; p < PASSES; ++p) {
+    V v[S::N];
+    for (int c = 0; c < S::N; ++c) v[c] = p * S::N + c < ALL ? vec(p * S::N + c) : S::zero();
+    S::store(sum + p * S::N, S::sums(v));
+  }
+  for (int i = 0; i < ALL; ++i) out[i] = sum[i];
+}
+
 // s[r · NT + t] = Σ_k x[t, k] · w[r, k] for R rows (ldw apart) and NT tokens (ldx apart): each
 // vector of the rows is loaded (and widened) once for all the tokens, each token's once for all
 // the rows. A decode step of one sequence (R = 1) streams the weights one row after another, which
@@ -104,26 +118,14 @@ inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw
     step(a0, k);
     k += S::N;
   }
-  // sum(a0 + a1) of every row and token: N of them at a time by S::sums, one by S::sum (the same tree)
-  constexpr int ALL = R * NT;
-  if constexpr (ALL == 1) {
-    s[0] = S::sum(S::add(a0[0][0], a1[0][0]));
-  } else {
-    constexpr int PASSES = (ALL + S::N - 1) / S::N;
-    alignas(64) float sum[PASSES * S::N];
-    for (int p = 0; p < PASSES; ++p) {
-      V v[S::N];
-      for (int c = 0; c < S::N; ++c) {
-        const int j = p * S::N + c;
-        v[c] = j < ALL ? S::add(a0[j / NT][j % NT], a1[j / NT][j % NT]) : S::zero();
-      }
-      S::store(sum + p * S::N, S::sums(v));
-    }
-    for (int j = 0; j < ALL; ++j) s[j] = sum[j];
-  }
+  // sum(a0 + a1) of every row and token: one by S::sum, more by lane_sums (the same tree)
+  if constexpr (R * NT == 1) s[0] = S::sum(S::add(a0[0][0], a1[0][0]));
+  else lane_sums<R * NT>([&](int i) { return S::add(a0[i / NT][i % NT], a1[i / NT][i % NT]); }, s);
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NT; ++t)
-      for (int j = k; j < n; ++j) s[r * NT + t] = std::fma(x[t * ldx + j], WL::scalar(w + r * ldw + j), s[r * NT + t]);
+    for (int t = 0; t < NT; ++t) {
+      float& o = s[r * NT + t];
+      for (int j = k; j < n; ++j) o = std::fma(x[t * ldx + j], WL::scalar(w + r * ldw + j), o);  // fused alike always
+    }
 }
 
 // row_dots for nt ≤ NT tokens, nt known only at run time.
@@ -311,17 +313,9 @@ inline void scores(const float* q, int ldq, int hn, const typename E::T* K, long
         for (int u = 0; u < KP; ++u) a[u][h] = S::fma(qv, k[u], a[u][h]);
       }
   }
-  // the lane sums N at a time (S::sums; unused slots zero): each score the same tree of adds
-  constexpr int ALL = KP * ATT_HEADS, PASSES = (ALL + S::N - 1) / S::N;
-  alignas(64) float sum[PASSES * S::N];
-  for (int p = 0; p < PASSES; ++p) {
-    V v[S::N];
-    for (int c = 0; c < S::N; ++c) {
-      const int i = p * S::N + c, h = i / KP, u = i % KP;
-      v[c] = i < ALL && h < hn ? a[u][h] : S::zero();
-    }
-    S::store(sum + p * S::N, S::sums(v));
-  }
+  // each score's lanes by the same tree of adds (heads past hn sum zeros)
+  float sum[KP * ATT_HEADS];
+  lane_sums<KP * ATT_HEADS>([&](int i) { return i / KP < hn ? a[i % KP][i / KP] : S::zero(); }, sum);
   for (int h = 0; h < hn; ++h)
     for (int u = 0; u < KP; ++u) {
       s[h][u] = scale * sum[h * KP + u];

@@ -147,17 +147,45 @@ inline void tile8_dots(int nt, const Act<T>* xq, const float* xs, const float* x
     ++done;
     const __m256 sg = _mm256_loadu_ps(s + long(g) * 8);
     if constexpr (T == DType::Q8) {
+      // The 16 pairs fill AVX2's registers, so most wait in memory: two tokens a pass share their
+      // loads, two dot chains each (a chain's step is one vpaddd, whatever vpmaddwd's latency). The
+      // asm keeps each step in order: unheld, GCC hoisted the vpmaddwds and spilled their results.
+      // One core, 8 tokens: 1536 × 576 38 -> 39.5 GMAC/s, 576 × 1536 34 -> 41.
       __m256i pairs[16];
       pairs_transposed8(W, rg0, g, pairs);
-      for (int t = 0; t < nt; ++t) {
-        const int32_t* x = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
-        __m256i d[4];
-        for (int c = 0; c < 4; ++c) d[c] = _mm256_madd_epi16(pairs[c], _mm256_set1_epi32(x[c]));
-        for (int k = 4; k < 16; k += 4)
-          for (int c = 0; c < 4; ++c) d[c] = dot_pairs(d[c], pairs[k + c], _mm256_set1_epi32(x[k + c]));
-        const __m256i dot = _mm256_add_epi32(_mm256_add_epi32(d[0], d[1]), _mm256_add_epi32(d[2], d[3]));
+      const long next_token = long(groups) * QGROUP / 2;  // int32 pairs from a token's group to the next's
+      auto add_dot = [&](int t, __m256i d0, __m256i d1) {
         const long tg = long(t) * groups + g;
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sg, _mm256_set1_ps(xs[tg])), acc[t]);
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1));
+        acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sg, _mm256_set1_ps(xs[tg])), acc[t]);
+      };
+      int t = 0;
+      for (; t + 2 <= nt; t += 2) {
+        const int32_t* xa = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
+        const int32_t* xb = xa + next_token;
+        __m256i a0 = _mm256_madd_epi16(pairs[0], _mm256_set1_epi32(xa[0]));
+        __m256i b0 = _mm256_madd_epi16(pairs[0], _mm256_set1_epi32(xb[0]));
+        __m256i a1 = _mm256_madd_epi16(pairs[1], _mm256_set1_epi32(xa[1]));
+        __m256i b1 = _mm256_madd_epi16(pairs[1], _mm256_set1_epi32(xb[1]));
+        for (int k = 2; k < 16; k += 2) {
+          a0 = dot_pairs(a0, pairs[k], _mm256_set1_epi32(xa[k]));
+          b0 = dot_pairs(b0, pairs[k], _mm256_set1_epi32(xb[k]));
+          a1 = dot_pairs(a1, pairs[k + 1], _mm256_set1_epi32(xa[k + 1]));
+          b1 = dot_pairs(b1, pairs[k + 1], _mm256_set1_epi32(xb[k + 1]));
+          __asm__("" : "+x"(a0), "+x"(b0), "+x"(a1), "+x"(b1));
+        }
+        add_dot(t, a0, a1);
+        add_dot(t + 1, b0, b1);
+      }
+      if (t < nt) {
+        const int32_t* x = (const int32_t*)(xq + (long(t) * groups + g) * QGROUP);
+        __m256i d0 = _mm256_madd_epi16(pairs[0], _mm256_set1_epi32(x[0]));
+        __m256i d1 = _mm256_madd_epi16(pairs[1], _mm256_set1_epi32(x[1]));
+        for (int k = 2; k < 16; k += 2) {
+          d0 = dot_pairs(d0, pairs[k], _mm256_set1_epi32(x[k]));
+          d1 = dot_pairs(d1, pairs[k + 1], _mm256_set1_epi32(x[k + 1]));
+        }
+        add_dot(t, d0, d1);
       }
     } else {
       __m256i w[8];

@@ -126,6 +126,18 @@ def test_prompt_chunks_are_long_enough_for_the_gemm(model):
     assert short.generated
 
 
+@pytest.mark.parametrize("left, room, min_chunk, want", [
+    (40, 32, 16, 24),  # 32 would leave 8, under the limit: 16 short of the end instead
+    (40, 32, 4, 32),  # 8 left is enough
+    (40, 40, 16, 40),  # the whole prompt fits
+    (20, 12, 16, 12),  # no split leaves both parts at the limit: what the pass has room for
+    (10, 0, 4, 0),
+])
+def test_chunk_tokens_keeps_a_prompts_last_chunk_at_the_gemm_limit(left, room, min_chunk, want):
+    """The one rule Runner::forward's passes and the scheduler's chunks share (forward.h chunk_tokens)."""
+    assert gally._core.chunk_tokens(left, room, min_chunk) == want
+
+
 def steps_to_prefill(model, sched, seed):
     """Adds a random 40-token prompt for one new token and steps until it has it (at most 80 steps);
     checks the token is what the prompt gives alone and returns the steps taken."""

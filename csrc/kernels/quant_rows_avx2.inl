@@ -46,8 +46,9 @@ inline long tile8_plane_floats(int groups) { return 8L * groups + 16; }
 
 // The scales (and int4 mins) of a tile's rows as f32, group-major: s[g · 8 + i] for row i. Rows past
 // `rows` repeat the last. The rows are consecutive, so their groups are one run of the matrix's:
-// widened (Q4) or decoded (Q4K, super_block8) in one pass into buf, then transposed 8 groups at a
-// time; the groups past a multiple of 8 are gathered one by one.
+// widened (Q8, Q4) or decoded (Q4K, super_block8) in one pass into buf. 8 groups at a time are then
+// transposed, Q4K's from buf, the others' from the float16s in the weights (loads of buf straddling
+// two of its stores would stall); the groups past a multiple of 8 are gathered from buf one by one.
 template <DType T>
 void tile8_scales(const WeightsRef& W, int groups, int r, int rows, float* s, float* m, float* buf) {
   constexpr bool Q4 = T != DType::Q8;
@@ -79,7 +80,7 @@ void tile8_scales(const WeightsRef& W, int groups, int r, int rows, float* s, fl
         const long at = long(i < rows ? i : rows - 1) * groups + g;
         if constexpr (T == DType::Q4K) {
           row[i] = _mm256_loadu_ps(P + at);
-        } else {  // from the float16s themselves: loads of what was just stored across two stores stall
+        } else {
           const uint16_t* src = plane ? W.mins : W.scales;
           row[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + f0 + at)));
         }

@@ -65,8 +65,8 @@ inline void keep_in_register(V& v) {
 #endif
 }
 
-// out[i] = the lane sum of register vec(i), i < ALL: S::sums N
-// registers at a time, each sum by the same tree as one S::sum.
+// out[i] = the lane sum of register vec(i) for i < ALL: S::sums N registers at a time, each sum by
+// the same tree as one S::sum.
 template <int ALL, class F>
 inline void lane_sums(F vec, float* out) {
   constexpr int PASSES = (ALL + S::N - 1) / S::N;
@@ -100,17 +100,18 @@ inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw
       for (int r = 0; r < R; ++r) a[r][t] = S::fma(wv[r], xv, a[r][t]);
     }
   };
-  // A block of rows fetches the next block, into L2 only: its first pass over the tokens fetches it
-  // all, and into L1 those fetches stalled on the fill buffers (a batch of 8 f32 decode steps,
-  // AVX-512: +17%). Its own rows it fetches into L1 512 bytes ahead of use (AVX2: +5%).
+  // A block of rows fetches the next block into L2 only: its first pass over the tokens fetches all
+  // of it, which into L1 stalls on the fill buffers (8 f32 decode steps, AVX-512: +17% in L2). Its
+  // own rows it fetches into L1, OWN_ROWS_AHEAD bytes ahead of use.
+  constexpr int OWN_ROWS_AHEAD = 512;
   const long ahead = R == 1 ? WEIGHT_PREFETCH : R * ldw;
   int k = 0;
   for (; k + 2 * S::N <= n; k += 2 * S::N) {
     for (int r = 0; r < R; ++r)
-      for (int b = 0; b < int(2 * S::N * sizeof(*w)); b += 64)
+      for (int b = 0; b < int(2 * S::N * sizeof(*w)); b += 64) {
         __builtin_prefetch((const char*)(w + r * ldw + k + ahead) + b, 0, R == 1 ? 3 : 2);
-    if constexpr (R > 1)
-      for (int r = 0; r < R; ++r) __builtin_prefetch((const char*)(w + r * ldw + k) + 512, 0, 3);
+        if constexpr (R > 1) __builtin_prefetch((const char*)(w + r * ldw + k) + OWN_ROWS_AHEAD + b, 0, 3);
+      }
     step(a0, k);
     step(a1, k + S::N);
   }

@@ -304,7 +304,7 @@ def _rows(opts, dtype, threads, tests, setups, seconds, results) -> None:
 def read_per_token(info: dict, test: Test) -> float:
     """Bytes a decode step of `test` reads on average: every weight, and the KV cache of the context
     it attends to (depth + i + 1 positions at step i), which at depth 8192 rivals the weights."""
-    return info["weight_bytes"] + info.get("kv_bytes_per_token", 0) * (test.depth + (test.tokens + 1) / 2)
+    return info["weight_bytes"] + info["kv_bytes_per_token"] * (test.depth + (test.tokens + 1) / 2)
 
 
 def _finish_engine(opts, dtype, threads, workers, setups, gen_prompt, results, log) -> None:

@@ -32,11 +32,15 @@ struct Pass {
   Workspace& ws;
   const Record& rec;
   const int n, D, F, NH, NKV, HD, QD, KVD;
+  // A matmul input's rows made by the threads that quantize them (Workspace::matmul_input's
+  // make_row), one barrier for both; not for one token, nor where the squares are recorded, which
+  // needs every row made first.
+  const bool rows_fused;
 
   Pass(const Model& model, const Kernels& kernels, const Batch& b, Workspace& w, const Record& r)
       : m(model), c(model.config), ops(kernels), batch(b), ws(w), rec(r), n(b.n), D(c.hidden_size),
         F(c.intermediate_size), NH(c.num_attention_heads), NKV(c.num_key_value_heads), HD(c.head_dim), QD(NH * HD),
-        KVD(NKV * HD) {}
+        KVD(NKV * HD), rows_fused(n > 1 && !r.squares) {}
 
   // Each token's row of the embedding matrix, and its RoPE rotation: θ_i = position · inv_freq_i
   // in f32, as the reference computes it.
@@ -67,11 +71,9 @@ struct Pass {
     return ws.xb.data();
   }
 
-  // RMSNorm(x) with weights w as a block's matmul input (its squares recorded at `at`). A batch's
-  // tokens are normalised and quantized in one split over the threads, with one barrier; recording
-  // the squares needs every token normalised first.
+  // RMSNorm(x) with weights w as a block's matmul input (its squares recorded at `at`).
   MatmulInput block_input(int l, int at, const float* w) {
-    if (n == 1 || rec.squares) {
+    if (!rows_fused) {
       const float* xn = normalized(w);
       record_squares(l, at, xn, D);
       return ws.matmul_input(ops, xn, n, batch.n_rowwise, D);
@@ -88,7 +90,7 @@ struct Pass {
     project_qkv(l, block_input(l, 0, L.input_layernorm));
     attend(l);
     MatmulInput h;
-    if (n == 1 || rec.squares) {
+    if (!rows_fused) {
       par::for_static(int(ws.decode_merges.size()), [&](int i) { merge(ws.decode_merges[i]); });
       record_squares(l, D, ws.att.data(), QD);
       h = ws.matmul_input(ops, ws.att.data(), n, batch.n_rowwise, QD);

@@ -41,6 +41,13 @@ import urllib.request
 #   produced nothing (refused the connection, died before answering, was loading, draining or full),
 #   so that sending the request again, to another replica, cannot repeat anything the client saw.
 #   A stream that has begun is never retried: its client sees the connection cut.
+# - option http-server-close: each request opens its own connection to a replica. A connection kept
+#   from an earlier request can die with its replica between two requests, and a request HAProxy
+#   writes onto it in that instant can fail without a retry: HAProxy then closes the client's
+#   kept-alive connection without an answer, as for a keep-alive race of its own (seen once in CI: a
+#   request sent 0.2 ms after a replica's SIGKILL). A fresh connection to a dead replica is refused or
+#   reset before any answer, and both are retried. A loopback connect costs tens of microseconds
+#   against the hundreds of milliseconds of a completion.
 # - timeout server/client: the longest silence within a stream (a long prompt's prefill), not a
 #   request's length. timeout check: a replica whose /health takes longer (a busy machine) counts a
 #   failed check; a dead one refuses the connection at once.
@@ -61,6 +68,7 @@ defaults
     retries 3
     option redispatch 1
     retry-on conn-failure empty-response 503
+    option http-server-close
 
 frontend gally
     bind {host}:{port}

@@ -79,6 +79,13 @@ inline void lane_sums(F vec, float* out) {
   for (int i = 0; i < ALL; ++i) out[i] = sum[i];
 }
 
+// The part k ∈ [k0, k1) of row_dots' sums (k1 < 0: to the end): a part that starts past 0 takes
+// its accumulators from carry, one that ends before n leaves them there (matmul_rows_spans).
+struct RowSpan {
+  int k0 = 0, k1 = -1;
+  float* carry = nullptr;  // 2 · R · NT vectors
+};
+
 // s[r · NT + t] = Σ_k x[t, k] · w[r, k] for R rows (ldw apart) and NT tokens (ldx apart): each
 // vector of the rows is loaded (and widened) once for all the tokens, each token's once for all
 // the rows. A decode step of one sequence (R = 1) streams the weights one row after another, which
@@ -87,10 +94,17 @@ inline void lane_sums(F vec, float* out) {
 // tail: the same operations whatever R and NT, so a decode step in a batch gets exactly what it
 // gets alone.
 template <class WL, int R, int NT>
-inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw, int n, float* s) {
+inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw, int n, float* s,
+                     const RowSpan& span = {}) {
+  const int k0 = span.k0, k1 = span.k1 < 0 ? n : span.k1;
+  const bool last = k1 == n;
   V a0[R][NT], a1[R][NT];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NT; ++t) a0[r][t] = a1[r][t] = S::zero();
+    for (int t = 0; t < NT; ++t)
+      if (k0 == 0) a0[r][t] = a1[r][t] = S::zero();
+      else
+        a0[r][t] = S::load(span.carry + (2 * (r * NT + t)) * S::N),
+        a1[r][t] = S::load(span.carry + (2 * (r * NT + t) + 1) * S::N);
   auto step = [&](V(&a)[R][NT], int k) {
     V wv[R];
     for (int r = 0; r < R; ++r) wv[r] = WL::load(w + r * ldw + k);
@@ -105,8 +119,8 @@ inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw
   // own rows it fetches into L1, OWN_ROWS_AHEAD bytes ahead of use.
   constexpr int OWN_ROWS_AHEAD = 512;
   const long ahead = R == 1 ? WEIGHT_PREFETCH : R * ldw;
-  int k = 0;
-  for (; k + 2 * S::N <= n; k += 2 * S::N) {
+  int k = k0;
+  for (; k + 2 * S::N <= k1; k += 2 * S::N) {
     for (int r = 0; r < R; ++r)
       for (int b = 0; b < int(2 * S::N * sizeof(*w)); b += 64) {
         __builtin_prefetch((const char*)(w + r * ldw + k + ahead) + b, 0, R == 1 ? 3 : 2);
@@ -114,6 +128,14 @@ inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw
       }
     step(a0, k);
     step(a1, k + S::N);
+  }
+  if (!last) {  // a span ends at a multiple of 2N: the next one goes on with the same accumulators
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < NT; ++t) {
+        S::store(span.carry + (2 * (r * NT + t)) * S::N, a0[r][t]);
+        S::store(span.carry + (2 * (r * NT + t) + 1) * S::N, a1[r][t]);
+      }
+    return;
   }
   if (k + S::N <= n) {
     step(a0, k);
@@ -131,10 +153,21 @@ inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw
 
 // row_dots for nt ≤ NT tokens, nt known only at run time.
 template <class WL, int R, int NT = ROW_PASS_TOKENS>
-inline void row_dots_n(int nt, const float* x, long ldx, const typename WL::T* w, long ldw, int n, float* s) {
+inline void row_dots_n(int nt, const float* x, long ldx, const typename WL::T* w, long ldw, int n, float* s,
+                       const RowSpan& span = {}) {
   if constexpr (NT > 1)
-    if (nt < NT) return row_dots_n<WL, R, NT - 1>(nt, x, ldx, w, ldw, n, s);
-  row_dots<WL, R, NT>(x, ldx, w, ldw, n, s);
+    if (nt < NT) return row_dots_n<WL, R, NT - 1>(nt, x, ldx, w, ldw, n, s, span);
+  row_dots<WL, R, NT>(x, ldx, w, ldw, n, s, span);
+}
+
+// y[t, r + i] (+)= s[i · nt + t] + b[r + i]: a pass's sums stored.
+inline void store_pass(const float* s, int rows, int nt, const float* b, float* y, int ldy, int r, bool accumulate) {
+  for (int i = 0; i < rows; ++i)
+    for (int t = 0; t < nt; ++t) {
+      float& o = y[long(t) * ldy + r + i];
+      const float v = s[i * nt + t] + (b ? b[r + i] : 0.0f);
+      o = accumulate ? o + v : v;
+    }
 }
 
 // Rows [r, r + R) for every token, each pass's rows multiplied by ROW_PASS_TOKENS tokens while
@@ -146,12 +179,50 @@ inline void row_block(const float* x, const typename WL::T* W, const float* b, f
     const int nt = std::min(ROW_PASS_TOKENS, n_tok - t0);
     float s[R * ROW_PASS_TOKENS];
     row_dots_n<WL, R>(nt, x + long(t0) * n_in, n_in, W + long(r) * n_in, n_in, n_in, s);
-    for (int i = 0; i < R; ++i)
-      for (int t = 0; t < nt; ++t) {
-        float& o = y[long(t0 + t) * ldy + r + i];
-        const float v = s[i * nt + t] + (b ? b[r + i] : 0.0f);
-        o = accumulate ? o + v : v;
-      }
+    store_pass(s, R, nt, b, y + long(t0) * ldy, ldy, r, accumulate);
+  }
+}
+
+// Where the tokens' rows do not fit in L1 together (8 tokens of 1536 f32 are 48 KiB), every block
+// of rows reads them all from L2 again. On the 8-lane sets the rows [r0, r1) then go ROW_CHUNK at a
+// time, and a chunk's k in spans of ROW_SPAN_BYTES of the tokens' rows: each span's activations
+// stay in L1 while all the chunk's rows pass over them, and each row block and pass carries its
+// accumulators from one span to the next in `carry`. A span starts at a multiple of 2N, so every
+// accumulator adds the same vectors in the same order as without spans: the same bits. Measured,
+// one core, AVX2, 8 tokens: SmolLM2's 576 × 1536 f32 22 → 27-29 GMAC/s, Llama-3.2-1B's
+// 2048 × 8192 and 8192 × 2048 bf16 22 → 27, 25 → 28; 18 KiB of rows (576 × 8) lose to the carries
+// (28 → 24), so spans start past 2 · ROW_SPAN_BYTES. AVX-512 gains nothing at 8 tokens and loses at
+// 16 (1B bf16 43 → 35): its passes take 3 rows and 4 tokens, and it keeps one span.
+constexpr bool ROW_SPANS = S::N == 8;
+constexpr int ROW_CHUNK = 96;              // rows, a multiple of ROW_BLOCK
+constexpr long ROW_SPAN_BYTES = 16 << 10;  // of the tokens' activations per span
+
+template <class WL>
+void matmul_rows_spans(const float* x, const typename WL::T* W, const float* b, float* y, int n_tok, int n_in, int ldy,
+                       int r0, int r1, bool accumulate, int span) {
+  const int passes = (n_tok + ROW_PASS_TOKENS - 1) / ROW_PASS_TOKENS;
+  constexpr int PASS_CARRY = 2 * ROW_BLOCK * ROW_PASS_TOKENS * S::N;  // floats a row block's pass carries
+  static thread_local std::vector<float> carry;
+  carry.resize(size_t(ROW_CHUNK) * passes * PASS_CARRY);
+  auto block = [&](auto rows, int r, int k0, int k1, float* at) {  // a block of rows, every pass
+    constexpr int R = decltype(rows)::value;
+    for (int t0 = 0; t0 < n_tok; t0 += ROW_PASS_TOKENS, at += PASS_CARRY) {
+      const int nt = std::min(ROW_PASS_TOKENS, n_tok - t0);
+      float s[R * ROW_PASS_TOKENS];
+      row_dots_n<WL, R>(nt, x + long(t0) * n_in, n_in, W + long(r) * n_in, n_in, n_in, s, {k0, k1, at});
+      if (k1 == n_in) store_pass(s, R, nt, b, y + long(t0) * ldy, ldy, r, accumulate);
+    }
+  };
+  for (int c0 = r0; c0 < r1; c0 += ROW_CHUNK) {
+    const int c1 = std::min(r1, c0 + ROW_CHUNK);
+    for (int k0 = 0; k0 < n_in; k0 += span) {
+      const int k1 = n_in - k0 > span ? k0 + span : n_in;
+      float* at = carry.data();
+      int r = c0;
+      for (; r + ROW_BLOCK <= c1; r += ROW_BLOCK, at += passes * PASS_CARRY)
+        block(std::integral_constant<int, ROW_BLOCK>{}, r, k0, k1, at);
+      for (; r < c1; ++r, at += passes * PASS_CARRY) block(std::integral_constant<int, 1>{}, r, k0, k1, at);
+    }
   }
 }
 
@@ -160,6 +231,12 @@ inline void row_block(const float* x, const typename WL::T* W, const float* b, f
 template <class WL>
 void matmul_rows(const float* x, const typename WL::T* W, const float* b, float* y, int n_tok, int n_in, int ldy,
                  int r0, int r1, bool accumulate) {
+  const long x_bytes = long(n_tok) * n_in * long(sizeof(float));
+  if (ROW_SPANS && n_tok > 1 && x_bytes > 2 * ROW_SPAN_BYTES) {
+    const long span = ROW_SPAN_BYTES / (long(n_tok) * sizeof(float)) / (2 * S::N) * (2 * S::N);
+    return matmul_rows_spans<WL>(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate,
+                                 int(span > 2 * S::N ? span : 2 * S::N));
+  }
   int r = r0;
   if (n_tok > 1)
     for (; r + ROW_BLOCK <= r1; r += ROW_BLOCK) row_block<WL, ROW_BLOCK>(x, W, b, y, n_tok, n_in, ldy, r, accumulate);

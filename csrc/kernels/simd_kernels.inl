@@ -79,10 +79,10 @@ inline void lane_sums(F vec, float* out) {
   for (int i = 0; i < ALL; ++i) out[i] = sum[i];
 }
 
-// The part k ∈ [k0, k1) of row_dots' sums (k1 < 0: to the end): a part that starts past 0 takes
-// its accumulators from carry, one that ends before n leaves them there (matmul_rows_spans).
+// The part k ∈ [k0, k1) of row_dots<…, SPANS = true>'s sums: a part that starts past 0 takes its
+// accumulators from carry, one that ends before n leaves them there (matmul_rows_spans).
 struct RowSpan {
-  int k0 = 0, k1 = -1;
+  int k0 = 0, k1 = 0;
   float* carry = nullptr;  // 2 · R · NT vectors
 };
 
@@ -93,18 +93,19 @@ struct RowSpan {
 // row and token sums in two accumulators, even and odd vectors, then sum(a0 + a1) and the scalar
 // tail: the same operations whatever R and NT, so a decode step in a batch gets exactly what it
 // gets alone.
-template <class WL, int R, int NT>
+template <class WL, int R, int NT, bool SPANS = false>
 inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw, int n, float* s,
                      const RowSpan& span = {}) {
-  const int k0 = span.k0, k1 = span.k1 < 0 ? n : span.k1;
-  const bool last = k1 == n;
+  const int k0 = SPANS ? span.k0 : 0, k1 = SPANS ? span.k1 : n;
   V a0[R][NT], a1[R][NT];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < NT; ++t)
-      if (k0 == 0) a0[r][t] = a1[r][t] = S::zero();
-      else
-        a0[r][t] = S::load(span.carry + (2 * (r * NT + t)) * S::N),
+      if (!SPANS || k0 == 0) {
+        a0[r][t] = a1[r][t] = S::zero();
+      } else {
+        a0[r][t] = S::load(span.carry + (2 * (r * NT + t)) * S::N);
         a1[r][t] = S::load(span.carry + (2 * (r * NT + t) + 1) * S::N);
+      }
   auto step = [&](V(&a)[R][NT], int k) {
     V wv[R];
     for (int r = 0; r < R; ++r) wv[r] = WL::load(w + r * ldw + k);
@@ -129,7 +130,7 @@ inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw
     step(a0, k);
     step(a1, k + S::N);
   }
-  if (!last) {  // a span ends at a multiple of 2N: the next one goes on with the same accumulators
+  if (SPANS && k1 < n) {  // a span ends at a multiple of 2N: the next one goes on with the same accumulators
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < NT; ++t) {
         S::store(span.carry + (2 * (r * NT + t)) * S::N, a0[r][t]);
@@ -152,12 +153,12 @@ inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw
 }
 
 // row_dots for nt ≤ NT tokens, nt known only at run time.
-template <class WL, int R, int NT = ROW_PASS_TOKENS>
+template <class WL, int R, int NT = ROW_PASS_TOKENS, bool SPANS = false>
 inline void row_dots_n(int nt, const float* x, long ldx, const typename WL::T* w, long ldw, int n, float* s,
                        const RowSpan& span = {}) {
   if constexpr (NT > 1)
-    if (nt < NT) return row_dots_n<WL, R, NT - 1>(nt, x, ldx, w, ldw, n, s, span);
-  row_dots<WL, R, NT>(x, ldx, w, ldw, n, s, span);
+    if (nt < NT) return row_dots_n<WL, R, NT - 1, SPANS>(nt, x, ldx, w, ldw, n, s, span);
+  row_dots<WL, R, NT, SPANS>(x, ldx, w, ldw, n, s, span);
 }
 
 // y[t, r + i] (+)= s[i · nt + t] + b[r + i]: a pass's sums stored.
@@ -196,9 +197,10 @@ inline void row_block(const float* x, const typename WL::T* W, const float* b, f
 constexpr bool ROW_SPANS = S::N == 8;
 constexpr int ROW_CHUNK = 96;              // rows, a multiple of ROW_BLOCK
 constexpr long ROW_SPAN_BYTES = 16 << 10;  // of the tokens' activations per span
+constexpr long ROW_SPAN_MIN = 512;         // k per span at least, and spans at least two
 
 template <class WL>
-void matmul_rows_spans(const float* x, const typename WL::T* W, const float* b, float* y, int n_tok, int n_in, int ldy,
+[[gnu::noinline]] void matmul_rows_spans(const float* x, const typename WL::T* W, const float* b, float* y, int n_tok, int n_in, int ldy,
                        int r0, int r1, bool accumulate, int span) {
   const int passes = (n_tok + ROW_PASS_TOKENS - 1) / ROW_PASS_TOKENS;
   constexpr int PASS_CARRY = 2 * ROW_BLOCK * ROW_PASS_TOKENS * S::N;  // floats a row block's pass carries
@@ -209,7 +211,8 @@ void matmul_rows_spans(const float* x, const typename WL::T* W, const float* b, 
     for (int t0 = 0; t0 < n_tok; t0 += ROW_PASS_TOKENS, at += PASS_CARRY) {
       const int nt = std::min(ROW_PASS_TOKENS, n_tok - t0);
       float s[R * ROW_PASS_TOKENS];
-      row_dots_n<WL, R>(nt, x + long(t0) * n_in, n_in, W + long(r) * n_in, n_in, n_in, s, {k0, k1, at});
+      row_dots_n<WL, R, ROW_PASS_TOKENS, true>(nt, x + long(t0) * n_in, n_in, W + long(r) * n_in, n_in, n_in, s,
+                                               {k0, k1, at});
       if (k1 == n_in) store_pass(s, R, nt, b, y + long(t0) * ldy, ldy, r, accumulate);
     }
   };
@@ -231,11 +234,10 @@ void matmul_rows_spans(const float* x, const typename WL::T* W, const float* b, 
 template <class WL>
 void matmul_rows(const float* x, const typename WL::T* W, const float* b, float* y, int n_tok, int n_in, int ldy,
                  int r0, int r1, bool accumulate) {
-  const long x_bytes = long(n_tok) * n_in * long(sizeof(float));
-  if (ROW_SPANS && n_tok > 1 && x_bytes > 2 * ROW_SPAN_BYTES) {
-    const long span = ROW_SPAN_BYTES / (long(n_tok) * sizeof(float)) / (2 * S::N) * (2 * S::N);
-    return matmul_rows_spans<WL>(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate,
-                                 int(span > 2 * S::N ? span : 2 * S::N));
+  if (ROW_SPANS && n_tok > 1 && long(n_tok) * n_in * long(sizeof(float)) > 2 * ROW_SPAN_BYTES) {
+    long span = ROW_SPAN_BYTES / (long(n_tok) * sizeof(float));
+    span = (span > ROW_SPAN_MIN ? span : ROW_SPAN_MIN) / (2 * S::N) * (2 * S::N);
+    if (n_in >= 2 * span) return matmul_rows_spans<WL>(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate, int(span));
   }
   int r = r0;
   if (n_tok > 1)

@@ -186,22 +186,24 @@ inline void row_block(const float* x, const typename WL::T* W, const float* b, f
 
 // Where the tokens' rows do not fit in L1 together (8 tokens of 1536 f32 are 48 KiB), every block
 // of rows reads them all from L2 again. On the 8-lane sets the rows [r0, r1) then go ROW_CHUNK at a
-// time, and a chunk's k in spans of ROW_SPAN_BYTES of the tokens' rows: each span's activations
-// stay in L1 while all the chunk's rows pass over them, and each row block and pass carries its
-// accumulators from one span to the next in `carry`. A span starts at a multiple of 2N, so every
-// accumulator adds the same vectors in the same order as without spans: the same bits. Measured,
-// one core, AVX2, 8 tokens: SmolLM2's 576 × 1536 f32 22 → 27-29 GMAC/s, Llama-3.2-1B's
-// 2048 × 8192 and 8192 × 2048 bf16 22 → 27, 25 → 28; 18 KiB of rows (576 × 8) lose to the carries
-// (28 → 24), so spans start past 2 · ROW_SPAN_BYTES. AVX-512 gains nothing at 8 tokens and loses at
-// 16 (1B bf16 43 → 35): its passes take 3 rows and 4 tokens, and it keeps one span.
+// time, and a chunk's k in spans of ROW_SPAN_BYTES of the tokens' rows (ROW_SPAN_MIN k at least):
+// each span's activations stay in L1 while all the chunk's rows pass over them, and each row block
+// and pass carries its accumulators from one span to the next in `carry`. A span starts at a
+// multiple of 2N, so every accumulator adds the same vectors in the same order as without spans:
+// the same bits. Measured, one core, AVX2: 8 tokens of SmolLM2's 1536 f32 22 → 27 GMAC/s, 16 tokens
+// 20 → 29; 8 tokens of Llama-3.2-1B's 2048 and 8192 bf16 22.5 → 25.5 and 27. Spans of fewer k lose
+// to the carries (8 tokens of 576 in 512 + 64: 28 → 24; 16 tokens in 256s: −5%), so there are at
+// least two of ROW_SPAN_MIN. Kept out of line: inlined into matmul_rows, it slowed the unspanned
+// path (16 tokens of 576: 31.5 → 26). AVX-512 gains nothing at 8 tokens and loses at 16 (1B bf16
+// 43 → 35): its passes take 3 rows and 4 tokens, and it keeps one span.
 constexpr bool ROW_SPANS = S::N == 8;
 constexpr int ROW_CHUNK = 96;              // rows, a multiple of ROW_BLOCK
 constexpr long ROW_SPAN_BYTES = 16 << 10;  // of the tokens' activations per span
-constexpr long ROW_SPAN_MIN = 512;         // k per span at least, and spans at least two
+constexpr long ROW_SPAN_MIN = 512;         // k per span at least
 
 template <class WL>
-[[gnu::noinline]] void matmul_rows_spans(const float* x, const typename WL::T* W, const float* b, float* y, int n_tok, int n_in, int ldy,
-                       int r0, int r1, bool accumulate, int span) {
+[[gnu::noinline]] void matmul_rows_spans(const float* x, const typename WL::T* W, const float* b, float* y, int n_tok,
+                                         int n_in, int ldy, int r0, int r1, bool accumulate, int span) {
   const int passes = (n_tok + ROW_PASS_TOKENS - 1) / ROW_PASS_TOKENS;
   constexpr int PASS_CARRY = 2 * ROW_BLOCK * ROW_PASS_TOKENS * S::N;  // floats a row block's pass carries
   static thread_local std::vector<float> carry;

@@ -207,7 +207,8 @@ template <class WL>
   const int passes = (n_tok + ROW_PASS_TOKENS - 1) / ROW_PASS_TOKENS;
   constexpr int PASS_CARRY = 2 * ROW_BLOCK * ROW_PASS_TOKENS * S::N;  // floats a row block's pass carries
   static thread_local std::vector<float> carry;
-  carry.resize(size_t(ROW_CHUNK) * passes * PASS_CARRY);
+  carry.resize(size_t(ROW_CHUNK / ROW_BLOCK + ROW_BLOCK - 1) * passes *
+               PASS_CARRY);                                        // a chunk's blocks and single rows
   auto block = [&](auto rows, int r, int k0, int k1, float* at) {  // a block of rows, every pass
     constexpr int R = decltype(rows)::value;
     for (int t0 = 0; t0 < n_tok; t0 += ROW_PASS_TOKENS, at += PASS_CARRY) {
@@ -236,11 +237,12 @@ template <class WL>
 template <class WL>
 void matmul_rows(const float* x, const typename WL::T* W, const float* b, float* y, int n_tok, int n_in, int ldy,
                  int r0, int r1, bool accumulate) {
-  if (ROW_SPANS && n_tok > 1 && long(n_tok) * n_in * long(sizeof(float)) > 2 * ROW_SPAN_BYTES) {
-    long span = ROW_SPAN_BYTES / (long(n_tok) * sizeof(float));
-    span = (span > ROW_SPAN_MIN ? span : ROW_SPAN_MIN) / (2 * S::N) * (2 * S::N);
-    if (n_in >= 2 * span) return matmul_rows_spans<WL>(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate, int(span));
-  }
+  if constexpr (ROW_SPANS)
+    if (n_tok > 1 && long(n_tok) * n_in * long(sizeof(float)) > 2 * ROW_SPAN_BYTES) {
+      long span = ROW_SPAN_BYTES / (long(n_tok) * sizeof(float));
+      span = (span > ROW_SPAN_MIN ? span : ROW_SPAN_MIN) / (2 * S::N) * (2 * S::N);
+      if (n_in >= 2 * span) return matmul_rows_spans<WL>(x, W, b, y, n_tok, n_in, ldy, r0, r1, accumulate, int(span));
+    }
   int r = r0;
   if (n_tok > 1)
     for (; r + ROW_BLOCK <= r1; r += ROW_BLOCK) row_block<WL, ROW_BLOCK>(x, W, b, y, n_tok, n_in, ldy, r, accumulate);

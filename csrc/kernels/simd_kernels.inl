@@ -206,9 +206,8 @@ template <class WL>
                                          int n_in, int ldy, int r0, int r1, bool accumulate, int span) {
   const int passes = (n_tok + ROW_PASS_TOKENS - 1) / ROW_PASS_TOKENS;
   constexpr int PASS_CARRY = 2 * ROW_BLOCK * ROW_PASS_TOKENS * S::N;  // floats a row block's pass carries
-  static thread_local std::vector<float> carry;
-  carry.resize(size_t(ROW_CHUNK / ROW_BLOCK + ROW_BLOCK - 1) * passes *
-               PASS_CARRY);                                        // a chunk's blocks and single rows
+  static thread_local std::vector<float> carry;  // for a chunk's blocks and single rows, every pass
+  carry.resize(size_t(ROW_CHUNK / ROW_BLOCK + ROW_BLOCK - 1) * passes * PASS_CARRY);
   auto block = [&](auto rows, int r, int k0, int k1, float* at) {  // a block of rows, every pass
     constexpr int R = decltype(rows)::value;
     for (int t0 = 0; t0 < n_tok; t0 += ROW_PASS_TOKENS, at += PASS_CARRY) {

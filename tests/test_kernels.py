@@ -452,10 +452,10 @@ def test_decode_attention_for_a_gqa_group_split_over_the_keys(core, isa, kv_dtyp
 @pytest.mark.parametrize("wtype", ["f32", "bf16"])
 def test_gemm_token_gets_the_same_in_any_tile(isa, wtype):
     """The prefill GEMM's token tiles: a last tile of one vector after a full one is merged with it and
-    the two split evenly (AVX-512 48 + 16 tokens → 32 + 32, AVX2 24 + 8 → 16 + 16). A token's outputs are
+    the two split evenly (AVX-512 64 + 16 tokens → 48 + 32, AVX2 24 + 8 → 16 + 16). A token's outputs are
     bit for bit the same whichever tile it lands in, and right."""
     rng = np.random.default_rng(12)
-    for n_tok in (25, 32, 49, 56, 64, 112):
+    for n_tok in (25, 32, 49, 56, 64, 72, 80, 112, 140):
         W, Wf = weights(rng, 37, 96, wtype)
         x = rng.standard_normal((n_tok, 96)).astype(np.float32)
         y = _core.testing.kernel_matmul(isa, x, W, wtype, None, np.zeros((n_tok, 37), np.float32), False, 0, 37)

@@ -24,9 +24,9 @@ constexpr int KB = 6144 / TW;  // k per block at most: its KB × TW activations 
 
 // Tile `tile` of n_tok tokens: [t0, t0 + nt). Tiles of TW tokens, but where the last would hold
 // one vector after a full tile, those two split their tokens into two tiles of about equal
-// vectors (AVX-512: 48 + 16 → 32 + 32): a tile of one vector ran at half the rate (bf16 2048 ×
-// 8192, one thread, 64 tokens: 37 GMAC/s against 46 for 48 tokens). A token's sums do not depend
-// on its tile.
+// vectors (AVX-512: 64 + 16 → 48 + 32, AVX2: 24 + 8 → 16 + 16): a tile of one vector ran at half
+// the rate (bf16 2048 × 8192, one thread, 64 tokens as 48 + 16: 37 GMAC/s against 46 for 48
+// tokens). A token's sums do not depend on its tile.
 inline void tile_span(int tile, int n_tok, int* t0, int* nt) {
   const int tiles = (n_tok + TW - 1) / TW, last = n_tok - (tiles - 1) * TW;
   *t0 = tile * TW;

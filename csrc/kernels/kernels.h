@@ -75,8 +75,9 @@ constexpr int GEMM_MIN_TOKENS = 4;
 // +4%: so 17 for the AVX-512 sets, 16 elsewhere. Quantized models keep GEMM_MIN_TOKENS: their
 // prompts take gemm_q.
 constexpr int FLOAT_GEMM_MIN_TOKENS = 16;
-// A batch split between threads is split at multiples of GEMM_SPLIT_TOKENS tokens, which every
-// GEMM's token tile divides (16, 24 or 48 tokens) and Kernels::pack's tile equals.
+// A batch split between threads is split at multiples of GEMM_SPLIT_TOKENS tokens: Kernels::pack's
+// tile, a multiple of gemm_q's tiles (16 or 48 tokens) and of AVX2's float GEMM tile (24), and 3 of
+// the 4 vectors of AVX-512's (64), as fast as its full tiles.
 constexpr int GEMM_SPLIT_TOKENS = 48;
 
 constexpr int KV_BLOCK_ALIGN = 16;  // rows of a cache block are a multiple of this (KvHead)

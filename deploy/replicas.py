@@ -44,11 +44,11 @@ import urllib.request
 # - option http-server-close: each request opens its own connection to a replica. A connection kept
 #   from an earlier request can die with its replica between two requests, and a request HAProxy
 #   writes onto it in that instant can fail without a retry: HAProxy then closes the client's
-#   kept-alive connection without an answer, as for a keep-alive race of its own (seen once in CI: a
-#   request sent 0.2 ms after a replica's SIGKILL). A fresh connection to a dead replica is refused
-#   (retried as conn-failure), or reset or closed before any answer (retried as empty-response: tried
-#   with fake replicas on Debian's 2.6.12; HAProxy 2.6.0 did not retry a reset, haproxy#2061). A
-#   loopback connect costs tens of microseconds against the hundreds of milliseconds of a completion.
+#   kept-alive connection without an answer, as for a keep-alive race of its own. A fresh connection
+#   to a dead replica is refused (retried as conn-failure), or reset or closed before any answer
+#   (retried as empty-response: tried with fake replicas on Debian's 2.6.12; HAProxy 2.6.0 did not
+#   retry a reset, haproxy#2061). A loopback connect costs tens of microseconds against the hundreds
+#   of milliseconds of a completion.
 # - timeout server/client: the longest silence within a stream (a long prompt's prefill), not a
 #   request's length. timeout check: a replica whose /health takes longer (a busy machine) counts a
 #   failed check; a dead one refuses the connection at once.

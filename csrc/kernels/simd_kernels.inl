@@ -98,13 +98,14 @@ inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw
                      const RowSpan& span = {}) {
   const int k0 = SPANS ? span.k0 : 0, k1 = SPANS ? span.k1 : n;
   V a0[R][NT], a1[R][NT];
+  auto carried = [&](int r, int t) { return span.carry + 2 * (r * NT + t) * S::N; };  // a0, then a1
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < NT; ++t)
       if (!SPANS || k0 == 0) {
         a0[r][t] = a1[r][t] = S::zero();
       } else {
-        a0[r][t] = S::load(span.carry + (2 * (r * NT + t)) * S::N);
-        a1[r][t] = S::load(span.carry + (2 * (r * NT + t) + 1) * S::N);
+        a0[r][t] = S::load(carried(r, t));
+        a1[r][t] = S::load(carried(r, t) + S::N);
       }
   auto step = [&](V(&a)[R][NT], int k) {
     V wv[R];
@@ -133,8 +134,8 @@ inline void row_dots(const float* x, long ldx, const typename WL::T* w, long ldw
   if (SPANS && k1 < n) {  // a span ends at a multiple of 2N: the next one goes on with the same accumulators
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < NT; ++t) {
-        S::store(span.carry + (2 * (r * NT + t)) * S::N, a0[r][t]);
-        S::store(span.carry + (2 * (r * NT + t) + 1) * S::N, a1[r][t]);
+        S::store(carried(r, t), a0[r][t]);
+        S::store(carried(r, t) + S::N, a1[r][t]);
       }
     return;
   }

@@ -14,7 +14,7 @@ import pytest
 import gally
 import gguf_helpers
 from conftest import make_checkpoint, write_safetensors
-from gally import cli
+from gally import _core, cli
 from gally.bench import peer_gguf, report
 from gally.bench.llama_bench import parse as parse_llama_bench
 from gally.bench.run import Options, Test as BenchTest, run
@@ -477,3 +477,14 @@ def test_a_given_peer_gguf_is_named_by_its_file_type(tmp_path):
     assert peer_gguf.type_of(write("none.gguf"), "int4") == "Q4_0"
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf")
     assert peer_gguf.type_of(str(tmp_path / "junk.gguf"), "int8") == "Q8_0"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_bandwidth_is_a_plausible_rate(threads):
+    gbs = _core.read_bandwidth(64 << 20, threads, 2)
+    assert math.isfinite(gbs) and 0.5 < gbs < 10_000
+
+
+def test_read_bandwidth_rejects_bad_thread_counts():
+    with pytest.raises(ValueError):
+        _core.read_bandwidth(1 << 20, 0, 1)

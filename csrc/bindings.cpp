@@ -61,7 +61,7 @@ void check_threads_start(int threads) {
 // lines 2 KiB ahead. The memory, not the loop, must be the limit: on the 2-core test machine (Xeon,
 // 2 threads) 16 scalar float sums read 23 GB/s where this reads 29-31 (AVX2 without the prefetch
 // 30, with it 28-33) and gally's int8 decode of Llama-3.2-3B's shapes streamed 25.7.
-typedef uint32_t ReadVec __attribute__((vector_size(16)));
+typedef uint32_t ReadVec __attribute__((vector_size(16), may_alias));  // reads the floats as bits
 uint32_t read_pass(const float* p, long n) {
   const ReadVec* v = (const ReadVec*)p;
   ReadVec a[4] = {};

@@ -210,7 +210,18 @@ def test_a_replica_killed_under_load(folder, tmp_path):
         old_pid = launcher.pid("r2")
         os.kill(old_pid, signal.SIGKILL)
         quiet_kill = time.monotonic()
-        wait_for(lambda: launcher.stats()["r2"]["status"].startswith("DOWN"), 10, "the checks to take r2 out")
+        seen = []  # (seconds since the kill, r2's status, its pid) at each poll
+
+        def r2_down():
+            seen.append((round(time.monotonic() - quiet_kill, 2), launcher.stats()["r2"]["status"], launcher.pid("r2")))
+            return seen[-1][1].startswith("DOWN")
+
+        try:
+            wait_for(r2_down, 10, "the checks to take r2 out")
+        except AssertionError as e:  # did r2 stay UP (the kill missed), or come back before two failed checks?
+            changes = [s for i, s in enumerate(seen) if i == 0 or s[1:] != seen[i - 1][1:]]
+            raise AssertionError(f"{e}; pid {old_pid} killed; (s, status, pid) where they changed: {changes}\n"
+                                 f"{launcher.log()[-3000:]}") from None
         quiet_down = time.monotonic()
         wait_for(lambda: launcher.pid("r2") != old_pid and launcher.stats()["r2"]["status"] == "UP", 90,
                  "r2 to rejoin")

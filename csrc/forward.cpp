@@ -161,8 +161,8 @@ struct Pass {
       float* part = ws.partials.data() + size_t(u.slot) * ws.part_floats;
       float *m = part + size_t(group) * HD, *sum = m + group;
       ops.attention_part(ws.q.data() + size_t(u.token) * QD + size_t(u.kv_head) * group * HD, HD, group,
-                         batch.seqs[u.seq].cache->head(l, u.kv_head), u.k0, u.k1, HD, c.attention_scale, scratch, part,
-                         HD, m, sum);
+                         batch.seqs[u.seq].cache->head(l, u.kv_head), u.k0, u.k1, HD, c.attention_scale,
+                         rec.attention ? scratch : nullptr, part, HD, m, sum);
       if (rec.attention)  // one part: the whole context's weights, normalised
         for (int h = 0; h < group; ++h) {
           float* row = recorded(l, u.kv_head * group + h, u.token);

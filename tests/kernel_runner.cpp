@@ -254,8 +254,9 @@ std::vector<Bytes> run(const Case& c) {
     for (int p = 0; p * per < n; ++p, ++used) {
       float* part = partials.data() + p * pf;
       const int k0 = p * per, k1 = std::min(n, k0 + per);
-      k.attention_part(q.data(), d, heads, kv.head, k0, k1, d, float(c.floats[0]), scratch.data(), part, d,
-                       part + long(heads) * d, part + long(heads) * d + heads);
+      k.attention_part(q.data(), d, heads, kv.head, k0, k1, d, float(c.floats[0]),
+                       parts == 1 ? scratch.data() : nullptr, part, d, part + long(heads) * d,
+                       part + long(heads) * d + heads);
       if (parts == 1)
         for (int h = 0; h < heads; ++h)
           for (int j = 0; j < n; ++j)

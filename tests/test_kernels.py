@@ -448,6 +448,33 @@ def test_decode_attention_for_a_gqa_group_split_over_the_keys(core, isa, kv_dtyp
             assert np.allclose(out, twin, rtol=1e-5, atol=1e-6)
 
 
+@each_set()
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_decode_attention_rescales_as_its_maximum_grows(core, isa, kv_dtype):
+    """attention_part keeps a running maximum over the keys (an online softmax): scores that rise
+    along the keys, by up to 60 between neighbours, give every tile a new maximum and scale the sums
+    before it down to nothing, and a falling run keeps the first maximum. Both, whole and in parts
+    (parts that start inside a block), against NumPy."""
+    rng = np.random.default_rng(33)
+    heads, d = 3, 64
+    Q = rng.standard_normal((heads, d)).astype(np.float32)
+    for n, parts in ((70, 1), (300, 1), (300, 4), (1000, 3)):
+        for rising in (True, False):
+            u = Q[0] / np.linalg.norm(Q[0])
+            steps = np.linspace(-40, 40, n) if rising else np.linspace(40, -40, n)
+            K = (steps[:, None] * u[None, :] / (0.5 * np.linalg.norm(Q[0])) +
+                 0.1 * rng.standard_normal((n, d))).astype(np.float32)
+            V = rng.standard_normal((n, d)).astype(np.float32)
+            out, probs = core.kernel_attention(isa, Q, K, V, 0.5, 16, kv_dtype, parts)
+            Kr, Vr = kv_rounded(K, kv_dtype).astype(np.float64), kv_rounded(V, kv_dtype).astype(np.float64)
+            s = 0.5 * Q.astype(np.float64) @ Kr.T
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            assert np.isfinite(out).all() and np.allclose(out, p @ Vr, atol=1e-5), (n, parts, rising)
+            if parts == 1:
+                assert np.allclose(probs, p, rtol=1e-5, atol=1e-7), (n, rising)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("wtype", ["f32", "bf16"])
 def test_gemm_token_gets_the_same_in_any_tile(isa, wtype):

@@ -178,10 +178,10 @@ struct Kernels {
   // For query h, with s_j = scale · K_j · q_h:
   //   m[h] = max_j s_j,   l[h] = Σ_j e^(s_j − m[h]),   out row h = Σ_j e^(s_j − m[h]) · V_j
   // the unnormalised parts of a softmax; attention over [0, n) is out / l, and parts over a split
-  // of the keys merge exactly (attention_merge). scratch: heads · (k1 − k0) floats, which end
-  // holding e^(s_j − m[h]) in row h (the weights before normalisation).
+  // of the keys merge exactly (attention_merge). probs, when not null: heads · (k1 − k0) floats,
+  // which receive e^(s_j − m[h]) in row h (the weights before normalisation).
   void (*attention_part)(const float* q, int ldq, int heads, const KvHead& kv, int k0, int k1, int d, float scale,
-                         float* scratch, float* out, int ldo, float* m, float* l);
+                         float* probs, float* out, int ldo, float* m, float* l);
 
   // Causal attention for nq consecutive positions of one head: query i (row i of Q, ldq apart)
   // sees keys 0 … ctx0+i−1 of kv and its output goes to row i of out (ldo apart).

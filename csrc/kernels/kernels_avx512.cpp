@@ -48,6 +48,7 @@ struct S {
     v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
     return _mm512_cvtss_f32(v);
   }
+  static float hmax(V v) { return _mm512_reduce_max_ps(v); }  // the largest lane
   // out = [Σ v[0], …, Σ v[N − 1]]: N registers' lane sums at once, each by the same tree (within a
   // 128-bit lane (x0 + x2) + (x1 + x3), then the lanes (L0 + L1) + (L2 + L3)) wherever it stands.
   static V sums(const V v[N]) {

@@ -143,12 +143,14 @@ void each_run(const KvHead& kv, int k0, int k1, F f) {
 
 template <class E>
 void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int k0, int k1, int d, float scale,
-                      float* scratch, float* out, int ldo, float* m, float* l) {
+                      float* probs, float* out, int ldo, float* m, float* l) {
   using T = typename E::T;
   const int n = k1 - k0;
+  static thread_local std::vector<float> own;  // a head's weights, where the caller keeps none
+  if (!probs) own.resize(size_t(n));
   for (int h = 0; h < heads; ++h) {
     const float* qh = q + (long)h * ldq;
-    float* s = scratch + (long)h * n;
+    float* s = probs ? probs + (long)h * n : own.data();
     float mx = -INFINITY;
     each_run(kv, k0, k1, [&](int j0, int rows) {
       const T* K = kv.key<T>(j0);
@@ -174,9 +176,9 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
 }
 
 void attention_part(const float* q, int ldq, int heads, const KvHead& kv, int k0, int k1, int d, float scale,
-                    float* scratch, float* out, int ldo, float* m, float* l) {
+                    float* probs, float* out, int ldo, float* m, float* l) {
   with_kv_type(kv.dtype, [&](auto e) {
-    attention_part_t<decltype(e)>(q, ldq, heads, kv, k0, k1, d, scale, scratch, out, ldo, m, l);
+    attention_part_t<decltype(e)>(q, ldq, heads, kv, k0, k1, d, scale, probs, out, ldo, m, l);
   });
 }
 

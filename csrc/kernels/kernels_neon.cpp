@@ -36,6 +36,7 @@ struct S {
     return vreinterpretq_f32_s32(vaddq_s32(vreinterpretq_s32_f32(v), e));
   }
   static float sum(V v) { return vaddvq_f32(v); }
+  static float hmax(V v) { return vmaxvq_f32(v); }  // the largest lane
   // out = [Σ v[0], …, Σ v[3]]: each (x0 + x1) + (x2 + x3) wherever it stands.
   static V sums(const V v[N]) { return vpaddq_f32(vpaddq_f32(v[0], v[1]), vpaddq_f32(v[2], v[3])); }
   static V load_bf16(const uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }

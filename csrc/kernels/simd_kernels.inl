@@ -381,8 +381,11 @@ inline auto with_kv_type(DType t, F f) {
 // online softmax does), then the tile's values weighted into the outputs. Each key and value vector
 // is loaded (and widened from a compact cache) once for all the heads, and a tile's N scores per
 // head come out in one register (S::sums), with no work per key outside the vectors. Scores in
-// sub-tiles of ATT_KEYS keys, values ATT_VECS vectors of the output wide: ATT_HEADS · ATT_KEYS (or
-// ATT_VECS) accumulators, within the registers of every set.
+// sub-tiles of ATT_KEYS keys, values ATT_VECS vectors of the output wide: up to ATT_HEADS · ATT_KEYS
+// (or ATT_VECS) accumulators. On AVX2 the 12 of 3 heads leave 4 of its 16 registers, and 4 heads
+// spill; 2 keys and 2 vectors there instead measured slower still, even at 4 heads (SmolLM2's
+// shapes at depth 8160, one thread over a part in L2: 3 heads 12.3 → 14.6 GB/s, 4 heads 10.5 →
+// 11.3; 2 threads from memory, 3 heads 15.8 → 17.2).
 //
 // A tile's keys and values are fetched while the tiles ATT_AHEAD blocks before them are worked on:
 // each tile fetches the rows ATT_AHEAD blocks further on into L2, and those of the next block from
@@ -397,8 +400,8 @@ inline auto with_kv_type(DType t, F f) {
 // ahead 17.7, 3 or 4 as 2; the whole model's decode at that depth 39.4 → 41.4-42.2 tok/s. The
 // next block into L1 as well: AVX-512 19.9 → 21.5 GB/s, AVX2 14.9 → 15.5.
 constexpr int ATT_HEADS = 4;
-constexpr int ATT_KEYS = S::N >= 16 ? 4 : 2;
-constexpr int ATT_VECS = S::N >= 16 ? 4 : 2;
+constexpr int ATT_KEYS = 4;
+constexpr int ATT_VECS = 4;
 constexpr int ATT_AHEAD = 2;
 
 // f(std::integral_constant<int, hn>) for hn in 1 … ATT_HEADS: the head count as a constant.

@@ -174,7 +174,8 @@ struct Kernels {
   void (*rope)(float* v, const float* cos, const float* sin, int d);
 
   // A decode step's attention for the queries of one GQA group: `heads` query rows (ldq apart)
-  // sharing one KV head, over its keys [k0, k1), each key and value row read once for all of them.
+  // sharing one KV head, over its keys [k0, k1), each key and value row read once for up to 4 of
+  // them (the SIMD sets; a larger group reads the part's rows again, by then in L2).
   // For query h, with s_j = scale · K_j · q_h:
   //   m[h] = max_j s_j,   l[h] = Σ_j e^(s_j − m[h]),   out row h = Σ_j e^(s_j − m[h]) · V_j
   // the unnormalised parts of a softmax; attention over [0, n) is out / l, and parts over a split

@@ -16,6 +16,7 @@ namespace avx2 {
 
 struct S {
   static constexpr int N = 8;
+  static constexpr int REGS = 16;                     // vector registers (ymm0-15)
   static constexpr int GEMM_ROWS = 4, GEMM_VECS = 3;  // 12 accumulators + 3 activations + 1 weight of 16 ymm
   using V = __m256;
   static V zero() { return _mm256_setzero_ps(); }

@@ -17,6 +17,7 @@ namespace neon {
 
 struct S {
   static constexpr int N = 4;
+  static constexpr int REGS = 32;                     // vector registers (v0-v31)
   static constexpr int GEMM_ROWS = 8, GEMM_VECS = 3;  // 24 accumulators + 3 activations + 1 weight of 32 registers
   using V = float32x4_t;
   static V zero() { return vdupq_n_f32(0.0f); }

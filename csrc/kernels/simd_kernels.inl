@@ -382,7 +382,7 @@ inline auto with_kv_type(DType t, F f) {
 // is loaded (and widened from a compact cache) once for all the heads, and a tile's N scores per
 // head come out in one register (S::sums), with no work per key outside the vectors. Scores in
 // sub-tiles of ATT_KEYS keys, values ATT_VECS vectors of the output wide: up to ATT_HEADS · ATT_KEYS
-// (or ATT_VECS) accumulators. On AVX2 the 12 of 3 heads leave 4 of its 16 registers, and 4 heads
+// (or ATT_VECS) accumulators. On AVX2 the 12 of 3 heads leave 4 of its 16 registers (att_fits), and 4 heads
 // spill; 2 keys and 2 vectors there instead measured slower still, even at 4 heads (SmolLM2's
 // shapes at depth 8160, one thread over a part in L2: 3 heads 12.3 → 14.6 GB/s, 4 heads 10.5 →
 // 11.3; 2 threads from memory, 3 heads 15.8 → 17.2).
@@ -403,6 +403,11 @@ constexpr int ATT_HEADS = 4;
 constexpr int ATT_KEYS = 4;
 constexpr int ATT_VECS = 4;
 constexpr int ATT_AHEAD = 2;
+// Whether HN · W accumulators, W rows' vectors and a query vector (or weight) fit in the registers
+// at once; where not (AVX2's 16, 3 heads: 17), the loops hold the HN heads' vectors and load a row's
+// vector at a time (16). AVX2, 3 heads, one thread over a part in L2 ~1.2x, 2 threads from memory
+// ~1.05x (Zen 3).
+constexpr bool att_fits(int hn, int w) { return hn * w + w + 1 <= S::REGS; }
 
 // f(std::integral_constant<int, hn>) for hn in 1 … ATT_HEADS: the head count as a constant.
 template <class F>
@@ -437,12 +442,21 @@ inline void score_tile(const float* q, int ldq, const typename E::T* K, long ld,
       for (int h = 0; h < HN; ++h) acc[u][h] = S::zero();
     if (FULL || u0 < count)
       for (int i = 0; i < d; i += S::N) {
-        V k[ATT_KEYS];
-        for (int u = 0; u < ATT_KEYS; ++u)
-          k[u] = FULL || u0 + u < count ? kv_load<E>(K + (u0 + u) * ld, i, d) : S::zero();
-        for (int h = 0; h < HN; ++h) {
-          const V qv = S::load(q + (long)h * ldq + i);
-          for (int u = 0; u < ATT_KEYS; ++u) acc[u][h] = S::fma(qv, k[u], acc[u][h]);
+        auto key = [&](int u) { return FULL || u0 + u < count ? kv_load<E>(K + (u0 + u) * ld, i, d) : S::zero(); };
+        if constexpr (att_fits(HN, ATT_KEYS)) {  // the keys' vectors loaded once, a query vector at a time
+          V k[ATT_KEYS];
+          for (int u = 0; u < ATT_KEYS; ++u) k[u] = key(u);
+          for (int h = 0; h < HN; ++h) {
+            const V qv = S::load(q + (long)h * ldq + i);
+            for (int u = 0; u < ATT_KEYS; ++u) acc[u][h] = S::fma(qv, k[u], acc[u][h]);
+          }
+        } else {  // the heads' query vectors held, a key vector at a time
+          V qv[HN];
+          for (int h = 0; h < HN; ++h) qv[h] = S::load(q + (long)h * ldq + i);
+          for (int u = 0; u < ATT_KEYS; ++u) {
+            const V k = key(u);
+            for (int h = 0; h < HN; ++h) acc[u][h] = S::fma(qv[h], k, acc[u][h]);
+          }
         }
       }
     for (int u = 0; u < ATT_KEYS; ++u)
@@ -484,11 +498,20 @@ inline void tile_values(const float (*p)[S::N], float* const* o, const typename 
         __builtin_prefetch((const char*)(fetch.near_k + u * ld) + b, 0, 3);
         __builtin_prefetch((const char*)(fetch.near_v + u * ld) + b, 0, 3);
       }
-    V v[NV];
-    for (int c = 0; c < NV; ++c) v[c] = kv_load<E>(Vr + u * ld, i + c * S::N, d);
-    for (int h = 0; h < HN; ++h) {
-      const V w = S::set1(p[h][u]);
-      for (int c = 0; c < NV; ++c) acc[h][c] = S::fma(w, v[c], acc[h][c]);
+    if constexpr (att_fits(HN, NV)) {  // the row's vectors loaded once, a head's weight at a time
+      V v[NV];
+      for (int c = 0; c < NV; ++c) v[c] = kv_load<E>(Vr + u * ld, i + c * S::N, d);
+      for (int h = 0; h < HN; ++h) {
+        const V w = S::set1(p[h][u]);
+        for (int c = 0; c < NV; ++c) acc[h][c] = S::fma(w, v[c], acc[h][c]);
+      }
+    } else {  // the heads' weights held, a value vector at a time
+      V w[HN];
+      for (int h = 0; h < HN; ++h) w[h] = S::set1(p[h][u]);
+      for (int c = 0; c < NV; ++c) {
+        const V v = kv_load<E>(Vr + u * ld, i + c * S::N, d);
+        for (int h = 0; h < HN; ++h) acc[h][c] = S::fma(w[h], v, acc[h][c]);
+      }
     }
   }
   for (int h = 0; h < HN; ++h)

@@ -102,6 +102,15 @@ struct KvHead {
   const T* value(long j) const {
     return (const T*)blocks[j / block_rows] + values + (j % block_rows) * ld;
   }
+  // f(j0, rows) for each run of the keys [k0, k1) that lie in one block: rows consecutive rows.
+  template <class F>
+  void each_run(int k0, int k1, F f) const {
+    for (int j0 = k0; j0 < k1;) {
+      const int end = (j0 / block_rows + 1) * block_rows < k1 ? (j0 / block_rows + 1) * block_rows : k1;
+      f(j0, end - j0);
+      j0 = end;
+    }
+  }
 };
 
 // The 8-bit KV cache (DType::Q8): a row of d elements is stored as d int8 codes, then a bf16

@@ -131,16 +131,6 @@ void attention(const float* q, const KvHead& kv, int n, int d, float scale, floa
   with_kv_type(kv.dtype, [&](auto e) { attention_t<decltype(e)>(q, kv, n, d, scale, probs, out); });
 }
 
-// The runs of consecutive keys of [k0, k1) that lie in one block: f(first key, keys).
-template <class F>
-void each_run(const KvHead& kv, int k0, int k1, F f) {
-  for (int j = k0; j < k1;) {
-    const int end = std::min(k1, (j / kv.block_rows + 1) * kv.block_rows);
-    f(j, end - j);
-    j = end;
-  }
-}
-
 template <class E>
 void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int k0, int k1, int d, float scale,
                       float* probs, float* out, int ldo, float* m, float* l) {
@@ -152,7 +142,7 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
     const float* qh = q + (long)h * ldq;
     float* s = probs ? probs + (long)h * n : own.data();
     float mx = -INFINITY;
-    each_run(kv, k0, k1, [&](int j0, int rows) {
+    kv.each_run(k0, k1, [&](int j0, int rows) {
       const T* K = kv.key<T>(j0);
       for (int j = 0; j < rows; ++j) {
         const T* k = K + j * kv.ld;
@@ -165,7 +155,7 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
     m[h] = mx, l[h] = sum;
     float* o = out + (long)h * ldo;
     for (int i = 0; i < d; ++i) o[i] = 0;
-    each_run(kv, k0, k1, [&](int j0, int rows) {
+    kv.each_run(k0, k1, [&](int j0, int rows) {
       const T* Vr = kv.value<T>(j0);
       for (int j = 0; j < rows; ++j) {
         const T* v = Vr + j * kv.ld;

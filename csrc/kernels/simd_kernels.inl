@@ -382,8 +382,8 @@ inline auto with_kv_type(DType t, F f) {
 // is loaded (and widened from a compact cache) once for all the heads, and a tile's N scores per
 // head come out in one register (S::sums), with no work per key outside the vectors. Scores in
 // sub-tiles of ATT_KEYS keys, values ATT_VECS vectors of the output wide: up to ATT_HEADS · ATT_KEYS
-// (or ATT_VECS) accumulators. On AVX2 the 12 of 3 heads leave 4 of its 16 registers (att_fits), and 4 heads
-// spill; 2 keys and 2 vectors there instead measured slower still, even at 4 heads (SmolLM2's
+// (or ATT_VECS) accumulators, in a loop order that fits the registers (att_fits). On AVX2 4 heads'
+// 16 accumulators spill either way; 2 keys and 2 vectors there measured slower than 4 (SmolLM2's
 // shapes at depth 8160, one thread over a part in L2: 3 heads 12.3 → 14.6 GB/s, 4 heads 10.5 →
 // 11.3; 2 threads from memory, 3 heads 15.8 → 17.2).
 //
@@ -416,16 +416,6 @@ inline void with_heads(int hn, F f) {
   else if (hn == 2) f(std::integral_constant<int, 2>{});
   else if (hn == 3) f(std::integral_constant<int, 3>{});
   else f(std::integral_constant<int, 4>{});
-}
-
-// f(j0, rows) for each run of the keys [k0, k1): the keys of one block, rows consecutive rows.
-template <class F>
-inline void each_run(const KvHead& kv, int k0, int k1, F f) {
-  for (int j0 = k0; j0 < k1;) {
-    const int end = std::min((j0 / kv.block_rows + 1) * kv.block_rows, k1);
-    f(j0, end - j0);
-    j0 = end;
-  }
 }
 
 // s[h][u] = scale · K_u · q_h for the keys u < count ≤ N of a tile (rows ld elements apart, d a
@@ -486,8 +476,8 @@ inline void tile_values(const float (*p)[S::N], float* const* o, const typename 
   V acc[HN][NV];
   for (int h = 0; h < HN; ++h)
     for (int c = 0; c < NV; ++c) acc[h][c] = S::load(o[h] + i + c * S::N);
+  const long bytes = ld * (long)sizeof *Vr;  // of a row
   for (int u = 0; u < count; ++u) {
-    const long bytes = ld * (long)sizeof *Vr;
     if (fetch.far_k)
       for (long b = 0; b < bytes; b += 64) {
         __builtin_prefetch((const char*)(fetch.far_k + u * ld) + b, 0, 2);
@@ -532,7 +522,7 @@ void attention_heads(const float* q, int ldq, const KvHead& kv, int k0, int k1, 
     mx[h] = -INFINITY, sum[h] = S::zero(), o[h] = out + (long)h * ldo;
     for (int i = 0; i < d; ++i) o[h][i] = 0;
   }
-  each_run(kv, k0, k1, [&](int j0, int rows) {
+  kv.each_run(k0, k1, [&](int j0, int rows) {
     const T* K = kv.key<T>(j0);
     const T* Vr = kv.value<T>(j0);
     AttFetch<T> fetch;  // at the same rows of their blocks as this run

@@ -86,10 +86,10 @@ struct Weights {
   }
 };
 
-// K, V [n, d] copied into a cache of blocks of block_rows positions in `dtype` (f32, bf16 or f16,
-// rounded to nearest even, or int8), as a KvCache lays one head out: each block [k | v][block_rows][row], the
-// blocks in reverse order in memory so that a kernel that assumed one contiguous run would read the
-// wrong rows.
+// K, V [n, d] (one KV head) or [kv_heads, n, d] copied into a cache of blocks of block_rows positions in
+// `dtype` (f32, bf16 or f16, rounded to nearest even, or int8), as a KvCache lays a layer out: each block
+// [k | v][kv_heads][block_rows][row], the blocks in reverse order in memory so that a kernel that assumed
+// one contiguous run would read the wrong rows. head: the first KV head (KvHead::of the others).
 struct PagedKv {
   std::vector<std::vector<uint8_t>> storage;
   std::vector<const void*> blocks;
@@ -97,18 +97,21 @@ struct PagedKv {
 
   PagedKv(const Array<float>& K, const Array<float>& V, int block_rows, const std::string& dtype) {
     require(block_rows > 0 && block_rows % KV_BLOCK_ALIGN == 0, "block_rows must be a positive multiple of 16");
+    require((K.ndim() == 2 || K.ndim() == 3) && V.ndim() == K.ndim(), "K, V must be [n, d] or [kv_heads, n, d]");
     const DType t = parse_kv_dtype(dtype);
-    const long n = K.shape(0), d = K.shape(1), nb = (n + block_rows - 1) / block_rows, es = long(kv_element_size(t)),
-               row_bytes = kv_row_elements(t, d) * es;
+    const long g = K.ndim() == 3 ? K.shape(0) : 1, n = K.shape(K.ndim() - 2), d = K.shape(K.ndim() - 1),
+               nb = (n + block_rows - 1) / block_rows, es = long(kv_element_size(t)),
+               row_bytes = kv_row_elements(t, d) * es, run = block_rows * row_bytes;  // a head's rows in a block
     storage.resize(nb);
-    for (long b = nb; b-- > 0;) storage[b].assign(size_t(2) * block_rows * row_bytes, 0xff);  // NaN where unwritten
-    for (long j = 0; j < n; ++j) {
-      uint8_t* block = storage[j / block_rows].data();
-      kernels_generic.convert_row(K.data() + j * d, block + (j % block_rows) * row_bytes, t, int(d));
-      kernels_generic.convert_row(V.data() + j * d, block + (block_rows + j % block_rows) * row_bytes, t, int(d));
-    }
+    for (long b = nb; b-- > 0;) storage[b].assign(size_t(2 * g * run), 0xff);  // NaN where unwritten
+    for (long h = 0; h < g; ++h)
+      for (long j = 0; j < n; ++j) {
+        uint8_t* row = storage[j / block_rows].data() + h * run + (j % block_rows) * row_bytes;
+        kernels_generic.convert_row(K.data() + (h * n + j) * d, row, t, int(d));
+        kernels_generic.convert_row(V.data() + (h * n + j) * d, row + g * run, t, int(d));
+      }
     for (auto& s : storage) blocks.push_back(s.data());
-    head = KvHead{blocks.data(), 0, long(block_rows) * (row_bytes / es), block_rows, row_bytes / es, t};
+    head = KvHead{blocks.data(), 0, g * run / es, block_rows, row_bytes / es, t, run / es};
   }
 };
 
@@ -285,35 +288,45 @@ void add_testing_module(py::module_& m) {
       "kernel_attention",
       [](const std::string& isa, Array<float> q, Array<float> K, Array<float> V, float scale, int block_rows,
          const std::string& kv_dtype, int parts) {
-        // q [d] or [heads, d] (a GQA group) against K, V [n, d]: attention_part over `parts` equal parts of the
-        // keys (multiples of block_rows but the last), merged by attention_merge. Returns (out, probs): out
-        // shaped as q; probs [.., n] normalised (parts == 1 only; else NaN).
-        require(q.ndim() == 1 || q.ndim() == 2, "q must be [d] or [heads, d]");
-        const int heads = q.ndim() == 1 ? 1 : int(q.shape(0)), d = int(q.shape(q.ndim() - 1));
-        require(K.ndim() == 2 && V.ndim() == 2 && K.shape(0) == V.shape(0) && K.shape(1) == d && V.shape(1) == d &&
-                    K.shape(0) > 0 && parts >= 1,
+        // q [d] or [heads, d] (a GQA group) against K, V [n, d]; or q [kv_heads, heads, d] against K, V
+        // [kv_heads, n, d] (a layer's KV heads, in one call a part): attention_part over `parts` equal parts
+        // of the keys (multiples of block_rows but the last), merged by attention_merge. Returns (out,
+        // probs): out shaped as q; probs [.., n] normalised (parts == 1 only; else NaN).
+        require(q.ndim() >= 1 && q.ndim() <= 3 && (q.ndim() == 3) == (K.ndim() == 3),
+                "q must be [d] or [heads, d] for K [n, d], [kv_heads, heads, d] for K [kv_heads, n, d]");
+        const int g = q.ndim() == 3 ? int(q.shape(0)) : 1, heads = q.ndim() == 1 ? 1 : int(q.shape(q.ndim() - 2)),
+                  d = int(q.shape(q.ndim() - 1));
+        require(K.ndim() >= 2 && V.ndim() == K.ndim() && K.shape(K.ndim() - 1) == d && parts >= 1,
                 "attention shapes disagree");
-        const int n = int(K.shape(0));
+        for (int i = 0; i < K.ndim(); ++i)
+          require(K.shape(i) == V.shape(i) && K.shape(i) > 0, "attention shapes disagree");
+        require(K.ndim() == 2 || K.shape(0) == g, "attention shapes disagree");
+        const int n = int(K.shape(K.ndim() - 2));
         PagedKv kv(K, V, block_rows, kv_dtype);
         const Kernels& k = kernels_named(isa);
-        const long pf = attention_part_floats(heads, d);
+        const long pf = attention_part_floats(heads, d), stride = long(parts) * pf;  // [g][parts][pf]
         const int per = (n + parts - 1) / parts;
-        std::vector<float> partials(size_t(parts) * pf), scratch(size_t(heads) * n);
+        std::vector<float> partials(size_t(g) * stride), scratch(size_t(g) * heads * n);
         Array<float> out(std::vector<py::ssize_t>(q.shape(), q.shape() + q.ndim()));
-        Array<float> probs(q.ndim() == 1 ? std::vector<py::ssize_t>{n} : std::vector<py::ssize_t>{heads, n});
+        std::vector<py::ssize_t> probs_shape(q.shape(), q.shape() + q.ndim());
+        probs_shape.back() = n;
+        Array<float> probs(probs_shape);
         int used = 0;
         for (int p = 0; p * per < n; ++p, ++used) {
           float* part = partials.data() + p * pf;
           const int k0 = p * per, k1 = std::min(n, k0 + per);
-          k.attention_part(q.data(), d, heads, kv.head, k0, k1, d, scale, parts == 1 ? scratch.data() : nullptr, part,
-                           d, part + long(heads) * d, part + long(heads) * d + heads);
+          k.attention_part(q.data(), d, heads, g, kv.head, k0, k1, d, scale, parts == 1 ? scratch.data() : nullptr,
+                           part, d, stride, part + long(heads) * d, part + long(heads) * d + heads);
           if (parts == 1)
-            for (int h = 0; h < heads; ++h)
+            for (long h = 0; h < long(g) * heads; ++h)
               for (int j = 0; j < n; ++j)
-                probs.mutable_data()[long(h) * n + j] = scratch[long(h) * n + j] / part[long(heads) * d + heads + h];
+                probs.mutable_data()[h * n + j] =
+                    scratch[h * n + j] / part[(h / heads) * stride + long(heads) * d + heads + h % heads];
         }
         if (parts != 1) std::fill(probs.mutable_data(), probs.mutable_data() + probs.size(), std::nanf(""));
-        attention_merge(partials.data(), used, pf, heads, d, out.mutable_data(), d);
+        for (int h = 0; h < g; ++h)
+          attention_merge(partials.data() + h * stride, used, pf, heads, d, out.mutable_data() + long(h) * heads * d,
+                          d);
         return py::make_tuple(out, probs);
       },
       py::arg("isa"), py::arg("q"), py::arg("K"), py::arg("V"), py::arg("scale"), py::arg("block_rows") = 16,

@@ -102,7 +102,7 @@ constexpr int ATTENTION_BLOCK_CONVERTED = 64;
 // A slice of 4 or more queries fills attention_causal's lanes better than one query at a time does,
 // whether its matmuls go row-wise (a float model's slices below gemm_min_tokens) or not.
 constexpr int ATTENTION_BLOCK_MIN = 4;
-// Keys per unit of a decode step's attention: a context of 8192 splits into 16 units per KV head.
+// Keys per unit of a decode step's attention: a context of 8192 splits into 16 units (Workspace).
 // The split depends on the context alone, so a token's result does not depend on the threads.
 constexpr int KEYS_PER_PART = 512;
 
@@ -147,14 +147,17 @@ struct Workspace {
 
   // The pass's attention. A slice of at least ATTENTION_BLOCK_MIN tokens (a prompt chunk) goes in
   // blocks of its consecutive queries, each done for every head by attention_causal, longest first.
-  // Each token of a shorter slice (a decode step) goes by GQA group: one unit per KV head and part
-  // of its keys (KEYS_PER_PART, so that a long context splits over the threads), whose partial
-  // softmax (attention_part) is merged per token and group afterwards.
+  // Each token of a shorter slice (a decode step) goes in units of a part of its keys
+  // (KEYS_PER_PART, so that a long context splits over the threads) for a run of its KV heads:
+  // all of them, a block at a time (their rows of a block lie together), unless the parts are too
+  // few to give each thread a unit. Each KV head's partial softmax (attention_part) is merged per
+  // token and group afterwards.
   struct AttentionItem {
     int seq, first, count;  // slice, the block's first token in the batch, queries
   };
   struct DecodeUnit {
-    int seq, token, kv_head, k0, k1, slot;  // slot: its partial result in `partials`
+    int seq, token, kv_head, kv_heads, k0, k1, slot;  // KV heads [kv_head, + kv_heads); slot: the first's
+    long kv_stride;                                   // partial result in `partials`, floats to the next's
   };
   struct DecodeMerge {
     int token, kv_head, first_slot, parts;

@@ -119,10 +119,15 @@ class KvCache {
   // last one copied.
   KvCache fork(int positions) const;
 
-  // Head `head` of layer `layer` as the attention kernels read it.
+  // Head `head` of layer `layer` as the attention kernels read it (and the layer's next KV heads, KvHead::of).
   KvHead head(int layer, int head) const {
-    return KvHead{ptrs_.data(),       shape().keys(layer, head), shape().values(layer, head),
-                  shape().block_rows, shape().row_elements(),    shape().dtype};
+    return KvHead{ptrs_.data(),
+                  shape().keys(layer, head),
+                  shape().values(layer, head),
+                  shape().block_rows,
+                  shape().row_elements(),
+                  shape().dtype,
+                  shape().keys(layer, 1) - shape().keys(layer, 0)};
   }
   // Where the key (value) row of `position` goes (Kernels::convert_row writes it).
   void* key(int layer, int head, int position) { return row(shape().keys(layer, head), position); }

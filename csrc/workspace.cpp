@@ -43,6 +43,7 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record& re
   token_merges.assign(batch.n, -1);
   long need = 0;  // attention scratch per thread
   int slots = 0;
+  part_floats = attention_part_floats(group, HD);
   for (int s = 0; s < batch.n_seqs; ++s) {
     const SequenceSlice& sl = batch.seqs[s];
     for (int t = 0; t < sl.count; ++t) token_seq.data()[sl.first + t] = s;
@@ -61,12 +62,15 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record& re
       // recorded weights are normalised over the whole context: one part then
       const int per = record.attention ? keys : KEYS_PER_PART, parts = (keys + per - 1) / per;
       token_merges[sl.first + t] = int(decode_merges.size());
-      for (int h = 0; h < NKV; ++h) {
-        decode_merges.push_back({sl.first + t, h, slots, parts});
+      // KV heads per unit: all, unless fewer parts than threads (the result is the same either way)
+      const int runs = std::min(NKV, (model.threads + parts - 1) / parts), per_run = (NKV + runs - 1) / runs;
+      for (int h = 0; h < NKV; ++h) decode_merges.push_back({sl.first + t, h, slots + h * parts, parts});
+      for (int h = 0; h < NKV; h += per_run)
         for (int p = 0; p < parts; ++p)
-          decode_units.push_back({s, sl.first + t, h, p * per, std::min(keys, (p + 1) * per), slots++});
-      }
-      need = std::max(need, long(group) * std::min(keys, per));
+          decode_units.push_back({s, sl.first + t, h, std::min(per_run, NKV - h), p * per,
+                                  std::min(keys, (p + 1) * per), slots + h * parts + p, parts * part_floats});
+      slots += NKV * parts;
+      need = std::max(need, long(NKV) * group * std::min(keys, per));
     }
   }
   // Longest first, so that the dynamic schedule ends with short items.
@@ -79,7 +83,6 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record& re
     attention_floats = 2 * need;
     attention_scratch.reset(size_t(model.threads) * attention_floats);
   }
-  part_floats = attention_part_floats(group, HD);
   partials.grow(size_t(slots) * part_floats);
   if (ops.pack && bf16_prompt && batch.n > batch.n_rowwise)
     packed.grow(size_t(

@@ -171,11 +171,12 @@ class Aarch64Core:
         return np.frombuffer(self.r.call("rope", isa, [v.size], (), [f32(v), f32(cos), f32(sin)])[0], np.float32)
 
     def kernel_attention(self, isa, q, K, V, scale, block_rows=16, kv_dtype="f32", parts=1):
-        heads, d = (1, q.size) if q.ndim == 1 else q.shape
-        ints = [heads, K.shape[0], d, block_rows, KV_TYPES[kv_dtype], parts]
+        g, heads, d = (1, 1, q.size) if q.ndim == 1 else (1, *q.shape) if q.ndim == 2 else q.shape
+        n = K.shape[-2]
+        ints = [heads, n, d, block_rows, KV_TYPES[kv_dtype], parts, g]
         out, probs = self.r.call("attention", isa, ints, [scale], [f32(q), f32(K), f32(V)])
         return (np.frombuffer(out, np.float32).reshape(q.shape),
-                np.frombuffer(probs, np.float32).reshape((K.shape[0],) if q.ndim == 1 else (heads, K.shape[0])))
+                np.frombuffer(probs, np.float32).reshape(q.shape[:-1] + (n,)))
 
     def kernel_attention_causal(self, isa, Q, K, V, ctx0, scale, bf16=False, block_rows=16, kv_dtype="f32"):
         if bf16:

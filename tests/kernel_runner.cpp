@@ -18,9 +18,10 @@
 //   has_gemm_q                                        → "1" where the set has Kernels::gemm_q, else "0"
 //   rmsnorm [n] (eps)                                 x w → out
 //   rope [d]                                          v cos sin → v
-//   attention [heads n d block_rows kv parts] (scale)  q K V → out probs (attention_part over `parts` equal
-//                                                      parts of the keys, merged by attention_merge; probs NaN
-//                                                      unless parts = 1)
+//   attention [heads n d block_rows kv parts g] (scale) q K V → out probs (q [g, heads, d], K and V [g, n, d]:
+//                                                      attention_part over `parts` equal parts of the keys for
+//                                                      g KV heads at once, merged by attention_merge; probs
+//                                                      [g, heads, n], NaN unless parts = 1)
 //   attention_causal [nq ctx0 d block_rows kv] (scale) Q K V → out probs (−1 past each row's keys)
 //   convert_row [n to]                                x → x in `to` (f32, 16-bit patterns, or int8 codes + bf16 scales)
 // kv and to: 0 f32, 1 bf16, 2 f16, 3 int8. The attention ops copy K, V into a paged cache of blocks of
@@ -94,27 +95,30 @@ Bytes bytes_of(const std::vector<T>& v) {
 
 Bytes text(const std::string& s) { return Bytes(s.begin(), s.end()); }
 
-// K, V [n, d] as one head of a paged cache in type t: each block [k | v][block_rows][d], the blocks
-// in reverse order in memory, so that a kernel that assumed one contiguous run would read wrong rows.
+// K, V [g, n, d] as a layer's g KV heads of a paged cache in type t: each block
+// [k | v][g][block_rows][d], the blocks in reverse order in memory, so that a kernel that assumed one
+// contiguous run would read wrong rows. head: the first KV head (KvHead::of the others).
 struct PagedKv {
   std::vector<std::vector<uint8_t>> storage;
   std::vector<const void*> blocks;
   KvHead head;
 
-  PagedKv(const std::vector<float>& K, const std::vector<float>& V, long n, long d, int block_rows, DType t) {
+  PagedKv(const std::vector<float>& K, const std::vector<float>& V, long n, long d, int block_rows, DType t,
+          long g = 1) {
     if (block_rows <= 0 || block_rows % KV_BLOCK_ALIGN != 0)
       throw std::invalid_argument("block_rows must be a positive multiple of 16");
     const long nb = (n + block_rows - 1) / block_rows, es = long(kv_element_size(t)),
-               row_bytes = kv_row_elements(t, d) * es;
+               row_bytes = kv_row_elements(t, d) * es, run = block_rows * row_bytes;
     storage.resize(nb);
-    for (long b = nb; b-- > 0;) storage[b].assign(size_t(2) * block_rows * row_bytes, 0xff);  // NaN where unwritten
-    for (long j = 0; j < n; ++j) {
-      uint8_t* block = storage[j / block_rows].data();
-      kernels_generic.convert_row(K.data() + j * d, block + (j % block_rows) * row_bytes, t, int(d));
-      kernels_generic.convert_row(V.data() + j * d, block + (block_rows + j % block_rows) * row_bytes, t, int(d));
-    }
+    for (long b = nb; b-- > 0;) storage[b].assign(size_t(2 * g * run), 0xff);  // NaN where unwritten
+    for (long h = 0; h < g; ++h)
+      for (long j = 0; j < n; ++j) {
+        uint8_t* row = storage[j / block_rows].data() + h * run + (j % block_rows) * row_bytes;
+        kernels_generic.convert_row(K.data() + (h * n + j) * d, row, t, int(d));
+        kernels_generic.convert_row(V.data() + (h * n + j) * d, row + g * run, t, int(d));
+      }
     for (auto& s : storage) blocks.push_back(s.data());
-    head = KvHead{blocks.data(), 0, long(block_rows) * (row_bytes / es), block_rows, row_bytes / es, t};
+    head = KvHead{blocks.data(), 0, g * run / es, block_rows, row_bytes / es, t, run / es};
   }
 };
 
@@ -241,28 +245,30 @@ std::vector<Bytes> run(const Case& c) {
     return {bytes_of(v)};
   }
   if (c.op == "attention") {
-    const int heads = int(i[0]), n = int(i[1]), d = int(i[2]), parts = int(i[5]);
+    const int heads = int(i[0]), n = int(i[1]), d = int(i[2]), parts = int(i[5]), g = int(i[6]);
     const auto q = as<float>(a[0]), K = as<float>(a[1]), V = as<float>(a[2]);
-    need(q.size() == size_t(heads) * d && K.size() == size_t(n) * d && V.size() == K.size() && n > 0 && parts >= 1,
+    need(q.size() == size_t(g) * heads * d && K.size() == size_t(g) * n * d && V.size() == K.size() && n > 0 &&
+             parts >= 1 && g >= 1,
          "attention: shapes disagree");
-    const PagedKv kv(K, V, n, d, int(i[3]), kv_type(i[4]));
-    const long pf = attention_part_floats(heads, d);
+    const PagedKv kv(K, V, n, d, int(i[3]), kv_type(i[4]), g);
+    const long pf = attention_part_floats(heads, d), stride = long(parts) * pf;  // partials [g][parts][pf]
     const int per = (n + parts - 1) / parts;
-    std::vector<float> partials(size_t(parts) * pf), scratch(size_t(heads) * n), out(size_t(heads) * d),
-        probs(size_t(heads) * n, std::nanf(""));
+    std::vector<float> partials(size_t(g) * stride), scratch(size_t(g) * heads * n), out(size_t(g) * heads * d),
+        probs(size_t(g) * heads * n, std::nanf(""));
     int used = 0;
     for (int p = 0; p * per < n; ++p, ++used) {
       float* part = partials.data() + p * pf;
       const int k0 = p * per, k1 = std::min(n, k0 + per);
-      k.attention_part(q.data(), d, heads, kv.head, k0, k1, d, float(c.floats[0]),
-                       parts == 1 ? scratch.data() : nullptr, part, d, part + long(heads) * d,
+      k.attention_part(q.data(), d, heads, g, kv.head, k0, k1, d, float(c.floats[0]),
+                       parts == 1 ? scratch.data() : nullptr, part, d, stride, part + long(heads) * d,
                        part + long(heads) * d + heads);
       if (parts == 1)
-        for (int h = 0; h < heads; ++h)
+        for (long h = 0; h < long(g) * heads; ++h)
           for (int j = 0; j < n; ++j)
-            probs[long(h) * n + j] = scratch[long(h) * n + j] / part[long(heads) * d + heads + h];
+            probs[h * n + j] = scratch[h * n + j] / part[(h / heads) * stride + long(heads) * d + heads + h % heads];
     }
-    attention_merge(partials.data(), used, pf, heads, d, out.data(), d);
+    for (int h = 0; h < g; ++h)
+      attention_merge(partials.data() + h * stride, used, pf, heads, d, out.data() + long(h) * heads * d, d);
     return {bytes_of(out), bytes_of(probs)};
   }
   if (c.op == "attention_causal") {

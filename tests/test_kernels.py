@@ -449,6 +449,32 @@ def test_decode_attention_for_a_gqa_group_split_over_the_keys(core, isa, kv_dtyp
 
 
 @each_set()
+@pytest.mark.parametrize("kv_dtype", ["f32", "bf16", "int8"])
+def test_decode_attention_takes_a_layers_kv_heads_at_once(core, isa, kv_dtype):
+    """attention_part for several KV heads in one call (a layer's, as a decode unit takes them: a
+    block at a time through the heads, each its own softmax), up to 9 (more than a pass takes) with
+    groups of 1 to 5 queries, whole and in parts: each head's attention over its own keys, exactly
+    what a call per KV head gives."""
+    rng = np.random.default_rng(34)
+    for g, heads, n, d, parts in ((2, 3, 100, 64, 1), (3, 3, 1100, 64, 3), (9, 1, 70, 64, 2), (4, 5, 260, 32, 1),
+                                  (3, 2, 33, 24, 1)):
+        Q = rng.standard_normal((g, heads, d)).astype(np.float32)
+        K, V = (rng.standard_normal((g, n, d)).astype(np.float32) for _ in range(2))
+        out, probs = core.kernel_attention(isa, Q, K, V, 0.3, 16, kv_dtype, parts)
+        assert out.shape == Q.shape and probs.shape == (g, heads, n)
+        for h in range(g):
+            Kr, Vr = kv_rounded(K[h], kv_dtype).astype(np.float64), kv_rounded(V[h], kv_dtype).astype(np.float64)
+            s = 0.3 * Q[h].astype(np.float64) @ Kr.T
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            assert np.allclose(out[h], p @ Vr, atol=1e-5), (g, heads, n, parts, h)
+            one, one_probs = core.kernel_attention(isa, Q[h], K[h], V[h], 0.3, 16, kv_dtype, parts)
+            assert np.array_equal(out[h], one), (g, heads, n, parts, h)
+            if parts == 1:
+                assert np.allclose(probs[h], p, rtol=1e-5, atol=1e-7) and np.array_equal(probs[h], one_probs)
+
+
+@each_set()
 @pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
 def test_decode_attention_rescales_as_its_maximum_grows(core, isa, kv_dtype):
     """attention_part keeps a running maximum over the keys (an online softmax): scores that rise

@@ -94,6 +94,13 @@ struct KvHead {
   int block_rows;
   long ld;  // elements from one row to the next
   DType dtype = DType::F32;
+  long head_stride = 0;  // elements from this head's rows in a block to the next KV head's
+  // The KV head g heads on (its rows head_stride · g further within each block).
+  KvHead of(long g) const {
+    KvHead h = *this;
+    h.keys += g * head_stride, h.values += g * head_stride;
+    return h;
+  }
   template <class T>
   const T* key(long j) const {
     return (const T*)blocks[j / block_rows] + keys + (j % block_rows) * ld;
@@ -182,16 +189,19 @@ struct Kernels {
   // Rotate-half RoPE on one head vector: pairs (i, i + d/2) turn by angle θ_i, given cos/sin [d/2].
   void (*rope)(float* v, const float* cos, const float* sin, int d);
 
-  // A decode step's attention for the queries of one GQA group: `heads` query rows (ldq apart)
-  // sharing one KV head, over its keys [k0, k1), each key and value row read once for up to 4 of
-  // them (the SIMD sets; a larger group reads the part's rows again, by then in L2).
-  // For query h, with s_j = scale · K_j · q_h:
+  // A decode step's attention for the queries of kv_heads GQA groups over their keys [k0, k1): group
+  // g's `heads` query rows (ldq apart, group g's from q + g · heads · ldq) share KV head kv.of(g).
+  // Each key and value row is read once for up to 4 of them (the SIMD sets; a larger group reads
+  // the part's rows again, by then in L2), and the SIMD sets go a block at a time through the KV
+  // heads, whose rows of a block lie together (KvCache), rather than a head at a time through
+  // its blocks. For query h of group g, with s_j = scale · K_j · q_h:
   //   m[h] = max_j s_j,   l[h] = Σ_j e^(s_j − m[h]),   out row h = Σ_j e^(s_j − m[h]) · V_j
-  // the unnormalised parts of a softmax; attention over [0, n) is out / l, and parts over a split
-  // of the keys merge exactly (attention_merge). probs, when not null: heads · (k1 − k0) floats,
-  // which receive e^(s_j − m[h]) in row h (the weights before normalisation).
-  void (*attention_part)(const float* q, int ldq, int heads, const KvHead& kv, int k0, int k1, int d, float scale,
-                         float* probs, float* out, int ldo, float* m, float* l);
+  // the unnormalised parts of a softmax, group g's at out, m and l + g · kv_stride; attention over
+  // [0, n) is out / l, and parts over a split of the keys merge exactly (attention_merge). probs,
+  // when not null: kv_heads · heads · (k1 − k0) floats, which receive e^(s_j − m[h]) in row
+  // g · heads + h (the weights before normalisation).
+  void (*attention_part)(const float* q, int ldq, int heads, int kv_heads, const KvHead& kv, int k0, int k1, int d,
+                         float scale, float* probs, float* out, int ldo, long kv_stride, float* m, float* l);
 
   // Causal attention for nq consecutive positions of one head: query i (row i of Q, ldq apart)
   // sees keys 0 … ctx0+i−1 of kv and its output goes to row i of out (ldo apart).

@@ -165,10 +165,13 @@ void attention_part_t(const float* q, int ldq, int heads, const KvHead& kv, int 
   }
 }
 
-void attention_part(const float* q, int ldq, int heads, const KvHead& kv, int k0, int k1, int d, float scale,
-                    float* probs, float* out, int ldo, float* m, float* l) {
+void attention_part(const float* q, int ldq, int heads, int kv_heads, const KvHead& kv, int k0, int k1, int d,
+                    float scale, float* probs, float* out, int ldo, long kv_stride, float* m, float* l) {
   with_kv_type(kv.dtype, [&](auto e) {
-    attention_part_t<decltype(e)>(q, ldq, heads, kv, k0, k1, d, scale, probs, out, ldo, m, l);
+    for (long g = 0; g < kv_heads; ++g)
+      attention_part_t<decltype(e)>(q + g * heads * ldq, ldq, heads, kv.of(g), k0, k1, d, scale,
+                                    probs ? probs + g * heads * (k1 - k0) : nullptr, out + g * kv_stride, ldo,
+                                    m + g * kv_stride, l + g * kv_stride);
   });
 }
 

@@ -14,6 +14,7 @@
 
 #include "isa.h"
 #include "kernels/kernels.h"
+#include "kernels/paged_kv.h"
 #include "kv_cache.h"
 #include "model.h"
 #include "parallel.h"
@@ -28,6 +29,15 @@ using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument(what);
+}
+
+// K, V [n, d] (one KV head) or [kv_heads, n, d] as a paged cache in `dtype` (kernels/paged_kv.h).
+PagedKv paged_kv(const Array<float>& K, const Array<float>& V, int block_rows, const std::string& dtype) {
+  require((K.ndim() == 2 || K.ndim() == 3) && V.ndim() == K.ndim(), "K, V must be [n, d] or [kv_heads, n, d]");
+  for (int i = 0; i < K.ndim(); ++i) require(K.shape(i) == V.shape(i), "K and V shapes disagree");
+  const long g = K.ndim() == 3 ? K.shape(0) : 1;
+  return PagedKv(K.data(), V.data(), g, K.shape(K.ndim() - 2), K.shape(K.ndim() - 1), block_rows,
+                 parse_kv_dtype(dtype));
 }
 
 // A set this CPU runs, or "generic-bf16", the scalar twin of "avx512bf16".
@@ -83,35 +93,6 @@ struct Weights {
       require(codes.size() == blocks * QK_CODE_BYTES, "codes must be [super-blocks · 12]");
       ref.codes = codes.data();
     }
-  }
-};
-
-// K, V [n, d] (one KV head) or [kv_heads, n, d] copied into a cache of blocks of block_rows positions in
-// `dtype` (f32, bf16 or f16, rounded to nearest even, or int8), as a KvCache lays a layer out: each block
-// [k | v][kv_heads][block_rows][row], the blocks in reverse order in memory so that a kernel that assumed
-// one contiguous run would read the wrong rows. head: the first KV head (KvHead::of the others).
-struct PagedKv {
-  std::vector<std::vector<uint8_t>> storage;
-  std::vector<const void*> blocks;
-  KvHead head;
-
-  PagedKv(const Array<float>& K, const Array<float>& V, int block_rows, const std::string& dtype) {
-    require(block_rows > 0 && block_rows % KV_BLOCK_ALIGN == 0, "block_rows must be a positive multiple of 16");
-    require((K.ndim() == 2 || K.ndim() == 3) && V.ndim() == K.ndim(), "K, V must be [n, d] or [kv_heads, n, d]");
-    const DType t = parse_kv_dtype(dtype);
-    const long g = K.ndim() == 3 ? K.shape(0) : 1, n = K.shape(K.ndim() - 2), d = K.shape(K.ndim() - 1),
-               nb = (n + block_rows - 1) / block_rows, es = long(kv_element_size(t)),
-               row_bytes = kv_row_elements(t, d) * es, run = block_rows * row_bytes;  // a head's rows in a block
-    storage.resize(nb);
-    for (long b = nb; b-- > 0;) storage[b].assign(size_t(2 * g * run), 0xff);  // NaN where unwritten
-    for (long h = 0; h < g; ++h)
-      for (long j = 0; j < n; ++j) {
-        uint8_t* row = storage[j / block_rows].data() + h * run + (j % block_rows) * row_bytes;
-        kernels_generic.convert_row(K.data() + (h * n + j) * d, row, t, int(d));
-        kernels_generic.convert_row(V.data() + (h * n + j) * d, row + g * run, t, int(d));
-      }
-    for (auto& s : storage) blocks.push_back(s.data());
-    head = KvHead{blocks.data(), 0, g * run / es, block_rows, row_bytes / es, t, run / es};
   }
 };
 
@@ -302,7 +283,7 @@ void add_testing_module(py::module_& m) {
           require(K.shape(i) == V.shape(i) && K.shape(i) > 0, "attention shapes disagree");
         require(K.ndim() == 2 || K.shape(0) == g, "attention shapes disagree");
         const int n = int(K.shape(K.ndim() - 2));
-        PagedKv kv(K, V, block_rows, kv_dtype);
+        const PagedKv kv = paged_kv(K, V, block_rows, kv_dtype);
         const Kernels& k = kernels_named(isa);
         const long pf = attention_part_floats(heads, d), stride = long(parts) * pf;  // [g][parts][pf]
         const int per = (n + parts - 1) / parts;
@@ -339,7 +320,7 @@ void add_testing_module(py::module_& m) {
         require(Q.ndim() == 2 && K.ndim() == 2 && V.ndim() == 2 && Q.shape(0) > 0 && ctx0 > 0, "bad shapes");
         const int nq = int(Q.shape(0)), d = int(Q.shape(1)), n = ctx0 + nq - 1;
         require(K.shape(0) == n && V.shape(0) == n && K.shape(1) == d && V.shape(1) == d, "attention shapes disagree");
-        PagedKv kv(K, V, block_rows, kv_dtype);
+        const PagedKv kv = paged_kv(K, V, block_rows, kv_dtype);
         Array<float> out({nq, d}), probs({nq, n});
         std::fill(probs.mutable_data(), probs.mutable_data() + probs.size(), -1.0f);  // untouched past each row's keys
         const Kernels& k = kernels_named(isa);

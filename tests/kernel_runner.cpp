@@ -25,7 +25,7 @@
 //   attention_causal [nq ctx0 d block_rows kv] (scale) Q K V → out probs (−1 past each row's keys)
 //   convert_row [n to]                                x → x in `to` (f32, 16-bit patterns, or int8 codes + bf16 scales)
 // kv and to: 0 f32, 1 bf16, 2 f16, 3 int8. The attention ops copy K, V into a paged cache of blocks of
-// block_rows positions in that type (kernels.h KvHead), laid out as bindings_testing.cpp's PagedKv
+// block_rows positions in that type (kernels.h KvHead), laid out as kernels/paged_kv.h's PagedKv
 // lays them: the blocks in reverse order in memory.
 //   silu_mul [n]                                      g u → g
 #include <algorithm>
@@ -39,6 +39,7 @@
 
 #include "isa.h"
 #include "kernels/kernels.h"
+#include "kernels/paged_kv.h"
 
 using namespace gally;
 
@@ -94,33 +95,6 @@ Bytes bytes_of(const std::vector<T>& v) {
 }
 
 Bytes text(const std::string& s) { return Bytes(s.begin(), s.end()); }
-
-// K, V [g, n, d] as a layer's g KV heads of a paged cache in type t: each block
-// [k | v][g][block_rows][d], the blocks in reverse order in memory, so that a kernel that assumed one
-// contiguous run would read wrong rows. head: the first KV head (KvHead::of the others).
-struct PagedKv {
-  std::vector<std::vector<uint8_t>> storage;
-  std::vector<const void*> blocks;
-  KvHead head;
-
-  PagedKv(const std::vector<float>& K, const std::vector<float>& V, long n, long d, int block_rows, DType t,
-          long g = 1) {
-    if (block_rows <= 0 || block_rows % KV_BLOCK_ALIGN != 0)
-      throw std::invalid_argument("block_rows must be a positive multiple of 16");
-    const long nb = (n + block_rows - 1) / block_rows, es = long(kv_element_size(t)),
-               row_bytes = kv_row_elements(t, d) * es, run = block_rows * row_bytes;
-    storage.resize(nb);
-    for (long b = nb; b-- > 0;) storage[b].assign(size_t(2 * g * run), 0xff);  // NaN where unwritten
-    for (long h = 0; h < g; ++h)
-      for (long j = 0; j < n; ++j) {
-        uint8_t* row = storage[j / block_rows].data() + h * run + (j % block_rows) * row_bytes;
-        kernels_generic.convert_row(K.data() + (h * n + j) * d, row, t, int(d));
-        kernels_generic.convert_row(V.data() + (h * n + j) * d, row + g * run, t, int(d));
-      }
-    for (auto& s : storage) blocks.push_back(s.data());
-    head = KvHead{blocks.data(), 0, g * run / es, block_rows, row_bytes / es, t, run / es};
-  }
-};
 
 // A set this CPU runs, or "generic-bf16", the scalar twin of the bf16 prompt sets.
 const Kernels& set_named(const std::string& isa) {
@@ -250,7 +224,7 @@ std::vector<Bytes> run(const Case& c) {
     need(q.size() == size_t(g) * heads * d && K.size() == size_t(g) * n * d && V.size() == K.size() && n > 0 &&
              parts >= 1 && g >= 1,
          "attention: shapes disagree");
-    const PagedKv kv(K, V, n, d, int(i[3]), kv_type(i[4]), g);
+    const PagedKv kv(K.data(), V.data(), g, n, d, int(i[3]), kv_type(i[4]));
     const long pf = attention_part_floats(heads, d), stride = long(parts) * pf;  // partials [g][parts][pf]
     const int per = (n + parts - 1) / parts;
     std::vector<float> partials(size_t(g) * stride), scratch(size_t(g) * heads * n), out(size_t(g) * heads * d),
@@ -275,7 +249,7 @@ std::vector<Bytes> run(const Case& c) {
     const int nq = int(i[0]), ctx0 = int(i[1]), d = int(i[2]), n = ctx0 + nq - 1;
     const auto Q = as<float>(a[0]), K = as<float>(a[1]), V = as<float>(a[2]);
     need(Q.size() == size_t(nq) * d && K.size() == size_t(n) * d && V.size() == K.size(), "attention: shapes disagree");
-    const PagedKv kv(K, V, n, d, int(i[3]), kv_type(i[4]));
+    const PagedKv kv(K.data(), V.data(), 1, n, d, int(i[3]), kv_type(i[4]));
     std::vector<float> out(size_t(nq) * d), probs(size_t(nq) * n, -1.0f), scratch(attention_scratch_floats(n, d));
     k.attention_causal(Q.data(), d, nq, ctx0, kv.head, d, float(c.floats[0]), scratch.data(), out.data(), d,
                        probs.data(), n);

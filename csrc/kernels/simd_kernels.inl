@@ -388,10 +388,11 @@ inline auto with_kv_type(DType t, F f) {
 // 11.3; 2 threads from memory, 3 heads 15.8 → 17.2).
 //
 // A tile's keys and values are fetched while the tiles ATT_AHEAD blocks before them are worked on:
-// each tile fetches the rows ATT_AHEAD blocks further on into L2, and those of the next block from
+// each tile fetches the rows ATT_AHEAD blocks further on into L2, and the keys of the next block from
 // there into L1, a row at a time as it weights its values, so that the fetches never queue up in a
-// burst ahead of the loads. A head's rows of a block are a few KB, its blocks anywhere in the pool:
-// too short a run for the hardware prefetchers alone.
+// burst ahead of the loads; its own values go into L1 as its scores are worked out. A head's rows of
+// a block are a few KB, its blocks anywhere in the pool: too short a run for the hardware
+// prefetchers alone.
 //
 // Measured on SmolLM2's shapes at depth 8160 (9 heads, 3 KV heads, d 64, an f16 cache), the 30
 // layers' attention alone, 2 threads, against the two-pass kernel before (scores of 4 keys at a time
@@ -405,7 +406,11 @@ inline auto with_kv_type(DType t, F f) {
 // in two runs), rather than one head through all its blocks (2 KB runs 6 KB apart, then the next
 // block). Zen 3, same shapes, 2 threads from memory: a plain read of the rows 10.5 → 15.7 GB/s
 // median; the kernel 7.6 → 10.7 (a part that fits in L3, 17.6 → 16.0: the heads' running sums
-// reloaded per block); the whole decode at depth 8160 +5-8%.
+// reloaded per block); the whole decode at depth 8160 +8%. Then the next block's values no longer
+// into L1 (in this order that is 3 heads' worth early, and 28% of the kernel's samples in the
+// model waited on a tile's first value load) but each tile's own as its scores are worked out: from memory
+// 9.4 → 12.8 GB/s median; the whole decode at depth 8160 +4% and +12% (two runs, 13 of 16
+// in-process pairs faster each), depth 1024 unchanged.
 constexpr int ATT_HEADS = 4;
 constexpr int ATT_KEYS = 4;
 constexpr int ATT_VECS = 4;
@@ -463,15 +468,15 @@ inline void score_tile(const float* q, int ldq, const typename E::T* K, long ld,
   for (int h = 0; h < HN; ++h) S::store(s[h], S::mul(S::sums(a[h]), scale));
 }
 
-// The rows a tile fetches as it goes (attention_heads): far ATT_AHEAD blocks on, into L2; near in
-// the next block, into L1. Each the keys' and values' rows at the tile's own rows; null where they
-// lie past the keys.
+// The rows a tile fetches as it goes (attend_run): far ATT_AHEAD blocks on, keys and values into
+// L2; near in the next block, keys into L1 (a tile's values go into L1 as its scores are worked
+// out). Each at the tile's own rows; null where they lie past the keys.
 template <class T>
 struct AttFetch {
-  const T *far_k = nullptr, *far_v = nullptr, *near_k = nullptr, *near_v = nullptr;
+  const T *far_k = nullptr, *far_v = nullptr, *near_k = nullptr;
   AttFetch at(long offset) const {
     auto off = [&](const T* p) { return p ? p + offset : nullptr; };
-    return {off(far_k), off(far_v), off(near_k), off(near_v)};
+    return {off(far_k), off(far_v), off(near_k)};
   }
 };
 
@@ -492,10 +497,7 @@ inline void tile_values(const float (*p)[S::N], float* const* o, const typename 
         __builtin_prefetch((const char*)(fetch.far_v + u * ld) + b, 0, 2);
       }
     if (fetch.near_k)
-      for (long b = 0; b < bytes; b += 64) {
-        __builtin_prefetch((const char*)(fetch.near_k + u * ld) + b, 0, 3);
-        __builtin_prefetch((const char*)(fetch.near_v + u * ld) + b, 0, 3);
-      }
+      for (long b = 0; b < bytes; b += 64) __builtin_prefetch((const char*)(fetch.near_k + u * ld) + b, 0, 3);
     if constexpr (att_fits(HN, NV)) {  // the row's vectors loaded once, a head's weight at a time
       V v[NV];
       for (int c = 0; c < NV; ++c) v[c] = kv_load<E>(Vr + u * ld, i + c * S::N, d);
@@ -540,10 +542,13 @@ inline void attend_run(AttRun<typename E::T, HN>& r, int ldq, int j0, int rows, 
   AttFetch<T> fetch;  // at the same rows of their blocks as this run
   if (const int far = j0 + ATT_AHEAD * kv.block_rows; far < k1)
     fetch.far_k = kv.key<T>(far), fetch.far_v = kv.value<T>(far);
-  if (const int near = j0 + kv.block_rows; near < k1) fetch.near_k = kv.key<T>(near), fetch.near_v = kv.value<T>(near);
+  if (const int near = j0 + kv.block_rows; near < k1) fetch.near_k = kv.key<T>(near);
   for (int j = 0; j < rows; j += S::N) {
     const int count = std::min(rows - j, S::N);
-    alignas(64) float s[HN][S::N];  // the scores, then the softmax's numerators
+    alignas(64) float s[HN][S::N];   // the scores, then the softmax's numerators
+    for (int u = 0; u < count; ++u)  // the tile's value rows into L1 while its scores are worked out
+      for (long b = 0; b < kv.ld * (long)sizeof(T); b += 64)
+        __builtin_prefetch((const char*)(Vr + (j + u) * kv.ld) + b, 0, 3);
     if (d % S::N != 0) {
       for (int h = 0; h < HN; ++h)
         for (int u = 0; u < count; ++u) s[h][u] = scale * kv_dot<E>(r.q + (long)h * ldq, K + (j + u) * kv.ld, d);

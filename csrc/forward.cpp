@@ -160,13 +160,15 @@ struct Pass {
       const Workspace::DecodeUnit& u = ws.decode_units[i - blocked];
       float* part = ws.partials.data() + size_t(u.slot) * ws.part_floats;
       float *m = part + size_t(group) * HD, *sum = m + group;
+      // a KV head's parts lie together (Workspace::prepare): the next head's are its parts on
+      const long kv_stride = long(ws.decode_merges[ws.token_merges[u.token]].parts) * ws.part_floats;
       ops.attention_part(ws.q.data() + size_t(u.token) * QD + size_t(u.kv_head) * group * HD, HD, group, u.kv_heads,
                          batch.seqs[u.seq].cache->head(l, u.kv_head), u.k0, u.k1, HD, c.attention_scale,
-                         rec.attention ? scratch : nullptr, part, HD, u.kv_stride, m, sum);
+                         rec.attention ? scratch : nullptr, part, HD, kv_stride, m, sum);
       if (rec.attention)  // one part: the whole context's weights, normalised
         for (int h = 0; h < u.kv_heads * group; ++h) {
           float* row = recorded(l, u.kv_head * group + h, u.token);
-          const float total = sum[(h / group) * u.kv_stride + h % group];
+          const float total = sum[(h / group) * kv_stride + h % group];
           for (int j = 0; j < u.k1; ++j) row[j] = scratch[size_t(h) * u.k1 + j] / total;
         }
     });

@@ -156,8 +156,9 @@ struct Workspace {
     int seq, first, count;  // slice, the block's first token in the batch, queries
   };
   struct DecodeUnit {
-    int seq, token, kv_head, kv_heads, k0, k1, slot;  // KV heads [kv_head, + kv_heads); slot: the first's
-    long kv_stride;                                   // partial result in `partials`, floats to the next's
+    // KV heads [kv_head, kv_head + kv_heads); slot: the first one's partial result in `partials`
+    // (each next head's lies its DecodeMerge's `parts` slots further on)
+    int seq, token, kv_head, kv_heads, k0, k1, slot;
   };
   struct DecodeMerge {
     int token, kv_head, first_slot, parts;

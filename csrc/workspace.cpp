@@ -43,7 +43,6 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record& re
   token_merges.assign(batch.n, -1);
   long need = 0;  // attention scratch per thread
   int slots = 0;
-  part_floats = attention_part_floats(group, HD);
   for (int s = 0; s < batch.n_seqs; ++s) {
     const SequenceSlice& sl = batch.seqs[s];
     for (int t = 0; t < sl.count; ++t) token_seq.data()[sl.first + t] = s;
@@ -68,7 +67,7 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record& re
       for (int h = 0; h < NKV; h += per_run)
         for (int p = 0; p < parts; ++p)
           decode_units.push_back({s, sl.first + t, h, std::min(per_run, NKV - h), p * per,
-                                  std::min(keys, (p + 1) * per), slots + h * parts + p, parts * part_floats});
+                                  std::min(keys, (p + 1) * per), slots + h * parts + p});
       slots += NKV * parts;
       need = std::max(need, long(NKV) * group * std::min(keys, per));
     }
@@ -83,6 +82,7 @@ void Workspace::prepare(const Kernels& ops, const Batch& batch, const Record& re
     attention_floats = 2 * need;
     attention_scratch.reset(size_t(model.threads) * attention_floats);
   }
+  part_floats = attention_part_floats(group, HD);
   partials.grow(size_t(slots) * part_floats);
   if (ops.pack && bf16_prompt && batch.n > batch.n_rowwise)
     packed.grow(size_t(

@@ -387,12 +387,12 @@ inline auto with_kv_type(DType t, F f) {
 // shapes at depth 8160, one thread over a part in L2: 3 heads 12.3 → 14.6 GB/s, 4 heads 10.5 →
 // 11.3; 2 threads from memory, 3 heads 15.8 → 17.2).
 //
-// A tile's keys and values are fetched while the tiles ATT_AHEAD blocks before them are worked on:
-// each tile fetches the rows ATT_AHEAD blocks further on into L2, and the keys of the next block from
-// there into L1, a row at a time as it weights its values, so that the fetches never queue up in a
-// burst ahead of the loads; its own values go into L1 as its scores are worked out. A head's rows of
-// a block are a few KB, its blocks anywhere in the pool: too short a run for the hardware
-// prefetchers alone.
+// A tile's keys and values are fetched ATT_FETCH_BYTES ahead of where the kernel reads, in the
+// order it works through the runs (a KV head's rows of a block): each tile fetches the same rows of
+// the run that far on into L2, and the keys of its own head's next block from there into L1, a row
+// at a time as it weights its values, so that the fetches never queue up in a burst ahead of the
+// loads; its own values go into L1 as its scores are worked out. A head's rows of a block are a few
+// KB, its blocks anywhere in the pool: too short a run for the hardware prefetchers alone.
 //
 // Measured on SmolLM2's shapes at depth 8160 (9 heads, 3 KV heads, d 64, an f16 cache), the 30
 // layers' attention alone, 2 threads, against the two-pass kernel before (scores of 4 keys at a time
@@ -411,11 +411,20 @@ inline auto with_kv_type(DType t, F f) {
 // model waited on a tile's first value load) but each tile's own as its scores are worked out: from memory
 // 9.4 → 12.8 GB/s median; the whole decode at depth 8160 +4% and +12% (two runs, 13 of 16
 // in-process pairs faster each), depth 1024 unchanged.
+//
+// The far fetch went 2 blocks ahead of the same head: 24 KB of SmolLM2's cache in this order, 64
+// KB of Llama-3.2-1B's (8 KV heads), with what is being read on top. Zen 1-3 take PREFETCHT1 into
+// L1 as well as L2 (only Zen 4 keeps it in L2), whose 32 KB it overflowed. 12 KB ahead, whatever
+// the shape (on a Xeon, in the head-at-a-time order: 4 KB ahead 17.7 GB/s, 8 KB 19.5, 12-16 KB as
+// 8): Zen 3, 2 threads from memory, interleaved, median of 150-250 steps: SmolLM2's shapes 12.6 →
+// 12.7, 9.9 → 11.0 GB/s (two runs), Llama-3.2-1B's (16 layers, 8 KV heads of 4) 8.7 → 9.3; the
+// whole decode at depth 8160 +2.9% and +2.8% (in-process pairs, 16 and 18 of 24 faster), 4096
+// +1.5%, 2048 and an int8 cache at 8160 unchanged.
 constexpr int ATT_HEADS = 4;
 constexpr int ATT_KEYS = 4;
 constexpr int ATT_VECS = 4;
-constexpr int ATT_AHEAD = 2;
-constexpr int ATT_KV_HEADS = 8;  // KV heads a pass takes a block at a time
+constexpr long ATT_FETCH_BYTES = 12 << 10;  // how far ahead a tile fetches (into L2)
+constexpr int ATT_KV_HEADS = 8;             // KV heads a pass takes a block at a time
 // Whether HN · W accumulators, W rows' vectors and a query vector (or weight) fit in the registers
 // at once; where not (AVX2's 16, 3 heads: 17), the loops hold the HN heads' vectors and load a row's
 // vector at a time (16). AVX2, 3 heads, one thread over a part in L2 ~1.2x, 2 threads from memory
@@ -468,9 +477,9 @@ inline void score_tile(const float* q, int ldq, const typename E::T* K, long ld,
   for (int h = 0; h < HN; ++h) S::store(s[h], S::mul(S::sums(a[h]), scale));
 }
 
-// The rows a tile fetches as it goes (attend_run): far ATT_AHEAD blocks on, keys and values into
-// L2; near in the next block, keys into L1 (a tile's values go into L1 as its scores are worked
-// out). Each at the tile's own rows; null where they lie past the keys.
+// The rows a tile fetches as it goes (attend_run): far ATT_FETCH_BYTES on (attention_heads), keys
+// and values into L2; near in its head's next block, keys into L1 (a tile's values go into L1 as
+// its scores are worked out). Each at the tile's own rows; null where they lie past the keys.
 template <class T>
 struct AttFetch {
   const T *far_k = nullptr, *far_v = nullptr, *near_k = nullptr;
@@ -531,18 +540,14 @@ struct AttRun {
 };
 
 // Run r's keys and values (rows positions from key j0, within one block) into a head group's
-// running softmax r (AttRun).
+// running softmax r (AttRun), fetching fetch's rows as it goes.
 template <class E, int HN>
 inline void attend_run(AttRun<typename E::T, HN>& r, int ldq, int j0, int rows, int k0, int k1, int d, V vscale,
-                       float scale) {
+                       float scale, const AttFetch<typename E::T>& fetch) {
   using T = typename E::T;
   const KvHead& kv = r.kv;
   const T* K = kv.key<T>(j0);
   const T* Vr = kv.value<T>(j0);
-  AttFetch<T> fetch;  // at the same rows of their blocks as this run
-  if (const int far = j0 + ATT_AHEAD * kv.block_rows; far < k1)
-    fetch.far_k = kv.key<T>(far), fetch.far_v = kv.value<T>(far);
-  if (const int near = j0 + kv.block_rows; near < k1) fetch.near_k = kv.key<T>(near);
   for (int j = 0; j < rows; j += S::N) {
     const int count = std::min(rows - j, S::N);
     alignas(64) float s[HN][S::N];   // the scores, then the softmax's numerators
@@ -603,8 +608,24 @@ void attention_heads(const float* q, int ldq, int heads, int kv_heads, const KvH
       for (int i = 0; i < d; ++i) r.o[h][i] = 0;
     }
   }
+  // A run (a KV head's keys and values in a block) fetches the run far_runs on in the order they
+  // are worked (block by block, KV head by KV head): ATT_FETCH_BYTES ahead.
+  const long run_bytes = 2L * kv.block_rows * kv.ld * (long)sizeof(T);
+  const int far_runs = (int)std::max(1L, ATT_FETCH_BYTES / run_bytes);
   kv.each_run(k0, k1, [&](int j0, int rows) {
-    for (int g = 0; g < kv_heads; ++g) attend_run<E, HN>(run[g], ldq, j0, rows, k0, k1, d, vscale, scale);
+    for (int g = 0; g < kv_heads; ++g) {
+      AttFetch<T> fetch;  // at the same rows of their blocks as this run
+      const int ahead = g + far_runs, far = j0 + ahead / kv_heads * kv.block_rows;
+      if (far < k1) {
+        const KvHead& f = run[ahead % kv_heads].kv;
+        fetch.far_k = f.key<T>(far), fetch.far_v = f.value<T>(far);
+      }
+      if (const int near = j0 + kv.block_rows; near < k1) {
+        const KvHead& h = run[g].kv;
+        fetch.near_k = h.key<T>(near);
+      }
+      attend_run<E, HN>(run[g], ldq, j0, rows, k0, k1, d, vscale, scale, fetch);
+    }
   });
   for (int g = 0; g < kv_heads; ++g)
     for (int h = 0; h < HN; ++h) {

@@ -346,6 +346,19 @@ inline V kv_load(const typename E::T* row, int i, int d) {
   if constexpr (std::is_same_v<E, KvQ8>) return S::mul(S::load_i8(row + i), S::set1(kv_group_scale(row, i, d)));
   else return E::load(row + i);
 }
+// kv_load in two steps, so that a loop over a group's vectors derives its scale once: kv_scale is
+// the scale of the group element i lies in, broadcast (for int8 rows; other types have none), and
+// kv_load_at(row, i, kv_scale(row, i, d)) is kv_load(row, i, d), bit for bit.
+template <class E>
+inline V kv_scale(const typename E::T* row, int i, int d) {
+  if constexpr (std::is_same_v<E, KvQ8>) return S::set1(kv_group_scale(row, i, d));
+  else return S::zero();
+}
+template <class E>
+inline V kv_load_at(const typename E::T* row, int i, V scale) {
+  if constexpr (std::is_same_v<E, KvQ8>) return S::mul(S::load_i8(row + i), scale);
+  else return E::load(row + i);
+}
 template <class E>
 inline float kv_scalar(const typename E::T* row, int i, int d) {
   if constexpr (std::is_same_v<E, KvQ8>) return row[i] * kv_group_scale(row, i, d);
@@ -452,9 +465,16 @@ inline void score_tile(const float* q, int ldq, const typename E::T* K, long ld,
     V acc[ATT_KEYS][HN];
     for (int u = 0; u < ATT_KEYS; ++u)
       for (int h = 0; h < HN; ++h) acc[u][h] = S::zero();
+    V sc[ATT_KEYS] = {};  // int8 rows: each key's scale of the group i lies in
     if (FULL || u0 < count)
       for (int i = 0; i < d; i += S::N) {
-        auto key = [&](int u) { return FULL || u0 + u < count ? kv_load<E>(K + (u0 + u) * ld, i, d) : S::zero(); };
+        if constexpr (std::is_same_v<E, KvQ8>)
+          if (i % KV_GROUP == 0)
+            for (int u = 0; u < ATT_KEYS; ++u)
+              if (FULL || u0 + u < count) sc[u] = kv_scale<E>(K + (u0 + u) * ld, i, d);
+        auto key = [&](int u) {
+          return FULL || u0 + u < count ? kv_load_at<E>(K + (u0 + u) * ld, i, sc[u]) : S::zero();
+        };
         if constexpr (att_fits(HN, ATT_KEYS)) {  // the keys' vectors loaded once, a query vector at a time
           V k[ATT_KEYS];
           for (int u = 0; u < ATT_KEYS; ++u) k[u] = key(u);
@@ -507,9 +527,13 @@ inline void tile_values(const float (*p)[S::N], float* const* o, const typename 
       }
     if (fetch.near_k)
       for (long b = 0; b < bytes; b += 64) __builtin_prefetch((const char*)(fetch.near_k + u * ld) + b, 0, 3);
+    V sc[NV] = {};  // int8 rows: the scale of the group each vector lies in, derived once per group
+    if constexpr (std::is_same_v<E, KvQ8>)
+      for (int c = 0; c < NV; ++c)
+        sc[c] = c > 0 && (i + c * S::N) % KV_GROUP != 0 ? sc[c - 1] : kv_scale<E>(Vr + u * ld, i + c * S::N, d);
     if constexpr (att_fits(HN, NV)) {  // the row's vectors loaded once, a head's weight at a time
       V v[NV];
-      for (int c = 0; c < NV; ++c) v[c] = kv_load<E>(Vr + u * ld, i + c * S::N, d);
+      for (int c = 0; c < NV; ++c) v[c] = kv_load_at<E>(Vr + u * ld, i + c * S::N, sc[c]);
       for (int h = 0; h < HN; ++h) {
         const V w = S::set1(p[h][u]);
         for (int c = 0; c < NV; ++c) acc[h][c] = S::fma(w, v[c], acc[h][c]);
@@ -518,7 +542,7 @@ inline void tile_values(const float (*p)[S::N], float* const* o, const typename 
       V w[HN];
       for (int h = 0; h < HN; ++h) w[h] = S::set1(p[h][u]);
       for (int c = 0; c < NV; ++c) {
-        const V v = kv_load<E>(Vr + u * ld, i + c * S::N, d);
+        const V v = kv_load_at<E>(Vr + u * ld, i + c * S::N, sc[c]);
         for (int h = 0; h < HN; ++h) acc[h][c] = S::fma(w[h], v, acc[h][c]);
       }
     }

@@ -73,11 +73,13 @@ uint32_t read_pass(const float* p, long n) {
   return t[0] ^ t[1] ^ t[2] ^ t[3];
 }
 
-// Reads a buffer much larger than the caches with every thread and returns the best GB/s of
-// `repeats` passes: the machine's read bandwidth, the ceiling of a decode step. The buffer asks
+// Reads a buffer much larger than the caches with every thread, `repeats` times, and returns the
+// GB/s of each pass: the best is the machine's read bandwidth, the ceiling of a decode step; their
+// mean, what a plain read got over those seconds on a host that others share. The buffer asks
 // for huge pages, as the weight mappings do (safetensors.cpp): with 4 KiB pages the probe read
 // 32-33 GB/s on the 2-core test machine while decode, from 2 MiB pages, streamed 37.
-double read_bandwidth(size_t bytes, int threads, int repeats) {
+std::vector<double> read_passes(size_t bytes, int threads, int repeats) {
+  if (repeats < 1) throw std::invalid_argument("repeats must be at least 1, got " + std::to_string(repeats));
   constexpr size_t kHuge = size_t(2) << 20;
   const size_t count = (bytes / 4 + kHuge / 4 - 1) / (kHuge / 4) * (kHuge / 4);
   void* mem = nullptr;
@@ -93,7 +95,7 @@ double read_bandwidth(size_t bytes, int threads, int repeats) {
   // bandwidth fraction is only as good as its probe.)
   for (size_t i = 0; i < count; ++i) buf[i] = float(uint32_t(i) * 2654435761u >> 8);
   const long n = long(count);  // a multiple of the 64 floats a step of the loop below reads
-  double best = 0;
+  std::vector<double> passes;
   volatile uint32_t sink = 0;
   for (int r = 0; r < repeats; ++r) {
     auto t0 = std::chrono::steady_clock::now();
@@ -105,9 +107,9 @@ double read_bandwidth(size_t bytes, int threads, int repeats) {
     });
     for (uint32_t t : totals) sink = sink ^ t;
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, double(n) * 4 / s / 1e9);
+    passes.push_back(double(n) * 4 / s / 1e9);
   }
-  return best;
+  return passes;
 }
 
 // The shape of a KV cache of `dtype` ("f32" | "bf16" | "f16" | "int8") for the model.
@@ -134,9 +136,17 @@ PYBIND11_MODULE(_core, m) {
       "read_bandwidth",
       [](size_t bytes, int threads, int repeats) {
         check_threads_start(threads);
-        return read_bandwidth(bytes, threads, repeats);
+        const std::vector<double> passes = read_passes(bytes, threads, repeats);
+        return *std::max_element(passes.begin(), passes.end());
       },
       py::arg("bytes"), py::arg("threads"), py::arg("repeats") = 5, py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "read_passes",
+      [](size_t bytes, int threads, int repeats) {
+        check_threads_start(threads);
+        return read_passes(bytes, threads, repeats);
+      },
+      py::arg("bytes"), py::arg("threads"), py::arg("repeats"), py::call_guard<py::gil_scoped_release>());
   m.attr("MAX_THREADS") = MAX_THREADS;
   m.def("config_limits", []() {
     using L = ConfigLimits;

@@ -17,7 +17,7 @@ from conftest import make_checkpoint, write_safetensors
 from gally import _core, cli
 from gally.bench import peer_gguf, report
 from gally.bench.llama_bench import parse as parse_llama_bench
-from gally.bench.run import Options, Test as BenchTest, run
+from gally.bench.run import PROBE_PASSES, Options, Test as BenchTest, run
 from gally.bench.stats import Stat, rates
 from gally.bench.worker import Worker, WorkerError
 from gally.dtypes import bf16_bits
@@ -96,10 +96,12 @@ def test_decode_bandwidth_is_bytes_read_times_rate(result, folder):
                     positions = np.mean([r.test.depth + i + 1 for i in range(r.test.tokens)])
                     read = m.weight_bytes + m.kv_bytes_per_token * positions
                     assert np.allclose(r.gb_s.samples, np.array(r.tok_s.samples) * read / 1e9)
-                    # against the probe taken just before this dtype's block, not the run's best
-                    bw = result.block_bandwidth[f"{dtype} t1"]
-                    assert 0 < bw <= result.bandwidth[1]
-                    assert np.allclose(r.bw_fraction.samples, np.array(r.gb_s.samples) / bw)
+                    # against the read passes just before and after each repetition, not a probe minutes away
+                    assert 0 < result.block_bandwidth[f"{dtype} t1"] <= result.bandwidth[1]
+                    passes = np.array(r.read_passes)
+                    assert passes.shape == (len(r.gb_s.samples), 2 * PROBE_PASSES) and (passes > 0).all()
+                    assert np.allclose(r.bw_fraction.samples, np.array(r.gb_s.samples) / passes.mean(axis=1))
+                    assert np.allclose(r.bw_fraction_best.samples, np.array(r.gb_s.samples) / passes.max(axis=1))
                 else:
                     assert r.gb_s is None
 
@@ -488,3 +490,29 @@ def test_read_bandwidth_is_a_plausible_rate(threads):
 def test_read_bandwidth_rejects_bad_thread_counts():
     with pytest.raises(ValueError):
         _core.read_bandwidth(1 << 20, 0, 1)
+
+
+def test_read_passes_gives_every_pass_and_read_bandwidth_the_best():
+    passes = _core.read_passes(16 << 20, 1, 3)
+    assert len(passes) == 3 and all(math.isfinite(p) and 0.5 < p < 10_000 for p in passes)
+    for bad in (0, -1):  # no pass at all would leave read_bandwidth no best to give
+        with pytest.raises(ValueError, match="repeats"):
+            _core.read_passes(1 << 20, 1, bad)
+        with pytest.raises(ValueError, match="repeats"):
+            _core.read_bandwidth(1 << 20, 1, bad)
+
+
+def test_engine_decodes_in_the_session_prepare_decode_made(folder):
+    """The bench times decode(None, …) in the context prepare_decode put in, with read passes in
+    between; the session serves one decode, and a decode with no prepared session says so."""
+    from gally.bench.engine_gally import GallyEngine
+
+    engine = GallyEngine(folder, "f32", 1, 64)
+    engine.load()
+    with pytest.raises(ValueError, match="prepare_decode"):
+        engine.decode(None, [1, 2])
+    engine.prepare_decode([3, 4, 5])
+    assert engine._prepared.position == 3
+    assert engine.decode(None, [1, 2])["seconds"] > 0
+    with pytest.raises(ValueError, match="prepare_decode"):
+        engine.decode(None, [1, 2])

@@ -19,11 +19,12 @@ class GallyEngine:
         self.source, self.dtype, self.threads, self.max_context = model, dtype, threads, max_context
         self.kv_dtype = kv_dtype  # None: gally's default
         self.model = None
+        self._prepared = None  # prepare_decode's session
 
     def load(self) -> float:
         import gally
 
-        self.model = None
+        self.model = self._prepared = None
         t0 = time.perf_counter()
         self.model = gally.load(self.source, dtype=self.dtype, threads=self.threads, kv_dtype=self.kv_dtype)
         return time.perf_counter() - t0
@@ -59,8 +60,21 @@ class GallyEngine:
         t3 = time.perf_counter()
         return {"seconds": t2 - t1, "ttft": t3 - t0 if not len(depth_ids) else None}
 
+    def prepare_decode(self, depth_ids) -> dict:
+        """A session with depth_ids in it for the next decode(None, …): the caller can probe the read
+        bandwidth between the prefill and the timed steps."""
+        self._prepared = self._session(np.asarray(depth_ids, dtype=np.int32))
+        return {}
+
     def decode(self, depth_ids, gen_ids) -> dict:
-        s = self._session(np.asarray(depth_ids, dtype=np.int32))
+        """Seconds for len(gen_ids) decode steps of one token each, after depth_ids (None: in the
+        session prepare_decode made, once)."""
+        if depth_ids is None:
+            s, self._prepared = self._prepared, None
+            if s is None:
+                raise ValueError("decode(None, …) needs a prepare_decode first")
+        else:
+            s = self._session(np.asarray(depth_ids, dtype=np.int32))
         ids = [np.asarray([i], dtype=np.int32) for i in gen_ids]
         append = s.append
         t0 = time.perf_counter()

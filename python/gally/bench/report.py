@@ -6,7 +6,7 @@ import dataclasses
 import json
 
 from .engine_llamacpp import build_features
-from .run import Results, Test
+from .run import PROBE_PASSES, Results, Test
 from .stats import Stat
 
 PEER_ORDER = ("llama.cpp", "llama-bench", "ctranslate2", "transformers")
@@ -55,9 +55,10 @@ def machine_lines(res: Results) -> list:
              "| system load | 1-min load average before → after each block: "
              + "; ".join(f"{k}: {a} → {b}" for k, (a, b) in res.load.items())
              + f" ({cpu['logical_cpus']} logical CPUs; above 0 means other work shared the CPUs) |",
-             f"| read bandwidth | {bw} (gally._core.read_bandwidth: the best of 5 passes, probed before each block; "
-             "\"of read bw\" divides a block's decode GB/s by its own probe, the header's figure is the best of the "
-             "run) |",
+             f"| read bandwidth | {bw} (gally._core.read_bandwidth: the best of 5 passes over "
+             f"{res.options.bandwidth_bytes >> 20} MiB, probed before each block; the first figure is the best of "
+             f"the run. \"of read bw\" divides each timed decode's GB/s by the mean of {2 * PROBE_PASSES} passes, "
+             f"{PROBE_PASSES} just before it and {PROBE_PASSES} just after; \"of best pass\" by the best of them) |",
              f"| model | {res.options.model or 'default model'}: "
              + "; ".join(f"{d}: {f}" for d, f in res.model.items()) + " |"]
     if res.quantized:
@@ -89,11 +90,13 @@ def throughput_lines(res: Results) -> list:
     for r in res.rows:
         label = r.test.label + (" (Model.generate)" if r.engine == "gally generate" else "")
         if r.tok_s is None:
-            rows.append([r.engine, r.weights, r.threads, label, "—", "—", "—", r.note])
+            rows.append([r.engine, r.weights, r.threads, label, "—", "—", "—", "—", r.note])
             continue
         rows.append([r.engine, r.weights, r.threads, label, _stat(r.tok_s), _stat(r.gb_s),
-                     _stat(r.bw_fraction, 0, 100.0) + ("%" if r.bw_fraction else ""), r.note])
-    return _table(["engine", "weights", "threads", "test", "tok/s", "GB/s", "of read bw", "note"], rows)
+                     _stat(r.bw_fraction, 0, 100.0) + ("%" if r.bw_fraction else ""),
+                     _stat(r.bw_fraction_best, 0, 100.0) + ("%" if r.bw_fraction_best else ""), r.note])
+    return _table(["engine", "weights", "threads", "test", "tok/s", "GB/s", "of read bw", "of best pass", "note"],
+                  rows)
 
 
 def ratio_lines(res: Results) -> list:

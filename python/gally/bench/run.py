@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import os
+import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -17,6 +18,7 @@ from . import derived, llama_bench, machine, peer_ct2, peer_gguf
 from .stats import Stat, rates
 from .worker import Worker, WorkerError
 
+PROBE_PASSES = 3  # read passes before and after each of gally's timed decodes
 PEERS = ("llama.cpp", "transformers", "llama-bench", "ctranslate2")
 LIBLLAMA = ("libllama.so", "libllama.dylib")  # what llama-cpp-python loads from LLAMA_CPP_LIB_PATH
 INSTALL = {
@@ -110,7 +112,9 @@ class Row:
     test: Test
     tok_s: Optional[Stat]
     gb_s: Optional[Stat] = None  # bytes read per token (weights and KV cache) × rate (gally only)
-    bw_fraction: Optional[Stat] = None  # gb_s / the read bandwidth probed just before this block
+    bw_fraction: Optional[Stat] = None  # gb_s / the mean read pass around each repetition (_interleave)
+    bw_fraction_best: Optional[Stat] = None  # gb_s / the best of those passes
+    read_passes: Optional[list] = None  # GB/s of the read passes around each repetition (gally's decode)
     note: str = ""
 
 
@@ -190,9 +194,8 @@ def run(opts: Options, command: str = "", log: Callable[[str], None] = lambda s:
         if dtype in QUANTIZED:
             results.quantized[dtype] = specs["gally"]["model"]
         for t in threads:
-            # probed before every block: a block's decode rates are compared with its own probe,
-            # taken minutes apart at most (on a shared host the bandwidth moves by tens of percent
-            # over a run); the header shows the best probe of the run
+            # probed before every block for the header (the best of the run: the machine's bandwidth);
+            # each decode's own fraction comes from read passes around it (_interleave)
             log(f"[{dtype} t{t}] probing read bandwidth ({opts.bandwidth_bytes >> 20} MiB, best of 5)")
             bw = _core.read_bandwidth(opts.bandwidth_bytes, t, 5)
             results.bandwidth[t] = max(bw, results.bandwidth.get(t, 0.0))
@@ -200,7 +203,6 @@ def run(opts: Options, command: str = "", log: Callable[[str], None] = lambda s:
             before = _load_average()
             _block(opts, dtype, t, tests, inputs, gen_prompt, specs, results, log)
             results.load[f"{dtype} t{t}"] = (before, _load_average())
-    _fill_bandwidth_fractions(results)
     return results
 
 
@@ -210,12 +212,6 @@ def _load_average():
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         return None
-
-
-def _fill_bandwidth_fractions(results: Results) -> None:
-    for row in results.rows:
-        if row.gb_s is not None:
-            row.bw_fraction = row.gb_s.scaled(1 / results.block_bandwidth[f"{row.dtype} t{row.threads}"])
 
 
 def _peer_specs(opts, dtype, folder, status, log) -> dict:
@@ -271,25 +267,26 @@ def _block(opts, dtype, threads, tests, inputs, gen_prompt, specs, results: Resu
     setups = {name: Setup(name, dtype, threads) for name in specs if name != "llama-bench"}
     results.setups += setups.values()
     if opts.sequential:  # one engine at a time: two copies of a large model's weights would not fit
-        workers, seconds = {}, {}
+        workers, seconds, probes = {}, {}, {}
         for name in setups:
             one = _start(opts, {name: specs[name]}, {name: setups[name]}, threads, -(-context // 256) * 256, tag, log)
-            seconds.update(_interleave(opts, tests, inputs, one, setups, tag, log))
+            seconds.update(_interleave(opts, threads, tests, inputs, one, setups, tag, log, probes))
             _finish_engine(opts, dtype, threads, one, setups, gen_prompt, results, log)
-        _rows(opts, dtype, threads, tests, setups, seconds, results)
+        _rows(opts, dtype, threads, tests, setups, seconds, probes, results)
         if "llama-bench" in specs:
             _llama_bench_rows(opts, dtype, threads, specs["llama-bench"], results, log)
         return
     workers = _start(opts, specs, setups, threads, -(-context // 256) * 256, tag, log)
-    seconds = _interleave(opts, tests, inputs, workers, setups, tag, log)
+    probes = {}
+    seconds = _interleave(opts, threads, tests, inputs, workers, setups, tag, log, probes)
 
-    _rows(opts, dtype, threads, tests, setups, seconds, results)
+    _rows(opts, dtype, threads, tests, setups, seconds, probes, results)
     _finish_engine(opts, dtype, threads, workers, setups, gen_prompt, results, log)
     if "llama-bench" in specs:
         _llama_bench_rows(opts, dtype, threads, specs["llama-bench"], results, log)
 
 
-def _rows(opts, dtype, threads, tests, setups, seconds, results) -> None:
+def _rows(opts, dtype, threads, tests, setups, seconds, probes, results) -> None:
     for name, setup in setups.items():
         for test in tests:
             s = seconds.get((name, test), [])
@@ -298,6 +295,9 @@ def _rows(opts, dtype, threads, tests, setups, seconds, results) -> None:
             row = Row(name, dtype, setup.weights, threads, test, rates(test.tokens, s))
             if name == "gally" and test.kind == "tg":
                 row.gb_s = row.tok_s.scaled(read_per_token(setup.info, test) / 1e9)
+                row.read_passes = passes = probes[name, test]  # the read passes around each repetition
+                row.bw_fraction = Stat.of([g / statistics.fmean(p) for g, p in zip(row.gb_s.samples, passes)])
+                row.bw_fraction_best = Stat.of([g / max(p) for g, p in zip(row.gb_s.samples, passes)])
             results.rows.append(row)
 
 
@@ -349,9 +349,12 @@ def _start(opts, specs, setups, threads, max_context, tag, log) -> dict:
     return workers
 
 
-def _interleave(opts, tests, inputs, workers, setups, tag, log) -> dict:
+def _interleave(opts, threads, tests, inputs, workers, setups, tag, log, probes: dict) -> dict:
     """One warm-up pass, then reps passes: each test run by every engine in turn, the first engine
-    rotating. Returns {(engine, test): seconds per repetition}; fills each Setup's TTFT."""
+    rotating. Returns {(engine, test): seconds per repetition}; fills each Setup's TTFT, and
+    probes[("gally", test)] with the GB/s of the read passes around each of gally's timed decodes."""
+    from gally import _core
+
     seconds = {(name, t): [] for name in workers for t in tests}
     ttft = {name: {} for name in workers}
 
@@ -360,6 +363,14 @@ def _interleave(opts, tests, inputs, workers, setups, tag, log) -> dict:
         try:
             if test.kind == "pp":
                 r = workers[name].call("prefill", depth_ids=depth_ids, prompt_ids=ids)
+            elif name == "gally" and keep:
+                # The host's bandwidth moves from one second to the next (on the 2-core test machine a
+                # pass over 1 GiB read 10-20 GB/s within a minute): a decode's bytes per second are
+                # compared with read passes just before and after it, once its context is in
+                workers[name].call("prepare_decode", depth_ids=depth_ids)
+                before = _core.read_passes(opts.bandwidth_bytes, threads, PROBE_PASSES)
+                r = workers[name].call("decode", depth_ids=None, gen_ids=ids)
+                passes = before + _core.read_passes(opts.bandwidth_bytes, threads, PROBE_PASSES)
             else:
                 r = workers[name].call("decode", depth_ids=depth_ids, gen_ids=ids)
         except WorkerError as e:
@@ -369,6 +380,8 @@ def _interleave(opts, tests, inputs, workers, setups, tag, log) -> dict:
             return
         if keep:
             seconds[name, test].append(r["seconds"])
+            if name == "gally" and test.kind == "tg":
+                probes.setdefault((name, test), []).append(passes)
             if r.get("ttft") is not None:
                 ttft[name].setdefault(test.tokens, []).append(r["ttft"])
 

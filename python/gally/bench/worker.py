@@ -62,7 +62,7 @@ def serve() -> None:
                 reply = {"seconds": [engine.load() for _ in range(req["times"])]}
             elif op == "peak_rss":
                 reply = {"bytes": peak_rss_bytes()}
-            elif op in ("info", "prefill", "decode", "generate", "batched"):
+            elif op in ("info", "prefill", "prepare_decode", "decode", "generate", "batched"):
                 reply = getattr(engine, op)(**req)
             else:
                 raise ValueError(f"unknown op {op!r}")

@@ -407,32 +407,21 @@ inline auto with_kv_type(DType t, F f) {
 // loads; its own values go into L1 as its scores are worked out. A head's rows of a block are a few
 // KB, its blocks anywhere in the pool: too short a run for the hardware prefetchers alone.
 //
-// Measured on SmolLM2's shapes at depth 8160 (9 heads, 3 KV heads, d 64, an f16 cache), the 30
-// layers' attention alone, 2 threads, against the two-pass kernel before (scores of 4 keys at a time
-// stored one by one; the next block's keys and this block's values fetched in one burst per block):
-// AVX-512 15.2 → 19.5 GB/s, AVX2 13.6 → 15.1. The same fetches in one burst per tile: 16.8; 1 block
-// ahead 17.7, 3 or 4 as 2; the whole model's decode at that depth 39.4 → 41.4-42.2 tok/s. The
-// next block into L1 as well: AVX-512 19.9 → 21.5 GB/s, AVX2 14.9 → 15.5.
-//
 // A call takes up to ATT_KV_HEADS KV heads (a layer's, usually) a block at a time: head after head
 // through a block, whose rows of all the heads lie together (KvCache: 12 KB of SmolLM2's f16 cache
-// in two runs), rather than one head through all its blocks (2 KB runs 6 KB apart, then the next
-// block). Zen 3, same shapes, 2 threads from memory: a plain read of the rows 10.5 → 15.7 GB/s
-// median; the kernel 7.6 → 10.7 (a part that fits in L3, 17.6 → 16.0: the heads' running sums
-// reloaded per block); the whole decode at depth 8160 +8%. Then the next block's values no longer
-// into L1 (in this order that is 3 heads' worth early, and 28% of the kernel's samples in the
-// model waited on a tile's first value load) but each tile's own as its scores are worked out: from memory
-// 9.4 → 12.8 GB/s median; the whole decode at depth 8160 +4% and +12% (two runs, 13 of 16
-// in-process pairs faster each), depth 1024 unchanged.
+// in two runs), rather than one head through all its blocks (2 KB runs 6 KB apart).
 //
-// The far fetch went 2 blocks ahead of the same head: 24 KB of SmolLM2's cache in this order, 64
-// KB of Llama-3.2-1B's (8 KV heads), with what is being read on top. Zen 1-3 take PREFETCHT1 into
-// L1 as well as L2 (only Zen 4 keeps it in L2), whose 32 KB it overflowed. 12 KB ahead, whatever
-// the shape (on a Xeon, in the head-at-a-time order: 4 KB ahead 17.7 GB/s, 8 KB 19.5, 12-16 KB as
-// 8): Zen 3, 2 threads from memory, interleaved, median of 150-250 steps: SmolLM2's shapes 12.6 →
-// 12.7, 9.9 → 11.0 GB/s (two runs), Llama-3.2-1B's (16 layers, 8 KV heads of 4) 8.7 → 9.3; the
-// whole decode at depth 8160 +2.9% and +2.8% (in-process pairs, 16 and 18 of 24 faster), 4096
-// +1.5%, 2048 and an int8 cache at 8160 unchanged.
+// Measured on SmolLM2's shapes at depth 8160 (30 layers, 9 heads, 3 KV heads, d 64, an f16 cache),
+// the layers' attention alone, 2 threads from memory, variants alternated in one process:
+// - one pass (online softmax) against two (scores stored, then values): AVX-512 15.2 → 19.5 GB/s,
+//   AVX2 13.6 → 15.1; the next block's keys into L1 as well: 19.9 → 21.5, 14.9 → 15.5.
+// - a block at a time through the KV heads against a head at a time (Zen 3): 7.6 → 10.7 GB/s
+//   median; then each tile's own values into L1 rather than the next block's: 9.4 → 12.8.
+// - the far fetch 12 KB ahead against 2 blocks of the same head (24 KB here, 64 KB for
+//   Llama-3.2-1B's 8 KV heads: Zen 1-3 take PREFETCHT1 into their 32 KB L1 too, only Zen 4 keeps it
+//   in L2): Zen 3 9.9 → 11.0, Llama-3.2-1B's shapes 8.7 → 9.3; on a Xeon 8-16 KB ahead were alike.
+//   6 and 24 KB measured as 12, PREFETCHT2 and PREFETCHNTA as PREFETCHT1; no fetches 12-17% slower.
+// Zen 3, 2 threads: the kernel reads at 70-78% of a plain read of the same bytes alternated with it.
 constexpr int ATT_HEADS = 4;
 constexpr int ATT_KEYS = 4;
 constexpr int ATT_VECS = 4;

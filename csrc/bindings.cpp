@@ -73,44 +73,62 @@ uint32_t read_pass(const float* p, long n) {
   return t[0] ^ t[1] ^ t[2] ^ t[3];
 }
 
-// Reads a buffer much larger than the caches with every thread, `repeats` times, and returns the
-// GB/s of each pass: the best is the machine's read bandwidth, the ceiling of a decode step; their
-// mean, what a plain read got over those seconds on a host that others share. The buffer asks
+// A buffer much larger than the caches, read with every thread: the best GB/s of a few passes is
+// the machine's read bandwidth, the ceiling of a decode step; their mean, what a plain read got over
+// those seconds on a host that others share. Made once and read as often as asked, so that passes
+// can bracket a timed decode closely (filling 1 GiB takes longer than reading it). The buffer asks
 // for huge pages, as the weight mappings do (safetensors.cpp): with 4 KiB pages the probe read
 // 32-33 GB/s on the 2-core test machine while decode, from 2 MiB pages, streamed 37.
-std::vector<double> read_passes(size_t bytes, int threads, int repeats) {
-  if (repeats < 1) throw std::invalid_argument("repeats must be at least 1, got " + std::to_string(repeats));
-  constexpr size_t kHuge = size_t(2) << 20;
-  const size_t count = (bytes / 4 + kHuge / 4 - 1) / (kHuge / 4) * (kHuge / 4);
-  void* mem = nullptr;
-  if (posix_memalign(&mem, kHuge, count * sizeof(float)) != 0) throw std::bad_alloc();
-  std::unique_ptr<float, decltype(&std::free)> owner((float*)mem, &std::free);
+class ReadProbe {
+ public:
+  explicit ReadProbe(size_t bytes) {
+    if (bytes == 0) throw std::invalid_argument("a read probe needs a buffer of at least 1 byte");
+    constexpr size_t kHuge = size_t(2) << 20;
+    count_ = (bytes / 4 + kHuge / 4 - 1) / (kHuge / 4) * (kHuge / 4);
+    void* mem = nullptr;
+    if (posix_memalign(&mem, kHuge, count_ * sizeof(float)) != 0) throw std::bad_alloc();
+    buf_.reset((float*)mem);
 #if defined(MADV_HUGEPAGE)
-  ::madvise(mem, count * 4, MADV_HUGEPAGE);
+    ::madvise(mem, count_ * 4, MADV_HUGEPAGE);
 #endif
-  float* buf = owner.get();
-  // Distinct contents per page, so that a host merging identical pages (KSM) cannot back the
-  // buffer with a few physical pages that then read from cache. (On the 2-core test machine an
-  // occasional probe still reads 57-64 GB/s against ~35; the cause is not established, so a block's
-  // bandwidth fraction is only as good as its probe.)
-  for (size_t i = 0; i < count; ++i) buf[i] = float(uint32_t(i) * 2654435761u >> 8);
-  const long n = long(count);  // a multiple of the 64 floats a step of the loop below reads
-  std::vector<double> passes;
-  volatile uint32_t sink = 0;
-  for (int r = 0; r < repeats; ++r) {
-    auto t0 = std::chrono::steady_clock::now();
-    std::vector<uint32_t> totals(threads, 0);
-    par::region(threads, [&] {
-      const long steps = n / 64, s0 = steps * par::thread_id() / par::thread_count(),
-                 s1 = steps * (par::thread_id() + 1) / par::thread_count();
-      totals[par::thread_id()] = read_pass(buf + s0 * 64, (s1 - s0) * 64);
-    });
-    for (uint32_t t : totals) sink = sink ^ t;
-    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    passes.push_back(double(n) * 4 / s / 1e9);
+    // Distinct contents per page, so that a host merging identical pages (KSM) cannot back the
+    // buffer with a few physical pages that then read from cache. (On the 2-core test machine an
+    // occasional probe still reads 57-64 GB/s against ~35; the cause is not established, so a
+    // bandwidth fraction is only as good as its probe.)
+    for (size_t i = 0; i < count_; ++i) buf_.get()[i] = float(uint32_t(i) * 2654435761u >> 8);
   }
-  return passes;
-}
+
+  size_t bytes() const { return count_ * sizeof(float); }
+
+  // The GB/s of each of `repeats` passes over the whole buffer with `threads` threads.
+  std::vector<double> passes(int threads, int repeats) const {
+    if (repeats < 1) throw std::invalid_argument("repeats must be at least 1, got " + std::to_string(repeats));
+    check_threads_start(threads);
+    const long n = long(count_);  // a multiple of the 64 floats a step of read_pass reads
+    std::vector<double> out;
+    volatile uint32_t sink = 0;
+    for (int r = 0; r < repeats; ++r) {
+      auto t0 = std::chrono::steady_clock::now();
+      std::vector<uint32_t> totals(threads, 0);
+      par::region(threads, [&] {
+        const long steps = n / 64, s0 = steps * par::thread_id() / par::thread_count(),
+                   s1 = steps * (par::thread_id() + 1) / par::thread_count();
+        totals[par::thread_id()] = read_pass(buf_.get() + s0 * 64, (s1 - s0) * 64);
+      });
+      for (uint32_t t : totals) sink = sink ^ t;
+      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      out.push_back(double(n) * 4 / s / 1e9);
+    }
+    return out;
+  }
+
+ private:
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> buf_;
+  size_t count_ = 0;
+};
 
 // The shape of a KV cache of `dtype` ("f32" | "bf16" | "f16" | "int8") for the model.
 KvShape kv_shape(const Model& model, const std::string& dtype) {
@@ -136,17 +154,16 @@ PYBIND11_MODULE(_core, m) {
       "read_bandwidth",
       [](size_t bytes, int threads, int repeats) {
         check_threads_start(threads);
-        const std::vector<double> passes = read_passes(bytes, threads, repeats);
+        if (repeats < 1) throw std::invalid_argument("repeats must be at least 1, got " + std::to_string(repeats));
+        const std::vector<double> passes = ReadProbe(bytes).passes(threads, repeats);
         return *std::max_element(passes.begin(), passes.end());
       },
       py::arg("bytes"), py::arg("threads"), py::arg("repeats") = 5, py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "read_passes",
-      [](size_t bytes, int threads, int repeats) {
-        check_threads_start(threads);
-        return read_passes(bytes, threads, repeats);
-      },
-      py::arg("bytes"), py::arg("threads"), py::arg("repeats"), py::call_guard<py::gil_scoped_release>());
+  py::class_<ReadProbe>(m, "ReadProbe")
+      .def(py::init<size_t>(), py::arg("bytes"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("bytes", &ReadProbe::bytes)
+      .def("passes", &ReadProbe::passes, py::arg("threads"), py::arg("repeats"),
+           py::call_guard<py::gil_scoped_release>());
   m.attr("MAX_THREADS") = MAX_THREADS;
   m.def("config_limits", []() {
     using L = ConfigLimits;

@@ -142,6 +142,10 @@ def test_markdown_tables_are_well_formed(result):
         row = next(r for r in result.rows if r.engine == "gally" and r.weights == cells[1] and r.test.label == cells[3])
         assert float(mean) == pytest.approx(row.tok_s.mean, abs=0.006) and float(std) >= 0
         assert (cells[5] == "—") == (row.test.kind == "pp")
+        if row.test.kind == "tg":  # the shares of the read passes' mean and of their best
+            assert cells[6] == f"{row.bw_fraction.mean * 100:.0f} ± {row.bw_fraction.std * 100:.0f}%"
+            assert cells[7] == f"{row.bw_fraction_best.mean * 100:.0f} ± {row.bw_fraction_best.std * 100:.0f}%"
+    assert rows[0].startswith("| engine | weights | threads | test | tok/s | GB/s | of read bw | of best pass |")
     assert "## gally / peers" not in md  # no peer measured, no ratio table
     setup = _table(md, "Start-up and memory")
     assert setup[0] == ("| engine | weights | threads | load s | TTFT ms (p8) | file MB | KV cache MB | peak RSS MB "
@@ -490,16 +494,6 @@ def test_read_bandwidth_is_a_plausible_rate(threads):
 def test_read_bandwidth_rejects_bad_thread_counts():
     with pytest.raises(ValueError):
         _core.read_bandwidth(1 << 20, 0, 1)
-
-
-def test_read_passes_gives_every_pass_and_read_bandwidth_the_best():
-    passes = _core.read_passes(16 << 20, 1, 3)
-    assert len(passes) == 3 and all(math.isfinite(p) and 0.5 < p < 10_000 for p in passes)
-    for bad in (0, -1):  # no pass at all would leave read_bandwidth no best to give
-        with pytest.raises(ValueError, match="repeats"):
-            _core.read_passes(1 << 20, 1, bad)
-        with pytest.raises(ValueError, match="repeats"):
-            _core.read_bandwidth(1 << 20, 1, bad)
 
 
 def test_engine_decodes_in_the_session_prepare_decode_made(folder):

@@ -20,6 +20,7 @@ class LlamaCppEngine:
         self.gguf, self.gguf_type, self.threads, self.max_context = gguf, gguf_type, threads, max_context
         self.kv_type = kv_type  # llama.cpp's name of the KV cache type; None: its default
         self.llm = None
+        self._prepared = False  # the context holds prepare_decode's tokens, for one decode
         if lib:  # read by llama_cpp at its import, which comes later (load): this process runs this engine only
             os.environ["LLAMA_CPP_LIB_PATH"] = os.path.abspath(lib)
 
@@ -27,7 +28,7 @@ class LlamaCppEngine:
         from llama_cpp import Llama
 
         kv = {"type_k": GGML_TYPES[self.kv_type], "type_v": GGML_TYPES[self.kv_type]} if self.kv_type else {}
-        self.llm = None
+        self.llm, self._prepared = None, False
         t0 = time.perf_counter()
         self.llm = Llama(model_path=self.gguf, n_threads=self.threads, n_threads_batch=self.threads,
                          n_ctx=self.max_context, n_batch=512, n_ubatch=512, logits_all=False,
@@ -49,6 +50,7 @@ class LlamaCppEngine:
             self.llm.eval(list(depth_ids))
 
     def prefill(self, depth_ids, prompt_ids) -> dict:
+        self._prepared = False
         prompt = [int(i) for i in prompt_ids]
         t0 = time.perf_counter()
         self._fresh(depth_ids)
@@ -60,8 +62,19 @@ class LlamaCppEngine:
         t3 = time.perf_counter()
         return {"seconds": t2 - t1, "ttft": t3 - t0 if not len(depth_ids) else None}
 
-    def decode(self, depth_ids, gen_ids) -> dict:
+    def prepare_decode(self, depth_ids) -> dict:
+        """depth_ids in a fresh context for the next decode(None, …) (see GallyEngine.prepare_decode)."""
         self._fresh(depth_ids)
+        self._prepared = True
+        return {}
+
+    def decode(self, depth_ids, gen_ids) -> dict:
+        if depth_ids is None:
+            if not self._prepared:
+                raise ValueError("decode(None, …) needs a prepare_decode first")
+        else:
+            self._fresh(depth_ids)
+        self._prepared = False
         ids = [[int(i)] for i in gen_ids]
         evaluate = self.llm.eval
         t0 = time.perf_counter()

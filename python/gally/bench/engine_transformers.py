@@ -16,13 +16,14 @@ class TransformersEngine:
             raise ValueError(f"transformers has no weight type matching gally's {dtype!r}")
         self.folder, self.dtype, self.threads = folder, dtype, threads
         self.model = None
+        self._prepared = None  # prepare_decode's cache
 
     def load(self) -> float:
         import torch
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(self.threads)
-        self.model = None
+        self.model = self._prepared = None
         t0 = time.perf_counter()
         self.model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=getattr(torch, TORCH_DTYPES[self.dtype]))
         self.model.eval()
@@ -60,11 +61,24 @@ class TransformersEngine:
             t3 = time.perf_counter()
         return {"seconds": t2 - t1, "ttft": t3 - t0 if not len(depth_ids) else None}
 
+    def prepare_decode(self, depth_ids) -> dict:
+        """depth_ids in a fresh cache for the next decode(None, …) (see GallyEngine.prepare_decode)."""
+        import torch
+
+        with torch.inference_mode():
+            self._prepared = self._fresh(depth_ids)
+        return {}
+
     def decode(self, depth_ids, gen_ids) -> dict:
         import torch
 
         with torch.inference_mode():
-            cache = self._fresh(depth_ids)
+            if depth_ids is None:
+                cache, self._prepared = self._prepared, None
+                if cache is None:
+                    raise ValueError("decode(None, …) needs a prepare_decode first")
+            else:
+                cache = self._fresh(depth_ids)
             ids = [_tensor([i]) for i in gen_ids]
             t0 = time.perf_counter()
             for one in ids:

@@ -18,7 +18,8 @@ from . import derived, llama_bench, machine, peer_ct2, peer_gguf
 from .stats import Stat, rates
 from .worker import Worker, WorkerError
 
-PROBE_PASSES = 3  # read passes before and after each of gally's timed decodes
+PROBE_PASSES = 3  # read passes before and after each timed decode
+PREPARED_DECODE = ("gally", "llama.cpp", "transformers")  # engines whose decode can start from prepare_decode
 PEERS = ("llama.cpp", "transformers", "llama-bench", "ctranslate2")
 LIBLLAMA = ("libllama.so", "libllama.dylib")  # what llama-cpp-python loads from LLAMA_CPP_LIB_PATH
 INSTALL = {
@@ -114,7 +115,7 @@ class Row:
     gb_s: Optional[Stat] = None  # bytes read per token (weights and KV cache) × rate (gally only)
     bw_fraction: Optional[Stat] = None  # gb_s / the mean read pass around each repetition (_interleave)
     bw_fraction_best: Optional[Stat] = None  # gb_s / the best of those passes
-    read_passes: Optional[list] = None  # GB/s of the read passes around each repetition (gally's decode)
+    read_passes: Optional[list] = None  # GB/s of the read passes around each repetition (None: none made)
     note: str = ""
 
 
@@ -296,8 +297,9 @@ def _rows(opts, dtype, threads, tests, setups, seconds, probes, results) -> None
             if name == "gally" and test.kind == "tg":
                 row.gb_s = row.tok_s.scaled(read_per_token(setup.info, test) / 1e9)
                 row.read_passes = passes = probes[name, test]  # the read passes around each repetition
-                row.bw_fraction = Stat.of([g / statistics.fmean(p) for g, p in zip(row.gb_s.samples, passes)])
-                row.bw_fraction_best = Stat.of([g / max(p) for g, p in zip(row.gb_s.samples, passes)])
+                if all(passes):
+                    row.bw_fraction = Stat.of([g / statistics.fmean(p) for g, p in zip(row.gb_s.samples, passes)])
+                    row.bw_fraction_best = Stat.of([g / max(p) for g, p in zip(row.gb_s.samples, passes)])
             results.rows.append(row)
 
 
@@ -352,27 +354,44 @@ def _start(opts, specs, setups, threads, max_context, tag, log) -> dict:
 def _interleave(opts, threads, tests, inputs, workers, setups, tag, log, probes: dict) -> dict:
     """One warm-up pass, then reps passes: each test run by every engine in turn, the first engine
     rotating. Returns {(engine, test): seconds per repetition}; fills each Setup's TTFT, and
-    probes[("gally", test)] with the GB/s of the read passes around each of gally's timed decodes."""
+    probes[(engine, test)] with the GB/s of the read passes around each timed decode (None where
+    they could not be made).
+
+    The host's bandwidth moves from one second to the next (on the 2-core test machine a pass over
+    1 GiB read 10-23 GB/s within a minute), so a decode's bytes per second are compared with read
+    passes just before and after it, once its context is in (prepare_decode; an engine without it,
+    CTranslate2, gets its passes before the call that prefills and decodes). Every engine's decode
+    comes after the same passes, which leave the caches alike for all of them."""
     from gally import _core
 
     seconds = {(name, t): [] for name in workers for t in tests}
     ttft = {name: {} for name in workers}
+    probe = None  # the read buffer, made at the first timed decode and held through the block
+
+    def read_passes():
+        nonlocal probe
+        try:
+            if probe is None:
+                probe = _core.ReadProbe(opts.bandwidth_bytes)
+            return probe.passes(threads, PROBE_PASSES)
+        except (MemoryError, ValueError, RuntimeError) as e:  # the fractions are left out, not the run
+            log(f"{tag} read passes failed: {type(e).__name__}: {e}")
+            return None
 
     def measure(name, test, keep):
         depth_ids, ids = inputs[test]
+        passes = None
         try:
             if test.kind == "pp":
                 r = workers[name].call("prefill", depth_ids=depth_ids, prompt_ids=ids)
-            elif name == "gally" and keep:
-                # The host's bandwidth moves from one second to the next (on the 2-core test machine a
-                # pass over 1 GiB read 10-20 GB/s within a minute): a decode's bytes per second are
-                # compared with read passes just before and after it, once its context is in
-                workers[name].call("prepare_decode", depth_ids=depth_ids)
-                before = _core.read_passes(opts.bandwidth_bytes, threads, PROBE_PASSES)
-                r = workers[name].call("decode", depth_ids=None, gen_ids=ids)
-                passes = before + _core.read_passes(opts.bandwidth_bytes, threads, PROBE_PASSES)
             else:
-                r = workers[name].call("decode", depth_ids=depth_ids, gen_ids=ids)
+                prepared = name in PREPARED_DECODE
+                if prepared:
+                    workers[name].call("prepare_decode", depth_ids=depth_ids)
+                before = read_passes() if keep else None
+                r = workers[name].call("decode", depth_ids=None if prepared else depth_ids, gen_ids=ids)
+                after = read_passes() if keep else None
+                passes = before + after if before and after else None
         except WorkerError as e:
             setups[name].error = str(e)
             log(f"{tag} {name} failed: {e}")
@@ -380,7 +399,7 @@ def _interleave(opts, threads, tests, inputs, workers, setups, tag, log, probes:
             return
         if keep:
             seconds[name, test].append(r["seconds"])
-            if name == "gally" and test.kind == "tg":
+            if test.kind == "tg":
                 probes.setdefault((name, test), []).append(passes)
             if r.get("ttft") is not None:
                 ttft[name].setdefault(test.tokens, []).append(r["ttft"])

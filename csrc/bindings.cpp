@@ -100,10 +100,15 @@ class ReadProbe {
 
   size_t bytes() const { return count_ * sizeof(float); }
 
-  // The GB/s of each of `repeats` passes over the whole buffer with `threads` threads.
-  std::vector<double> passes(int threads, int repeats) const {
+  // Throws std::invalid_argument unless `threads` can start and `repeats` ≥ 1.
+  static void check_passes(int threads, int repeats) {
     if (repeats < 1) throw std::invalid_argument("repeats must be at least 1, got " + std::to_string(repeats));
     check_threads_start(threads);
+  }
+
+  // The GB/s of each of `repeats` passes over the whole buffer with `threads` threads.
+  std::vector<double> passes(int threads, int repeats) const {
+    check_passes(threads, repeats);
     const long n = long(count_);  // a multiple of the 64 floats a step of read_pass reads
     std::vector<double> out;
     volatile uint32_t sink = 0;
@@ -153,8 +158,7 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "read_bandwidth",
       [](size_t bytes, int threads, int repeats) {
-        check_threads_start(threads);
-        if (repeats < 1) throw std::invalid_argument("repeats must be at least 1, got " + std::to_string(repeats));
+        ReadProbe::check_passes(threads, repeats);  // before the buffer is made and filled
         const std::vector<double> passes = ReadProbe(bytes).passes(threads, repeats);
         return *std::max_element(passes.begin(), passes.end());
       },

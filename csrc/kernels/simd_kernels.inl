@@ -340,15 +340,9 @@ struct KvQ8 {
   using T = int8_t;
 };
 // Elements [i, i + N) (or element i) of a KV row of d elements of a cache of element type E, as f32.
-// A vector lies within one group of an int8 row (N divides KV_GROUP).
-template <class E>
-inline V kv_load(const typename E::T* row, int i, int d) {
-  if constexpr (std::is_same_v<E, KvQ8>) return S::mul(S::load_i8(row + i), S::set1(kv_group_scale(row, i, d)));
-  else return E::load(row + i);
-}
-// kv_load in two steps, so that a loop over a group's vectors derives its scale once: kv_scale is
-// the scale of the group element i lies in, broadcast (for int8 rows; other types have none), and
-// kv_load_at(row, i, kv_scale(row, i, d)) is kv_load(row, i, d), bit for bit.
+// A vector lies within one group of an int8 row (N divides KV_GROUP). kv_scale is the scale of the
+// group element i lies in, broadcast (int8 rows; other types have none), and kv_load_at the vector
+// times it: a loop over a group's vectors derives the scale once. kv_load does both.
 template <class E>
 inline V kv_scale(const typename E::T* row, int i, int d) {
   if constexpr (std::is_same_v<E, KvQ8>) return S::set1(kv_group_scale(row, i, d));
@@ -358,6 +352,10 @@ template <class E>
 inline V kv_load_at(const typename E::T* row, int i, V scale) {
   if constexpr (std::is_same_v<E, KvQ8>) return S::mul(S::load_i8(row + i), scale);
   else return E::load(row + i);
+}
+template <class E>
+inline V kv_load(const typename E::T* row, int i, int d) {
+  return kv_load_at<E>(row, i, kv_scale<E>(row, i, d));
 }
 template <class E>
 inline float kv_scalar(const typename E::T* row, int i, int d) {
